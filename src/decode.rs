@@ -1,0 +1,598 @@
+//! Decoders from bytes to [`RatingEvent`]s: JSON objects (Kafka messages, JSON-lines files),
+//! MovieLens `u.data`, CSV with a header, and item catalogues (`u.item`, CSV/TSV `item,title`).
+//! A record that cannot be decoded becomes a [`Rejection`] with a reason; decoders never panic.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::{RatingEvent, RejectReason, Rejection, ValuePolicy};
+
+/// The field names a JSON event uses. Defaults match `{"user":..,"item":..,"rating":..,"ts":..}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JsonFields {
+    /// Field holding the user id (string or integer).
+    pub user: String,
+    /// Field holding the item id (string or integer).
+    pub item: String,
+    /// Field holding the value (number, or null to retract in explicit mode).
+    pub rating: String,
+    /// Field holding the event time in seconds since the epoch (optional in the message).
+    pub ts: String,
+}
+
+impl Default for JsonFields {
+    fn default() -> Self {
+        JsonFields {
+            user: "user".into(),
+            item: "item".into(),
+            rating: "rating".into(),
+            ts: "ts".into(),
+        }
+    }
+}
+
+/// Decodes one JSON object into an event. `default_ts` is used when the object has no time
+/// field (for Kafka, the message timestamp). The value policy is *not* applied here.
+pub fn decode_json(
+    bytes: &[u8],
+    fields: &JsonFields,
+    default_ts: i64,
+) -> Result<RatingEvent, Rejection> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Rejection::new(RejectReason::Empty, "empty message"));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Rejection::new(RejectReason::Malformed, format!("invalid JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return Err(Rejection::new(
+            RejectReason::WrongType,
+            "expected a JSON object",
+        ));
+    };
+    let id = |name: &str| -> Result<String, Rejection> {
+        match object.get(name) {
+            None | Some(Value::Null) => Err(Rejection::new(
+                RejectReason::MissingField,
+                format!("missing field `{name}`"),
+            )),
+            Some(Value::String(s)) if s.is_empty() => Err(Rejection::new(
+                RejectReason::MissingField,
+                format!("empty field `{name}`"),
+            )),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+            Some(other) => Err(Rejection::new(
+                RejectReason::WrongType,
+                format!(
+                    "field `{name}` must be a string or an integer, got {}",
+                    json_type(other)
+                ),
+            )),
+        }
+    };
+    let user = id(&fields.user)?;
+    let item = id(&fields.item)?;
+    let value = match object.get(&fields.rating) {
+        None => {
+            return Err(Rejection::new(
+                RejectReason::MissingField,
+                format!("missing field `{}`", fields.rating),
+            ));
+        }
+        Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(v) => Some(v),
+            None => {
+                return Err(Rejection::new(
+                    RejectReason::WrongType,
+                    format!("field `{}` is not representable as a float", fields.rating),
+                ));
+            }
+        },
+        // JSON has no NaN; producers that write "NaN"/"Infinity" as strings get a precise reason.
+        Some(Value::String(s)) if is_non_finite_word(s) => Some(f64::NAN),
+        Some(other) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!(
+                    "field `{}` must be a number or null, got {}",
+                    fields.rating,
+                    json_type(other)
+                ),
+            ));
+        }
+    };
+    let ts = match object.get(&fields.ts) {
+        None | Some(Value::Null) => default_ts,
+        Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(t), _) => t,
+            (None, Some(t)) if t.is_finite() => t as i64,
+            _ => {
+                return Err(Rejection::new(
+                    RejectReason::WrongType,
+                    format!("field `{}` is not a valid timestamp", fields.ts),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!(
+                    "field `{}` must be a number, got {}",
+                    fields.ts,
+                    json_type(other)
+                ),
+            ));
+        }
+    };
+    Ok(RatingEvent {
+        user,
+        item,
+        value,
+        ts,
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn is_non_finite_word(s: &str) -> bool {
+    matches!(
+        s.trim().to_ascii_lowercase().as_str(),
+        "nan" | "inf" | "-inf" | "infinity" | "-infinity" | "+inf" | "+infinity"
+    )
+}
+
+/// The layout of a ratings file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// MovieLens `u.data`: `user<TAB>item<TAB>rating<TAB>timestamp`, no header.
+    Movielens,
+    /// Comma-separated with a header naming the columns (MovieLens `ratings.csv`:
+    /// `userId,movieId,rating,timestamp`; or `user,item,rating,ts`).
+    Csv,
+    /// One JSON object per line, as on the Kafka topic.
+    Json,
+}
+
+impl FileFormat {
+    /// Guesses the format from a file name: `.json`/`.jsonl` → JSON, `.csv` → CSV, else MovieLens.
+    pub fn guess(path: &Path) -> FileFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("json") | Some("jsonl") | Some("ndjson") => FileFormat::Json,
+            Some("csv") => FileFormat::Csv,
+            _ => FileFormat::Movielens,
+        }
+    }
+}
+
+/// Counts of rejected records by reason, with the first few examples for the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RejectTally {
+    pub total: u64,
+    pub by_reason: BTreeMap<RejectReason, u64>,
+    /// Up to [`RejectTally::MAX_EXAMPLES`] `(record number, message)` pairs.
+    pub examples: Vec<(u64, String)>,
+}
+
+impl RejectTally {
+    pub const MAX_EXAMPLES: usize = 10;
+
+    pub fn record(&mut self, record_no: u64, rejection: &Rejection) {
+        self.total += 1;
+        *self.by_reason.entry(rejection.reason).or_default() += 1;
+        if self.examples.len() < Self::MAX_EXAMPLES {
+            self.examples.push((record_no, rejection.to_string()));
+        }
+    }
+
+    /// `12 rejected (malformed: 3, out_of_range: 9)`, or `0 rejected`.
+    pub fn summary(&self) -> String {
+        if self.total == 0 {
+            return "0 rejected".into();
+        }
+        let parts: Vec<String> = self
+            .by_reason
+            .iter()
+            .map(|(r, n)| format!("{}: {n}", r.label()))
+            .collect();
+        format!("{} rejected ({})", self.total, parts.join(", "))
+    }
+}
+
+/// A decoded ratings file: the good events in file order, and what was rejected.
+#[derive(Debug, Clone, Default)]
+pub struct DecodedRatings {
+    pub events: Vec<RatingEvent>,
+    pub rejected: RejectTally,
+}
+
+/// Column-name aliases recognised in CSV headers.
+const USER_COLUMNS: &[&str] = &["user", "userid", "user_id"];
+const ITEM_COLUMNS: &[&str] = &["item", "itemid", "item_id", "movieid", "movie_id"];
+const RATING_COLUMNS: &[&str] = &["rating", "value", "score"];
+const TS_COLUMNS: &[&str] = &["ts", "timestamp", "time"];
+
+/// Reads a ratings file; every record either becomes an event or is counted as rejected.
+pub fn read_ratings_file(
+    path: &Path,
+    format: FileFormat,
+    fields: &JsonFields,
+    policy: &ValuePolicy,
+) -> anyhow::Result<DecodedRatings> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| anyhow::anyhow!("cannot read ratings file {}: {e}", path.display()))?;
+    Ok(decode_ratings(&bytes, format, fields, policy))
+}
+
+/// Decodes a whole ratings file held in memory (see [`read_ratings_file`]).
+pub fn decode_ratings(
+    bytes: &[u8],
+    format: FileFormat,
+    fields: &JsonFields,
+    policy: &ValuePolicy,
+) -> DecodedRatings {
+    let mut out = DecodedRatings::default();
+    let mut accept = |record_no: u64, decoded: Result<RatingEvent, Rejection>| {
+        match decoded.and_then(|e| policy.check(&e).map(|()| e)) {
+            Ok(event) => out.events.push(event),
+            Err(rejection) => out.rejected.record(record_no, &rejection),
+        }
+    };
+    match format {
+        FileFormat::Json => {
+            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                accept(i as u64 + 1, decode_json(line, fields, 0));
+            }
+        }
+        FileFormat::Movielens => {
+            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.is_empty() {
+                    continue;
+                }
+                accept(i as u64 + 1, decode_movielens_line(line));
+            }
+        }
+        FileFormat::Csv => decode_csv(bytes, &mut accept),
+    }
+    out
+}
+
+fn decode_movielens_line(line: &[u8]) -> Result<RatingEvent, Rejection> {
+    let text = std::str::from_utf8(line)
+        .map_err(|_| Rejection::new(RejectReason::Malformed, "line is not valid UTF-8"))?;
+    let cols: Vec<&str> = text.split('\t').collect();
+    if cols.len() != 4 {
+        return Err(Rejection::new(
+            RejectReason::Malformed,
+            format!("expected 4 tab-separated columns, found {}", cols.len()),
+        ));
+    }
+    event_from_columns(cols[0], cols[1], cols[2], Some(cols[3]))
+}
+
+fn event_from_columns(
+    user: &str,
+    item: &str,
+    rating: &str,
+    ts: Option<&str>,
+) -> Result<RatingEvent, Rejection> {
+    let user = user.trim();
+    let item = item.trim();
+    if user.is_empty() {
+        return Err(Rejection::new(RejectReason::MissingField, "empty user id"));
+    }
+    if item.is_empty() {
+        return Err(Rejection::new(RejectReason::MissingField, "empty item id"));
+    }
+    let rating = rating.trim();
+    let value = if rating.is_empty() {
+        None
+    } else {
+        Some(rating.parse::<f64>().map_err(|_| {
+            Rejection::new(
+                RejectReason::WrongType,
+                format!("rating `{rating}` is not a number"),
+            )
+        })?)
+    };
+    let ts = match ts.map(str::trim) {
+        None | Some("") => 0,
+        Some(t) => t
+            .parse::<i64>()
+            .or_else(|_| {
+                t.parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f as i64)
+                    .ok_or(())
+            })
+            .map_err(|()| {
+                Rejection::new(
+                    RejectReason::WrongType,
+                    format!("timestamp `{t}` is not a number"),
+                )
+            })?,
+    };
+    Ok(RatingEvent {
+        user: user.to_string(),
+        item: item.to_string(),
+        value,
+        ts,
+    })
+}
+
+fn find_column(headers: &csv::ByteRecord, aliases: &[&str]) -> Option<usize> {
+    headers.iter().position(|h| {
+        let name = String::from_utf8_lossy(h).trim().to_ascii_lowercase();
+        aliases.contains(&name.as_str())
+    })
+}
+
+fn decode_csv(bytes: &[u8], accept: &mut impl FnMut(u64, Result<RatingEvent, Rejection>)) {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .has_headers(true)
+        .from_reader(bytes);
+    let headers = match reader.byte_headers() {
+        Ok(h) => h.clone(),
+        Err(e) => {
+            accept(
+                1,
+                Err(Rejection::new(
+                    RejectReason::Malformed,
+                    format!("bad header: {e}"),
+                )),
+            );
+            return;
+        }
+    };
+    let (Some(user_col), Some(item_col), Some(rating_col)) = (
+        find_column(&headers, USER_COLUMNS),
+        find_column(&headers, ITEM_COLUMNS),
+        find_column(&headers, RATING_COLUMNS),
+    ) else {
+        accept(
+            1,
+            Err(Rejection::new(
+                RejectReason::Malformed,
+                "CSV header must name user (user/userId), item (item/movieId) and rating columns",
+            )),
+        );
+        return;
+    };
+    let ts_col = find_column(&headers, TS_COLUMNS);
+    let width = headers.len();
+    let mut record = csv::ByteRecord::new();
+    let mut line = 1u64;
+    loop {
+        line += 1;
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                if record.len() == 1 && record.get(0).is_some_and(|f| f.is_empty()) {
+                    continue;
+                }
+                if record.len() != width {
+                    accept(
+                        line,
+                        Err(Rejection::new(
+                            RejectReason::Malformed,
+                            format!("expected {width} columns, found {}", record.len()),
+                        )),
+                    );
+                    continue;
+                }
+                let field = |i: usize| std::str::from_utf8(record.get(i).unwrap_or_default());
+                let decoded = match (field(user_col), field(item_col), field(rating_col)) {
+                    (Ok(u), Ok(i), Ok(r)) => {
+                        let ts = ts_col.map(|c| field(c).unwrap_or(""));
+                        event_from_columns(u, i, r, ts)
+                    }
+                    _ => Err(Rejection::new(
+                        RejectReason::Malformed,
+                        "record is not valid UTF-8",
+                    )),
+                };
+                accept(line, decoded);
+            }
+            Err(e) => accept(
+                line,
+                Err(Rejection::new(
+                    RejectReason::Malformed,
+                    format!("unreadable CSV record: {e}"),
+                )),
+            ),
+        }
+    }
+}
+
+/// Reads an item catalogue: MovieLens `u.item` (pipe-separated, latin-1) or CSV/TSV whose first
+/// two columns are item id and title (a header row starting with `item`/`movieId` is skipped).
+/// Returns `(item, title)` pairs and the number of unreadable lines.
+pub fn read_catalogue_file(path: &Path) -> anyhow::Result<(Vec<(String, String)>, u64)> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("cannot read item catalogue {}: {e}", path.display()))?;
+    Ok(decode_catalogue(&bytes))
+}
+
+/// Decodes catalogue bytes (see [`read_catalogue_file`]).
+pub fn decode_catalogue(bytes: &[u8]) -> (Vec<(String, String)>, u64) {
+    // Latin-1 is a subset of windows-1252; decoding UTF-8 input this way would mangle it, so
+    // only fall back when the bytes are not valid UTF-8.
+    let text = match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => encoding_rs::WINDOWS_1252.decode(bytes).0.into_owned(),
+    };
+    let first_line = text.lines().next().unwrap_or("");
+    let mut items = Vec::new();
+    let mut bad = 0u64;
+    if first_line.contains('|') {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let mut cols = line.split('|');
+            match (cols.next(), cols.next()) {
+                (Some(id), Some(title)) if !id.trim().is_empty() => {
+                    items.push((id.trim().to_string(), title.trim().to_string()))
+                }
+                _ => bad += 1,
+            }
+        }
+        return (items, bad);
+    }
+    let delimiter = if first_line.contains('\t') {
+        b'\t'
+    } else {
+        b','
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    for (i, record) in reader.records().enumerate() {
+        match record {
+            Ok(r) if r.len() >= 2 => {
+                let id = r[0].trim();
+                if i == 0
+                    && ITEM_COLUMNS.contains(&id.to_ascii_lowercase().as_str())
+                    && r[1].trim().eq_ignore_ascii_case("title")
+                {
+                    continue;
+                }
+                if id.is_empty() {
+                    bad += 1;
+                } else {
+                    items.push((id.to_string(), r[1].trim().to_string()));
+                }
+            }
+            Ok(r) if r.len() == 1 && r[0].trim().is_empty() => {}
+            _ => bad += 1,
+        }
+    }
+    (items, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Mode;
+
+    const POLICY: ValuePolicy = ValuePolicy {
+        mode: Mode::Explicit,
+        min_value: 1.0,
+        max_value: 5.0,
+    };
+
+    #[test]
+    fn json_event_decodes_with_string_or_integer_ids() {
+        let f = JsonFields::default();
+        let e = decode_json(br#"{"user":"196","item":242,"rating":3,"ts":881250949}"#, &f, 0)
+            .unwrap();
+        assert_eq!(
+            e,
+            RatingEvent {
+                user: "196".into(),
+                item: "242".into(),
+                value: Some(3.0),
+                ts: 881250949
+            }
+        );
+        let retract = decode_json(br#"{"user":"a","item":"b","rating":null}"#, &f, 7).unwrap();
+        assert_eq!(retract.value, None);
+        assert_eq!(retract.ts, 7);
+    }
+
+    #[test]
+    fn json_rejections_name_their_reason() {
+        let f = JsonFields::default();
+        let reason = |b: &[u8]| decode_json(b, &f, 0).unwrap_err().reason;
+        assert_eq!(reason(b""), RejectReason::Empty);
+        assert_eq!(reason(b"{not json"), RejectReason::Malformed);
+        assert_eq!(reason(b"[1,2]"), RejectReason::WrongType);
+        assert_eq!(
+            reason(br#"{"item":"b","rating":1}"#),
+            RejectReason::MissingField
+        );
+        assert_eq!(
+            reason(br#"{"user":"a","item":"b","rating":"3"}"#),
+            RejectReason::WrongType
+        );
+        assert_eq!(
+            reason(br#"{"user":{},"item":"b","rating":3}"#),
+            RejectReason::WrongType
+        );
+        let nan = decode_json(br#"{"user":"a","item":"b","rating":"NaN"}"#, &f, 0).unwrap();
+        assert_eq!(
+            POLICY.check(&nan).unwrap_err().reason,
+            RejectReason::NotFinite
+        );
+    }
+
+    #[test]
+    fn configurable_json_field_names_are_used() {
+        let f = JsonFields {
+            user: "customer".into(),
+            item: "sku".into(),
+            rating: "plays".into(),
+            ts: "at".into(),
+        };
+        let e = decode_json(br#"{"customer":"c1","sku":"s9","plays":2,"at":5}"#, &f, 0).unwrap();
+        assert_eq!((e.user.as_str(), e.item.as_str(), e.ts), ("c1", "s9", 5));
+    }
+
+    #[test]
+    fn movielens_file_with_bad_lines_keeps_every_good_line() {
+        let data = b"1\t10\t5\t100\nbroken line\n2\t10\tNaN\t101\n3\t11\t9\t102\n4\t12\tx\t103\n5\t13\t2\t104\n";
+        let out = decode_ratings(data, FileFormat::Movielens, &JsonFields::default(), &POLICY);
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(out.rejected.total, 4);
+        assert_eq!(out.rejected.by_reason[&RejectReason::Malformed], 1);
+        assert_eq!(out.rejected.by_reason[&RejectReason::NotFinite], 1);
+        assert_eq!(out.rejected.by_reason[&RejectReason::OutOfRange], 1);
+        assert_eq!(out.rejected.by_reason[&RejectReason::WrongType], 1);
+    }
+
+    #[test]
+    fn csv_header_aliases_and_retraction_by_empty_rating() {
+        let data = b"userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,31,,1260759145\n";
+        let out = decode_ratings(data, FileFormat::Csv, &JsonFields::default(), &POLICY);
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(out.events[0].value, Some(2.5));
+        assert_eq!(out.events[1].value, None);
+    }
+
+    #[test]
+    fn catalogue_reads_u_item_latin1_and_csv() {
+        let mut uitem = b"1|Toy Story (1995)|01-Jan-1995||http://x|0|1\n2|Caf".to_vec();
+        uitem.push(0xE9); // é in latin-1
+        uitem.extend_from_slice(b" (1990)|x\n");
+        let (items, bad) = decode_catalogue(&uitem);
+        assert_eq!(bad, 0);
+        assert_eq!(items[1].1, "Café (1990)");
+        let (items, _) = decode_catalogue(b"movieId,title,genres\n1,\"Heat, The (1995)\",Action\n");
+        assert_eq!(
+            items,
+            vec![("1".to_string(), "Heat, The (1995)".to_string())]
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! K-Means pieces shared by the online model, the snapshot polish and the diagnostics: greedy
+//! k-means++ seeding, Lloyd passes with empty clusters re-seeded from the worst-fit points,
+//! and best-of-n restarts. Works on any [`Points`]: dense projections or sparse user rows.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A set of points K-Means can cluster. Centroids are always dense `dim()`-vectors.
+pub trait Points {
+    fn len(&self) -> usize;
+    fn dim(&self) -> usize;
+    /// Squared distance from point `i` to `centroid`, given `centroid_norm2 = ‖centroid‖²`.
+    fn distance2(&self, i: usize, centroid: &[f64], centroid_norm2: f64) -> f64;
+    /// `acc += point i`.
+    fn add_to(&self, i: usize, acc: &mut [f64]);
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Dense points stored row-major, `len x dim`.
+pub struct DensePoints<'a> {
+    pub data: &'a [f64],
+    pub dim: usize,
+}
+
+impl Points for DensePoints<'_> {
+    fn len(&self) -> usize {
+        self.data.len().checked_div(self.dim).unwrap_or(0)
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn distance2(&self, i: usize, centroid: &[f64], _centroid_norm2: f64) -> f64 {
+        let p = &self.data[i * self.dim..(i + 1) * self.dim];
+        p.iter()
+            .zip(centroid)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum()
+    }
+    fn add_to(&self, i: usize, acc: &mut [f64]) {
+        let p = &self.data[i * self.dim..(i + 1) * self.dim];
+        for (a, x) in acc.iter_mut().zip(p) {
+            *a += x;
+        }
+    }
+}
+
+/// Settings of a clustering run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClusteringParams {
+    pub k: usize,
+    /// Lloyd passes at most per start; stops earlier when no assignment changes.
+    pub max_passes: usize,
+    /// Fresh k-means++ starts tried besides the given assignment (if any); best inertia wins.
+    pub restarts: usize,
+    pub seed: u64,
+}
+
+/// A clustering: labels per point, centroids (`k x dim`), sizes and inertia.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clustering {
+    pub labels: Vec<u32>,
+    pub centroids: Vec<f64>,
+    pub sizes: Vec<u64>,
+    pub inertia: f64,
+    pub passes: usize,
+}
+
+impl Clustering {
+    pub fn k(&self) -> usize {
+        self.sizes.len()
+    }
+}
+
+/// Greedy k-means++ (as scikit-learn: `2 + ln k` candidates per step, keep the one that lowers
+/// the potential most). Returns `k x dim` centroids.
+pub fn kmeans_plus_plus<P: Points>(points: &P, k: usize, rng: &mut ChaCha8Rng) -> Vec<f64> {
+    let n = points.len();
+    let dim = points.dim();
+    let mut centroids = vec![0.0; k * dim];
+    if n == 0 || k == 0 {
+        return centroids;
+    }
+    let trials = 2 + (k as f64).ln() as usize;
+    let point_vec = |i: usize| {
+        let mut v = vec![0.0; dim];
+        points.add_to(i, &mut v);
+        v
+    };
+    let first = rng.random_range(0..n);
+    centroids[..dim].copy_from_slice(&point_vec(first));
+    let norm2 = |c: &[f64]| c.iter().map(|x| x * x).sum::<f64>();
+    let mut closest: Vec<f64> = (0..n)
+        .map(|i| points.distance2(i, &centroids[..dim], norm2(&centroids[..dim])))
+        .collect();
+    for c in 1..k {
+        let potential: f64 = closest.iter().sum();
+        let mut best: Option<(f64, Vec<f64>, Vec<f64>)> = None;
+        for _ in 0..trials {
+            let candidate = if potential > 0.0 {
+                let mut target = rng.random::<f64>() * potential;
+                let mut pick = n - 1;
+                for (i, d) in closest.iter().enumerate() {
+                    if target < *d {
+                        pick = i;
+                        break;
+                    }
+                    target -= d;
+                }
+                pick
+            } else {
+                rng.random_range(0..n)
+            };
+            let cv = point_vec(candidate);
+            let cn = norm2(&cv);
+            let updated: Vec<f64> = (0..n)
+                .map(|i| closest[i].min(points.distance2(i, &cv, cn)))
+                .collect();
+            let pot: f64 = updated.iter().sum();
+            if best.as_ref().is_none_or(|(p, _, _)| pot < *p) {
+                best = Some((pot, cv, updated));
+            }
+        }
+        if let Some((_, cv, updated)) = best {
+            centroids[c * dim..(c + 1) * dim].copy_from_slice(&cv);
+            closest = updated;
+        }
+    }
+    centroids
+}
+
+fn nearest<P: Points>(points: &P, i: usize, centroids: &[f64], norms: &[f64]) -> (u32, f64) {
+    let dim = points.dim();
+    let mut best = (0u32, f64::INFINITY);
+    for (c, norm) in norms.iter().enumerate() {
+        let d = points.distance2(i, &centroids[c * dim..(c + 1) * dim], *norm);
+        if d < best.1 {
+            best = (c as u32, d);
+        }
+    }
+    best
+}
+
+fn centroid_norms(centroids: &[f64], dim: usize) -> Vec<f64> {
+    centroids
+        .chunks(dim.max(1))
+        .map(|c| c.iter().map(|x| x * x).sum())
+        .collect()
+}
+
+/// Recomputes centroids as member means; an empty cluster takes the point farthest from its
+/// own centroid (out of a cluster with more than one member), so no cluster silently dies.
+fn update_centroids<P: Points>(points: &P, labels: &mut [u32], k: usize, centroids: &mut [f64]) {
+    let dim = points.dim();
+    let mut sums = vec![0.0; k * dim];
+    let mut sizes = vec![0u64; k];
+    for (i, &l) in labels.iter().enumerate() {
+        let l = l as usize;
+        points.add_to(i, &mut sums[l * dim..(l + 1) * dim]);
+        sizes[l] += 1;
+    }
+    for c in 0..k {
+        if sizes[c] > 0 {
+            for x in 0..dim {
+                centroids[c * dim + x] = sums[c * dim + x] / sizes[c] as f64;
+            }
+        }
+    }
+    let empties: Vec<usize> = (0..k).filter(|&c| sizes[c] == 0).collect();
+    if empties.is_empty() {
+        return;
+    }
+    let norms = centroid_norms(centroids, dim);
+    let mut fits: Vec<(f64, usize)> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            let l = l as usize;
+            (
+                points.distance2(i, &centroids[l * dim..(l + 1) * dim], norms[l]),
+                i,
+            )
+        })
+        .collect();
+    fits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut worst = fits.into_iter();
+    for c in empties {
+        for (_, i) in worst.by_ref() {
+            let from = labels[i] as usize;
+            if sizes[from] > 1 {
+                sizes[from] -= 1;
+                sizes[c] = 1;
+                labels[i] = c as u32;
+                let mut v = vec![0.0; dim];
+                points.add_to(i, &mut v);
+                centroids[c * dim..(c + 1) * dim].copy_from_slice(&v);
+                break;
+            }
+        }
+    }
+}
+
+/// Lloyd iterations from the given centroids until no label changes or `max_passes`.
+pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) -> Clustering {
+    let n = points.len();
+    let dim = points.dim();
+    let k = centroids.len() / dim.max(1);
+    let mut labels = vec![u32::MAX; n];
+    let mut passes = 0;
+    while passes < max_passes.max(1) {
+        passes += 1;
+        let norms = centroid_norms(&centroids, dim);
+        let mut changed = false;
+        for (i, label) in labels.iter_mut().enumerate() {
+            let (c, _) = nearest(points, i, &centroids, &norms);
+            if *label != c {
+                *label = c;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+        update_centroids(points, &mut labels, k, &mut centroids);
+    }
+    finish(points, labels, centroids, passes)
+}
+
+/// Labels, sizes and inertia of `labels` with their exact member-mean centroids.
+pub fn finish<P: Points>(
+    points: &P,
+    labels: Vec<u32>,
+    centroids: Vec<f64>,
+    passes: usize,
+) -> Clustering {
+    let dim = points.dim();
+    let k = centroids.len() / dim.max(1);
+    let mut sizes = vec![0u64; k];
+    let norms = centroid_norms(&centroids, dim);
+    let mut inertia = 0.0;
+    for (i, &l) in labels.iter().enumerate() {
+        let l = l as usize;
+        sizes[l] += 1;
+        inertia += points.distance2(i, &centroids[l * dim..(l + 1) * dim], norms[l]);
+    }
+    Clustering {
+        labels,
+        centroids,
+        sizes,
+        inertia,
+        passes,
+    }
+}
+
+/// Best of: Lloyd from `initial` centroids (if given) and `restarts` fresh k-means++ starts.
+pub fn cluster<P: Points>(
+    points: &P,
+    initial: Option<Vec<f64>>,
+    params: &ClusteringParams,
+) -> Clustering {
+    let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+    let mut best: Option<Clustering> = initial.map(|c| lloyd(points, c, params.max_passes));
+    let starts = if best.is_none() {
+        params.restarts.max(1)
+    } else {
+        params.restarts
+    };
+    for _ in 0..starts {
+        let seeds = kmeans_plus_plus(points, params.k, &mut rng);
+        let candidate = lloyd(points, seeds, params.max_passes);
+        if best.as_ref().is_none_or(|b| candidate.inertia < b.inertia) {
+            best = Some(candidate);
+        }
+    }
+    best.unwrap_or_else(|| finish(points, vec![], vec![0.0; params.k * points.dim()], 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blobs(seed: u64) -> (Vec<f64>, Vec<u32>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let centers = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]];
+        let mut data = vec![];
+        let mut truth = vec![];
+        for i in 0..400 {
+            let c = i % 4;
+            data.push(centers[c][0] + rng.random::<f64>() - 0.5);
+            data.push(centers[c][1] + rng.random::<f64>() - 0.5);
+            truth.push(c as u32);
+        }
+        (data, truth)
+    }
+
+    #[test]
+    fn restarts_find_the_four_blobs() {
+        let (data, truth) = blobs(1);
+        let points = DensePoints {
+            data: &data,
+            dim: 2,
+        };
+        let params = ClusteringParams {
+            k: 4,
+            max_passes: 100,
+            restarts: 5,
+            seed: 7,
+        };
+        let c = cluster(&points, None, &params);
+        assert_eq!(c.sizes, vec![100; 4]);
+        let ari = crate::engine::matching::adjusted_rand_index(&c.labels, &truth);
+        assert!((ari - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn an_empty_cluster_is_reseeded_not_dropped() {
+        let (data, _) = blobs(2);
+        let points = DensePoints {
+            data: &data,
+            dim: 2,
+        };
+        // Two centroids far away from everything: they start empty.
+        let start = vec![5.0, 5.0, 1000.0, 1000.0, -1000.0, -1000.0, 2000.0, 0.0];
+        let c = lloyd(&points, start, 100);
+        assert!(c.sizes.iter().all(|&s| s > 0), "sizes {:?}", c.sizes);
+    }
+}

@@ -1,0 +1,495 @@
+//! The segmentation engine: pure state and maths, no I/O. It applies batches of rating events
+//! to sparse user vectors, keeps the exact covariance statistics, the PCA basis and the K-Means
+//! clustering online, and refreshes the model every `refresh_every_events` events. Kafka, file
+//! replay and tests all drive it through [`Engine::apply`].
+
+pub mod eigen;
+pub mod kmeans;
+pub mod matching;
+pub mod model;
+pub mod stats;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Mode, RatingEvent, RejectReason, ValuePolicy};
+use eigen::EigenParams;
+use kmeans::ClusteringParams;
+pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
+use stats::CovarianceStats;
+
+/// A user's ratings: item indices ascending, values non-zero.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SparseVec {
+    pub idx: Vec<u32>,
+    pub val: Vec<f64>,
+}
+
+impl SparseVec {
+    pub fn nnz(&self) -> usize {
+        self.idx.len()
+    }
+    pub fn get(&self, j: u32) -> f64 {
+        self.idx
+            .binary_search(&j)
+            .map(|p| self.val[p])
+            .unwrap_or(0.0)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        self.idx.iter().copied().zip(self.val.iter().copied())
+    }
+}
+
+/// Dense indices for string ids, in order of first appearance.
+#[derive(Debug, Clone, Default)]
+pub struct IdMap {
+    index: FxHashMap<String, u32>,
+    ids: Vec<String>,
+}
+
+impl IdMap {
+    pub fn get(&self, id: &str) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+    /// The index of `id`, and whether it was new.
+    pub fn intern(&mut self, id: &str) -> (u32, bool) {
+        if let Some(&i) = self.index.get(id) {
+            return (i, false);
+        }
+        let i = self.ids.len() as u32;
+        self.index.insert(id.to_string(), i);
+        self.ids.push(id.to_string());
+        (i, true)
+    }
+    pub fn id(&self, index: u32) -> &str {
+        &self.ids[index as usize]
+    }
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    pub fn from_ids(ids: Vec<String>) -> Self {
+        let index = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i as u32))
+            .collect();
+        IdMap { index, ids }
+    }
+}
+
+/// Model and schedule settings (checked by the config layer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineParams {
+    pub mode: Mode,
+    pub min_value: f64,
+    pub max_value: f64,
+    /// PCA components kept.
+    pub components: usize,
+    /// K-Means clusters.
+    pub clusters: usize,
+    /// Eigenvalues computed for the explained-variance diagnostics curve (≥ components).
+    pub curve_components: usize,
+    /// Refresh the PCA and polish the clustering after this many applied events.
+    pub refresh_every_events: u64,
+    /// Lloyd passes over all users at each periodic refresh.
+    pub polish_passes: usize,
+    /// K-Means starts per snapshot (the current clustering plus fresh k-means++ starts).
+    pub snapshot_kmeans_starts: usize,
+    /// Lloyd passes at most per start at snapshot time.
+    pub snapshot_max_passes: usize,
+    pub eigen_tolerance: f64,
+    pub eigen_max_iterations: usize,
+    pub eigen_oversample: usize,
+    pub seed: u64,
+}
+
+impl Default for EngineParams {
+    fn default() -> Self {
+        EngineParams {
+            mode: Mode::Explicit,
+            min_value: 0.0,
+            max_value: 5.0,
+            components: 10,
+            clusters: 25,
+            curve_components: 30,
+            refresh_every_events: 20_000,
+            polish_passes: 3,
+            snapshot_kmeans_starts: 10,
+            snapshot_max_passes: 300,
+            eigen_tolerance: 1e-9,
+            eigen_max_iterations: 500,
+            eigen_oversample: 10,
+            seed: 42,
+        }
+    }
+}
+
+impl EngineParams {
+    pub fn policy(&self) -> ValuePolicy {
+        ValuePolicy {
+            mode: self.mode,
+            min_value: self.min_value,
+            max_value: self.max_value,
+        }
+    }
+
+    fn eigen(&self, seed: u64) -> EigenParams {
+        EigenParams {
+            vectors: self.components,
+            values: self.curve_components.max(self.components),
+            oversample: self.eigen_oversample,
+            tolerance: self.eigen_tolerance,
+            max_iterations: self.eigen_max_iterations,
+            seed,
+        }
+    }
+}
+
+/// What one call to [`Engine::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApplyOutcome {
+    /// Events that passed the checks (including ones that changed nothing, e.g. a re-rating
+    /// with the same value).
+    pub applied: u64,
+    pub rejected: Vec<(usize, RejectReason)>,
+    pub refreshes: Vec<RefreshOutcome>,
+}
+
+/// What changed since the last [`Engine::take_changes`]: what the store must persist.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    /// Users whose vector changed, ascending.
+    pub users: Vec<u32>,
+    /// Some user's cluster label changed (labels are persisted as one array).
+    pub labels: bool,
+    /// Ids interned since the last call start at these indices.
+    pub first_new_user: u32,
+    pub first_new_item: u32,
+    /// The basis changed (a refresh happened).
+    pub model: bool,
+}
+
+/// Counters persisted alongside the state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub events_applied: u64,
+    pub events_since_refresh: u64,
+    pub refreshes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Engine {
+    params: EngineParams,
+    policy: ValuePolicy,
+    users: IdMap,
+    items: IdMap,
+    vectors: Vec<SparseVec>,
+    stats: CovarianceStats,
+    ratings: u64,
+    counters: Counters,
+    model: Model,
+    dirty: Vec<bool>,
+    dirty_list: Vec<u32>,
+    persisted_users: u32,
+    persisted_items: u32,
+    model_dirty: bool,
+}
+
+impl Engine {
+    pub fn new(params: EngineParams) -> Self {
+        Engine {
+            policy: params.policy(),
+            model: Model::new(params.components, params.clusters),
+            params,
+            users: IdMap::default(),
+            items: IdMap::default(),
+            vectors: vec![],
+            stats: CovarianceStats::default(),
+            ratings: 0,
+            counters: Counters::default(),
+            dirty: vec![],
+            dirty_list: vec![],
+            persisted_users: 0,
+            persisted_items: 0,
+            model_dirty: false,
+        }
+    }
+
+    /// Rebuilds an engine from persisted state: statistics and projections are recomputed
+    /// from the user vectors, so nothing but vectors, ids, labels, basis and counters is stored.
+    pub fn restore(params: EngineParams, state: RestoredState) -> Self {
+        let mut engine = Engine::new(params);
+        let d = state.items.len();
+        engine.stats = CovarianceStats::from_vectors(&state.vectors, d);
+        engine.ratings = state.vectors.iter().map(|v| v.nnz() as u64).sum();
+        engine.users = IdMap::from_ids(state.users);
+        engine.items = IdMap::from_ids(state.items);
+        engine.vectors = state.vectors;
+        engine.counters = state.counters;
+        let mut model = state.model;
+        model.labels = state.labels;
+        model.labels.resize(engine.vectors.len(), NO_CLUSTER);
+        engine.model.restore(model, &engine.vectors, d);
+        engine.dirty = vec![false; engine.vectors.len()];
+        engine.persisted_users = engine.users.len() as u32;
+        engine.persisted_items = engine.items.len() as u32;
+        engine
+    }
+
+    pub fn params(&self) -> &EngineParams {
+        &self.params
+    }
+    pub fn users(&self) -> &IdMap {
+        &self.users
+    }
+    pub fn items(&self) -> &IdMap {
+        &self.items
+    }
+    pub fn vectors(&self) -> &[SparseVec] {
+        &self.vectors
+    }
+    pub fn vector(&self, user: u32) -> &SparseVec {
+        &self.vectors[user as usize]
+    }
+    pub fn stats(&self) -> &CovarianceStats {
+        &self.stats
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+    /// Users with at least one rating.
+    pub fn active_users(&self) -> u64 {
+        self.stats.users()
+    }
+    /// Non-zero (user, item) cells.
+    pub fn ratings(&self) -> u64 {
+        self.ratings
+    }
+
+    /// Applies events in order. Events failing the value policy are skipped and reported;
+    /// the rest change the state exactly as the mode says. Refreshes happen at exact event
+    /// counts, so the result does not depend on how events are split into batches.
+    pub fn apply(&mut self, events: &[RatingEvent]) -> ApplyOutcome {
+        let mut outcome = ApplyOutcome::default();
+        for (i, event) in events.iter().enumerate() {
+            if let Err(rejection) = self.policy.check(event) {
+                outcome.rejected.push((i, rejection.reason));
+                continue;
+            }
+            self.apply_one(event);
+            outcome.applied += 1;
+            self.counters.events_applied += 1;
+            self.counters.events_since_refresh += 1;
+            if self.counters.events_since_refresh >= self.params.refresh_every_events {
+                if let Some(r) = self.refresh() {
+                    outcome.refreshes.push(r);
+                }
+            }
+        }
+        self.model.reseed_empty_clusters();
+        outcome
+    }
+
+    fn apply_one(&mut self, event: &RatingEvent) {
+        let (u, new_user) = self.users.intern(&event.user);
+        if new_user {
+            self.vectors.push(SparseVec::default());
+            self.dirty.push(false);
+            self.model.add_user_slot();
+        }
+        let (j, _) = self.items.intern(&event.item);
+        let x = &self.vectors[u as usize];
+        let pos = x.idx.binary_search(&j);
+        let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+        let new = match (self.params.mode, event.value) {
+            (Mode::Explicit, Some(v)) => v,
+            (Mode::Explicit, None) => 0.0,
+            (Mode::Implicit, Some(v)) => old + v,
+            (Mode::Implicit, None) => old,
+        };
+        let delta = new - old;
+        if delta == 0.0 {
+            return;
+        }
+        let was_active = !x.idx.is_empty();
+        if !was_active {
+            self.stats.user_entered();
+        }
+        self.stats
+            .apply_change(x, j as usize, delta, self.items.len());
+        let x = &mut self.vectors[u as usize];
+        match pos {
+            Ok(p) if new == 0.0 => {
+                x.idx.remove(p);
+                x.val.remove(p);
+                self.ratings -= 1;
+            }
+            Ok(p) => x.val[p] = new,
+            Err(p) => {
+                x.idx.insert(p, j);
+                x.val.insert(p, new);
+                self.ratings += 1;
+            }
+        }
+        let now_active = !x.idx.is_empty();
+        if !now_active {
+            self.stats.user_left();
+        }
+        self.model
+            .on_change(u as usize, j as usize, delta, was_active, now_active);
+        self.mark_dirty(u);
+    }
+
+    fn mark_dirty(&mut self, u: u32) {
+        if !self.dirty[u as usize] {
+            self.dirty[u as usize] = true;
+            self.dirty_list.push(u);
+        }
+    }
+
+    /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service
+    /// also calls it on a timer). Returns `None` when there is not enough data for a PCA yet.
+    pub fn refresh(&mut self) -> Option<RefreshOutcome> {
+        self.counters.events_since_refresh = 0;
+        if self.items.len() < self.params.components || self.stats.users() < 2 {
+            return None;
+        }
+        self.counters.refreshes += 1;
+        let seed = self.params.seed ^ self.counters.refreshes.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let eigen = self.params.eigen(seed);
+        let first = !self.model.is_clustered();
+        let clustering = ClusteringParams {
+            k: self.params.clusters,
+            max_passes: if first {
+                self.params.snapshot_max_passes
+            } else {
+                self.params.polish_passes
+            },
+            restarts: if first {
+                self.params.snapshot_kmeans_starts
+            } else {
+                0
+            },
+            seed,
+        };
+        let outcome = self.model.refresh(
+            &self.stats,
+            &self.vectors,
+            self.items.len(),
+            &eigen,
+            &clustering,
+        );
+        self.model_dirty = true;
+        Some(outcome)
+    }
+
+    /// A copy of the model refreshed on the current statistics and clustered with several
+    /// starts to convergence, ids matched to the online clustering. The engine itself is not
+    /// changed, so when snapshots are taken never alters the online trajectory.
+    pub fn snapshot_model(&self) -> Option<Model> {
+        if self.items.len() < self.params.components || self.stats.users() < 2 {
+            return None;
+        }
+        let seed = self.params.seed ^ self.counters.events_applied.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut model = self.model.clone();
+        model.refresh(
+            &self.stats,
+            &self.vectors,
+            self.items.len(),
+            &self.params.eigen(seed),
+            &ClusteringParams {
+                k: self.params.clusters,
+                max_passes: self.params.snapshot_max_passes,
+                restarts: self.params.snapshot_kmeans_starts.saturating_sub(1),
+                seed,
+            },
+        );
+        Some(model)
+    }
+
+    /// Everything changed since the previous call (for the store's atomic commit).
+    pub fn take_changes(&mut self) -> Changes {
+        let mut users = std::mem::take(&mut self.dirty_list);
+        for &u in &users {
+            self.dirty[u as usize] = false;
+        }
+        users.sort_unstable();
+        let changes = Changes {
+            users,
+            first_new_user: self.persisted_users,
+            first_new_item: self.persisted_items,
+            labels: self.model.take_labels_changed(),
+            model: self.model_dirty,
+        };
+        self.persisted_users = self.users.len() as u32;
+        self.persisted_items = self.items.len() as u32;
+        self.model_dirty = false;
+        changes
+    }
+}
+
+/// Everything needed to rebuild an [`Engine`] after a restart.
+#[derive(Debug, Clone, Default)]
+pub struct RestoredState {
+    pub users: Vec<String>,
+    pub items: Vec<String>,
+    pub vectors: Vec<SparseVec>,
+    pub labels: Vec<u32>,
+    pub model: PersistedModel,
+    pub counters: Counters,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(user: &str, item: &str, value: Option<f64>) -> RatingEvent {
+        RatingEvent {
+            user: user.into(),
+            item: item.into(),
+            value,
+            ts: 0,
+        }
+    }
+
+    #[test]
+    fn explicit_mode_replaces_and_retracts() {
+        let mut e = Engine::new(EngineParams::default());
+        e.apply(&[
+            ev("a", "x", Some(3.0)),
+            ev("a", "x", Some(5.0)),
+            ev("a", "y", Some(1.0)),
+            ev("a", "y", None),
+        ]);
+        let a = e.users().get("a").unwrap();
+        assert_eq!(e.vector(a).iter().collect::<Vec<_>>(), vec![(0, 5.0)]);
+        assert_eq!(e.ratings(), 1);
+        e.apply(&[ev("a", "x", None)]);
+        assert_eq!(e.active_users(), 0);
+        assert_eq!(e.stats().sums(), &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn implicit_mode_adds_up() {
+        let params = EngineParams {
+            mode: Mode::Implicit,
+            max_value: 1e6,
+            ..EngineParams::default()
+        };
+        let mut e = Engine::new(params);
+        e.apply(&[ev("a", "x", Some(2.0)), ev("a", "x", Some(3.0))]);
+        assert_eq!(e.vector(0).get(0), 5.0);
+        let out = e.apply(&[ev("a", "x", None), ev("a", "x", Some(f64::NAN))]);
+        assert_eq!(out.rejected.len(), 2);
+        assert_eq!(e.vector(0).get(0), 5.0);
+    }
+}

@@ -1,0 +1,522 @@
+//! The online model on top of the statistics: the PCA basis, every user's projection, and the
+//! K-Means clustering of the projections with exact member-mean centroids.
+//!
+//! Projections are kept *uncentred* (`z = Uᵀx`): the mean `Uᵀμ` is the same shift for every
+//! user and every centroid, so distances, assignments and inertia do not depend on it, and a
+//! rating change moves `z` by `δ·U[j,:]` in O(k) without touching anyone else.
+
+use ndarray::{Array2, Axis};
+
+use super::eigen::{EigenParams, EigenResult, top_eigenpairs};
+use super::kmeans::{self, ClusteringParams, DensePoints};
+use super::matching::match_labels;
+use super::stats::CovarianceStats;
+use super::SparseVec;
+
+/// No cluster: the user has no ratings, or the model is not initialised yet.
+pub const NO_CLUSTER: u32 = u32::MAX;
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    components: usize,
+    clusters: usize,
+    /// `components x d_basis`, one unit principal axis per row (scikit-learn's `components_`).
+    basis: Array2<f64>,
+    /// The same basis transposed and flat (`d_basis x components`), for O(k) event updates.
+    loadings: Vec<f64>,
+    /// Eigenvalues of the population covariance, descending (the diagnostics curve length).
+    eigenvalues: Vec<f64>,
+    /// Trace of the population covariance at the last refresh.
+    total_variance: f64,
+    /// Column means `μ` at the last refresh.
+    mean: Vec<f64>,
+    users_at_refresh: u64,
+    eigen_iterations: usize,
+    eigen_converged: bool,
+    /// `users x components`, uncentred projections `z = Uᵀx`.
+    projections: Vec<f64>,
+    labels: Vec<u32>,
+    /// `clusters x components`: sums of member projections, counts and means.
+    sums: Vec<f64>,
+    counts: Vec<u64>,
+    means: Vec<f64>,
+    initialised: bool,
+    labels_changed: bool,
+}
+
+/// What a refresh did, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RefreshOutcome {
+    pub eigen_iterations: usize,
+    pub eigen_converged: bool,
+    pub max_relative_residual: f64,
+    pub lloyd_passes: usize,
+    pub inertia: f64,
+}
+
+impl Model {
+    pub fn new(components: usize, clusters: usize) -> Self {
+        Model {
+            components,
+            clusters,
+            basis: Array2::zeros((0, 0)),
+            loadings: vec![],
+            eigenvalues: vec![],
+            total_variance: 0.0,
+            mean: vec![],
+            users_at_refresh: 0,
+            eigen_iterations: 0,
+            eigen_converged: false,
+            projections: vec![],
+            labels: vec![],
+            sums: vec![0.0; clusters * components],
+            counts: vec![0; clusters],
+            means: vec![0.0; clusters * components],
+            initialised: false,
+            labels_changed: false,
+        }
+    }
+
+    /// Whether any label changed since the previous call.
+    pub(crate) fn take_labels_changed(&mut self) -> bool {
+        std::mem::take(&mut self.labels_changed)
+    }
+
+    pub fn components(&self) -> usize {
+        self.components
+    }
+    pub fn clusters(&self) -> usize {
+        self.clusters
+    }
+    pub fn has_basis(&self) -> bool {
+        self.basis.nrows() > 0
+    }
+    pub fn is_clustered(&self) -> bool {
+        self.initialised
+    }
+    pub fn basis(&self) -> &Array2<f64> {
+        &self.basis
+    }
+    pub fn eigenvalues(&self) -> &[f64] {
+        &self.eigenvalues
+    }
+    pub fn total_variance(&self) -> f64 {
+        self.total_variance
+    }
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+    pub fn users_at_refresh(&self) -> u64 {
+        self.users_at_refresh
+    }
+    pub fn eigen_converged(&self) -> bool {
+        self.eigen_converged
+    }
+    pub fn eigen_iterations(&self) -> usize {
+        self.eigen_iterations
+    }
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+    pub fn label(&self, user: usize) -> u32 {
+        self.labels.get(user).copied().unwrap_or(NO_CLUSTER)
+    }
+    pub fn sizes(&self) -> &[u64] {
+        &self.counts
+    }
+    /// Uncentred projection of one user.
+    pub fn projection(&self, user: usize) -> &[f64] {
+        let k = self.components;
+        &self.projections[user * k..(user + 1) * k]
+    }
+    /// Centroids in uncentred projection space (`clusters x components`).
+    pub fn uncentred_centroids(&self) -> &[f64] {
+        &self.means
+    }
+    /// The projection of the mean user, `Uᵀμ`: subtract it to get scikit-learn's `transform`.
+    pub fn projected_mean(&self) -> Vec<f64> {
+        let k = self.components;
+        let mut out = vec![0.0; k];
+        for (j, &m) in self.mean.iter().enumerate() {
+            if m != 0.0 {
+                for (o, &l) in out.iter_mut().zip(&self.loadings[j * k..(j + 1) * k]) {
+                    *o += m * l;
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum of squared distances of the clustered users to their centroids.
+    pub fn inertia(&self) -> f64 {
+        let k = self.components;
+        self.labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l != NO_CLUSTER)
+            .map(|(u, &l)| {
+                let c = &self.means[l as usize * k..(l as usize + 1) * k];
+                squared_distance(&self.projections[u * k..(u + 1) * k], c)
+            })
+            .sum()
+    }
+
+    pub(crate) fn add_user_slot(&mut self) {
+        self.projections
+            .extend(std::iter::repeat_n(0.0, self.components));
+        self.labels.push(NO_CLUSTER);
+    }
+
+    /// The user's value of item `j` changed by `delta`. Re-projects and re-assigns the user;
+    /// centroids stay the exact means of their members.
+    pub(crate) fn on_change(
+        &mut self,
+        user: usize,
+        j: usize,
+        delta: f64,
+        was_active: bool,
+        now_active: bool,
+    ) {
+        let k = self.components;
+        let label = self.labels[user];
+        if j < self.basis.ncols() {
+            let row = &self.loadings[j * k..(j + 1) * k];
+            let z = &mut self.projections[user * k..(user + 1) * k];
+            for (zi, &l) in z.iter_mut().zip(row) {
+                *zi += delta * l;
+            }
+            if label != NO_CLUSTER {
+                let s = &mut self.sums[label as usize * k..(label as usize + 1) * k];
+                for (si, &l) in s.iter_mut().zip(row) {
+                    *si += delta * l;
+                }
+                self.update_mean(label as usize);
+            }
+        }
+        if !self.initialised {
+            return;
+        }
+        match (was_active, now_active) {
+            (true, true) => {
+                let best = self.nearest(user);
+                if best != label {
+                    self.move_user(user, Some(label), Some(best));
+                }
+            }
+            (false, true) => {
+                let best = self.nearest(user);
+                self.move_user(user, None, Some(best));
+            }
+            (true, false) => self.move_user(user, Some(label), None),
+            (false, false) => {}
+        }
+    }
+
+    fn nearest(&self, user: usize) -> u32 {
+        let k = self.components;
+        let z = &self.projections[user * k..(user + 1) * k];
+        let mut best = (0u32, f64::INFINITY);
+        for c in 0..self.clusters {
+            let d = squared_distance(z, &self.means[c * k..(c + 1) * k]);
+            if d < best.1 {
+                best = (c as u32, d);
+            }
+        }
+        best.0
+    }
+
+    fn move_user(&mut self, user: usize, from: Option<u32>, to: Option<u32>) {
+        let k = self.components;
+        if let Some(from) = from.filter(|&f| f != NO_CLUSTER) {
+            let f = from as usize;
+            for i in 0..k {
+                self.sums[f * k + i] -= self.projections[user * k + i];
+            }
+            self.counts[f] -= 1;
+            self.update_mean(f);
+        }
+        match to {
+            Some(to) => {
+                let t = to as usize;
+                for i in 0..k {
+                    self.sums[t * k + i] += self.projections[user * k + i];
+                }
+                self.counts[t] += 1;
+                self.update_mean(t);
+                self.labels[user] = to;
+            }
+            None => self.labels[user] = NO_CLUSTER,
+        }
+        self.labels_changed = true;
+    }
+
+    fn update_mean(&mut self, c: usize) {
+        let k = self.components;
+        // An empty cluster keeps its last centroid until it is re-seeded.
+        if self.counts[c] > 0 {
+            let inv = 1.0 / self.counts[c] as f64;
+            for i in 0..k {
+                self.means[c * k + i] = self.sums[c * k + i] * inv;
+            }
+        }
+    }
+
+    /// Re-seeds every empty cluster with the worst-fit user of a cluster that has more than
+    /// one member, so no cluster silently dies between refreshes.
+    pub(crate) fn reseed_empty_clusters(&mut self) {
+        if !self.initialised || !self.counts.contains(&0) {
+            return;
+        }
+        let k = self.components;
+        let mut fits: Vec<(f64, usize)> = self
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l != NO_CLUSTER)
+            .map(|(u, &l)| {
+                let c = &self.means[l as usize * k..(l as usize + 1) * k];
+                (squared_distance(&self.projections[u * k..(u + 1) * k], c), u)
+            })
+            .collect();
+        fits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut worst = fits.into_iter();
+        for c in 0..self.clusters {
+            if self.counts[c] != 0 {
+                continue;
+            }
+            for (_, u) in worst.by_ref() {
+                let from = self.labels[u];
+                if self.counts[from as usize] > 1 {
+                    self.move_user(u, Some(from), Some(c as u32));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Re-solves the PCA on the current statistics (warm-started from the current basis, signs
+    /// kept), re-projects every user, then re-clusters: k-means++ the first time there are
+    /// enough users, otherwise Lloyd passes from the current memberships (plus `restarts` fresh
+    /// starts). Cluster ids are matched to the previous ones by member overlap.
+    pub(crate) fn refresh(
+        &mut self,
+        stats: &CovarianceStats,
+        vectors: &[SparseVec],
+        d: usize,
+        eigen: &EigenParams,
+        clustering: &ClusteringParams,
+    ) -> RefreshOutcome {
+        let covariance = stats.covariance(d);
+        let total_variance = covariance.diag().sum();
+        let warm = self.has_basis().then(|| self.basis.view());
+        let result = top_eigenpairs(covariance.view(), warm, eigen);
+        drop(covariance);
+        self.adopt_basis(result.clone_basis_with_signs(&self.basis), &result, total_variance);
+        self.users_at_refresh = stats.users();
+        let n = stats.users() as f64;
+        self.mean = (0..d)
+            .map(|j| {
+                if n > 0.0 {
+                    stats.sums().get(j).copied().unwrap_or(0.0) / n
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        self.reproject(vectors);
+        let lloyd_passes = self.recluster(vectors, clustering);
+        RefreshOutcome {
+            eigen_iterations: result.iterations,
+            eigen_converged: result.converged,
+            max_relative_residual: result.max_relative_residual,
+            lloyd_passes,
+            inertia: self.inertia(),
+        }
+    }
+
+    fn adopt_basis(&mut self, basis: Array2<f64>, result: &EigenResult, total_variance: f64) {
+        let k = self.components;
+        let d = basis.ncols();
+        let mut loadings = vec![0.0; d * k];
+        for (c, row) in basis.axis_iter(Axis(0)).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                loadings[j * k + c] = v;
+            }
+        }
+        self.basis = basis;
+        self.loadings = loadings;
+        self.eigenvalues = result.eigenvalues.clone();
+        self.total_variance = total_variance;
+        self.eigen_iterations = result.iterations;
+        self.eigen_converged = result.converged;
+    }
+
+    /// Recomputes every projection from scratch with the current basis.
+    pub(crate) fn reproject(&mut self, vectors: &[SparseVec]) {
+        let k = self.components;
+        let d = self.basis.ncols();
+        self.projections.clear();
+        self.projections.resize(vectors.len() * k, 0.0);
+        for (u, x) in vectors.iter().enumerate() {
+            let z = &mut self.projections[u * k..(u + 1) * k];
+            for (&j, &v) in x.idx.iter().zip(&x.val) {
+                let j = j as usize;
+                if j < d {
+                    for (zi, &l) in z.iter_mut().zip(&self.loadings[j * k..(j + 1) * k]) {
+                        *zi += v * l;
+                    }
+                }
+            }
+        }
+        self.labels.resize(vectors.len(), NO_CLUSTER);
+    }
+
+    /// Rebuilds cluster sums and means from the labels (after a restart or a basis change).
+    pub(crate) fn rebuild_sums(&mut self) {
+        let k = self.components;
+        self.sums.iter_mut().for_each(|s| *s = 0.0);
+        self.counts.iter_mut().for_each(|c| *c = 0);
+        for (u, &l) in self.labels.iter().enumerate() {
+            if l != NO_CLUSTER && (l as usize) < self.clusters {
+                let l = l as usize;
+                self.counts[l] += 1;
+                for i in 0..k {
+                    self.sums[l * k + i] += self.projections[u * k + i];
+                }
+            }
+        }
+        for c in 0..self.clusters {
+            self.update_mean(c);
+        }
+    }
+
+    fn recluster(&mut self, vectors: &[SparseVec], params: &ClusteringParams) -> usize {
+        let k = self.components;
+        let active: Vec<usize> = (0..vectors.len())
+            .filter(|&u| !vectors[u].idx.is_empty())
+            .collect();
+        if active.len() < self.clusters {
+            // Too few users to cluster: keep everyone unassigned until there are enough.
+            self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
+            self.initialised = false;
+            self.labels_changed = true;
+            self.rebuild_sums();
+            return 0;
+        }
+        let mut data = Vec::with_capacity(active.len() * k);
+        for &u in &active {
+            data.extend_from_slice(&self.projections[u * k..(u + 1) * k]);
+        }
+        let points = DensePoints { data: &data, dim: k };
+        let previous: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
+        let initial = if self.initialised {
+            self.rebuild_sums();
+            Some(self.means.clone())
+        } else {
+            None
+        };
+        let result = kmeans::cluster(&points, initial, params);
+        let mapping = if self.initialised {
+            match_labels(&result.labels, &previous, self.clusters)
+        } else {
+            (0..self.clusters as u32).collect()
+        };
+        self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
+        for (&u, &l) in active.iter().zip(&result.labels) {
+            self.labels[u] = mapping[l as usize];
+        }
+        self.initialised = true;
+        self.labels_changed = true;
+        self.rebuild_sums();
+        result.passes
+    }
+
+    /// Restores a persisted model: basis and labels; projections and sums are recomputed.
+    pub(crate) fn restore(&mut self, persisted: PersistedModel, vectors: &[SparseVec], d: usize) {
+        let k = self.components;
+        let cols = persisted.basis_items;
+        let basis = if persisted.basis.len() == k * cols && cols > 0 {
+            Array2::from_shape_vec((k, cols), persisted.basis).unwrap_or_else(|_| Array2::zeros((0, 0)))
+        } else {
+            Array2::zeros((0, 0))
+        };
+        let result = EigenResult {
+            eigenvalues: persisted.eigenvalues,
+            eigenvectors: Array2::zeros((0, 0)),
+            iterations: persisted.eigen_iterations,
+            converged: persisted.eigen_converged,
+            max_relative_residual: 0.0,
+        };
+        self.adopt_basis(basis, &result, persisted.total_variance);
+        self.mean = persisted.mean;
+        self.mean.resize(d.max(self.mean.len()), 0.0);
+        self.users_at_refresh = persisted.users_at_refresh;
+        self.labels = persisted.labels;
+        self.reproject(vectors);
+        self.initialised = persisted.initialised;
+        self.rebuild_sums();
+    }
+
+    /// The parts of the model that cannot be derived from the user vectors.
+    pub fn persisted(&self) -> PersistedModel {
+        PersistedModel {
+            basis_items: self.basis.ncols(),
+            basis: self.basis.iter().copied().collect(),
+            eigenvalues: self.eigenvalues.clone(),
+            total_variance: self.total_variance,
+            mean: self.mean.clone(),
+            users_at_refresh: self.users_at_refresh,
+            eigen_iterations: self.eigen_iterations,
+            eigen_converged: self.eigen_converged,
+            initialised: self.initialised,
+            labels: vec![],
+        }
+    }
+}
+
+/// The model state that is persisted (labels are stored with the user records).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PersistedModel {
+    pub basis_items: usize,
+    pub basis: Vec<f64>,
+    pub eigenvalues: Vec<f64>,
+    pub total_variance: f64,
+    pub mean: Vec<f64>,
+    pub users_at_refresh: u64,
+    pub eigen_iterations: usize,
+    pub eigen_converged: bool,
+    pub initialised: bool,
+    #[serde(skip)]
+    pub labels: Vec<u32>,
+}
+
+impl EigenResult {
+    /// The converged vectors with each sign chosen to agree with the same component of the
+    /// previous basis (so components do not flip between snapshots), or, for a first basis,
+    /// scikit-learn's convention: the largest-magnitude loading is positive.
+    fn clone_basis_with_signs(&self, previous: &Array2<f64>) -> Array2<f64> {
+        let mut basis = self.eigenvectors.clone();
+        for (c, mut row) in basis.axis_iter_mut(Axis(0)).enumerate() {
+            let flip = if c < previous.nrows() {
+                let overlap = previous.ncols().min(row.len());
+                let dot: f64 = (0..overlap).map(|j| previous[[c, j]] * row[j]).sum();
+                dot < 0.0
+            } else {
+                let largest = row
+                    .iter()
+                    .copied()
+                    .max_by(|a, b| a.abs().total_cmp(&b.abs()))
+                    .unwrap_or(0.0);
+                largest < 0.0
+            };
+            if flip {
+                row.mapv_inplace(|v| -v);
+            }
+        }
+        basis
+    }
+}
+
+pub fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}

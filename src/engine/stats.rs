@@ -1,0 +1,123 @@
+//! Exact sufficient statistics of the user x item matrix: user count `n`, column sums `s` and
+//! second moments `M = Σ x xᵀ`, updated in O(nnz of the user) per rating change so that the
+//! covariance at any moment equals the batch covariance of the current matrix.
+//!
+//! `M` is kept as a non-symmetric accumulator `A` with `M = (A + Aᵀ)/2`: the rank-2 update
+//! `δ(x e_jᵀ + e_j xᵀ)` then only touches row `j` of `A` (contiguous) instead of a row and a
+//! column (strided).
+
+use ndarray::Array2;
+
+use super::SparseVec;
+
+#[derive(Debug, Clone, Default)]
+pub struct CovarianceStats {
+    n: u64,
+    sums: Vec<f64>,
+    /// Row `j` of the accumulator `A`; shorter rows are implicitly zero-padded.
+    rows: Vec<Vec<f64>>,
+}
+
+impl CovarianceStats {
+    /// Number of users with at least one rating.
+    pub fn users(&self) -> u64 {
+        self.n
+    }
+
+    /// Column sums `s` (length = items seen so far).
+    pub fn sums(&self) -> &[f64] {
+        &self.sums
+    }
+
+    fn ensure_items(&mut self, d: usize) {
+        if self.sums.len() < d {
+            self.sums.resize(d, 0.0);
+            self.rows.resize_with(d, Vec::new);
+        }
+    }
+
+    /// The user's value of item `j` changes by `delta`; `before` is the user's vector before
+    /// the change. `M += δ(x e_jᵀ + e_j xᵀ) + δ² e_j e_jᵀ`, `s_j += δ`.
+    pub fn apply_change(&mut self, before: &SparseVec, j: usize, delta: f64, items: usize) {
+        self.ensure_items(items.max(j + 1));
+        self.sums[j] += delta;
+        let row = &mut self.rows[j];
+        let needed = before
+            .idx
+            .last()
+            .map_or(j + 1, |&last| (last as usize + 1).max(j + 1));
+        if row.len() < needed {
+            row.resize(needed.max(items), 0.0);
+        }
+        let twice = 2.0 * delta;
+        for (&i, &x) in before.idx.iter().zip(&before.val) {
+            row[i as usize] += twice * x;
+        }
+        row[j] += delta * delta;
+    }
+
+    /// A user enters (first rating) or leaves (last rating retracted): only `n` changes, since
+    /// a zero row adds nothing to `s` or `M`.
+    pub fn user_entered(&mut self) {
+        self.n += 1;
+    }
+
+    pub fn user_left(&mut self) {
+        self.n = self.n.saturating_sub(1);
+    }
+
+    /// `M = (A + Aᵀ)/2` as a dense `d x d` matrix.
+    pub fn second_moments(&self, d: usize) -> Array2<f64> {
+        let mut m = Array2::<f64>::zeros((d, d));
+        for (j, row) in self.rows.iter().enumerate().take(d) {
+            for (i, &a) in row.iter().enumerate().take(d) {
+                if a != 0.0 {
+                    m[[j, i]] += 0.5 * a;
+                    m[[i, j]] += 0.5 * a;
+                }
+            }
+        }
+        m
+    }
+
+    /// Population covariance `C = M/n − μμᵀ` (`d x d`). scikit-learn's `explained_variance_`
+    /// uses `n − 1`: multiply by `n/(n−1)` for that; ratios are unaffected.
+    pub fn covariance(&self, d: usize) -> Array2<f64> {
+        let mut c = self.second_moments(d);
+        if self.n == 0 {
+            return c;
+        }
+        let n = self.n as f64;
+        let mean: Vec<f64> = (0..d)
+            .map(|j| self.sums.get(j).copied().unwrap_or(0.0) / n)
+            .collect();
+        for ((j, i), v) in c.indexed_iter_mut() {
+            *v = *v / n - mean[j] * mean[i];
+        }
+        c
+    }
+
+    /// Statistics recomputed from scratch from user vectors (restart, tests).
+    pub fn from_vectors<'a>(vectors: impl IntoIterator<Item = &'a SparseVec>, d: usize) -> Self {
+        let mut stats = CovarianceStats::default();
+        stats.ensure_items(d);
+        for x in vectors {
+            if x.idx.is_empty() {
+                continue;
+            }
+            stats.n += 1;
+            for (&j, &xj) in x.idx.iter().zip(&x.val) {
+                let j = j as usize;
+                stats.sums[j] += xj;
+                let row = &mut stats.rows[j];
+                if row.len() < d {
+                    row.resize(d, 0.0);
+                }
+                for (&i, &xi) in x.idx.iter().zip(&x.val) {
+                    row[i as usize] += xj * xi;
+                }
+            }
+        }
+        stats
+    }
+}
