@@ -5,3 +5,5 @@
 pub mod decode;
 pub mod engine;
 pub mod event;
+pub mod generator;
+pub mod snapshot;

@@ -1,0 +1,403 @@
+//! Versioned segment snapshots: the public JSON contract (documented field by field in
+//! `docs/snapshot.md`), built from the engine's state and a freshly refreshed model copy, with
+//! Naive Bayes validation, TF-IDF cluster profiles, diagnostics and drift, plus the seed-style
+//! text report.
+
+pub mod report;
+pub mod validation;
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::kmeans::{self, ClusteringParams, DensePoints, Points};
+use crate::engine::matching::adjusted_rand_index;
+use crate::engine::{Engine, Model, NO_CLUSTER, SparseVec};
+use crate::event::Mode;
+use validation::{NaiveBayesReport, naive_bayes_report, stable_hash, tfidf_profiles};
+
+/// Version of the snapshot JSON layout; bumped on any incompatible change.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub format: u32,
+    pub version: u64,
+    pub created_at: String,
+    pub mode: Mode,
+    pub counts: Counts,
+    /// Next offset per `topic/partition` this snapshot reflects (empty for file replays).
+    pub offsets: BTreeMap<String, i64>,
+    pub pca: PcaSummary,
+    pub kmeans: KmeansSummary,
+    pub clusters: Vec<ClusterProfile>,
+    pub validation: Validation,
+    pub diagnostics: Option<Diagnostics>,
+    pub drift: Option<Drift>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    pub users: u64,
+    pub items: u64,
+    pub ratings: u64,
+    pub events_applied: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PcaSummary {
+    pub n_components: usize,
+    pub explained_variance: Vec<f64>,
+    pub explained_variance_ratio: Vec<f64>,
+    pub singular_values: Vec<f64>,
+    pub total_variance: f64,
+    pub eigen_iterations: usize,
+    pub converged: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KmeansSummary {
+    pub k: usize,
+    pub inertia: f64,
+    pub sizes: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterProfile {
+    pub id: u32,
+    pub size: u64,
+    /// Centroid in PCA coordinates (centred, as scikit-learn's `transform`).
+    pub centroid: Vec<f64>,
+    /// Items with a non-zero profile score (rated by at least one member).
+    pub n_items: u64,
+    pub top_items: Vec<TopItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopItem {
+    pub item: String,
+    pub title: Option<String>,
+    /// Mean l2-normalised TF-IDF weight of the item over the cluster's members.
+    pub score: f64,
+    /// Mean rating of the item among the members who rated it.
+    pub mean_rating: Option<f64>,
+    /// Members who rated the item.
+    pub raters: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    pub naive_bayes: NaiveBayesReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Diagnostics {
+    /// Explained-variance ratio of the first `curve_components` components.
+    pub explained_variance_ratio_curve: Vec<f64>,
+    pub inertia_by_k: InertiaByK,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InertiaByK {
+    pub k: Vec<usize>,
+    /// Best K-Means inertia on the PCA projection, per k.
+    pub projected: Vec<f64>,
+    /// Best K-Means inertia on the full rating vectors of `full_users` sampled users, per k.
+    pub full: Vec<f64>,
+    pub full_users: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    pub previous_version: u64,
+    /// Users present in both snapshots.
+    pub users_compared: u64,
+    /// Of those, users whose segment changed.
+    pub users_moved: u64,
+    pub adjusted_rand_index: f64,
+}
+
+/// `user id → cluster id` of one snapshot, in user order.
+pub type Assignments = Vec<(String, u32)>;
+
+/// Settings of snapshot building (from `[snapshot]` in the config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotParams {
+    /// Items kept per cluster profile.
+    pub profile_items: usize,
+    /// Percentage of users held out of the Naive Bayes fit for the holdout agreement.
+    pub holdout_percent: u64,
+    /// Values of k for the inertia diagnostics.
+    pub diagnostics_k: Vec<usize>,
+    /// At most this many users (a seeded sample) in the full-data inertia diagnostics.
+    pub diagnostics_max_users: usize,
+    /// K-Means starts per k in the diagnostics.
+    pub diagnostics_starts: usize,
+}
+
+impl Default for SnapshotParams {
+    fn default() -> Self {
+        SnapshotParams {
+            profile_items: 50,
+            holdout_percent: 20,
+            diagnostics_k: vec![2, 5, 10, 15, 20, 25, 30, 40, 50],
+            diagnostics_max_users: 2000,
+            diagnostics_starts: 3,
+        }
+    }
+}
+
+/// What the builder needs besides the engine.
+pub struct BuildInput<'a> {
+    pub version: u64,
+    pub created_at: String,
+    pub titles: &'a FxHashMap<String, String>,
+    pub offsets: BTreeMap<String, i64>,
+    pub previous: Option<(u64, &'a Assignments)>,
+    pub with_diagnostics: bool,
+}
+
+/// Builds a snapshot of the engine's current state. Returns `None` while there is not enough
+/// data for a model (fewer items than components, or fewer users than clusters).
+pub fn build(
+    engine: &Engine,
+    params: &SnapshotParams,
+    input: BuildInput<'_>,
+) -> Option<(Snapshot, Assignments)> {
+    let model = engine.snapshot_model()?;
+    if !model.is_clustered() {
+        return None;
+    }
+    Some(build_from_model(engine, &model, params, input))
+}
+
+pub fn build_from_model(
+    engine: &Engine,
+    model: &Model,
+    params: &SnapshotParams,
+    input: BuildInput<'_>,
+) -> (Snapshot, Assignments) {
+    let vectors = engine.vectors();
+    let k_clusters = model.clusters();
+    let d = engine.items().len();
+    let labels = model.labels();
+    let n = engine.active_users();
+    let seed = engine.params().seed;
+
+    let total = model.total_variance();
+    let kept = model.components();
+    let sample_scale = if n > 1 { n as f64 / (n as f64 - 1.0) } else { 1.0 };
+    let eigen = model.eigenvalues();
+    let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
+    let pca = PcaSummary {
+        n_components: kept,
+        explained_variance: eigen[..kept].iter().map(|v| v * sample_scale).collect(),
+        explained_variance_ratio: eigen[..kept].iter().map(|&v| ratio(v)).collect(),
+        singular_values: eigen[..kept]
+            .iter()
+            .map(|v| (v.max(0.0) * n as f64).sqrt())
+            .collect(),
+        total_variance: total * sample_scale,
+        eigen_iterations: model.eigen_iterations(),
+        converged: model.eigen_converged(),
+    };
+
+    let profiles = tfidf_profiles(vectors, labels, k_clusters, d);
+    let offset = model.projected_mean();
+    let centroids = model.uncentred_centroids();
+    let clusters = (0..k_clusters)
+        .map(|c| {
+            let ranked = profiles.ranked(c);
+            ClusterProfile {
+                id: c as u32,
+                size: model.sizes()[c],
+                centroid: (0..kept)
+                    .map(|i| centroids[c * kept + i] - offset[i])
+                    .collect(),
+                n_items: ranked.len() as u64,
+                top_items: ranked
+                    .iter()
+                    .take(params.profile_items)
+                    .map(|&j| {
+                        let item = engine.items().id(j as u32).to_string();
+                        TopItem {
+                            title: input.titles.get(&item).cloned(),
+                            item,
+                            score: profiles.score(c, j),
+                            mean_rating: profiles.mean_rating(c, j),
+                            raters: profiles.raters[c * d + j],
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+
+    let user_ids = engine.users();
+    let holdout = |u: usize| {
+        stable_hash(user_ids.id(u as u32).as_bytes(), seed) % 100 < params.holdout_percent
+    };
+    let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, holdout);
+
+    let assignments: Assignments = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != NO_CLUSTER)
+        .map(|(u, &l)| (user_ids.id(u as u32).to_string(), l))
+        .collect();
+
+    let drift = input.previous.map(|(previous_version, previous)| {
+        let before: FxHashMap<&str, u32> =
+            previous.iter().map(|(u, c)| (u.as_str(), *c)).collect();
+        let (mut a, mut b) = (vec![], vec![]);
+        for (user, cluster) in &assignments {
+            if let Some(&old) = before.get(user.as_str()) {
+                a.push(old);
+                b.push(*cluster);
+            }
+        }
+        Drift {
+            previous_version,
+            users_compared: a.len() as u64,
+            users_moved: a.iter().zip(&b).filter(|(x, y)| x != y).count() as u64,
+            adjusted_rand_index: adjusted_rand_index(&a, &b),
+        }
+    });
+
+    let diagnostics = input
+        .with_diagnostics
+        .then(|| diagnostics(engine, model, params));
+
+    let snapshot = Snapshot {
+        format: SNAPSHOT_FORMAT,
+        version: input.version,
+        created_at: input.created_at,
+        mode: engine.params().mode,
+        counts: Counts {
+            users: n,
+            items: profiles_items(&profiles.idf, vectors),
+            ratings: engine.ratings(),
+            events_applied: engine.counters().events_applied,
+        },
+        offsets: input.offsets,
+        pca,
+        kmeans: KmeansSummary {
+            k: k_clusters,
+            inertia: model.inertia(),
+            sizes: model.sizes().to_vec(),
+        },
+        clusters,
+        validation: Validation { naive_bayes },
+        diagnostics,
+        drift,
+    };
+    (snapshot, assignments)
+}
+
+/// Items with at least one rating (the columns of the batch recipe's matrix).
+fn profiles_items(idf: &[f64], vectors: &[SparseVec]) -> u64 {
+    let df = validation::document_frequency(vectors, idf.len());
+    df.iter().filter(|&&f| f > 0).count() as u64
+}
+
+/// Sparse rating vectors as K-Means points (distances via `‖x‖² − 2x·c + ‖c‖²`).
+struct SparsePoints<'a> {
+    rows: Vec<&'a SparseVec>,
+    norms: Vec<f64>,
+    dim: usize,
+}
+
+impl Points for SparsePoints<'_> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn distance2(&self, i: usize, centroid: &[f64], centroid_norm2: f64) -> f64 {
+        let dot: f64 = self.rows[i]
+            .iter()
+            .map(|(j, v)| v * centroid[j as usize])
+            .sum();
+        (self.norms[i] - 2.0 * dot + centroid_norm2).max(0.0)
+    }
+    fn add_to(&self, i: usize, acc: &mut [f64]) {
+        for (j, v) in self.rows[i].iter() {
+            acc[j as usize] += v;
+        }
+    }
+}
+
+/// The seed's two decision aids: the explained-variance-ratio curve, and K-Means inertia for a
+/// range of k on the projection and on the full vectors (of a seeded user sample).
+fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagnostics {
+    let total = model.total_variance();
+    let curve = model
+        .eigenvalues()
+        .iter()
+        .map(|v| if total > 0.0 { v / total } else { 0.0 })
+        .collect();
+    let seed = engine.params().seed;
+    let kept = model.components();
+    let active: Vec<usize> = (0..engine.vectors().len())
+        .filter(|&u| engine.vectors()[u].nnz() > 0)
+        .collect();
+    let mut projected_data = Vec::with_capacity(active.len() * kept);
+    for &u in &active {
+        projected_data.extend_from_slice(model.projection(u));
+    }
+    let projected = DensePoints {
+        data: &projected_data,
+        dim: kept,
+    };
+    let mut sample = active.clone();
+    if sample.len() > params.diagnostics_max_users {
+        let users = engine.users();
+        sample.sort_by_key(|&u| stable_hash(users.id(u as u32).as_bytes(), seed ^ 0x5eed));
+        sample.truncate(params.diagnostics_max_users);
+        sample.sort_unstable();
+    }
+    let rows: Vec<&SparseVec> = sample.iter().map(|&u| &engine.vectors()[u]).collect();
+    let norms = rows
+        .iter()
+        .map(|x| x.val.iter().map(|v| v * v).sum())
+        .collect();
+    let full = SparsePoints {
+        rows,
+        norms,
+        dim: engine.items().len(),
+    };
+    let ks: Vec<usize> = params
+        .diagnostics_k
+        .iter()
+        .copied()
+        .filter(|&k| k >= 1 && k <= full.len().min(projected.len()))
+        .collect();
+    let best = |points: &dyn Fn(usize) -> f64| ks.iter().map(|&k| points(k)).collect::<Vec<_>>();
+    let run = |p: &dyn Fn(&ClusteringParams) -> f64, k: usize| {
+        p(&ClusteringParams {
+            k,
+            max_passes: 100,
+            restarts: params.diagnostics_starts,
+            seed: seed ^ k as u64,
+        })
+    };
+    let projected_inertia =
+        best(&|k| run(&|c| kmeans::cluster(&projected, None, c).inertia, k));
+    let full_inertia = best(&|k| run(&|c| kmeans::cluster(&full, None, c).inertia, k));
+    Diagnostics {
+        explained_variance_ratio_curve: curve,
+        inertia_by_k: InertiaByK {
+            k: ks,
+            projected: projected_inertia,
+            full: full_inertia,
+            full_users: full.len() as u64,
+        },
+    }
+}
+
+/// `created_at` value for now, RFC 3339 in UTC.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
