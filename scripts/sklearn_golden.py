@@ -158,6 +158,18 @@ def top_items(scores, items, top):
     return [[items[j], float(scores[j])] for j in order]
 
 
+def nb_perturbed(X, labels, k):
+    perturbed = np.array(
+        [(int(l) + 1) % k if i % 4 == 0 else int(l) for i, l in enumerate(labels)]
+    )
+    pred = MultinomialNB(alpha=1.0).fit(X, perturbed).predict(X)
+    return {
+        "rule": "label (l + 1) % k for every user at row index i with i % 4 == 0",
+        "train_agreement": float(np.mean(pred == perturbed)),
+        "predictions": [int(x) for x in pred],
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -253,6 +265,9 @@ def main(argv=None):
             "predictions": [int(x) for x in pred],
         },
         "inertia_by_k": {"k": ks, "projected": inert_proj, "full": inert_full},
+        # NB on deliberately perturbed labels (every 4th user in row order moved to the next
+        # label), so that agreement is well below 1 and a wrong NB port cannot match it.
+        "naive_bayes_perturbed": nb_perturbed(X, labels, args.clusters),
     }
 
     out_dir = os.path.dirname(os.path.abspath(args.out))

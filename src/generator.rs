@@ -29,6 +29,8 @@ pub struct GeneratorParams {
     pub seed: u64,
     /// Time of the first event (seconds since the epoch).
     pub start_ts: i64,
+    /// Which stretch of an endless stream: the same users, segments and items, fresh events.
+    pub round: u64,
 }
 
 impl Default for GeneratorParams {
@@ -45,6 +47,7 @@ impl Default for GeneratorParams {
             mode: Mode::Explicit,
             seed: 42,
             start_ts: 874_724_710,
+            round: 0,
         }
     }
 }
@@ -125,6 +128,9 @@ pub fn generate(params: &GeneratorParams) -> GeneratedData {
         let u: f64 = rng.random::<f64>().max(1e-9);
         (u.powf(-0.6)).min(50.0)
     }));
+    if params.round > 0 {
+        rng = ChaCha8Rng::seed_from_u64(params.seed ^ params.round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
     let mut rated: Vec<Vec<u32>> = vec![vec![]; params.users];
     let mut events = Vec::with_capacity(params.events);
     let mut ts = params.start_ts;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `segmenter` binary: a thin entry point; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    segmenter::cli::main()
+}

@@ -34,6 +34,8 @@ pub struct EigenResult {
     pub converged: bool,
     /// Largest residual norm of the kept vectors, relative to λ₁.
     pub max_relative_residual: f64,
+    /// The whole final Ritz block (`b x d`): the best warm start for the next solve.
+    pub block: Array2<f64>,
 }
 
 /// Top eigenpairs of the symmetric matrix `c` (`d x d`). `warm` (`r x d`, any `r`) seeds the
@@ -54,6 +56,7 @@ pub fn top_eigenpairs(
             iterations: 0,
             converged: true,
             max_relative_residual: 0.0,
+            block: Array2::zeros((0, d)),
         };
     }
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
@@ -89,9 +92,15 @@ pub fn top_eigenpairs(
             let r = &y_ritz.row(i) - &(&q_ritz.row(i) * ritz_values[i]);
             max_residual = max_residual.max(r.dot(&r).sqrt() / scale);
         }
+        // Curve-only eigenvalues (beyond the kept vectors) feed a chart: settled when they
+        // change by less than 1e-9 of themselves per iteration.
         let values_settled = (0..values).all(|i| {
-            (ritz_values[i] - previous_values[i]).abs()
-                <= params.tolerance * scale
+            let change = (ritz_values[i] - previous_values[i]).abs();
+            if i < vectors {
+                change <= params.tolerance * scale
+            } else {
+                change <= params.tolerance.max(1e-9) * ritz_values[i].abs()
+            }
         });
         previous_values.copy_from_slice(&ritz_values[..values]);
         let converged = max_residual <= params.tolerance && values_settled;
@@ -102,6 +111,7 @@ pub fn top_eigenpairs(
                 iterations,
                 converged,
                 max_relative_residual: max_residual,
+                block: q_ritz,
             };
         }
         q = y_ritz;

@@ -103,7 +103,10 @@ pub struct EngineParams {
     pub snapshot_kmeans_starts: usize,
     /// Lloyd passes at most per start at snapshot time.
     pub snapshot_max_passes: usize,
+    /// Eigensolver tolerance at snapshot time (exact parity with batch PCA).
     pub eigen_tolerance: f64,
+    /// Eigensolver tolerance of the periodic refresh (the online model only needs a good basis).
+    pub refresh_eigen_tolerance: f64,
     pub eigen_max_iterations: usize,
     pub eigen_oversample: usize,
     pub seed: u64,
@@ -120,9 +123,10 @@ impl Default for EngineParams {
             curve_components: 30,
             refresh_every_events: 20_000,
             polish_passes: 3,
-            snapshot_kmeans_starts: 10,
+            snapshot_kmeans_starts: 25,
             snapshot_max_passes: 300,
             eigen_tolerance: 1e-9,
+            refresh_eigen_tolerance: 1e-6,
             eigen_max_iterations: 500,
             eigen_oversample: 10,
             seed: 42,
@@ -139,12 +143,21 @@ impl EngineParams {
         }
     }
 
-    fn eigen(&self, seed: u64) -> EigenParams {
+    /// Eigen solve settings; `with_curve` also converges the diagnostics curve's eigenvalues.
+    fn eigen(&self, seed: u64, with_curve: bool) -> EigenParams {
         EigenParams {
             vectors: self.components,
-            values: self.curve_components.max(self.components),
+            values: if with_curve {
+                self.curve_components.max(self.components)
+            } else {
+                self.components
+            },
             oversample: self.eigen_oversample,
-            tolerance: self.eigen_tolerance,
+            tolerance: if with_curve {
+                self.eigen_tolerance
+            } else {
+                self.refresh_eigen_tolerance
+            },
             max_iterations: self.eigen_max_iterations,
             seed,
         }
@@ -305,6 +318,8 @@ impl Engine {
             self.vectors.push(SparseVec::default());
             self.dirty.push(false);
             self.model.add_user_slot();
+            // A new user is persisted even if this event changes nothing (ids stay contiguous).
+            self.mark_dirty(u);
         }
         let (j, _) = self.items.intern(&event.item);
         let x = &self.vectors[u as usize];
@@ -365,7 +380,7 @@ impl Engine {
         }
         self.counters.refreshes += 1;
         let seed = self.params.seed ^ self.counters.refreshes.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let eigen = self.params.eigen(seed);
+        let eigen = self.params.eigen(seed, false);
         let first = !self.model.is_clustered();
         let clustering = ClusteringParams {
             k: self.params.clusters,
@@ -405,7 +420,7 @@ impl Engine {
             &self.stats,
             &self.vectors,
             self.items.len(),
-            &self.params.eigen(seed),
+            &self.params.eigen(seed, true),
             &ClusteringParams {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,

@@ -24,6 +24,9 @@ pub struct Model {
     basis: Array2<f64>,
     /// The same basis transposed and flat (`d_basis x components`), for O(k) event updates.
     loadings: Vec<f64>,
+    /// The eigensolver's last Ritz block, kept to warm-start the next refresh (not persisted:
+    /// after a restart the solver starts from the basis alone and converges to the same result).
+    warm_block: Array2<f64>,
     /// Eigenvalues of the population covariance, descending (the diagnostics curve length).
     eigenvalues: Vec<f64>,
     /// Trace of the population covariance at the last refresh.
@@ -52,6 +55,8 @@ pub struct RefreshOutcome {
     pub max_relative_residual: f64,
     pub lloyd_passes: usize,
     pub inertia: f64,
+    /// Wall time of the refresh.
+    pub seconds: f64,
 }
 
 impl Model {
@@ -61,6 +66,7 @@ impl Model {
             clusters,
             basis: Array2::zeros((0, 0)),
             loadings: vec![],
+            warm_block: Array2::zeros((0, 0)),
             eigenvalues: vec![],
             total_variance: 0.0,
             mean: vec![],
@@ -306,11 +312,17 @@ impl Model {
         eigen: &EigenParams,
         clustering: &ClusteringParams,
     ) -> RefreshOutcome {
+        let started = std::time::Instant::now();
         let covariance = stats.covariance(d);
         let total_variance = covariance.diag().sum();
-        let warm = self.has_basis().then(|| self.basis.view());
-        let result = top_eigenpairs(covariance.view(), warm, eigen);
+        let warm = if self.warm_block.nrows() >= self.basis.nrows() && self.warm_block.nrows() > 0 {
+            Some(self.warm_block.view())
+        } else {
+            self.has_basis().then(|| self.basis.view())
+        };
+        let mut result = top_eigenpairs(covariance.view(), warm, eigen);
         drop(covariance);
+        self.warm_block = std::mem::replace(&mut result.block, Array2::zeros((0, 0)));
         self.adopt_basis(result.clone_basis_with_signs(&self.basis), &result, total_variance);
         self.users_at_refresh = stats.users();
         let n = stats.users() as f64;
@@ -331,6 +343,7 @@ impl Model {
             max_relative_residual: result.max_relative_residual,
             lloyd_passes,
             inertia: self.inertia(),
+            seconds: started.elapsed().as_secs_f64(),
         }
     }
 
@@ -446,6 +459,7 @@ impl Model {
             iterations: persisted.eigen_iterations,
             converged: persisted.eigen_converged,
             max_relative_residual: 0.0,
+            block: Array2::zeros((0, 0)),
         };
         self.adopt_basis(basis, &result, persisted.total_variance);
         self.mean = persisted.mean;

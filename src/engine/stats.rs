@@ -68,33 +68,44 @@ impl CovarianceStats {
 
     /// `M = (A + Aᵀ)/2` as a dense `d x d` matrix.
     pub fn second_moments(&self, d: usize) -> Array2<f64> {
-        let mut m = Array2::<f64>::zeros((d, d));
-        for (j, row) in self.rows.iter().enumerate().take(d) {
-            for (i, &a) in row.iter().enumerate().take(d) {
-                if a != 0.0 {
-                    m[[j, i]] += 0.5 * a;
-                    m[[i, j]] += 0.5 * a;
-                }
-            }
-        }
-        m
+        self.symmetrised(d, 1.0, None)
     }
 
     /// Population covariance `C = M/n − μμᵀ` (`d x d`). scikit-learn's `explained_variance_`
     /// uses `n − 1`: multiply by `n/(n−1)` for that; ratios are unaffected.
     pub fn covariance(&self, d: usize) -> Array2<f64> {
-        let mut c = self.second_moments(d);
         if self.n == 0 {
-            return c;
+            return self.second_moments(d);
         }
         let n = self.n as f64;
         let mean: Vec<f64> = (0..d)
             .map(|j| self.sums.get(j).copied().unwrap_or(0.0) / n)
             .collect();
-        for ((j, i), v) in c.indexed_iter_mut() {
-            *v = *v / n - mean[j] * mean[i];
+        self.symmetrised(d, 1.0 / n, Some(&mean))
+    }
+
+    /// `scale · (A + Aᵀ)/2 − mean meanᵀ`, built in cache-sized tiles (the transpose is the
+    /// expensive part of a refresh otherwise).
+    fn symmetrised(&self, d: usize, scale: f64, mean: Option<&[f64]>) -> Array2<f64> {
+        const TILE: usize = 64;
+        let mut flat = vec![0.0; d * d];
+        for (j, row) in self.rows.iter().enumerate().take(d) {
+            let len = row.len().min(d);
+            flat[j * d..j * d + len].copy_from_slice(&row[..len]);
         }
-        c
+        let outer = |j: usize, i: usize| mean.map_or(0.0, |m| m[j] * m[i]);
+        for jb in (0..d).step_by(TILE) {
+            for ib in (jb..d).step_by(TILE) {
+                for j in jb..(jb + TILE).min(d) {
+                    for i in ib.max(j)..(ib + TILE).min(d) {
+                        let v = 0.5 * (flat[j * d + i] + flat[i * d + j]) * scale - outer(j, i);
+                        flat[j * d + i] = v;
+                        flat[i * d + j] = v;
+                    }
+                }
+            }
+        }
+        Array2::from_shape_vec((d, d), flat).unwrap_or_else(|_| Array2::zeros((d, d)))
     }
 
     /// Statistics recomputed from scratch from user vectors (restart, tests).

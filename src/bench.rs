@@ -1,0 +1,136 @@
+//! `segmenter bench`: engine throughput (events/s, single thread, every online update on) and
+//! snapshot build time on generated streams of fixed shapes. Figures, not assertions.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineParams};
+use crate::generator::{GeneratorParams, generate};
+use crate::snapshot::{self, BuildInput, SnapshotParams};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// 943 users, 1,682 items, 100,000 events (MovieLens 100K).
+    Ml100k,
+    /// 100,000 users, 5,000 items, 5,000,000 events.
+    Large,
+}
+
+impl Shape {
+    pub fn generator(self) -> GeneratorParams {
+        match self {
+            Shape::Ml100k => GeneratorParams::default(),
+            Shape::Large => GeneratorParams {
+                users: 100_000,
+                items: 5_000,
+                events: 5_000_000,
+                segments: 25,
+                ..GeneratorParams::default()
+            },
+        }
+    }
+    /// Default periodic refresh interval: about 5 refreshes per run.
+    pub fn refresh_every(self) -> u64 {
+        match self {
+            Shape::Ml100k => 20_000,
+            Shape::Large => 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub shape: String,
+    pub users: usize,
+    pub items: usize,
+    pub events: usize,
+    pub batch_size: usize,
+    pub refresh_every_events: u64,
+    pub refreshes: usize,
+    pub refresh_seconds: f64,
+    pub apply_seconds: f64,
+    pub events_per_second: f64,
+    /// Throughput of the per-event work alone (apply time minus refresh time).
+    pub events_per_second_between_refreshes: f64,
+    pub snapshot_seconds: f64,
+    pub diagnostics_seconds: f64,
+}
+
+pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> BenchResult {
+    let generator = shape.generator();
+    let data = generate(&generator);
+    let refresh_every = refresh_every.unwrap_or(shape.refresh_every());
+    let mut engine = Engine::new(EngineParams {
+        refresh_every_events: refresh_every,
+        ..EngineParams::default()
+    });
+    let mut refreshes = 0;
+    let mut refresh_seconds = 0.0;
+    let started = Instant::now();
+    for batch in data.events.chunks(batch_size.max(1)) {
+        let outcome = engine.apply(batch);
+        refreshes += outcome.refreshes.len();
+        refresh_seconds += outcome.refreshes.iter().map(|r| r.seconds).sum::<f64>();
+    }
+    let apply_seconds = started.elapsed().as_secs_f64();
+    let titles = Default::default();
+    let build = |with_diagnostics| {
+        let t = Instant::now();
+        let built = snapshot::build(
+            &engine,
+            &SnapshotParams::default(),
+            BuildInput {
+                version: 1,
+                created_at: String::new(),
+                titles: &titles,
+                offsets: Default::default(),
+                previous: None,
+                with_diagnostics,
+            },
+        );
+        assert!(built.is_some(), "bench data too small for a snapshot");
+        t.elapsed().as_secs_f64()
+    };
+    let snapshot_seconds = build(false);
+    let diagnostics_seconds = (build(true) - snapshot_seconds).max(0.0);
+    let events = data.events.len();
+    BenchResult {
+        shape: format!("{shape:?}").to_lowercase(),
+        users: generator.users,
+        items: generator.items,
+        events,
+        batch_size,
+        refresh_every_events: refresh_every,
+        refreshes,
+        refresh_seconds,
+        apply_seconds,
+        events_per_second: events as f64 / apply_seconds,
+        events_per_second_between_refreshes: events as f64
+            / (apply_seconds - refresh_seconds).max(1e-9),
+        snapshot_seconds,
+        diagnostics_seconds,
+    }
+}
+
+pub fn print(result: &BenchResult) {
+    println!(
+        "{shape}: {users} users x {items} items x {events} events, batches of {batch}\n  \
+         engine: {eps:.0} events/s overall ({apply:.2} s, {refreshes} refreshes every {every} events taking {refresh:.2} s)\n  \
+         engine between refreshes: {eps_between:.0} events/s\n  \
+         snapshot build: {snap:.3} s (+ {diag:.3} s diagnostics)",
+        shape = result.shape,
+        users = result.users,
+        items = result.items,
+        events = result.events,
+        batch = result.batch_size,
+        eps = result.events_per_second,
+        apply = result.apply_seconds,
+        refreshes = result.refreshes,
+        every = result.refresh_every_events,
+        refresh = result.refresh_seconds,
+        eps_between = result.events_per_second_between_refreshes,
+        snap = result.snapshot_seconds,
+        diag = result.diagnostics_seconds,
+    );
+}

@@ -1,0 +1,340 @@
+//! Command-line interface: argument parsing and dispatch to the library. Exit codes: 0 success,
+//! 1 runtime failure (I/O, state), 2 bad usage or configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+
+use crate::bench;
+use crate::config::{Config, LogFormat};
+use crate::decode::FileFormat;
+use crate::event::Mode;
+use crate::generator::{self, GeneratorParams};
+use crate::replay::{self, ReplayOptions};
+use crate::snapshot::report::seed_report;
+
+#[derive(Debug, Parser)]
+#[command(name = "segmenter", version, about = "Streaming, incremental customer segmentation")]
+pub struct Cli {
+    /// Config file (TOML). Without it the built-in defaults apply (the same as
+    /// config/segmenter.toml); SEGMENTER_<SECTION>__<KEY> variables override either.
+    #[arg(long, global = true, env = "SEGMENTER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream a ratings file through the engine in timestamp order, then build, store and
+    /// print the final snapshot.
+    Replay {
+        /// Ratings file: MovieLens u.data, CSV with a header, or JSON lines.
+        #[arg(long)]
+        ratings: PathBuf,
+        /// Item catalogue: MovieLens u.item, or CSV/TSV `item,title`.
+        #[arg(long)]
+        items: Option<PathBuf>,
+        /// File layout; guessed from the extension when absent (.csv, .json/.jsonl, else movielens).
+        #[arg(long, value_enum)]
+        format: Option<FileFormat>,
+        /// Overrides [model] components.
+        #[arg(long)]
+        components: Option<usize>,
+        /// Overrides [model] clusters.
+        #[arg(long)]
+        clusters: Option<usize>,
+        /// Overrides [state] dir.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Write the snapshot JSON here.
+        #[arg(long)]
+        snapshot_out: Option<PathBuf>,
+        /// Write the assignments here as CSV `user,cluster`.
+        #[arg(long)]
+        assignments_out: Option<PathBuf>,
+        /// Items printed per cluster in the report.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Run the service. Today only the demo mode exists: the engine on an endless generated
+    /// stream with planted segments, taking snapshots, until Ctrl-C.
+    Run {
+        /// Use the generated demo stream (no broker needed).
+        #[arg(long, required = true)]
+        demo: bool,
+        /// State dir for the demo (default: a fresh temporary directory, removed at exit).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Stop after this many events (default: run until stopped).
+        #[arg(long)]
+        max_events: Option<u64>,
+    },
+    /// Write a generated ratings file with planted segments (and its ground truth).
+    Generate {
+        #[arg(long, default_value_t = 943)]
+        users: usize,
+        #[arg(long, default_value_t = 1682)]
+        items: usize,
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 12)]
+        segments: usize,
+        /// Probability that an event picks from the user's segment's items (separation).
+        #[arg(long, default_value_t = 0.8)]
+        affinity: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = GenMode::Explicit)]
+        mode: GenMode,
+        /// Output ratings file; `.json`/`.jsonl` writes JSON lines, anything else CSV
+        /// `user,item,rating,ts`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write the planted segments as CSV `user,segment`.
+        #[arg(long)]
+        truth_out: Option<PathBuf>,
+        /// Write the item catalogue as CSV `item,title`.
+        #[arg(long)]
+        items_out: Option<PathBuf>,
+    },
+    /// Measure engine throughput and snapshot build time on generated streams.
+    Bench {
+        #[arg(long, value_enum)]
+        shape: Vec<bench::Shape>,
+        #[arg(long, default_value_t = 10_000)]
+        batch_size: usize,
+        /// Periodic refresh interval in events (default: per shape, about 5 refreshes per run).
+        #[arg(long)]
+        refresh_every: Option<u64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GenMode {
+    Explicit,
+    Implicit,
+}
+
+fn init_tracing(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(&config.log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Parses arguments, loads the config and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match &cli.command {
+        Command::Replay {
+            components,
+            clusters,
+            state_dir,
+            ..
+        } => {
+            if let Some(c) = components {
+                config.model.components = *c;
+                config.model.curve_components = config.model.curve_components.max(*c);
+            }
+            if let Some(k) = clusters {
+                config.model.clusters = *k;
+            }
+            if let Some(dir) = state_dir {
+                config.state.dir = dir.clone();
+            }
+            if let Err(e) = config.validate() {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        Command::Run { .. } | Command::Generate { .. } | Command::Bench { .. } => {}
+    }
+    init_tracing(&config);
+    match run(cli.command, &config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command, config: &Config) -> anyhow::Result<()> {
+    match command {
+        Command::Replay {
+            ratings,
+            items,
+            format,
+            snapshot_out,
+            assignments_out,
+            top,
+            ..
+        } => {
+            let format = format.unwrap_or_else(|| FileFormat::guess(&ratings));
+            let outcome = replay::replay(
+                config,
+                &ReplayOptions {
+                    ratings,
+                    items,
+                    format,
+                    snapshot_out,
+                    assignments_out,
+                    progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                },
+            )?;
+            eprintln!(
+                "replayed {} events ({} skipped as already applied), {}",
+                outcome.applied,
+                outcome.skipped,
+                outcome.rejected.summary()
+            );
+            for (line, message) in &outcome.rejected.examples {
+                eprintln!("  record {line}: {message}");
+            }
+            if outcome.catalogue_bad_lines > 0 {
+                eprintln!("item catalogue: {} unreadable lines skipped", outcome.catalogue_bad_lines);
+            }
+            match &outcome.snapshot {
+                Some((snap, _)) => print!("{}", seed_report(snap, top)),
+                None => eprintln!(
+                    "not enough data for a snapshot yet: need at least {} items and {} users",
+                    config.model.components, config.model.clusters
+                ),
+            }
+            Ok(())
+        }
+        Command::Run {
+            demo: _,
+            state_dir,
+            max_events,
+        } => {
+            let shutdown = Arc::new(AtomicBool::new(false));
+            let flag = shutdown.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    tracing::info!("stopping: finishing the current batch");
+                    flag.store(true, Ordering::Relaxed);
+                }
+            });
+            let temp;
+            let dir = match state_dir {
+                Some(d) => d,
+                None => {
+                    temp = tempfile::Builder::new().prefix("segmenter-demo-").tempdir()?;
+                    temp.path().to_path_buf()
+                }
+            };
+            let summary = runtime.block_on(async {
+                let config = config.clone();
+                let shutdown = shutdown.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::demo::run_demo(&config, &dir, max_events, &shutdown)
+                })
+                .await
+            })??;
+            eprintln!(
+                "demo stopped after {} events and {} snapshots (last version {:?})",
+                summary.events_applied, summary.snapshots, summary.last_version
+            );
+            Ok(())
+        }
+        Command::Generate {
+            users,
+            items,
+            events,
+            segments,
+            affinity,
+            seed,
+            mode,
+            out,
+            truth_out,
+            items_out,
+        } => {
+            let params = GeneratorParams {
+                users,
+                items,
+                events,
+                segments,
+                affinity,
+                seed,
+                mode: match mode {
+                    GenMode::Explicit => Mode::Explicit,
+                    GenMode::Implicit => Mode::Implicit,
+                },
+                ..GeneratorParams::default()
+            };
+            let data = generator::generate(&params);
+            let mut file = std::fs::File::create(&out)?;
+            match FileFormat::guess(&out) {
+                FileFormat::Json => generator::write_json_lines(&data.events, &mut file)?,
+                _ => generator::write_csv(&data.events, &mut file)?,
+            }
+            if let Some(path) = truth_out {
+                let mut w = csv::Writer::from_path(path)?;
+                w.write_record(["user", "segment"])?;
+                for (u, s) in &data.truth {
+                    w.write_record([u.as_str(), &s.to_string()])?;
+                }
+                w.flush()?;
+            }
+            if let Some(path) = items_out {
+                let mut w = csv::Writer::from_path(path)?;
+                w.write_record(["item", "title"])?;
+                for (i, t) in &data.catalogue {
+                    w.write_record([i.as_str(), t.as_str()])?;
+                }
+                w.flush()?;
+            }
+            eprintln!("wrote {} events to {}", data.events.len(), out.display());
+            Ok(())
+        }
+        Command::Bench {
+            shape,
+            batch_size,
+            refresh_every,
+            json,
+        } => {
+            let shapes = if shape.is_empty() {
+                vec![bench::Shape::Ml100k, bench::Shape::Large]
+            } else {
+                shape
+            };
+            for s in shapes {
+                let result = bench::run(s, batch_size, refresh_every);
+                if json {
+                    println!("{}", serde_json::to_string(&result)?);
+                } else {
+                    bench::print(&result);
+                }
+            }
+            Ok(())
+        }
+    }
+}

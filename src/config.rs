@@ -1,0 +1,451 @@
+//! Configuration: `config/segmenter.toml` (every field documented there), unknown fields
+//! rejected, environment overrides `SEGMENTER_<SECTION>__<KEY>`, and checks whose errors name
+//! the field and the fix.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::JsonFields;
+use crate::engine::EngineParams;
+use crate::event::Mode;
+use crate::snapshot::SnapshotParams;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config field {field}: {problem}; {fix}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub events: EventsConfig,
+    pub model: ModelConfig,
+    pub snapshot: SnapshotConfig,
+    pub state: StateConfig,
+    pub replay: ReplayConfig,
+    pub demo: DemoConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    pub mode: Mode,
+    pub min_value: f64,
+    pub max_value: f64,
+    pub fields: JsonFields,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            mode: Mode::Explicit,
+            min_value: 0.0,
+            max_value: 5.0,
+            fields: JsonFields::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub components: usize,
+    pub clusters: usize,
+    pub curve_components: usize,
+    pub refresh_every_events: u64,
+    pub polish_passes: usize,
+    pub snapshot_kmeans_starts: usize,
+    pub snapshot_max_passes: usize,
+    pub eigen_tolerance: f64,
+    pub refresh_eigen_tolerance: f64,
+    pub eigen_max_iterations: usize,
+    pub eigen_oversample: usize,
+    pub max_items: usize,
+    pub seed: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        let e = EngineParams::default();
+        ModelConfig {
+            components: e.components,
+            clusters: e.clusters,
+            curve_components: e.curve_components,
+            refresh_every_events: e.refresh_every_events,
+            polish_passes: e.polish_passes,
+            snapshot_kmeans_starts: e.snapshot_kmeans_starts,
+            snapshot_max_passes: e.snapshot_max_passes,
+            eigen_tolerance: e.eigen_tolerance,
+            refresh_eigen_tolerance: e.refresh_eigen_tolerance,
+            eigen_max_iterations: e.eigen_max_iterations,
+            eigen_oversample: e.eigen_oversample,
+            max_items: 20_000,
+            seed: e.seed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    pub interval_ms: u64,
+    pub retention: usize,
+    pub profile_items: usize,
+    pub holdout_percent: u64,
+    pub diagnostics_every: u64,
+    pub diagnostics_k: Vec<usize>,
+    pub diagnostics_max_users: usize,
+    pub diagnostics_starts: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        let s = SnapshotParams::default();
+        SnapshotConfig {
+            interval_ms: 10_000,
+            retention: 50,
+            profile_items: s.profile_items,
+            holdout_percent: s.holdout_percent,
+            diagnostics_every: 10,
+            diagnostics_k: s.diagnostics_k,
+            diagnostics_max_users: s.diagnostics_max_users,
+            diagnostics_starts: s.diagnostics_starts,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("data/state"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    pub batch_size: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig { batch_size: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    pub users: usize,
+    pub items: usize,
+    pub segments: usize,
+    pub events_per_second: u64,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            users: 943,
+            items: 1682,
+            segments: 12,
+            events_per_second: 20_000,
+            batch_size: 2_000,
+            seed: 42,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "SEGMENTER_";
+
+impl Config {
+    /// Loads `path` (or the built-in defaults when `None`), applies `SEGMENTER_*` overrides
+    /// from the process environment, and checks the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        let mut overridden = vec![];
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let value = parse_env_value(&raw);
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(section_table) = entry.as_table_mut() else {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("[{section}] is not a section"),
+                });
+            };
+            // Nested keys: SEGMENTER_EVENTS__FIELDS__USER → [events.fields] user.
+            let mut target = section_table;
+            let mut parts: Vec<&str> = key.split("__").collect();
+            let last = parts.pop().unwrap_or_default().to_string();
+            for part in parts {
+                let next = target
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                target = match next.as_table_mut() {
+                    Some(t) => t,
+                    None => {
+                        return Err(ConfigError::Env {
+                            var,
+                            message: format!("{part} is not a table"),
+                        });
+                    }
+                };
+            }
+            target.insert(last, value);
+            overridden.push(var);
+        }
+        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            let source = if overridden.is_empty() {
+                name.clone()
+            } else {
+                format!("{name} with overrides {}", overridden.join(", "))
+            };
+            ConfigError::Parse {
+                path: source,
+                message: e.to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges and consistency. Each error names the field and fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String, fix| Err(ConfigError::Invalid { field, problem, fix });
+        let e = &self.events;
+        if !e.min_value.is_finite() || !e.max_value.is_finite() || e.min_value > e.max_value {
+            return invalid(
+                "[events] min_value/max_value",
+                format!("range [{}, {}] is empty or not finite", e.min_value, e.max_value),
+                "set finite bounds with min_value <= max_value, e.g. 0 and 5",
+            );
+        }
+        if e.min_value < 0.0 {
+            return invalid(
+                "[events] min_value",
+                format!("{} is negative", e.min_value),
+                "Naive Bayes and TF-IDF need non-negative values: set min_value = 0 or more",
+            );
+        }
+        let m = &self.model;
+        if m.components == 0 {
+            return invalid("[model] components", "must be at least 1".into(), "set components = 10 (the seed's choice)");
+        }
+        if m.clusters < 2 {
+            return invalid("[model] clusters", format!("{} is too few", m.clusters), "set clusters = 2 or more (the seed used 25)");
+        }
+        if m.curve_components < m.components {
+            return invalid(
+                "[model] curve_components",
+                format!("{} is less than components = {}", m.curve_components, m.components),
+                "set curve_components >= components (default 30)",
+            );
+        }
+        if m.refresh_every_events == 0 {
+            return invalid("[model] refresh_every_events", "must be at least 1".into(), "set it to e.g. 20000");
+        }
+        if !(m.eigen_tolerance > 0.0 && m.eigen_tolerance < 1e-2) {
+            return invalid("[model] eigen_tolerance", format!("{} is out of range", m.eigen_tolerance), "use a value in (0, 0.01), default 1e-9");
+        }
+        if !(m.refresh_eigen_tolerance > 0.0 && m.refresh_eigen_tolerance < 1e-2) {
+            return invalid("[model] refresh_eigen_tolerance", format!("{} is out of range", m.refresh_eigen_tolerance), "use a value in (0, 0.01), default 1e-6");
+        }
+        if m.eigen_max_iterations == 0 || m.snapshot_kmeans_starts == 0 || m.snapshot_max_passes == 0 {
+            return invalid(
+                "[model] eigen_max_iterations/snapshot_kmeans_starts/snapshot_max_passes",
+                "must be at least 1".into(),
+                "use the defaults 500, 25 and 300",
+            );
+        }
+        if m.max_items < m.components {
+            return invalid("[model] max_items", format!("{} is less than components", m.max_items), "raise max_items (default 20000)");
+        }
+        let s = &self.snapshot;
+        if s.retention == 0 {
+            return invalid("[snapshot] retention", "must keep at least 1 snapshot".into(), "set retention = 50 (or any number >= 1)");
+        }
+        if s.holdout_percent >= 100 {
+            return invalid("[snapshot] holdout_percent", format!("{} leaves nothing to train on", s.holdout_percent), "use 0..99, default 20");
+        }
+        if self.replay.batch_size == 0 || self.demo.batch_size == 0 {
+            return invalid("[replay]/[demo] batch_size", "must be at least 1".into(), "use e.g. 10000");
+        }
+        if self.demo.users < m.clusters || self.demo.items < m.components {
+            return invalid(
+                "[demo] users/items",
+                format!("{} users x {} items cannot hold {} clusters of {} components", self.demo.users, self.demo.items, m.clusters, m.components),
+                "raise [demo] users/items or lower [model] clusters/components",
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("[log] level", format!("`{}` is not a log filter", self.log.level), "use error, warn, info, debug or trace (or an EnvFilter directive)");
+        }
+        Ok(())
+    }
+
+    pub fn engine_params(&self) -> EngineParams {
+        let m = &self.model;
+        EngineParams {
+            mode: self.events.mode,
+            min_value: self.events.min_value,
+            max_value: self.events.max_value,
+            components: m.components,
+            clusters: m.clusters,
+            curve_components: m.curve_components,
+            refresh_every_events: m.refresh_every_events,
+            polish_passes: m.polish_passes,
+            snapshot_kmeans_starts: m.snapshot_kmeans_starts,
+            snapshot_max_passes: m.snapshot_max_passes,
+            eigen_tolerance: m.eigen_tolerance,
+            refresh_eigen_tolerance: m.refresh_eigen_tolerance,
+            eigen_max_iterations: m.eigen_max_iterations,
+            eigen_oversample: m.eigen_oversample,
+            seed: m.seed,
+        }
+    }
+
+    pub fn snapshot_params(&self) -> SnapshotParams {
+        let s = &self.snapshot;
+        SnapshotParams {
+            profile_items: s.profile_items,
+            holdout_percent: s.holdout_percent,
+            diagnostics_k: s.diagnostics_k.clone(),
+            diagnostics_max_users: s.diagnostics_max_users,
+            diagnostics_starts: s.diagnostics_starts,
+        }
+    }
+}
+
+/// An override's value as TOML (numbers, booleans, arrays), or as a plain string otherwise.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn shipped_config_file_loads_and_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/segmenter.toml");
+        let loaded = Config::load_with_env(Some(&path), vec![]).unwrap();
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_sections_and_nested_keys() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_MODEL__CLUSTERS", "8"),
+                ("SEGMENTER_STATE__DIR", "/tmp/x"),
+                ("SEGMENTER_EVENTS__FIELDS__USER", "customer"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.model.clusters, 8);
+        assert_eq!(c.state.dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.events.fields.user, "customer");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[model]\nclusterz = 3\n").unwrap();
+        let err = Config::load_with_env(Some(&path), vec![]).unwrap_err().to_string();
+        assert!(err.contains("clusterz"), "{err}");
+        let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__CLUSTERS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[model] clusters") && err.contains("set clusters"), "{err}");
+        let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__COMPONENTS", "ten")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SEGMENTER_MODEL__COMPONENTS"), "{err}");
+    }
+}

@@ -1,0 +1,209 @@
+//! File replay: streams a ratings file through the engine in timestamp order, in batches
+//! committed to the state dir exactly as the Kafka service commits its batches, then builds,
+//! stores and writes the final snapshot. Re-running on the same file resumes where it stopped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::decode::{self, FileFormat, RejectTally};
+use crate::engine::Engine;
+use crate::snapshot::{self, Assignments, BuildInput, Snapshot};
+use crate::snapshot::validation::stable_hash;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub ratings: PathBuf,
+    pub items: Option<PathBuf>,
+    pub format: FileFormat,
+    pub snapshot_out: Option<PathBuf>,
+    pub assignments_out: Option<PathBuf>,
+    /// Draw a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayOutcome {
+    /// Events applied in this run (after any resume skip).
+    pub applied: u64,
+    /// Events skipped because an earlier run of the same file already applied them.
+    pub skipped: u64,
+    pub rejected: RejectTally,
+    pub catalogue_bad_lines: u64,
+    pub snapshot: Option<(Snapshot, Assignments)>,
+}
+
+/// The key under which a file's progress is stored: its content hash, so a renamed copy
+/// resumes and an edited file starts over.
+fn source_key(bytes: &[u8]) -> String {
+    format!("file:{:016x}:{}", stable_hash(bytes, 0), bytes.len())
+}
+
+pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<ReplayOutcome> {
+    let store = Store::open(&config.state.dir)?;
+    let mut engine = store.load_engine(config.engine_params())?;
+    let mut catalogue_bad_lines = 0;
+    if let Some(items) = &options.items {
+        let (titles, bad) = decode::read_catalogue_file(items)?;
+        store.put_titles(&titles)?;
+        catalogue_bad_lines = bad;
+    }
+    let bytes = std::fs::read(&options.ratings)
+        .with_context(|| format!("cannot read ratings file {}", options.ratings.display()))?;
+    let mut decoded = decode::decode_ratings(
+        &bytes,
+        options.format,
+        &config.events.fields,
+        &config.engine_params().policy(),
+    );
+    // Stable: events with equal timestamps keep their file order.
+    decoded.events.sort_by_key(|e| e.ts);
+    let key = source_key(&bytes);
+    let mut offsets: BTreeMap<String, i64> = store.offsets()?;
+    let done = offsets.get(&key).copied().unwrap_or(0).max(0) as usize;
+    let skipped = done.min(decoded.events.len());
+    if skipped > 0 {
+        tracing::info!(skipped, "resuming replay: events already applied from this file are skipped");
+    }
+    let remaining = &decoded.events[skipped..];
+    check_catalogue_size(&engine, remaining, config.model.max_items)?;
+    let bar = if options.progress {
+        ProgressBar::new(remaining.len() as u64).with_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut applied = 0u64;
+    let mut position = skipped;
+    for batch in remaining.chunks(config.replay.batch_size) {
+        let outcome = engine.apply(batch);
+        applied += outcome.applied;
+        for r in &outcome.refreshes {
+            tracing::debug!(iterations = r.eigen_iterations, converged = r.eigen_converged, inertia = r.inertia, "model refreshed");
+        }
+        position += batch.len();
+        offsets.insert(key.clone(), position as i64);
+        store.commit(&mut engine, Some(&offsets))?;
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    let built = build_and_store_snapshot(config, &store, &engine, BTreeMap::new(), true)?;
+    if let Some((snap, assignments)) = &built {
+        if let Some(path) = &options.snapshot_out {
+            write_snapshot_json(path, snap)?;
+        }
+        if let Some(path) = &options.assignments_out {
+            write_assignments_csv(path, assignments)?;
+        }
+    }
+    Ok(ReplayOutcome {
+        applied,
+        skipped: skipped as u64,
+        rejected: decoded.rejected,
+        catalogue_bad_lines,
+        snapshot: built,
+    })
+}
+
+/// Refuses a file that would push the catalogue past `[model] max_items` before any work.
+fn check_catalogue_size(
+    engine: &Engine,
+    events: &[crate::event::RatingEvent],
+    max_items: usize,
+) -> anyhow::Result<()> {
+    let mut new_items = rustc_hash::FxHashSet::default();
+    for e in events {
+        if engine.items().get(&e.item).is_none() {
+            new_items.insert(e.item.as_str());
+        }
+    }
+    let total = engine.items().len() + new_items.len();
+    if total > max_items {
+        anyhow::bail!(
+            "the data has {total} distinct items, more than [model] max_items = {max_items}: \
+             the exact statistics need items² x 8 bytes ({} MiB); raise max_items if the memory is there",
+            total * total * 8 / (1 << 20)
+        );
+    }
+    Ok(())
+}
+
+/// Builds a snapshot of the engine (the next version, drift against the latest stored one),
+/// stores it with the configured retention and returns it. `None` while there is too little data.
+pub fn build_and_store_snapshot(
+    config: &Config,
+    store: &Store,
+    engine: &Engine,
+    offsets: BTreeMap<String, i64>,
+    force_diagnostics: bool,
+) -> anyhow::Result<Option<(Snapshot, Assignments)>> {
+    let version = store.next_snapshot_version()?;
+    let previous_version = store.snapshot_versions()?.last().copied();
+    let previous = match previous_version {
+        Some(v) => store.assignments(v)?.map(|a| (v, a)),
+        None => None,
+    };
+    let titles = store.titles()?;
+    let with_diagnostics =
+        force_diagnostics || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
+    let built = snapshot::build(
+        engine,
+        &config.snapshot_params(),
+        BuildInput {
+            version,
+            created_at: snapshot::now_rfc3339(),
+            titles: &titles,
+            offsets,
+            previous: previous.as_ref().map(|(v, a)| (*v, a)),
+            with_diagnostics,
+        },
+    );
+    if let Some((snap, assignments)) = &built {
+        store.put_snapshot(
+            snap,
+            assignments,
+            |u| engine.users().get(u),
+            config.snapshot.retention,
+        )?;
+        tracing::info!(
+            version = snap.version,
+            users = snap.counts.users,
+            items = snap.counts.items,
+            ratings = snap.counts.ratings,
+            inertia = snap.kmeans.inertia,
+            explained = snap.pca.explained_variance_ratio.iter().sum::<f64>(),
+            nb_train = snap.validation.naive_bayes.train_agreement,
+            moved = snap.drift.as_ref().map_or(0, |d| d.users_moved),
+            "snapshot built"
+        );
+    }
+    Ok(built)
+}
+
+pub fn write_snapshot_json(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(snapshot)?;
+    std::fs::write(path, json).with_context(|| format!("cannot write snapshot to {}", path.display()))
+}
+
+pub fn write_assignments_csv(path: &Path, assignments: &Assignments) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("cannot write assignments to {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    writeln!(w, "user,cluster")?;
+    let mut wtr = csv::WriterBuilder::new().has_headers(false).from_writer(&mut w);
+    for (user, cluster) in assignments {
+        wtr.write_record([user.as_str(), &cluster.to_string()])?;
+    }
+    wtr.flush()?;
+    drop(wtr);
+    w.flush()?;
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! Durable state in sled: user vectors, id maps, labels, the model basis, counters, source
+//! offsets, the item catalogue, and versioned snapshots with their assignments. Every commit
+//! is one atomic sled batch followed by a flush, so offsets are never recorded for work that is
+//! not persisted, and a restart resumes exactly where the last commit left off.
+//!
+//! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
+//! `m/<name>` metadata, `u/<u32>` user records, `i/<u32>` item ids, `c/<item>` titles,
+//! `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Changes, Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec};
+use crate::event::Mode;
+use crate::snapshot::{Assignments, Snapshot};
+
+/// Version of the on-disk layout; a state dir written by another version is refused.
+pub const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open state dir {path}: {source} (check that the directory is writable and not used by another segmenter process)")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("state dir I/O failed: {0} (is the disk full or read-only?)")]
+    Io(#[from] sled::Error),
+    #[error("state dir holds corrupt data under key {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error(
+        "state dir {path} was built with {field} = {stored}, but the config says {configured}; \
+         use a new [state] dir or set {field} back to {stored}"
+    )]
+    Mismatch {
+        path: PathBuf,
+        field: &'static str,
+        stored: String,
+        configured: String,
+    },
+    #[error("state dir format {found} is not supported (this build reads format {STATE_FORMAT})")]
+    Format { found: u32 },
+}
+
+/// The model settings that must not change under an existing state dir.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Identity {
+    mode: Mode,
+    components: usize,
+    clusters: usize,
+}
+
+/// Summary of one stored snapshot, for listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub version: u64,
+    pub created_at: String,
+    pub users: u64,
+    pub ratings: u64,
+    pub events_applied: u64,
+}
+
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    path: PathBuf,
+}
+
+fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + id.len());
+    k.push(prefix);
+    k.push(b'/');
+    k.extend_from_slice(id);
+    k
+}
+
+fn meta(name: &str) -> Vec<u8> {
+    key(b'm', name.as_bytes())
+}
+
+fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: detail.into(),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the state dir.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let tree = db.open_tree("state")?;
+        let store = Store {
+            db,
+            tree,
+            path: path.to_path_buf(),
+        };
+        match store.get_json::<u32>("format")? {
+            Some(f) if f != STATE_FORMAT => return Err(StoreError::Format { found: f }),
+            Some(_) => {}
+            None => {
+                store
+                    .tree
+                    .insert(meta("format"), serde_json::to_vec(&STATE_FORMAT).unwrap_or_default())?;
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let k = meta(name);
+        match self.tree.get(&k)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&k, e.to_string())),
+        }
+    }
+
+    /// Checks the stored model identity against the config (or records it on first use).
+    pub fn check_identity(&self, params: &EngineParams) -> Result<(), StoreError> {
+        let configured = Identity {
+            mode: params.mode,
+            components: params.components,
+            clusters: params.clusters,
+        };
+        match self.get_json::<Identity>("identity")? {
+            None => {
+                self.tree
+                    .insert(meta("identity"), serde_json::to_vec(&configured).unwrap_or_default())?;
+                self.db.flush()?;
+                Ok(())
+            }
+            Some(stored) => {
+                let mismatch = |field, stored: String, configured: String| StoreError::Mismatch {
+                    path: self.path.clone(),
+                    field,
+                    stored,
+                    configured,
+                };
+                if stored.mode != configured.mode {
+                    return Err(mismatch("[events] mode", stored.mode.to_string(), configured.mode.to_string()));
+                }
+                if stored.components != configured.components {
+                    return Err(mismatch("[model] components", stored.components.to_string(), configured.components.to_string()));
+                }
+                if stored.clusters != configured.clusters {
+                    return Err(mismatch("[model] clusters", stored.clusters.to_string(), configured.clusters.to_string()));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
+    pub fn load_engine(&self, params: EngineParams) -> Result<Engine, StoreError> {
+        self.check_identity(&params)?;
+        let mut state = RestoredState::default();
+        for entry in self.tree.scan_prefix(b"i/") {
+            let (k, v) = entry?;
+            let index = index_u32(&k).ok_or_else(|| corrupt(&k, "bad item key"))?;
+            if index as usize != state.items.len() {
+                return Err(corrupt(&k, "item ids are not contiguous"));
+            }
+            state.items.push(String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "item id is not UTF-8"))?);
+        }
+        for entry in self.tree.scan_prefix(b"u/") {
+            let (k, v) = entry?;
+            let index = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))?;
+            if index as usize != state.users.len() {
+                return Err(corrupt(&k, "user ids are not contiguous"));
+            }
+            let (id, vector) = decode_user(&v).ok_or_else(|| corrupt(&k, "bad user record"))?;
+            if vector.idx.iter().any(|&j| j as usize >= state.items.len()) {
+                return Err(corrupt(&k, "user record names an unknown item"));
+            }
+            state.users.push(id);
+            state.vectors.push(vector);
+        }
+        if let Some(bytes) = self.tree.get(meta("labels"))? {
+            state.labels = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+        }
+        state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
+        if let Some(mut model) = self.get_json::<PersistedModel>("model")? {
+            if let Some(bytes) = self.tree.get(meta("basis"))? {
+                model.basis = bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect();
+            }
+            state.model = model;
+        }
+        Ok(Engine::restore(params, state))
+    }
+
+    /// Source offsets (`topic/partition` → next offset) of the last commit.
+    pub fn offsets(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        Ok(self.get_json("offsets")?.unwrap_or_default())
+    }
+
+    /// Persists everything the engine changed since the last commit, plus `offsets`, in one
+    /// atomic batch, then flushes to disk. Only after this returns may offsets be acknowledged.
+    pub fn commit(
+        &self,
+        engine: &mut Engine,
+        offsets: Option<&BTreeMap<String, i64>>,
+    ) -> Result<Changes, StoreError> {
+        let changes = engine.take_changes();
+        let mut batch = sled::Batch::default();
+        for i in changes.first_new_item..engine.items().len() as u32 {
+            batch.insert(key(b'i', &i.to_be_bytes()), engine.items().id(i).as_bytes());
+        }
+        let mut record = Vec::new();
+        for &u in &changes.users {
+            encode_user(engine.users().id(u), engine.vector(u), &mut record);
+            batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
+        }
+        // New users always have a changed vector, so they are in `changes.users`.
+        if changes.labels || changes.model {
+            let labels: Vec<u8> = engine
+                .model()
+                .labels()
+                .iter()
+                .flat_map(|l| l.to_le_bytes())
+                .collect();
+            batch.insert(meta("labels"), labels);
+        }
+        if changes.model {
+            let persisted = engine.model().persisted();
+            let basis: Vec<u8> = persisted.basis.iter().flat_map(|v| v.to_le_bytes()).collect();
+            batch.insert(meta("basis"), basis);
+            batch.insert(meta("model"), serde_json::to_vec(&persisted).unwrap_or_default());
+        }
+        batch.insert(meta("counters"), serde_json::to_vec(&engine.counters()).unwrap_or_default());
+        if let Some(offsets) = offsets {
+            batch.insert(meta("offsets"), serde_json::to_vec(offsets).unwrap_or_default());
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(changes)
+    }
+
+    /// Adds catalogue titles (item id → title).
+    pub fn put_titles(&self, titles: &[(String, String)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (item, title) in titles {
+            batch.insert(key(b'c', item.as_bytes()), title.as_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn titles(&self) -> Result<FxHashMap<String, String>, StoreError> {
+        let mut out = FxHashMap::default();
+        for entry in self.tree.scan_prefix(b"c/") {
+            let (k, v) = entry?;
+            out.insert(
+                String::from_utf8_lossy(&k[2..]).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Stores a snapshot and its assignments atomically, then drops versions older than the
+    /// newest `retention`.
+    pub fn put_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        assignments: &Assignments,
+        user_index: impl Fn(&str) -> Option<u32>,
+        retention: usize,
+    ) -> Result<(), StoreError> {
+        let v = snapshot.version.to_be_bytes();
+        let mut packed = Vec::with_capacity(assignments.len() * 8);
+        for (user, cluster) in assignments {
+            let Some(u) = user_index(user) else { continue };
+            packed.extend_from_slice(&u.to_le_bytes());
+            packed.extend_from_slice(&cluster.to_le_bytes());
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(key(b's', &v), serde_json::to_vec(snapshot).unwrap_or_default());
+        batch.insert(key(b'a', &v), packed);
+        batch.insert(meta("latest_snapshot"), serde_json::to_vec(&snapshot.version).unwrap_or_default());
+        let versions = self.snapshot_versions()?;
+        let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
+        for old in &versions[..keep_from] {
+            batch.remove(key(b's', &old.to_be_bytes()));
+            batch.remove(key(b'a', &old.to_be_bytes()));
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Stored snapshot versions, ascending.
+    pub fn snapshot_versions(&self) -> Result<Vec<u64>, StoreError> {
+        let mut out = vec![];
+        for k in self.tree.scan_prefix(b"s/").keys() {
+            let k = k?;
+            let bytes: [u8; 8] = k[2..].try_into().map_err(|_| corrupt(&k, "bad snapshot key"))?;
+            out.push(u64::from_be_bytes(bytes));
+        }
+        Ok(out)
+    }
+
+    /// The version the next snapshot gets (versions never repeat, even after retention).
+    pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
+        Ok(self.get_json::<u64>("latest_snapshot")?.map_or(1, |v| v + 1))
+    }
+
+    pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
+        let k = key(b's', &version.to_be_bytes());
+        match self.tree.get(&k)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&k, e.to_string())),
+        }
+    }
+
+    pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
+        match self.snapshot_versions()?.last() {
+            None => Ok(None),
+            Some(&v) => self.snapshot(v),
+        }
+    }
+
+    /// A snapshot's assignments with user ids resolved through the stored user records.
+    pub fn assignments(&self, version: u64) -> Result<Option<Assignments>, StoreError> {
+        let k = key(b'a', &version.to_be_bytes());
+        let Some(bytes) = self.tree.get(&k)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(bytes.len() / 8);
+        for pair in bytes.chunks_exact(8) {
+            let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
+            let c = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+            let rk = key(b'u', &u.to_be_bytes());
+            let record = self.tree.get(&rk)?.ok_or_else(|| corrupt(&k, "assignment names an unknown user"))?;
+            let (id, _) = decode_user(&record).ok_or_else(|| corrupt(&rk, "bad user record"))?;
+            out.push((id, c));
+        }
+        Ok(Some(out))
+    }
+
+    pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let mut out = vec![];
+        for v in self.snapshot_versions()? {
+            if let Some(s) = self.snapshot(v)? {
+                out.push(SnapshotInfo {
+                    version: s.version,
+                    created_at: s.created_at,
+                    users: s.counts.users,
+                    ratings: s.counts.ratings,
+                    events_applied: s.counts.events_applied,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn index_u32(k: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
+}
+
+/// `[id len u32][id][nnz u32][idx u32 x nnz][val f64 x nnz]`, little-endian.
+fn encode_user(id: &str, x: &SparseVec, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&(id.len() as u32).to_le_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&(x.nnz() as u32).to_le_bytes());
+    for j in &x.idx {
+        out.extend_from_slice(&j.to_le_bytes());
+    }
+    for v in &x.val {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn decode_user(bytes: &[u8]) -> Option<(String, SparseVec)> {
+    let read_u32 = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?)) };
+    let id_len = read_u32(0)? as usize;
+    let id = String::from_utf8(bytes.get(4..4 + id_len)?.to_vec()).ok()?;
+    let mut at = 4 + id_len;
+    let nnz = read_u32(at)? as usize;
+    at += 4;
+    let idx: Vec<u32> = (0..nnz).map(|i| read_u32(at + 4 * i)).collect::<Option<_>>()?;
+    at += 4 * nnz;
+    let val: Vec<f64> = (0..nnz)
+        .map(|i| Some(f64::from_le_bytes(bytes.get(at + 8 * i..at + 8 * i + 8)?.try_into().ok()?)))
+        .collect::<Option<_>>()?;
+    if at + 8 * nnz != bytes.len() || idx.windows(2).any(|w| w[0] >= w[1]) {
+        return None;
+    }
+    Some((id, SparseVec { idx, val }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_records_round_trip_and_reject_garbage() {
+        let x = SparseVec {
+            idx: vec![1, 5, 9],
+            val: vec![1.5, -2.0, 4.0],
+        };
+        let mut buf = vec![];
+        encode_user("ü-42", &x, &mut buf);
+        assert_eq!(decode_user(&buf), Some(("ü-42".to_string(), x)));
+        assert_eq!(decode_user(&buf[..buf.len() - 1]), None);
+        assert_eq!(decode_user(b"\xff\xff\xff\xff"), None);
+    }
+}
