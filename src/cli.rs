@@ -17,7 +17,11 @@ use crate::replay::{self, ReplayOptions};
 use crate::snapshot::report::seed_report;
 
 #[derive(Debug, Parser)]
-#[command(name = "segmenter", version, about = "Streaming, incremental customer segmentation")]
+#[command(
+    name = "segmenter",
+    version,
+    about = "Streaming, incremental customer segmentation"
+)]
 pub struct Cli {
     /// Config file (TOML). Without it the built-in defaults apply (the same as
     /// config/segmenter.toml); SEGMENTER_<SECTION>__<KEY> variables override either.
@@ -216,7 +220,10 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                 eprintln!("  record {line}: {message}");
             }
             if outcome.catalogue_bad_lines > 0 {
-                eprintln!("item catalogue: {} unreadable lines skipped", outcome.catalogue_bad_lines);
+                eprintln!(
+                    "item catalogue: {} unreadable lines skipped",
+                    outcome.catalogue_bad_lines
+                );
             }
             match &outcome.snapshot {
                 Some((snap, _)) => print!("{}", seed_report(snap, top)),
@@ -247,7 +254,9 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             let dir = match state_dir {
                 Some(d) => d,
                 None => {
-                    temp = tempfile::Builder::new().prefix("segmenter-demo-").tempdir()?;
+                    temp = tempfile::Builder::new()
+                        .prefix("segmenter-demo-")
+                        .tempdir()?;
                     temp.path().to_path_buf()
                 }
             };

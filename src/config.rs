@@ -270,29 +270,41 @@ impl Config {
             target.insert(last, value);
             overridden.push(var);
         }
-        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-            let source = if overridden.is_empty() {
-                name.clone()
-            } else {
-                format!("{name} with overrides {}", overridden.join(", "))
-            };
-            ConfigError::Parse {
-                path: source,
-                message: e.to_string(),
-            }
-        })?;
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    let source = if overridden.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{name} with overrides {}", overridden.join(", "))
+                    };
+                    ConfigError::Parse {
+                        path: source,
+                        message: e.to_string(),
+                    }
+                })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks values serde cannot: ranges and consistency. Each error names the field and fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, problem: String, fix| Err(ConfigError::Invalid { field, problem, fix });
+        let invalid = |field, problem: String, fix| {
+            Err(ConfigError::Invalid {
+                field,
+                problem,
+                fix,
+            })
+        };
         let e = &self.events;
         if !e.min_value.is_finite() || !e.max_value.is_finite() || e.min_value > e.max_value {
             return invalid(
                 "[events] min_value/max_value",
-                format!("range [{}, {}] is empty or not finite", e.min_value, e.max_value),
+                format!(
+                    "range [{}, {}] is empty or not finite",
+                    e.min_value, e.max_value
+                ),
                 "set finite bounds with min_value <= max_value, e.g. 0 and 5",
             );
         }
@@ -305,28 +317,54 @@ impl Config {
         }
         let m = &self.model;
         if m.components == 0 {
-            return invalid("[model] components", "must be at least 1".into(), "set components = 10 (the seed's choice)");
+            return invalid(
+                "[model] components",
+                "must be at least 1".into(),
+                "set components = 10 (the seed's choice)",
+            );
         }
         if m.clusters < 2 {
-            return invalid("[model] clusters", format!("{} is too few", m.clusters), "set clusters = 2 or more (the seed used 25)");
+            return invalid(
+                "[model] clusters",
+                format!("{} is too few", m.clusters),
+                "set clusters = 2 or more (the seed used 25)",
+            );
         }
         if m.curve_components < m.components {
             return invalid(
                 "[model] curve_components",
-                format!("{} is less than components = {}", m.curve_components, m.components),
+                format!(
+                    "{} is less than components = {}",
+                    m.curve_components, m.components
+                ),
                 "set curve_components >= components (default 30)",
             );
         }
         if m.refresh_every_events == 0 {
-            return invalid("[model] refresh_every_events", "must be at least 1".into(), "set it to e.g. 20000");
+            return invalid(
+                "[model] refresh_every_events",
+                "must be at least 1".into(),
+                "set it to e.g. 20000",
+            );
         }
         if !(m.eigen_tolerance > 0.0 && m.eigen_tolerance < 1e-2) {
-            return invalid("[model] eigen_tolerance", format!("{} is out of range", m.eigen_tolerance), "use a value in (0, 0.01), default 1e-9");
+            return invalid(
+                "[model] eigen_tolerance",
+                format!("{} is out of range", m.eigen_tolerance),
+                "use a value in (0, 0.01), default 1e-9",
+            );
         }
         if !(m.refresh_eigen_tolerance > 0.0 && m.refresh_eigen_tolerance < 1e-2) {
-            return invalid("[model] refresh_eigen_tolerance", format!("{} is out of range", m.refresh_eigen_tolerance), "use a value in (0, 0.01), default 1e-6");
+            return invalid(
+                "[model] refresh_eigen_tolerance",
+                format!("{} is out of range", m.refresh_eigen_tolerance),
+                "use a value in (0, 0.01), default 1e-6",
+            );
         }
-        if m.eigen_max_iterations == 0 || m.snapshot_kmeans_starts == 0 || m.snapshot_max_passes == 0 {
+        if m.eigen_max_iterations == 0
+            || m.snapshot_kmeans_starts == 0
+            || m.snapshot_max_passes == 0
+        {
             return invalid(
                 "[model] eigen_max_iterations/snapshot_kmeans_starts/snapshot_max_passes",
                 "must be at least 1".into(),
@@ -334,27 +372,50 @@ impl Config {
             );
         }
         if m.max_items < m.components {
-            return invalid("[model] max_items", format!("{} is less than components", m.max_items), "raise max_items (default 20000)");
+            return invalid(
+                "[model] max_items",
+                format!("{} is less than components", m.max_items),
+                "raise max_items (default 20000)",
+            );
         }
         let s = &self.snapshot;
         if s.retention == 0 {
-            return invalid("[snapshot] retention", "must keep at least 1 snapshot".into(), "set retention = 50 (or any number >= 1)");
+            return invalid(
+                "[snapshot] retention",
+                "must keep at least 1 snapshot".into(),
+                "set retention = 50 (or any number >= 1)",
+            );
         }
         if s.holdout_percent >= 100 {
-            return invalid("[snapshot] holdout_percent", format!("{} leaves nothing to train on", s.holdout_percent), "use 0..99, default 20");
+            return invalid(
+                "[snapshot] holdout_percent",
+                format!("{} leaves nothing to train on", s.holdout_percent),
+                "use 0..99, default 20",
+            );
         }
         if self.replay.batch_size == 0 || self.demo.batch_size == 0 {
-            return invalid("[replay]/[demo] batch_size", "must be at least 1".into(), "use e.g. 10000");
+            return invalid(
+                "[replay]/[demo] batch_size",
+                "must be at least 1".into(),
+                "use e.g. 10000",
+            );
         }
         if self.demo.users < m.clusters || self.demo.items < m.components {
             return invalid(
                 "[demo] users/items",
-                format!("{} users x {} items cannot hold {} clusters of {} components", self.demo.users, self.demo.items, m.clusters, m.components),
+                format!(
+                    "{} users x {} items cannot hold {} clusters of {} components",
+                    self.demo.users, self.demo.items, m.clusters, m.components
+                ),
                 "raise [demo] users/items or lower [model] clusters/components",
             );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return invalid("[log] level", format!("`{}` is not a log filter", self.log.level), "use error, warn, info, debug or trace (or an EnvFilter directive)");
+            return invalid(
+                "[log] level",
+                format!("`{}` is not a log filter", self.log.level),
+                "use error, warn, info, debug or trace (or an EnvFilter directive)",
+            );
         }
         Ok(())
     }
@@ -405,7 +466,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -437,12 +501,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[model]\nclusterz = 3\n").unwrap();
-        let err = Config::load_with_env(Some(&path), vec![]).unwrap_err().to_string();
+        let err = Config::load_with_env(Some(&path), vec![])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("clusterz"), "{err}");
         let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__CLUSTERS", "1")]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("[model] clusters") && err.contains("set clusters"), "{err}");
+        assert!(
+            err.contains("[model] clusters") && err.contains("set clusters"),
+            "{err}"
+        );
         let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__COMPONENTS", "ten")]))
             .unwrap_err()
             .to_string();

@@ -249,11 +249,11 @@ pub fn decode_ratings(
     policy: &ValuePolicy,
 ) -> DecodedRatings {
     let mut out = DecodedRatings::default();
-    let mut accept = |record_no: u64, decoded: Result<RatingEvent, Rejection>| {
-        match decoded.and_then(|e| policy.check(&e).map(|()| e)) {
-            Ok(event) => out.events.push(event),
-            Err(rejection) => out.rejected.record(record_no, &rejection),
-        }
+    let mut accept = |record_no: u64, decoded: Result<RatingEvent, Rejection>| match decoded
+        .and_then(|e| policy.check(&e).map(|()| e))
+    {
+        Ok(event) => out.events.push(event),
+        Err(rejection) => out.rejected.record(record_no, &rejection),
     };
     match format {
         FileFormat::Json => {
@@ -506,8 +506,12 @@ mod tests {
     #[test]
     fn json_event_decodes_with_string_or_integer_ids() {
         let f = JsonFields::default();
-        let e = decode_json(br#"{"user":"196","item":242,"rating":3,"ts":881250949}"#, &f, 0)
-            .unwrap();
+        let e = decode_json(
+            br#"{"user":"196","item":242,"rating":3,"ts":881250949}"#,
+            &f,
+            0,
+        )
+        .unwrap();
         assert_eq!(
             e,
             RatingEvent {

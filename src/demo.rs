@@ -41,7 +41,13 @@ pub fn run_demo(
         seed: demo.seed,
         ..GeneratorParams::default()
     };
-    store.put_titles(&generate(&GeneratorParams { events: 0, ..base.clone() }).catalogue)?;
+    store.put_titles(
+        &generate(&GeneratorParams {
+            events: 0,
+            ..base.clone()
+        })
+        .catalogue,
+    )?;
     tracing::info!(
         users = demo.users,
         items = demo.items,
@@ -107,7 +113,9 @@ fn take_snapshot(
     engine: &crate::engine::Engine,
     summary: &mut DemoSummary,
 ) -> anyhow::Result<()> {
-    if let Some((snap, _)) = build_and_store_snapshot(config, store, engine, BTreeMap::new(), false)? {
+    if let Some((snap, _)) =
+        build_and_store_snapshot(config, store, engine, BTreeMap::new(), false)?
+    {
         summary.snapshots += 1;
         summary.last_version = Some(snap.version);
     }

@@ -126,10 +126,7 @@ impl ValuePolicy {
             )),
             Some(v) if v < self.min_value || v > self.max_value => Err(Rejection::new(
                 RejectReason::OutOfRange,
-                format!(
-                    "value {v} outside [{}, {}]",
-                    self.min_value, self.max_value
-                ),
+                format!("value {v} outside [{}, {}]", self.min_value, self.max_value),
             )),
             Some(_) => Ok(()),
         }

@@ -129,7 +129,9 @@ pub fn generate(params: &GeneratorParams) -> GeneratedData {
         (u.powf(-0.6)).min(50.0)
     }));
     if params.round > 0 {
-        rng = ChaCha8Rng::seed_from_u64(params.seed ^ params.round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        rng = ChaCha8Rng::seed_from_u64(
+            params.seed ^ params.round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
     }
     let mut rated: Vec<Vec<u32>> = vec![vec![]; params.users];
     let mut events = Vec::with_capacity(params.events);
@@ -206,10 +208,7 @@ pub fn write_csv(events: &[RatingEvent], out: &mut impl Write) -> std::io::Resul
 }
 
 /// Writes events as JSON lines, the Kafka message format.
-pub fn write_json_lines(
-    events: &[RatingEvent],
-    out: &mut impl Write,
-) -> std::io::Result<()> {
+pub fn write_json_lines(events: &[RatingEvent], out: &mut impl Write) -> std::io::Result<()> {
     let mut w = std::io::BufWriter::new(out);
     for e in events {
         serde_json::to_writer(
@@ -239,6 +238,10 @@ mod tests {
         let c = generate(&GeneratorParams { seed: 7, ..p });
         assert_ne!(a.events, c.events);
         assert!(a.events.windows(2).all(|w| w[0].ts <= w[1].ts));
-        assert!(a.events.iter().all(|e| matches!(e.value, Some(v) if (1.0..=5.0).contains(&v))));
+        assert!(
+            a.events
+                .iter()
+                .all(|e| matches!(e.value, Some(v) if (1.0..=5.0).contains(&v)))
+        );
     }
 }

@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
 use crate::engine::Engine;
-use crate::snapshot::{self, Assignments, BuildInput, Snapshot};
 use crate::snapshot::validation::stable_hash;
+use crate::snapshot::{self, Assignments, BuildInput, Snapshot};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -68,7 +68,10 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     let done = offsets.get(&key).copied().unwrap_or(0).max(0) as usize;
     let skipped = done.min(decoded.events.len());
     if skipped > 0 {
-        tracing::info!(skipped, "resuming replay: events already applied from this file are skipped");
+        tracing::info!(
+            skipped,
+            "resuming replay: events already applied from this file are skipped"
+        );
     }
     let remaining = &decoded.events[skipped..];
     check_catalogue_size(&engine, remaining, config.model.max_items)?;
@@ -86,7 +89,12 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         let outcome = engine.apply(batch);
         applied += outcome.applied;
         for r in &outcome.refreshes {
-            tracing::debug!(iterations = r.eigen_iterations, converged = r.eigen_converged, inertia = r.inertia, "model refreshed");
+            tracing::debug!(
+                iterations = r.eigen_iterations,
+                converged = r.eigen_converged,
+                inertia = r.inertia,
+                "model refreshed"
+            );
         }
         position += batch.len();
         offsets.insert(key.clone(), position as i64);
@@ -190,7 +198,8 @@ pub fn build_and_store_snapshot(
 
 pub fn write_snapshot_json(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(snapshot)?;
-    std::fs::write(path, json).with_context(|| format!("cannot write snapshot to {}", path.display()))
+    std::fs::write(path, json)
+        .with_context(|| format!("cannot write snapshot to {}", path.display()))
 }
 
 pub fn write_assignments_csv(path: &Path, assignments: &Assignments) -> anyhow::Result<()> {
@@ -198,7 +207,9 @@ pub fn write_assignments_csv(path: &Path, assignments: &Assignments) -> anyhow::
         .with_context(|| format!("cannot write assignments to {}", path.display()))?;
     let mut w = std::io::BufWriter::new(file);
     writeln!(w, "user,cluster")?;
-    let mut wtr = csv::WriterBuilder::new().has_headers(false).from_writer(&mut w);
+    let mut wtr = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(&mut w);
     for (user, cluster) in assignments {
         wtr.write_record([user.as_str(), &cluster.to_string()])?;
     }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Changes, Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec};
+use crate::engine::{
+    Changes, Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec,
+};
 use crate::event::Mode;
 use crate::snapshot::{Assignments, Snapshot};
 
@@ -22,7 +24,9 @@ pub const STATE_FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open state dir {path}: {source} (check that the directory is writable and not used by another segmenter process)")]
+    #[error(
+        "cannot open state dir {path}: {source} (check that the directory is writable and not used by another segmenter process)"
+    )]
     Open { path: PathBuf, source: sled::Error },
     #[error("state dir I/O failed: {0} (is the disk full or read-only?)")]
     Io(#[from] sled::Error),
@@ -106,9 +110,10 @@ impl Store {
             Some(f) if f != STATE_FORMAT => return Err(StoreError::Format { found: f }),
             Some(_) => {}
             None => {
-                store
-                    .tree
-                    .insert(meta("format"), serde_json::to_vec(&STATE_FORMAT).unwrap_or_default())?;
+                store.tree.insert(
+                    meta("format"),
+                    serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
+                )?;
             }
         }
         Ok(store)
@@ -118,7 +123,10 @@ impl Store {
         &self.path
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
         let k = meta(name);
         match self.tree.get(&k)? {
             None => Ok(None),
@@ -137,8 +145,10 @@ impl Store {
         };
         match self.get_json::<Identity>("identity")? {
             None => {
-                self.tree
-                    .insert(meta("identity"), serde_json::to_vec(&configured).unwrap_or_default())?;
+                self.tree.insert(
+                    meta("identity"),
+                    serde_json::to_vec(&configured).unwrap_or_default(),
+                )?;
                 self.db.flush()?;
                 Ok(())
             }
@@ -150,13 +160,25 @@ impl Store {
                     configured,
                 };
                 if stored.mode != configured.mode {
-                    return Err(mismatch("[events] mode", stored.mode.to_string(), configured.mode.to_string()));
+                    return Err(mismatch(
+                        "[events] mode",
+                        stored.mode.to_string(),
+                        configured.mode.to_string(),
+                    ));
                 }
                 if stored.components != configured.components {
-                    return Err(mismatch("[model] components", stored.components.to_string(), configured.components.to_string()));
+                    return Err(mismatch(
+                        "[model] components",
+                        stored.components.to_string(),
+                        configured.components.to_string(),
+                    ));
                 }
                 if stored.clusters != configured.clusters {
-                    return Err(mismatch("[model] clusters", stored.clusters.to_string(), configured.clusters.to_string()));
+                    return Err(mismatch(
+                        "[model] clusters",
+                        stored.clusters.to_string(),
+                        configured.clusters.to_string(),
+                    ));
                 }
                 Ok(())
             }
@@ -173,7 +195,9 @@ impl Store {
             if index as usize != state.items.len() {
                 return Err(corrupt(&k, "item ids are not contiguous"));
             }
-            state.items.push(String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "item id is not UTF-8"))?);
+            state.items.push(
+                String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "item id is not UTF-8"))?,
+            );
         }
         for entry in self.tree.scan_prefix(b"u/") {
             let (k, v) = entry?;
@@ -241,13 +265,26 @@ impl Store {
         }
         if changes.model {
             let persisted = engine.model().persisted();
-            let basis: Vec<u8> = persisted.basis.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let basis: Vec<u8> = persisted
+                .basis
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
             batch.insert(meta("basis"), basis);
-            batch.insert(meta("model"), serde_json::to_vec(&persisted).unwrap_or_default());
+            batch.insert(
+                meta("model"),
+                serde_json::to_vec(&persisted).unwrap_or_default(),
+            );
         }
-        batch.insert(meta("counters"), serde_json::to_vec(&engine.counters()).unwrap_or_default());
+        batch.insert(
+            meta("counters"),
+            serde_json::to_vec(&engine.counters()).unwrap_or_default(),
+        );
         if let Some(offsets) = offsets {
-            batch.insert(meta("offsets"), serde_json::to_vec(offsets).unwrap_or_default());
+            batch.insert(
+                meta("offsets"),
+                serde_json::to_vec(offsets).unwrap_or_default(),
+            );
         }
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
@@ -294,9 +331,15 @@ impl Store {
             packed.extend_from_slice(&cluster.to_le_bytes());
         }
         let mut batch = sled::Batch::default();
-        batch.insert(key(b's', &v), serde_json::to_vec(snapshot).unwrap_or_default());
+        batch.insert(
+            key(b's', &v),
+            serde_json::to_vec(snapshot).unwrap_or_default(),
+        );
         batch.insert(key(b'a', &v), packed);
-        batch.insert(meta("latest_snapshot"), serde_json::to_vec(&snapshot.version).unwrap_or_default());
+        batch.insert(
+            meta("latest_snapshot"),
+            serde_json::to_vec(&snapshot.version).unwrap_or_default(),
+        );
         let versions = self.snapshot_versions()?;
         let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
         for old in &versions[..keep_from] {
@@ -313,7 +356,9 @@ impl Store {
         let mut out = vec![];
         for k in self.tree.scan_prefix(b"s/").keys() {
             let k = k?;
-            let bytes: [u8; 8] = k[2..].try_into().map_err(|_| corrupt(&k, "bad snapshot key"))?;
+            let bytes: [u8; 8] = k[2..]
+                .try_into()
+                .map_err(|_| corrupt(&k, "bad snapshot key"))?;
             out.push(u64::from_be_bytes(bytes));
         }
         Ok(out)
@@ -321,7 +366,9 @@ impl Store {
 
     /// The version the next snapshot gets (versions never repeat, even after retention).
     pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
-        Ok(self.get_json::<u64>("latest_snapshot")?.map_or(1, |v| v + 1))
+        Ok(self
+            .get_json::<u64>("latest_snapshot")?
+            .map_or(1, |v| v + 1))
     }
 
     pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
@@ -352,7 +399,10 @@ impl Store {
             let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
             let c = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
             let rk = key(b'u', &u.to_be_bytes());
-            let record = self.tree.get(&rk)?.ok_or_else(|| corrupt(&k, "assignment names an unknown user"))?;
+            let record = self
+                .tree
+                .get(&rk)?
+                .ok_or_else(|| corrupt(&k, "assignment names an unknown user"))?;
             let (id, _) = decode_user(&record).ok_or_else(|| corrupt(&rk, "bad user record"))?;
             out.push((id, c));
         }
@@ -395,16 +445,24 @@ fn encode_user(id: &str, x: &SparseVec, out: &mut Vec<u8>) {
 }
 
 fn decode_user(bytes: &[u8]) -> Option<(String, SparseVec)> {
-    let read_u32 = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?)) };
+    let read_u32 = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
     let id_len = read_u32(0)? as usize;
     let id = String::from_utf8(bytes.get(4..4 + id_len)?.to_vec()).ok()?;
     let mut at = 4 + id_len;
     let nnz = read_u32(at)? as usize;
     at += 4;
-    let idx: Vec<u32> = (0..nnz).map(|i| read_u32(at + 4 * i)).collect::<Option<_>>()?;
+    let idx: Vec<u32> = (0..nnz)
+        .map(|i| read_u32(at + 4 * i))
+        .collect::<Option<_>>()?;
     at += 4 * nnz;
     let val: Vec<f64> = (0..nnz)
-        .map(|i| Some(f64::from_le_bytes(bytes.get(at + 8 * i..at + 8 * i + 8)?.try_into().ok()?)))
+        .map(|i| {
+            Some(f64::from_le_bytes(
+                bytes.get(at + 8 * i..at + 8 * i + 8)?.try_into().ok()?,
+            ))
+        })
         .collect::<Option<_>>()?;
     if at + 8 * nnz != bytes.len() || idx.windows(2).any(|w| w[0] >= w[1]) {
         return None;

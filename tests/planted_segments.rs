@@ -41,16 +41,18 @@ fn planted_segments_are_recovered_with_ari_above_0_9() {
     )
     .expect("enough data for a snapshot");
     let truth: std::collections::HashMap<_, _> = data.truth.iter().cloned().collect();
-    let (found, planted): (Vec<u32>, Vec<u32>) = assignments
-        .iter()
-        .map(|(u, c)| (*c, truth[u]))
-        .unzip();
+    let (found, planted): (Vec<u32>, Vec<u32>) =
+        assignments.iter().map(|(u, c)| (*c, truth[u])).unzip();
     let ari = adjusted_rand_index(&found, &planted);
     assert!(ari >= 0.9, "ARI {ari}, sizes {:?}", snap.kmeans.sizes);
     // The online clustering (before the snapshot's polish) should already be close.
     let online: Vec<u32> = assignments
         .iter()
-        .map(|(u, _)| engine.model().label(engine.users().get(u).unwrap() as usize))
+        .map(|(u, _)| {
+            engine
+                .model()
+                .label(engine.users().get(u).unwrap() as usize)
+        })
         .collect();
     let online_ari = adjusted_rand_index(&online, &planted);
     assert!(online_ari >= 0.8, "online ARI {online_ari}");

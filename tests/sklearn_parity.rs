@@ -12,7 +12,10 @@ use segmenter::snapshot::{self, BuildInput, SnapshotParams};
 use serde_json::Value;
 
 fn golden() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/parity_explicit.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/parity_explicit.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).expect("golden file")).expect("json")
 }
 
@@ -49,7 +52,10 @@ fn replayed_engine() -> Engine {
 fn labels_by_engine_index(engine: &Engine, users: &[Value], labels: &[Value]) -> Vec<u32> {
     let mut out = vec![NO_CLUSTER; engine.users().len()];
     for (u, l) in users.iter().zip(labels) {
-        let index = engine.users().get(u.as_str().expect("id")).expect("same users");
+        let index = engine
+            .users()
+            .get(u.as_str().expect("id"))
+            .expect("same users");
         out[index as usize] = l.as_u64().expect("label") as u32;
     }
     out
@@ -89,12 +95,23 @@ fn online_engine_matches_scikit_learn_on_the_golden_set() {
     let variance = floats(&g["pca"]["explained_variance"]);
     for i in 0..10 {
         let r = snap.pca.explained_variance_ratio[i];
-        assert!((r - ratio[i]).abs() <= 1e-6 * ratio[i], "ratio {i}: {r} vs {}", ratio[i]);
+        assert!(
+            (r - ratio[i]).abs() <= 1e-6 * ratio[i],
+            "ratio {i}: {r} vs {}",
+            ratio[i]
+        );
         let v = snap.pca.explained_variance[i];
-        assert!((v - variance[i]).abs() <= 1e-6 * variance[i], "variance {i}");
+        assert!(
+            (v - variance[i]).abs() <= 1e-6 * variance[i],
+            "variance {i}"
+        );
     }
     let curve = floats(&g["pca"]["curve_explained_variance_ratio"]);
-    let ours = &snap.diagnostics.as_ref().unwrap().explained_variance_ratio_curve;
+    let ours = &snap
+        .diagnostics
+        .as_ref()
+        .unwrap()
+        .explained_variance_ratio_curve;
     for (i, (a, b)) in ours.iter().zip(&curve).enumerate() {
         assert!((a - b).abs() <= 1e-5 * b, "curve {i}: {a} vs {b}");
     }
@@ -120,7 +137,10 @@ fn online_engine_matches_scikit_learn_on_the_golden_set() {
     let overlap = mine.dot(&theirs.t());
     let (eig, _) = jacobi_eigen(&overlap.dot(&overlap.t()));
     let smallest_cosine = eig.last().unwrap().max(0.0).sqrt();
-    assert!(smallest_cosine >= 0.9999, "smallest principal cosine {smallest_cosine}");
+    assert!(
+        smallest_cosine >= 0.9999,
+        "smallest principal cosine {smallest_cosine}"
+    );
 
     // K-Means: inertia within 2% of KMeans(n_init=10) on the same projection.
     let sklearn_inertia = g["kmeans"]["inertia"].as_f64().unwrap();
@@ -147,7 +167,10 @@ fn online_engine_matches_scikit_learn_on_the_golden_set() {
         for pair in profile["top"].as_array().unwrap() {
             let j = engine.items().get(pair[0].as_str().unwrap()).unwrap() as usize;
             let expected = pair[1].as_f64().unwrap();
-            assert!((profiles.score(c, j) - expected).abs() < 1e-9, "cluster {c} item {j}");
+            assert!(
+                (profiles.score(c, j) - expected).abs() < 1e-9,
+                "cluster {c} item {j}"
+            );
             compared += 1;
         }
     }
@@ -178,5 +201,8 @@ fn online_engine_matches_scikit_learn_on_the_golden_set() {
         }
     }
     let agreement = nb_agreement(&perturbed, &g["naive_bayes_perturbed"]);
-    assert!(agreement < 0.9, "perturbed labels should disagree: {agreement}");
+    assert!(
+        agreement < 0.9,
+        "perturbed labels should disagree: {agreement}"
+    );
 }

@@ -86,10 +86,15 @@ pub fn top_eigenpairs(
         let vt = ritz_vectors.t();
         let q_ritz = vt.dot(&q);
         let y_ritz = vt.dot(&y);
-        let scale = ritz_values.first().copied().unwrap_or(0.0).abs().max(f64::MIN_POSITIVE);
+        let scale = ritz_values
+            .first()
+            .copied()
+            .unwrap_or(0.0)
+            .abs()
+            .max(f64::MIN_POSITIVE);
         let mut max_residual = 0.0f64;
-        for i in 0..vectors {
-            let r = &y_ritz.row(i) - &(&q_ritz.row(i) * ritz_values[i]);
+        for (i, &value) in ritz_values.iter().enumerate().take(vectors) {
+            let r = &y_ritz.row(i) - &(&q_ritz.row(i) * value);
             max_residual = max_residual.max(r.dot(&r).sqrt() / scale);
         }
         // Curve-only eigenvalues (beyond the kept vectors) feed a chart: settled when they

@@ -33,10 +33,7 @@ impl Points for DensePoints<'_> {
     }
     fn distance2(&self, i: usize, centroid: &[f64], _centroid_norm2: f64) -> f64 {
         let p = &self.data[i * self.dim..(i + 1) * self.dim];
-        p.iter()
-            .zip(centroid)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum()
+        p.iter().zip(centroid).map(|(a, b)| (a - b) * (a - b)).sum()
     }
     fn add_to(&self, i: usize, acc: &mut [f64]) {
         let p = &self.data[i * self.dim..(i + 1) * self.dim];

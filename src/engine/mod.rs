@@ -302,13 +302,12 @@ impl Engine {
             outcome.applied += 1;
             self.counters.events_applied += 1;
             self.counters.events_since_refresh += 1;
-            if self.counters.events_since_refresh >= self.params.refresh_every_events {
-                if let Some(r) = self.refresh() {
-                    outcome.refreshes.push(r);
-                }
+            if self.counters.events_since_refresh >= self.params.refresh_every_events
+                && let Some(r) = self.refresh()
+            {
+                outcome.refreshes.push(r);
             }
         }
-        self.model.reseed_empty_clusters();
         outcome
     }
 
@@ -414,7 +413,11 @@ impl Engine {
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
         }
-        let seed = self.params.seed ^ self.counters.events_applied.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let seed = self.params.seed
+            ^ self
+                .counters
+                .events_applied
+                .wrapping_mul(0xD1B5_4A32_D192_ED03);
         let mut model = self.model.clone();
         model.refresh(
             &self.stats,

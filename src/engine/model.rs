@@ -7,11 +7,11 @@
 
 use ndarray::{Array2, Axis};
 
+use super::SparseVec;
 use super::eigen::{EigenParams, EigenResult, top_eigenpairs};
 use super::kmeans::{self, ClusteringParams, DensePoints};
 use super::matching::match_labels;
 use super::stats::CovarianceStats;
-use super::SparseVec;
 
 /// No cluster: the user has no ratings, or the model is not initialised yet.
 pub const NO_CLUSTER: u32 = u32::MAX;
@@ -213,7 +213,14 @@ impl Model {
                 let best = self.nearest(user);
                 self.move_user(user, None, Some(best));
             }
-            (true, false) => self.move_user(user, Some(label), None),
+            (true, false) => {
+                self.move_user(user, Some(label), None);
+                // Only a leaving user can empty a cluster: re-seed it at once, so the result
+                // never depends on batch boundaries.
+                if self.counts[label as usize] == 0 {
+                    self.reseed_empty_clusters();
+                }
+            }
             (false, false) => {}
         }
     }
@@ -281,7 +288,10 @@ impl Model {
             .filter(|(_, l)| **l != NO_CLUSTER)
             .map(|(u, &l)| {
                 let c = &self.means[l as usize * k..(l as usize + 1) * k];
-                (squared_distance(&self.projections[u * k..(u + 1) * k], c), u)
+                (
+                    squared_distance(&self.projections[u * k..(u + 1) * k], c),
+                    u,
+                )
             })
             .collect();
         fits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -323,7 +333,11 @@ impl Model {
         let mut result = top_eigenpairs(covariance.view(), warm, eigen);
         drop(covariance);
         self.warm_block = std::mem::replace(&mut result.block, Array2::zeros((0, 0)));
-        self.adopt_basis(result.clone_basis_with_signs(&self.basis), &result, total_variance);
+        self.adopt_basis(
+            result.clone_basis_with_signs(&self.basis),
+            &result,
+            total_variance,
+        );
         self.users_at_refresh = stats.users();
         let n = stats.users() as f64;
         self.mean = (0..d)
@@ -420,7 +434,10 @@ impl Model {
         for &u in &active {
             data.extend_from_slice(&self.projections[u * k..(u + 1) * k]);
         }
-        let points = DensePoints { data: &data, dim: k };
+        let points = DensePoints {
+            data: &data,
+            dim: k,
+        };
         let previous: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
         let initial = if self.initialised {
             self.rebuild_sums();
@@ -449,7 +466,8 @@ impl Model {
         let k = self.components;
         let cols = persisted.basis_items;
         let basis = if persisted.basis.len() == k * cols && cols > 0 {
-            Array2::from_shape_vec((k, cols), persisted.basis).unwrap_or_else(|_| Array2::zeros((0, 0)))
+            Array2::from_shape_vec((k, cols), persisted.basis)
+                .unwrap_or_else(|_| Array2::zeros((0, 0)))
         } else {
             Array2::zeros((0, 0))
         };

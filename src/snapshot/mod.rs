@@ -187,7 +187,11 @@ pub fn build_from_model(
 
     let total = model.total_variance();
     let kept = model.components();
-    let sample_scale = if n > 1 { n as f64 / (n as f64 - 1.0) } else { 1.0 };
+    let sample_scale = if n > 1 {
+        n as f64 / (n as f64 - 1.0)
+    } else {
+        1.0
+    };
     let eigen = model.eigenvalues();
     let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
     let pca = PcaSummary {
@@ -248,8 +252,7 @@ pub fn build_from_model(
         .collect();
 
     let drift = input.previous.map(|(previous_version, previous)| {
-        let before: FxHashMap<&str, u32> =
-            previous.iter().map(|(u, c)| (u.as_str(), *c)).collect();
+        let before: FxHashMap<&str, u32> = previous.iter().map(|(u, c)| (u.as_str(), *c)).collect();
         let (mut a, mut b) = (vec![], vec![]);
         for (user, cluster) in &assignments {
             if let Some(&old) = before.get(user.as_str()) {
@@ -383,8 +386,7 @@ fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagn
             seed: seed ^ k as u64,
         })
     };
-    let projected_inertia =
-        best(&|k| run(&|c| kmeans::cluster(&projected, None, c).inertia, k));
+    let projected_inertia = best(&|k| run(&|c| kmeans::cluster(&projected, None, c).inertia, k));
     let full_inertia = best(&|k| run(&|c| kmeans::cluster(&full, None, c).inertia, k));
     Diagnostics {
         explained_variance_ratio_curve: curve,

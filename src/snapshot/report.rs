@@ -13,7 +13,12 @@ pub fn seed_report(snapshot: &Snapshot, top: usize) -> String {
     let _ = writeln!(
         out,
         "snapshot v{} ({}, {} mode): {} users, {} items, {} ratings, {} events applied",
-        snapshot.version, snapshot.created_at, snapshot.mode, c.users, c.items, c.ratings,
+        snapshot.version,
+        snapshot.created_at,
+        snapshot.mode,
+        c.users,
+        c.items,
+        c.ratings,
         c.events_applied
     );
     let _ = writeln!(
@@ -40,7 +45,11 @@ pub fn seed_report(snapshot: &Snapshot, top: usize) -> String {
         );
     }
     for cluster in &snapshot.clusters {
-        let _ = writeln!(out, "\n{} ({}, {})", cluster.id, cluster.size, cluster.n_items);
+        let _ = writeln!(
+            out,
+            "\n{} ({}, {})",
+            cluster.id, cluster.size, cluster.n_items
+        );
         for item in cluster.top_items.iter().take(top) {
             let name = item.title.as_deref().unwrap_or(&item.item);
             let _ = writeln!(out, "{name} {:.4}", item.score);

@@ -82,7 +82,9 @@ pub fn tfidf_profiles(vectors: &[SparseVec], labels: &[u32], k: usize, d: usize)
     for c in 0..k {
         if sizes[c] > 0 {
             let inv = 1.0 / sizes[c] as f64;
-            scores[c * d..(c + 1) * d].iter_mut().for_each(|s| *s *= inv);
+            scores[c * d..(c + 1) * d]
+                .iter_mut()
+                .for_each(|s| *s *= inv);
         }
     }
     Profiles {
@@ -141,7 +143,10 @@ impl NaiveBayes {
                 .filter(|&j| df[j] > 0)
                 .map(|j| counts[c * d + j] + 1.0)
                 .sum();
-            debug_assert!((row_total - (counts[c * d..(c + 1) * d].iter().sum::<f64>() + features)).abs() < 1e-6 * row_total);
+            debug_assert!(
+                (row_total - (counts[c * d..(c + 1) * d].iter().sum::<f64>() + features)).abs()
+                    < 1e-6 * row_total
+            );
             let log_total = row_total.ln();
             for j in 0..d {
                 log_prob[c * d + j] = (counts[c * d + j] + 1.0).ln() - log_total;

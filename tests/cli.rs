@@ -1,0 +1,200 @@
+//! The binary as users run it: generate → replay with outputs and the seed-style report,
+//! the demo until stopped by Ctrl-C, and configuration errors that name the field.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_segmenter");
+
+fn segmenter(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("SEGMENTER_CONFIG")
+        .output()
+        .expect("run segmenter")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn replay_writes_snapshot_assignments_and_the_seed_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("ratings.csv");
+    let items = dir.path().join("items.csv");
+    let out = segmenter(&[
+        "generate",
+        "--users",
+        "300",
+        "--items",
+        "400",
+        "--events",
+        "20000",
+        "--segments",
+        "6",
+        "--out",
+        path(&ratings),
+        "--items-out",
+        path(&items),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let snapshot = dir.path().join("snapshot.json");
+    let assignments = dir.path().join("assignments.csv");
+    let out = segmenter(&[
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/segmenter.toml"),
+        "replay",
+        "--ratings",
+        path(&ratings),
+        "--items",
+        path(&items),
+        "--clusters",
+        "6",
+        "--components",
+        "5",
+        "--state-dir",
+        path(&dir.path().join("state")),
+        "--snapshot-out",
+        path(&snapshot),
+        "--assignments-out",
+        path(&assignments),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replayed 20000 events"));
+
+    // Seed-style report: `ID (SIZE, N_ITEMS)` then 10 items with scores, per cluster.
+    let headers: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            let l = l.trim();
+            l.ends_with(')')
+                && l.contains(" (")
+                && l.split(' ')
+                    .next()
+                    .is_some_and(|id| id.parse::<u32>().is_ok())
+        })
+        .collect();
+    assert_eq!(headers.len(), 6, "{stdout}");
+    assert!(
+        stdout.contains("Item "),
+        "titles from the catalogue: {stdout}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&snapshot).unwrap()).unwrap();
+    for key in [
+        "version",
+        "created_at",
+        "counts",
+        "pca",
+        "kmeans",
+        "clusters",
+        "validation",
+        "diagnostics",
+        "drift",
+    ] {
+        assert!(json.get(key).is_some(), "snapshot lacks {key}");
+    }
+    assert_eq!(json["pca"]["n_components"], 5);
+    assert_eq!(json["kmeans"]["k"], 6);
+    let sizes: u64 = json["kmeans"]["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .sum();
+    assert_eq!(sizes, json["counts"]["users"].as_u64().unwrap());
+
+    let csv = std::fs::read_to_string(&assignments).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("user,cluster"));
+    assert_eq!(lines.count() as u64, sizes);
+}
+
+#[test]
+fn bad_configuration_names_the_field_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["replay", "--ratings", "/nonexistent"])
+        .env("SEGMENTER_MODEL__CLUSTERS", "1")
+        .env("SEGMENTER_STATE__DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[model] clusters"), "{err}");
+
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[model]\ncomponents = 10\ncolour = \"red\"\n").unwrap();
+    let out = segmenter(&[
+        "--config",
+        path(&config),
+        "replay",
+        "--ratings",
+        "/nonexistent",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+
+    let out = segmenter(&[
+        "replay",
+        "--ratings",
+        "/nonexistent",
+        "--state-dir",
+        path(&dir.path().join("s")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+}
+
+#[test]
+fn demo_runs_takes_snapshots_and_stops_cleanly_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--demo", "--state-dir", path(dir.path())])
+        .env("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200")
+        .env("SEGMENTER_DEMO__EVENTS_PER_SECOND", "50000")
+        .env("SEGMENTER_LOG__FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    // Wait for the condition itself: a snapshot log line.
+    let mut seen = vec![];
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("snapshot built") {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            assert!(event["fields"]["users"].as_u64().unwrap() > 0);
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("snapshot built")),
+        "{seen:?}"
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("demo stopped")), "{rest:?}");
+}

@@ -1,0 +1,203 @@
+//! File replay through the state dir: a replay interrupted half-way and resumed from the
+//! reopened state dir ends in the same snapshot as one uninterrupted replay (both modes);
+//! replaying a file again never double counts; bad lines are counted and skipped.
+
+use std::path::Path;
+
+use segmenter::config::Config;
+use segmenter::decode::FileFormat;
+use segmenter::event::{Mode, RejectReason};
+use segmenter::generator::{GeneratorParams, generate, write_csv};
+use segmenter::replay::{ReplayOptions, ReplayOutcome, replay};
+use segmenter::snapshot::Snapshot;
+use serde_json::Value;
+
+fn config(state: &Path, mode: Mode) -> Config {
+    let mut c = Config::default();
+    c.state.dir = state.to_path_buf();
+    c.events.mode = mode;
+    c.events.max_value = if mode == Mode::Implicit { 1000.0 } else { 5.0 };
+    c.model.clusters = 8;
+    c.model.refresh_every_events = 4_000;
+    c.replay.batch_size = 2_500;
+    c
+}
+
+fn options(ratings: &Path) -> ReplayOptions {
+    ReplayOptions {
+        ratings: ratings.to_path_buf(),
+        items: None,
+        format: FileFormat::Csv,
+        snapshot_out: None,
+        assignments_out: None,
+        progress: false,
+    }
+}
+
+fn write_events(path: &Path, events: &[segmenter::event::RatingEvent]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    write_csv(events, &mut f).unwrap();
+}
+
+/// The snapshot as JSON without the fields that legitimately differ between two histories:
+/// version, creation time, drift (which compares against a previous snapshot) and the
+/// eigensolver's iteration count (its warm start is not persisted; the result is).
+fn comparable(snapshot: &Snapshot) -> Value {
+    let mut v = serde_json::to_value(snapshot).unwrap();
+    let o = v.as_object_mut().unwrap();
+    for field in ["version", "created_at", "drift"] {
+        o.remove(field);
+    }
+    o["pca"].as_object_mut().unwrap().remove("eigen_iterations");
+    v
+}
+
+fn assert_close(a: &Value, b: &Value, path: &str) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+                "{path}: {x} vs {y}"
+            );
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{path}: lengths");
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert_close(p, q, &format!("{path}[{i}]"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "{path}: keys"
+            );
+            for (k, p) in x {
+                assert_close(p, &y[k], &format!("{path}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{path}"),
+    }
+}
+
+fn final_snapshot(outcome: &ReplayOutcome) -> &(Snapshot, Vec<(String, u32)>) {
+    outcome.snapshot.as_ref().expect("snapshot")
+}
+
+fn restart_gives_the_same_final_snapshot(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate(&GeneratorParams {
+        users: 300,
+        items: 400,
+        events: 20_000,
+        segments: 8,
+        mode,
+        seed: 5,
+        ..GeneratorParams::default()
+    })
+    .events;
+    let (whole, first, second) = (
+        dir.path().join("all.csv"),
+        dir.path().join("a.csv"),
+        dir.path().join("b.csv"),
+    );
+    write_events(&whole, &events);
+    write_events(&first, &events[..10_000]);
+    write_events(&second, &events[10_000..]);
+
+    let straight = replay(&config(&dir.path().join("s1"), mode), &options(&whole)).unwrap();
+    let resumed_dir = dir.path().join("s2");
+    let half = replay(&config(&resumed_dir, mode), &options(&first)).unwrap();
+    assert_eq!(half.applied, 10_000);
+    // A fresh process would reopen the state dir: nothing is carried over in memory.
+    let resumed = replay(&config(&resumed_dir, mode), &options(&second)).unwrap();
+    assert_eq!(resumed.applied, 10_000);
+
+    let (a, a_assign) = final_snapshot(&straight);
+    let (b, b_assign) = final_snapshot(&resumed);
+    assert_eq!(a.counts, b.counts);
+    assert_close(&comparable(a), &comparable(b), "snapshot");
+    assert_eq!(a_assign, b_assign);
+    assert_eq!(b.version, 2);
+    assert!(b.drift.is_some());
+
+    // Replaying the same file again is a no-op: implicit values are not counted twice.
+    let again = replay(&config(&resumed_dir, mode), &options(&second)).unwrap();
+    assert_eq!((again.applied, again.skipped), (0, 10_000));
+    let (c, _) = final_snapshot(&again);
+    assert_eq!(c.counts, b.counts);
+    assert_close(&comparable(c)["pca"], &comparable(b)["pca"], "pca");
+}
+
+#[test]
+fn explicit_replay_interrupted_and_resumed_matches_uninterrupted() {
+    restart_gives_the_same_final_snapshot(Mode::Explicit);
+}
+
+#[test]
+fn implicit_replay_interrupted_and_resumed_matches_uninterrupted() {
+    restart_gives_the_same_final_snapshot(Mode::Implicit);
+}
+
+#[test]
+fn bad_lines_are_counted_with_reasons_and_every_good_line_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate(&GeneratorParams {
+        users: 200,
+        items: 150,
+        events: 6_000,
+        segments: 5,
+        seed: 8,
+        ..GeneratorParams::default()
+    })
+    .events;
+    let clean = dir.path().join("clean.data");
+    let dirty = dir.path().join("dirty.data");
+    let mut clean_text = String::new();
+    let mut dirty_text = String::new();
+    for (i, e) in events.iter().enumerate() {
+        let line = format!("{}\t{}\t{}\t{}\n", e.user, e.item, e.value.unwrap(), e.ts);
+        clean_text.push_str(&line);
+        dirty_text.push_str(&line);
+        match i % 1000 {
+            10 => dirty_text.push_str("this line is garbage\n"),
+            20 => dirty_text.push_str(&format!("{}\t{}\tNaN\t{}\n", e.user, e.item, e.ts)),
+            30 => dirty_text.push_str(&format!("{}\t{}\t9\t{}\n", e.user, e.item, e.ts)),
+            40 => dirty_text.push_str(&format!("{}\t{}\t-1\t{}\n", e.user, e.item, e.ts)),
+            50 => dirty_text.push_str(&format!("{}\t{}\tfive\t{}\n", e.user, e.item, e.ts)),
+            60 => dirty_text.push_str(&format!("\t{}\t3\t{}\n", e.item, e.ts)),
+            _ => {}
+        }
+    }
+    std::fs::write(&clean, clean_text).unwrap();
+    std::fs::write(&dirty, dirty_text).unwrap();
+    let opts = |p: &Path| ReplayOptions {
+        format: FileFormat::Movielens,
+        ..options(p)
+    };
+    let good = replay(
+        &config(&dir.path().join("clean"), Mode::Explicit),
+        &opts(&clean),
+    )
+    .unwrap();
+    let bad = replay(
+        &config(&dir.path().join("dirty"), Mode::Explicit),
+        &opts(&dirty),
+    )
+    .unwrap();
+    assert_eq!(good.rejected.total, 0);
+    assert_eq!(bad.applied, good.applied);
+    assert_eq!(bad.rejected.total, 36);
+    let by = &bad.rejected.by_reason;
+    assert_eq!(by[&RejectReason::Malformed], 6);
+    assert_eq!(by[&RejectReason::NotFinite], 6);
+    assert_eq!(by[&RejectReason::OutOfRange], 12);
+    assert_eq!(by[&RejectReason::WrongType], 6);
+    assert_eq!(by[&RejectReason::MissingField], 6);
+    assert!(bad.rejected.summary().contains("36 rejected"));
+    let (a, _) = final_snapshot(&good);
+    let (b, _) = final_snapshot(&bad);
+    assert_eq!(a.counts, b.counts);
+    assert_close(&comparable(a)["pca"], &comparable(b)["pca"], "pca");
+}
