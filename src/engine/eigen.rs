@@ -38,14 +38,30 @@ pub struct EigenResult {
     pub block: Array2<f64>,
 }
 
-/// Top eigenpairs of the symmetric matrix `c` (`d x d`). `warm` (`r x d`, any `r`) seeds the
-/// block; missing rows are filled with seeded Gaussian vectors.
+/// A symmetric `d x d` operator, applied to a block of row vectors: `Q ↦ Q C`.
+pub trait SymmetricOperator {
+    fn dim(&self) -> usize;
+    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64>;
+}
+
+impl SymmetricOperator for ArrayView2<'_, f64> {
+    fn dim(&self) -> usize {
+        self.nrows()
+    }
+    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
+        // C symmetric: (C Qᵀ)ᵀ = Q C.
+        q.dot(self)
+    }
+}
+
+/// Top eigenpairs of the symmetric operator `c`. `warm` (`r x d`, any `r`) seeds the block;
+/// missing rows are filled with seeded Gaussian vectors.
 pub fn top_eigenpairs(
-    c: ArrayView2<f64>,
+    c: &impl SymmetricOperator,
     warm: Option<ArrayView2<f64>>,
     params: &EigenParams,
 ) -> EigenResult {
-    let d = c.nrows();
+    let d = c.dim();
     let values = params.values.max(params.vectors).min(d);
     let vectors = params.vectors.min(values);
     let block = (values + params.oversample).min(d);
@@ -78,8 +94,7 @@ pub fn top_eigenpairs(
     let mut iterations = 0;
     loop {
         iterations += 1;
-        // C symmetric: (C Qᵀ)ᵀ = Q C.
-        let y = q.dot(&c);
+        let y = c.apply_rows(&q);
         let mut t = q.dot(&y.t());
         symmetrize(&mut t);
         let (ritz_values, ritz_vectors) = jacobi_eigen(&t);
@@ -268,7 +283,7 @@ mod tests {
             max_iterations: 2000,
             seed: 3,
         };
-        let cold = top_eigenpairs(a.view(), None, &params);
+        let cold = top_eigenpairs(&a.view(), None, &params);
         assert!(cold.converged);
         for i in 0..8 {
             assert!((cold.eigenvalues[i] - exact[i]).abs() <= 1e-9 * exact[0]);
@@ -277,7 +292,7 @@ mod tests {
             let cos = cold.eigenvectors.row(i).dot(&exact_vectors.column(i)).abs();
             assert!(cos > 1.0 - 1e-9, "component {i}: cos {cos}");
         }
-        let warm = top_eigenpairs(a.view(), Some(cold.eigenvectors.view()), &params);
+        let warm = top_eigenpairs(&a.view(), Some(cold.eigenvectors.view()), &params);
         assert!(warm.converged);
         assert!(warm.iterations < cold.iterations);
     }

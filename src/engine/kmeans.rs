@@ -51,6 +51,9 @@ pub struct ClusteringParams {
     pub max_passes: usize,
     /// Fresh k-means++ starts tried besides the given assignment (if any); best inertia wins.
     pub restarts: usize,
+    /// Whether the current clustering competes with the fresh starts (periodic polish) or is
+    /// only used to name the clusters (snapshots: a pure function of today's data).
+    pub keep_current: bool,
     pub seed: u64,
 }
 
@@ -251,21 +254,52 @@ pub fn finish<P: Points>(
 }
 
 /// Best of: Lloyd from `initial` centroids (if given) and `restarts` fresh k-means++ starts.
-pub fn cluster<P: Points>(
+/// Start `i` draws from its own RNG seeded by `(seed, i)` and ties go to the lowest start, so
+/// the result does not depend on how many threads run the starts (all available cores do).
+pub fn cluster<P: Points + Sync>(
     points: &P,
     initial: Option<Vec<f64>>,
     params: &ClusteringParams,
 ) -> Clustering {
-    let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let mut best: Option<Clustering> = initial.map(|c| lloyd(points, c, params.max_passes));
     let starts = if best.is_none() {
         params.restarts.max(1)
     } else {
         params.restarts
     };
-    for _ in 0..starts {
+    let run_start = |i: usize| {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(params.seed ^ (i as u64).wrapping_mul(0xA076_1D64_78BD_642F));
         let seeds = kmeans_plus_plus(points, params.k, &mut rng);
-        let candidate = lloyd(points, seeds, params.max_passes);
+        lloyd(points, seeds, params.max_passes)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(starts)
+        .max(1);
+    let mut results: Vec<(usize, Clustering)> = if threads == 1 {
+        (0..starts).map(|i| (i, run_start(i))).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let run_start = &run_start;
+                    scope.spawn(move || {
+                        (t..starts)
+                            .step_by(threads)
+                            .map(|i| (i, run_start(i)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    };
+    results.sort_by_key(|(i, _)| *i);
+    for (_, candidate) in results {
         if best.as_ref().is_none_or(|b| candidate.inertia < b.inertia) {
             best = Some(candidate);
         }
@@ -302,6 +336,7 @@ mod tests {
             k: 4,
             max_passes: 100,
             restarts: 5,
+            keep_current: false,
             seed: 7,
         };
         let c = cluster(&points, None, &params);

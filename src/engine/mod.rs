@@ -393,6 +393,7 @@ impl Engine {
             } else {
                 0
             },
+            keep_current: true,
             seed,
         };
         let outcome = self.model.refresh(
@@ -406,9 +407,11 @@ impl Engine {
         Some(outcome)
     }
 
-    /// A copy of the model refreshed on the current statistics and clustered with several
-    /// starts to convergence, ids matched to the online clustering. The engine itself is not
-    /// changed, so when snapshots are taken never alters the online trajectory.
+    /// A copy of the model refreshed on the current statistics and clustered from
+    /// `snapshot_kmeans_starts` fresh k-means++ starts to convergence, ids matched to the online
+    /// clustering. The result depends only on today's data (the online clustering only names
+    /// the clusters), and the engine itself is not changed, so when snapshots are taken never
+    /// alters the online trajectory.
     pub fn snapshot_model(&self) -> Option<Model> {
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
@@ -427,7 +430,8 @@ impl Engine {
             &ClusteringParams {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,
-                restarts: self.params.snapshot_kmeans_starts.saturating_sub(1),
+                restarts: self.params.snapshot_kmeans_starts,
+                keep_current: false,
                 seed,
             },
         );

@@ -66,6 +66,34 @@ impl CovarianceStats {
         self.n = self.n.saturating_sub(1);
     }
 
+    /// Trace of the population covariance, `Σ_j M_jj/n − μ_j²`, without building it.
+    pub fn covariance_trace(&self, d: usize) -> f64 {
+        if self.n == 0 {
+            return 0.0;
+        }
+        let n = self.n as f64;
+        (0..d)
+            .map(|j| {
+                let m_jj = self
+                    .rows
+                    .get(j)
+                    .and_then(|r| r.get(j))
+                    .copied()
+                    .unwrap_or(0.0);
+                let mean = self.sums.get(j).copied().unwrap_or(0.0) / n;
+                m_jj / n - mean * mean
+            })
+            .sum()
+    }
+
+    /// Column means `μ = s/n` over `d` items.
+    pub fn mean(&self, d: usize) -> Vec<f64> {
+        let n = self.n.max(1) as f64;
+        (0..d)
+            .map(|j| self.sums.get(j).copied().unwrap_or(0.0) / n)
+            .collect()
+    }
+
     /// `M = (A + Aᵀ)/2` as a dense `d x d` matrix.
     pub fn second_moments(&self, d: usize) -> Array2<f64> {
         self.symmetrised(d, 1.0, None)

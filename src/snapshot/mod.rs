@@ -103,8 +103,9 @@ pub struct InertiaByK {
     pub k: Vec<usize>,
     /// Best K-Means inertia on the PCA projection, per k.
     pub projected: Vec<f64>,
-    /// Best K-Means inertia on the full rating vectors of `full_users` sampled users, per k.
+    /// Best K-Means inertia on the full rating vectors of the same users, per k.
     pub full: Vec<f64>,
+    /// Users in both curves: a seeded sample of at most `diagnostics_max_users`.
     pub full_users: u64,
 }
 
@@ -346,21 +347,22 @@ fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagn
     let active: Vec<usize> = (0..engine.vectors().len())
         .filter(|&u| engine.vectors()[u].nnz() > 0)
         .collect();
-    let mut projected_data = Vec::with_capacity(active.len() * kept);
-    for &u in &active {
-        projected_data.extend_from_slice(model.projection(u));
-    }
-    let projected = DensePoints {
-        data: &projected_data,
-        dim: kept,
-    };
-    let mut sample = active.clone();
+    // Both inertia curves use the same seeded sample of users (all of them when few enough).
+    let mut sample = active;
     if sample.len() > params.diagnostics_max_users {
         let users = engine.users();
         sample.sort_by_key(|&u| stable_hash(users.id(u as u32).as_bytes(), seed ^ 0x5eed));
         sample.truncate(params.diagnostics_max_users);
         sample.sort_unstable();
     }
+    let mut projected_data = Vec::with_capacity(sample.len() * kept);
+    for &u in &sample {
+        projected_data.extend_from_slice(model.projection(u));
+    }
+    let projected = DensePoints {
+        data: &projected_data,
+        dim: kept,
+    };
     let rows: Vec<&SparseVec> = sample.iter().map(|&u| &engine.vectors()[u]).collect();
     let norms = rows
         .iter()
@@ -383,6 +385,7 @@ fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagn
             k,
             max_passes: 100,
             restarts: params.diagnostics_starts,
+            keep_current: false,
             seed: seed ^ k as u64,
         })
     };
