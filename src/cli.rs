@@ -64,18 +64,44 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
-    /// Run the service. Today only the demo mode exists: the engine on an endless generated
-    /// stream with planted segments, taking snapshots, until Ctrl-C.
+    /// Run the service: consume rating events from Kafka ([kafka] in the config) into the state
+    /// dir, taking snapshots, until SIGTERM/SIGINT. With --demo, consume an endless generated
+    /// stream with planted segments instead (no broker needed).
     Run {
-        /// Use the generated demo stream (no broker needed).
-        #[arg(long, required = true)]
+        /// Use the generated demo stream instead of Kafka.
+        #[arg(long)]
         demo: bool,
-        /// State dir for the demo (default: a fresh temporary directory, removed at exit).
+        /// Overrides [state] dir (demo default: a fresh temporary directory, removed at exit).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Stop after this many events (default: run until stopped).
+        /// Demo only: stop after this many events.
         #[arg(long)]
         max_events: Option<u64>,
+        /// Stop gracefully once this many valid events have been applied in total (state dir
+        /// included): for loading history and for benchmarks.
+        #[arg(long)]
+        exit_at_events: Option<u64>,
+    },
+    /// Load a ratings file (and a catalogue) into Kafka topics, key = user id, in timestamp order.
+    Produce {
+        /// Bootstrap servers (default: [kafka] brokers).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Ratings topic (default: [kafka] topic).
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long)]
+        ratings: PathBuf,
+        #[arg(long, value_enum)]
+        format: Option<FileFormat>,
+        /// Item catalogue to load into --items-topic as {"item","title"} records.
+        #[arg(long, requires = "items_topic")]
+        items: Option<PathBuf>,
+        #[arg(long)]
+        items_topic: Option<String>,
+        /// Create missing topics with this many partitions (catalogue: 1).
+        #[arg(long)]
+        partitions: Option<i32>,
     },
     /// Write a generated ratings file with planted segments (and its ground truth).
     Generate {
@@ -124,6 +150,22 @@ pub enum Command {
 pub enum GenMode {
     Explicit,
     Implicit,
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn wait_for_stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }
 
 fn init_tracing(config: &Config) {
@@ -175,7 +217,15 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
-        Command::Run { .. } | Command::Generate { .. } | Command::Bench { .. } => {}
+        Command::Run {
+            demo: false,
+            state_dir: Some(dir),
+            ..
+        } => config.state.dir = dir.clone(),
+        Command::Run { .. }
+        | Command::Produce { .. }
+        | Command::Generate { .. }
+        | Command::Bench { .. } => {}
     }
     init_tracing(&config);
     match run(cli.command, &config) {
@@ -235,9 +285,10 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run {
-            demo: _,
+            demo: true,
             state_dir,
             max_events,
+            ..
         } => {
             let shutdown = Arc::new(AtomicBool::new(false));
             let flag = shutdown.clone();
@@ -245,10 +296,9 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    tracing::info!("stopping: finishing the current batch");
-                    flag.store(true, Ordering::Relaxed);
-                }
+                wait_for_stop_signal().await;
+                tracing::info!("stopping: finishing the current batch");
+                flag.store(true, Ordering::Relaxed);
             });
             let temp;
             let dir = match state_dir {
@@ -271,6 +321,67 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             eprintln!(
                 "demo stopped after {} events and {} snapshots (last version {:?})",
                 summary.events_applied, summary.snapshots, summary.last_version
+            );
+            Ok(())
+        }
+        Command::Run {
+            demo: false,
+            exit_at_events,
+            ..
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    wait_for_stop_signal().await;
+                    let _ = stop_tx.send(true);
+                });
+                crate::service::run(
+                    config.clone(),
+                    stop_rx,
+                    crate::service::RunOptions { exit_at_events },
+                    Default::default(),
+                    Default::default(),
+                )
+                .await
+            })?;
+            Ok(())
+        }
+        Command::Produce {
+            brokers,
+            topic,
+            ratings,
+            format,
+            items,
+            items_topic,
+            partitions,
+        } => {
+            let options = crate::kafka::produce::ProduceOptions {
+                brokers: brokers.unwrap_or_else(|| config.kafka.brokers.clone()),
+                topic: topic.unwrap_or_else(|| config.kafka.topic.clone()),
+                format: format.unwrap_or_else(|| FileFormat::guess(&ratings)),
+                ratings,
+                items,
+                items_topic,
+                partitions,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let started = std::time::Instant::now();
+            let outcome = runtime.block_on(crate::kafka::produce::produce(config, &options))?;
+            eprintln!(
+                "produced {} events to {} ({} catalogue records) in {:.1} s; {}",
+                outcome.produced,
+                options.topic,
+                outcome.items_produced,
+                started.elapsed().as_secs_f64(),
+                outcome.rejected.summary()
             );
             Ok(())
         }

@@ -37,6 +37,8 @@ pub struct Config {
     pub model: ModelConfig,
     pub snapshot: SnapshotConfig,
     pub state: StateConfig,
+    pub kafka: KafkaConfig,
+    pub catalogue: CatalogueConfig,
     pub replay: ReplayConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
@@ -77,6 +79,7 @@ pub struct ModelConfig {
     pub eigen_max_iterations: usize,
     pub eigen_oversample: usize,
     pub max_items: usize,
+    pub refresh_interval_ms: u64,
     pub seed: u64,
 }
 
@@ -96,6 +99,7 @@ impl Default for ModelConfig {
             eigen_max_iterations: e.eigen_max_iterations,
             eigen_oversample: e.eigen_oversample,
             max_items: 20_000,
+            refresh_interval_ms: 0,
             seed: e.seed,
         }
     }
@@ -142,6 +146,46 @@ impl Default for StateConfig {
             dir: PathBuf::from("data/state"),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub dead_letter_topic: String,
+    pub items_topic: String,
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+    pub max_message_bytes: usize,
+    pub drain_timeout_ms: u64,
+    pub retry_backoff_ms: u64,
+    pub client: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "ratings".into(),
+            group_id: "segmenter".into(),
+            dead_letter_topic: "ratings-dead-letter".into(),
+            items_topic: String::new(),
+            batch_size: 5_000,
+            batch_linger_ms: 100,
+            max_message_bytes: 65_536,
+            drain_timeout_ms: 10_000,
+            retry_backoff_ms: 500,
+            client: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogueConfig {
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +435,35 @@ impl Config {
                 "[snapshot] holdout_percent",
                 format!("{} leaves nothing to train on", s.holdout_percent),
                 "use 0..99, default 20",
+            );
+        }
+        let k = &self.kafka;
+        for (field, value) in [
+            ("[kafka] brokers", &k.brokers),
+            ("[kafka] topic", &k.topic),
+            ("[kafka] group_id", &k.group_id),
+            ("[kafka] dead_letter_topic", &k.dead_letter_topic),
+        ] {
+            if value.trim().is_empty() {
+                return invalid(
+                    field,
+                    "is empty".into(),
+                    "set it (see config/segmenter.toml for the default)",
+                );
+            }
+        }
+        if k.dead_letter_topic == k.topic {
+            return invalid(
+                "[kafka] dead_letter_topic",
+                "equals [kafka] topic".into(),
+                "use a separate topic, e.g. ratings-dead-letter",
+            );
+        }
+        if k.batch_size == 0 || k.max_message_bytes == 0 {
+            return invalid(
+                "[kafka] batch_size/max_message_bytes",
+                "must be at least 1".into(),
+                "use the defaults 5000 and 65536",
             );
         }
         if self.replay.batch_size == 0 || self.demo.batch_size == 0 {

@@ -10,6 +10,8 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod generator;
+pub mod kafka;
 pub mod replay;
+pub mod service;
 pub mod snapshot;
 pub mod store;

@@ -1,0 +1,149 @@
+//! Kafka plumbing shared by the service and the `produce` command: client configuration,
+//! topic creation, the consumer context that assigns partitions at the offsets stored in the
+//! state dir, health flags, and dead letters.
+
+pub mod dead_letter;
+pub mod produce;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+
+/// `topic/partition`, the key of stored offsets.
+pub fn offset_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// librdkafka settings common to every client, plus `[kafka.client]` overrides.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("reconnect.backoff.ms", kafka.retry_backoff_ms.to_string())
+        .set("reconnect.backoff.max.ms", "10000");
+    for (k, v) in &kafka.client {
+        config.set(k, v);
+    }
+    config
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists.
+pub async fn ensure_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => anyhow::bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// What `/readyz` and the logs report about the service.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub state_open: AtomicBool,
+    pub consuming: AtomicBool,
+    pub broker_reachable: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.state_open.load(Ordering::Relaxed)
+            && self.consuming.load(Ordering::Relaxed)
+            && self.broker_reachable.load(Ordering::Relaxed)
+    }
+
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        let was = self.broker_reachable.swap(reachable, Ordering::Relaxed);
+        if was && !reachable {
+            tracing::warn!("broker unreachable: not ready; retrying with backoff");
+        } else if !was && reachable {
+            tracing::info!("broker reachable");
+        }
+    }
+}
+
+/// Consumer context: partitions are assigned at the next offsets stored in the state dir (the
+/// source of truth), never at Kafka's committed offsets; revocations are flagged so the
+/// service flushes its batch.
+pub struct ServiceContext {
+    pub stored_offsets: Arc<Mutex<BTreeMap<String, i64>>>,
+    pub health: Arc<Health>,
+    pub revoked: AtomicBool,
+}
+
+impl ClientContext for ServiceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
+        ) {
+            self.health.set_broker_reachable(false);
+        }
+        tracing::debug!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for ServiceContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let stored = self
+                    .stored_offsets
+                    .lock()
+                    .map(|o| o.clone())
+                    .unwrap_or_default();
+                let mut assigned = vec![];
+                for elem in tpl.elements() {
+                    let key = offset_key(elem.topic(), elem.partition());
+                    let offset = stored
+                        .get(&key)
+                        .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+                    assigned.push((elem.topic().to_string(), elem.partition(), offset));
+                }
+                for (topic, partition, offset) in &assigned {
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, *offset) {
+                        tracing::error!(%e, topic, partition, "cannot set the assigned offset");
+                    }
+                }
+                if let Err(e) = base_consumer.assign(tpl) {
+                    tracing::error!(%e, "partition assignment failed");
+                }
+                tracing::info!(partitions = ?assigned, "partitions assigned at the offsets stored in the state dir");
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoked.store(true, Ordering::Relaxed);
+                let _ = base_consumer.unassign();
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                let _ = base_consumer.unassign();
+            }
+        }
+    }
+}

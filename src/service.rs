@@ -1,0 +1,552 @@
+//! `segmenter run`: the long-running service. A poll loop on the tokio runtime reads rating
+//! events from Kafka, decodes them, dead-letters the bad ones and hands batches to an engine
+//! worker thread, which applies them and persists the changed state together with the next
+//! offset of every partition in one atomic commit. Only then are offsets committed to Kafka
+//! (for progress and lag). Snapshots and time-based refreshes run on the worker side, off the
+//! poll loop; snapshot building runs on its own thread.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::decode;
+use crate::engine::Engine;
+use crate::event::{RatingEvent, RejectReason, Rejection};
+use crate::kafka::dead_letter::{DeadLetter, deliver_all};
+use crate::kafka::{Health, ServiceContext, client_config, offset_key};
+use crate::replay::build_and_store_snapshot;
+use crate::store::Store;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop gracefully once this many events have been applied and persisted in total.
+    pub exit_at_events: Option<u64>,
+}
+
+/// Counters shared with logs (and the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    pub consumed: AtomicU64,
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: Mutex<BTreeMap<RejectReason, u64>>,
+    pub events_applied_total: AtomicU64,
+}
+
+/// A batch on its way from the poll loop to the engine worker.
+struct Batch {
+    events: Vec<RatingEvent>,
+    /// Next offset per partition after this batch.
+    offsets: BTreeMap<String, i64>,
+}
+
+/// What the worker reports after each durable commit.
+struct Committed {
+    offsets: BTreeMap<String, i64>,
+    events_applied: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub consumed: u64,
+    pub applied: u64,
+    pub rejected: u64,
+    pub events_applied_total: u64,
+    pub seconds: f64,
+}
+
+pub async fn run(
+    config: Config,
+    mut shutdown: watch::Receiver<bool>,
+    options: RunOptions,
+    health: Arc<Health>,
+    stats: Arc<ServiceStats>,
+) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let kafka = config.kafka.clone();
+    let (store, engine) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Store, Engine)> {
+            let store = Store::open(&config.state.dir)?;
+            let engine = store.load_engine(config.engine_params())?;
+            if let Some(file) = &config.catalogue.file {
+                let (titles, bad) = decode::read_catalogue_file(file)?;
+                if bad > 0 {
+                    tracing::warn!(bad, file = %file.display(), "unreadable catalogue lines skipped");
+                }
+                store.put_titles(&titles)?;
+            }
+            Ok((store, engine))
+        })
+        .await??
+    };
+    let store = Arc::new(store);
+    health.state_open.store(true, Ordering::Relaxed);
+    stats
+        .events_applied_total
+        .store(engine.counters().events_applied, Ordering::Relaxed);
+    let stored_offsets = Arc::new(Mutex::new(store.offsets()?));
+    tracing::info!(
+        state_dir = %config.state.dir.display(),
+        users = engine.active_users(),
+        events_applied = engine.counters().events_applied,
+        offsets = ?stored_offsets.lock().map(|o| o.clone()).unwrap_or_default(),
+        "state opened"
+    );
+    if options
+        .exit_at_events
+        .is_some_and(|n| engine.counters().events_applied >= n)
+    {
+        return Ok(RunSummary {
+            events_applied_total: engine.counters().events_applied,
+            ..RunSummary::default()
+        });
+    }
+
+    let context = ServiceContext {
+        stored_offsets: stored_offsets.clone(),
+        health: health.clone(),
+        revoked: AtomicBool::new(false),
+    };
+    let consumer: Arc<StreamConsumer<ServiceContext>> = Arc::new(
+        client_config(&kafka)
+            .set("group.id", &kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "range")
+            .create_with_context(context)
+            .context("cannot create the Kafka consumer")?,
+    );
+    consumer
+        .subscribe(&[&kafka.topic])
+        .with_context(|| format!("cannot subscribe to {}", kafka.topic))?;
+    let dead_letters: FutureProducer = client_config(&kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .context("cannot create the dead-letter producer")?;
+    if !kafka.items_topic.is_empty() {
+        spawn_items_reader(&config, store.clone(), shutdown.clone())?;
+    }
+
+    // Engine worker: owns the engine, applies and persists batches, reports commits.
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
+    let worker = {
+        let config = config.clone();
+        let store = store.clone();
+        let offsets = stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+        std::thread::Builder::new()
+            .name("segmenter-engine".into())
+            .spawn(move || engine_worker(config, store, engine, offsets, batch_rx, ack_tx))?
+    };
+
+    let linger = Duration::from_millis(kafka.batch_linger_ms.max(1));
+    let policy = config.engine_params().policy();
+    let mut expected: BTreeMap<String, i64> =
+        stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+    let mut pending = Batch {
+        events: Vec::with_capacity(kafka.batch_size),
+        offsets: BTreeMap::new(),
+    };
+    let mut letters: Vec<DeadLetter> = vec![];
+    let mut batch_started: Option<tokio::time::Instant> = None;
+    let mut summary = RunSummary::default();
+    let mut stopping_for_target = false;
+    health.consuming.store(true, Ordering::Relaxed);
+
+    let result: anyhow::Result<()> = async {
+        loop {
+            let flush_at = batch_started.map(|t| t + linger);
+            let mut flush = false;
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        tracing::info!("shutdown requested: draining");
+                        break;
+                    }
+                }
+                ack = ack_rx.recv() => {
+                    match ack {
+                        Some(Ok(committed)) => {
+                            on_committed(&consumer, &stored_offsets, &stats, &committed);
+                            if options.exit_at_events.is_some_and(|n| committed.events_applied >= n) {
+                                tracing::info!(events_applied = committed.events_applied, "target reached: stopping");
+                                stopping_for_target = true;
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => return Err(e),
+                        None => anyhow::bail!("the engine worker stopped unexpectedly"),
+                    }
+                }
+                _ = sleep_until_opt(flush_at), if flush_at.is_some() => flush = true,
+                message = consumer.recv() => {
+                    match message {
+                        Err(e) => {
+                            tracing::warn!(%e, "consume error");
+                            continue;
+                        }
+                        Ok(m) => {
+                            health.set_broker_reachable(true);
+                            stats.consumed.fetch_add(1, Ordering::Relaxed);
+                            summary.consumed += 1;
+                            let key = offset_key(m.topic(), m.partition());
+                            if expected.get(&key).is_some_and(|&next| m.offset() < next) {
+                                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            expected.insert(key.clone(), m.offset() + 1);
+                            pending.offsets.insert(key, m.offset() + 1);
+                            let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
+                            match decode_message(m.payload(), &config, &policy, default_ts) {
+                                Ok(event) => pending.events.push(event),
+                                Err(rejection) => letters.push(DeadLetter {
+                                    key: m.key().map(<[u8]>::to_vec),
+                                    payload: m.payload().map(<[u8]>::to_vec),
+                                    rejection,
+                                    topic: m.topic().to_string(),
+                                    partition: m.partition(),
+                                    offset: m.offset(),
+                                }),
+                            }
+                            if batch_started.is_none() {
+                                batch_started = Some(tokio::time::Instant::now());
+                            }
+                            flush = pending.events.len() + letters.len() >= kafka.batch_size;
+                        }
+                    }
+                }
+            }
+            if consumer.context().revoked.swap(false, Ordering::Relaxed) {
+                flush = true;
+            }
+            if flush && !pending.offsets.is_empty() {
+                let shutdown_rx = shutdown.clone();
+                send_batch(&dead_letters, &config, &stats, &mut pending, &mut letters, &batch_tx, move || *shutdown_rx.borrow()).await?;
+                summary.applied = stats.applied.load(Ordering::Relaxed);
+                batch_started = None;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    result?;
+
+    // Drain: the last partial batch, then every outstanding commit, within the drain time.
+    health.consuming.store(false, Ordering::Relaxed);
+    let drain = async {
+        if !pending.offsets.is_empty() && !stopping_for_target {
+            send_batch(
+                &dead_letters,
+                &config,
+                &stats,
+                &mut pending,
+                &mut letters,
+                &batch_tx,
+                || false,
+            )
+            .await?;
+        }
+        drop(batch_tx);
+        while let Some(ack) = ack_rx.recv().await {
+            on_committed(&consumer, &stored_offsets, &stats, &ack?);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_millis(kafka.drain_timeout_ms), drain)
+        .await
+        .map_err(|_| anyhow::anyhow!("drain did not finish within [kafka] drain_timeout_ms = {}; state is consistent up to the last commit", kafka.drain_timeout_ms))??;
+    let worker_result = tokio::task::spawn_blocking(move || worker.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the engine worker panicked"))?;
+    worker_result?;
+    // Progress for lag reporting; the state dir already holds the truth.
+    let final_offsets = stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+    if let Some(tpl) = commit_list(&final_offsets)
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+    {
+        tracing::warn!(%e, "final offset commit to Kafka failed (progress reporting only)");
+    }
+    summary.applied = stats.applied.load(Ordering::Relaxed);
+    summary.rejected = stats.rejected.lock().map(|r| r.values().sum()).unwrap_or(0);
+    summary.events_applied_total = stats.events_applied_total.load(Ordering::Relaxed);
+    summary.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        consumed = summary.consumed,
+        applied = summary.applied,
+        rejected = summary.rejected,
+        seconds = summary.seconds,
+        events_per_second = summary.applied as f64 / summary.seconds.max(1e-9),
+        "stopped"
+    );
+    Ok(summary)
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn decode_message(
+    payload: Option<&[u8]>,
+    config: &Config,
+    policy: &crate::event::ValuePolicy,
+    default_ts: i64,
+) -> Result<RatingEvent, Rejection> {
+    let bytes = match payload {
+        None => return Err(Rejection::new(RejectReason::Empty, "message has no value")),
+        Some(b) if b.len() > config.kafka.max_message_bytes => {
+            return Err(Rejection::new(
+                RejectReason::Oversized,
+                format!(
+                    "message of {} bytes exceeds [kafka] max_message_bytes = {}",
+                    b.len(),
+                    config.kafka.max_message_bytes
+                ),
+            ));
+        }
+        Some(b) => b,
+    };
+    let event = decode::decode_json(bytes, &config.events.fields, default_ts)?;
+    policy.check(&event)?;
+    Ok(event)
+}
+
+fn commit_list(offsets: &BTreeMap<String, i64>) -> Option<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (key, &offset) in offsets {
+        let (topic, partition) = key.rsplit_once('/')?;
+        let partition: i32 = partition.parse().ok()?;
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .ok()?;
+    }
+    (tpl.count() > 0).then_some(tpl)
+}
+
+fn on_committed(
+    consumer: &StreamConsumer<ServiceContext>,
+    stored: &Mutex<BTreeMap<String, i64>>,
+    stats: &ServiceStats,
+    committed: &Committed,
+) {
+    if let Ok(mut s) = stored.lock() {
+        s.clone_from(&committed.offsets);
+    }
+    stats
+        .events_applied_total
+        .store(committed.events_applied, Ordering::Relaxed);
+    if let Some(tpl) = commit_list(&committed.offsets) {
+        // Async: progress reporting only; failures are harmless (the state dir is the truth).
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(%e, "offset commit to Kafka failed (progress reporting only)");
+        }
+    }
+}
+
+/// Delivers the batch's dead letters (awaiting the broker's acknowledgement), then hands the
+/// good events and offsets to the engine worker.
+async fn send_batch(
+    producer: &FutureProducer,
+    config: &Config,
+    stats: &ServiceStats,
+    pending: &mut Batch,
+    letters: &mut Vec<DeadLetter>,
+    batch_tx: &mpsc::Sender<Batch>,
+    give_up: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    if !letters.is_empty() {
+        let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for l in letters.iter() {
+            *by_reason.entry(l.rejection.reason.label()).or_default() += 1;
+        }
+        // One line per batch, never one per event.
+        tracing::warn!(
+            count = letters.len(),
+            reasons = ?by_reason,
+            first = %letters[0].rejection,
+            topic = %config.kafka.dead_letter_topic,
+            "events rejected and sent to the dead-letter topic"
+        );
+        deliver_all(
+            producer,
+            &config.kafka.dead_letter_topic,
+            letters,
+            Duration::from_millis(config.kafka.retry_backoff_ms.max(1)),
+            give_up,
+        )
+        .await?;
+        if let Ok(mut r) = stats.rejected.lock() {
+            for l in letters.iter() {
+                *r.entry(l.rejection.reason).or_default() += 1;
+            }
+        }
+        letters.clear();
+    }
+    let batch = Batch {
+        events: std::mem::take(&mut pending.events),
+        offsets: std::mem::take(&mut pending.offsets),
+    };
+    stats
+        .applied
+        .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+    batch_tx
+        .send(batch)
+        .await
+        .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))
+}
+
+/// The engine side: apply, persist with offsets, acknowledge; periodic refresh by time and
+/// snapshots on their own thread so neither blocks the poll loop.
+fn engine_worker(
+    config: Config,
+    store: Arc<Store>,
+    mut engine: Engine,
+    mut offsets: BTreeMap<String, i64>,
+    mut batches: mpsc::Receiver<Batch>,
+    acks: mpsc::UnboundedSender<anyhow::Result<Committed>>,
+) -> anyhow::Result<()> {
+    let snapshot_every = Duration::from_millis(config.snapshot.interval_ms.max(1));
+    let refresh_every = (config.model.refresh_interval_ms > 0)
+        .then(|| Duration::from_millis(config.model.refresh_interval_ms));
+    let mut last_snapshot = Instant::now();
+    let mut last_refresh = Instant::now();
+    let mut snapshot_thread: Option<std::thread::JoinHandle<anyhow::Result<()>>> = None;
+    let result = (|| -> anyhow::Result<()> {
+        while let Some(batch) = batches.blocking_recv() {
+            let span = tracing::debug_span!("batch", events = batch.events.len());
+            let _enter = span.enter();
+            let applied_at = Instant::now();
+            let outcome = engine.apply(&batch.events);
+            if !outcome.refreshes.is_empty() {
+                last_refresh = Instant::now();
+            }
+            offsets.extend(batch.offsets);
+            store
+                .commit(&mut engine, Some(&offsets))
+                .context("cannot persist the batch: stopping without recording its offsets")?;
+            let events_applied = engine.counters().events_applied;
+            tracing::debug!(
+                events = batch.events.len(),
+                events_applied,
+                seconds = applied_at.elapsed().as_secs_f64(),
+                "batch committed"
+            );
+            if acks
+                .send(Ok(Committed {
+                    offsets: offsets.clone(),
+                    events_applied,
+                }))
+                .is_err()
+            {
+                break;
+            }
+            if refresh_every.is_some_and(|every| last_refresh.elapsed() >= every) {
+                let _span = tracing::info_span!("refresh").entered();
+                if let Some(r) = engine.refresh() {
+                    tracing::info!(
+                        iterations = r.eigen_iterations,
+                        seconds = r.seconds,
+                        "model refreshed on timer"
+                    );
+                    store.commit(&mut engine, Some(&offsets))?;
+                }
+                last_refresh = Instant::now();
+            }
+            let idle = snapshot_thread.as_ref().is_none_or(|t| t.is_finished());
+            if idle && last_snapshot.elapsed() >= snapshot_every {
+                if let Some(t) = snapshot_thread.take() {
+                    t.join()
+                        .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
+                }
+                snapshot_thread = Some(spawn_snapshot(&config, &store, &engine, &offsets)?);
+                last_snapshot = Instant::now();
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        let _ = acks.send(Err(anyhow::anyhow!("{e:#}")));
+    }
+    if let Some(t) = snapshot_thread.take() {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
+    }
+    result
+}
+
+fn spawn_snapshot(
+    config: &Config,
+    store: &Arc<Store>,
+    engine: &Engine,
+    offsets: &BTreeMap<String, i64>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let config = config.clone();
+    let store = store.clone();
+    let engine = engine.clone();
+    let offsets = offsets.clone();
+    Ok(std::thread::Builder::new()
+        .name("segmenter-snapshot".into())
+        .spawn(move || {
+            let _span = tracing::info_span!("snapshot").entered();
+            build_and_store_snapshot(&config, &store, &engine, offsets, false)?;
+            Ok(())
+        })?)
+}
+
+/// Reads the compacted catalogue topic from the beginning and stores titles as they come.
+fn spawn_items_reader(
+    config: &Config,
+    store: Arc<Store>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let kafka = &config.kafka;
+    let consumer: StreamConsumer = client_config(kafka)
+        .set("group.id", format!("{}-items", kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .context("cannot create the catalogue consumer")?;
+    consumer.subscribe(&[&kafka.items_topic])?;
+    let topic = kafka.items_topic.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                m = consumer.recv() => {
+                    let Ok(m) = m else { continue };
+                    let parsed = m.payload().and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
+                    let item = parsed.as_ref().and_then(|v| match &v["item"] {
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        serde_json::Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    });
+                    let title = parsed.as_ref().and_then(|v| v["title"].as_str().map(str::to_string));
+                    match (item, title) {
+                        (Some(item), Some(title)) => {
+                            if let Err(e) = store.put_titles(&[(item, title)]) {
+                                tracing::error!(%e, "cannot store a catalogue title");
+                            }
+                        }
+                        _ => tracing::warn!(topic = %topic, offset = m.offset(), "catalogue record skipped: expected {{\"item\": ..., \"title\": ...}}"),
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
