@@ -28,7 +28,8 @@ use crate::store::Store;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Stop gracefully once this many events have been applied and persisted in total.
+    /// Stop gracefully once this many events have been applied and persisted in total, and
+    /// build a final snapshot (a SIGTERM drain never waits for a snapshot).
     pub exit_at_events: Option<u64>,
 }
 
@@ -106,8 +107,19 @@ pub async fn run(
         .exit_at_events
         .is_some_and(|n| engine.counters().events_applied >= n)
     {
+        tracing::info!(
+            events_applied = engine.counters().events_applied,
+            "target already reached: final snapshot only"
+        );
+        let offsets = store.offsets()?;
+        let (config, store2) = (config.clone(), store.clone());
+        let engine_events = engine.counters().events_applied;
+        tokio::task::spawn_blocking(move || {
+            build_and_store_snapshot(&config, &store2, &engine, offsets, false)
+        })
+        .await??;
         return Ok(RunSummary {
-            events_applied_total: engine.counters().events_applied,
+            events_applied_total: engine_events,
             ..RunSummary::default()
         });
     }
@@ -117,8 +129,12 @@ pub async fn run(
         health: health.clone(),
         revoked: AtomicBool::new(false),
     };
+    let mut consumer_config = client_config(&kafka);
+    if !kafka.instance_id.is_empty() {
+        consumer_config.set("group.instance.id", &kafka.instance_id);
+    }
     let consumer: Arc<StreamConsumer<ServiceContext>> = Arc::new(
-        client_config(&kafka)
+        consumer_config
             .set("group.id", &kafka.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -143,13 +159,25 @@ pub async fn run(
     // Engine worker: owns the engine, applies and persists batches, reports commits.
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
+    let final_snapshot = Arc::new(AtomicBool::new(false));
     let worker = {
         let config = config.clone();
         let store = store.clone();
         let offsets = stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+        let final_snapshot = final_snapshot.clone();
         std::thread::Builder::new()
             .name("segmenter-engine".into())
-            .spawn(move || engine_worker(config, store, engine, offsets, batch_rx, ack_tx))?
+            .spawn(move || {
+                engine_worker(
+                    config,
+                    store,
+                    engine,
+                    offsets,
+                    batch_rx,
+                    ack_tx,
+                    &final_snapshot,
+                )
+            })?
     };
 
     let linger = Duration::from_millis(kafka.batch_linger_ms.max(1));
@@ -185,6 +213,7 @@ pub async fn run(
                             if options.exit_at_events.is_some_and(|n| committed.events_applied >= n) {
                                 tracing::info!(events_applied = committed.events_applied, "target reached: stopping");
                                 stopping_for_target = true;
+                                final_snapshot.store(true, Ordering::Relaxed);
                                 break;
                             }
                         }
@@ -419,6 +448,7 @@ fn engine_worker(
     mut offsets: BTreeMap<String, i64>,
     mut batches: mpsc::Receiver<Batch>,
     acks: mpsc::UnboundedSender<anyhow::Result<Committed>>,
+    final_snapshot: &AtomicBool,
 ) -> anyhow::Result<()> {
     let snapshot_every = Duration::from_millis(config.snapshot.interval_ms.max(1));
     let refresh_every = (config.model.refresh_interval_ms > 0)
@@ -484,6 +514,11 @@ fn engine_worker(
     }
     if let Some(t) = snapshot_thread.take() {
         t.join()
+            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
+    }
+    if result.is_ok() && final_snapshot.load(Ordering::Relaxed) {
+        spawn_snapshot(&config, &store, &engine, &offsets)?
+            .join()
             .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
     }
     result

@@ -396,9 +396,11 @@ impl Engine {
             keep_current: true,
             seed,
         };
+        let order = self.canonical_user_order();
         let outcome = self.model.refresh(
             &self.stats,
             &self.vectors,
+            &order,
             self.items.len(),
             &eigen,
             &clustering,
@@ -425,6 +427,7 @@ impl Engine {
         model.refresh(
             &self.stats,
             &self.vectors,
+            &self.canonical_user_order(),
             self.items.len(),
             &self.params.eigen(seed, true),
             &ClusteringParams {
@@ -436,6 +439,14 @@ impl Engine {
             },
         );
         Some(model)
+    }
+
+    /// User indices sorted by user id: an order independent of event arrival, for every
+    /// computation whose result could depend on the order it visits users in.
+    pub fn canonical_user_order(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.users.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| self.users.id(a).cmp(self.users.id(b)));
+        order
     }
 
     /// Everything changed since the previous call (for the store's atomic commit).

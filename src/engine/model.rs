@@ -314,10 +314,14 @@ impl Model {
     /// kept), re-projects every user, then re-clusters: k-means++ the first time there are
     /// enough users, otherwise Lloyd passes from the current memberships (plus `restarts` fresh
     /// starts). Cluster ids are matched to the previous ones by member overlap.
+    /// `canonical_order` lists user indices in an order that does not depend on arrival
+    /// (sorted by user id): clustering visits users in it, so the seeds a start picks, and
+    /// hence the result, are the same whatever order the events came in.
     pub(crate) fn refresh(
         &mut self,
         stats: &CovarianceStats,
         vectors: &[SparseVec],
+        canonical_order: &[u32],
         d: usize,
         eigen: &EigenParams,
         clustering: &ClusteringParams,
@@ -361,7 +365,7 @@ impl Model {
             })
             .collect();
         self.reproject(vectors);
-        let lloyd_passes = self.recluster(vectors, clustering);
+        let lloyd_passes = self.recluster(vectors, canonical_order, clustering);
         RefreshOutcome {
             eigen_iterations: result.iterations,
             eigen_converged: result.converged,
@@ -428,9 +432,16 @@ impl Model {
         }
     }
 
-    fn recluster(&mut self, vectors: &[SparseVec], params: &ClusteringParams) -> usize {
+    fn recluster(
+        &mut self,
+        vectors: &[SparseVec],
+        canonical_order: &[u32],
+        params: &ClusteringParams,
+    ) -> usize {
         let k = self.components;
-        let active: Vec<usize> = (0..vectors.len())
+        let active: Vec<usize> = canonical_order
+            .iter()
+            .map(|&u| u as usize)
             .filter(|&u| !vectors[u].idx.is_empty())
             .collect();
         if active.len() < self.clusters {

@@ -11,6 +11,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
+use crate::event::{Mode, ValuePolicy};
 use crate::kafka::{client_config, ensure_topic};
 
 #[derive(Debug, Clone)]
@@ -106,11 +107,18 @@ pub async fn produce(config: &Config, options: &ProduceOptions) -> anyhow::Resul
         outcome.items_produced =
             send_all(&producer, topic, records, &ProgressBar::hidden()).await?;
     }
+    // Only undecodable lines and NaN/infinite values (JSON cannot carry them) are skipped here:
+    // range and mode checks belong to the consuming service, which dead-letters violations.
+    let permissive = ValuePolicy {
+        mode: Mode::Explicit,
+        min_value: f64::NEG_INFINITY,
+        max_value: f64::INFINITY,
+    };
     let mut decoded = decode::read_ratings_file(
         &options.ratings,
         options.format,
         &config.events.fields,
-        &config.engine_params().policy(),
+        &permissive,
     )?;
     decoded.events.sort_by_key(|e| e.ts);
     outcome.rejected = decoded.rejected;

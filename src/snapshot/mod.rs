@@ -344,16 +344,18 @@ fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagn
         .collect();
     let seed = engine.params().seed;
     let kept = model.components();
-    let active: Vec<usize> = (0..engine.vectors().len())
+    // Both inertia curves use the same seeded sample of users (all of them when few enough),
+    // in an order that depends only on the user ids, never on event arrival.
+    let users = engine.users();
+    let mut sample: Vec<usize> = engine
+        .canonical_user_order()
+        .into_iter()
+        .map(|u| u as usize)
         .filter(|&u| engine.vectors()[u].nnz() > 0)
         .collect();
-    // Both inertia curves use the same seeded sample of users (all of them when few enough).
-    let mut sample = active;
     if sample.len() > params.diagnostics_max_users {
-        let users = engine.users();
-        sample.sort_by_key(|&u| stable_hash(users.id(u as u32).as_bytes(), seed ^ 0x5eed));
+        sample.sort_by_cached_key(|&u| stable_hash(users.id(u as u32).as_bytes(), seed ^ 0x5eed));
         sample.truncate(params.diagnostics_max_users);
-        sample.sort_unstable();
     }
     let mut projected_data = Vec::with_capacity(sample.len() * kept);
     for &u in &sample {

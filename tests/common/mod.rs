@@ -1,0 +1,322 @@
+//! Helpers for the tests that talk to the real Kafka broker started by `scripts/test.sh`
+//! (`SEGMENTER_TEST_BROKERS`): unique topics, the service as a child process whose JSON log
+//! lines can be waited on, and state-dir comparisons.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use segmenter::config::Config;
+use segmenter::event::Mode;
+use segmenter::snapshot::Snapshot;
+use segmenter::store::Store;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_segmenter");
+
+/// The broker the test command started. Kafka tests cannot run without it; they fail loudly
+/// instead of silently passing.
+pub fn brokers() -> String {
+    std::env::var("SEGMENTER_TEST_BROKERS").expect(
+        "SEGMENTER_TEST_BROKERS is not set: run the suite with scripts/test.sh, which starts a \
+         real Kafka broker (or start one with scripts/kafka.sh start and export \
+         SEGMENTER_TEST_BROKERS=127.0.0.1:9092)",
+    )
+}
+
+/// A topic name no other test (or earlier run) uses.
+pub fn unique_topic(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+pub fn generate(dir: &Path, mode: Mode, users: usize, events: usize, seed: u64) -> PathBuf {
+    let path = dir.join(format!("ratings-{seed}.csv"));
+    let mode = match mode {
+        Mode::Explicit => "explicit",
+        Mode::Implicit => "implicit",
+    };
+    let out = Command::new(BIN)
+        .args([
+            "generate",
+            "--users",
+            &users.to_string(),
+            "--items",
+            "300",
+            "--events",
+        ])
+        .arg(events.to_string())
+        .args([
+            "--segments",
+            "6",
+            "--seed",
+            &seed.to_string(),
+            "--mode",
+            mode,
+            "--out",
+        ])
+        .arg(&path)
+        .output()
+        .expect("generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+pub fn produce(topic: &str, partitions: i32, ratings: &Path) {
+    let out = Command::new(BIN)
+        .args([
+            "produce",
+            "--brokers",
+            &brokers(),
+            "--topic",
+            topic,
+            "--partitions",
+        ])
+        .arg(partitions.to_string())
+        .arg("--ratings")
+        .arg(ratings)
+        .output()
+        .expect("produce");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Environment for a service run against `topic` with state in `state`.
+pub fn service_env(topic: &str, state: &Path, mode: Mode) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("SEGMENTER_KAFKA__BROKERS".into(), brokers()),
+        ("SEGMENTER_KAFKA__TOPIC".into(), topic.into()),
+        ("SEGMENTER_KAFKA__GROUP_ID".into(), format!("g-{topic}")),
+        ("SEGMENTER_KAFKA__INSTANCE_ID".into(), format!("i-{topic}")),
+        (
+            "SEGMENTER_KAFKA__DEAD_LETTER_TOPIC".into(),
+            format!("{topic}-dlq"),
+        ),
+        ("SEGMENTER_STATE__DIR".into(), state.display().to_string()),
+        // 6 planted segments span 5 dimensions: keeping 5 components keeps the subspace well
+        // separated from the noise, so two histories give the same clustering.
+        ("SEGMENTER_MODEL__CLUSTERS".into(), "6".into()),
+        ("SEGMENTER_MODEL__COMPONENTS".into(), "5".into()),
+        (
+            "SEGMENTER_MODEL__REFRESH_EVERY_EVENTS".into(),
+            "4000".into(),
+        ),
+        ("SEGMENTER_LOG__FORMAT".into(), "json".into()),
+        ("RUST_LOG".into(), "segmenter=debug,librdkafka=warn".into()),
+    ];
+    if mode == Mode::Implicit {
+        env.push(("SEGMENTER_EVENTS__MODE".into(), "implicit".into()));
+        env.push(("SEGMENTER_EVENTS__MAX_VALUE".into(), "1000".into()));
+    }
+    env
+}
+
+/// A running `segmenter run` with its log lines delivered on a channel.
+pub struct Service {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Service {
+    pub fn start(env: &[(String, String)], args: &[&str]) -> Service {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .envs(env.iter().cloned())
+            .env_remove("SEGMENTER_CONFIG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start segmenter run");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Service {
+            child,
+            lines: rx,
+            seen: vec![],
+        }
+    }
+
+    /// Waits (up to `limit`) for a log line satisfying `condition`; panics with the log if
+    /// it never comes.
+    pub fn wait_for(
+        &mut self,
+        limit: Duration,
+        condition: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                        && condition(&v)
+                    {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "condition not met within {limit:?}; service log:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for a commit that brought the total of applied events to at least `n`.
+    pub fn wait_for_applied(&mut self, n: u64, limit: Duration) -> u64 {
+        let v = self.wait_for(limit, |v| {
+            v["fields"]["message"] == "batch committed"
+                && v["fields"]["events_applied"]
+                    .as_u64()
+                    .is_some_and(|a| a >= n)
+        });
+        v["fields"]["events_applied"].as_u64().unwrap_or(0)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code and the rest of its log.
+    pub fn wait_exit(mut self, limit: Duration) -> (Option<i32>, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                self.seen.extend(self.lines.try_iter());
+                return (status.code(), self.seen);
+            }
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().expect("wait");
+                    return (status.code(), self.seen);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service did not exit within {limit:?}:\n{}",
+                self.seen.join("\n")
+            );
+        }
+    }
+}
+
+/// Runs the service until `total` events are applied (it then exits by itself with a final
+/// snapshot) and returns that snapshot.
+pub fn run_to_completion(env: &[(String, String)], total: u64) -> Snapshot {
+    let service = Service::start(env, &["--exit-at-events", &total.to_string()]);
+    let (code, log) = service.wait_exit(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    let state = env
+        .iter()
+        .find(|(k, _)| k == "SEGMENTER_STATE__DIR")
+        .map(|(_, v)| PathBuf::from(v))
+        .expect("state dir");
+    Store::open(&state)
+        .expect("open state")
+        .latest_snapshot()
+        .expect("read")
+        .expect("a final snapshot")
+}
+
+/// `segmenter replay` of the same file into its own state dir: the reference result.
+pub fn replay_snapshot(ratings: &Path, state: &Path, env: &[(String, String)]) -> Snapshot {
+    let out_path = state.with_extension("json");
+    let out = Command::new(BIN)
+        .args(["replay", "--ratings"])
+        .arg(ratings)
+        .arg("--snapshot-out")
+        .arg(&out_path)
+        .envs(env.iter().cloned())
+        .env("SEGMENTER_STATE__DIR", state)
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(out_path).expect("snapshot")).expect("json")
+}
+
+/// Same counts and cluster sizes, explained-variance ratios within 1e-9.
+pub fn assert_same_model(a: &Snapshot, b: &Snapshot) {
+    assert_eq!(a.counts.users, b.counts.users);
+    assert_eq!(a.counts.items, b.counts.items);
+    assert_eq!(a.counts.ratings, b.counts.ratings);
+    assert_eq!(a.counts.events_applied, b.counts.events_applied);
+    let sorted = |s: &Snapshot| {
+        let mut v = s.kmeans.sizes.clone();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(a), sorted(b), "cluster sizes");
+    for (x, y) in a
+        .pca
+        .explained_variance_ratio
+        .iter()
+        .zip(&b.pca.explained_variance_ratio)
+    {
+        assert!((x - y).abs() <= 1e-9, "explained-variance ratio {x} vs {y}");
+    }
+    assert!((a.pca.total_variance - b.pca.total_variance).abs() <= 1e-9 * a.pca.total_variance);
+}
+
+/// Every user's vector in two state dirs, by user id (exact equality: nothing lost, nothing
+/// counted twice).
+pub fn assert_same_vectors(a: &Path, b: &Path, config: &Config) {
+    let load = |p: &Path| {
+        let engine = Store::open(p)
+            .unwrap()
+            .load_engine(config.engine_params())
+            .unwrap();
+        let mut out = BTreeMap::new();
+        for (u, id) in engine.users().ids().iter().enumerate() {
+            let x = engine.vector(u as u32);
+            let cells: BTreeMap<String, f64> = x
+                .iter()
+                .map(|(j, v)| (engine.items().id(j).to_string(), v))
+                .collect();
+            out.insert(id.clone(), cells);
+        }
+        out
+    };
+    let (va, vb) = (load(a), load(b));
+    assert_eq!(va.len(), vb.len(), "user count");
+    for (user, cells) in &va {
+        assert_eq!(Some(cells), vb.get(user), "vector of {user}");
+    }
+}
+
+/// The config a service run with `env` uses (to open its state dir in the test).
+pub fn config_for(env: &[(String, String)]) -> Config {
+    Config::load_with_env(None, env.iter().cloned()).expect("config")
+}

@@ -1,0 +1,240 @@
+//! End to end against the real Kafka broker started by `scripts/test.sh`: a topic with several
+//! partitions consumed by `segmenter run` ends where `segmenter replay` of the same file ends;
+//! SIGKILL at random moments and SIGTERM lose nothing and count nothing twice; every bad
+//! message lands in the dead-letter topic with its reason.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use segmenter::event::Mode;
+
+const EVENTS: u64 = 24_000;
+
+#[test]
+fn kafka_run_ends_in_the_same_snapshot_as_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Explicit, 400, EVENTS as usize, 21);
+    let topic = unique_topic("e2e");
+    produce(&topic, 3, &ratings);
+    let env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    let from_kafka = run_to_completion(&env, EVENTS);
+    let from_file = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
+    assert_same_model(&from_kafka, &from_file);
+    assert_eq!(
+        from_kafka.offsets.len(),
+        3,
+        "offsets of every partition: {:?}",
+        from_kafka.offsets
+    );
+    assert_eq!(from_kafka.offsets.values().sum::<i64>(), EVENTS as i64);
+}
+
+fn killed_at_random_moments_loses_nothing(mode: Mode, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), mode, 400, EVENTS as usize, seed);
+    let topic = unique_topic("crash");
+    produce(&topic, 3, &ratings);
+    let mut env = service_env(&topic, &dir.path().join("state"), mode);
+    // Small batches: many commits, so kills land between and inside them.
+    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "300".into()));
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut applied = 0;
+    let mut kills = 0;
+    for round in 0..4 {
+        let target = applied + rng.random_range(1_000..5_000);
+        if target > EVENTS - 1_000 {
+            break;
+        }
+        let mut service = Service::start(&env, &[]);
+        applied = service.wait_for_applied(target, Duration::from_secs(120));
+        // A random extra delay inside the next batches (a moment, not a wait for a condition).
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
+        service.signal("-KILL");
+        let (code, _) = service.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, None, "round {round}: killed by a signal");
+        kills += 1;
+    }
+    assert!(
+        kills >= 2,
+        "the service must be killed mid-stream several times ({kills})"
+    );
+    let killed = run_to_completion(&env, EVENTS);
+    assert_eq!(
+        killed.counts.events_applied, EVENTS,
+        "every event applied exactly once"
+    );
+
+    // The uninterrupted run of the same topic, in its own state dir and group.
+    let mut clean_env = service_env(&topic, &dir.path().join("clean"), mode);
+    clean_env.retain(|(k, _)| k != "SEGMENTER_KAFKA__GROUP_ID");
+    clean_env.push(("SEGMENTER_KAFKA__GROUP_ID".into(), format!("clean-{topic}")));
+    let clean = run_to_completion(&clean_env, EVENTS);
+    assert_same_model(&killed, &clean);
+    assert_same_vectors(
+        &dir.path().join("state"),
+        &dir.path().join("clean"),
+        &config_for(&env),
+    );
+}
+
+#[test]
+fn sigkill_at_random_moments_explicit_mode_same_final_state() {
+    killed_at_random_moments_loses_nothing(Mode::Explicit, 31);
+}
+
+#[test]
+fn sigkill_at_random_moments_implicit_mode_same_final_state() {
+    killed_at_random_moments_loses_nothing(Mode::Implicit, 32);
+}
+
+#[test]
+fn sigterm_mid_stream_exits_zero_and_resumes_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Implicit, 400, EVENTS as usize, 41);
+    let topic = unique_topic("term");
+    produce(&topic, 2, &ratings);
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Implicit);
+    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "300".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(6_000, Duration::from_secs(120));
+    service.signal("-TERM");
+    let (code, log) = service.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    assert!(
+        log.iter().any(|l| l.contains("\"stopped\"")),
+        "{}",
+        log.join("\n")
+    );
+    let resumed = run_to_completion(&env, EVENTS);
+    let reference = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
+    assert_same_model(&resumed, &reference);
+}
+
+#[test]
+fn bad_messages_go_to_the_dead_letter_topic_with_their_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique_topic("dlq");
+    let dlq = format!("{topic}-dlq");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let oversized = format!(
+        r#"{{"user":"u1","item":"i1","rating":3,"pad":"{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed", b"{\"user\": \"u1\", ".to_vec()),
+        (
+            "wrong_type",
+            br#"{"user":"u1","item":"i1","rating":"three"}"#.to_vec(),
+        ),
+        (
+            "wrong_type",
+            br#"{"user":["u1"],"item":"i1","rating":3}"#.to_vec(),
+        ),
+        ("missing_field", br#"{"user":"u1","rating":3}"#.to_vec()),
+        ("missing_field", br#"{"user":"u1","item":"i1"}"#.to_vec()),
+        (
+            "not_finite",
+            br#"{"user":"u1","item":"i1","rating":"NaN"}"#.to_vec(),
+        ),
+        (
+            "out_of_range",
+            br#"{"user":"u1","item":"i1","rating":7}"#.to_vec(),
+        ),
+        (
+            "out_of_range",
+            br#"{"user":"u1","item":"i1","rating":-2}"#.to_vec(),
+        ),
+        ("empty", b"".to_vec()),
+        ("oversized", oversized.into_bytes()),
+    ];
+    let mut good = 0u64;
+    let users = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"];
+    for round in 0..20 {
+        for (i, user) in users.iter().enumerate() {
+            let value = format!(
+                r#"{{"user":"{user}","item":"i{}","rating":{}}}"#,
+                round * 3 + i,
+                1 + (round + i) % 5
+            );
+            producer
+                .send(BaseRecord::to(&topic).key(*user).payload(&value))
+                .unwrap();
+            good += 1;
+        }
+        if let Some((_, payload)) = bad.get(round) {
+            producer
+                .send(BaseRecord::to(&topic).key("bad-key").payload(payload))
+                .unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "2".into()));
+    env.push(("SEGMENTER_MODEL__COMPONENTS".into(), "2".into()));
+    env.push(("SEGMENTER_MODEL__CURVE_COMPONENTS".into(), "4".into()));
+    env.push(("SEGMENTER_SNAPSHOT__DIAGNOSTICS_K".into(), "[2]".into()));
+    env.push(("SEGMENTER_EVENTS__MIN_VALUE".into(), "1".into()));
+    let snapshot = run_to_completion(&env, good);
+    assert_eq!(
+        snapshot.counts.events_applied, good,
+        "every good event applied"
+    );
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{dlq}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut letters = vec![];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while letters.len() < bad.len() && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            let header = |name: &str| {
+                m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == name)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+            };
+            letters.push((
+                header("segmenter.reason").unwrap_or_default(),
+                m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                m.key().map(<[u8]>::to_vec),
+                header("segmenter.source.topic"),
+                header("segmenter.source.offset").is_some(),
+                header("segmenter.source.partition").is_some(),
+            ));
+        }
+    }
+    assert_eq!(
+        letters.len(),
+        bad.len(),
+        "every bad message dead-lettered: {letters:?}"
+    );
+    for ((reason, payload), letter) in bad.iter().zip(&letters) {
+        assert_eq!(&letter.0, reason);
+        assert_eq!(&letter.1, payload, "original bytes kept");
+        assert_eq!(
+            letter.2.as_deref(),
+            Some(&b"bad-key"[..]),
+            "original key kept"
+        );
+        assert_eq!(letter.3.as_deref(), Some(topic.as_str()));
+        assert!(letter.4 && letter.5, "source partition and offset headers");
+    }
+}
