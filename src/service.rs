@@ -512,6 +512,8 @@ fn engine_worker(
     if let Err(e) = &result {
         let _ = acks.send(Err(anyhow::anyhow!("{e:#}")));
     }
+    // Closing the acknowledgements ends the drain: a final snapshot is not part of it.
+    drop(acks);
     if let Some(t) = snapshot_thread.take() {
         t.join()
             .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
