@@ -11,7 +11,7 @@ PARTITIONS="${PARTITIONS:-4}"
 work="$(mktemp -d /tmp/segmenter-bench.XXXXXX)"
 cleanup() {
   if [ -z "${BENCH_BROKERS:-}" ]; then KAFKA_PORT="$port" scripts/kafka.sh stop >/dev/null 2>&1 || true; fi
-  rm -rf "$work"
+  if [ -z "${KEEP:-}" ]; then rm -rf "$work"; else echo "kept $work"; fi
 }
 trap cleanup EXIT
 if [ -n "${BENCH_BROKERS:-}" ]; then
@@ -33,7 +33,7 @@ export SEGMENTER_KAFKA__GROUP_ID="bench-$topic" SEGMENTER_STATE__DIR="$work/stat
 export SEGMENTER_KAFKA__BATCH_SIZE="${BATCH_SIZE:-20000}"
 export SEGMENTER_MODEL__REFRESH_EVERY_EVENTS="${REFRESH_EVERY:-1000000}"
 export SEGMENTER_SNAPSHOT__INTERVAL_MS="${SNAPSHOT_INTERVAL_MS:-60000}"
-export SEGMENTER_LOG__FORMAT=json RUST_LOG=segmenter=info
+export SEGMENTER_LOG__FORMAT=json RUST_LOG="${BENCH_LOG:-segmenter=info}"
 "$bin" run --exit-at-events "$EVENTS" 2> "$work/run.log" || { tail -20 "$work/run.log"; exit 1; }
 python3 - "$work/run.log" "$EVENTS" <<'PY'
 import json, sys

@@ -77,6 +77,7 @@ pub struct ModelConfig {
     pub eigen_tolerance: f64,
     pub refresh_eigen_tolerance: f64,
     pub eigen_max_iterations: usize,
+    pub refresh_max_iterations: usize,
     pub eigen_oversample: usize,
     pub max_items: usize,
     pub refresh_interval_ms: u64,
@@ -97,6 +98,7 @@ impl Default for ModelConfig {
             eigen_tolerance: e.eigen_tolerance,
             refresh_eigen_tolerance: e.refresh_eigen_tolerance,
             eigen_max_iterations: e.eigen_max_iterations,
+            refresh_max_iterations: e.refresh_max_iterations,
             eigen_oversample: e.eigen_oversample,
             max_items: 20_000,
             refresh_interval_ms: 0,
@@ -511,6 +513,7 @@ impl Config {
             eigen_tolerance: m.eigen_tolerance,
             refresh_eigen_tolerance: m.refresh_eigen_tolerance,
             eigen_max_iterations: m.eigen_max_iterations,
+            refresh_max_iterations: m.refresh_max_iterations,
             eigen_oversample: m.eigen_oversample,
             seed: m.seed,
         }

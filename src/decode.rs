@@ -46,14 +46,7 @@ pub fn decode_json(
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Rejection::new(RejectReason::Empty, "empty message"));
     }
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| Rejection::new(RejectReason::Malformed, format!("invalid JSON: {e}")))?;
-    let Value::Object(object) = value else {
-        return Err(Rejection::new(
-            RejectReason::WrongType,
-            "expected a JSON object",
-        ));
-    };
+    let object = pick_fields(bytes, fields)?;
     let id = |name: &str| -> Result<String, Rejection> {
         match object.get(name) {
             None | Some(Value::Null) => Err(Rejection::new(
@@ -136,6 +129,90 @@ pub fn decode_json(
         value,
         ts,
     })
+}
+
+/// The four configured fields of a JSON object, parsed without building the whole object
+/// (other fields are skipped unparsed into values): the hot path of the Kafka consumer.
+struct PickedFields<'f> {
+    names: [&'f str; 4],
+    values: [Option<Value>; 4],
+}
+
+impl PickedFields<'_> {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| self.values[i].as_ref())
+    }
+}
+
+struct PickVisitor<'f> {
+    names: [&'f str; 4],
+}
+
+impl<'de, 'f> serde::de::Visitor<'de> for PickVisitor<'f> {
+    type Value = Option<PickedFields<'f>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values: [Option<Value>; 4] = Default::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match self.names.iter().position(|n| *n == key) {
+                Some(i) => values[i] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(PickedFields {
+            names: self.names,
+            values,
+        }))
+    }
+
+    // Any other JSON value: well-formed, but not an object.
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+fn pick_fields<'f>(bytes: &[u8], fields: &'f JsonFields) -> Result<PickedFields<'f>, Rejection> {
+    use serde::Deserializer;
+    let names = [
+        fields.user.as_str(),
+        fields.item.as_str(),
+        fields.rating.as_str(),
+        fields.ts.as_str(),
+    ];
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let picked = de
+        .deserialize_any(PickVisitor { names })
+        .and_then(|p| de.end().map(|()| p))
+        .map_err(|e| Rejection::new(RejectReason::Malformed, format!("invalid JSON: {e}")))?;
+    picked.ok_or_else(|| Rejection::new(RejectReason::WrongType, "expected a JSON object"))
 }
 
 fn json_type(value: &Value) -> &'static str {

@@ -141,6 +141,10 @@ pub async fn run(
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("partition.assignment.strategy", "range")
+            // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
+            .set("queued.min.messages", "500000")
+            .set("max.partition.fetch.bytes", "8388608")
+            .set("fetch.wait.max.ms", "100")
             .create_with_context(context)
             .context("cannot create the Kafka consumer")?,
     );

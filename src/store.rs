@@ -4,8 +4,12 @@
 //! not persisted, and a restart resumes exactly where the last commit left off.
 //!
 //! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
-//! `m/<name>` metadata, `u/<u32>` user records, `i/<u32>` item ids, `c/<item>` titles,
-//! `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
+//! `m/<name>` metadata, `n/<u32>` user ids, `u/<u32>` user vectors as of the last checkpoint,
+//! `l/<u64>` the cells (user, item, value) each commit changed since that checkpoint, `i/<u32>`
+//! item ids, `c/<item>` titles, `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
+//! A commit appends one log record (what changed, not whole vectors); every
+//! `[state] checkpoint_cells` logged cells, the changed users' vectors are rewritten and the log
+//! dropped, in the same atomic batch. Opening replays the log over the checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,7 +72,20 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     path: PathBuf,
+    log: std::sync::Mutex<LogState>,
+    checkpoint_cells: std::sync::atomic::AtomicU64,
 }
+
+/// Where the change log stands: the next record number and the cells logged since the last
+/// checkpoint.
+#[derive(Debug, Default)]
+struct LogState {
+    next_seq: u64,
+    cells: u64,
+}
+
+/// Default `[state] checkpoint_cells`.
+pub const DEFAULT_CHECKPOINT_CELLS: u64 = 1_000_000;
 
 fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + id.len());
@@ -92,19 +109,48 @@ fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
 impl Store {
     /// Opens (creating if needed) the state dir.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        // sled releases its file lock from a background thread shortly after the previous
+        // holder drops it; a lock held by a live process stays "busy" past the deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        };
         let tree = db.open_tree("state")?;
+        let mut log = LogState::default();
+        for entry in tree.scan_prefix(b"l/") {
+            let (k, v) = entry?;
+            let seq = u64::from_be_bytes(
+                k.get(2..10)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| corrupt(&k, "bad log key"))?,
+            );
+            log.next_seq = log.next_seq.max(seq + 1);
+            log.cells += (v.len() / LOG_CELL_BYTES) as u64;
+        }
         let store = Store {
             db,
             tree,
             path: path.to_path_buf(),
+            log: std::sync::Mutex::new(log),
+            checkpoint_cells: std::sync::atomic::AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
         };
         match store.get_json::<u32>("format")? {
             Some(f) if f != STATE_FORMAT => return Err(StoreError::Format { found: f }),
@@ -121,6 +167,12 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets `[state] checkpoint_cells`.
+    pub fn set_checkpoint_cells(&self, cells: u64) {
+        self.checkpoint_cells
+            .store(cells.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(
@@ -199,18 +251,68 @@ impl Store {
                 String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "item id is not UTF-8"))?,
             );
         }
-        for entry in self.tree.scan_prefix(b"u/") {
+        for entry in self.tree.scan_prefix(b"n/") {
             let (k, v) = entry?;
             let index = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))?;
             if index as usize != state.users.len() {
                 return Err(corrupt(&k, "user ids are not contiguous"));
             }
-            let (id, vector) = decode_user(&v).ok_or_else(|| corrupt(&k, "bad user record"))?;
-            if vector.idx.iter().any(|&j| j as usize >= state.items.len()) {
-                return Err(corrupt(&k, "user record names an unknown item"));
+            state.users.push(
+                String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "user id is not UTF-8"))?,
+            );
+        }
+        state.vectors = vec![SparseVec::default(); state.users.len()];
+        for entry in self.tree.scan_prefix(b"u/") {
+            let (k, v) = entry?;
+            let u = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))? as usize;
+            let x = decode_vector(&v).ok_or_else(|| corrupt(&k, "bad user vector"))?;
+            if u >= state.vectors.len()
+                || x.idx
+                    .last()
+                    .is_some_and(|&j| j as usize >= state.items.len())
+            {
+                return Err(corrupt(&k, "vector of an unknown user or item"));
             }
-            state.users.push(id);
-            state.vectors.push(vector);
+            state.vectors[u] = x;
+        }
+        // The log, oldest first, over the checkpoint.
+        for entry in self.tree.scan_prefix(b"l/") {
+            let (k, v) = entry?;
+            if v.len() % LOG_CELL_BYTES != 0 {
+                return Err(corrupt(&k, "bad log record"));
+            }
+            for cell in v.chunks_exact(LOG_CELL_BYTES) {
+                let u = u32::from_le_bytes([cell[0], cell[1], cell[2], cell[3]]) as usize;
+                let j = u32::from_le_bytes([cell[4], cell[5], cell[6], cell[7]]);
+                let value = f64::from_le_bytes(
+                    cell[8..16]
+                        .try_into()
+                        .map_err(|_| corrupt(&k, "bad log value"))?,
+                );
+                let x = state
+                    .vectors
+                    .get_mut(u)
+                    .ok_or_else(|| corrupt(&k, "log names an unknown user"))?;
+                state.users_since_checkpoint.push(u as u32);
+                if j as usize >= state.items.len() || !value.is_finite() {
+                    return Err(corrupt(
+                        &k,
+                        "log names an unknown item or a non-finite value",
+                    ));
+                }
+                match (x.idx.binary_search(&j), value == 0.0) {
+                    (Ok(p), true) => {
+                        x.idx.remove(p);
+                        x.val.remove(p);
+                    }
+                    (Ok(p), false) => x.val[p] = value,
+                    (Err(_), true) => {}
+                    (Err(p), false) => {
+                        x.idx.insert(p, j);
+                        x.val.insert(p, value);
+                    }
+                }
+            }
         }
         if let Some(bytes) = self.tree.get(meta("labels"))? {
             state.labels = bytes
@@ -248,12 +350,39 @@ impl Store {
         for i in changes.first_new_item..engine.items().len() as u32 {
             batch.insert(key(b'i', &i.to_be_bytes()), engine.items().id(i).as_bytes());
         }
-        let mut record = Vec::new();
-        for &u in &changes.users {
-            encode_user(engine.users().id(u), engine.vector(u), &mut record);
-            batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
+        for u in changes.first_new_user..engine.users().len() as u32 {
+            batch.insert(key(b'n', &u.to_be_bytes()), engine.users().id(u).as_bytes());
         }
-        // New users always have a changed vector, so they are in `changes.users`.
+        let mut log = self
+            .log
+            .lock()
+            .map_err(|_| corrupt(b"l/", "log state poisoned"))?;
+        let threshold = self
+            .checkpoint_cells
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if log.cells + changes.cells.len() as u64 >= threshold {
+            // Checkpoint: whole vectors of every user changed since the last one; drop the log.
+            let mut record = Vec::new();
+            for u in engine.take_checkpoint_users() {
+                encode_vector(engine.vector(u), &mut record);
+                batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
+            }
+            for seq in 0..log.next_seq {
+                batch.remove(key(b'l', &seq.to_be_bytes()));
+            }
+            log.next_seq = 0;
+            log.cells = 0;
+        } else if !changes.cells.is_empty() {
+            let mut record = Vec::with_capacity(changes.cells.len() * LOG_CELL_BYTES);
+            for &(u, j) in &changes.cells {
+                record.extend_from_slice(&u.to_le_bytes());
+                record.extend_from_slice(&j.to_le_bytes());
+                record.extend_from_slice(&engine.vector(u).get(j).to_le_bytes());
+            }
+            batch.insert(key(b'l', &log.next_seq.to_be_bytes()), record);
+            log.next_seq += 1;
+            log.cells += changes.cells.len() as u64;
+        }
         if changes.labels || changes.model {
             let labels: Vec<u8> = engine
                 .model()
@@ -398,13 +527,11 @@ impl Store {
         for pair in bytes.chunks_exact(8) {
             let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
             let c = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
-            let rk = key(b'u', &u.to_be_bytes());
-            let record = self
+            let id = self
                 .tree
-                .get(&rk)?
+                .get(key(b'n', &u.to_be_bytes()))?
                 .ok_or_else(|| corrupt(&k, "assignment names an unknown user"))?;
-            let (id, _) = decode_user(&record).ok_or_else(|| corrupt(&rk, "bad user record"))?;
-            out.push((id, c));
+            out.push((String::from_utf8_lossy(&id).into_owned(), c));
         }
         Ok(Some(out))
     }
@@ -430,11 +557,12 @@ fn index_u32(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
 }
 
-/// `[id len u32][id][nnz u32][idx u32 x nnz][val f64 x nnz]`, little-endian.
-fn encode_user(id: &str, x: &SparseVec, out: &mut Vec<u8>) {
+/// A log cell: user u32, item u32, value f64 (0 = removed), little-endian.
+const LOG_CELL_BYTES: usize = 16;
+
+/// `[nnz u32][idx u32 x nnz][val f64 x nnz]`, little-endian.
+fn encode_vector(x: &SparseVec, out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&(id.len() as u32).to_le_bytes());
-    out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(&(x.nnz() as u32).to_le_bytes());
     for j in &x.idx {
         out.extend_from_slice(&j.to_le_bytes());
@@ -444,19 +572,15 @@ fn encode_user(id: &str, x: &SparseVec, out: &mut Vec<u8>) {
     }
 }
 
-fn decode_user(bytes: &[u8]) -> Option<(String, SparseVec)> {
+fn decode_vector(bytes: &[u8]) -> Option<SparseVec> {
     let read_u32 = |at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
     };
-    let id_len = read_u32(0)? as usize;
-    let id = String::from_utf8(bytes.get(4..4 + id_len)?.to_vec()).ok()?;
-    let mut at = 4 + id_len;
-    let nnz = read_u32(at)? as usize;
-    at += 4;
+    let nnz = read_u32(0)? as usize;
     let idx: Vec<u32> = (0..nnz)
-        .map(|i| read_u32(at + 4 * i))
+        .map(|i| read_u32(4 + 4 * i))
         .collect::<Option<_>>()?;
-    at += 4 * nnz;
+    let at = 4 + 4 * nnz;
     let val: Vec<f64> = (0..nnz)
         .map(|i| {
             Some(f64::from_le_bytes(
@@ -464,10 +588,13 @@ fn decode_user(bytes: &[u8]) -> Option<(String, SparseVec)> {
             ))
         })
         .collect::<Option<_>>()?;
-    if at + 8 * nnz != bytes.len() || idx.windows(2).any(|w| w[0] >= w[1]) {
+    if at + 8 * nnz != bytes.len()
+        || idx.windows(2).any(|w| w[0] >= w[1])
+        || val.iter().any(|v| !v.is_finite())
+    {
         return None;
     }
-    Some((id, SparseVec { idx, val }))
+    Some(SparseVec { idx, val })
 }
 
 #[cfg(test)]
@@ -475,15 +602,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn user_records_round_trip_and_reject_garbage() {
+    fn vectors_round_trip_and_garbage_is_refused() {
         let x = SparseVec {
             idx: vec![1, 5, 9],
             val: vec![1.5, -2.0, 4.0],
         };
         let mut buf = vec![];
-        encode_user("ü-42", &x, &mut buf);
-        assert_eq!(decode_user(&buf), Some(("ü-42".to_string(), x)));
-        assert_eq!(decode_user(&buf[..buf.len() - 1]), None);
-        assert_eq!(decode_user(b"\xff\xff\xff\xff"), None);
+        encode_vector(&x, &mut buf);
+        assert_eq!(decode_vector(&buf), Some(x));
+        assert_eq!(decode_vector(&buf[..buf.len() - 1]), None);
+        assert_eq!(decode_vector(b"\xff\xff\xff\xff"), None);
+    }
+
+    #[test]
+    fn checkpoints_and_log_replay_restore_the_same_vectors() {
+        use crate::engine::EngineParams;
+        use crate::event::RatingEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let events: Vec<RatingEvent> = (0..500)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 37),
+                item: format!("i{}", (i * 7) % 53),
+                value: if i % 11 == 0 {
+                    None
+                } else {
+                    Some((i % 5 + 1) as f64)
+                },
+                ts: i,
+            })
+            .collect();
+        let params = EngineParams::default();
+        let mut reference = Engine::new(params.clone());
+        // Reopen every few batches, so checkpoints happen after restarts with a pending log.
+        for (round, chunk) in events.chunks(75).enumerate() {
+            let store = Store::open(dir.path()).unwrap();
+            store.set_checkpoint_cells(40 + round as u64 * 7);
+            let mut engine = store.load_engine(params.clone()).unwrap();
+            assert_eq!(engine.vectors(), reference.vectors(), "round {round}");
+            for batch in chunk.chunks(25) {
+                engine.apply(batch);
+                reference.apply(batch);
+                store.commit(&mut engine, None).unwrap();
+            }
+        }
+        let reopened = Store::open(dir.path())
+            .unwrap()
+            .load_engine(params)
+            .unwrap();
+        assert_eq!(reopened.vectors(), reference.vectors());
+        assert_eq!(reopened.users().ids(), reference.users().ids());
     }
 }

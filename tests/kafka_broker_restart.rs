@@ -22,7 +22,11 @@ fn service_survives_a_broker_restart_mid_stream() {
     let first = dir.path().join("first.csv");
     let second = dir.path().join("second.csv");
     std::fs::write(&first, format!("{header}\n{}\n", body[..12_000].join("\n"))).unwrap();
-    std::fs::write(&second, format!("{header}\n{}\n", body[12_000..].join("\n"))).unwrap();
+    std::fs::write(
+        &second,
+        format!("{header}\n{}\n", body[12_000..].join("\n")),
+    )
+    .unwrap();
 
     let topic = unique_topic("restart");
     produce(&topic, 3, &first);
@@ -37,7 +41,11 @@ fn service_survives_a_broker_restart_mid_stream() {
         .env("KAFKA_PORT", &port)
         .output()
         .expect("restart the broker");
-    assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
     produce(&topic, 3, &second);
 
     let (code, log) = service.wait_exit(Duration::from_secs(180));

@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Mode, RatingEvent, RejectReason, ValuePolicy};
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
+use model::DataView;
 pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
 use stats::CovarianceStats;
+
+/// k-means++ starts of the online model's first clustering.
+const ONLINE_INIT_STARTS: usize = 3;
 
 /// A user's ratings: item indices ascending, values non-zero.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -108,6 +112,9 @@ pub struct EngineParams {
     /// Eigensolver tolerance of the periodic refresh (the online model only needs a good basis).
     pub refresh_eigen_tolerance: f64,
     pub eigen_max_iterations: usize,
+    /// Iteration cap of the periodic (warm-started) refresh: the online model needs a good
+    /// basis, not a converged one; snapshots always converge.
+    pub refresh_max_iterations: usize,
     pub eigen_oversample: usize,
     pub seed: u64,
 }
@@ -128,6 +135,7 @@ impl Default for EngineParams {
             eigen_tolerance: 1e-9,
             refresh_eigen_tolerance: 1e-6,
             eigen_max_iterations: 500,
+            refresh_max_iterations: 10,
             eigen_oversample: 10,
             seed: 42,
         }
@@ -158,7 +166,11 @@ impl EngineParams {
             } else {
                 self.refresh_eigen_tolerance
             },
-            max_iterations: self.eigen_max_iterations,
+            max_iterations: if with_curve {
+                self.eigen_max_iterations
+            } else {
+                self.refresh_max_iterations
+            },
             seed,
         }
     }
@@ -177,8 +189,8 @@ pub struct ApplyOutcome {
 /// What changed since the last [`Engine::take_changes`]: what the store must persist.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Changes {
-    /// Users whose vector changed, ascending.
-    pub users: Vec<u32>,
+    /// (user, item) cells whose value changed (now zero = removed), ascending.
+    pub cells: Vec<(u32, u32)>,
     /// Some user's cluster label changed (labels are persisted as one array).
     pub labels: bool,
     /// Ids interned since the last call start at these indices.
@@ -207,8 +219,10 @@ pub struct Engine {
     ratings: u64,
     counters: Counters,
     model: Model,
-    dirty: Vec<bool>,
-    dirty_list: Vec<u32>,
+    /// (user, item) cells changed since the last `take_changes`, deduplicated.
+    dirty_cells: rustc_hash::FxHashSet<(u32, u32)>,
+    /// Users changed since the store's last checkpoint of whole user records.
+    checkpoint_users: rustc_hash::FxHashSet<u32>,
     persisted_users: u32,
     persisted_items: u32,
     model_dirty: bool,
@@ -226,8 +240,8 @@ impl Engine {
             stats: CovarianceStats::default(),
             ratings: 0,
             counters: Counters::default(),
-            dirty: vec![],
-            dirty_list: vec![],
+            dirty_cells: Default::default(),
+            checkpoint_users: Default::default(),
             persisted_users: 0,
             persisted_items: 0,
             model_dirty: false,
@@ -245,11 +259,11 @@ impl Engine {
         engine.items = IdMap::from_ids(state.items);
         engine.vectors = state.vectors;
         engine.counters = state.counters;
+        engine.checkpoint_users = state.users_since_checkpoint.into_iter().collect();
         let mut model = state.model;
         model.labels = state.labels;
         model.labels.resize(engine.vectors.len(), NO_CLUSTER);
         engine.model.restore(model, &engine.vectors, d);
-        engine.dirty = vec![false; engine.vectors.len()];
         engine.persisted_users = engine.users.len() as u32;
         engine.persisted_items = engine.items.len() as u32;
         engine
@@ -315,10 +329,7 @@ impl Engine {
         let (u, new_user) = self.users.intern(&event.user);
         if new_user {
             self.vectors.push(SparseVec::default());
-            self.dirty.push(false);
             self.model.add_user_slot();
-            // A new user is persisted even if this event changes nothing (ids stay contiguous).
-            self.mark_dirty(u);
         }
         let (j, _) = self.items.intern(&event.item);
         let x = &self.vectors[u as usize];
@@ -360,14 +371,15 @@ impl Engine {
         }
         self.model
             .on_change(u as usize, j as usize, delta, was_active, now_active);
-        self.mark_dirty(u);
+        self.dirty_cells.insert((u, j));
+        self.checkpoint_users.insert(u);
     }
 
-    fn mark_dirty(&mut self, u: u32) {
-        if !self.dirty[u as usize] {
-            self.dirty[u as usize] = true;
-            self.dirty_list.push(u);
-        }
+    /// Users changed since the previous call, ascending (for the store's checkpoints).
+    pub fn take_checkpoint_users(&mut self) -> Vec<u32> {
+        let mut users: Vec<u32> = self.checkpoint_users.drain().collect();
+        users.sort_unstable();
+        users
     }
 
     /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service
@@ -388,8 +400,10 @@ impl Engine {
             } else {
                 self.params.polish_passes
             },
+            // The first online clustering only needs a sound start: snapshots run the full
+            // set of starts on their own.
             restarts: if first {
-                self.params.snapshot_kmeans_starts
+                ONLINE_INIT_STARTS.min(self.params.snapshot_kmeans_starts)
             } else {
                 0
             },
@@ -397,14 +411,13 @@ impl Engine {
             seed,
         };
         let order = self.canonical_user_order();
-        let outcome = self.model.refresh(
-            &self.stats,
-            &self.vectors,
-            &order,
-            self.items.len(),
-            &eigen,
-            &clustering,
-        );
+        let data = DataView {
+            stats: &self.stats,
+            vectors: &self.vectors,
+            canonical_order: &order,
+            items: self.items.len(),
+        };
+        let outcome = self.model.refresh(&data, true, &eigen, &clustering);
         self.model_dirty = true;
         Some(outcome)
     }
@@ -424,12 +437,19 @@ impl Engine {
                 .events_applied
                 .wrapping_mul(0xD1B5_4A32_D192_ED03);
         let mut model = self.model.clone();
+        let order = self.canonical_user_order();
+        let data = DataView {
+            stats: &self.stats,
+            vectors: &self.vectors,
+            canonical_order: &order,
+            items: self.items.len(),
+        };
         model.refresh(
-            &self.stats,
-            &self.vectors,
-            &self.canonical_user_order(),
-            self.items.len(),
-            &self.params.eigen(seed, true),
+            &data,
+            // A cold start from a fixed seed: the converged basis then depends on today's
+            // data only, not on the warm start the online history left behind.
+            false,
+            &self.params.eigen(self.params.seed, true),
             &ClusteringParams {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,
@@ -451,13 +471,10 @@ impl Engine {
 
     /// Everything changed since the previous call (for the store's atomic commit).
     pub fn take_changes(&mut self) -> Changes {
-        let mut users = std::mem::take(&mut self.dirty_list);
-        for &u in &users {
-            self.dirty[u as usize] = false;
-        }
-        users.sort_unstable();
+        let mut cells: Vec<(u32, u32)> = self.dirty_cells.drain().collect();
+        cells.sort_unstable();
         let changes = Changes {
-            users,
+            cells,
             first_new_user: self.persisted_users,
             first_new_item: self.persisted_items,
             labels: self.model.take_labels_changed(),
@@ -479,6 +496,9 @@ pub struct RestoredState {
     pub labels: Vec<u32>,
     pub model: PersistedModel,
     pub counters: Counters,
+    /// Users whose persisted vector record is older than their current vector (changes held
+    /// in the store's log): the next checkpoint must rewrite them.
+    pub users_since_checkpoint: Vec<u32>,
 }
 
 #[cfg(test)]

@@ -314,21 +314,24 @@ impl Model {
     /// kept), re-projects every user, then re-clusters: k-means++ the first time there are
     /// enough users, otherwise Lloyd passes from the current memberships (plus `restarts` fresh
     /// starts). Cluster ids are matched to the previous ones by member overlap.
-    /// `canonical_order` lists user indices in an order that does not depend on arrival
-    /// (sorted by user id): clustering visits users in it, so the seeds a start picks, and
-    /// hence the result, are the same whatever order the events came in.
     pub(crate) fn refresh(
         &mut self,
-        stats: &CovarianceStats,
-        vectors: &[SparseVec],
-        canonical_order: &[u32],
-        d: usize,
+        data: &DataView<'_>,
+        warm_start: bool,
         eigen: &EigenParams,
         clustering: &ClusteringParams,
     ) -> RefreshOutcome {
+        let DataView {
+            stats,
+            vectors,
+            canonical_order,
+            items: d,
+        } = *data;
         let started = std::time::Instant::now();
         let total_variance = stats.covariance_trace(d);
-        let warm = if self.warm_block.nrows() >= self.basis.nrows() && self.warm_block.nrows() > 0 {
+        let warm = if !warm_start {
+            None
+        } else if self.warm_block.nrows() >= self.basis.nrows() && self.warm_block.nrows() > 0 {
             Some(self.warm_block.view())
         } else {
             self.has_basis().then(|| self.basis.view())
@@ -526,6 +529,18 @@ impl Model {
             labels: vec![],
         }
     }
+}
+
+/// The engine's data as a refresh sees it.
+#[derive(Clone, Copy)]
+pub(crate) struct DataView<'a> {
+    pub stats: &'a CovarianceStats,
+    pub vectors: &'a [SparseVec],
+    /// User indices in an order that does not depend on arrival (sorted by user id):
+    /// clustering visits users in it, so the seeds a start picks, and hence the result, are
+    /// the same whatever order the events came in.
+    pub canonical_order: &'a [u32],
+    pub items: usize,
 }
 
 /// The model state that is persisted (labels are stored with the user records).

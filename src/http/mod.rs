@@ -1,0 +1,316 @@
+//! The read-only HTTP API on the service's tokio runtime: Prometheus metrics, health and
+//! readiness, snapshots, cluster profiles, user lookups and the OpenAPI document. Every error
+//! is a 4xx with a JSON body; an optional bearer token guards all but health and metrics.
+
+pub mod serving;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::kafka::Health;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use serving::Serving;
+
+/// The OpenAPI document of every route, kept in the repo.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Longest user id accepted in a path.
+const MAX_ID_BYTES: usize = 256;
+/// Largest `limit` of a cluster profile request.
+const MAX_LIMIT: usize = 1000;
+
+pub struct AppState {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub serving: Arc<RwLock<Option<Arc<Serving>>>>,
+    pub store: Arc<Store>,
+    pub token: Option<String>,
+}
+
+impl AppState {
+    fn latest(&self) -> Option<Arc<Serving>> {
+        self.serving.read().ok().and_then(|s| s.clone())
+    }
+}
+
+/// A JSON error response.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": self.message, "status": self.status.as_u16()});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn json_bytes(bytes: Vec<u8>) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        bytes,
+    )
+        .into_response()
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let guarded = Router::new()
+        .route("/snapshots", get(list_snapshots))
+        .route("/snapshots/latest", get(latest_snapshot))
+        .route("/snapshots/{version}", get(snapshot_by_version))
+        .route("/clusters/{id}", get(cluster))
+        .route("/users/{id}", get(user))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(guarded)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "the API is read-only: use GET")
+        })
+        .with_state(state)
+}
+
+/// Binds `listen` and serves until `shutdown` resolves.
+pub async fn serve(
+    listen: SocketAddr,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} ([http] listen): {e}"))?;
+    tracing::info!(%listen, "HTTP API listening");
+    let app = router(state);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(%e, "HTTP server failed");
+        }
+    }))
+}
+
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let h = &state.health;
+    let ready = h.ready();
+    let body = json!({
+        "ready": ready,
+        "state_open": h.state_open.load(Relaxed),
+        "consuming": h.consuming.load(Relaxed),
+        "broker_reachable": h.broker_reachable.load(Relaxed),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.ready.set(i64::from(state.health.ready()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    json_bytes(OPENAPI.as_bytes().to_vec())
+}
+
+async fn list_snapshots(State(state): State<Arc<AppState>>) -> ApiResult {
+    let store = state.store.clone();
+    let infos = tokio::task::spawn_blocking(move || store.snapshot_infos())
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot listing failed"))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(axum::Json(json!({"snapshots": infos})).into_response())
+}
+
+async fn latest_snapshot(State(state): State<Arc<AppState>>) -> ApiResult {
+    match state.latest() {
+        Some(s) => Ok(json_bytes(s.snapshot_json.clone())),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet")),
+    }
+}
+
+async fn snapshot_by_version(
+    State(state): State<Arc<AppState>>,
+    Path(version): Path<String>,
+) -> ApiResult {
+    let version: u64 = version.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("snapshot version must be a non-negative integer or `latest`, got `{}`", truncate(&version)),
+        )
+    })?;
+    if let Some(s) = state.latest().filter(|s| s.snapshot.version == version) {
+        return Ok(json_bytes(s.snapshot_json.clone()));
+    }
+    let store = state.store.clone();
+    let found = tokio::task::spawn_blocking(move || store.snapshot(version))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot read failed"))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    match found {
+        Some(s) => Ok(json_bytes(serde_json::to_vec(&s).unwrap_or_default())),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot {version} (it may have been removed by [snapshot] retention)"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LimitQuery {
+    limit: Option<String>,
+}
+
+fn parse_limit(raw: Option<&str>, default: usize) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be an integer from 1 to {MAX_LIMIT}, got `{}`", truncate(s)),
+            )),
+        },
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+async fn cluster(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<LimitQuery>,
+) -> ApiResult {
+    let limit = parse_limit(query.limit.as_deref(), 10)?;
+    let id: u32 = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cluster id must be a non-negative integer, got `{}`", truncate(&id)),
+        )
+    })?;
+    let latest = state
+        .latest()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let profile = latest
+        .snapshot
+        .clusters
+        .iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no cluster {id} (k = {})", latest.snapshot.kmeans.k),
+            )
+        })?;
+    let body = json!({
+        "snapshot_version": latest.snapshot.version,
+        "id": profile.id,
+        "size": profile.size,
+        "centroid": profile.centroid,
+        "n_items": profile.n_items,
+        "top_items": profile.top_items.iter().take(limit).collect::<Vec<_>>(),
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct UserQuery {
+    items: Option<String>,
+}
+
+async fn user(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<UserQuery>,
+) -> ApiResult {
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("user id must be 1 to {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    let items = parse_limit(query.items.as_deref(), 10)?;
+    let latest = state
+        .latest()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    match latest.user(&id, items) {
+        Some(segment) => Ok(axum::Json(segment).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown user `{}` (not in snapshot {})", truncate(&id), latest.snapshot.version),
+        )),
+    }
+}

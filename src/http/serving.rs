@@ -1,0 +1,167 @@
+//! What the HTTP API serves between two snapshots: the latest snapshot (and its JSON, encoded
+//! once) and, for `/users/{id}`, every assigned user's projection, ratings and cluster at that
+//! snapshot, so a lookup is a hash probe and a few small dot products.
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::engine::{Engine, Model, NO_CLUSTER, SparseVec};
+use crate::snapshot::Snapshot;
+
+pub struct Serving {
+    pub snapshot: Snapshot,
+    pub snapshot_json: Vec<u8>,
+    user_index: FxHashMap<String, u32>,
+    labels: Vec<u32>,
+    /// Centred projections, `users x components`.
+    projections: Vec<f64>,
+    vectors: Vec<SparseVec>,
+    /// Centred centroids, `clusters x components`.
+    centroids: Vec<f64>,
+    /// `items x components`.
+    loadings: Vec<f64>,
+    item_ids: Vec<String>,
+    titles: FxHashMap<String, String>,
+    components: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UserSegment {
+    pub user: String,
+    pub snapshot_version: u64,
+    pub cluster: u32,
+    /// Euclidean distance to the user's centroid in PCA space.
+    pub distance: f64,
+    /// The next-nearest cluster and the distance to it.
+    pub next_cluster: Option<u32>,
+    pub next_distance: Option<f64>,
+    pub ratings: usize,
+    /// The user's rated items that pull it most towards its cluster rather than the next one.
+    pub pulling_items: Vec<PullingItem>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PullingItem {
+    pub item: String,
+    pub title: Option<String>,
+    pub value: f64,
+    /// This item's share of `‖p − c_next‖² − ‖p − c‖²` (larger = pulls harder).
+    pub pull: f64,
+}
+
+impl Serving {
+    pub fn new(
+        engine: &Engine,
+        model: &Model,
+        snapshot: Snapshot,
+        titles: FxHashMap<String, String>,
+    ) -> Serving {
+        let k = model.components();
+        let offset = model.projected_mean();
+        let mut user_index = FxHashMap::default();
+        let mut labels = vec![];
+        let mut projections = vec![];
+        let mut vectors = vec![];
+        for (u, &label) in model.labels().iter().enumerate() {
+            if label == NO_CLUSTER {
+                continue;
+            }
+            user_index.insert(engine.users().id(u as u32).to_string(), labels.len() as u32);
+            labels.push(label);
+            projections.extend(model.projection(u).iter().zip(&offset).map(|(z, m)| z - m));
+            vectors.push(engine.vectors()[u].clone());
+        }
+        let basis = model.basis();
+        let d = basis.ncols();
+        let mut loadings = vec![0.0; d * k];
+        for c in 0..basis.nrows().min(k) {
+            for j in 0..d {
+                loadings[j * k + c] = basis[[c, j]];
+            }
+        }
+        let centroids = snapshot
+            .clusters
+            .iter()
+            .flat_map(|c| c.centroid.iter().copied())
+            .collect();
+        let snapshot_json = serde_json::to_vec(&snapshot).unwrap_or_default();
+        Serving {
+            snapshot,
+            snapshot_json,
+            user_index,
+            labels,
+            projections,
+            vectors,
+            centroids,
+            loadings,
+            item_ids: engine.items().ids()[..d.min(engine.items().len())].to_vec(),
+            titles,
+            components: k,
+        }
+    }
+
+    pub fn user(&self, id: &str, items: usize) -> Option<UserSegment> {
+        let i = *self.user_index.get(id)? as usize;
+        let k = self.components;
+        let p = &self.projections[i * k..(i + 1) * k];
+        let cluster = self.labels[i];
+        let distance = |c: usize| {
+            p.iter()
+                .zip(&self.centroids[c * k..(c + 1) * k])
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let clusters = self.centroids.len() / k.max(1);
+        let next = (0..clusters)
+            .filter(|&c| c as u32 != cluster)
+            .map(|c| (c, distance(c)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let own = &self.centroids[cluster as usize * k..(cluster as usize + 1) * k];
+        let x = &self.vectors[i];
+        let mut pulling: Vec<PullingItem> = x
+            .iter()
+            .filter(|(j, _)| (*j as usize) < self.item_ids.len())
+            .map(|(j, v)| {
+                let row = &self.loadings[j as usize * k..(j as usize + 1) * k];
+                let pull = match next {
+                    Some((n, _)) => {
+                        let other = &self.centroids[n * k..(n + 1) * k];
+                        2.0 * v * row.iter().zip(own.iter().zip(other)).map(|(l, (a, b))| l * (a - b)).sum::<f64>()
+                    }
+                    None => v * row.iter().zip(own).map(|(l, a)| l * a).sum::<f64>(),
+                };
+                let item = self.item_ids[j as usize].clone();
+                PullingItem {
+                    title: self.titles.get(&item).cloned(),
+                    item,
+                    value: v,
+                    pull,
+                }
+            })
+            .filter(|p| p.pull > 0.0)
+            .collect();
+        pulling.sort_by(|a, b| b.pull.total_cmp(&a.pull).then_with(|| a.item.cmp(&b.item)));
+        pulling.truncate(items);
+        Some(UserSegment {
+            user: id.to_string(),
+            snapshot_version: self.snapshot.version,
+            cluster,
+            distance: distance(cluster as usize),
+            next_cluster: next.map(|n| n.0 as u32),
+            next_distance: next.map(|n| n.1),
+            ratings: x.nnz(),
+            pulling_items: pulling,
+        })
+    }
+
+    /// Number of users that can be looked up.
+    pub fn users(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Some user id (for examples and load tests), the first in id order.
+    pub fn any_user(&self) -> Option<&str> {
+        self.user_index.keys().min().map(String::as_str)
+    }
+}

@@ -1,0 +1,248 @@
+//! Prometheus metrics: one registry, typed handles, and the updates the service and the demo
+//! make. Names follow Prometheus conventions (`_total` counters, base units, `_seconds`); no
+//! label ever carries a user or item id (labels: rejection reason, partition, cluster id,
+//! component index — all bounded).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::event::RejectReason;
+use crate::snapshot::Snapshot;
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_consumed: IntCounter,
+    pub events_applied: IntCounter,
+    pub events_rejected: IntCounterVec,
+    pub events_duplicate: IntCounter,
+    pub consumer_lag: IntGaugeVec,
+    pub batch_size: Histogram,
+    pub batch_apply_seconds: Histogram,
+    pub refresh_seconds: Histogram,
+    pub snapshot_build_seconds: Histogram,
+    pub users: IntGauge,
+    pub items: IntGauge,
+    pub ratings: IntGauge,
+    pub snapshot_version: IntGauge,
+    pub snapshot_age_seconds: Gauge,
+    pub cluster_size: IntGaugeVec,
+    pub inertia: Gauge,
+    pub explained_variance_ratio: GaugeVec,
+    pub nb_train_agreement: Gauge,
+    pub nb_holdout_agreement: Gauge,
+    pub users_moved: IntGauge,
+    pub ready: IntGauge,
+    /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
+    snapshot_created_unix: AtomicU64,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> Gauge {
+    Gauge::new(name, help).expect("valid metric")
+}
+
+fn int_gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let seconds = prometheus::exponential_buckets(0.0005, 2.0, 18).expect("buckets");
+        let m = Metrics {
+            registry: Registry::new(),
+            events_consumed: counter(
+                "segmenter_events_consumed_total",
+                "Events read from the source (Kafka messages or generated events), duplicates included.",
+            ),
+            events_applied: counter(
+                "segmenter_events_applied_total",
+                "Valid events applied to the engine and persisted.",
+            ),
+            events_rejected: IntCounterVec::new(
+                Opts::new(
+                    "segmenter_events_rejected_total",
+                    "Events rejected (and dead-lettered), by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            events_duplicate: counter(
+                "segmenter_events_duplicate_total",
+                "Messages skipped because the state dir already holds their effect (redelivery).",
+            ),
+            consumer_lag: IntGaugeVec::new(
+                Opts::new(
+                    "segmenter_consumer_lag_messages",
+                    "Messages in the partition not yet persisted in the state dir.",
+                ),
+                &["partition"],
+            )
+            .expect("valid metric"),
+            batch_size: histogram(
+                "segmenter_batch_size_events",
+                "Events per applied batch.",
+                prometheus::exponential_buckets(1.0, 2.0, 18).expect("buckets"),
+            ),
+            batch_apply_seconds: histogram(
+                "segmenter_batch_apply_duration_seconds",
+                "Time to apply a batch and persist it (atomic commit and flush).",
+                seconds.clone(),
+            ),
+            refresh_seconds: histogram(
+                "segmenter_model_refresh_duration_seconds",
+                "Time of a periodic model refresh (PCA re-solve, re-projection, Lloyd polish).",
+                seconds.clone(),
+            ),
+            snapshot_build_seconds: histogram(
+                "segmenter_snapshot_build_duration_seconds",
+                "Time to build and store a snapshot.",
+                seconds,
+            ),
+            users: int_gauge("segmenter_users", "Users with at least one rating, at the latest snapshot."),
+            items: int_gauge("segmenter_items", "Items with at least one rating, at the latest snapshot."),
+            ratings: int_gauge("segmenter_ratings", "Non-zero (user, item) ratings, at the latest snapshot."),
+            snapshot_version: int_gauge("segmenter_snapshot_version", "Version of the latest snapshot."),
+            snapshot_age_seconds: gauge(
+                "segmenter_snapshot_age_seconds",
+                "Seconds since the latest snapshot was built.",
+            ),
+            cluster_size: IntGaugeVec::new(
+                Opts::new("segmenter_cluster_size_users", "Users per cluster at the latest snapshot."),
+                &["cluster"],
+            )
+            .expect("valid metric"),
+            inertia: gauge("segmenter_kmeans_inertia", "K-Means inertia at the latest snapshot."),
+            explained_variance_ratio: GaugeVec::new(
+                Opts::new(
+                    "segmenter_pca_explained_variance_ratio",
+                    "Explained-variance ratio of each kept PCA component at the latest snapshot.",
+                ),
+                &["component"],
+            )
+            .expect("valid metric"),
+            nb_train_agreement: gauge(
+                "segmenter_naive_bayes_train_agreement_ratio",
+                "Share of users Naive Bayes (trained on all) assigns to their own cluster.",
+            ),
+            nb_holdout_agreement: gauge(
+                "segmenter_naive_bayes_holdout_agreement_ratio",
+                "Share of held-out users Naive Bayes assigns to their own cluster.",
+            ),
+            users_moved: int_gauge(
+                "segmenter_drift_users_moved",
+                "Users whose cluster changed between the two latest snapshots.",
+            ),
+            ready: int_gauge("segmenter_ready", "1 when the service is ready (state open, consuming, broker reachable)."),
+            snapshot_created_unix: AtomicU64::new(0),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.events_consumed.clone()),
+            Box::new(m.events_applied.clone()),
+            Box::new(m.events_rejected.clone()),
+            Box::new(m.events_duplicate.clone()),
+            Box::new(m.consumer_lag.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.batch_apply_seconds.clone()),
+            Box::new(m.refresh_seconds.clone()),
+            Box::new(m.snapshot_build_seconds.clone()),
+            Box::new(m.users.clone()),
+            Box::new(m.items.clone()),
+            Box::new(m.ratings.clone()),
+            Box::new(m.snapshot_version.clone()),
+            Box::new(m.snapshot_age_seconds.clone()),
+            Box::new(m.cluster_size.clone()),
+            Box::new(m.inertia.clone()),
+            Box::new(m.explained_variance_ratio.clone()),
+            Box::new(m.nb_train_agreement.clone()),
+            Box::new(m.nb_holdout_agreement.clone()),
+            Box::new(m.users_moved.clone()),
+            Box::new(m.ready.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("unique metric names");
+        }
+        // Every reason exists from the start (at 0), so rates and alerts work before the first.
+        for reason in RejectReason::ALL {
+            m.events_rejected.with_label_values(&[reason.label()]);
+        }
+        m
+    }
+
+    pub fn rejected(&self, reason: RejectReason, n: u64) {
+        self.events_rejected
+            .with_label_values(&[reason.label()])
+            .inc_by(n);
+    }
+
+    /// Publishes the figures of a newly built snapshot.
+    pub fn on_snapshot(&self, snapshot: &Snapshot) {
+        self.users.set(snapshot.counts.users as i64);
+        self.items.set(snapshot.counts.items as i64);
+        self.ratings.set(snapshot.counts.ratings as i64);
+        self.snapshot_version.set(snapshot.version as i64);
+        self.inertia.set(snapshot.kmeans.inertia);
+        self.cluster_size.reset();
+        for (c, size) in snapshot.kmeans.sizes.iter().enumerate() {
+            self.cluster_size
+                .with_label_values(&[&c.to_string()])
+                .set(*size as i64);
+        }
+        self.explained_variance_ratio.reset();
+        for (i, r) in snapshot.pca.explained_variance_ratio.iter().enumerate() {
+            self.explained_variance_ratio
+                .with_label_values(&[&i.to_string()])
+                .set(*r);
+        }
+        let nb = &snapshot.validation.naive_bayes;
+        self.nb_train_agreement.set(nb.train_agreement);
+        self.nb_holdout_agreement
+            .set(nb.holdout_agreement.unwrap_or(f64::NAN));
+        self.users_moved
+            .set(snapshot.drift.as_ref().map_or(0, |d| d.users_moved as i64));
+        let created = humantime::parse_rfc3339(&snapshot.created_at)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        self.snapshot_created_unix.store(created, Ordering::Relaxed);
+    }
+
+    /// The text exposition format, with the snapshot age computed now.
+    pub fn render(&self) -> String {
+        let created = self.snapshot_created_unix.load(Ordering::Relaxed);
+        if created > 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.snapshot_age_seconds.set((now - created as f64).max(0.0));
+        }
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Every metric name this service exports (the contract dashboards and alerts rely on).
+    pub fn names(&self) -> Vec<String> {
+        self.registry
+            .gather()
+            .iter()
+            .map(|family| family.name().to_string())
+            .collect()
+    }
+}
