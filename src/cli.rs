@@ -103,6 +103,27 @@ pub enum Command {
         #[arg(long)]
         partitions: Option<i32>,
     },
+    /// Read snapshots from a running service (--url) or from a state dir (--state-dir, while
+    /// no service holds it), and print the seed-style report or JSON.
+    Snapshot {
+        #[command(subcommand)]
+        which: SnapshotCommand,
+        /// Base URL of a running service, e.g. http://127.0.0.1:9464.
+        #[arg(long, global = true, conflicts_with = "state_dir")]
+        url: Option<String>,
+        /// A state dir to read directly (default: [state] dir when --url is absent).
+        #[arg(long, global = true)]
+        state_dir: Option<PathBuf>,
+        /// Print JSON instead of the report.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Bearer token for --url (default: [http] token / SEGMENTER_HTTP__TOKEN).
+        #[arg(long, global = true)]
+        token: Option<String>,
+        /// Items per cluster in the report.
+        #[arg(long, global = true, default_value_t = 10)]
+        top: usize,
+    },
     /// Write a generated ratings file with planted segments (and its ground truth).
     Generate {
         #[arg(long, default_value_t = 943)]
@@ -144,6 +165,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// The latest snapshot.
+    Latest,
+    /// One snapshot by version.
+    Show { version: u64 },
+    /// Stored snapshots with their times and counts.
+    List,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -223,6 +254,7 @@ pub fn main() -> ExitCode {
             ..
         } => config.state.dir = dir.clone(),
         Command::Run { .. }
+        | Command::Snapshot { .. }
         | Command::Produce { .. }
         | Command::Generate { .. }
         | Command::Bench { .. } => {}
@@ -310,14 +342,36 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                     temp.path().to_path_buf()
                 }
             };
+            let store = std::sync::Arc::new(crate::store::Store::open(&dir)?);
+            let shared = crate::service::Shared::default();
+            let listen = config.http.listen_addr()?;
             let summary = runtime.block_on(async {
-                let config = config.clone();
-                let shutdown = shutdown.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::demo::run_demo(&config, &dir, max_events, &shutdown)
+                let state = std::sync::Arc::new(crate::http::AppState {
+                    metrics: shared.metrics.clone(),
+                    health: shared.health.clone(),
+                    serving: shared.serving.clone(),
+                    store: store.clone(),
+                    token: config.http.token(),
+                });
+                let (stop_http, mut http_stopped) = tokio::sync::watch::channel(false);
+                let server = crate::http::serve(listen, state, async move {
+                    let _ = http_stopped.wait_for(|v| *v).await;
                 })
-                .await
-            })??;
+                .await?;
+                let (config, shutdown, store, shared) = (
+                    config.clone(),
+                    shutdown.clone(),
+                    store.clone(),
+                    shared.clone(),
+                );
+                let summary = tokio::task::spawn_blocking(move || {
+                    crate::demo::run_demo(&config, &store, max_events, &shutdown, &shared)
+                })
+                .await;
+                let _ = stop_http.send(true);
+                let _ = server.await;
+                anyhow::Ok(summary??)
+            })?;
             eprintln!(
                 "demo stopped after {} events and {} snapshots (last version {:?})",
                 summary.events_applied, summary.snapshots, summary.last_version
@@ -343,8 +397,7 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                     config.clone(),
                     stop_rx,
                     crate::service::RunOptions { exit_at_events },
-                    Default::default(),
-                    Default::default(),
+                    crate::service::Shared::default(),
                 )
                 .await
             })?;
@@ -383,6 +436,54 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64(),
                 outcome.rejected.summary()
             );
+            Ok(())
+        }
+        Command::Snapshot {
+            which,
+            url,
+            state_dir,
+            json,
+            token,
+            top,
+        } => {
+            let source = match url {
+                Some(url) => SnapshotSource::Url {
+                    base: url.trim_end_matches('/').to_string(),
+                    token: token.or_else(|| config.http.token()),
+                },
+                None => SnapshotSource::Dir(state_dir.unwrap_or_else(|| config.state.dir.clone())),
+            };
+            match which {
+                SnapshotCommand::List => {
+                    let list = source.list()?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else {
+                        println!(
+                            "{:>8}  {:<22}  {:>9}  {:>10}  {:>14}",
+                            "version", "created_at", "users", "ratings", "events_applied"
+                        );
+                        for s in list {
+                            println!(
+                                "{:>8}  {:<22}  {:>9}  {:>10}  {:>14}",
+                                s.version, s.created_at, s.users, s.ratings, s.events_applied
+                            );
+                        }
+                    }
+                }
+                SnapshotCommand::Latest | SnapshotCommand::Show { .. } => {
+                    let version = match which {
+                        SnapshotCommand::Show { version } => Some(version),
+                        _ => None,
+                    };
+                    let snapshot = source.snapshot(version)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+                    } else {
+                        print!("{}", seed_report(&snapshot, top));
+                    }
+                }
+            }
             Ok(())
         }
         Command::Generate {
@@ -455,6 +556,74 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+/// Where `segmenter snapshot` reads from.
+enum SnapshotSource {
+    Url { base: String, token: Option<String> },
+    Dir(PathBuf),
+}
+
+impl SnapshotSource {
+    fn get(&self, path: &str) -> anyhow::Result<String> {
+        let SnapshotSource::Url { base, token } = self else {
+            anyhow::bail!("not a URL source");
+        };
+        let mut request = ureq::get(&format!("{base}{path}"));
+        if let Some(t) = token {
+            request = request.set("Authorization", &format!("Bearer {t}"));
+        }
+        match request.call() {
+            Ok(response) => Ok(response.into_string()?),
+            Err(ureq::Error::Status(code, response)) => {
+                let body = response.into_string().unwrap_or_default();
+                anyhow::bail!("{base}{path} answered {code}: {body}")
+            }
+            Err(e) => anyhow::bail!("cannot reach {base}{path}: {e}"),
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> anyhow::Result<crate::store::Store> {
+        crate::store::Store::open(dir).map_err(|e| {
+            anyhow::anyhow!("{e}; if a service is running on this state dir, use --url instead")
+        })
+    }
+
+    fn snapshot(&self, version: Option<u64>) -> anyhow::Result<crate::snapshot::Snapshot> {
+        match self {
+            SnapshotSource::Url { .. } => {
+                let path = match version {
+                    Some(v) => format!("/snapshots/{v}"),
+                    None => "/snapshots/latest".to_string(),
+                };
+                Ok(serde_json::from_str(&self.get(&path)?)?)
+            }
+            SnapshotSource::Dir(dir) => {
+                let store = Self::open(dir)?;
+                let found = match version {
+                    Some(v) => store.snapshot(v)?,
+                    None => store.latest_snapshot()?,
+                };
+                found.ok_or_else(|| match version {
+                    Some(v) => anyhow::anyhow!("no snapshot {v} in {}", dir.display()),
+                    None => anyhow::anyhow!("no snapshot yet in {}", dir.display()),
+                })
+            }
+        }
+    }
+
+    fn list(&self) -> anyhow::Result<Vec<crate::store::SnapshotInfo>> {
+        match self {
+            SnapshotSource::Url { .. } => {
+                #[derive(serde::Deserialize)]
+                struct List {
+                    snapshots: Vec<crate::store::SnapshotInfo>,
+                }
+                Ok(serde_json::from_str::<List>(&self.get("/snapshots")?)?.snapshots)
+            }
+            SnapshotSource::Dir(dir) => Ok(Self::open(dir)?.snapshot_infos()?),
         }
     }
 }

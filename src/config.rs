@@ -38,6 +38,7 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub state: StateConfig,
     pub kafka: KafkaConfig,
+    pub http: HttpConfig,
     pub catalogue: CatalogueConfig,
     pub replay: ReplayConfig,
     pub demo: DemoConfig,
@@ -183,6 +184,36 @@ impl Default for KafkaConfig {
             retry_backoff_ms: 500,
             client: Default::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub token: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9464".into(),
+            token: String::new(),
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| ConfigError::Invalid {
+            field: "[http] listen",
+            problem: format!("`{}` is not an address", self.listen),
+            fix: "use IP:PORT, e.g. 127.0.0.1:9464 (0.0.0.0:9464 to listen on every interface)",
+        })
+    }
+
+    pub fn token(&self) -> Option<String> {
+        (!self.token.is_empty()).then(|| self.token.clone())
     }
 }
 
@@ -470,6 +501,7 @@ impl Config {
                 "use the defaults 5000 and 65536",
             );
         }
+        self.http.listen_addr()?;
         if self.replay.batch_size == 0 || self.demo.batch_size == 0 {
             return invalid(
                 "[replay]/[demo] batch_size",

@@ -2,13 +2,13 @@
 //! segments, committing to a state dir and taking snapshots, until stopped. No broker needed.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::generator::{GeneratorParams, generate};
 use crate::replay::build_and_store_snapshot;
+use crate::service::Shared;
 use crate::store::Store;
 
 /// Events generated per round of the endless stream.
@@ -25,12 +25,20 @@ pub struct DemoSummary {
 /// committed and a last snapshot taken before returning.
 pub fn run_demo(
     config: &Config,
-    state_dir: &Path,
+    store: &Store,
     max_events: Option<u64>,
     shutdown: &AtomicBool,
+    shared: &Shared,
 ) -> anyhow::Result<DemoSummary> {
-    let store = Store::open(state_dir)?;
     let mut engine = store.load_engine(config.engine_params())?;
+    // No broker in the demo: ready as soon as the state is open and the stream runs.
+    for flag in [
+        &shared.health.state_open,
+        &shared.health.consuming,
+        &shared.health.broker_reachable,
+    ] {
+        flag.store(true, Ordering::Relaxed);
+    }
     let demo = &config.demo;
     let base = GeneratorParams {
         users: demo.users,
@@ -53,7 +61,7 @@ pub fn run_demo(
         items = demo.items,
         segments = demo.segments,
         events_per_second = demo.events_per_second,
-        state_dir = %state_dir.display(),
+        state_dir = %store.path().display(),
         "demo stream started; stop with Ctrl-C"
     );
     let mut summary = DemoSummary::default();
@@ -80,11 +88,22 @@ pub fn run_demo(
                 }
                 None => batch,
             };
+            let applied_at = Instant::now();
             let outcome = engine.apply(batch);
             summary.events_applied += outcome.applied;
             store.commit(&mut engine, None)?;
+            let metrics = &shared.metrics;
+            metrics.events_consumed.inc_by(batch.len() as u64);
+            metrics.events_applied.inc_by(outcome.applied);
+            metrics.batch_size.observe(batch.len() as f64);
+            metrics
+                .batch_apply_seconds
+                .observe(applied_at.elapsed().as_secs_f64());
+            for r in &outcome.refreshes {
+                metrics.refresh_seconds.observe(r.seconds);
+            }
             if last_snapshot.elapsed() >= snapshot_every {
-                take_snapshot(config, &store, &engine, &mut summary)?;
+                take_snapshot(config, store, &engine, &mut summary, shared)?;
                 last_snapshot = Instant::now();
             }
             if max_events.is_some_and(|m| summary.events_applied >= m) {
@@ -103,7 +122,8 @@ pub fn run_demo(
         }
         round += 1;
     }
-    take_snapshot(config, &store, &engine, &mut summary)?;
+    take_snapshot(config, store, &engine, &mut summary, shared)?;
+    shared.health.consuming.store(false, Ordering::Relaxed);
     Ok(summary)
 }
 
@@ -112,12 +132,18 @@ fn take_snapshot(
     store: &Store,
     engine: &crate::engine::Engine,
     summary: &mut DemoSummary,
+    shared: &Shared,
 ) -> anyhow::Result<()> {
-    if let Some((snap, _)) =
-        build_and_store_snapshot(config, store, engine, BTreeMap::new(), false)?
-    {
+    let started = Instant::now();
+    if let Some(built) = build_and_store_snapshot(config, store, engine, BTreeMap::new(), false)? {
         summary.snapshots += 1;
-        summary.last_version = Some(snap.version);
+        summary.last_version = Some(built.snapshot.version);
+        shared.publish(
+            engine,
+            built,
+            store.titles()?,
+            started.elapsed().as_secs_f64(),
+        );
     }
     Ok(())
 }

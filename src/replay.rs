@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
 use crate::engine::Engine;
 use crate::snapshot::validation::stable_hash;
-use crate::snapshot::{self, Assignments, BuildInput, Snapshot};
+use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -103,7 +103,8 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     }
     bar.finish_and_clear();
 
-    let built = build_and_store_snapshot(config, &store, &engine, BTreeMap::new(), true)?;
+    let built = build_and_store_snapshot(config, &store, &engine, BTreeMap::new(), true)?
+        .map(|b| (b.snapshot, b.assignments));
     if let Some((snap, assignments)) = &built {
         if let Some(path) = &options.snapshot_out {
             write_snapshot_json(path, snap)?;
@@ -152,7 +153,7 @@ pub fn build_and_store_snapshot(
     engine: &Engine,
     offsets: BTreeMap<String, i64>,
     force_diagnostics: bool,
-) -> anyhow::Result<Option<(Snapshot, Assignments)>> {
+) -> anyhow::Result<Option<Built>> {
     let version = store.next_snapshot_version()?;
     let previous_version = store.snapshot_versions()?.last().copied();
     let previous = match previous_version {
@@ -162,7 +163,7 @@ pub fn build_and_store_snapshot(
     let titles = store.titles()?;
     let with_diagnostics =
         force_diagnostics || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
-    let built = snapshot::build(
+    let built = snapshot::build_with_model(
         engine,
         &config.snapshot_params(),
         BuildInput {
@@ -174,7 +175,12 @@ pub fn build_and_store_snapshot(
             with_diagnostics,
         },
     );
-    if let Some((snap, assignments)) = &built {
+    if let Some(Built {
+        snapshot: snap,
+        assignments,
+        ..
+    }) = &built
+    {
         store.put_snapshot(
             snap,
             assignments,

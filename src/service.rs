@@ -6,8 +6,8 @@
 //! poll loop; snapshot building runs on its own thread.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -21,10 +21,14 @@ use crate::config::Config;
 use crate::decode;
 use crate::engine::Engine;
 use crate::event::{RatingEvent, RejectReason, Rejection};
+use crate::http::serving::Serving;
+use crate::http::{self, AppState};
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{Health, ServiceContext, client_config, offset_key};
 use crate::replay::build_and_store_snapshot;
+use crate::snapshot::Built;
 use crate::store::Store;
+use crate::telemetry::Metrics;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -33,14 +37,34 @@ pub struct RunOptions {
     pub exit_at_events: Option<u64>,
 }
 
-/// Counters shared with logs (and the metrics endpoint).
-#[derive(Debug, Default)]
-pub struct ServiceStats {
-    pub consumed: AtomicU64,
-    pub applied: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub rejected: Mutex<BTreeMap<RejectReason, u64>>,
-    pub events_applied_total: AtomicU64,
+/// The latest snapshot as served over HTTP, replaced whenever a new one is built.
+pub type ServingSlot = Arc<RwLock<Option<Arc<Serving>>>>;
+
+/// What the service shares with its HTTP API (and tests): metrics, health and the latest
+/// snapshot ready for lookups.
+#[derive(Clone, Default)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub serving: ServingSlot,
+}
+
+impl Shared {
+    /// Publishes a freshly built snapshot: metrics, and the serving copy for lookups.
+    pub fn publish(
+        &self,
+        engine: &Engine,
+        built: Built,
+        titles: rustc_hash::FxHashMap<String, String>,
+        seconds: f64,
+    ) {
+        self.metrics.on_snapshot(&built.snapshot);
+        self.metrics.snapshot_build_seconds.observe(seconds);
+        let serving = Serving::new(engine, &built.model, built.snapshot, titles);
+        if let Ok(mut slot) = self.serving.write() {
+            *slot = Some(Arc::new(serving));
+        }
+    }
 }
 
 /// A batch on its way from the poll loop to the engine worker.
@@ -69,9 +93,10 @@ pub async fn run(
     config: Config,
     mut shutdown: watch::Receiver<bool>,
     options: RunOptions,
-    health: Arc<Health>,
-    stats: Arc<ServiceStats>,
+    shared: Shared,
 ) -> anyhow::Result<RunSummary> {
+    let health = shared.health.clone();
+    let metrics = shared.metrics.clone();
     let started = Instant::now();
     let kafka = config.kafka.clone();
     let (store, engine) = {
@@ -92,9 +117,28 @@ pub async fn run(
     };
     let store = Arc::new(store);
     health.state_open.store(true, Ordering::Relaxed);
-    stats
-        .events_applied_total
-        .store(engine.counters().events_applied, Ordering::Relaxed);
+    let listen = config.http.listen_addr()?;
+    let (http_stop, http_stop_rx) = watch::channel(false);
+    let http_server = {
+        let state = Arc::new(AppState {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            serving: shared.serving.clone(),
+            store: store.clone(),
+            token: config.http.token(),
+        });
+        let mut stop = http_stop_rx;
+        let mut global = shutdown.clone();
+        http::serve(listen, state, async move {
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => {}
+                _ = global.wait_for(|v| *v) => {}
+            }
+        })
+        .await?
+    };
+    let initial_events_applied = engine.counters().events_applied;
+    let mut events_applied_total = initial_events_applied;
     let stored_offsets = Arc::new(Mutex::new(store.offsets()?));
     tracing::info!(
         state_dir = %config.state.dir.display(),
@@ -112,12 +156,12 @@ pub async fn run(
             "target already reached: final snapshot only"
         );
         let offsets = store.offsets()?;
-        let (config, store2) = (config.clone(), store.clone());
         let engine_events = engine.counters().events_applied;
-        tokio::task::spawn_blocking(move || {
-            build_and_store_snapshot(&config, &store2, &engine, offsets, false)
-        })
-        .await??;
+        spawn_snapshot(&config, &store, &engine, &offsets, &shared)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
+        let _ = http_stop.send(true);
+        let _ = http_server.await;
         return Ok(RunSummary {
             events_applied_total: engine_events,
             ..RunSummary::default()
@@ -159,6 +203,12 @@ pub async fn run(
     if !kafka.items_topic.is_empty() {
         spawn_items_reader(&config, store.clone(), shutdown.clone())?;
     }
+    spawn_lag_reporter(
+        consumer.clone(),
+        stored_offsets.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
 
     // Engine worker: owns the engine, applies and persists batches, reports commits.
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
@@ -169,17 +219,21 @@ pub async fn run(
         let store = store.clone();
         let offsets = stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
         let final_snapshot = final_snapshot.clone();
+        let shared = shared.clone();
         std::thread::Builder::new()
             .name("segmenter-engine".into())
             .spawn(move || {
                 engine_worker(
-                    config,
-                    store,
+                    WorkerContext {
+                        config,
+                        store,
+                        shared,
+                        final_snapshot,
+                    },
                     engine,
                     offsets,
                     batch_rx,
                     ack_tx,
-                    &final_snapshot,
                 )
             })?
     };
@@ -213,7 +267,8 @@ pub async fn run(
                 ack = ack_rx.recv() => {
                     match ack {
                         Some(Ok(committed)) => {
-                            on_committed(&consumer, &stored_offsets, &stats, &committed);
+                            events_applied_total = committed.events_applied;
+                            on_committed(&consumer, &stored_offsets, &committed);
                             if options.exit_at_events.is_some_and(|n| committed.events_applied >= n) {
                                 tracing::info!(events_applied = committed.events_applied, "target reached: stopping");
                                 stopping_for_target = true;
@@ -234,11 +289,11 @@ pub async fn run(
                         }
                         Ok(m) => {
                             health.set_broker_reachable(true);
-                            stats.consumed.fetch_add(1, Ordering::Relaxed);
+                            metrics.events_consumed.inc();
                             summary.consumed += 1;
                             let key = offset_key(m.topic(), m.partition());
                             if expected.get(&key).is_some_and(|&next| m.offset() < next) {
-                                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                                metrics.events_duplicate.inc();
                                 continue;
                             }
                             expected.insert(key.clone(), m.offset() + 1);
@@ -268,8 +323,7 @@ pub async fn run(
             }
             if flush && !pending.offsets.is_empty() {
                 let shutdown_rx = shutdown.clone();
-                send_batch(&dead_letters, &config, &stats, &mut pending, &mut letters, &batch_tx, move || *shutdown_rx.borrow()).await?;
-                summary.applied = stats.applied.load(Ordering::Relaxed);
+                summary.rejected += send_batch(&dead_letters, &config, &metrics, &mut pending, &mut letters, &batch_tx, move || *shutdown_rx.borrow()).await?;
                 batch_started = None;
             }
         }
@@ -282,10 +336,10 @@ pub async fn run(
     health.consuming.store(false, Ordering::Relaxed);
     let drain = async {
         if !pending.offsets.is_empty() && !stopping_for_target {
-            send_batch(
+            summary.rejected += send_batch(
                 &dead_letters,
                 &config,
-                &stats,
+                &metrics,
                 &mut pending,
                 &mut letters,
                 &batch_tx,
@@ -295,7 +349,9 @@ pub async fn run(
         }
         drop(batch_tx);
         while let Some(ack) = ack_rx.recv().await {
-            on_committed(&consumer, &stored_offsets, &stats, &ack?);
+            let committed = ack?;
+            events_applied_total = committed.events_applied;
+            on_committed(&consumer, &stored_offsets, &committed);
         }
         anyhow::Ok(())
     };
@@ -313,9 +369,10 @@ pub async fn run(
     {
         tracing::warn!(%e, "final offset commit to Kafka failed (progress reporting only)");
     }
-    summary.applied = stats.applied.load(Ordering::Relaxed);
-    summary.rejected = stats.rejected.lock().map(|r| r.values().sum()).unwrap_or(0);
-    summary.events_applied_total = stats.events_applied_total.load(Ordering::Relaxed);
+    let _ = http_stop.send(true);
+    let _ = http_server.await;
+    summary.events_applied_total = events_applied_total;
+    summary.applied = events_applied_total.saturating_sub(initial_events_applied);
     summary.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         consumed = summary.consumed,
@@ -374,15 +431,11 @@ fn commit_list(offsets: &BTreeMap<String, i64>) -> Option<TopicPartitionList> {
 fn on_committed(
     consumer: &StreamConsumer<ServiceContext>,
     stored: &Mutex<BTreeMap<String, i64>>,
-    stats: &ServiceStats,
     committed: &Committed,
 ) {
     if let Ok(mut s) = stored.lock() {
         s.clone_from(&committed.offsets);
     }
-    stats
-        .events_applied_total
-        .store(committed.events_applied, Ordering::Relaxed);
     if let Some(tpl) = commit_list(&committed.offsets) {
         // Async: progress reporting only; failures are harmless (the state dir is the truth).
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
@@ -396,12 +449,13 @@ fn on_committed(
 async fn send_batch(
     producer: &FutureProducer,
     config: &Config,
-    stats: &ServiceStats,
+    metrics: &Metrics,
     pending: &mut Batch,
     letters: &mut Vec<DeadLetter>,
     batch_tx: &mpsc::Sender<Batch>,
     give_up: impl Fn() -> bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
+    let rejected = letters.len() as u64;
     if !letters.is_empty() {
         let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
         for l in letters.iter() {
@@ -423,10 +477,8 @@ async fn send_batch(
             give_up,
         )
         .await?;
-        if let Ok(mut r) = stats.rejected.lock() {
-            for l in letters.iter() {
-                *r.entry(l.rejection.reason).or_default() += 1;
-            }
+        for l in letters.iter() {
+            metrics.rejected(l.rejection.reason, 1);
         }
         letters.clear();
     }
@@ -434,32 +486,48 @@ async fn send_batch(
         events: std::mem::take(&mut pending.events),
         offsets: std::mem::take(&mut pending.offsets),
     };
-    stats
-        .applied
-        .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
     batch_tx
         .send(batch)
         .await
-        .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))
+        .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))?;
+    Ok(rejected)
 }
 
 /// The engine side: apply, persist with offsets, acknowledge; periodic refresh by time and
 /// snapshots on their own thread so neither blocks the poll loop.
-fn engine_worker(
+struct WorkerContext {
     config: Config,
     store: Arc<Store>,
+    shared: Shared,
+    final_snapshot: Arc<AtomicBool>,
+}
+
+fn engine_worker(
+    context: WorkerContext,
     mut engine: Engine,
     mut offsets: BTreeMap<String, i64>,
     mut batches: mpsc::Receiver<Batch>,
     acks: mpsc::UnboundedSender<anyhow::Result<Committed>>,
-    final_snapshot: &AtomicBool,
 ) -> anyhow::Result<()> {
+    let WorkerContext {
+        config,
+        store,
+        shared,
+        final_snapshot,
+    } = context;
+    let metrics = shared.metrics.clone();
     let snapshot_every = Duration::from_millis(config.snapshot.interval_ms.max(1));
     let refresh_every = (config.model.refresh_interval_ms > 0)
         .then(|| Duration::from_millis(config.model.refresh_interval_ms));
     let mut last_snapshot = Instant::now();
     let mut last_refresh = Instant::now();
-    let mut snapshot_thread: Option<std::thread::JoinHandle<anyhow::Result<()>>> = None;
+    // Serve the state as it is right away (a restarted service has data before any batch).
+    let mut snapshot_thread: Option<std::thread::JoinHandle<anyhow::Result<()>>> =
+        if engine.active_users() > 0 {
+            Some(spawn_snapshot(&config, &store, &engine, &offsets, &shared)?)
+        } else {
+            None
+        };
     let result = (|| -> anyhow::Result<()> {
         while let Some(batch) = batches.blocking_recv() {
             let span = tracing::debug_span!("batch", events = batch.events.len());
@@ -469,11 +537,19 @@ fn engine_worker(
             if !outcome.refreshes.is_empty() {
                 last_refresh = Instant::now();
             }
+            for r in &outcome.refreshes {
+                metrics.refresh_seconds.observe(r.seconds);
+            }
             offsets.extend(batch.offsets);
             store
                 .commit(&mut engine, Some(&offsets))
                 .context("cannot persist the batch: stopping without recording its offsets")?;
             let events_applied = engine.counters().events_applied;
+            metrics.events_applied.inc_by(outcome.applied);
+            metrics.batch_size.observe(batch.events.len() as f64);
+            metrics
+                .batch_apply_seconds
+                .observe(applied_at.elapsed().as_secs_f64());
             tracing::debug!(
                 events = batch.events.len(),
                 events_applied,
@@ -507,7 +583,8 @@ fn engine_worker(
                     t.join()
                         .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
                 }
-                snapshot_thread = Some(spawn_snapshot(&config, &store, &engine, &offsets)?);
+                snapshot_thread =
+                    Some(spawn_snapshot(&config, &store, &engine, &offsets, &shared)?);
                 last_snapshot = Instant::now();
             }
         }
@@ -523,7 +600,7 @@ fn engine_worker(
             .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
     }
     if result.is_ok() && final_snapshot.load(Ordering::Relaxed) {
-        spawn_snapshot(&config, &store, &engine, &offsets)?
+        spawn_snapshot(&config, &store, &engine, &offsets, &shared)?
             .join()
             .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
     }
@@ -535,18 +612,71 @@ fn spawn_snapshot(
     store: &Arc<Store>,
     engine: &Engine,
     offsets: &BTreeMap<String, i64>,
+    shared: &Shared,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     let config = config.clone();
     let store = store.clone();
     let engine = engine.clone();
     let offsets = offsets.clone();
+    let shared = shared.clone();
     Ok(std::thread::Builder::new()
         .name("segmenter-snapshot".into())
         .spawn(move || {
             let _span = tracing::info_span!("snapshot").entered();
-            build_and_store_snapshot(&config, &store, &engine, offsets, false)?;
+            let started = Instant::now();
+            if let Some(built) = build_and_store_snapshot(&config, &store, &engine, offsets, false)?
+            {
+                shared.publish(
+                    &engine,
+                    built,
+                    store.titles()?,
+                    started.elapsed().as_secs_f64(),
+                );
+            }
             Ok(())
         })?)
+}
+
+/// Every few seconds: lag per assigned partition = high watermark − next offset persisted.
+fn spawn_lag_reporter(
+    consumer: Arc<StreamConsumer<ServiceContext>>,
+    stored: Arc<Mutex<BTreeMap<String, i64>>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|v| *v) => break,
+                _ = tick.tick() => {}
+            }
+            let (consumer, stored, metrics) = (consumer.clone(), stored.clone(), metrics.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                let Ok(assignment) = consumer.assignment() else {
+                    return;
+                };
+                let offsets = stored.lock().map(|o| o.clone()).unwrap_or_default();
+                for elem in assignment.elements() {
+                    if let Ok((low, high)) = consumer.fetch_watermarks(
+                        elem.topic(),
+                        elem.partition(),
+                        Duration::from_secs(2),
+                    ) {
+                        let next = offsets
+                            .get(&offset_key(elem.topic(), elem.partition()))
+                            .copied()
+                            .unwrap_or(low);
+                        metrics
+                            .consumer_lag
+                            .with_label_values(&[&elem.partition().to_string()])
+                            .set((high - next).max(0));
+                    }
+                }
+            })
+            .await;
+        }
+    });
 }
 
 /// Reads the compacted catalogue topic from the beginning and stores titles as they come.

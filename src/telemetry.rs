@@ -115,20 +115,38 @@ impl Metrics {
                 "Time to build and store a snapshot.",
                 seconds,
             ),
-            users: int_gauge("segmenter_users", "Users with at least one rating, at the latest snapshot."),
-            items: int_gauge("segmenter_items", "Items with at least one rating, at the latest snapshot."),
-            ratings: int_gauge("segmenter_ratings", "Non-zero (user, item) ratings, at the latest snapshot."),
-            snapshot_version: int_gauge("segmenter_snapshot_version", "Version of the latest snapshot."),
+            users: int_gauge(
+                "segmenter_users",
+                "Users with at least one rating, at the latest snapshot.",
+            ),
+            items: int_gauge(
+                "segmenter_items",
+                "Items with at least one rating, at the latest snapshot.",
+            ),
+            ratings: int_gauge(
+                "segmenter_ratings",
+                "Non-zero (user, item) ratings, at the latest snapshot.",
+            ),
+            snapshot_version: int_gauge(
+                "segmenter_snapshot_version",
+                "Version of the latest snapshot.",
+            ),
             snapshot_age_seconds: gauge(
                 "segmenter_snapshot_age_seconds",
                 "Seconds since the latest snapshot was built.",
             ),
             cluster_size: IntGaugeVec::new(
-                Opts::new("segmenter_cluster_size_users", "Users per cluster at the latest snapshot."),
+                Opts::new(
+                    "segmenter_cluster_size_users",
+                    "Users per cluster at the latest snapshot.",
+                ),
                 &["cluster"],
             )
             .expect("valid metric"),
-            inertia: gauge("segmenter_kmeans_inertia", "K-Means inertia at the latest snapshot."),
+            inertia: gauge(
+                "segmenter_kmeans_inertia",
+                "K-Means inertia at the latest snapshot.",
+            ),
             explained_variance_ratio: GaugeVec::new(
                 Opts::new(
                     "segmenter_pca_explained_variance_ratio",
@@ -149,7 +167,10 @@ impl Metrics {
                 "segmenter_drift_users_moved",
                 "Users whose cluster changed between the two latest snapshots.",
             ),
-            ready: int_gauge("segmenter_ready", "1 when the service is ready (state open, consuming, broker reachable)."),
+            ready: int_gauge(
+                "segmenter_ready",
+                "1 when the service is ready (state open, consuming, broker reachable).",
+            ),
             snapshot_created_unix: AtomicU64::new(0),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -230,7 +251,8 @@ impl Metrics {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            self.snapshot_age_seconds.set((now - created as f64).max(0.0));
+            self.snapshot_age_seconds
+                .set((now - created as f64).max(0.0));
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

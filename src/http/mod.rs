@@ -75,7 +75,10 @@ type ApiResult = Result<Response, ApiError>;
 
 fn json_bytes(bytes: Vec<u8>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         bytes,
     )
         .into_response()
@@ -97,7 +100,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "the API is read-only: use GET")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the API is read-only: use GET",
+            )
         })
         .with_state(state)
 }
@@ -207,7 +213,10 @@ async fn snapshot_by_version(
     let version: u64 = version.parse().map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("snapshot version must be a non-negative integer or `latest`, got `{}`", truncate(&version)),
+            format!(
+                "snapshot version must be a non-negative integer or `latest`, got `{}`",
+                truncate(&version)
+            ),
         )
     })?;
     if let Some(s) = state.latest().filter(|s| s.snapshot.version == version) {
@@ -239,7 +248,10 @@ fn parse_limit(raw: Option<&str>, default: usize) -> Result<usize, ApiError> {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
             _ => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("limit must be an integer from 1 to {MAX_LIMIT}, got `{}`", truncate(s)),
+                format!(
+                    "limit must be an integer from 1 to {MAX_LIMIT}, got `{}`",
+                    truncate(s)
+                ),
             )),
         },
     }
@@ -258,7 +270,10 @@ async fn cluster(
     let id: u32 = id.parse().map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("cluster id must be a non-negative integer, got `{}`", truncate(&id)),
+            format!(
+                "cluster id must be a non-negative integer, got `{}`",
+                truncate(&id)
+            ),
         )
     })?;
     let latest = state
@@ -310,7 +325,11 @@ async fn user(
         Some(segment) => Ok(axum::Json(segment).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("unknown user `{}` (not in snapshot {})", truncate(&id), latest.snapshot.version),
+            format!(
+                "unknown user `{}` (not in snapshot {})",
+                truncate(&id),
+                latest.snapshot.version
+            ),
         )),
     }
 }

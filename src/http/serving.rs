@@ -127,7 +127,12 @@ impl Serving {
                 let pull = match next {
                     Some((n, _)) => {
                         let other = &self.centroids[n * k..(n + 1) * k];
-                        2.0 * v * row.iter().zip(own.iter().zip(other)).map(|(l, (a, b))| l * (a - b)).sum::<f64>()
+                        2.0 * v
+                            * row
+                                .iter()
+                                .zip(own.iter().zip(other))
+                                .map(|(l, (a, b))| l * (a - b))
+                                .sum::<f64>()
                     }
                     None => v * row.iter().zip(own).map(|(l, a)| l * a).sum::<f64>(),
                 };

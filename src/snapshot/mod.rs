@@ -166,11 +166,31 @@ pub fn build(
     params: &SnapshotParams,
     input: BuildInput<'_>,
 ) -> Option<(Snapshot, Assignments)> {
+    build_with_model(engine, params, input).map(|b| (b.snapshot, b.assignments))
+}
+
+/// A built snapshot with the refreshed model it was computed from (for serving lookups).
+pub struct Built {
+    pub snapshot: Snapshot,
+    pub assignments: Assignments,
+    pub model: Model,
+}
+
+pub fn build_with_model(
+    engine: &Engine,
+    params: &SnapshotParams,
+    input: BuildInput<'_>,
+) -> Option<Built> {
     let model = engine.snapshot_model()?;
     if !model.is_clustered() {
         return None;
     }
-    Some(build_from_model(engine, &model, params, input))
+    let (snapshot, assignments) = build_from_model(engine, &model, params, input);
+    Some(Built {
+        snapshot,
+        assignments,
+        model,
+    })
 }
 
 pub fn build_from_model(
