@@ -74,9 +74,13 @@ pub enum Command {
         /// Overrides [state] dir (demo default: a fresh temporary directory, removed at exit).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Demo only: stop after this many events.
+        /// Demo only: stop the stream after this many events.
         #[arg(long)]
         max_events: Option<u64>,
+        /// Demo only: once the stream stopped (--max-events), keep serving the HTTP API until
+        /// Ctrl-C/SIGTERM.
+        #[arg(long, requires = "max_events")]
+        keep_serving: bool,
         /// Stop gracefully once this many valid events have been applied in total (state dir
         /// included): for loading history and for benchmarks.
         #[arg(long)]
@@ -320,6 +324,7 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             demo: true,
             state_dir,
             max_events,
+            keep_serving,
             ..
         } => {
             let shutdown = Arc::new(AtomicBool::new(false));
@@ -364,10 +369,15 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                     store.clone(),
                     shared.clone(),
                 );
+                let stopped = shutdown.clone();
                 let summary = tokio::task::spawn_blocking(move || {
                     crate::demo::run_demo(&config, &store, max_events, &shutdown, &shared)
                 })
                 .await;
+                if keep_serving && !stopped.load(Ordering::Relaxed) {
+                    tracing::info!("stream stopped; still serving the HTTP API until Ctrl-C");
+                    wait_for_stop_signal().await;
+                }
                 let _ = stop_http.send(true);
                 let _ = server.await;
                 anyhow::Ok(summary??)

@@ -320,3 +320,42 @@ pub fn assert_same_vectors(a: &Path, b: &Path, config: &Config) {
 pub fn config_for(env: &[(String, String)]) -> Config {
     Config::load_with_env(None, env.iter().cloned()).expect("config")
 }
+
+/// A free TCP port on loopback (bound and released; the service binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The demo service with its HTTP API on a free port; returns once a first snapshot exists.
+pub fn start_demo(state: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> (Service, String) {
+    let port = free_port();
+    let mut env: Vec<(String, String)> = vec![
+        ("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
+        ("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "300".into()),
+        ("SEGMENTER_DEMO__EVENTS_PER_SECOND".into(), "40000".into()),
+        ("SEGMENTER_LOG__FORMAT".into(), "json".into()),
+        ("RUST_LOG".into(), "segmenter=info".into()),
+    ];
+    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut all_args = vec!["--demo", "--state-dir", state.to_str().expect("utf-8 path")];
+    all_args.extend_from_slice(args);
+    let mut service = Service::start(&env, &all_args);
+    service.wait_for(Duration::from_secs(60), |v| v["fields"]["message"] == "snapshot built");
+    (service, format!("http://127.0.0.1:{port}"))
+}
+
+/// GET with an optional bearer token: (status, body).
+pub fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = ureq::get(url);
+    if let Some(t) = token {
+        request = request.set("Authorization", &format!("Bearer {t}"));
+    }
+    match request.call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
