@@ -128,6 +128,25 @@ pub enum Command {
         #[arg(long, global = true, default_value_t = 10)]
         top: usize,
     },
+    /// Write a self-contained HTML report (charts, figures, cluster profiles) of a snapshot,
+    /// from a running service (--url) or a state dir; it opens offline.
+    Report {
+        /// Directory to write index.html (and one SVG per chart) into.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, conflicts_with = "state_dir")]
+        url: Option<String>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        token: Option<String>,
+        /// Snapshot version (default: the latest).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Items per cluster profile.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
     /// Write a generated ratings file with planted segments (and its ground truth).
     Generate {
         #[arg(long, default_value_t = 943)]
@@ -258,6 +277,7 @@ pub fn main() -> ExitCode {
             ..
         } => config.state.dir = dir.clone(),
         Command::Run { .. }
+        | Command::Report { .. }
         | Command::Snapshot { .. }
         | Command::Produce { .. }
         | Command::Generate { .. }
@@ -496,6 +516,38 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Report {
+            out,
+            url,
+            state_dir,
+            token,
+            version,
+            top,
+        } => {
+            let source = match url {
+                Some(url) => SnapshotSource::Url {
+                    base: url.trim_end_matches('/').to_string(),
+                    token: token.or_else(|| config.http.token()),
+                },
+                None => SnapshotSource::Dir(state_dir.unwrap_or_else(|| config.state.dir.clone())),
+            };
+            let snapshot = source.snapshot(version)?;
+            let history = source.history(snapshot.version, 20)?;
+            std::fs::create_dir_all(&out)?;
+            let html = crate::report::html_report(&snapshot, &history, top);
+            std::fs::write(out.join("index.html"), html)?;
+            for name in crate::charts::CHART_NAMES {
+                if let Some(svg) = crate::charts::render(name, &snapshot, &history) {
+                    std::fs::write(out.join(format!("{name}.svg")), svg)?;
+                }
+            }
+            eprintln!(
+                "wrote the report of snapshot v{} to {}",
+                snapshot.version,
+                out.join("index.html").display()
+            );
+            Ok(())
+        }
         Command::Generate {
             users,
             items,
@@ -620,6 +672,25 @@ impl SnapshotSource {
                     Some(v) => anyhow::anyhow!("no snapshot {v} in {}", dir.display()),
                     None => anyhow::anyhow!("no snapshot yet in {}", dir.display()),
                 })
+            }
+        }
+    }
+
+    /// Up to `count` snapshots with versions `<= up_to`, oldest first.
+    fn history(&self, up_to: u64, count: usize) -> anyhow::Result<Vec<crate::snapshot::Snapshot>> {
+        match self {
+            SnapshotSource::Dir(dir) => Ok(Self::open(dir)?.history(up_to, count)?),
+            SnapshotSource::Url { .. } => {
+                let versions: Vec<u64> = self
+                    .list()?
+                    .into_iter()
+                    .map(|i| i.version)
+                    .filter(|&v| v <= up_to)
+                    .collect();
+                versions[versions.len().saturating_sub(count)..]
+                    .iter()
+                    .map(|&v| self.snapshot(Some(v)))
+                    .collect()
             }
         }
     }

@@ -3,6 +3,7 @@
 //! rating events stream in; the other modules are thin shells around it.
 
 pub mod bench;
+pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod decode;
@@ -13,6 +14,7 @@ pub mod generator;
 pub mod http;
 pub mod kafka;
 pub mod replay;
+pub mod report;
 pub mod service;
 pub mod snapshot;
 pub mod store;

@@ -536,6 +536,22 @@ impl Store {
         Ok(Some(out))
     }
 
+    /// Up to `count` stored snapshots with versions `<= up_to`, oldest first.
+    pub fn history(&self, up_to: u64, count: usize) -> Result<Vec<Snapshot>, StoreError> {
+        let versions: Vec<u64> = self
+            .snapshot_versions()?
+            .into_iter()
+            .filter(|&v| v <= up_to)
+            .collect();
+        let mut out = vec![];
+        for v in &versions[versions.len().saturating_sub(count)..] {
+            if let Some(s) = self.snapshot(*v)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
         let mut out = vec![];
         for v in self.snapshot_versions()? {

@@ -20,7 +20,11 @@ fn json(body: &str) -> Value {
 fn every_route_answers_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (service, base) = start_demo(&state, &[("SEGMENTER_HTTP__TOKEN", TOKEN)], &["--max-events", "30000", "--keep-serving"]);
+    let (service, base) = start_demo(
+        &state,
+        &[("SEGMENTER_HTTP__TOKEN", TOKEN)],
+        &["--max-events", "30000", "--keep-serving"],
+    );
     let get = |path: &str| http_get(&format!("{base}{path}"), Some(TOKEN));
 
     // Open routes.
@@ -34,7 +38,14 @@ fn every_route_answers_as_documented() {
     assert!(body.contains("segmenter_events_consumed_total"));
 
     // The token guards everything else.
-    for path in ["/snapshots", "/snapshots/latest", "/snapshots/1", "/clusters/0", "/users/u1", "/openapi.json"] {
+    for path in [
+        "/snapshots",
+        "/snapshots/latest",
+        "/snapshots/1",
+        "/clusters/0",
+        "/users/u1",
+        "/openapi.json",
+    ] {
         let (missing, body) = http_get(&format!("{base}{path}"), None);
         assert_eq!(missing, 401, "{path} without token: {body}");
         assert_eq!(json(&body)["status"], 401);
@@ -46,7 +57,17 @@ fn every_route_answers_as_documented() {
     let (status, body) = get("/openapi.json");
     assert_eq!(status, 200);
     let spec = json(&body);
-    for path in ["/healthz", "/readyz", "/metrics", "/snapshots", "/snapshots/latest", "/snapshots/{version}", "/clusters/{id}", "/users/{id}", "/openapi.json"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/snapshots",
+        "/snapshots/latest",
+        "/snapshots/{version}",
+        "/clusters/{id}",
+        "/users/{id}",
+        "/openapi.json",
+    ] {
         assert!(spec["paths"].get(path).is_some(), "OpenAPI lacks {path}");
     }
 
@@ -58,10 +79,18 @@ fn every_route_answers_as_documented() {
     let k = latest["kmeans"]["k"].as_u64().unwrap();
     let (status, body) = get("/snapshots");
     assert_eq!(status, 200);
-    let versions: Vec<u64> = json(&body)["snapshots"].as_array().unwrap().iter().map(|s| s["version"].as_u64().unwrap()).collect();
+    let versions: Vec<u64> = json(&body)["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["version"].as_u64().unwrap())
+        .collect();
     assert!(versions.contains(&version), "{versions:?}");
     let (status, body) = get(&format!("/snapshots/{}", versions[0]));
-    assert_eq!((status, json(&body)["version"].as_u64()), (200, Some(versions[0])));
+    assert_eq!(
+        (status, json(&body)["version"].as_u64()),
+        (200, Some(versions[0]))
+    );
     assert_eq!(get("/snapshots/99999999").0, 404);
     for bad in ["abc", "-1", "1.5", "99999999999999999999999", "%20"] {
         let (status, body) = get(&format!("/snapshots/{bad}"));
@@ -77,9 +106,17 @@ fn every_route_answers_as_documented() {
     let (_, body) = get("/clusters/0?limit=3");
     assert_eq!(json(&body)["top_items"].as_array().unwrap().len(), 3);
     let (_, body) = get("/clusters/0?limit=40");
-    assert!(json(&body)["top_items"].as_array().unwrap().len() > 10, "more top items on request");
+    assert!(
+        json(&body)["top_items"].as_array().unwrap().len() > 10,
+        "more top items on request"
+    );
     assert_eq!(get(&format!("/clusters/{k}")).0, 404);
-    for bad in ["/clusters/x", "/clusters/0?limit=0", "/clusters/0?limit=abc", "/clusters/0?limit=100000"] {
+    for bad in [
+        "/clusters/x",
+        "/clusters/0?limit=0",
+        "/clusters/0?limit=abc",
+        "/clusters/0?limit=100000",
+    ] {
         assert_eq!(get(bad).0, 400, "{bad}");
     }
 
@@ -89,26 +126,48 @@ fn every_route_answers_as_documented() {
     let user = json(&body);
     assert_eq!(user["snapshot_version"].as_u64(), Some(version));
     assert!(user["cluster"].as_u64().unwrap() < k);
-    let (d, next) = (user["distance"].as_f64().unwrap(), user["next_distance"].as_f64().unwrap());
-    assert!(d <= next, "a user sits in its nearest segment: {d} vs {next}");
+    let (d, next) = (
+        user["distance"].as_f64().unwrap(),
+        user["next_distance"].as_f64().unwrap(),
+    );
+    assert!(
+        d <= next,
+        "a user sits in its nearest segment: {d} vs {next}"
+    );
     let pulling = user["pulling_items"].as_array().unwrap();
     assert!(!pulling.is_empty() && pulling.len() <= 10);
-    assert!(pulling.windows(2).all(|w| w[0]["pull"].as_f64() >= w[1]["pull"].as_f64()));
+    assert!(
+        pulling
+            .windows(2)
+            .all(|w| w[0]["pull"].as_f64() >= w[1]["pull"].as_f64())
+    );
     assert_eq!(get("/users/no-such-user").0, 404);
     assert_eq!(get(&format!("/users/{}", "x".repeat(300))).0, 400);
     assert_eq!(get("/users/u5?items=0").0, 400);
     assert_eq!(get("/no/such/route").0, 404);
-    let post = ureq::post(&format!("{base}/snapshots/latest")).set("Authorization", &format!("Bearer {TOKEN}")).call();
-    assert!(matches!(post, Err(ureq::Error::Status(405, _))), "read-only API");
+    let post = ureq::post(&format!("{base}/snapshots/latest"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call();
+    assert!(
+        matches!(post, Err(ureq::Error::Status(405, _))),
+        "read-only API"
+    );
 
     // `segmenter snapshot` against the running service.
     let out = Command::new(BIN)
         .args(["snapshot", "latest", "--url", &base, "--token", TOKEN])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(report.contains(&format!("snapshot v{version}")) || report.contains("snapshot v"), "{report}");
+    assert!(
+        report.contains(&format!("snapshot v{version}")) || report.contains("snapshot v"),
+        "{report}"
+    );
     assert!(report.lines().any(|l| l.starts_with("0 (")), "{report}");
 
     service.signal("-INT");
@@ -116,14 +175,30 @@ fn every_route_answers_as_documented() {
     assert_eq!(code, Some(0), "{}", log.join("\n"));
 
     // ... and read-only from the state dir once the service is gone.
-    let out = Command::new(BIN).args(["snapshot", "latest", "--state-dir"]).arg(&state).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["snapshot", "latest", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let from_dir = String::from_utf8_lossy(&out.stdout);
     assert!(from_dir.lines().any(|l| l.starts_with("0 (")), "{from_dir}");
-    let out = Command::new(BIN).args(["snapshot", "list", "--json", "--state-dir"]).arg(&state).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["snapshot", "list", "--json", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(list.as_array().unwrap().len() >= 2);
-    let out = Command::new(BIN).args(["snapshot", "show", "99999", "--state-dir"]).arg(&state).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["snapshot", "show", "99999", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot 99999"));
 }

@@ -20,19 +20,29 @@ fn schemathesis_finds_no_server_error() {
     // A slow endless stream: the service stays ready (consuming) for the whole run.
     let (service, base) = start_demo(
         &dir.path().join("state"),
-        &[("SEGMENTER_HTTP__TOKEN", token), ("SEGMENTER_DEMO__EVENTS_PER_SECOND", "3000")],
+        &[
+            ("SEGMENTER_HTTP__TOKEN", token),
+            ("SEGMENTER_DEMO__EVENTS_PER_SECOND", "3000"),
+        ],
         &[],
     );
     let out = Command::new(&st)
         .args(["run", &format!("{base}/openapi.json")])
         .args(["--url", &base])
         .args(["-H", &format!("Authorization: Bearer {token}")])
-        .args(["--checks", "not_a_server_error,status_code_conformance,response_schema_conformance"])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,response_schema_conformance",
+        ])
         .args(["--max-examples", "60", "--workers", "2", "--seed", "7"])
         .env("SCHEMATHESIS_HOOKS", "")
         .output()
         .expect("run schemathesis");
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "schemathesis failed:\n{report}");
     service.signal("-INT");
     let (code, _) = service.wait_exit(Duration::from_secs(30));

@@ -13,7 +13,10 @@ use common::*;
 use serde_json::Value;
 
 fn prometheus_binary(name: &str) -> String {
-    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().unwrap();
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
     assert!(
         found.status.success(),
         "`{name}` is not installed: run the suite with scripts/test.sh, which installs Debian's prometheus package"
@@ -42,7 +45,10 @@ fn wait_for_query(prom: &str, query: &str, check: impl Fn(&[Value]) -> bool) -> 
 }
 
 fn sample_value(series: &Value) -> f64 {
-    series["value"][1].as_str().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN)
+    series["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 #[test]
@@ -68,7 +74,10 @@ fn prometheus_scrapes_the_consumed_events_and_cluster_sizes() {
     let prom_port = free_port();
     let mut prom = Command::new(&prometheus)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -84,13 +93,24 @@ fn prometheus_scrapes_the_consumed_events_and_cluster_sizes() {
     // Cluster sizes as Prometheus stored them equal the latest snapshot's.
     let (_, body) = http_get(&format!("{base}/snapshots/latest"), None);
     let snapshot: Value = serde_json::from_str(&body).unwrap();
-    let sizes: Vec<f64> = snapshot["kmeans"]["sizes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let sizes: Vec<f64> = snapshot["kmeans"]["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let version = snapshot["version"].as_f64().unwrap();
-    wait_for_query(&prom_url, "segmenter_snapshot_version", |r| r.len() == 1 && sample_value(&r[0]) == version);
+    wait_for_query(&prom_url, "segmenter_snapshot_version", |r| {
+        r.len() == 1 && sample_value(&r[0]) == version
+    });
     let series = wait_for_query(&prom_url, "segmenter_cluster_size_users", |r| {
         r.len() == sizes.len()
             && r.iter().all(|s| {
-                let c: usize = s["metric"]["cluster"].as_str().unwrap_or("x").parse().unwrap_or(usize::MAX);
+                let c: usize = s["metric"]["cluster"]
+                    .as_str()
+                    .unwrap_or("x")
+                    .parse()
+                    .unwrap_or(usize::MAX);
                 sizes.get(c) == Some(&sample_value(s))
             })
     });
@@ -106,7 +126,12 @@ fn prometheus_scrapes_the_consumed_events_and_cluster_sizes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    check.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -23,6 +23,10 @@ use serving::Serving;
 
 /// The OpenAPI document of every route, kept in the repo.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+/// The live page at `/`: one self-contained file, no CDN, no fonts.
+const PAGE: &str = include_str!("page.html");
+/// Snapshots shown by the charts over time.
+const CHART_HISTORY: usize = 20;
 
 /// Longest user id accepted in a path.
 const MAX_ID_BYTES: usize = 256;
@@ -92,8 +96,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/clusters/{id}", get(cluster))
         .route("/users/{id}", get(user))
         .route("/openapi.json", get(openapi))
+        .route("/charts/{file}", get(chart))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -184,6 +190,81 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+async fn page() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        PAGE,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct VersionQuery {
+    version: Option<String>,
+}
+
+async fn chart(
+    State(state): State<Arc<AppState>>,
+    Path(file): Path<String>,
+    Query(query): Query<VersionQuery>,
+) -> ApiResult {
+    let name = file
+        .strip_suffix(".svg")
+        .filter(|n| crate::charts::CHART_NAMES.contains(n))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no chart `{}`; charts: {}",
+                    truncate(&file),
+                    crate::charts::CHART_NAMES
+                        .map(|c| format!("{c}.svg"))
+                        .join(", ")
+                ),
+            )
+        })?
+        .to_string();
+    let version = match query.version.as_deref() {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "version must be a non-negative integer, got `{}`",
+                    truncate(v)
+                ),
+            )
+        })?),
+    };
+    let latest = state.latest();
+    let version = match (version, &latest) {
+        (Some(v), _) => v,
+        (None, Some(l)) => l.snapshot.version,
+        (None, None) => return Err(ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet")),
+    };
+    let store = state.store.clone();
+    let history = tokio::task::spawn_blocking(move || store.history(version, CHART_HISTORY))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot read failed"))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let snapshot = history
+        .last()
+        .filter(|s| s.version == version)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no snapshot {version}")))?;
+    let svg = crate::charts::render(&name, snapshot, &history).unwrap_or_default();
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("image/svg+xml"),
+        )],
+        svg,
+    )
+        .into_response())
 }
 
 async fn openapi() -> Response {

@@ -339,11 +339,17 @@ pub fn start_demo(state: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> (S
         ("SEGMENTER_LOG__FORMAT".into(), "json".into()),
         ("RUST_LOG".into(), "segmenter=info".into()),
     ];
-    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     let mut all_args = vec!["--demo", "--state-dir", state.to_str().expect("utf-8 path")];
     all_args.extend_from_slice(args);
     let mut service = Service::start(&env, &all_args);
-    service.wait_for(Duration::from_secs(60), |v| v["fields"]["message"] == "snapshot built");
+    service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "snapshot built"
+    });
     (service, format!("http://127.0.0.1:{port}"))
 }
 
