@@ -476,13 +476,7 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             token,
             top,
         } => {
-            let source = match url {
-                Some(url) => SnapshotSource::Url {
-                    base: url.trim_end_matches('/').to_string(),
-                    token: token.or_else(|| config.http.token()),
-                },
-                None => SnapshotSource::Dir(state_dir.unwrap_or_else(|| config.state.dir.clone())),
-            };
+            let source = SnapshotSource::new(url, state_dir, token, config);
             match which {
                 SnapshotCommand::List => {
                     let list = source.list()?;
@@ -524,13 +518,7 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             version,
             top,
         } => {
-            let source = match url {
-                Some(url) => SnapshotSource::Url {
-                    base: url.trim_end_matches('/').to_string(),
-                    token: token.or_else(|| config.http.token()),
-                },
-                None => SnapshotSource::Dir(state_dir.unwrap_or_else(|| config.state.dir.clone())),
-            };
+            let source = SnapshotSource::new(url, state_dir, token, config);
             let snapshot = source.snapshot(version)?;
             let history = source.history(snapshot.version, 20)?;
             std::fs::create_dir_all(&out)?;
@@ -629,6 +617,22 @@ enum SnapshotSource {
 }
 
 impl SnapshotSource {
+    /// `--url` (with `--token` or `[http] token`), else `--state-dir`, else `[state] dir`.
+    fn new(
+        url: Option<String>,
+        state_dir: Option<PathBuf>,
+        token: Option<String>,
+        config: &Config,
+    ) -> SnapshotSource {
+        match url {
+            Some(url) => SnapshotSource::Url {
+                base: url.trim_end_matches('/').to_string(),
+                token: token.or_else(|| config.http.token()),
+            },
+            None => SnapshotSource::Dir(state_dir.unwrap_or_else(|| config.state.dir.clone())),
+        }
+    }
+
     fn get(&self, path: &str) -> anyhow::Result<String> {
         let SnapshotSource::Url { base, token } = self else {
             anyhow::bail!("not a URL source");

@@ -411,13 +411,13 @@ impl Engine {
             seed,
         };
         let order = self.canonical_user_order();
-        let data = DataView {
-            stats: &self.stats,
-            vectors: &self.vectors,
-            canonical_order: &order,
-            items: self.items.len(),
-        };
-        let outcome = self.model.refresh(&data, true, &eigen, &clustering);
+        // The model is refreshed from the engine's data: take it out while the data is borrowed.
+        let mut model = std::mem::replace(
+            &mut self.model,
+            Model::new(self.params.components, self.params.clusters),
+        );
+        let outcome = model.refresh(&self.data_view(&order), true, &eigen, &clustering);
+        self.model = model;
         self.model_dirty = true;
         Some(outcome)
     }
@@ -438,12 +438,7 @@ impl Engine {
                 .wrapping_mul(0xD1B5_4A32_D192_ED03);
         let mut model = self.model.clone();
         let order = self.canonical_user_order();
-        let data = DataView {
-            stats: &self.stats,
-            vectors: &self.vectors,
-            canonical_order: &order,
-            items: self.items.len(),
-        };
+        let data = self.data_view(&order);
         model.refresh(
             &data,
             // A cold start from a fixed seed: the converged basis then depends on today's
@@ -459,6 +454,15 @@ impl Engine {
             },
         );
         Some(model)
+    }
+
+    fn data_view<'a>(&'a self, canonical_order: &'a [u32]) -> DataView<'a> {
+        DataView {
+            stats: &self.stats,
+            vectors: &self.vectors,
+            canonical_order,
+            items: self.items.len(),
+        }
     }
 
     /// User indices sorted by user id: an order independent of event arrival, for every
