@@ -106,6 +106,8 @@ pub fn service_env(topic: &str, state: &Path, mode: Mode) -> Vec<(String, String
             format!("{topic}-dlq"),
         ),
         ("SEGMENTER_STATE__DIR".into(), state.display().to_string()),
+        // Tests run in parallel: each service's API on a port of its own.
+        ("SEGMENTER_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         // 6 planted segments span 5 dimensions: keeping 5 components keeps the subspace well
         // separated from the noise, so two histories give the same clustering.
         ("SEGMENTER_MODEL__CLUSTERS".into(), "6".into()),
