@@ -192,6 +192,7 @@ pub fn build_and_store_snapshot(
             users = snap.counts.users,
             items = snap.counts.items,
             ratings = snap.counts.ratings,
+            events_applied = snap.counts.events_applied,
             inertia = snap.kmeans.inertia,
             explained = snap.pca.explained_variance_ratio.iter().sum::<f64>(),
             nb_train = snap.validation.naive_bayes.train_agreement,

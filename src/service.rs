@@ -250,6 +250,9 @@ pub async fn run(
     let mut batch_started: Option<tokio::time::Instant> = None;
     let mut summary = RunSummary::default();
     let mut stopping_for_target = false;
+    // Wakes the worker when no batch comes, so due snapshots and timed refreshes still happen.
+    let mut worker_tick = tokio::time::interval(Duration::from_secs(1));
+    worker_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.consuming.store(true, Ordering::Relaxed);
 
     let result: anyhow::Result<()> = async {
@@ -281,6 +284,10 @@ pub async fn run(
                     }
                 }
                 _ = sleep_until_opt(flush_at), if flush_at.is_some() => flush = true,
+                _ = worker_tick.tick() => {
+                    // Best effort: a full channel means the worker is busy anyway.
+                    let _ = batch_tx.try_send(Batch { events: vec![], offsets: BTreeMap::new() });
+                }
                 message = consumer.recv() => {
                     match message {
                         Err(e) => {
@@ -528,42 +535,51 @@ fn engine_worker(
         } else {
             None
         };
+    // Events applied when the last snapshot was taken: no new snapshot without new data.
+    let mut snapshotted_events = if snapshot_thread.is_some() {
+        engine.counters().events_applied
+    } else {
+        0
+    };
     let result = (|| -> anyhow::Result<()> {
         while let Some(batch) = batches.blocking_recv() {
-            let span = tracing::debug_span!("batch", events = batch.events.len());
-            let _enter = span.enter();
-            let applied_at = Instant::now();
-            let outcome = engine.apply(&batch.events);
-            if !outcome.refreshes.is_empty() {
-                last_refresh = Instant::now();
-            }
-            for r in &outcome.refreshes {
-                metrics.refresh_seconds.observe(r.seconds);
-            }
-            offsets.extend(batch.offsets);
-            store
-                .commit(&mut engine, Some(&offsets))
-                .context("cannot persist the batch: stopping without recording its offsets")?;
-            let events_applied = engine.counters().events_applied;
-            metrics.events_applied.inc_by(outcome.applied);
-            metrics.batch_size.observe(batch.events.len() as f64);
-            metrics
-                .batch_apply_seconds
-                .observe(applied_at.elapsed().as_secs_f64());
-            tracing::debug!(
-                events = batch.events.len(),
-                events_applied,
-                seconds = applied_at.elapsed().as_secs_f64(),
-                "batch committed"
-            );
-            if acks
-                .send(Ok(Committed {
-                    offsets: offsets.clone(),
+            // An empty batch is the poll loop's tick: only the timers below run.
+            if !batch.events.is_empty() || !batch.offsets.is_empty() {
+                let span = tracing::debug_span!("batch", events = batch.events.len());
+                let _enter = span.enter();
+                let applied_at = Instant::now();
+                let outcome = engine.apply(&batch.events);
+                if !outcome.refreshes.is_empty() {
+                    last_refresh = Instant::now();
+                }
+                for r in &outcome.refreshes {
+                    metrics.refresh_seconds.observe(r.seconds);
+                }
+                offsets.extend(batch.offsets);
+                store
+                    .commit(&mut engine, Some(&offsets))
+                    .context("cannot persist the batch: stopping without recording its offsets")?;
+                let events_applied = engine.counters().events_applied;
+                metrics.events_applied.inc_by(outcome.applied);
+                metrics.batch_size.observe(batch.events.len() as f64);
+                metrics
+                    .batch_apply_seconds
+                    .observe(applied_at.elapsed().as_secs_f64());
+                tracing::debug!(
+                    events = batch.events.len(),
                     events_applied,
-                }))
-                .is_err()
-            {
-                break;
+                    seconds = applied_at.elapsed().as_secs_f64(),
+                    "batch committed"
+                );
+                if acks
+                    .send(Ok(Committed {
+                        offsets: offsets.clone(),
+                        events_applied,
+                    }))
+                    .is_err()
+                {
+                    break;
+                }
             }
             if refresh_every.is_some_and(|every| last_refresh.elapsed() >= every) {
                 let _span = tracing::info_span!("refresh").entered();
@@ -578,7 +594,8 @@ fn engine_worker(
                 last_refresh = Instant::now();
             }
             let idle = snapshot_thread.as_ref().is_none_or(|t| t.is_finished());
-            if idle && last_snapshot.elapsed() >= snapshot_every {
+            let changed = engine.counters().events_applied != snapshotted_events;
+            if idle && changed && last_snapshot.elapsed() >= snapshot_every {
                 if let Some(t) = snapshot_thread.take() {
                     t.join()
                         .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
@@ -586,6 +603,7 @@ fn engine_worker(
                 snapshot_thread =
                     Some(spawn_snapshot(&config, &store, &engine, &offsets, &shared)?);
                 last_snapshot = Instant::now();
+                snapshotted_events = engine.counters().events_applied;
             }
         }
         Ok(())

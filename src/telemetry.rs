@@ -38,6 +38,9 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
+    /// Every registered metric family name (labelled families export nothing until their
+    /// first series, so the list comes from the descriptors).
+    names: Vec<String>,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -65,7 +68,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let seconds = prometheus::exponential_buckets(0.0005, 2.0, 18).expect("buckets");
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Registry::new(),
             events_consumed: counter(
                 "segmenter_events_consumed_total",
@@ -172,6 +175,7 @@ impl Metrics {
                 "1 when the service is ready (state open, consuming, broker reachable).",
             ),
             snapshot_created_unix: AtomicU64::new(0),
+            names: vec![],
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.events_consumed.clone()),
@@ -197,6 +201,7 @@ impl Metrics {
             Box::new(m.ready.clone()),
         ];
         for c in collectors {
+            m.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             m.registry.register(c).expect("unique metric names");
         }
         // Every reason exists from the start (at 0), so rates and alerts work before the first.
@@ -259,12 +264,36 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// Every metric name this service exports (the contract dashboards and alerts rely on).
+    /// Every metric family name this service exports, labelled families included before their
+    /// first series (the contract dashboards and alerts rely on).
     pub fn names(&self) -> Vec<String> {
-        self.registry
-            .gather()
-            .iter()
-            .map(|family| family.name().to_string())
-            .collect()
+        self.names.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_include_labelled_families_before_their_first_series() {
+        let m = Metrics::new();
+        let names = m.names();
+        for name in [
+            "segmenter_events_consumed_total",
+            "segmenter_consumer_lag_messages",
+            "segmenter_cluster_size_users",
+            "segmenter_pca_explained_variance_ratio",
+            "segmenter_batch_apply_duration_seconds",
+        ] {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} missing from {names:?}"
+            );
+        }
+        assert!(
+            m.render()
+                .contains("segmenter_events_rejected_total{reason=\"malformed\"} 0")
+        );
     }
 }

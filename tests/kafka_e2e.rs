@@ -37,6 +37,26 @@ fn kafka_run_ends_in_the_same_snapshot_as_replay() {
     assert_eq!(from_kafka.offsets.values().sum::<i64>(), EVENTS as i64);
 }
 
+#[test]
+fn a_burst_then_silence_still_gets_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Explicit, 300, 6_000, 61);
+    let topic = unique_topic("burst");
+    produce(&topic, 2, &ratings);
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "1500".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(6_000, Duration::from_secs(60));
+    // No more events arrive; the snapshot timer must still cover the burst.
+    let line = service.wait_for(Duration::from_secs(30), |v| {
+        v["fields"]["message"] == "snapshot built" && v["fields"]["events_applied"] == 6_000
+    });
+    assert!(line["fields"]["users"].as_u64().unwrap() > 0);
+    service.signal("-TERM");
+    let (code, _) = service.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0));
+}
+
 fn killed_at_random_moments_loses_nothing(mode: Mode, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let ratings = generate(dir.path(), mode, 400, EVENTS as usize, seed);
