@@ -30,10 +30,11 @@ impl Shape {
             },
         }
     }
-    /// Default periodic refresh interval: about 5 refreshes per run.
+    /// Default periodic refresh interval: the configured default for the MovieLens shape; for
+    /// the large one every 1M events (5 refreshes), as a service would set it for that volume.
     pub fn refresh_every(self) -> u64 {
         match self {
-            Shape::Ml100k => 20_000,
+            Shape::Ml100k => EngineParams::default().refresh_every_events,
             Shape::Large => 1_000_000,
         }
     }

@@ -128,7 +128,7 @@ impl Default for EngineParams {
             components: 10,
             clusters: 25,
             curve_components: 30,
-            refresh_every_events: 20_000,
+            refresh_every_events: 100_000,
             polish_passes: 3,
             snapshot_kmeans_starts: 25,
             snapshot_max_passes: 300,
