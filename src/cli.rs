@@ -367,7 +367,13 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                     temp.path().to_path_buf()
                 }
             };
-            let store = std::sync::Arc::new(crate::store::Store::open(&dir)?);
+            let store = std::sync::Arc::new(
+                crate::config::StateConfig {
+                    dir,
+                    ..config.state.clone()
+                }
+                .open()?,
+            );
             let shared = crate::service::Shared::default();
             let listen = config.http.listen_addr()?;
             let summary = runtime.block_on(async {

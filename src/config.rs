@@ -141,13 +141,24 @@ impl Default for SnapshotConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub dir: PathBuf,
+    pub checkpoint_cells: u64,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             dir: PathBuf::from("data/state"),
+            checkpoint_cells: crate::store::DEFAULT_CHECKPOINT_CELLS,
         }
+    }
+}
+
+impl StateConfig {
+    /// Opens the state dir with this section's settings.
+    pub fn open(&self) -> Result<crate::store::Store, crate::store::StoreError> {
+        let store = crate::store::Store::open(&self.dir)?;
+        store.set_checkpoint_cells(self.checkpoint_cells);
+        Ok(store)
     }
 }
 

@@ -45,7 +45,7 @@ fn source_key(bytes: &[u8]) -> String {
 }
 
 pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<ReplayOutcome> {
-    let store = Store::open(&config.state.dir)?;
+    let store = config.state.open()?;
     let mut engine = store.load_engine(config.engine_params())?;
     let mut catalogue_bad_lines = 0;
     if let Some(items) = &options.items {

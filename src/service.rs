@@ -102,7 +102,7 @@ pub async fn run(
     let (store, engine) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<(Store, Engine)> {
-            let store = Store::open(&config.state.dir)?;
+            let store = config.state.open()?;
             let engine = store.load_engine(config.engine_params())?;
             if let Some(file) = &config.catalogue.file {
                 let (titles, bad) = decode::read_catalogue_file(file)?;
@@ -247,6 +247,7 @@ pub async fn run(
         offsets: BTreeMap::new(),
     };
     let mut letters: Vec<DeadLetter> = vec![];
+    let mut partition_keys: rustc_hash::FxHashMap<i32, String> = Default::default();
     let mut batch_started: Option<tokio::time::Instant> = None;
     let mut summary = RunSummary::default();
     let mut stopping_for_target = false;
@@ -298,13 +299,17 @@ pub async fn run(
                             health.set_broker_reachable(true);
                             metrics.events_consumed.inc();
                             summary.consumed += 1;
-                            let key = offset_key(m.topic(), m.partition());
-                            if expected.get(&key).is_some_and(|&next| m.offset() < next) {
+                            // Offsets are keyed `topic/partition`; the key of each partition is
+                            // built once, and the maps are updated in place (the hot path).
+                            let key = partition_keys
+                                .entry(m.partition())
+                                .or_insert_with(|| offset_key(m.topic(), m.partition()));
+                            if expected.get(key.as_str()).is_some_and(|&next| m.offset() < next) {
                                 metrics.events_duplicate.inc();
                                 continue;
                             }
-                            expected.insert(key.clone(), m.offset() + 1);
-                            pending.offsets.insert(key, m.offset() + 1);
+                            set_offset(&mut expected, key, m.offset() + 1);
+                            set_offset(&mut pending.offsets, key, m.offset() + 1);
                             let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
                             match decode_message(m.payload(), &config, &policy, default_ts) {
                                 Ok(event) => pending.events.push(event),
@@ -390,6 +395,15 @@ pub async fn run(
         "stopped"
     );
     Ok(summary)
+}
+
+fn set_offset(offsets: &mut BTreeMap<String, i64>, key: &str, next: i64) {
+    match offsets.get_mut(key) {
+        Some(v) => *v = next,
+        None => {
+            offsets.insert(key.to_string(), next);
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -85,7 +85,7 @@ struct LogState {
 }
 
 /// Default `[state] checkpoint_cells`.
-pub const DEFAULT_CHECKPOINT_CELLS: u64 = 1_000_000;
+pub const DEFAULT_CHECKPOINT_CELLS: u64 = 4_000_000;
 
 fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + id.len());
