@@ -162,8 +162,8 @@ pub enum Command {
         affinity: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        #[arg(long, value_enum, default_value_t = GenMode::Explicit)]
-        mode: GenMode,
+        #[arg(long, value_enum, default_value_t = Mode::Explicit)]
+        mode: Mode,
         /// Output ratings file; `.json`/`.jsonl` writes JSON lines, anything else CSV
         /// `user,item,rating,ts`.
         #[arg(long)]
@@ -198,12 +198,6 @@ pub enum SnapshotCommand {
     Show { version: u64 },
     /// Stored snapshots with their times and counts.
     List,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GenMode {
-    Explicit,
-    Implicit,
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
@@ -561,10 +555,7 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                 segments,
                 affinity,
                 seed,
-                mode: match mode {
-                    GenMode::Explicit => Mode::Explicit,
-                    GenMode::Implicit => Mode::Implicit,
-                },
+                mode,
                 ..GeneratorParams::default()
             };
             let data = generator::generate(&params);

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// How successive values for one (user, item) pair combine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Star ratings: the latest value replaces the previous one; a null value retracts it.

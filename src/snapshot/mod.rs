@@ -300,7 +300,7 @@ pub fn build_from_model(
         mode: engine.params().mode,
         counts: Counts {
             users: n,
-            items: profiles_items(&profiles.idf, vectors),
+            items: profiles.rated_items,
             ratings: engine.ratings(),
             events_applied: engine.counters().events_applied,
         },
@@ -317,12 +317,6 @@ pub fn build_from_model(
         drift,
     };
     (snapshot, assignments)
-}
-
-/// Items with at least one rating (the columns of the batch recipe's matrix).
-fn profiles_items(idf: &[f64], vectors: &[SparseVec]) -> u64 {
-    let df = validation::document_frequency(vectors, idf.len());
-    df.iter().filter(|&&f| f > 0).count() as u64
 }
 
 /// Sparse rating vectors as K-Means points (distances via `‖x‖² − 2x·c + ‖c‖²`).

@@ -29,6 +29,8 @@ pub struct Profiles {
     pub raters: Vec<u32>,
     pub sizes: Vec<u64>,
     pub idf: Vec<f64>,
+    /// Items with at least one rating (the columns of the batch recipe's matrix).
+    pub rated_items: u64,
 }
 
 impl Profiles {
@@ -95,6 +97,7 @@ pub fn tfidf_profiles(vectors: &[SparseVec], labels: &[u32], k: usize, d: usize)
         raters,
         sizes,
         idf,
+        rated_items: df.iter().filter(|&&f| f > 0).count() as u64,
     }
 }
 
