@@ -203,10 +203,11 @@ pub async fn run(
     if !kafka.items_topic.is_empty() {
         spawn_items_reader(&config, store.clone(), shutdown.clone())?;
     }
-    spawn_lag_reporter(
+    spawn_broker_probe(
         consumer.clone(),
         stored_offsets.clone(),
-        metrics.clone(),
+        shared.clone(),
+        kafka.topic.clone(),
         shutdown.clone(),
     );
 
@@ -669,22 +670,33 @@ fn spawn_snapshot(
         })?)
 }
 
-/// Every few seconds: lag per assigned partition = high watermark − next offset persisted.
-fn spawn_lag_reporter(
+/// Every few seconds: whether the broker answers (readiness, also while the topic is idle),
+/// and the lag per assigned partition = high watermark − next offset persisted.
+fn spawn_broker_probe(
     consumer: Arc<StreamConsumer<ServiceContext>>,
     stored: Arc<Mutex<BTreeMap<String, i64>>>,
-    metrics: Arc<Metrics>,
+    shared: Shared,
+    topic: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|v| *v) => break,
                 _ = tick.tick() => {}
             }
-            let (consumer, stored, metrics) = (consumer.clone(), stored.clone(), metrics.clone());
+            let (consumer, stored, shared, topic) = (
+                consumer.clone(),
+                stored.clone(),
+                shared.clone(),
+                topic.clone(),
+            );
             let _ = tokio::task::spawn_blocking(move || {
+                let reachable = consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .is_ok();
+                shared.health.set_broker_reachable(reachable);
                 let Ok(assignment) = consumer.assignment() else {
                     return;
                 };
@@ -699,7 +711,8 @@ fn spawn_lag_reporter(
                             .get(&offset_key(elem.topic(), elem.partition()))
                             .copied()
                             .unwrap_or(low);
-                        metrics
+                        shared
+                            .metrics
                             .consumer_lag
                             .with_label_values(&[&elem.partition().to_string()])
                             .set((high - next).max(0));
