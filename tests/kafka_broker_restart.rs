@@ -57,11 +57,7 @@ fn service_survives_a_broker_restart_mid_stream() {
         "the outage is reported:\n{}",
         log.join("\n")
     );
-    let from_kafka = segmenter::store::Store::open(&dir.path().join("state"))
-        .unwrap()
-        .latest_snapshot()
-        .unwrap()
-        .expect("final snapshot");
+    let from_kafka = latest_stored_snapshot(&dir.path().join("state"));
     let from_file = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
     assert_same_model(&from_kafka, &from_file);
 }
@@ -143,11 +139,7 @@ fn service_started_before_the_broker_waits_not_ready_then_consumes_everything() 
     );
     let (code, log) = service.wait_exit(Duration::from_secs(180));
     assert_eq!(code, Some(0), "{}", log.join("\n"));
-    let snapshot = segmenter::store::Store::open(&dir.path().join("state"))
-        .unwrap()
-        .latest_snapshot()
-        .unwrap()
-        .expect("final snapshot");
+    let snapshot = latest_stored_snapshot(&dir.path().join("state"));
     assert_eq!(snapshot.counts.events_applied, 8_000);
     assert!(
         log.iter().any(|l| l.contains("broker reachable")),

@@ -242,7 +242,12 @@ pub fn run_to_completion(env: &[(String, String)], total: u64) -> Snapshot {
         .find(|(k, _)| k == "SEGMENTER_STATE__DIR")
         .map(|(_, v)| PathBuf::from(v))
         .expect("state dir");
-    Store::open(&state)
+    latest_stored_snapshot(&state)
+}
+
+/// The latest snapshot in a state dir no process holds any more.
+pub fn latest_stored_snapshot(state: &Path) -> Snapshot {
+    Store::open(state)
         .expect("open state")
         .latest_snapshot()
         .expect("read")
