@@ -81,14 +81,7 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
         let built = snapshot::build(
             &engine,
             &SnapshotParams::default(),
-            BuildInput {
-                version: 1,
-                created_at: String::new(),
-                titles: &titles,
-                offsets: Default::default(),
-                previous: None,
-                with_diagnostics,
-            },
+            BuildInput::standalone(&titles, with_diagnostics),
         );
         assert!(built.is_some(), "bench data too small for a snapshot");
         t.elapsed().as_secs_f64()

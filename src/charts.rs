@@ -459,14 +459,7 @@ mod tests {
                 diagnostics_k: vec![2, 4, 6],
                 ..SnapshotParams::default()
             },
-            BuildInput {
-                version: 3,
-                created_at: "2026-01-01T00:00:00Z".into(),
-                titles: &titles,
-                offsets: Default::default(),
-                previous: None,
-                with_diagnostics: true,
-            },
+            BuildInput::standalone(&titles, true),
         )
         .expect("snapshot")
         .0

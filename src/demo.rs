@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::generator::{GeneratorParams, generate};
-use crate::replay::build_and_store_snapshot;
 use crate::service::Shared;
 use crate::store::Store;
 
@@ -134,16 +133,9 @@ fn take_snapshot(
     summary: &mut DemoSummary,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
-    if let Some(built) = build_and_store_snapshot(config, store, engine, BTreeMap::new(), false)? {
+    if let Some(version) = shared.snapshot(config, store, engine, BTreeMap::new())? {
         summary.snapshots += 1;
-        summary.last_version = Some(built.snapshot.version);
-        shared.publish(
-            engine,
-            built,
-            store.titles()?,
-            started.elapsed().as_secs_f64(),
-        );
+        summary.last_version = Some(version);
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use rustc_hash::FxHashMap;
 
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
@@ -103,7 +104,8 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     }
     bar.finish_and_clear();
 
-    let built = build_and_store_snapshot(config, &store, &engine, BTreeMap::new(), true)?
+    let titles = store.titles()?;
+    let built = build_and_store_snapshot(config, &store, &engine, &titles, BTreeMap::new(), true)?
         .map(|b| (b.snapshot, b.assignments));
     if let Some((snap, assignments)) = &built {
         if let Some(path) = &options.snapshot_out {
@@ -151,6 +153,7 @@ pub fn build_and_store_snapshot(
     config: &Config,
     store: &Store,
     engine: &Engine,
+    titles: &FxHashMap<String, String>,
     offsets: BTreeMap<String, i64>,
     force_diagnostics: bool,
 ) -> anyhow::Result<Option<Built>> {
@@ -160,7 +163,6 @@ pub fn build_and_store_snapshot(
         Some(v) => store.assignments(v)?.map(|a| (v, a)),
         None => None,
     };
-    let titles = store.titles()?;
     let with_diagnostics =
         force_diagnostics || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
     let built = snapshot::build_with_model(
@@ -169,7 +171,7 @@ pub fn build_and_store_snapshot(
         BuildInput {
             version,
             created_at: snapshot::now_rfc3339(),
-            titles: &titles,
+            titles,
             offsets,
             previous: previous.as_ref().map(|(v, a)| (*v, a)),
             with_diagnostics,

@@ -26,7 +26,6 @@ use crate::http::{self, AppState};
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{Health, ServiceContext, client_config, offset_key};
 use crate::replay::build_and_store_snapshot;
-use crate::snapshot::Built;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -50,20 +49,31 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Publishes a freshly built snapshot: metrics, and the serving copy for lookups.
-    pub fn publish(
+    /// Builds and stores a snapshot of `engine`, then publishes it: metrics, and the serving
+    /// copy for lookups. Returns its version (`None` while there is too little data).
+    pub fn snapshot(
         &self,
+        config: &Config,
+        store: &Store,
         engine: &Engine,
-        built: Built,
-        titles: rustc_hash::FxHashMap<String, String>,
-        seconds: f64,
-    ) {
+        offsets: BTreeMap<String, i64>,
+    ) -> anyhow::Result<Option<u64>> {
+        let started = Instant::now();
+        let titles = store.titles()?;
+        let Some(built) = build_and_store_snapshot(config, store, engine, &titles, offsets, false)?
+        else {
+            return Ok(None);
+        };
+        let version = built.snapshot.version;
         self.metrics.on_snapshot(&built.snapshot);
-        self.metrics.snapshot_build_seconds.observe(seconds);
+        self.metrics
+            .snapshot_build_seconds
+            .observe(started.elapsed().as_secs_f64());
         let serving = Serving::new(engine, &built.model, built.snapshot, titles);
         if let Ok(mut slot) = self.serving.write() {
             *slot = Some(Arc::new(serving));
         }
+        Ok(Some(version))
     }
 }
 
@@ -656,16 +666,7 @@ fn spawn_snapshot(
         .name("segmenter-snapshot".into())
         .spawn(move || {
             let _span = tracing::info_span!("snapshot").entered();
-            let started = Instant::now();
-            if let Some(built) = build_and_store_snapshot(&config, &store, &engine, offsets, false)?
-            {
-                shared.publish(
-                    &engine,
-                    built,
-                    store.titles()?,
-                    started.elapsed().as_secs_f64(),
-                );
-            }
+            shared.snapshot(&config, &store, &engine, offsets)?;
             Ok(())
         })?)
 }

@@ -154,15 +154,8 @@ fn every_route_answers_as_documented() {
     );
 
     // `segmenter snapshot` against the running service.
-    let out = Command::new(BIN)
-        .args(["snapshot", "latest", "--url", &base, "--token", TOKEN])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        succeed(Command::new(BIN).args(["snapshot", "latest", "--url", &base, "--token", TOKEN]));
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         report.contains(&format!("snapshot v{version}")) || report.contains("snapshot v"),
@@ -175,15 +168,10 @@ fn every_route_answers_as_documented() {
     assert_eq!(code, Some(0), "{}", log.join("\n"));
 
     // ... and read-only from the state dir once the service is gone.
-    let out = Command::new(BIN)
-        .args(["snapshot", "latest", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(BIN)
+            .args(["snapshot", "latest", "--state-dir"])
+            .arg(&state),
     );
     let from_dir = String::from_utf8_lossy(&out.stdout);
     assert!(from_dir.lines().any(|l| l.starts_with("0 (")), "{from_dir}");

@@ -118,24 +118,19 @@ fn service_started_before_the_broker_waits_not_ready_then_consumes_everything() 
     kafka_sh("start", port);
     let _broker = Broker(port);
     let ratings = generate(dir.path(), Mode::Explicit, 200, 8_000, 71);
-    let out = Command::new(BIN)
-        .args([
-            "produce",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--partitions",
-            "2",
-            "--ratings",
-        ])
-        .arg(&ratings)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args([
+                "produce",
+                "--brokers",
+                &brokers,
+                "--topic",
+                &topic,
+                "--partitions",
+                "2",
+                "--ratings",
+            ])
+            .arg(&ratings),
     );
     let (code, log) = service.wait_exit(Duration::from_secs(180));
     assert_eq!(code, Some(0), "{}", log.join("\n"));

@@ -30,14 +30,7 @@ fn planted_segments_are_recovered_with_ari_above_0_9() {
     let (snap, assignments) = snapshot::build(
         &engine,
         &SnapshotParams::default(),
-        BuildInput {
-            version: 1,
-            created_at: "t".into(),
-            titles: &titles,
-            offsets: Default::default(),
-            previous: None,
-            with_diagnostics: false,
-        },
+        BuildInput::standalone(&titles, false),
     )
     .expect("enough data for a snapshot");
     let truth: std::collections::HashMap<_, _> = data.truth.iter().cloned().collect();

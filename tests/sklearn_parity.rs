@@ -78,14 +78,7 @@ fn online_engine_matches_scikit_learn_on_the_golden_set() {
     let (snap, _) = snapshot::build(
         &engine,
         &SnapshotParams::default(),
-        BuildInput {
-            version: 1,
-            created_at: String::new(),
-            titles: &titles,
-            offsets: Default::default(),
-            previous: None,
-            with_diagnostics: true,
-        },
+        BuildInput::standalone(&titles, true),
     )
     .expect("snapshot");
     assert!(snap.pca.converged);

@@ -225,17 +225,12 @@ fn page_renders_every_chart_with_the_snapshots_numbers_and_finds_a_user() {
 
     // The offline report from the state dir: self-contained, renders the same charts.
     let report = dir.path().join("report");
-    let out = Command::new(BIN)
-        .args(["report", "--out"])
-        .arg(&report)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args(["report", "--out"])
+            .arg(&report)
+            .arg("--state-dir")
+            .arg(&state),
     );
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     for external in ["src=\"http", "href=\"http", "@import", "url(http"] {

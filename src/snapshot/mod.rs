@@ -159,6 +159,20 @@ pub struct BuildInput<'a> {
     pub with_diagnostics: bool,
 }
 
+impl<'a> BuildInput<'a> {
+    /// A first snapshot with no history: version 1, no offsets, nothing to drift from.
+    pub fn standalone(titles: &'a FxHashMap<String, String>, with_diagnostics: bool) -> Self {
+        BuildInput {
+            version: 1,
+            created_at: now_rfc3339(),
+            titles,
+            offsets: BTreeMap::new(),
+            previous: None,
+            with_diagnostics,
+        }
+    }
+}
+
 /// Builds a snapshot of the engine's current state. Returns `None` while there is not enough
 /// data for a model (fewer items than components, or fewer users than clusters).
 pub fn build(

@@ -27,6 +27,19 @@ pub fn brokers() -> String {
     )
 }
 
+/// Runs `command` to completion; panics with its stderr unless it succeeds.
+pub fn succeed(command: &mut Command) -> std::process::Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A topic name no other test (or earlier run) uses.
 pub fn unique_topic(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -42,55 +55,45 @@ pub fn generate(dir: &Path, mode: Mode, users: usize, events: usize, seed: u64) 
         Mode::Explicit => "explicit",
         Mode::Implicit => "implicit",
     };
-    let out = Command::new(BIN)
-        .args([
-            "generate",
-            "--users",
-            &users.to_string(),
-            "--items",
-            "300",
-            "--events",
-        ])
-        .arg(events.to_string())
-        .args([
-            "--segments",
-            "6",
-            "--seed",
-            &seed.to_string(),
-            "--mode",
-            mode,
-            "--out",
-        ])
-        .arg(&path)
-        .output()
-        .expect("generate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args([
+                "generate",
+                "--users",
+                &users.to_string(),
+                "--items",
+                "300",
+                "--events",
+            ])
+            .arg(events.to_string())
+            .args([
+                "--segments",
+                "6",
+                "--seed",
+                &seed.to_string(),
+                "--mode",
+                mode,
+                "--out",
+            ])
+            .arg(&path),
     );
     path
 }
 
 pub fn produce(topic: &str, partitions: i32, ratings: &Path) {
-    let out = Command::new(BIN)
-        .args([
-            "produce",
-            "--brokers",
-            &brokers(),
-            "--topic",
-            topic,
-            "--partitions",
-        ])
-        .arg(partitions.to_string())
-        .arg("--ratings")
-        .arg(ratings)
-        .output()
-        .expect("produce");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args([
+                "produce",
+                "--brokers",
+                &brokers(),
+                "--topic",
+                topic,
+                "--partitions",
+            ])
+            .arg(partitions.to_string())
+            .arg("--ratings")
+            .arg(ratings),
     );
 }
 
@@ -257,19 +260,14 @@ pub fn latest_stored_snapshot(state: &Path) -> Snapshot {
 /// `segmenter replay` of the same file into its own state dir: the reference result.
 pub fn replay_snapshot(ratings: &Path, state: &Path, env: &[(String, String)]) -> Snapshot {
     let out_path = state.with_extension("json");
-    let out = Command::new(BIN)
-        .args(["replay", "--ratings"])
-        .arg(ratings)
-        .arg("--snapshot-out")
-        .arg(&out_path)
-        .envs(env.iter().cloned())
-        .env("SEGMENTER_STATE__DIR", state)
-        .output()
-        .expect("replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args(["replay", "--ratings"])
+            .arg(ratings)
+            .arg("--snapshot-out")
+            .arg(&out_path)
+            .envs(env.iter().cloned())
+            .env("SEGMENTER_STATE__DIR", state),
     );
     serde_json::from_slice(&std::fs::read(out_path).expect("snapshot")).expect("json")
 }
