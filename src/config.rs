@@ -22,6 +22,12 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    #[error(
+        "config field [kafka.client] {key}: the service sets this property itself (offsets \
+         live in the state dir, group membership comes from [kafka]); remove it from \
+         [kafka.client] and use the [kafka] fields brokers, group_id and instance_id instead"
+    )]
+    ServiceOwnedClientKey { key: String },
     #[error("config field {field}: {problem}; {fix}")]
     Invalid {
         field: &'static str,
@@ -29,6 +35,20 @@ pub enum ConfigError {
         fix: &'static str,
     },
 }
+
+/// librdkafka properties the service sets itself because offsets, group membership and
+/// exactly-once state depend on them; `[kafka.client]` may not set them.
+pub const SERVICE_OWNED_CLIENT_KEYS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "group.instance.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.partition.eof",
+    "partition.assignment.strategy",
+    "enable.idempotence",
+];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -505,6 +525,13 @@ impl Config {
                 "use a separate topic, e.g. ratings-dead-letter",
             );
         }
+        if let Some(key) = k
+            .client
+            .keys()
+            .find(|key| SERVICE_OWNED_CLIENT_KEYS.contains(&key.as_str()))
+        {
+            return Err(ConfigError::ServiceOwnedClientKey { key: key.clone() });
+        }
         if k.batch_size == 0 || k.max_message_bytes == 0 {
             return invalid(
                 "[kafka] batch_size/max_message_bytes",
@@ -637,5 +664,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("SEGMENTER_MODEL__COMPONENTS"), "{err}");
+    }
+
+    #[test]
+    fn kafka_client_keys_the_service_owns_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        for key in SERVICE_OWNED_CLIENT_KEYS {
+            std::fs::write(&path, format!("[kafka.client]\n\"{key}\" = \"x\"\n")).unwrap();
+            let err = Config::load_with_env(Some(&path), vec![]).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::ServiceOwnedClientKey { key: k } if k == key),
+                "{key}: {err}"
+            );
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        // Tuning properties stay the user's to set.
+        std::fs::write(
+            &path,
+            "[kafka.client]\n\"fetch.wait.max.ms\" = \"50\"\n\"session.timeout.ms\" = \"30000\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with_env(Some(&path), vec![]).unwrap();
+        assert_eq!(c.kafka.client["fetch.wait.max.ms"], "50");
     }
 }

@@ -24,7 +24,9 @@ use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http::serving::Serving;
 use crate::http::{self, AppState};
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
-use crate::kafka::{Health, ServiceContext, client_config, offset_key};
+use crate::kafka::{
+    Health, ServiceContext, client_config, client_config_with_defaults, offset_key,
+};
 use crate::replay::build_and_store_snapshot;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -183,10 +185,20 @@ pub async fn run(
         health: health.clone(),
         revoked: AtomicBool::new(false),
     };
-    let mut consumer_config = client_config(&kafka);
+    // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
+    // `[kafka.client]` may tune these.
+    let mut consumer_config = client_config_with_defaults(
+        &kafka,
+        &[
+            ("queued.min.messages", "500000"),
+            ("max.partition.fetch.bytes", "8388608"),
+            ("fetch.wait.max.ms", "100"),
+        ],
+    );
     if !kafka.instance_id.is_empty() {
         consumer_config.set("group.instance.id", &kafka.instance_id);
     }
+    // What exactly-once rests on; `[kafka.client]` cannot set these (the config layer refuses).
     let consumer: Arc<StreamConsumer<ServiceContext>> = Arc::new(
         consumer_config
             .set("group.id", &kafka.group_id)
@@ -195,10 +207,6 @@ pub async fn run(
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("partition.assignment.strategy", "range")
-            // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
-            .set("queued.min.messages", "500000")
-            .set("max.partition.fetch.bytes", "8388608")
-            .set("fetch.wait.max.ms", "100")
             .create_with_context(context)
             .context("cannot create the Kafka consumer")?,
     );

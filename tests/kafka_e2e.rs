@@ -57,35 +57,47 @@ fn a_burst_then_silence_still_gets_a_snapshot() {
     assert_eq!(code, Some(0));
 }
 
+/// The topic is produced in installments, one more before each round, so every kill lands
+/// while events remain to be consumed however late it comes on a busy machine; each round
+/// starts from what the previous one persisted (the state dir's offsets), not from a log line.
 fn killed_at_random_moments_loses_nothing(mode: Mode, seed: u64) {
+    const INSTALLMENTS: usize = 6;
     let dir = tempfile::tempdir().unwrap();
     let ratings = generate(dir.path(), mode, 400, EVENTS as usize, seed);
+    let parts = split_ratings(&ratings, INSTALLMENTS);
+    assert_eq!(parts.iter().map(|(_, n)| n).sum::<u64>(), EVENTS);
     let topic = unique_topic("crash");
-    produce(&topic, 3, &ratings);
-    let mut env = service_env(&topic, &dir.path().join("state"), mode);
+    let state = dir.path().join("state");
+    let mut env = service_env(&topic, &state, mode);
     // Small batches: many commits, so kills land between and inside them.
     env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "300".into()));
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut applied = 0;
-    let mut kills = 0;
-    for round in 0..4 {
-        let target = applied + rng.random_range(1_000..5_000);
-        if target > EVENTS - 1_000 {
-            break;
-        }
+    let mut produced = 0;
+    let (last, rounds) = parts.split_last().expect("installments");
+    for (round, (part, count)) in rounds.iter().enumerate() {
+        produce(&topic, 3, part);
+        produced += count;
+        let before = persisted_position(&state);
+        assert!(before < produced, "round {round}: nothing left to consume");
+        let target = rng.random_range(before + 1..=produced);
         let mut service = Service::start(&env, &[]);
-        applied = service.wait_for_applied(target, Duration::from_secs(120));
+        let logged = service.wait_for_applied(target, Duration::from_secs(120));
         // A random extra delay inside the next batches (a moment, not a wait for a condition).
         std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
         service.signal("-KILL");
         let (code, _) = service.wait_exit(Duration::from_secs(30));
         assert_eq!(code, None, "round {round}: killed by a signal");
-        kills += 1;
+        let after = persisted_position(&state);
+        assert!(
+            after >= logged,
+            "round {round}: a commit the service reported ({logged}) is persisted ({after})"
+        );
+        assert!(
+            after < EVENTS,
+            "round {round}: the kill landed mid-stream ({after} of {EVENTS} consumed)"
+        );
     }
-    assert!(
-        kills >= 2,
-        "the service must be killed mid-stream several times ({kills})"
-    );
+    produce(&topic, 3, &last.0);
     let killed = run_to_completion(&env, EVENTS);
     assert_eq!(
         killed.counts.events_applied, EVENTS,
@@ -98,11 +110,7 @@ fn killed_at_random_moments_loses_nothing(mode: Mode, seed: u64) {
     clean_env.push(("SEGMENTER_KAFKA__GROUP_ID".into(), format!("clean-{topic}")));
     let clean = run_to_completion(&clean_env, EVENTS);
     assert_same_model(&killed, &clean);
-    assert_same_vectors(
-        &dir.path().join("state"),
-        &dir.path().join("clean"),
-        &config_for(&env),
-    );
+    assert_same_vectors(&state, &dir.path().join("clean"), &config_for(&env));
 }
 
 #[test]

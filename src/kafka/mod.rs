@@ -27,11 +27,21 @@ pub fn offset_key(topic: &str, partition: i32) -> String {
 
 /// librdkafka settings common to every client, plus `[kafka.client]` overrides.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    client_config_with_defaults(kafka, &[])
+}
+
+/// Like [`client_config`], with tuning `defaults` a user's `[kafka.client]` may override.
+/// Settings the exactly-once design depends on are set by the caller afterwards; the config
+/// layer refuses them in `[kafka.client]` (see [`crate::config::SERVICE_OWNED_CLIENT_KEYS`]).
+pub fn client_config_with_defaults(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set("reconnect.backoff.ms", kafka.retry_backoff_ms.to_string())
         .set("reconnect.backoff.max.ms", "10000");
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
     for (k, v) in &kafka.client {
         config.set(k, v);
     }

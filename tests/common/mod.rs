@@ -97,6 +97,45 @@ pub fn produce(topic: &str, partitions: i32, ratings: &Path) {
     );
 }
 
+/// Splits a generated ratings CSV (header `user,item,rating,ts`, events in time order) into
+/// `parts` consecutive files, each with the header; returns them with their event counts.
+pub fn split_ratings(ratings: &Path, parts: usize) -> Vec<(PathBuf, u64)> {
+    let text = std::fs::read_to_string(ratings).expect("read ratings");
+    let mut lines = text.lines();
+    let header = lines.next().expect("header line");
+    let rows: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+    let per_part = rows.len().div_ceil(parts);
+    rows.chunks(per_part)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let path = ratings.with_extension(format!("part{i}.csv"));
+            let mut body = String::with_capacity(chunk.len() * 24);
+            body.push_str(header);
+            body.push('\n');
+            for row in chunk {
+                body.push_str(row);
+                body.push('\n');
+            }
+            std::fs::write(&path, body).expect("write part");
+            (path, chunk.len() as u64)
+        })
+        .collect()
+}
+
+/// Messages the state dir has durably consumed: the sum of its persisted next offsets over
+/// every partition (0 for a state dir that does not exist yet). Only call it when no process
+/// holds the state dir.
+pub fn persisted_position(state: &Path) -> u64 {
+    if !state.exists() {
+        return 0;
+    }
+    let offsets = Store::open(state)
+        .expect("open state")
+        .offsets()
+        .expect("read offsets");
+    offsets.values().map(|&o| o.max(0) as u64).sum()
+}
+
 /// Environment for a service run against `topic` with state in `state`.
 pub fn service_env(topic: &str, state: &Path, mode: Mode) -> Vec<(String, String)> {
     let mut env = vec![
@@ -215,14 +254,14 @@ impl Service {
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 self.seen.extend(self.lines.try_iter());
-                return (status.code(), self.seen);
+                return (status.code(), std::mem::take(&mut self.seen));
             }
             match self.lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => self.seen.push(line),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().expect("wait");
-                    return (status.code(), self.seen);
+                    return (status.code(), std::mem::take(&mut self.seen));
                 }
             }
             assert!(
@@ -231,6 +270,18 @@ impl Service {
                 self.seen.join("\n")
             );
         }
+    }
+}
+
+/// A failed wait (a panicking test) must not leak a running service that keeps its state dir
+/// locked and its group membership alive: the child is killed and reaped on drop (a no-op for
+/// one that already exited).
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 
