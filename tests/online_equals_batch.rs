@@ -1,11 +1,12 @@
 //! Online equals batch at every step: after each of several batches, the engine's statistics
-//! equal statistics recomputed from scratch from the raw events (independently of the engine),
-//! and each refreshed PCA equals a full eigen-decomposition of the batch covariance.
+//! (column sums, sums of squares, the covariance applied as an operator) equal statistics
+//! recomputed from scratch from the raw events (independently of the engine), and each
+//! refreshed PCA equals a full eigen-decomposition of the batch covariance.
 
 use std::collections::BTreeMap;
 
 use ndarray::Array2;
-use segmenter::engine::eigen::jacobi_eigen;
+use segmenter::engine::eigen::{SymmetricOperator, jacobi_eigen};
 use segmenter::engine::{Engine, EngineParams};
 use segmenter::event::{Mode, RatingEvent};
 use segmenter::generator::{GeneratorParams, generate};
@@ -102,17 +103,30 @@ fn check_stats_equal_batch(mode: Mode) {
                 "column sum {a} vs {b}"
             );
         }
-        let online = engine.stats().second_moments(d);
-        let worst = (&online - &m).iter().fold(0.0f64, |w, x| w.max(x.abs()));
-        assert!(
-            worst <= 1e-9 * m.iter().fold(1.0f64, |w, x| w.max(x.abs())),
-            "second moments differ by {worst} after {applied} events"
-        );
+        for (j, (a, b)) in engine.stats().squares().iter().zip(m.diag()).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                "sum of squares of item {j}: {a} vs {b} after {applied} events"
+            );
+        }
 
         // Covariance and its spectrum, batch-style.
         let nf = n as f64;
         let mean: Vec<f64> = sums.iter().map(|s| s / nf).collect();
         let cov = Array2::from_shape_fn((d, d), |(i, j)| m[[i, j]] / nf - mean[i] * mean[j]);
+        // The covariance operator (no d x d matrix) equals the batch covariance on a block.
+        let block = Array2::from_shape_fn((3, d), |(r, j)| ((r * 31 + j * 7) % 13) as f64 - 6.0);
+        let online = engine
+            .stats()
+            .operator(engine.vectors(), d)
+            .apply_rows(&block);
+        let batch = block.dot(&cov);
+        let worst = (&online - &batch).iter().fold(0.0f64, |w, x| w.max(x.abs()));
+        let scale = batch.iter().fold(1.0f64, |w, x| w.max(x.abs()));
+        assert!(
+            worst <= 1e-9 * scale,
+            "covariance operator differs by {worst} after {applied} events"
+        );
         let (exact, _) = jacobi_eigen(&cov);
         if !outcome.refreshes.is_empty() && applied % 1_000 == 0 {
             // A refresh at exactly this event count saw exactly this matrix.

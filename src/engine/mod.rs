@@ -349,8 +349,7 @@ impl Engine {
         if !was_active {
             self.stats.user_entered();
         }
-        self.stats
-            .apply_change(x, j as usize, delta, self.items.len());
+        self.stats.apply_change(j as usize, old, new);
         let x = &mut self.vectors[u as usize];
         match pos {
             Ok(p) if new == 0.0 => {

@@ -8,7 +8,7 @@
 use ndarray::{Array2, Axis};
 
 use super::SparseVec;
-use super::eigen::{EigenParams, EigenResult, SymmetricOperator, top_eigenpairs};
+use super::eigen::{EigenParams, EigenResult, top_eigenpairs};
 use super::kmeans::{self, ClusteringParams, DensePoints};
 use super::matching::match_labels;
 use super::stats::CovarianceStats;
@@ -336,20 +336,7 @@ impl Model {
         } else {
             self.has_basis().then(|| self.basis.view())
         };
-        // Same covariance, two ways to apply it: the dense matrix costs d² per vector, the
-        // centred sparse rows 2·nnz. Pick the cheaper; both are exact.
-        let nnz: usize = vectors.iter().map(SparseVec::nnz).sum();
-        let mut result = if 2 * nnz < d * d {
-            let operator = SparseCovariance {
-                vectors,
-                mean: stats.mean(d),
-                users: stats.users(),
-            };
-            top_eigenpairs(&operator, warm, eigen)
-        } else {
-            let covariance = stats.covariance(d);
-            top_eigenpairs(&covariance.view(), warm, eigen)
-        };
+        let mut result = top_eigenpairs(&stats.operator(vectors, d), warm, eigen);
         self.warm_block = std::mem::replace(&mut result.block, Array2::zeros((0, 0)));
         self.adopt_basis(
             result.clone_basis_with_signs(&self.basis),
@@ -583,47 +570,6 @@ impl EigenResult {
             }
         }
         basis
-    }
-}
-
-/// The covariance `XᵀX/n − μμᵀ` applied through the sparse user rows.
-struct SparseCovariance<'a> {
-    vectors: &'a [SparseVec],
-    mean: Vec<f64>,
-    users: u64,
-}
-
-impl SymmetricOperator for SparseCovariance<'_> {
-    fn dim(&self) -> usize {
-        self.mean.len()
-    }
-
-    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
-        let (b, d) = q.dim();
-        let qt = q.t().as_standard_layout().into_owned();
-        let qt = qt.as_slice().unwrap_or(&[]);
-        let mut yt = vec![0.0; d * b];
-        let mut t = vec![0.0; b];
-        for x in self.vectors {
-            t.iter_mut().for_each(|v| *v = 0.0);
-            for (j, v) in x.iter() {
-                let row = &qt[j as usize * b..(j as usize + 1) * b];
-                for (ti, &qi) in t.iter_mut().zip(row) {
-                    *ti += v * qi;
-                }
-            }
-            for (j, v) in x.iter() {
-                let row = &mut yt[j as usize * b..(j as usize + 1) * b];
-                for (yi, &ti) in row.iter_mut().zip(&t) {
-                    *yi += v * ti;
-                }
-            }
-        }
-        let inv = 1.0 / self.users.max(1) as f64;
-        let q_mean = q.dot(&ndarray::ArrayView1::from(&self.mean[..]));
-        Array2::from_shape_fn((b, d), |(r, j)| {
-            yt[j * b + r] * inv - q_mean[r] * self.mean[j]
-        })
     }
 }
 

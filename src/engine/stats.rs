@@ -1,21 +1,20 @@
-//! Exact sufficient statistics of the user x item matrix: user count `n`, column sums `s` and
-//! second moments `M = Σ x xᵀ`, updated in O(nnz of the user) per rating change so that the
-//! covariance at any moment equals the batch covariance of the current matrix.
-//!
-//! `M` is kept as a non-symmetric accumulator `A` with `M = (A + Aᵀ)/2`: the rank-2 update
-//! `δ(x e_jᵀ + e_j xᵀ)` then only touches row `j` of `A` (contiguous) instead of a row and a
-//! column (strided).
+//! Exact sufficient statistics of the user x item matrix in O(d) memory beside the user
+//! vectors: user count `n`, column sums `s` and per-item sums of squares, updated in O(1) per
+//! rating change. The covariance itself is never built: [`CovarianceOperator`] applies
+//! `C V = (Xᵀ(X V))/n − μ(μᵀV)` through the sparse user rows, exact at any moment, in
+//! O(nnz·r) for a block of r vectors; the trace comes from the sums of squares.
 
 use ndarray::Array2;
 
 use super::SparseVec;
+use super::eigen::SymmetricOperator;
 
 #[derive(Debug, Clone, Default)]
 pub struct CovarianceStats {
     n: u64,
     sums: Vec<f64>,
-    /// Row `j` of the accumulator `A`; shorter rows are implicitly zero-padded.
-    rows: Vec<Vec<f64>>,
+    /// `Σ_u x_uj²` per item: the diagonal of `XᵀX`, all the trace needs.
+    squares: Vec<f64>,
 }
 
 impl CovarianceStats {
@@ -29,35 +28,27 @@ impl CovarianceStats {
         &self.sums
     }
 
+    /// Per-item sums of squares (the diagonal of `XᵀX`).
+    pub fn squares(&self) -> &[f64] {
+        &self.squares
+    }
+
     fn ensure_items(&mut self, d: usize) {
         if self.sums.len() < d {
             self.sums.resize(d, 0.0);
-            self.rows.resize_with(d, Vec::new);
+            self.squares.resize(d, 0.0);
         }
     }
 
-    /// The user's value of item `j` changes by `delta`; `before` is the user's vector before
-    /// the change. `M += δ(x e_jᵀ + e_j xᵀ) + δ² e_j e_jᵀ`, `s_j += δ`.
-    pub fn apply_change(&mut self, before: &SparseVec, j: usize, delta: f64, items: usize) {
-        self.ensure_items(items.max(j + 1));
-        self.sums[j] += delta;
-        let row = &mut self.rows[j];
-        let needed = before
-            .idx
-            .last()
-            .map_or(j + 1, |&last| (last as usize + 1).max(j + 1));
-        if row.len() < needed {
-            row.resize(needed.max(items), 0.0);
-        }
-        let twice = 2.0 * delta;
-        for (&i, &x) in before.idx.iter().zip(&before.val) {
-            row[i as usize] += twice * x;
-        }
-        row[j] += delta * delta;
+    /// A user's value of item `j` changes from `old` to `new`.
+    pub fn apply_change(&mut self, j: usize, old: f64, new: f64) {
+        self.ensure_items(j + 1);
+        self.sums[j] += new - old;
+        self.squares[j] += new * new - old * old;
     }
 
     /// A user enters (first rating) or leaves (last rating retracted): only `n` changes, since
-    /// a zero row adds nothing to `s` or `M`.
+    /// a zero row adds nothing to the sums.
     pub fn user_entered(&mut self) {
         self.n += 1;
     }
@@ -66,22 +57,16 @@ impl CovarianceStats {
         self.n = self.n.saturating_sub(1);
     }
 
-    /// Trace of the population covariance, `Σ_j M_jj/n − μ_j²`, without building it.
+    /// Trace of the population covariance, `Σ_j (Σ_u x_uj²)/n − μ_j²`, without building it.
     pub fn covariance_trace(&self, d: usize) -> f64 {
         if self.n == 0 {
             return 0.0;
         }
         let n = self.n as f64;
-        (0..d)
+        (0..d.min(self.sums.len()))
             .map(|j| {
-                let m_jj = self
-                    .rows
-                    .get(j)
-                    .and_then(|r| r.get(j))
-                    .copied()
-                    .unwrap_or(0.0);
-                let mean = self.sums.get(j).copied().unwrap_or(0.0) / n;
-                m_jj / n - mean * mean
+                let mean = self.sums[j] / n;
+                self.squares[j] / n - mean * mean
             })
             .sum()
     }
@@ -94,46 +79,13 @@ impl CovarianceStats {
             .collect()
     }
 
-    /// `M = (A + Aᵀ)/2` as a dense `d x d` matrix.
-    pub fn second_moments(&self, d: usize) -> Array2<f64> {
-        self.symmetrised(d, 1.0, None)
-    }
-
-    /// Population covariance `C = M/n − μμᵀ` (`d x d`). scikit-learn's `explained_variance_`
-    /// uses `n − 1`: multiply by `n/(n−1)` for that; ratios are unaffected.
-    pub fn covariance(&self, d: usize) -> Array2<f64> {
-        if self.n == 0 {
-            return self.second_moments(d);
+    /// The population covariance over `d` items as an operator on the user rows.
+    pub fn operator<'a>(&self, vectors: &'a [SparseVec], d: usize) -> CovarianceOperator<'a> {
+        CovarianceOperator {
+            vectors,
+            mean: self.mean(d),
+            users: self.n,
         }
-        let n = self.n as f64;
-        let mean: Vec<f64> = (0..d)
-            .map(|j| self.sums.get(j).copied().unwrap_or(0.0) / n)
-            .collect();
-        self.symmetrised(d, 1.0 / n, Some(&mean))
-    }
-
-    /// `scale · (A + Aᵀ)/2 − mean meanᵀ`, built in cache-sized tiles (the transpose is the
-    /// expensive part of a refresh otherwise).
-    fn symmetrised(&self, d: usize, scale: f64, mean: Option<&[f64]>) -> Array2<f64> {
-        const TILE: usize = 64;
-        let mut flat = vec![0.0; d * d];
-        for (j, row) in self.rows.iter().enumerate().take(d) {
-            let len = row.len().min(d);
-            flat[j * d..j * d + len].copy_from_slice(&row[..len]);
-        }
-        let outer = |j: usize, i: usize| mean.map_or(0.0, |m| m[j] * m[i]);
-        for jb in (0..d).step_by(TILE) {
-            for ib in (jb..d).step_by(TILE) {
-                for j in jb..(jb + TILE).min(d) {
-                    for i in ib.max(j)..(ib + TILE).min(d) {
-                        let v = 0.5 * (flat[j * d + i] + flat[i * d + j]) * scale - outer(j, i);
-                        flat[j * d + i] = v;
-                        flat[i * d + j] = v;
-                    }
-                }
-            }
-        }
-        Array2::from_shape_vec((d, d), flat).unwrap_or_else(|_| Array2::zeros((d, d)))
     }
 
     /// Statistics recomputed from scratch from user vectors (restart, tests).
@@ -145,18 +97,63 @@ impl CovarianceStats {
                 continue;
             }
             stats.n += 1;
-            for (&j, &xj) in x.idx.iter().zip(&x.val) {
-                let j = j as usize;
-                stats.sums[j] += xj;
-                let row = &mut stats.rows[j];
-                if row.len() < d {
-                    row.resize(d, 0.0);
-                }
-                for (&i, &xi) in x.idx.iter().zip(&x.val) {
-                    row[i as usize] += xj * xi;
-                }
+            for (j, v) in x.iter() {
+                stats.apply_change(j as usize, 0.0, v);
             }
         }
         stats
+    }
+}
+
+/// The population covariance `XᵀX/n − μμᵀ` applied through the sparse user rows: exact, and
+/// O(nnz·r) time and O(d·r) memory for a block of r vectors, whatever the catalogue size.
+pub struct CovarianceOperator<'a> {
+    vectors: &'a [SparseVec],
+    mean: Vec<f64>,
+    users: u64,
+}
+
+impl SymmetricOperator for CovarianceOperator<'_> {
+    fn dim(&self) -> usize {
+        self.mean.len()
+    }
+
+    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
+        let (b, d) = q.dim();
+        // Item-major copies of the block and the result: each rating touches one contiguous
+        // row of b values.
+        let qt = q.t().as_standard_layout().into_owned();
+        let qt = qt.as_slice().unwrap_or(&[]);
+        let mut yt = vec![0.0; d * b];
+        let mut t = vec![0.0; b];
+        for x in self.vectors {
+            if x.idx.is_empty() {
+                continue;
+            }
+            t.iter_mut().for_each(|v| *v = 0.0);
+            for (j, v) in x.iter() {
+                let j = j as usize;
+                if j >= d {
+                    continue;
+                }
+                for (ti, &qi) in t.iter_mut().zip(&qt[j * b..(j + 1) * b]) {
+                    *ti += v * qi;
+                }
+            }
+            for (j, v) in x.iter() {
+                let j = j as usize;
+                if j >= d {
+                    continue;
+                }
+                for (yi, &ti) in yt[j * b..(j + 1) * b].iter_mut().zip(&t) {
+                    *yi += v * ti;
+                }
+            }
+        }
+        let inv = 1.0 / self.users.max(1) as f64;
+        let q_mean = q.dot(&ndarray::ArrayView1::from(&self.mean[..]));
+        Array2::from_shape_fn((b, d), |(r, j)| {
+            yt[j * b + r] * inv - q_mean[r] * self.mean[j]
+        })
     }
 }
