@@ -121,7 +121,7 @@ impl Default for ModelConfig {
             eigen_max_iterations: e.eigen_max_iterations,
             refresh_max_iterations: e.refresh_max_iterations,
             eigen_oversample: e.eigen_oversample,
-            max_items: 20_000,
+            max_items: crate::engine::DEFAULT_MAX_ITEMS,
             refresh_interval_ms: 0,
             seed: e.seed,
         }
@@ -485,7 +485,7 @@ impl Config {
             return invalid(
                 "[model] max_items",
                 format!("{} is less than components", m.max_items),
-                "raise max_items (default 20000)",
+                "raise max_items (default 100000)",
             );
         }
         let s = &self.snapshot;
@@ -585,6 +585,7 @@ impl Config {
             eigen_max_iterations: m.eigen_max_iterations,
             refresh_max_iterations: m.refresh_max_iterations,
             eigen_oversample: m.eigen_oversample,
+            max_items: m.max_items,
             seed: m.seed,
         }
     }

@@ -94,6 +94,9 @@ pub fn run_demo(
             let metrics = &shared.metrics;
             metrics.events_consumed.inc_by(batch.len() as u64);
             metrics.events_applied.inc_by(outcome.applied);
+            for &(_, reason) in &outcome.rejected {
+                metrics.rejected(reason, 1);
+            }
             metrics.batch_size.observe(batch.len() as f64);
             metrics
                 .batch_apply_seconds

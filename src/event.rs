@@ -53,10 +53,12 @@ pub enum RejectReason {
     Oversized,
     /// The message is empty.
     Empty,
+    /// A new item would push the catalogue past `[model] max_items`.
+    CatalogueFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Malformed,
         RejectReason::MissingField,
         RejectReason::WrongType,
@@ -65,6 +67,7 @@ impl RejectReason {
         RejectReason::RetractionNotAllowed,
         RejectReason::Oversized,
         RejectReason::Empty,
+        RejectReason::CatalogueFull,
     ];
 
     pub fn label(self) -> &'static str {
@@ -77,6 +80,7 @@ impl RejectReason {
             RejectReason::RetractionNotAllowed => "retraction_not_allowed",
             RejectReason::Oversized => "oversized",
             RejectReason::Empty => "empty",
+            RejectReason::CatalogueFull => "catalogue_full",
         }
     }
 }

@@ -13,6 +13,7 @@ use rustc_hash::FxHashMap;
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
 use crate::engine::Engine;
+use crate::event::{RejectReason, Rejection};
 use crate::snapshot::validation::stable_hash;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
 use crate::store::Store;
@@ -75,7 +76,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         );
     }
     let remaining = &decoded.events[skipped..];
-    check_catalogue_size(&engine, remaining, config.model.max_items)?;
+    let mut rejected = decoded.rejected;
     let bar = if options.progress {
         ProgressBar::new(remaining.len() as u64).with_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
@@ -89,6 +90,17 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     for batch in remaining.chunks(config.replay.batch_size) {
         let outcome = engine.apply(batch);
         applied += outcome.applied;
+        for &(i, reason) in &outcome.rejected {
+            let detail = match reason {
+                RejectReason::CatalogueFull => format!(
+                    "item `{}` is new and the catalogue already holds [model] max_items = {} items",
+                    batch[i].item, config.model.max_items
+                ),
+                other => other.label().to_string(),
+            };
+            // Numbered by position in time order (the file is replayed sorted by timestamp).
+            rejected.record((position + i + 1) as u64, &Rejection::new(reason, detail));
+        }
         for r in &outcome.refreshes {
             tracing::debug!(
                 iterations = r.eigen_iterations,
@@ -118,33 +130,10 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     Ok(ReplayOutcome {
         applied,
         skipped: skipped as u64,
-        rejected: decoded.rejected,
+        rejected,
         catalogue_bad_lines,
         snapshot: built,
     })
-}
-
-/// Refuses a file that would push the catalogue past `[model] max_items` before any work.
-fn check_catalogue_size(
-    engine: &Engine,
-    events: &[crate::event::RatingEvent],
-    max_items: usize,
-) -> anyhow::Result<()> {
-    let mut new_items = rustc_hash::FxHashSet::default();
-    for e in events {
-        if engine.items().get(&e.item).is_none() {
-            new_items.insert(e.item.as_str());
-        }
-    }
-    let total = engine.items().len() + new_items.len();
-    if total > max_items {
-        anyhow::bail!(
-            "the data has {total} distinct items, more than [model] max_items = {max_items}: \
-             the exact statistics need items² x 8 bytes ({} MiB); raise max_items if the memory is there",
-            total * total * 8 / (1 << 20)
-        );
-    }
-    Ok(())
 }
 
 /// Builds a snapshot of the engine (the next version, drift against the latest stored one),

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::decode;
-use crate::engine::Engine;
+use crate::engine::{CatalogueGate, Engine};
 use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http::serving::Serving;
 use crate::http::{self, AppState};
@@ -229,6 +229,8 @@ pub async fn run(
         shutdown.clone(),
     );
 
+    // Mirrors the engine's catalogue cap, so refused items are dead-lettered like bad messages.
+    let mut catalogue = CatalogueGate::new(&engine);
     // Engine worker: owns the engine, applies and persists batches, reports commits.
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
@@ -330,7 +332,9 @@ pub async fn run(
                             set_offset(&mut expected, key, m.offset() + 1);
                             set_offset(&mut pending.offsets, key, m.offset() + 1);
                             let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
-                            match decode_message(m.payload(), &config, &policy, default_ts) {
+                            let decoded = decode_message(m.payload(), &config, &policy, default_ts)
+                                .and_then(|event| catalogue.admit(&event.item).map(|()| event));
+                            match decoded {
                                 Ok(event) => pending.events.push(event),
                                 Err(rejection) => letters.push(DeadLetter {
                                     key: m.key().map(<[u8]>::to_vec),
@@ -582,6 +586,13 @@ fn engine_worker(
                 let _enter = span.enter();
                 let applied_at = Instant::now();
                 let outcome = engine.apply(&batch.events);
+                if !outcome.rejected.is_empty() {
+                    // The poll loop's gate and value checks run first; reaching here is a bug.
+                    tracing::error!(count = outcome.rejected.len(), first = ?outcome.rejected[0], "events refused by the engine after the poll loop admitted them");
+                }
+                for &(_, reason) in &outcome.rejected {
+                    metrics.rejected(reason, 1);
+                }
                 if !outcome.refreshes.is_empty() {
                     last_refresh = Instant::now();
                 }

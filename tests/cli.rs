@@ -199,3 +199,48 @@ fn demo_runs_takes_snapshots_and_stops_cleanly_on_ctrl_c() {
     assert!(exit.success(), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("demo stopped")), "{rest:?}");
 }
+
+#[test]
+fn replay_past_max_items_rejects_new_items_as_catalogue_full_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("ratings.csv");
+    let out = segmenter(&[
+        "generate",
+        "--users",
+        "200",
+        "--items",
+        "120",
+        "--events",
+        "6000",
+        "--segments",
+        "4",
+        "--out",
+        path(&ratings),
+    ]);
+    assert!(out.status.success());
+    let snapshot = dir.path().join("snapshot.json");
+    let out = Command::new(BIN)
+        .args(["replay", "--ratings", path(&ratings), "--clusters", "4"])
+        .args(["--components", "5", "--snapshot-out", path(&snapshot)])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("SEGMENTER_CONFIG")
+        .env("SEGMENTER_MODEL__MAX_ITEMS", "60")
+        .output()
+        .expect("run segmenter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("catalogue_full") || stderr.contains("catalogue_full"),
+        "the report names the reason: {stdout}{stderr}"
+    );
+    let snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&snapshot).unwrap()).unwrap();
+    assert_eq!(snap["counts"]["items"], 60, "catalogue capped at max_items");
+    let applied = snap["counts"]["events_applied"].as_u64().unwrap();
+    assert!(
+        applied > 0 && applied < 6000,
+        "events for known items applied, the rest refused: {applied}"
+    );
+}

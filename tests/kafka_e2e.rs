@@ -266,3 +266,118 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reasons() {
         assert!(letter.4 && letter.5, "source partition and offset headers");
     }
 }
+
+/// Resident memory of a process in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_flat() {
+    const MAX_ITEMS: usize = 40;
+    const GOOD: u64 = 6_000;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique_topic("catalogue");
+    let dlq = format!("{topic}-dlq");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("queue.buffering.max.messages", "100000")
+        .create()
+        .unwrap();
+    // Three events for never-seen items after every good one: a producer flooding the
+    // catalogue. The good events use exactly MAX_ITEMS items, each one first seen before any
+    // flood event (n = 0..MAX_ITEMS covers every item).
+    let mut fresh = 0u64;
+    for n in 0..GOOD {
+        let user = format!("u{}", n % 200);
+        let good = format!(
+            r#"{{"user":"{user}","item":"i{}","rating":{}}}"#,
+            (n * 7) % MAX_ITEMS as u64, // 7 and 40 coprime: the first 40 cover every item
+            1 + n % 5
+        );
+        producer
+            .send(BaseRecord::to(&topic).key(&user).payload(&good))
+            .unwrap();
+        if n < MAX_ITEMS as u64 {
+            continue;
+        }
+        for _ in 0..3 {
+            let flood = format!(r#"{{"user":"{user}","item":"new-{fresh}","rating":3}}"#);
+            fresh += 1;
+            producer
+                .send(BaseRecord::to(&topic).key(&user).payload(&flood))
+                .unwrap();
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+
+    let http = free_port();
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
+    env.push(("SEGMENTER_MODEL__MAX_ITEMS".into(), MAX_ITEMS.to_string()));
+    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(GOOD / 4, Duration::from_secs(120));
+    let rss_early = rss_kib(service.child.id());
+    service.wait_for_applied(GOOD, Duration::from_secs(180));
+    let rss_late = rss_kib(service.child.id());
+    let (status, metrics) = http_get(&format!("http://127.0.0.1:{http}/metrics"), None);
+    assert_eq!(status, 200);
+    let rejected = metrics
+        .lines()
+        .find(|l| l.starts_with("segmenter_events_rejected_total") && l.contains("catalogue_full"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert_eq!(
+        rejected as u64, fresh,
+        "every flood event counted: {metrics}"
+    );
+    service.signal("-TERM");
+    let (code, log) = service.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    let engine = segmenter::store::Store::open(&dir.path().join("state"))
+        .unwrap()
+        .load_engine(config_for(&env).engine_params())
+        .unwrap();
+    assert_eq!(engine.counters().events_applied, GOOD);
+    assert_eq!(engine.items().len(), MAX_ITEMS, "catalogue capped");
+    // Three quarters of the flood arrived between the two readings; the catalogue (and with it
+    // every per-item structure) did not grow, and neither did memory beyond noise.
+    assert!(
+        rss_late <= rss_early + 32 * 1024,
+        "RSS grew from {rss_early} KiB to {rss_late} KiB"
+    );
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{dlq}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut letters = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while letters < fresh && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            let reason = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == "segmenter.reason")
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
+            assert_eq!(reason.as_deref(), Some("catalogue_full"));
+            letters += 1;
+        }
+    }
+    assert!(
+        letters >= fresh,
+        "{letters} of {fresh} flood events dead-lettered"
+    );
+}

@@ -121,7 +121,9 @@ fn check_stats_equal_batch(mode: Mode) {
             .operator(engine.vectors(), d)
             .apply_rows(&block);
         let batch = block.dot(&cov);
-        let worst = (&online - &batch).iter().fold(0.0f64, |w, x| w.max(x.abs()));
+        let worst = (&online - &batch)
+            .iter()
+            .fold(0.0f64, |w, x| w.max(x.abs()));
         let scale = batch.iter().fold(1.0f64, |w, x| w.max(x.abs()));
         assert!(
             worst <= 1e-9 * scale,

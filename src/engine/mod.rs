@@ -19,6 +19,10 @@ use model::DataView;
 pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
 use stats::CovarianceStats;
 
+/// Default `[model] max_items`: a 60k-item catalogue and more within a 2 GB budget (memory is
+/// O(ratings + items·components), see the README's memory model).
+pub const DEFAULT_MAX_ITEMS: usize = 100_000;
+
 /// k-means++ starts of the online model's first clustering.
 const ONLINE_INIT_STARTS: usize = 3;
 
@@ -87,6 +91,43 @@ impl IdMap {
     }
 }
 
+/// The engine's catalogue rule ([`Engine::admits_item`]) ahead of the engine: a source that
+/// must route refused events elsewhere (the Kafka consumer's dead-letter topic) decides before
+/// handing a batch over. It sees events in the order the engine applies them, so it admits
+/// exactly the items the engine will.
+#[derive(Debug, Clone)]
+pub struct CatalogueGate {
+    known: rustc_hash::FxHashSet<String>,
+    max_items: usize,
+}
+
+impl CatalogueGate {
+    pub fn new(engine: &Engine) -> Self {
+        CatalogueGate {
+            known: engine.items().ids().iter().cloned().collect(),
+            max_items: engine.params().max_items,
+        }
+    }
+
+    /// Admits `item` (recording it when new), or refuses it with the reason's detail.
+    pub fn admit(&mut self, item: &str) -> Result<(), crate::event::Rejection> {
+        if self.known.contains(item) {
+            return Ok(());
+        }
+        if self.known.len() < self.max_items {
+            self.known.insert(item.to_string());
+            return Ok(());
+        }
+        Err(crate::event::Rejection::new(
+            RejectReason::CatalogueFull,
+            format!(
+                "item `{item}` is new and the catalogue already holds [model] max_items = {} items",
+                self.max_items
+            ),
+        ))
+    }
+}
+
 /// Model and schedule settings (checked by the config layer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineParams {
@@ -116,6 +157,9 @@ pub struct EngineParams {
     /// basis, not a converged one; snapshots always converge.
     pub refresh_max_iterations: usize,
     pub eigen_oversample: usize,
+    /// Distinct items at most: an event for a new item past the cap is rejected
+    /// ([`RejectReason::CatalogueFull`]), so memory stays bounded whatever producers send.
+    pub max_items: usize,
     pub seed: u64,
 }
 
@@ -137,6 +181,7 @@ impl Default for EngineParams {
             eigen_max_iterations: 500,
             refresh_max_iterations: 10,
             eigen_oversample: 10,
+            max_items: DEFAULT_MAX_ITEMS,
             seed: 42,
         }
     }
@@ -312,6 +357,10 @@ impl Engine {
                 outcome.rejected.push((i, rejection.reason));
                 continue;
             }
+            if !self.admits_item(&event.item) {
+                outcome.rejected.push((i, RejectReason::CatalogueFull));
+                continue;
+            }
             self.apply_one(event);
             outcome.applied += 1;
             self.counters.events_applied += 1;
@@ -323,6 +372,11 @@ impl Engine {
             }
         }
         outcome
+    }
+
+    /// Whether an event for `item` fits the catalogue: a known item, or room for a new one.
+    pub fn admits_item(&self, item: &str) -> bool {
+        self.items.len() < self.params.max_items || self.items.get(item).is_some()
     }
 
     fn apply_one(&mut self, event: &RatingEvent) {
@@ -547,5 +601,32 @@ mod tests {
         let out = e.apply(&[ev("a", "x", None), ev("a", "x", Some(f64::NAN))]);
         assert_eq!(out.rejected.len(), 2);
         assert_eq!(e.vector(0).get(0), 5.0);
+    }
+
+    #[test]
+    fn items_past_max_items_are_refused_and_known_items_still_apply() {
+        let mut e = Engine::new(EngineParams {
+            max_items: 2,
+            ..EngineParams::default()
+        });
+        let out = e.apply(&[
+            ev("a", "x", Some(3.0)),
+            ev("a", "y", Some(4.0)),
+            ev("a", "z", Some(5.0)),
+            ev("b", "x", Some(1.0)),
+        ]);
+        assert_eq!(out.applied, 3);
+        assert_eq!(out.rejected, vec![(2, RejectReason::CatalogueFull)]);
+        assert_eq!(e.items().len(), 2);
+        assert_eq!(e.ratings(), 3);
+        let mut gate = CatalogueGate::new(&Engine::new(EngineParams {
+            max_items: 1,
+            ..EngineParams::default()
+        }));
+        assert!(gate.admit("x").is_ok() && gate.admit("x").is_ok());
+        assert_eq!(
+            gate.admit("y").map_err(|r| r.reason),
+            Err(RejectReason::CatalogueFull)
+        );
     }
 }
