@@ -92,6 +92,7 @@ pub struct ModelConfig {
     pub clusters: usize,
     pub curve_components: usize,
     pub refresh_every_events: u64,
+    pub refresh_changed_share: f64,
     pub polish_passes: usize,
     pub snapshot_kmeans_starts: usize,
     pub snapshot_max_passes: usize,
@@ -113,6 +114,7 @@ impl Default for ModelConfig {
             clusters: e.clusters,
             curve_components: e.curve_components,
             refresh_every_events: e.refresh_every_events,
+            refresh_changed_share: e.refresh_changed_share,
             polish_passes: e.polish_passes,
             snapshot_kmeans_starts: e.snapshot_kmeans_starts,
             snapshot_max_passes: e.snapshot_max_passes,
@@ -457,6 +459,13 @@ impl Config {
                 "set it to e.g. 20000",
             );
         }
+        if !(m.refresh_changed_share >= 0.0 && m.refresh_changed_share <= 10.0) {
+            return invalid(
+                "[model] refresh_changed_share",
+                format!("{} is out of range", m.refresh_changed_share),
+                "use a value in [0, 10], default 0.25 (0 = refresh by event count only)",
+            );
+        }
         if !(m.eigen_tolerance > 0.0 && m.eigen_tolerance < 1e-2) {
             return invalid(
                 "[model] eigen_tolerance",
@@ -577,6 +586,7 @@ impl Config {
             clusters: m.clusters,
             curve_components: m.curve_components,
             refresh_every_events: m.refresh_every_events,
+            refresh_changed_share: m.refresh_changed_share,
             polish_passes: m.polish_passes,
             snapshot_kmeans_starts: m.snapshot_kmeans_starts,
             snapshot_max_passes: m.snapshot_max_passes,

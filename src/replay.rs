@@ -46,7 +46,25 @@ fn source_key(bytes: &[u8]) -> String {
     format!("file:{:016x}:{}", stable_hash(bytes, 0), bytes.len())
 }
 
+/// Where a replay's time went, in seconds (logged at the end; the README's cost model and the
+/// benchmarks read it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplayPhases {
+    /// Reading, decoding and sorting the file, and restoring the state dir.
+    pub load: f64,
+    /// Applying events, periodic refreshes excluded.
+    pub apply: f64,
+    /// Periodic model refreshes.
+    pub refresh: f64,
+    /// State commits (write and fsync).
+    pub commit: f64,
+    /// Building and storing the final snapshot.
+    pub snapshot: f64,
+}
+
 pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<ReplayOutcome> {
+    let started = std::time::Instant::now();
+    let mut phases = ReplayPhases::default();
     let store = config.state.open()?;
     let mut engine = store.load_engine(config.engine_params())?;
     let mut catalogue_bad_lines = 0;
@@ -87,8 +105,13 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     };
     let mut applied = 0u64;
     let mut position = skipped;
+    phases.load = started.elapsed().as_secs_f64();
     for batch in remaining.chunks(config.replay.batch_size) {
+        let applying = std::time::Instant::now();
         let outcome = engine.apply(batch);
+        let refreshing: f64 = outcome.refreshes.iter().map(|r| r.seconds).sum();
+        phases.refresh += refreshing;
+        phases.apply += applying.elapsed().as_secs_f64() - refreshing;
         applied += outcome.applied;
         for &(i, reason) in &outcome.rejected {
             let detail = match reason {
@@ -111,14 +134,28 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         }
         position += batch.len();
         offsets.insert(key.clone(), position as i64);
+        let committing = std::time::Instant::now();
         store.commit(&mut engine, Some(&offsets))?;
+        phases.commit += committing.elapsed().as_secs_f64();
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
 
     let titles = store.titles()?;
+    let snapshotting = std::time::Instant::now();
     let built = build_and_store_snapshot(config, &store, &engine, &titles, BTreeMap::new(), true)?
         .map(|b| (b.snapshot, b.assignments));
+    phases.snapshot = snapshotting.elapsed().as_secs_f64();
+    tracing::info!(
+        events = applied,
+        refreshes = engine.counters().refreshes,
+        load_seconds = phases.load,
+        apply_seconds = phases.apply,
+        refresh_seconds = phases.refresh,
+        commit_seconds = phases.commit,
+        snapshot_seconds = phases.snapshot,
+        "replay finished"
+    );
     if let Some((snap, assignments)) = &built {
         if let Some(path) = &options.snapshot_out {
             write_snapshot_json(path, snap)?;

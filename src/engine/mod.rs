@@ -140,8 +140,12 @@ pub struct EngineParams {
     pub clusters: usize,
     /// Eigenvalues computed for the explained-variance diagnostics curve (≥ components).
     pub curve_components: usize,
-    /// Refresh the PCA and polish the clustering after this many applied events.
+    /// Refresh the PCA and polish the clustering after this many applied events at least.
     pub refresh_every_events: u64,
+    /// ... and once the events since the last refresh reach this share of the current ratings
+    /// (non-zero cells), so refreshes, each O(ratings), stay a bounded share of the work as
+    /// the data grows. 0 = every `refresh_every_events` events.
+    pub refresh_changed_share: f64,
     /// Lloyd passes over all users at each periodic refresh.
     pub polish_passes: usize,
     /// K-Means starts per snapshot (the current clustering plus fresh k-means++ starts).
@@ -173,6 +177,7 @@ impl Default for EngineParams {
             clusters: 25,
             curve_components: 30,
             refresh_every_events: 100_000,
+            refresh_changed_share: 0.25,
             polish_passes: 3,
             snapshot_kmeans_starts: 25,
             snapshot_max_passes: 300,
@@ -365,13 +370,21 @@ impl Engine {
             outcome.applied += 1;
             self.counters.events_applied += 1;
             self.counters.events_since_refresh += 1;
-            if self.counters.events_since_refresh >= self.params.refresh_every_events
+            if self.refresh_due()
                 && let Some(r) = self.refresh()
             {
                 outcome.refreshes.push(r);
             }
         }
         outcome
+    }
+
+    /// Whether the periodic refresh is due: a function of event counts only, so the result
+    /// never depends on how events are split into batches.
+    fn refresh_due(&self) -> bool {
+        let since = self.counters.events_since_refresh;
+        since >= self.params.refresh_every_events
+            && since as f64 >= self.params.refresh_changed_share * self.ratings as f64
     }
 
     /// Whether an event for `item` fits the catalogue: a known item, or room for a new one.

@@ -120,34 +120,48 @@ impl SymmetricOperator for CovarianceOperator<'_> {
 
     fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
         let (b, d) = q.dim();
-        // Item-major copies of the block and the result: each rating touches one contiguous
-        // row of b values.
+        // Item-major copy of the block: each rating reads one contiguous row of b values.
         let qt = q.t().as_standard_layout().into_owned();
         let qt = qt.as_slice().unwrap_or(&[]);
-        let mut yt = vec![0.0; d * b];
-        let mut t = vec![0.0; b];
-        for x in self.vectors {
-            if x.idx.is_empty() {
-                continue;
-            }
-            t.iter_mut().for_each(|v| *v = 0.0);
-            for (j, v) in x.iter() {
-                let j = j as usize;
-                if j >= d {
-                    continue;
-                }
-                for (ti, &qi) in t.iter_mut().zip(&qt[j * b..(j + 1) * b]) {
-                    *ti += v * qi;
-                }
-            }
-            for (j, v) in x.iter() {
-                let j = j as usize;
-                if j >= d {
-                    continue;
-                }
-                for (yi, &ti) in yt[j * b..(j + 1) * b].iter_mut().zip(&t) {
-                    *yi += v * ti;
-                }
+        // A fixed number of user ranges, summed in a fixed order: the result is the same on
+        // any machine, however many of the ranges run at once.
+        let chunk = self.vectors.len().div_ceil(OPERATOR_PARTS).max(1);
+        let ranges: Vec<&[SparseVec]> = self.vectors.chunks(chunk).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(ranges.len())
+            .max(1);
+        let partials: Vec<Vec<f64>> = if threads == 1 {
+            ranges
+                .iter()
+                .map(|r| gram_times_block(r, qt, b, d))
+                .collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let ranges = &ranges;
+                        scope.spawn(move || {
+                            (t..ranges.len())
+                                .step_by(threads)
+                                .map(|i| (i, gram_times_block(ranges[i], qt, b, d)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                let mut all: Vec<(usize, Vec<f64>)> = handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect();
+                all.sort_by_key(|(i, _)| *i);
+                all.into_iter().map(|(_, p)| p).collect()
+            })
+        };
+        let mut parts = partials.into_iter();
+        let mut yt = parts.next().unwrap_or_else(|| vec![0.0; d * b]);
+        for part in parts {
+            for (y, p) in yt.iter_mut().zip(&part) {
+                *y += p;
             }
         }
         let inv = 1.0 / self.users.max(1) as f64;
@@ -156,4 +170,36 @@ impl SymmetricOperator for CovarianceOperator<'_> {
             yt[j * b + r] * inv - q_mean[r] * self.mean[j]
         })
     }
+}
+
+/// User ranges the operator splits its work into (see `apply_rows`).
+const OPERATOR_PARTS: usize = 4;
+
+/// `Xᵀ(X Q)` over some users, item-major (`d x b`), for the item-major block `qt`.
+fn gram_times_block(vectors: &[SparseVec], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
+    let mut yt = vec![0.0; d * b];
+    let mut t = vec![0.0; b];
+    for x in vectors {
+        if x.idx.is_empty() {
+            continue;
+        }
+        t.iter_mut().for_each(|v| *v = 0.0);
+        for (j, v) in x.iter() {
+            let j = j as usize;
+            if j < d {
+                for (ti, &qi) in t.iter_mut().zip(&qt[j * b..(j + 1) * b]) {
+                    *ti += v * qi;
+                }
+            }
+        }
+        for (j, v) in x.iter() {
+            let j = j as usize;
+            if j < d {
+                for (yi, &ti) in yt[j * b..(j + 1) * b].iter_mut().zip(&t) {
+                    *yi += v * ti;
+                }
+            }
+        }
+    }
+    yt
 }
