@@ -182,7 +182,7 @@ impl Default for EngineParams {
             snapshot_kmeans_starts: 25,
             snapshot_max_passes: 300,
             eigen_tolerance: 1e-9,
-            refresh_eigen_tolerance: 1e-6,
+            refresh_eigen_tolerance: 1e-4,
             eigen_max_iterations: 500,
             refresh_max_iterations: 10,
             eigen_oversample: 10,
@@ -507,9 +507,9 @@ impl Engine {
         let data = self.data_view(&order);
         model.refresh(
             &data,
-            // A cold start from a fixed seed: the converged basis then depends on today's
-            // data only, not on the warm start the online history left behind.
-            false,
+            // Warm from the online basis: the solve converges to `eigen_tolerance` whatever it
+            // starts from, so the result depends on today's data only, and starts close.
+            true,
             &self.params.eigen(self.params.seed, true),
             &ClusteringParams {
                 k: self.params.clusters,

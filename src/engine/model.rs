@@ -354,8 +354,17 @@ impl Model {
                 }
             })
             .collect();
+        let eigen_seconds = started.elapsed().as_secs_f64();
         self.reproject(vectors);
         let lloyd_passes = self.recluster(vectors, canonical_order, clustering);
+        tracing::debug!(
+            eigen_seconds,
+            eigen_iterations = result.iterations,
+            residual = result.max_relative_residual,
+            clustering_seconds = started.elapsed().as_secs_f64() - eigen_seconds,
+            lloyd_passes,
+            "model refresh timing"
+        );
         RefreshOutcome {
             eigen_iterations: result.iterations,
             eigen_converged: result.converged,

@@ -303,9 +303,14 @@ pub fn build_from_model(
         }
     });
 
+    let profiled = std::time::Instant::now();
     let diagnostics = input
         .with_diagnostics
         .then(|| diagnostics(engine, model, params));
+    tracing::debug!(
+        diagnostics_seconds = profiled.elapsed().as_secs_f64(),
+        "snapshot diagnostics timing"
+    );
 
     let snapshot = Snapshot {
         format: SNAPSHOT_FORMAT,
