@@ -477,7 +477,7 @@ impl Config {
             return invalid(
                 "[model] refresh_eigen_tolerance",
                 format!("{} is out of range", m.refresh_eigen_tolerance),
-                "use a value in (0, 0.01), default 1e-6",
+                "use a value in (0, 0.01), default 1e-4",
             );
         }
         if m.eigen_max_iterations == 0

@@ -322,11 +322,17 @@ impl Store {
         }
         state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
         if let Some(mut model) = self.get_json::<PersistedModel>("model")? {
-            if let Some(bytes) = self.tree.get(meta("basis"))? {
-                model.basis = bytes
+            let floats = |bytes: sled::IVec| -> Vec<f64> {
+                bytes
                     .chunks_exact(8)
                     .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect();
+                    .collect()
+            };
+            if let Some(bytes) = self.tree.get(meta("basis"))? {
+                model.basis = floats(bytes);
+            }
+            if let Some(bytes) = self.tree.get(meta("warm_block"))? {
+                model.warm_block = floats(bytes);
             }
             state.model = model;
         }
@@ -400,6 +406,12 @@ impl Store {
                 .flat_map(|v| v.to_le_bytes())
                 .collect();
             batch.insert(meta("basis"), basis);
+            let warm: Vec<u8> = persisted
+                .warm_block
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            batch.insert(meta("warm_block"), warm);
             batch.insert(
                 meta("model"),
                 serde_json::to_vec(&persisted).unwrap_or_default(),

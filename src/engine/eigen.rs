@@ -92,6 +92,7 @@ pub fn top_eigenpairs(
     orthonormalize_rows(&mut q, &mut rng);
 
     let mut iterations = 0;
+    let mut previous_values: Vec<f64> = vec![f64::NAN; values];
     loop {
         iterations += 1;
         let y = c.apply_rows(&q);
@@ -107,7 +108,7 @@ pub fn top_eigenpairs(
             .unwrap_or(0.0)
             .abs()
             .max(f64::MIN_POSITIVE);
-        let residuals: Vec<f64> = (0..values)
+        let residuals: Vec<f64> = (0..ritz_values.len())
             .map(|i| {
                 let r = &y_ritz.row(i) - &(&q_ritz.row(i) * ritz_values[i]);
                 r.dot(&r).sqrt()
@@ -118,20 +119,25 @@ pub fn top_eigenpairs(
             .fold(0.0f64, |m, r| m.max(r / scale));
         // Curve-only eigenvalues (beyond the kept vectors) feed a chart. A Ritz value is within
         // its residual r of an eigenvalue, and within r²/gap once the gap to the rest of the
-        // spectrum is known from its neighbours: settled when either bound is below
-        // CURVE_TOLERANCE of the value, or below `tolerance · λ₁` (the floor a low-rank
-        // matrix with zero eigenvalues needs).
+        // spectrum is known: the gap to each neighbouring Ritz value less that neighbour's own
+        // residual (a neighbour that has not converged yet gives no gap). Settled when either
+        // bound is below CURVE_TOLERANCE of the value, or below `tolerance · λ₁` (the floor a
+        // low-rank matrix with zero eigenvalues needs).
         let values_settled = (vectors..values).all(|i| {
             let theta = ritz_values[i].abs();
             let neighbour_gap = |j: Option<usize>| {
-                j.and_then(|j| ritz_values.get(j))
-                    .map_or(0.0, |&v| (v - ritz_values[i]).abs())
+                j.and_then(|j| Some((ritz_values.get(j)?, residuals.get(j).copied()?)))
+                    .map_or(0.0, |(&v, r)| ((v - ritz_values[i]).abs() - r).max(0.0))
             };
             let gap = neighbour_gap(i.checked_sub(1)).min(neighbour_gap(Some(i + 1)));
             let r = residuals[i];
             let bound = r.min(r * r / gap.max(f64::MIN_POSITIVE));
-            bound <= (CURVE_TOLERANCE * theta).max(params.tolerance * scale)
+            let allowed = (CURVE_TOLERANCE * theta).max(params.tolerance * scale);
+            // Also steady across a filtered step: a bound can look small for a Ritz value the
+            // block has not separated from a close neighbour yet.
+            bound <= allowed && (ritz_values[i] - previous_values[i]).abs() <= allowed
         });
+        previous_values.copy_from_slice(&ritz_values[..values]);
         let converged = max_residual <= params.tolerance && values_settled;
         if converged || iterations >= params.max_iterations {
             return EigenResult {
@@ -146,12 +152,21 @@ pub fn top_eigenpairs(
         // Chebyshev filter on the unwanted interval [0, θ_b] (the block's smallest Ritz value):
         // it damps what lies there and amplifies the wanted end far more than plain powers of
         // C, for the same number of operator applications.
-        let degree = FILTER_DEGREE.min(params.max_iterations - iterations);
         let floor = ritz_values.last().copied().unwrap_or(0.0);
-        q = if degree > 1 && floor > 0.0 && scale > floor {
-            // Caps the filter's growth (T_m at λ₁) so nothing overflows or drowns in rounding.
-            let upper = floor.max(scale * 1e-3);
-            let half = 0.5 * upper;
+        // The filter multiplies the λ₁ direction by T_m(2λ₁/θ_b − 1) and the others by less;
+        // the degree is capped so that ratio stays below MAX_FILTER_GAIN, or the smaller
+        // wanted directions would drown in the rounding of the larger ones.
+        let reach = if floor > 0.0 {
+            2.0 * scale / floor - 1.0
+        } else {
+            1.0
+        };
+        let degree = (1..=FILTER_DEGREE.min(params.max_iterations - iterations))
+            .take_while(|&m| m == 1 || chebyshev(m, reach) <= MAX_FILTER_GAIN)
+            .last()
+            .unwrap_or(1);
+        q = if degree > 1 && scale > floor {
+            let half = 0.5 * floor;
             let mut previous = q_ritz;
             let mut current = (&y_ritz - &(&previous * half)) / half;
             for _ in 1..degree {
@@ -166,6 +181,14 @@ pub fn top_eigenpairs(
         };
         orthonormalize_rows(&mut q, &mut rng);
     }
+}
+
+/// Largest growth ratio the Chebyshev filter may give one direction over another.
+const MAX_FILTER_GAIN: f64 = 1e8;
+
+/// `T_m(x)` for `x ≥ 1`.
+fn chebyshev(m: usize, x: f64) -> f64 {
+    (m as f64 * x.max(1.0).acosh()).cosh()
 }
 
 /// Relative accuracy the diagnostics curve's eigenvalues converge to.

@@ -51,8 +51,8 @@ pub struct ClusteringParams {
     pub max_passes: usize,
     /// Fresh k-means++ starts tried besides the given assignment (if any); best inertia wins.
     pub restarts: usize,
-    /// Whether the current clustering competes with the fresh starts (periodic polish) or is
-    /// only used to name the clusters (snapshots: a pure function of today's data).
+    /// Whether the current clustering competes with the fresh starts (kept unless a fresh
+    /// start is clearly better) or is ignored.
     pub keep_current: bool,
     pub seed: u64,
 }

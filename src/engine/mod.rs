@@ -23,6 +23,9 @@ use stats::CovarianceStats;
 /// O(ratings + items·components), see the README's memory model).
 pub const DEFAULT_MAX_ITEMS: usize = 100_000;
 
+/// Fresh k-means++ starts competing with the online clustering at each periodic refresh.
+const REFRESH_STARTS: usize = 2;
+
 /// k-means++ starts of the online model's first clustering.
 const ONLINE_INIT_STARTS: usize = 3;
 
@@ -466,12 +469,12 @@ impl Engine {
             } else {
                 self.params.polish_passes
             },
-            // The first online clustering only needs a sound start: snapshots run the full
-            // set of starts on their own.
+            // A few fresh starts each time (on a sample): the online clustering moves to a
+            // clearly better optimum when the data has one.
             restarts: if first {
                 ONLINE_INIT_STARTS.min(self.params.snapshot_kmeans_starts)
             } else {
-                0
+                REFRESH_STARTS
             },
             keep_current: true,
             seed,
@@ -488,11 +491,11 @@ impl Engine {
         Some(outcome)
     }
 
-    /// A copy of the model refreshed on the current statistics and clustered from
-    /// `snapshot_kmeans_starts` fresh k-means++ starts to convergence, ids matched to the online
-    /// clustering. The result depends only on today's data (the online clustering only names
-    /// the clusters), and the engine itself is not changed, so when snapshots are taken never
-    /// alters the online trajectory.
+    /// A copy of the model with the PCA re-solved to `eigen_tolerance` on the current data and
+    /// the online clustering polished by Lloyd to convergence, replaced only by a clearly better
+    /// one of `snapshot_kmeans_starts` fresh k-means++ starts (run on a sample, polished on
+    /// everyone); ids matched to the online clustering. The engine itself is not changed, so
+    /// when snapshots are taken never alters the online trajectory.
     pub fn snapshot_model(&self) -> Option<Model> {
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
@@ -515,7 +518,7 @@ impl Engine {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,
                 restarts: self.params.snapshot_kmeans_starts,
-                keep_current: false,
+                keep_current: true,
                 seed,
             },
         );

@@ -13,6 +13,14 @@ use super::kmeans::{self, ClusteringParams, DensePoints};
 use super::matching::match_labels;
 use super::stats::CovarianceStats;
 
+/// Users the fresh k-means++ starts run on (an evenly spread sample of the canonical order);
+/// the winner is then polished on everyone.
+pub const CLUSTERING_SAMPLE_USERS: usize = 20_000;
+
+/// A fresh clustering replaces the current one only when its inertia is lower by more than
+/// this share: equally good local optima must not make segments hop.
+pub const STABILITY_MARGIN: f64 = 0.005;
+
 /// No cluster: the user has no ratings, or the model is not initialised yet.
 pub const NO_CLUSTER: u32 = u32::MAX;
 
@@ -460,13 +468,43 @@ impl Model {
             dim: k,
         };
         let previous: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
-        let initial = if self.initialised && params.keep_current {
+        let current = (self.initialised && params.keep_current).then(|| {
             self.rebuild_sums();
-            Some(self.means.clone())
-        } else {
-            None
+            kmeans::lloyd(&points, self.means.clone(), params.max_passes)
+        });
+        let fresh = (params.restarts > 0 || current.is_none()).then(|| {
+            // k-means++ starts converge on an evenly spread sample (canonical order, so the
+            // same users whatever the arrival order); the best one is then polished on all.
+            let stride = active.len().div_ceil(CLUSTERING_SAMPLE_USERS).max(1);
+            let mut sample = Vec::with_capacity(active.len() / stride * k + k);
+            for point in data.chunks_exact(k).step_by(stride) {
+                sample.extend_from_slice(point);
+            }
+            let sampled = kmeans::cluster(
+                &DensePoints {
+                    data: &sample,
+                    dim: k,
+                },
+                None,
+                &ClusteringParams {
+                    restarts: params.restarts.max(1),
+                    ..*params
+                },
+            );
+            kmeans::lloyd(&points, sampled.centroids, params.max_passes)
+        });
+        // The current clustering stays unless a fresh one is clearly better: segments must not
+        // hop between equally good local optima from one refresh or snapshot to the next.
+        let result = match (current, fresh) {
+            (Some(current), Some(fresh))
+                if fresh.inertia < current.inertia * (1.0 - STABILITY_MARGIN) =>
+            {
+                fresh
+            }
+            (Some(current), _) => current,
+            (None, Some(fresh)) => fresh,
+            (None, None) => return 0,
         };
-        let result = kmeans::cluster(&points, initial, params);
         let mapping = if self.initialised {
             match_labels(&result.labels, &previous, self.clusters)
         } else {
@@ -501,6 +539,11 @@ impl Model {
             block: Array2::zeros((0, 0)),
         };
         self.adopt_basis(basis, &result, persisted.total_variance);
+        let rows = persisted.warm_rows;
+        if rows > 0 && cols > 0 && persisted.warm_block.len() == rows * cols {
+            self.warm_block = Array2::from_shape_vec((rows, cols), persisted.warm_block)
+                .unwrap_or_else(|_| Array2::zeros((0, 0)));
+        }
         self.mean = persisted.mean;
         self.mean.resize(d.max(self.mean.len()), 0.0);
         self.users_at_refresh = persisted.users_at_refresh;
@@ -522,6 +565,8 @@ impl Model {
             eigen_iterations: self.eigen_iterations,
             eigen_converged: self.eigen_converged,
             initialised: self.initialised,
+            warm_rows: self.warm_block.nrows(),
+            warm_block: self.warm_block.iter().copied().collect(),
             labels: vec![],
         }
     }
@@ -543,6 +588,8 @@ pub(crate) struct DataView<'a> {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PersistedModel {
     pub basis_items: usize,
+    /// Stored as raw floats beside the JSON (see the store).
+    #[serde(skip)]
     pub basis: Vec<f64>,
     pub eigenvalues: Vec<f64>,
     pub total_variance: f64,
@@ -551,6 +598,13 @@ pub struct PersistedModel {
     pub eigen_iterations: usize,
     pub eigen_converged: bool,
     pub initialised: bool,
+    /// Rows of the eigensolver's last Ritz block (`warm_rows x basis_items`, stored beside
+    /// the basis): a restarted engine warm-starts exactly as an uninterrupted one would, so a
+    /// restart never changes the result.
+    #[serde(default)]
+    pub warm_rows: usize,
+    #[serde(skip)]
+    pub warm_block: Vec<f64>,
     #[serde(skip)]
     pub labels: Vec<u32>,
 }
