@@ -1,0 +1,136 @@
+//! Segments stay put when nothing changes and move when something does: on the demo's
+//! stationary stream (12 planted segments, k = 25) consecutive snapshots agree, and when two
+//! planted segments swap tastes the next snapshot shows it.
+//!
+//! The bound asserted for agreement (ARI ≥ 0.85) is today's floor, not the goal: the target is
+//! 0.95 (issue "Cheaper than recomputing"); with k above the planted count, the sub-clusters a
+//! segment splits into still drift as every user's vector changes between snapshots.
+
+use std::collections::HashMap;
+
+use segmenter::engine::matching::adjusted_rand_index;
+use segmenter::engine::{Engine, EngineParams, NO_CLUSTER};
+use segmenter::event::RatingEvent;
+use segmenter::generator::{GeneratorParams, generate, item_id};
+
+const ROUND: usize = 50_000;
+
+fn stream(round: u64) -> GeneratorParams {
+    GeneratorParams {
+        events: ROUND,
+        round,
+        start_ts: 874_724_710 + round as i64 * 1_000_000,
+        ..GeneratorParams::default()
+    }
+}
+
+/// User id → snapshot label.
+fn snapshot_labels(engine: &Engine) -> HashMap<String, u32> {
+    let model = engine.snapshot_model().expect("a snapshot model");
+    engine
+        .users()
+        .ids()
+        .iter()
+        .zip(model.labels())
+        .filter(|(_, l)| **l != NO_CLUSTER)
+        .map(|(u, &l)| (u.clone(), l))
+        .collect()
+}
+
+/// ARI between two labelings over the users in both, and the share of `users` whose label
+/// changed.
+fn compare(a: &HashMap<String, u32>, b: &HashMap<String, u32>, users: &[String]) -> (f64, f64) {
+    let (mut x, mut y) = (vec![], vec![]);
+    for (u, &l) in a {
+        if let Some(&m) = b.get(u) {
+            x.push(l);
+            y.push(m);
+        }
+    }
+    let moved = users
+        .iter()
+        .filter(|u| matches!((a.get(*u), b.get(*u)), (Some(p), Some(q)) if p != q))
+        .count();
+    (
+        adjusted_rand_index(&x, &y),
+        moved as f64 / users.len().max(1) as f64,
+    )
+}
+
+/// Segment `a`'s users rate segment `b`'s preferred items instead of their own, and the
+/// other way round (the generator gives segment s the item block starting at s·items/12).
+fn swap_tastes(events: &mut [RatingEvent], segment_of: &HashMap<String, u32>, a: u32, b: u32) {
+    let params = GeneratorParams::default();
+    let block = params.items / params.segments;
+    let start = |s: u32| s as usize * params.items / params.segments;
+    let index: HashMap<String, usize> = (0..params.items).map(|i| (item_id(i), i)).collect();
+    for e in events.iter_mut() {
+        let Some(&s) = segment_of.get(&e.user) else {
+            continue;
+        };
+        let (own, other) = match s {
+            s if s == a => (start(a), start(b)),
+            s if s == b => (start(b), start(a)),
+            _ => continue,
+        };
+        if let Some(&i) = index.get(&e.item)
+            && (own..own + block).contains(&i)
+        {
+            e.item = item_id(other + (i - own));
+        }
+    }
+}
+
+#[test]
+fn consecutive_snapshots_agree_on_a_stationary_stream_and_a_swap_shows_at_once() {
+    let mut engine = Engine::new(EngineParams::default());
+    let first = generate(&stream(0));
+    let segment_of: HashMap<String, u32> = first.truth.iter().cloned().collect();
+    engine.apply(&first.events);
+    engine.apply(&generate(&stream(1)).events);
+    let mut previous = snapshot_labels(&engine);
+    let everyone: Vec<String> = previous.keys().cloned().collect();
+    let mut agreements = vec![];
+    for round in 2..8 {
+        engine.apply(&generate(&stream(round)).events);
+        let current = snapshot_labels(&engine);
+        let (ari, moved) = compare(&previous, &current, &everyone);
+        agreements.push((ari, moved));
+        previous = current;
+    }
+    eprintln!("stationary: (ARI, share moved) between consecutive snapshots {agreements:?}");
+    for (i, (ari, _)) in agreements.iter().enumerate() {
+        assert!(
+            *ari >= 0.85,
+            "snapshot {i}: ARI {ari} vs the previous one on a stationary stream"
+        );
+    }
+
+    // Segments 0 and 1 swap tastes for two rounds' worth of events.
+    let swapped: Vec<String> = segment_of
+        .iter()
+        .filter(|(_, s)| **s <= 1)
+        .map(|(u, _)| u.clone())
+        .collect();
+    let others: Vec<String> = segment_of
+        .iter()
+        .filter(|(_, s)| **s > 1)
+        .map(|(u, _)| u.clone())
+        .collect();
+    for round in 8..10 {
+        let mut events = generate(&stream(round)).events;
+        swap_tastes(&mut events, &segment_of, 0, 1);
+        engine.apply(&events);
+    }
+    let after = snapshot_labels(&engine);
+    let (ari, moved_swapped) = compare(&previous, &after, &swapped);
+    let (_, moved_others) = compare(&previous, &after, &others);
+    eprintln!(
+        "swap: ARI {ari}, swapped users moved {moved_swapped}, other users moved {moved_others}"
+    );
+    assert!(
+        moved_swapped >= 0.4 && moved_swapped >= 3.0 * moved_others,
+        "users of the swapped segments change segment ({moved_swapped}) far more often than \
+         the others ({moved_others})"
+    );
+}
