@@ -18,7 +18,8 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    Changes, Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec,
+    Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState,
+    SparseVec,
 };
 use crate::event::Mode;
 use crate::snapshot::{Assignments, Snapshot};
@@ -82,7 +83,12 @@ pub struct Store {
 struct LogState {
     next_seq: u64,
     cells: u64,
+    /// Next sequence number of the label log (`k/…`: changed labels over the stored array).
+    next_label_seq: u64,
 }
+
+/// Label-log records kept before the whole label array is rewritten instead.
+const LABEL_LOG_RECORDS: u64 = 1_000;
 
 /// Default `[state] checkpoint_cells`.
 pub const DEFAULT_CHECKPOINT_CELLS: u64 = 4_000_000;
@@ -144,6 +150,15 @@ impl Store {
             );
             log.next_seq = log.next_seq.max(seq + 1);
             log.cells += (v.len() / LOG_CELL_BYTES) as u64;
+        }
+        for entry in tree.scan_prefix(b"k/") {
+            let (k, _) = entry?;
+            let seq = u64::from_be_bytes(
+                k.get(2..10)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| corrupt(&k, "bad label log key"))?,
+            );
+            log.next_label_seq = log.next_label_seq.max(seq + 1);
         }
         let store = Store {
             db,
@@ -320,6 +335,24 @@ impl Store {
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
         }
+        // Changed labels since the array was written, oldest first.
+        for entry in self.tree.scan_prefix(b"k/") {
+            let (k, v) = entry?;
+            if v.len() % 8 != 0 {
+                return Err(corrupt(&k, "bad label log record"));
+            }
+            for pair in v.chunks_exact(8) {
+                let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]) as usize;
+                let label = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+                if u >= state.users.len() {
+                    return Err(corrupt(&k, "label log names an unknown user"));
+                }
+                if state.labels.len() <= u {
+                    state.labels.resize(u + 1, crate::engine::NO_CLUSTER);
+                }
+                state.labels[u] = label;
+            }
+        }
         state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
         if let Some(mut model) = self.get_json::<PersistedModel>("model")? {
             let floats = |bytes: sled::IVec| -> Vec<f64> {
@@ -389,7 +422,28 @@ impl Store {
             log.next_seq += 1;
             log.cells += changes.cells.len() as u64;
         }
-        if changes.labels || changes.model {
+        let rewrite_labels = matches!(changes.labels, LabelChanges::All)
+            || changes.model
+            || log.next_label_seq >= LABEL_LOG_RECORDS;
+        if let LabelChanges::Users(users) = &changes.labels
+            && !rewrite_labels
+            && !users.is_empty()
+        {
+            // Only the labels that changed: the whole array is rewritten at re-clusterings.
+            let labels = engine.model().labels();
+            let mut record = Vec::with_capacity(users.len() * 8);
+            for &u in users {
+                record.extend_from_slice(&u.to_le_bytes());
+                record.extend_from_slice(&labels[u as usize].to_le_bytes());
+            }
+            batch.insert(key(b'k', &log.next_label_seq.to_be_bytes()), record);
+            log.next_label_seq += 1;
+        }
+        if rewrite_labels {
+            for seq in 0..log.next_label_seq {
+                batch.remove(key(b'k', &seq.to_be_bytes()));
+            }
+            log.next_label_seq = 0;
             let labels: Vec<u8> = engine
                 .model()
                 .labels()

@@ -16,7 +16,7 @@ use crate::event::{Mode, RatingEvent, RejectReason, ValuePolicy};
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
 use model::DataView;
-pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
+pub use model::{LabelChanges, Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
 use stats::CovarianceStats;
 
 /// Default `[model] max_items`: a 60k-item catalogue and more within a 2 GB budget (memory is
@@ -240,12 +240,12 @@ pub struct ApplyOutcome {
 }
 
 /// What changed since the last [`Engine::take_changes`]: what the store must persist.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Changes {
     /// (user, item) cells whose value changed (now zero = removed), ascending.
     pub cells: Vec<(u32, u32)>,
-    /// Some user's cluster label changed (labels are persisted as one array).
-    pub labels: bool,
+    /// Cluster labels that changed.
+    pub labels: LabelChanges,
     /// Ids interned since the last call start at these indices.
     pub first_new_user: u32,
     pub first_new_item: u32,
@@ -550,7 +550,7 @@ impl Engine {
             cells,
             first_new_user: self.persisted_users,
             first_new_item: self.persisted_items,
-            labels: self.model.take_labels_changed(),
+            labels: self.model.take_label_changes(),
             model: self.model_dirty,
         };
         self.persisted_users = self.users.len() as u32;

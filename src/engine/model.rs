@@ -52,7 +52,19 @@ pub struct Model {
     counts: Vec<u64>,
     means: Vec<f64>,
     initialised: bool,
-    labels_changed: bool,
+    /// Users whose label changed since the last take (may repeat), unless `labels_rewritten`.
+    label_log: Vec<u32>,
+    /// Every label may have changed (a re-clustering): persist the whole array.
+    labels_rewritten: bool,
+}
+
+/// Labels changed since the store's last commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LabelChanges {
+    /// These users' labels (ascending; none when empty).
+    Users(Vec<u32>),
+    /// Possibly every label (after a re-clustering).
+    All,
 }
 
 /// What a refresh did, for logs and metrics.
@@ -87,13 +99,26 @@ impl Model {
             counts: vec![0; clusters],
             means: vec![0.0; clusters * components],
             initialised: false,
-            labels_changed: false,
+            label_log: vec![],
+            labels_rewritten: false,
         }
     }
 
-    /// Whether any label changed since the previous call.
-    pub(crate) fn take_labels_changed(&mut self) -> bool {
-        std::mem::take(&mut self.labels_changed)
+    /// Which labels changed since the previous call.
+    pub(crate) fn take_label_changes(&mut self) -> LabelChanges {
+        if std::mem::take(&mut self.labels_rewritten) {
+            self.label_log.clear();
+            return LabelChanges::All;
+        }
+        let mut users = std::mem::take(&mut self.label_log);
+        users.sort_unstable();
+        users.dedup();
+        LabelChanges::Users(users)
+    }
+
+    fn rewrite_labels(&mut self) {
+        self.labels_rewritten = true;
+        self.label_log.clear();
     }
 
     pub fn components(&self) -> usize {
@@ -268,7 +293,9 @@ impl Model {
             }
             None => self.labels[user] = NO_CLUSTER,
         }
-        self.labels_changed = true;
+        if !self.labels_rewritten {
+            self.label_log.push(user as u32);
+        }
     }
 
     fn update_mean(&mut self, c: usize) {
@@ -455,7 +482,7 @@ impl Model {
             // Too few users to cluster: keep everyone unassigned until there are enough.
             self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
             self.initialised = false;
-            self.labels_changed = true;
+            self.rewrite_labels();
             self.rebuild_sums();
             return 0;
         }
@@ -515,7 +542,7 @@ impl Model {
             self.labels[u] = mapping[l as usize];
         }
         self.initialised = true;
-        self.labels_changed = true;
+        self.rewrite_labels();
         self.rebuild_sums();
         result.passes
     }
