@@ -325,12 +325,26 @@ pub fn decode_ratings(
     fields: &JsonFields,
     policy: &ValuePolicy,
 ) -> DecodedRatings {
-    let mut out = DecodedRatings::default();
+    let mut events = vec![];
+    let rejected = decode_ratings_into(bytes, format, fields, policy, |e| events.push(e));
+    DecodedRatings { events, rejected }
+}
+
+/// Like [`decode_ratings`], handing each good event to `sink` in file order instead of
+/// collecting them (a caller can keep them in a more compact form).
+pub fn decode_ratings_into(
+    bytes: &[u8],
+    format: FileFormat,
+    fields: &JsonFields,
+    policy: &ValuePolicy,
+    mut sink: impl FnMut(RatingEvent),
+) -> RejectTally {
+    let mut rejected = RejectTally::default();
     let mut accept = |record_no: u64, decoded: Result<RatingEvent, Rejection>| match decoded
         .and_then(|e| policy.check(&e).map(|()| e))
     {
-        Ok(event) => out.events.push(event),
-        Err(rejection) => out.rejected.record(record_no, &rejection),
+        Ok(event) => sink(event),
+        Err(rejection) => rejected.record(record_no, &rejection),
     };
     match format {
         FileFormat::Json => {
@@ -352,7 +366,7 @@ pub fn decode_ratings(
         }
         FileFormat::Csv => decode_csv(bytes, &mut accept),
     }
-    out
+    rejected
 }
 
 fn decode_movielens_line(line: &[u8]) -> Result<RatingEvent, Rejection> {

@@ -40,6 +40,59 @@ pub struct ReplayOutcome {
     pub snapshot: Option<(Snapshot, Assignments)>,
 }
 
+/// A decoded file held compactly until it is replayed: ids interned once, 24 bytes an event
+/// (the `String`s of 5M events would take most of the memory of a replay otherwise).
+#[derive(Default)]
+struct CompactEvents {
+    ids: FxHashMap<String, u32>,
+    names: Vec<String>,
+    rows: Vec<CompactEvent>,
+}
+
+#[derive(Clone, Copy)]
+struct CompactEvent {
+    user: u32,
+    item: u32,
+    /// NaN for a retraction (a decoded value is always finite).
+    value: f64,
+    ts: i64,
+}
+
+impl CompactEvents {
+    fn intern(&mut self, id: String) -> u32 {
+        if let Some(&i) = self.ids.get(&id) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(id.clone());
+        self.ids.insert(id, i);
+        i
+    }
+
+    fn push(&mut self, event: crate::event::RatingEvent) {
+        let user = self.intern(event.user);
+        let item = self.intern(event.item);
+        self.rows.push(CompactEvent {
+            user,
+            item,
+            value: event.value.unwrap_or(f64::NAN),
+            ts: event.ts,
+        });
+    }
+
+    /// The rows as events again, one batch at a time.
+    fn events(&self, rows: &[CompactEvent]) -> Vec<crate::event::RatingEvent> {
+        rows.iter()
+            .map(|r| crate::event::RatingEvent {
+                user: self.names[r.user as usize].clone(),
+                item: self.names[r.item as usize].clone(),
+                value: (!r.value.is_nan()).then_some(r.value),
+                ts: r.ts,
+            })
+            .collect()
+    }
+}
+
 /// The key under which a file's progress is stored: its content hash, so a renamed copy
 /// resumes and an edited file starts over.
 fn source_key(bytes: &[u8]) -> String {
@@ -75,26 +128,28 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     }
     let bytes = std::fs::read(&options.ratings)
         .with_context(|| format!("cannot read ratings file {}", options.ratings.display()))?;
-    let mut decoded = decode::decode_ratings(
+    let mut decoded = CompactEvents::default();
+    let mut rejected = decode::decode_ratings_into(
         &bytes,
         options.format,
         &config.events.fields,
         &config.engine_params().policy(),
+        |event| decoded.push(event),
     );
-    // Stable: events with equal timestamps keep their file order.
-    decoded.events.sort_by_key(|e| e.ts);
     let key = source_key(&bytes);
+    drop(bytes);
+    // Stable: events with equal timestamps keep their file order.
+    decoded.rows.sort_by_key(|r| r.ts);
     let mut offsets: BTreeMap<String, i64> = store.offsets()?;
     let done = offsets.get(&key).copied().unwrap_or(0).max(0) as usize;
-    let skipped = done.min(decoded.events.len());
+    let skipped = done.min(decoded.rows.len());
     if skipped > 0 {
         tracing::info!(
             skipped,
             "resuming replay: events already applied from this file are skipped"
         );
     }
-    let remaining = &decoded.events[skipped..];
-    let mut rejected = decoded.rejected;
+    let remaining = &decoded.rows[skipped..];
     let bar = if options.progress {
         ProgressBar::new(remaining.len() as u64).with_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
@@ -106,7 +161,9 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     let mut applied = 0u64;
     let mut position = skipped;
     phases.load = started.elapsed().as_secs_f64();
-    for batch in remaining.chunks(config.replay.batch_size) {
+    for rows in remaining.chunks(config.replay.batch_size) {
+        let batch = decoded.events(rows);
+        let batch = batch.as_slice();
         let applying = std::time::Instant::now();
         let outcome = engine.apply(batch);
         let refreshing: f64 = outcome.refreshes.iter().map(|r| r.seconds).sum();
