@@ -18,8 +18,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState,
-    SparseVec,
+    Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
 };
 use crate::event::Mode;
 use crate::snapshot::{Assignments, Snapshot};
