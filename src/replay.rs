@@ -214,6 +214,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         "replay finished"
     );
     if let Some((snap, assignments)) = &built {
+        log_snapshot_built(snap);
         if let Some(path) = &options.snapshot_out {
             write_snapshot_json(path, snap)?;
         }
@@ -272,20 +273,25 @@ pub fn build_and_store_snapshot(
             |u| engine.users().get(u),
             config.snapshot.retention,
         )?;
-        tracing::info!(
-            version = snap.version,
-            users = snap.counts.users,
-            items = snap.counts.items,
-            ratings = snap.counts.ratings,
-            events_applied = snap.counts.events_applied,
-            inertia = snap.kmeans.inertia,
-            explained = snap.pca.explained_variance_ratio.iter().sum::<f64>(),
-            nb_train = snap.validation.naive_bayes.train_agreement,
-            moved = snap.drift.as_ref().map_or(0, |d| d.users_moved),
-            "snapshot built"
-        );
     }
     Ok(built)
+}
+
+/// The `snapshot built` log line: emitted once the snapshot is stored and, in the service, also
+/// published to readers (tests and operators wait for it).
+pub fn log_snapshot_built(snap: &Snapshot) {
+    tracing::info!(
+        version = snap.version,
+        users = snap.counts.users,
+        items = snap.counts.items,
+        ratings = snap.counts.ratings,
+        events_applied = snap.counts.events_applied,
+        inertia = snap.kmeans.inertia,
+        explained = snap.pca.explained_variance_ratio.iter().sum::<f64>(),
+        nb_train = snap.validation.naive_bayes.train_agreement,
+        moved = snap.drift.as_ref().map_or(0, |d| d.users_moved),
+        "snapshot built"
+    );
 }
 
 pub fn write_snapshot_json(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {

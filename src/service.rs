@@ -71,10 +71,11 @@ impl Shared {
         self.metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
-        let serving = Serving::new(engine, &built.model, built.snapshot, titles);
+        let serving = Arc::new(Serving::new(engine, &built.model, built.snapshot, titles));
         if let Ok(mut slot) = self.serving.write() {
-            *slot = Some(Arc::new(serving));
+            *slot = Some(serving.clone());
         }
+        crate::replay::log_snapshot_built(&serving.snapshot);
         Ok(Some(version))
     }
 }
