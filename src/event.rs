@@ -32,6 +32,47 @@ pub struct RatingEvent {
     pub ts: i64,
 }
 
+/// An event as the engine reads it: owned ([`RatingEvent`]) or borrowed from a store of
+/// interned ids ([`RatingRef`]), so a source that already holds the ids hands them over
+/// without allocating.
+pub trait Rating {
+    fn user(&self) -> &str;
+    fn item(&self) -> &str;
+    fn value(&self) -> Option<f64>;
+}
+
+impl Rating for RatingEvent {
+    fn user(&self) -> &str {
+        &self.user
+    }
+    fn item(&self) -> &str {
+        &self.item
+    }
+    fn value(&self) -> Option<f64> {
+        self.value
+    }
+}
+
+/// A borrowed [`RatingEvent`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatingRef<'a> {
+    pub user: &'a str,
+    pub item: &'a str,
+    pub value: Option<f64>,
+}
+
+impl Rating for RatingRef<'_> {
+    fn user(&self) -> &str {
+        self.user
+    }
+    fn item(&self) -> &str {
+        self.item
+    }
+    fn value(&self) -> Option<f64> {
+        self.value
+    }
+}
+
 /// Why an event was not applied. The label is stable: it is used in reports, dead-letter
 /// headers and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,14 +152,14 @@ pub struct ValuePolicy {
 }
 
 impl ValuePolicy {
-    pub fn check(&self, event: &RatingEvent) -> Result<(), Rejection> {
-        if event.user.is_empty() {
+    pub fn check(&self, event: &impl Rating) -> Result<(), Rejection> {
+        if event.user().is_empty() {
             return Err(Rejection::new(RejectReason::MissingField, "empty user id"));
         }
-        if event.item.is_empty() {
+        if event.item().is_empty() {
             return Err(Rejection::new(RejectReason::MissingField, "empty item id"));
         }
-        match event.value {
+        match event.value() {
             None if self.mode == Mode::Implicit => Err(Rejection::new(
                 RejectReason::RetractionNotAllowed,
                 "null value: retractions are only allowed in explicit mode",

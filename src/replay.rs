@@ -13,7 +13,7 @@ use rustc_hash::FxHashMap;
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
 use crate::engine::Engine;
-use crate::event::{RejectReason, Rejection};
+use crate::event::{RatingRef, RejectReason, Rejection};
 use crate::snapshot::validation::stable_hash;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
 use crate::store::Store;
@@ -72,6 +72,7 @@ impl CompactEvents {
     fn push(&mut self, event: crate::event::RatingEvent) {
         let user = self.intern(event.user);
         let item = self.intern(event.item);
+        // (The decoded strings are dropped here; only new ids are kept.)
         self.rows.push(CompactEvent {
             user,
             item,
@@ -80,14 +81,13 @@ impl CompactEvents {
         });
     }
 
-    /// The rows as events again, one batch at a time.
-    fn events(&self, rows: &[CompactEvent]) -> Vec<crate::event::RatingEvent> {
+    /// The rows as events again (borrowing the ids), one batch at a time.
+    fn events<'a>(&'a self, rows: &[CompactEvent]) -> Vec<RatingRef<'a>> {
         rows.iter()
-            .map(|r| crate::event::RatingEvent {
-                user: self.names[r.user as usize].clone(),
-                item: self.names[r.item as usize].clone(),
+            .map(|r| RatingRef {
+                user: &self.names[r.user as usize],
+                item: &self.names[r.item as usize],
                 value: (!r.value.is_nan()).then_some(r.value),
-                ts: r.ts,
             })
             .collect()
     }

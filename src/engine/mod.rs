@@ -12,7 +12,7 @@ pub mod stats;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Mode, RatingEvent, RejectReason, ValuePolicy};
+use crate::event::{Mode, Rating, RejectReason, ValuePolicy};
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
 use model::DataView;
@@ -358,14 +358,14 @@ impl Engine {
     /// Applies events in order. Events failing the value policy are skipped and reported;
     /// the rest change the state exactly as the mode says. Refreshes happen at exact event
     /// counts, so the result does not depend on how events are split into batches.
-    pub fn apply(&mut self, events: &[RatingEvent]) -> ApplyOutcome {
+    pub fn apply(&mut self, events: &[impl Rating]) -> ApplyOutcome {
         let mut outcome = ApplyOutcome::default();
         for (i, event) in events.iter().enumerate() {
             if let Err(rejection) = self.policy.check(event) {
                 outcome.rejected.push((i, rejection.reason));
                 continue;
             }
-            if !self.admits_item(&event.item) {
+            if !self.admits_item(event.item()) {
                 outcome.rejected.push((i, RejectReason::CatalogueFull));
                 continue;
             }
@@ -395,17 +395,17 @@ impl Engine {
         self.items.len() < self.params.max_items || self.items.get(item).is_some()
     }
 
-    fn apply_one(&mut self, event: &RatingEvent) {
-        let (u, new_user) = self.users.intern(&event.user);
+    fn apply_one(&mut self, event: &impl Rating) {
+        let (u, new_user) = self.users.intern(event.user());
         if new_user {
             self.vectors.push(SparseVec::default());
             self.model.add_user_slot();
         }
-        let (j, _) = self.items.intern(&event.item);
+        let (j, _) = self.items.intern(event.item());
         let x = &self.vectors[u as usize];
         let pos = x.idx.binary_search(&j);
         let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
-        let new = match (self.params.mode, event.value) {
+        let new = match (self.params.mode, event.value()) {
             (Mode::Explicit, Some(v)) => v,
             (Mode::Explicit, None) => 0.0,
             (Mode::Implicit, Some(v)) => old + v,
