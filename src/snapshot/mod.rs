@@ -366,6 +366,17 @@ impl Points for SparsePoints<'_> {
     }
 }
 
+/// K-Means inertia of the best start, for points that can be shared between threads.
+trait PointsSync: Sync {
+    fn best_inertia(&self, params: &ClusteringParams) -> f64;
+}
+
+impl<P: Points + Sync> PointsSync for P {
+    fn best_inertia(&self, params: &ClusteringParams) -> f64 {
+        kmeans::cluster(self, None, params).inertia
+    }
+}
+
 /// The seed's two decision aids: the explained-variance-ratio curve, and K-Means inertia for a
 /// range of k on the projection and on the full vectors (of a seeded user sample).
 fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagnostics {
@@ -414,18 +425,24 @@ fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagn
         .copied()
         .filter(|&k| k >= 1 && k <= full.len().min(projected.len()))
         .collect();
-    let best = |points: &dyn Fn(usize) -> f64| ks.iter().map(|&k| points(k)).collect::<Vec<_>>();
-    let run = |p: &dyn Fn(&ClusteringParams) -> f64, k: usize| {
-        p(&ClusteringParams {
-            k,
-            max_passes: 100,
-            restarts: params.diagnostics_starts,
-            keep_current: false,
-            seed: seed ^ k as u64,
-        })
+    let settings = |k: usize| ClusteringParams {
+        k,
+        max_passes: 100,
+        restarts: params.diagnostics_starts,
+        keep_current: false,
+        seed: seed ^ k as u64,
     };
-    let projected_inertia = best(&|k| run(&|c| kmeans::cluster(&projected, None, c).inertia, k));
-    let full_inertia = best(&|k| run(&|c| kmeans::cluster(&full, None, c).inertia, k));
+    let curve_of = |points: &(dyn PointsSync + '_)| -> Vec<f64> {
+        ks.iter()
+            .map(|&k| points.best_inertia(&settings(k)))
+            .collect()
+    };
+    // The two curves are independent: one on a thread of its own.
+    let (projected_inertia, full_inertia) = std::thread::scope(|scope| {
+        let projected_curve = scope.spawn(|| curve_of(&projected));
+        let full_curve = curve_of(&full);
+        (projected_curve.join().unwrap_or_default(), full_curve)
+    });
     Diagnostics {
         explained_variance_ratio_curve: curve,
         inertia_by_k: InertiaByK {
