@@ -577,6 +577,7 @@ pub struct RestoredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::RatingEvent;
 
     fn ev(user: &str, item: &str, value: Option<f64>) -> RatingEvent {
         RatingEvent {
