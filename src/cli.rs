@@ -270,6 +270,12 @@ pub fn main() -> ExitCode {
             state_dir: Some(dir),
             ..
         } => config.state.dir = dir.clone(),
+        Command::Run { demo: true, .. } => {
+            if let Err(e) = config.validate_demo() {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
         Command::Run { .. }
         | Command::Report { .. }
         | Command::Snapshot { .. }

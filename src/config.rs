@@ -343,6 +343,9 @@ impl Config {
             message: e.to_string(),
         })?;
         let mut overridden = vec![];
+        // An environment value takes the type of the field it sets (`SEGMENTER_KAFKA__TOPIC=2024`
+        // is the topic "2024", not an integer): the defaults say which fields are not strings.
+        let defaults = toml::Value::try_from(Config::default()).ok();
         for (var, raw) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -351,7 +354,14 @@ impl Config {
                 continue;
             };
             let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-            let value = parse_env_value(&raw);
+            let path: Vec<&str> = std::iter::once(section.as_str())
+                .chain(key.split("__"))
+                .collect();
+            let value = match defaults.as_ref().and_then(|d| value_at(d, &path)) {
+                // A string field, a map of strings (`[kafka.client]`) or an optional one.
+                Some(toml::Value::String(_)) | None => toml::Value::String(raw.clone()),
+                Some(_) => parse_env_value(&raw),
+            };
             let entry = table
                 .entry(section.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -556,22 +566,28 @@ impl Config {
                 "use e.g. 10000",
             );
         }
-        if self.demo.users < m.clusters || self.demo.items < m.components {
-            return invalid(
-                "[demo] users/items",
-                format!(
-                    "{} users x {} items cannot hold {} clusters of {} components",
-                    self.demo.users, self.demo.items, m.clusters, m.components
-                ),
-                "raise [demo] users/items or lower [model] clusters/components",
-            );
-        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(
                 "[log] level",
                 format!("`{}` is not a log filter", self.log.level),
                 "use error, warn, info, debug or trace (or an EnvFilter directive)",
             );
+        }
+        Ok(())
+    }
+
+    /// What only the demo stream needs (checked by `run --demo`, not by other commands).
+    pub fn validate_demo(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        if self.demo.users < m.clusters || self.demo.items < m.components {
+            return Err(ConfigError::Invalid {
+                field: "[demo] users/items",
+                problem: format!(
+                    "{} users x {} items cannot hold {} clusters of {} components",
+                    self.demo.users, self.demo.items, m.clusters, m.components
+                ),
+                fix: "raise [demo] users/items or lower [model] clusters/components",
+            });
         }
         Ok(())
     }
@@ -613,6 +629,11 @@ impl Config {
 }
 
 /// An override's value as TOML (numbers, booleans, arrays), or as a plain string otherwise.
+/// The value at a dotted path of a TOML tree.
+fn value_at<'a>(root: &'a toml::Value, path: &[&str]) -> Option<&'a toml::Value> {
+    path.iter().try_fold(root, |node, part| node.get(*part))
+}
+
 fn parse_env_value(raw: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
@@ -698,5 +719,29 @@ mod tests {
         .unwrap();
         let c = Config::load_with_env(Some(&path), vec![]).unwrap();
         assert_eq!(c.kafka.client["fetch.wait.max.ms"], "50");
+    }
+
+    #[test]
+    fn environment_values_take_the_type_of_the_field_they_set() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_HTTP__TOKEN", "123456"),
+                ("SEGMENTER_KAFKA__GROUP_ID", "42"),
+                ("SEGMENTER_KAFKA__TOPIC", "2024"),
+                ("SEGMENTER_KAFKA__INSTANCE_ID", "0"),
+                ("SEGMENTER_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "30000"),
+                ("SEGMENTER_MODEL__CLUSTERS", "8"),
+                ("SEGMENTER_SNAPSHOT__DIAGNOSTICS_K", "[2, 4]"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.http.token, "123456");
+        assert_eq!(c.kafka.group_id, "42");
+        assert_eq!(c.kafka.topic, "2024");
+        assert_eq!(c.kafka.instance_id, "0");
+        assert_eq!(c.kafka.client["session.timeout.ms"], "30000");
+        assert_eq!(c.model.clusters, 8);
+        assert_eq!(c.snapshot.diagnostics_k, vec![2, 4]);
     }
 }

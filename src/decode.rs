@@ -268,12 +268,24 @@ pub struct RejectTally {
 
 impl RejectTally {
     pub const MAX_EXAMPLES: usize = 10;
+    /// Longest example text kept (bytes).
+    pub const MAX_EXAMPLE_BYTES: usize = 300;
 
     pub fn record(&mut self, record_no: u64, rejection: &Rejection) {
         self.total += 1;
         *self.by_reason.entry(rejection.reason).or_default() += 1;
         if self.examples.len() < Self::MAX_EXAMPLES {
-            self.examples.push((record_no, rejection.to_string()));
+            // A huge bad record must not be echoed whole: the reason and its start suffice.
+            let mut text = rejection.to_string();
+            if text.len() > Self::MAX_EXAMPLE_BYTES {
+                let mut cut = Self::MAX_EXAMPLE_BYTES;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push_str("… (truncated)");
+            }
+            self.examples.push((record_no, text));
         }
     }
 
@@ -339,6 +351,8 @@ pub fn decode_ratings_into(
     policy: &ValuePolicy,
     mut sink: impl FnMut(RatingEvent),
 ) -> RejectTally {
+    // A UTF-8 byte-order mark (spreadsheet exports) is not part of the first record.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut rejected = RejectTally::default();
     let mut accept = |record_no: u64, decoded: Result<RatingEvent, Rejection>| match decoded
         .and_then(|e| policy.check(&e).map(|()| e))
@@ -529,6 +543,7 @@ pub fn read_catalogue_file(path: &Path) -> anyhow::Result<(Vec<(String, String)>
 
 /// Decodes catalogue bytes (see [`read_catalogue_file`]).
 pub fn decode_catalogue(bytes: &[u8]) -> (Vec<(String, String)>, u64) {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     // Latin-1 is a subset of windows-1252; decoding UTF-8 input this way would mangle it, so
     // only fall back when the bytes are not valid UTF-8.
     let text = match std::str::from_utf8(bytes) {
@@ -586,6 +601,46 @@ pub fn decode_catalogue(bytes: &[u8]) -> (Vec<(String, String)>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_record() {
+        let policy = ValuePolicy {
+            mode: crate::event::Mode::Explicit,
+            min_value: 0.0,
+            max_value: 5.0,
+        };
+        let fields = JsonFields::default();
+        let movielens = decode_ratings(
+            b"\xEF\xBB\xBF196\t242\t3\t881250949\n",
+            FileFormat::Movielens,
+            &fields,
+            &policy,
+        );
+        assert_eq!(movielens.events[0].user, "196");
+        let json = decode_ratings(
+            b"\xEF\xBB\xBF{\"user\":\"u1\",\"item\":\"i1\",\"rating\":3}\n",
+            FileFormat::Json,
+            &fields,
+            &policy,
+        );
+        assert_eq!((json.events.len(), json.rejected.total), (1, 0));
+        let csv = decode_ratings(
+            b"\xEF\xBB\xBFuser,item,rating\nu1,i1,4\n",
+            FileFormat::Csv,
+            &fields,
+            &policy,
+        );
+        assert_eq!((csv.events.len(), csv.rejected.total), (1, 0));
+    }
+
+    #[test]
+    fn a_huge_bad_record_is_reported_without_echoing_it_whole() {
+        let mut tally = RejectTally::default();
+        let detail = "x".repeat(50 << 20);
+        tally.record(1, &Rejection::new(RejectReason::Malformed, detail));
+        assert!(tally.examples[0].1.len() < RejectTally::MAX_EXAMPLE_BYTES + 32);
+        assert!(tally.examples[0].1.ends_with("(truncated)"));
+    }
     use crate::event::Mode;
 
     const POLICY: ValuePolicy = ValuePolicy {

@@ -157,7 +157,7 @@ pub async fn run(
         state_dir = %config.state.dir.display(),
         users = engine.active_users(),
         events_applied = engine.counters().events_applied,
-        offsets = ?stored_offsets.lock().map(|o| o.clone()).unwrap_or_default(),
+        offsets = ?read_offsets(&stored_offsets),
         "state opened"
     );
     if options
@@ -239,7 +239,7 @@ pub async fn run(
     let worker = {
         let config = config.clone();
         let store = store.clone();
-        let offsets = stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+        let offsets = read_offsets(&stored_offsets);
         let final_snapshot = final_snapshot.clone();
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -262,8 +262,7 @@ pub async fn run(
 
     let linger = Duration::from_millis(kafka.batch_linger_ms.max(1));
     let policy = config.engine_params().policy();
-    let mut expected: BTreeMap<String, i64> =
-        stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+    let mut expected: BTreeMap<String, i64> = read_offsets(&stored_offsets);
     let mut pending = Batch {
         events: Vec::with_capacity(kafka.batch_size),
         offsets: BTreeMap::new(),
@@ -399,7 +398,7 @@ pub async fn run(
         .map_err(|_| anyhow::anyhow!("the engine worker panicked"))?;
     worker_result?;
     // Progress for lag reporting; the state dir already holds the truth.
-    let final_offsets = stored_offsets.lock().map(|o| o.clone()).unwrap_or_default();
+    let final_offsets = read_offsets(&stored_offsets);
     if let Some(tpl) = commit_list(&final_offsets)
         && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
     {
@@ -419,6 +418,15 @@ pub async fn run(
         "stopped"
     );
     Ok(summary)
+}
+
+/// The offsets the state dir holds. A panic elsewhere while the lock was held (a poisoned
+/// mutex) does not make them unknown: every write replaces the whole map at once.
+fn read_offsets(stored: &Mutex<BTreeMap<String, i64>>) -> BTreeMap<String, i64> {
+    stored
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
 }
 
 fn set_offset(offsets: &mut BTreeMap<String, i64>, key: &str, next: i64) {
@@ -462,13 +470,24 @@ fn decode_message(
     Ok(event)
 }
 
+/// The stored offsets of Kafka partitions (`topic/partition` keys) as a commit list. Other
+/// positions in the state dir (a replayed file's `file:…` key) are not Kafka's business and
+/// are skipped, never a reason to stop reporting progress.
 fn commit_list(offsets: &BTreeMap<String, i64>) -> Option<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
     for (key, &offset) in offsets {
-        let (topic, partition) = key.rsplit_once('/')?;
-        let partition: i32 = partition.parse().ok()?;
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .ok()?;
+        let Some((topic, partition)) = key.rsplit_once('/') else {
+            continue;
+        };
+        let Ok(partition) = partition.parse::<i32>() else {
+            continue;
+        };
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .is_err()
+        {
+            continue;
+        }
     }
     (tpl.count() > 0).then_some(tpl)
 }
@@ -478,9 +497,10 @@ fn on_committed(
     stored: &Mutex<BTreeMap<String, i64>>,
     committed: &Committed,
 ) {
-    if let Ok(mut s) = stored.lock() {
-        s.clone_from(&committed.offsets);
-    }
+    stored
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone_from(&committed.offsets);
     if let Some(tpl) = commit_list(&committed.offsets) {
         // Async: progress reporting only; failures are harmless (the state dir is the truth).
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
@@ -721,7 +741,7 @@ fn spawn_broker_probe(
                 let Ok(assignment) = consumer.assignment() else {
                     return;
                 };
-                let offsets = stored.lock().map(|o| o.clone()).unwrap_or_default();
+                let offsets = read_offsets(&stored);
                 for elem in assignment.elements() {
                     if let Ok((low, high)) = consumer.fetch_watermarks(
                         elem.topic(),
@@ -786,4 +806,31 @@ fn spawn_items_reader(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replayed_file_position_in_the_state_dir_does_not_stop_kafka_progress_commits() {
+        let offsets: BTreeMap<String, i64> = [
+            ("file:0123456789abcdef:4096".to_string(), 500),
+            ("ratings/0".to_string(), 42),
+            ("ratings/1".to_string(), 7),
+        ]
+        .into_iter()
+        .collect();
+        let tpl = commit_list(&offsets).expect("the partitions are committed");
+        assert_eq!(tpl.count(), 2);
+        let committed = tpl.to_topic_map();
+        assert_eq!(
+            committed.get(&("ratings".to_string(), 0)),
+            Some(&Offset::Offset(42))
+        );
+        assert_eq!(
+            committed.get(&("ratings".to_string(), 1)),
+            Some(&Offset::Offset(7))
+        );
+    }
 }

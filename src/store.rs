@@ -395,9 +395,13 @@ impl Store {
             .log
             .lock()
             .map_err(|_| corrupt(b"l/", "log state poisoned"))?;
+        // A checkpoint rewrites every user changed since the last one, up to the whole data:
+        // letting the log grow to the size of the ratings first keeps the bytes written per
+        // change bounded (at most about twice the log) however large the data is.
         let threshold = self
             .checkpoint_cells
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(engine.ratings());
         if log.cells + changes.cells.len() as u64 >= threshold {
             // Checkpoint: whole vectors of every user changed since the last one; drop the log.
             let mut record = Vec::new();

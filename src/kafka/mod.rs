@@ -122,11 +122,12 @@ impl ConsumerContext for ServiceContext {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // A poisoned lock still holds whole offset maps: never assign from scratch.
                 let stored = self
                     .stored_offsets
                     .lock()
-                    .map(|o| o.clone())
-                    .unwrap_or_default();
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 let mut assigned = vec![];
                 for elem in tpl.elements() {
                     let key = offset_key(elem.topic(), elem.partition());
