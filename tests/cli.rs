@@ -244,3 +244,39 @@ fn replay_past_max_items_rejects_new_items_as_catalogue_full_and_keeps_the_rest(
         "events for known items applied, the rest refused: {applied}"
     );
 }
+
+#[test]
+fn replay_with_more_clusters_than_users_says_so_instead_of_blaming_the_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("ratings.csv");
+    let out = segmenter(&[
+        "generate",
+        "--users",
+        "200",
+        "--items",
+        "100",
+        "--events",
+        "3000",
+        "--out",
+        path(&ratings),
+    ]);
+    assert!(out.status.success());
+    let state = dir.path().join("state");
+    let out = segmenter(&[
+        "replay",
+        "--ratings",
+        path(&ratings),
+        "--clusters",
+        "100000",
+        "--state-dir",
+        path(&state),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("[demo]"), "{text}");
+    assert!(text.contains("100000 users"), "{text}");
+}
