@@ -190,3 +190,40 @@ fn every_route_answers_as_documented() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot 99999"));
 }
+
+#[test]
+fn every_client_error_is_the_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, base) = start_demo(
+        &dir.path().join("state"),
+        &[],
+        &["--max-events", "20000", "--keep-serving"],
+    );
+    for path in [
+        "/users/%FF",
+        "/snapshots/%FF",
+        "/clusters/0?limit=1&limit=2",
+        "/clusters/0?limit=many",
+    ] {
+        let response = match ureq::get(&format!("{base}{path}")).call() {
+            Err(ureq::Error::Status(_, r)) => r,
+            Ok(r) => panic!("{path} answered {} instead of an error", r.status()),
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        let status = response.status();
+        assert!((400..500).contains(&status), "{path}: {status}");
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/json"),
+            "{path}"
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(&response.into_string().unwrap()).expect("a JSON body");
+        assert_eq!(body["status"], status, "{path}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{path}"
+        );
+    }
+    drop(service);
+}

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -76,6 +77,34 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// `Path` whose rejections (bad percent-encoding, wrong type) are the documented JSON error.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// `Query` whose rejections (a repeated or malformed parameter) are the documented JSON error.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
 
 fn json_bytes(bytes: Vec<u8>) -> Response {
     (
@@ -210,8 +239,8 @@ struct VersionQuery {
 
 async fn chart(
     State(state): State<Arc<AppState>>,
-    Path(file): Path<String>,
-    Query(query): Query<VersionQuery>,
+    ApiPath(file): ApiPath<String>,
+    ApiQuery(query): ApiQuery<VersionQuery>,
 ) -> ApiResult {
     let name = file
         .strip_suffix(".svg")
@@ -289,7 +318,7 @@ async fn latest_snapshot(State(state): State<Arc<AppState>>) -> ApiResult {
 
 async fn snapshot_by_version(
     State(state): State<Arc<AppState>>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
 ) -> ApiResult {
     let version: u64 = version.parse().map_err(|_| {
         ApiError::new(
@@ -344,8 +373,8 @@ fn truncate(s: &str) -> String {
 
 async fn cluster(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(query): Query<LimitQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<LimitQuery>,
 ) -> ApiResult {
     let limit = parse_limit(query.limit.as_deref(), 10)?;
     let id: u32 = id.parse().map_err(|_| {
@@ -389,8 +418,8 @@ struct UserQuery {
 
 async fn user(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Query(query): Query<UserQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UserQuery>,
 ) -> ApiResult {
     if id.is_empty() || id.len() > MAX_ID_BYTES {
         return Err(ApiError::new(
