@@ -381,3 +381,111 @@ fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_fla
         "{letters} of {fresh} flood events dead-lettered"
     );
 }
+
+#[test]
+fn a_message_too_big_to_dead_letter_whole_is_cut_and_never_stalls_consumption() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique_topic("huge");
+    let dlq = format!("{topic}-dlq");
+    // The topic takes 5 MB messages; a 2 MB event exceeds every producer's default limit.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = runtime
+        .block_on(
+            admin.create_topics(
+                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "5242880")],
+                &AdminOptions::new(),
+            ),
+        )
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.max.bytes", "5242880")
+        .create()
+        .unwrap();
+    let huge = format!(
+        r#"{{"user":"u1","item":"i1","rating":3,"pad":"{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let mut good = 0u64;
+    for n in 0..400u64 {
+        let user = format!("u{}", n % 40);
+        let value = format!(
+            r#"{{"user":"{user}","item":"i{}","rating":{}}}"#,
+            n % 30,
+            1 + n % 5
+        );
+        producer
+            .send(BaseRecord::to(&topic).key(&user).payload(&value))
+            .unwrap();
+        good += 1;
+        if n == 100 {
+            for partition in 0..2 {
+                producer
+                    .send(
+                        BaseRecord::to(&topic)
+                            .partition(partition)
+                            .key("huge")
+                            .payload(&huge),
+                    )
+                    .unwrap();
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "2".into()));
+    env.push(("SEGMENTER_MODEL__COMPONENTS".into(), "2".into()));
+    env.push(("SEGMENTER_MODEL__CURVE_COMPONENTS".into(), "4".into()));
+    env.push(("SEGMENTER_SNAPSHOT__DIAGNOSTICS_K".into(), "[2]".into()));
+    // Every good event on both partitions, past the huge ones, is applied.
+    let snapshot = run_to_completion(&env, good);
+    assert_eq!(snapshot.counts.events_applied, good);
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{dlq}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut letters = vec![];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while letters.len() < 2 && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            let header = |name: &str| {
+                m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == name)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+            };
+            letters.push((
+                header("segmenter.reason"),
+                header("segmenter.truncated_from_bytes"),
+                m.payload().map_or(0, <[u8]>::len),
+            ));
+        }
+    }
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (reason, truncated, length) in &letters {
+        assert_eq!(reason.as_deref(), Some("oversized"));
+        assert_eq!(truncated.as_deref(), Some(huge.len().to_string().as_str()));
+        assert_eq!(
+            *length,
+            segmenter::kafka::dead_letter::MAX_DEAD_LETTER_PAYLOAD
+        );
+    }
+}

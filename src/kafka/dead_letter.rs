@@ -16,6 +16,13 @@ pub const HEADER_DETAIL: &str = "segmenter.detail";
 pub const HEADER_TOPIC: &str = "segmenter.source.topic";
 pub const HEADER_PARTITION: &str = "segmenter.source.partition";
 pub const HEADER_OFFSET: &str = "segmenter.source.offset";
+/// Present when the payload was cut to [`MAX_DEAD_LETTER_PAYLOAD`]: the original length.
+pub const HEADER_TRUNCATED: &str = "segmenter.truncated_from_bytes";
+
+/// Dead-letter payloads are cut to this many bytes: far below the producer's and brokers'
+/// default message size limit (1 MB), so a huge bad message is always deliverable and can
+/// never stall consumption. The original length goes in [`HEADER_TRUNCATED`].
+pub const MAX_DEAD_LETTER_PAYLOAD: usize = 256 * 1024;
 
 /// Detail texts are cut to this many bytes so a huge bad message cannot make a huge header.
 const MAX_DETAIL: usize = 512;
@@ -42,7 +49,12 @@ impl DeadLetter {
         }
         let partition = self.partition.to_string();
         let offset = self.offset.to_string();
-        OwnedHeaders::new()
+        let original = self
+            .payload
+            .as_ref()
+            .filter(|p| p.len() > MAX_DEAD_LETTER_PAYLOAD)
+            .map(|p| p.len().to_string());
+        let headers = OwnedHeaders::new()
             .insert(Header {
                 key: HEADER_REASON,
                 value: Some(self.rejection.reason.label()),
@@ -62,7 +74,21 @@ impl DeadLetter {
             .insert(Header {
                 key: HEADER_OFFSET,
                 value: Some(&offset),
-            })
+            });
+        match &original {
+            Some(length) => headers.insert(Header {
+                key: HEADER_TRUNCATED,
+                value: Some(length),
+            }),
+            None => headers,
+        }
+    }
+
+    /// The payload as delivered: whole, or its first [`MAX_DEAD_LETTER_PAYLOAD`] bytes.
+    fn delivered_payload(&self) -> Option<&[u8]> {
+        self.payload
+            .as_deref()
+            .map(|p| &p[..p.len().min(MAX_DEAD_LETTER_PAYLOAD)])
     }
 }
 
@@ -83,12 +109,11 @@ pub async fn deliver_all(
         for letter in &pending {
             let headers = letter.headers();
             let delivery = loop {
-                let mut record =
-                    FutureRecord::<Vec<u8>, Vec<u8>>::to(topic).headers(headers.clone());
+                let mut record = FutureRecord::<Vec<u8>, [u8]>::to(topic).headers(headers.clone());
                 if let Some(k) = &letter.key {
                     record = record.key(k);
                 }
-                if let Some(p) = &letter.payload {
+                if let Some(p) = letter.delivered_payload() {
                     record = record.payload(p);
                 }
                 match producer.send_result(record) {
