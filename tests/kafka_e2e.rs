@@ -11,8 +11,6 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use segmenter::event::Mode;
 
@@ -220,50 +218,29 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reasons() {
         "every good event applied"
     );
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("check-{dlq}"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&dlq]).unwrap();
-    let mut letters = vec![];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while letters.len() < bad.len() && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-            let header = |name: &str| {
-                m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|x| x.key == name)
-                        .and_then(|x| x.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                })
-            };
-            letters.push((
-                header("segmenter.reason").unwrap_or_default(),
-                m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                m.key().map(<[u8]>::to_vec),
-                header("segmenter.source.topic"),
-                header("segmenter.source.offset").is_some(),
-                header("segmenter.source.partition").is_some(),
-            ));
-        }
-    }
+    let letters = read_dead_letters(&dlq, bad.len(), Duration::from_secs(60));
     assert_eq!(
         letters.len(),
         bad.len(),
         "every bad message dead-lettered: {letters:?}"
     );
     for ((reason, payload), letter) in bad.iter().zip(&letters) {
-        assert_eq!(&letter.0, reason);
-        assert_eq!(&letter.1, payload, "original bytes kept");
+        assert_eq!(letter.header("segmenter.reason"), Some(*reason));
+        assert_eq!(&letter.payload, payload, "original bytes kept");
         assert_eq!(
-            letter.2.as_deref(),
+            letter.key.as_deref(),
             Some(&b"bad-key"[..]),
             "original key kept"
         );
-        assert_eq!(letter.3.as_deref(), Some(topic.as_str()));
-        assert!(letter.4 && letter.5, "source partition and offset headers");
+        assert_eq!(
+            letter.header("segmenter.source.topic"),
+            Some(topic.as_str())
+        );
+        assert!(
+            letter.header("segmenter.source.offset").is_some()
+                && letter.header("segmenter.source.partition").is_some(),
+            "source partition and offset headers"
+        );
     }
 }
 
@@ -355,27 +332,13 @@ fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_fla
         "RSS grew from {rss_early} KiB to {rss_late} KiB"
     );
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("check-{dlq}"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&dlq]).unwrap();
-    let mut letters = 0u64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while letters < fresh && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-            let reason = m.headers().and_then(|h| {
-                h.iter()
-                    .find(|x| x.key == "segmenter.reason")
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            });
-            assert_eq!(reason.as_deref(), Some("catalogue_full"));
-            letters += 1;
-        }
-    }
+    let letters = read_dead_letters(&dlq, fresh as usize, Duration::from_secs(60));
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.header("segmenter.reason") == Some("catalogue_full"))
+    );
+    let letters = letters.len() as u64;
     assert!(
         letters >= fresh,
         "{letters} of {fresh} flood events dead-lettered"
@@ -453,38 +416,16 @@ fn a_message_too_big_to_dead_letter_whole_is_cut_and_never_stalls_consumption() 
     let snapshot = run_to_completion(&env, good);
     assert_eq!(snapshot.counts.events_applied, good);
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("check-{dlq}"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&dlq]).unwrap();
-    let mut letters = vec![];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while letters.len() < 2 && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-            let header = |name: &str| {
-                m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|x| x.key == name)
-                        .and_then(|x| x.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                })
-            };
-            letters.push((
-                header("segmenter.reason"),
-                header("segmenter.truncated_from_bytes"),
-                m.payload().map_or(0, <[u8]>::len),
-            ));
-        }
-    }
+    let letters = read_dead_letters(&dlq, 2, Duration::from_secs(60));
     assert_eq!(letters.len(), 2, "{letters:?}");
-    for (reason, truncated, length) in &letters {
-        assert_eq!(reason.as_deref(), Some("oversized"));
-        assert_eq!(truncated.as_deref(), Some(huge.len().to_string().as_str()));
+    for letter in &letters {
+        assert_eq!(letter.header("segmenter.reason"), Some("oversized"));
         assert_eq!(
-            *length,
+            letter.header("segmenter.truncated_from_bytes"),
+            Some(huge.len().to_string().as_str())
+        );
+        assert_eq!(
+            letter.payload.len(),
             segmenter::kafka::dead_letter::MAX_DEAD_LETTER_PAYLOAD
         );
     }

@@ -97,6 +97,57 @@ pub fn produce(topic: &str, partitions: i32, ratings: &Path) {
     );
 }
 
+/// A message read back from a dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct Letter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Letter {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Reads up to `want` messages of `topic` from the beginning (waiting up to `limit`).
+pub fn read_dead_letters(topic: &str, want: usize, limit: Duration) -> Vec<Letter> {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut letters = vec![];
+    let deadline = Instant::now() + limit;
+    while letters.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|x| {
+                            x.value
+                                .map(|v| (x.key.to_string(), String::from_utf8_lossy(v).into()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            letters.push(Letter {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers,
+            });
+        }
+    }
+    letters
+}
+
 /// Splits a generated ratings CSV (header `user,item,rating,ts`, events in time order) into
 /// `parts` consecutive files, each with the header; returns them with their event counts.
 pub fn split_ratings(ratings: &Path, parts: usize) -> Vec<(PathBuf, u64)> {
