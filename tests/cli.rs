@@ -19,6 +19,26 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `segmenter generate` of a small planted data set into `dir/ratings.csv`.
+fn generate_ratings(dir: &Path, users: u32, items: u32, events: u32) -> std::path::PathBuf {
+    let ratings = dir.join("ratings.csv");
+    let out = segmenter(&[
+        "generate",
+        "--users",
+        &users.to_string(),
+        "--items",
+        &items.to_string(),
+        "--events",
+        &events.to_string(),
+        "--segments",
+        "4",
+        "--out",
+        path(&ratings),
+    ]);
+    assert!(out.status.success());
+    ratings
+}
+
 #[test]
 fn replay_writes_snapshot_assignments_and_the_seed_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,21 +223,7 @@ fn demo_runs_takes_snapshots_and_stops_cleanly_on_ctrl_c() {
 #[test]
 fn replay_past_max_items_rejects_new_items_as_catalogue_full_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let ratings = dir.path().join("ratings.csv");
-    let out = segmenter(&[
-        "generate",
-        "--users",
-        "200",
-        "--items",
-        "120",
-        "--events",
-        "6000",
-        "--segments",
-        "4",
-        "--out",
-        path(&ratings),
-    ]);
-    assert!(out.status.success());
+    let ratings = generate_ratings(dir.path(), 200, 120, 6000);
     let snapshot = dir.path().join("snapshot.json");
     let out = Command::new(BIN)
         .args(["replay", "--ratings", path(&ratings), "--clusters", "4"])
@@ -248,19 +254,7 @@ fn replay_past_max_items_rejects_new_items_as_catalogue_full_and_keeps_the_rest(
 #[test]
 fn replay_with_more_clusters_than_users_says_so_instead_of_blaming_the_demo() {
     let dir = tempfile::tempdir().unwrap();
-    let ratings = dir.path().join("ratings.csv");
-    let out = segmenter(&[
-        "generate",
-        "--users",
-        "200",
-        "--items",
-        "100",
-        "--events",
-        "3000",
-        "--out",
-        path(&ratings),
-    ]);
-    assert!(out.status.success());
+    let ratings = generate_ratings(dir.path(), 200, 100, 3000);
     let state = dir.path().join("state");
     let out = segmenter(&[
         "replay",
