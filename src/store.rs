@@ -48,6 +48,11 @@ pub enum StoreError {
     },
     #[error("state dir format {found} is not supported (this build reads format {STATE_FORMAT})")]
     Format { found: u32 },
+    #[error(
+        "an earlier write to the state dir failed; nothing more is written (restart once the disk \
+         has room: the state dir resumes at the last successful commit)"
+    )]
+    Failed,
 }
 
 /// The model settings that must not change under an existing state dir.
@@ -74,6 +79,20 @@ pub struct Store {
     path: PathBuf,
     log: std::sync::Mutex<LogState>,
     checkpoint_cells: std::sync::atomic::AtomicU64,
+    /// A write failed (full disk, I/O error): what sled holds in memory can never be made
+    /// durable, and its flush on drop would wait for ever.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            // Keep sled's handles alive past the process's end instead of letting their drop
+            // block on a flush that cannot succeed; the state dir holds every earlier commit.
+            std::mem::forget(self.db.clone());
+            std::mem::forget(self.tree.clone());
+        }
+    }
 }
 
 /// Where the change log stands: the next record number and the cells logged since the last
@@ -165,6 +184,7 @@ impl Store {
             path: path.to_path_buf(),
             log: std::sync::Mutex::new(log),
             checkpoint_cells: std::sync::atomic::AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
+            failed: std::sync::atomic::AtomicBool::new(false),
         };
         match store.get_json::<u32>("format")? {
             Some(f) if f != STATE_FORMAT => return Err(StoreError::Format { found: f }),
@@ -177,6 +197,23 @@ impl Store {
             }
         }
         Ok(store)
+    }
+
+    /// Applies `batch` atomically and flushes it to disk. A failure marks the store failed:
+    /// nothing more is written and dropping it does not block.
+    fn write(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Failed);
+        }
+        let written = self
+            .tree
+            .apply_batch(batch)
+            .and_then(|()| self.db.flush().map(|_| ()));
+        if written.is_err() {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(written?)
     }
 
     pub fn path(&self) -> &Path {
@@ -484,8 +521,7 @@ impl Store {
                 serde_json::to_vec(offsets).unwrap_or_default(),
             );
         }
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.write(batch)?;
         Ok(changes)
     }
 
@@ -495,8 +531,7 @@ impl Store {
         for (item, title) in titles {
             batch.insert(key(b'c', item.as_bytes()), title.as_bytes());
         }
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.write(batch)?;
         Ok(())
     }
 
@@ -544,8 +579,7 @@ impl Store {
             batch.remove(key(b's', &old.to_be_bytes()));
             batch.remove(key(b'a', &old.to_be_bytes()));
         }
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.write(batch)?;
         Ok(())
     }
 

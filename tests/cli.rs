@@ -274,3 +274,111 @@ fn replay_with_more_clusters_than_users_says_so_instead_of_blaming_the_demo() {
     assert!(!text.contains("[demo]"), "{text}");
     assert!(text.contains("100000 users"), "{text}");
 }
+
+/// A size-limited tmpfs mounted for the test (the test command runs as root, as it installs
+/// packages); unmounted however the test ends.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount a {size} tmpfs on {}: the full-disk test needs root (scripts/test.sh)",
+            dir.display()
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "cannot resize the tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_demo_with_exit_1_and_the_cause_and_the_state_dir_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path(), "6m");
+    let state = dir.path().join("state");
+    let mut demo = Command::new(BIN)
+        .args(["run", "--demo", "--state-dir", path(&state)])
+        .env_remove("SEGMENTER_CONFIG")
+        .env("SEGMENTER_HTTP__LISTEN", "127.0.0.1:0")
+        .env("SEGMENTER_DEMO__EVENTS_PER_SECOND", "200000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the demo");
+    let stderr = demo.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    // The stream is endless: only the full disk ends it. A process that hangs instead (the bug
+    // this guards against) is killed after two minutes and fails the test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = demo.kill();
+            let _ = demo.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let lines = reader.join().unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the demo did not exit on a full disk:\n{}",
+            lines.join("\n")
+        )
+    });
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    let last = lines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("No space left on device"),
+        "the cause is reported: {last}"
+    );
+
+    // With room again, the state dir opens whole (every commit before the failure) and the
+    // demo resumes from its last commit.
+    disk.resize("256m");
+    let engine = segmenter::store::Store::open(&state)
+        .expect("open")
+        .load_engine(segmenter::config::Config::default().engine_params())
+        .expect("a readable state dir");
+    assert!(engine.counters().events_applied > 0);
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--demo",
+            "--state-dir",
+            path(&state),
+            "--max-events",
+            "1",
+        ])
+        .env_remove("SEGMENTER_CONFIG")
+        .env("SEGMENTER_HTTP__LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("resume");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+}
