@@ -397,6 +397,38 @@ pub fn assert_same_model(a: &Snapshot, b: &Snapshot) {
     assert!((a.pca.total_variance - b.pca.total_variance).abs() <= 1e-9 * a.pca.total_variance);
 }
 
+/// The latest snapshots of two state dirs (no process holds them) assign the same users to the
+/// same clusters, up to the clusters' names: the same partition, not just the same sizes.
+pub fn assert_same_partition(a: &Path, b: &Path) {
+    let load = |p: &Path| {
+        let store = Store::open(p).expect("open state");
+        let version = store
+            .snapshot_versions()
+            .expect("versions")
+            .last()
+            .copied()
+            .expect("a snapshot");
+        store
+            .assignments(version)
+            .expect("read")
+            .expect("assignments")
+            .into_iter()
+            .collect::<BTreeMap<String, u32>>()
+    };
+    let (la, lb) = (load(a), load(b));
+    assert_eq!(
+        la.keys().collect::<Vec<_>>(),
+        lb.keys().collect::<Vec<_>>(),
+        "the same users are assigned"
+    );
+    let (x, y): (Vec<u32>, Vec<u32>) = la.iter().map(|(u, &c)| (c, lb[u])).unzip();
+    let ari = segmenter::engine::matching::adjusted_rand_index(&x, &y);
+    assert!(
+        ari > 1.0 - 1e-12,
+        "same partition: adjusted Rand index {ari}"
+    );
+}
+
 /// Every user's vector in two state dirs, by user id (exact equality: nothing lost, nothing
 /// counted twice).
 pub fn assert_same_vectors(a: &Path, b: &Path, config: &Config) {
