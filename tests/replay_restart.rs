@@ -1,6 +1,7 @@
 //! File replay through the state dir: a replay interrupted half-way and resumed from the
-//! reopened state dir ends in the same snapshot as one uninterrupted replay (both modes);
-//! replaying a file again never double counts; bad lines are counted and skipped.
+//! reopened state dir ends in the same snapshot as one uninterrupted replay (both modes), also
+//! when the process is killed in the middle of a file; replaying a file again never double
+//! counts; bad lines are counted and skipped.
 
 use std::path::Path;
 
@@ -200,4 +201,99 @@ fn bad_lines_are_counted_with_reasons_and_every_good_line_is_applied() {
     let (b, _) = final_snapshot(&bad);
     assert_eq!(a.counts, b.counts);
     assert_close(&comparable(a)["pca"], &comparable(b)["pca"], "pca");
+}
+
+/// Starts `segmenter replay` of `ratings` into `state`.
+fn replay_process(
+    ratings: &Path,
+    state: &Path,
+    snapshot_out: Option<&Path>,
+) -> std::process::Child {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_segmenter"));
+    command
+        .args(["replay", "--clusters", "8", "--ratings"])
+        .arg(ratings)
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("SEGMENTER_CONFIG")
+        .env("SEGMENTER_MODEL__REFRESH_EVERY_EVENTS", "4000")
+        .env("SEGMENTER_REPLAY__BATCH_SIZE", "2500")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(out) = snapshot_out {
+        command.arg("--snapshot-out").arg(out);
+    }
+    command.spawn().expect("start segmenter replay")
+}
+
+/// Events an earlier, killed replay had already committed, from the resumed replay's summary
+/// `replayed N events (M skipped as already applied)`.
+fn skipped_by(stdout: &str) -> u64 {
+    stdout
+        .split(" events (")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no replay summary in: {stdout}"))
+}
+
+#[test]
+fn a_replay_killed_in_the_middle_of_a_file_resumes_to_the_uninterrupted_result() {
+    const EVENTS: usize = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate(&GeneratorParams {
+        users: 2_000,
+        items: 800,
+        events: EVENTS,
+        segments: 8,
+        seed: 17,
+        ..GeneratorParams::default()
+    })
+    .events;
+    let ratings = dir.path().join("ratings.csv");
+    write_events(&ratings, &events);
+
+    let straight_out = dir.path().join("straight.json");
+    let straight = replay_process(&ratings, &dir.path().join("straight"), Some(&straight_out))
+        .wait_with_output()
+        .unwrap();
+    assert!(straight.status.success());
+
+    // SIGKILL after a delay; the delay adapts until the kill lands between the first commit
+    // and the end of the file (what the resumed run reports, not a guess).
+    let resumed_out = dir.path().join("resumed.json");
+    let mut delay = std::time::Duration::from_millis(300);
+    let mut landed = None;
+    for attempt in 0..12 {
+        let state = dir.path().join(format!("killed-{attempt}"));
+        let mut killed = replay_process(&ratings, &state, None);
+        std::thread::sleep(delay);
+        let _ = killed.kill();
+        let _ = killed.wait();
+        let resumed = replay_process(&ratings, &state, Some(&resumed_out))
+            .wait_with_output()
+            .unwrap();
+        let stdout = format!(
+            "{}{}",
+            String::from_utf8_lossy(&resumed.stdout),
+            String::from_utf8_lossy(&resumed.stderr)
+        );
+        assert!(resumed.status.success(), "{stdout}");
+        let skipped = skipped_by(&stdout);
+        if skipped == 0 {
+            delay *= 2;
+        } else if skipped as usize >= EVENTS {
+            delay /= 2;
+        } else {
+            landed = Some(skipped);
+            break;
+        }
+    }
+    let skipped = landed.expect("a kill landed in the middle of the file within 12 attempts");
+    assert!(skipped > 0 && (skipped as usize) < EVENTS);
+    let read =
+        |p: &Path| -> Snapshot { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let (a, b) = (read(&straight_out), read(&resumed_out));
+    assert_eq!(a.counts, b.counts);
+    assert_close(&comparable(&a), &comparable(&b), "snapshot");
 }
