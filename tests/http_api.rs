@@ -67,6 +67,8 @@ fn every_route_answers_as_documented() {
         "/clusters/{id}",
         "/users/{id}",
         "/openapi.json",
+        "/charts/{file}",
+        "/",
     ] {
         assert!(spec["paths"].get(path).is_some(), "OpenAPI lacks {path}");
     }
@@ -230,4 +232,60 @@ fn every_client_error_is_the_documented_json() {
         );
     }
     drop(service);
+}
+
+/// Resident memory of a process in MiB, from /proc.
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .expect("VmRSS")
+}
+
+#[test]
+fn four_hundred_concurrent_chart_requests_keep_memory_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut service, base) = start_demo(
+        &dir.path().join("state"),
+        &[("SEGMENTER_SNAPSHOT__INTERVAL_MS", "100")],
+        &[],
+    );
+    // Charts read up to 20 stored snapshots each: have that many.
+    service.wait_for(Duration::from_secs(120), |v| {
+        v["fields"]["message"] == "snapshot built" && v["fields"]["version"].as_u64() >= Some(20)
+    });
+    let pid = service.child.id();
+    let before = rss_mib(pid);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..400)
+            .map(|i| {
+                let url = format!(
+                    "{base}/charts/{}.svg",
+                    ["cluster_sizes", "drift", "explained_variance"][i % 3]
+                );
+                scope.spawn(move || match ureq::get(&url).call() {
+                    Ok(r) => r.status(),
+                    Err(ureq::Error::Status(code, _)) => code,
+                    Err(e) => panic!("GET {url}: {e}"),
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let after = rss_mib(pid);
+    eprintln!("RSS before {before} MiB, after {after} MiB");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 503),
+        "every request answered (200, or 503 when it waited too long): {statuses:?}"
+    );
+    assert!(statuses.iter().filter(|&&s| s == 200).count() >= 100);
+    assert!(
+        after <= before + 150,
+        "RSS grew from {before} MiB to {after} MiB under 400 concurrent chart requests"
+    );
 }

@@ -29,6 +29,25 @@ const PAGE: &str = include_str!("page.html");
 /// Snapshots shown by the charts over time.
 const CHART_HISTORY: usize = 20;
 
+/// Requests that read stored snapshots (charts, the snapshot list, an old version) run at most
+/// this many at once; the others wait their turn, so memory stays flat under any load.
+const STORED_READS_IN_FLIGHT: usize = 4;
+/// How long such a request waits for its turn before it is answered 503.
+const STORED_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+static STORED_READS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(STORED_READS_IN_FLIGHT);
+
+/// A turn to read stored snapshots, or the documented 503 when none comes in time.
+async fn stored_read_turn() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    match tokio::time::timeout(STORED_READ_WAIT, STORED_READS.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests for stored snapshots in flight; retry shortly",
+        )),
+    }
+}
+
 /// Longest user id accepted in a path.
 const MAX_ID_BYTES: usize = 256;
 /// Largest `limit` of a cluster profile request.
@@ -276,6 +295,7 @@ async fn chart(
         (None, Some(l)) => l.snapshot.version,
         (None, None) => return Err(ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet")),
     };
+    let _turn = stored_read_turn().await?;
     let store = state.store.clone();
     let history = tokio::task::spawn_blocking(move || store.history(version, CHART_HISTORY))
         .await
@@ -301,6 +321,7 @@ async fn openapi() -> Response {
 }
 
 async fn list_snapshots(State(state): State<Arc<AppState>>) -> ApiResult {
+    let _turn = stored_read_turn().await?;
     let store = state.store.clone();
     let infos = tokio::task::spawn_blocking(move || store.snapshot_infos())
         .await
@@ -332,6 +353,7 @@ async fn snapshot_by_version(
     if let Some(s) = state.latest().filter(|s| s.snapshot.version == version) {
         return Ok(json_bytes(s.snapshot_json.clone()));
     }
+    let _turn = stored_read_turn().await?;
     let store = state.store.clone();
     let found = tokio::task::spawn_blocking(move || store.snapshot(version))
         .await
