@@ -358,7 +358,7 @@ pub async fn run(
             }
             if flush && !pending.offsets.is_empty() {
                 let shutdown_rx = shutdown.clone();
-                summary.rejected += send_batch(&dead_letters, &config, &metrics, &mut pending, &mut letters, &batch_tx, move || *shutdown_rx.borrow()).await?;
+                summary.rejected += send_batch(&dead_letters, &config, &shared, &mut pending, &mut letters, &batch_tx, move || *shutdown_rx.borrow()).await?;
                 batch_started = None;
             }
         }
@@ -374,7 +374,7 @@ pub async fn run(
             summary.rejected += send_batch(
                 &dead_letters,
                 &config,
-                &metrics,
+                &shared,
                 &mut pending,
                 &mut letters,
                 &batch_tx,
@@ -514,12 +514,13 @@ fn on_committed(
 async fn send_batch(
     producer: &FutureProducer,
     config: &Config,
-    metrics: &Metrics,
+    shared: &Shared,
     pending: &mut Batch,
     letters: &mut Vec<DeadLetter>,
     batch_tx: &mpsc::Sender<Batch>,
     give_up: impl Fn() -> bool,
 ) -> anyhow::Result<u64> {
+    let (metrics, health) = (&shared.metrics, &shared.health);
     let rejected = letters.len() as u64;
     if !letters.is_empty() {
         let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -540,8 +541,13 @@ async fn send_batch(
             letters,
             Duration::from_millis(config.kafka.retry_backoff_ms.max(1)),
             give_up,
+            |refused| {
+                metrics.dead_letters_refused.inc_by(refused);
+                health.set_dead_letters_refused(true);
+            },
         )
         .await?;
+        health.set_dead_letters_refused(false);
         for l in letters.iter() {
             metrics.rejected(l.rejection.reason, 1);
         }

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub events_applied: IntCounter,
     pub events_rejected: IntCounterVec,
     pub events_duplicate: IntCounter,
+    pub dead_letters_refused: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub batch_size: Histogram,
     pub batch_apply_seconds: Histogram,
@@ -89,6 +90,10 @@ impl Metrics {
             events_duplicate: counter(
                 "segmenter_events_duplicate_total",
                 "Messages skipped because the state dir already holds their effect (redelivery).",
+            ),
+            dead_letters_refused: counter(
+                "segmenter_dead_letters_refused_total",
+                "Dead-letter deliveries the dead-letter topic refused (each is retried; consumption waits).",
             ),
             consumer_lag: IntGaugeVec::new(
                 Opts::new(
@@ -182,6 +187,7 @@ impl Metrics {
             Box::new(m.events_applied.clone()),
             Box::new(m.events_rejected.clone()),
             Box::new(m.events_duplicate.clone()),
+            Box::new(m.dead_letters_refused.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.batch_apply_seconds.clone()),

@@ -433,3 +433,109 @@ fn a_message_too_big_to_dead_letter_whole_is_cut_and_never_stalls_consumption() 
         );
     }
 }
+
+#[test]
+fn a_dead_letter_topic_that_refuses_letters_is_reported_and_consumption_resumes_when_it_accepts() {
+    use rdkafka::admin::{
+        AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    };
+    use rdkafka::client::DefaultClientContext;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique_topic("refusing");
+    let dlq = format!("{topic}-dlq");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Every letter (headers alone exceed 100 bytes) is too large for this dead-letter topic.
+    let created = runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "100")],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut good = 0u64;
+    for n in 0..300u64 {
+        let user = format!("u{}", n % 30);
+        let value = format!(
+            r#"{{"user":"{user}","item":"i{}","rating":{}}}"#,
+            n % 20,
+            1 + n % 5
+        );
+        producer
+            .send(BaseRecord::to(&topic).key(&user).payload(&value))
+            .unwrap();
+        good += 1;
+        if n == 10 {
+            producer
+                .send(BaseRecord::to(&topic).key("bad").payload("{not json"))
+                .unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let http = free_port();
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
+    env.push(("SEGMENTER_KAFKA__RETRY_BACKOFF_MS".into(), "200".into()));
+    env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "2".into()));
+    env.push(("SEGMENTER_MODEL__COMPONENTS".into(), "2".into()));
+    env.push(("SEGMENTER_MODEL__CURVE_COMPONENTS".into(), "4".into()));
+    env.push(("SEGMENTER_SNAPSHOT__DIAGNOSTICS_K".into(), "[2]".into()));
+    let mut service = Service::start(&env, &["--exit-at-events", &good.to_string()]);
+    service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"]
+            == "the dead-letter topic refuses letters: consumption waits; not ready"
+    });
+    let base = format!("http://127.0.0.1:{http}");
+    let (status, body) = http_get(&format!("{base}/readyz"), None);
+    assert_eq!(status, 503, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["dead_letters_refused"], true, "{body}");
+    let (_, metrics) = http_get(&format!("{base}/metrics"), None);
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("segmenter_dead_letters_refused_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "{metrics}");
+
+    // The operator fixes the topic: the letter goes through and every event is applied.
+    let altered = runtime
+        .block_on(
+            admin.alter_configs(
+                &[AlterConfig::new(ResourceSpecifier::Topic(&dlq))
+                    .set("max.message.bytes", "1048588")],
+                &AdminOptions::new(),
+            ),
+        )
+        .unwrap();
+    assert!(altered.iter().all(|r| r.is_ok()), "{altered:?}");
+    let (code, log) = service.wait_exit(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("dead letters delivered again")),
+        "{}",
+        log.join("\n")
+    );
+    let letters = read_dead_letters(&dlq, 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].header("segmenter.reason"), Some("malformed"));
+    assert_eq!(
+        latest_stored_snapshot(&dir.path().join("state"))
+            .counts
+            .events_applied,
+        good
+    );
+}

@@ -219,6 +219,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "state_open": h.state_open.load(Relaxed),
         "consuming": h.consuming.load(Relaxed),
         "broker_reachable": h.broker_reachable.load(Relaxed),
+        "dead_letters_refused": h.dead_letters_refused.load(Relaxed),
     });
     let status = if ready {
         StatusCode::OK

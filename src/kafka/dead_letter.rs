@@ -94,12 +94,14 @@ impl DeadLetter {
 
 /// Delivers every letter, retrying with exponential backoff until all are acknowledged by the
 /// broker or `give_up` returns true (then an error: the batch must not be committed).
+/// `on_refused` hears of every round in which some letters were not delivered.
 pub async fn deliver_all(
     producer: &FutureProducer,
     topic: &str,
     letters: &[DeadLetter],
     first_backoff: Duration,
     give_up: impl Fn() -> bool,
+    on_refused: impl Fn(u64),
 ) -> anyhow::Result<()> {
     let mut pending: Vec<&DeadLetter> = letters.iter().collect();
     let mut backoff = first_backoff;
@@ -141,6 +143,7 @@ pub async fn deliver_all(
         }
         pending = failed;
         if !pending.is_empty() {
+            on_refused(pending.len() as u64);
             tracing::warn!(
                 count = pending.len(),
                 "dead letters not delivered; retrying"

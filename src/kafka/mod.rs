@@ -73,6 +73,9 @@ pub struct Health {
     pub state_open: AtomicBool,
     pub consuming: AtomicBool,
     pub broker_reachable: AtomicBool,
+    /// The dead-letter topic refuses the current batch's letters: consumption waits (a bad
+    /// event is never dropped) and the service is not ready until they are delivered.
+    pub dead_letters_refused: AtomicBool,
 }
 
 impl Health {
@@ -80,6 +83,16 @@ impl Health {
         self.state_open.load(Ordering::Relaxed)
             && self.consuming.load(Ordering::Relaxed)
             && self.broker_reachable.load(Ordering::Relaxed)
+            && !self.dead_letters_refused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_dead_letters_refused(&self, refused: bool) {
+        let was = self.dead_letters_refused.swap(refused, Ordering::Relaxed);
+        if !was && refused {
+            tracing::error!("the dead-letter topic refuses letters: consumption waits; not ready");
+        } else if was && !refused {
+            tracing::info!("dead letters delivered again");
+        }
     }
 
     pub fn set_broker_reachable(&self, reachable: bool) {
