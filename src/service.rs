@@ -170,8 +170,10 @@ pub async fn run(
         );
         let offsets = store.offsets()?;
         let engine_events = engine.counters().events_applied;
-        spawn_snapshot(&config, &store, &engine, &offsets, &shared)?
-            .join()
+        // Joined off the async runtime, which keeps serving HTTP meanwhile.
+        let snapshot = spawn_snapshot(&config, &store, &engine, &offsets, &shared)?;
+        tokio::task::spawn_blocking(move || snapshot.join())
+            .await?
             .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
         let _ = http_stop.send(true);
         let _ = http_server.await;

@@ -34,6 +34,11 @@ fn kafka_run_ends_in_the_same_snapshot_as_replay() {
         from_kafka.offsets
     );
     assert_eq!(from_kafka.offsets.values().sum::<i64>(), EVENTS as i64);
+
+    // Started again with its target already reached, it only takes a final snapshot.
+    let again = run_to_completion(&env, EVENTS);
+    assert_eq!(again.version, from_kafka.version + 1);
+    assert_eq!(again.counts, from_kafka.counts);
 }
 
 #[test]
