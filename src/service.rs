@@ -789,9 +789,17 @@ fn spawn_items_reader(
     consumer.subscribe(&[&kafka.items_topic])?;
     let topic = kafka.items_topic.clone();
     tokio::spawn(async move {
+        // Titles are stored in batches, off the async runtime: one sled write and flush per
+        // batch, not per record.
+        let mut pending: Vec<(String, String)> = vec![];
+        let mut flush_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                _ = sleep_until_opt(flush_at), if flush_at.is_some() => {
+                    store_titles(&store, &mut pending).await;
+                    flush_at = None;
+                }
                 m = consumer.recv() => {
                     let Ok(m) = m else { continue };
                     let parsed = m.payload().and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
@@ -803,8 +811,12 @@ fn spawn_items_reader(
                     let title = parsed.as_ref().and_then(|v| v["title"].as_str().map(str::to_string));
                     match (item, title) {
                         (Some(item), Some(title)) => {
-                            if let Err(e) = store.put_titles(&[(item, title)]) {
-                                tracing::error!(%e, "cannot store a catalogue title");
+                            pending.push((item, title));
+                            if pending.len() >= TITLES_PER_WRITE {
+                                store_titles(&store, &mut pending).await;
+                                flush_at = None;
+                            } else if flush_at.is_none() {
+                                flush_at = Some(tokio::time::Instant::now() + TITLES_LINGER);
                             }
                         }
                         _ => tracing::warn!(topic = %topic, offset = m.offset(), "catalogue record skipped: expected {{\"item\": ..., \"title\": ...}}"),
@@ -812,8 +824,26 @@ fn spawn_items_reader(
                 }
             }
         }
+        store_titles(&store, &mut pending).await;
     });
     Ok(())
+}
+
+/// Catalogue records stored per write, and how long a partial batch waits.
+const TITLES_PER_WRITE: usize = 1_000;
+const TITLES_LINGER: Duration = Duration::from_millis(200);
+
+async fn store_titles(store: &Arc<Store>, pending: &mut Vec<(String, String)>) {
+    if pending.is_empty() {
+        return;
+    }
+    let titles = std::mem::take(pending);
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.put_titles(&titles)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(%e, "cannot store catalogue titles"),
+        Err(e) => tracing::error!(%e, "catalogue write task failed"),
+    }
 }
 
 #[cfg(test)]

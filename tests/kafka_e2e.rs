@@ -544,3 +544,71 @@ fn a_dead_letter_topic_that_refuses_letters_is_reported_and_consumption_resumes_
         good
     );
 }
+
+#[test]
+fn titles_from_the_items_topic_reach_the_cluster_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("ratings.csv");
+    let items = dir.path().join("items.csv");
+    succeed(
+        std::process::Command::new(BIN)
+            .args([
+                "generate", "--users", "200", "--items", "120", "--events", "4000",
+            ])
+            .args(["--segments", "4", "--out"])
+            .arg(&ratings)
+            .arg("--items-out")
+            .arg(&items),
+    );
+    let topic = unique_topic("titled");
+    let items_topic = format!("{topic}-items");
+    succeed(
+        std::process::Command::new(BIN)
+            .args(["produce", "--brokers", &brokers(), "--topic", &topic])
+            .args(["--partitions", "2", "--ratings"])
+            .arg(&ratings)
+            .arg("--items")
+            .arg(&items)
+            .args(["--items-topic", &items_topic]),
+    );
+    let http = free_port();
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
+    env.push(("SEGMENTER_KAFKA__ITEMS_TOPIC".into(), items_topic));
+    env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "300".into()));
+    env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "4".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(4_000, Duration::from_secs(120));
+    // Titles arrive on their own topic; a later snapshot carries them.
+    let url = format!("http://127.0.0.1:{http}/clusters/0?limit=5");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let titled = loop {
+        let (status, body) = http_get(&url, None);
+        if status == 200 {
+            let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let top = cluster["top_items"].as_array().cloned().unwrap_or_default();
+            if !top.is_empty() && top.iter().all(|t| t["title"].is_string()) {
+                break top;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "titles never reached the profiles: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let catalogue = std::fs::read_to_string(&items).unwrap();
+    for item in &titled {
+        let id = item["item"].as_str().unwrap();
+        let title = item["title"].as_str().unwrap();
+        assert!(
+            catalogue
+                .lines()
+                .any(|l| l.starts_with(&format!("{id},")) && l.contains(title)),
+            "{id} is titled {title} in the catalogue"
+        );
+    }
+    service.signal("-TERM");
+    let (code, _) = service.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
