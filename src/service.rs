@@ -48,6 +48,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub serving: ServingSlot,
+    /// Bumped whenever catalogue titles are stored: profiles show titles, so a changed
+    /// catalogue is a reason for a new snapshot even when no event came.
+    pub catalogue_version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -222,7 +225,12 @@ pub async fn run(
         .create()
         .context("cannot create the dead-letter producer")?;
     if !kafka.items_topic.is_empty() {
-        spawn_items_reader(&config, store.clone(), shutdown.clone())?;
+        spawn_items_reader(
+            &config,
+            store.clone(),
+            shared.catalogue_version.clone(),
+            shutdown.clone(),
+        )?;
     }
     spawn_broker_probe(
         consumer.clone(),
@@ -602,6 +610,7 @@ fn engine_worker(
             None
         };
     // Events applied when the last snapshot was taken: no new snapshot without new data.
+    let mut snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
     let mut snapshotted_events = if snapshot_thread.is_some() {
         engine.counters().events_applied
     } else {
@@ -667,7 +676,9 @@ fn engine_worker(
                 last_refresh = Instant::now();
             }
             let idle = snapshot_thread.as_ref().is_none_or(|t| t.is_finished());
-            let changed = engine.counters().events_applied != snapshotted_events;
+            let catalogue = shared.catalogue_version.load(Ordering::Relaxed);
+            let changed = engine.counters().events_applied != snapshotted_events
+                || (catalogue != snapshotted_catalogue && engine.active_users() > 0);
             if idle && changed && last_snapshot.elapsed() >= snapshot_every {
                 if let Some(t) = snapshot_thread.take() {
                     t.join()
@@ -677,6 +688,7 @@ fn engine_worker(
                     Some(spawn_snapshot(&config, &store, &engine, &offsets, &shared)?);
                 last_snapshot = Instant::now();
                 snapshotted_events = engine.counters().events_applied;
+                snapshotted_catalogue = catalogue;
             }
         }
         Ok(())
@@ -777,6 +789,7 @@ fn spawn_broker_probe(
 fn spawn_items_reader(
     config: &Config,
     store: Arc<Store>,
+    catalogue_version: Arc<std::sync::atomic::AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let kafka = &config.kafka;
@@ -797,7 +810,7 @@ fn spawn_items_reader(
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = sleep_until_opt(flush_at), if flush_at.is_some() => {
-                    store_titles(&store, &mut pending).await;
+                    store_titles(&store, &catalogue_version, &mut pending).await;
                     flush_at = None;
                 }
                 m = consumer.recv() => {
@@ -813,7 +826,7 @@ fn spawn_items_reader(
                         (Some(item), Some(title)) => {
                             pending.push((item, title));
                             if pending.len() >= TITLES_PER_WRITE {
-                                store_titles(&store, &mut pending).await;
+                                store_titles(&store, &catalogue_version, &mut pending).await;
                                 flush_at = None;
                             } else if flush_at.is_none() {
                                 flush_at = Some(tokio::time::Instant::now() + TITLES_LINGER);
@@ -824,7 +837,7 @@ fn spawn_items_reader(
                 }
             }
         }
-        store_titles(&store, &mut pending).await;
+        store_titles(&store, &catalogue_version, &mut pending).await;
     });
     Ok(())
 }
@@ -833,14 +846,20 @@ fn spawn_items_reader(
 const TITLES_PER_WRITE: usize = 1_000;
 const TITLES_LINGER: Duration = Duration::from_millis(200);
 
-async fn store_titles(store: &Arc<Store>, pending: &mut Vec<(String, String)>) {
+async fn store_titles(
+    store: &Arc<Store>,
+    catalogue_version: &std::sync::atomic::AtomicU64,
+    pending: &mut Vec<(String, String)>,
+) {
     if pending.is_empty() {
         return;
     }
     let titles = std::mem::take(pending);
     let store = store.clone();
     match tokio::task::spawn_blocking(move || store.put_titles(&titles)).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => {
+            catalogue_version.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Err(e)) => tracing::error!(%e, "cannot store catalogue titles"),
         Err(e) => tracing::error!(%e, "catalogue write task failed"),
     }

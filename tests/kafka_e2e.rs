@@ -546,7 +546,9 @@ fn a_dead_letter_topic_that_refuses_letters_is_reported_and_consumption_resumes_
 }
 
 #[test]
-fn titles_from_the_items_topic_reach_the_cluster_profiles() {
+fn titles_arriving_after_the_events_reach_the_cluster_profiles() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
     let dir = tempfile::tempdir().unwrap();
     let ratings = dir.path().join("ratings.csv");
     let items = dir.path().join("items.csv");
@@ -562,24 +564,51 @@ fn titles_from_the_items_topic_reach_the_cluster_profiles() {
     );
     let topic = unique_topic("titled");
     let items_topic = format!("{topic}-items");
+    // The catalogue topic exists, empty, when the service starts.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(&items_topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    produce(&topic, 2, &ratings);
+    let http = free_port();
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
+    env.push(("SEGMENTER_KAFKA__ITEMS_TOPIC".into(), items_topic.clone()));
+    env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "300".into()));
+    env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "4".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for(Duration::from_secs(120), |v| {
+        v["fields"]["message"] == "snapshot built" && v["fields"]["events_applied"] == 4_000
+    });
+    // Only now does the catalogue arrive: no new event comes, yet a new snapshot shows it.
+    let header_only = dir.path().join("none.csv");
+    std::fs::write(&header_only, "user,item,rating,ts\n").unwrap();
     succeed(
         std::process::Command::new(BIN)
-            .args(["produce", "--brokers", &brokers(), "--topic", &topic])
-            .args(["--partitions", "2", "--ratings"])
-            .arg(&ratings)
+            .args([
+                "produce",
+                "--brokers",
+                &brokers(),
+                "--topic",
+                &topic,
+                "--ratings",
+            ])
+            .arg(&header_only)
             .arg("--items")
             .arg(&items)
             .args(["--items-topic", &items_topic]),
     );
-    let http = free_port();
-    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
-    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
-    env.push(("SEGMENTER_KAFKA__ITEMS_TOPIC".into(), items_topic));
-    env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "300".into()));
-    env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "4".into()));
-    let mut service = Service::start(&env, &[]);
-    service.wait_for_applied(4_000, Duration::from_secs(120));
-    // Titles arrive on their own topic; a later snapshot carries them.
     let url = format!("http://127.0.0.1:{http}/clusters/0?limit=5");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let titled = loop {
