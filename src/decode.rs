@@ -570,14 +570,25 @@ pub fn decode_catalogue(bytes: &[u8]) -> (Vec<(String, String)>, u64) {
     } else {
         b','
     };
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    for (i, record) in reader.records().enumerate() {
+    // One record per line: a quote left open on one line must not swallow the lines after it
+    // (catalogue titles never span lines), so such a line is counted bad on its own.
+    let records = text.lines().map(|line| {
+        if line.matches('"').count() % 2 == 1 {
+            return None;
+        }
+        csv::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(line.as_bytes())
+            .records()
+            .next()
+            .unwrap_or_else(|| Ok(csv::StringRecord::new()))
+            .ok()
+    });
+    for (i, record) in records.enumerate() {
         match record {
-            Ok(r) if r.len() >= 2 => {
+            Some(r) if r.len() >= 2 => {
                 let id = r[0].trim();
                 if i == 0
                     && ITEM_COLUMNS.contains(&id.to_ascii_lowercase().as_str())
@@ -591,7 +602,7 @@ pub fn decode_catalogue(bytes: &[u8]) -> (Vec<(String, String)>, u64) {
                     items.push((id.to_string(), r[1].trim().to_string()));
                 }
             }
-            Ok(r) if r.len() == 1 && r[0].trim().is_empty() => {}
+            Some(r) if r.len() <= 1 && r.iter().all(|f| f.trim().is_empty()) => {}
             _ => bad += 1,
         }
     }
@@ -601,6 +612,21 @@ pub fn decode_catalogue(bytes: &[u8]) -> (Vec<(String, String)>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unterminated_quote_in_a_catalogue_costs_one_line_not_the_ones_after_it() {
+        let mut text = String::from("item,title\n1,Toy Story (1995)\n2,\"Broken (1996)\n");
+        for i in 3..103 {
+            text.push_str(&format!("{i},Title {i}\n"));
+        }
+        let (items, bad) = decode_catalogue(text.as_bytes());
+        assert_eq!(bad, 1, "only the line with the open quote");
+        assert_eq!(items.len(), 101);
+        assert_eq!(items[0], ("1".to_string(), "Toy Story (1995)".to_string()));
+        assert_eq!(items[1], ("3".to_string(), "Title 3".to_string()));
+        let (quoted, bad) = decode_catalogue(b"7,\"Seven, the film\"\n");
+        assert_eq!((quoted[0].1.as_str(), bad), ("Seven, the film", 0));
+    }
 
     #[test]
     fn a_byte_order_mark_is_not_part_of_the_first_record() {
