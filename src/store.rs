@@ -123,6 +123,14 @@ fn meta(name: &str) -> Vec<u8> {
     key(b'm', name.as_bytes())
 }
 
+/// The sequence number of a log record's key (`l/…` cells, `k/…` labels).
+fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(2..10)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(key, "bad log key"))
+}
+
 fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -161,22 +169,12 @@ impl Store {
         let mut log = LogState::default();
         for entry in tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
-            let seq = u64::from_be_bytes(
-                k.get(2..10)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| corrupt(&k, "bad log key"))?,
-            );
-            log.next_seq = log.next_seq.max(seq + 1);
+            log.next_seq = log.next_seq.max(log_sequence(&k)? + 1);
             log.cells += (v.len() / LOG_CELL_BYTES) as u64;
         }
         for entry in tree.scan_prefix(b"k/") {
             let (k, _) = entry?;
-            let seq = u64::from_be_bytes(
-                k.get(2..10)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| corrupt(&k, "bad label log key"))?,
-            );
-            log.next_label_seq = log.next_label_seq.max(seq + 1);
+            log.next_label_seq = log.next_label_seq.max(log_sequence(&k)? + 1);
         }
         let store = Store {
             db,

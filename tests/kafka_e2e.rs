@@ -355,30 +355,11 @@ fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_fla
 
 #[test]
 fn a_message_too_big_to_dead_letter_whole_is_cut_and_never_stalls_consumption() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     let dir = tempfile::tempdir().unwrap();
     let topic = unique_topic("huge");
     let dlq = format!("{topic}-dlq");
     // The topic takes 5 MB messages; a 2 MB event exceeds every producer's default limit.
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = runtime
-        .block_on(
-            admin.create_topics(
-                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
-                    .set("max.message.bytes", "5242880")],
-                &AdminOptions::new(),
-            ),
-        )
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    create_topic(&topic, 2, &[("max.message.bytes", "5242880")]);
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("message.max.bytes", "5242880")
@@ -441,29 +422,11 @@ fn a_message_too_big_to_dead_letter_whole_is_cut_and_never_stalls_consumption() 
 
 #[test]
 fn a_dead_letter_topic_that_refuses_letters_is_reported_and_consumption_resumes_when_it_accepts() {
-    use rdkafka::admin::{
-        AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
-    };
-    use rdkafka::client::DefaultClientContext;
     let dir = tempfile::tempdir().unwrap();
     let topic = unique_topic("refusing");
     let dlq = format!("{topic}-dlq");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     // Every letter (headers alone exceed 100 bytes) is too large for this dead-letter topic.
-    let created = runtime
-        .block_on(admin.create_topics(
-            &[NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "100")],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    create_topic(&dlq, 1, &[("max.message.bytes", "100")]);
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
@@ -516,16 +479,7 @@ fn a_dead_letter_topic_that_refuses_letters_is_reported_and_consumption_resumes_
     assert!(refused >= 1.0, "{metrics}");
 
     // The operator fixes the topic: the letter goes through and every event is applied.
-    let altered = runtime
-        .block_on(
-            admin.alter_configs(
-                &[AlterConfig::new(ResourceSpecifier::Topic(&dlq))
-                    .set("max.message.bytes", "1048588")],
-                &AdminOptions::new(),
-            ),
-        )
-        .unwrap();
-    assert!(altered.iter().all(|r| r.is_ok()), "{altered:?}");
+    alter_topic(&dlq, &[("max.message.bytes", "1048588")]);
     let (code, log) = service.wait_exit(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{}", log.join("\n"));
     assert!(
@@ -547,8 +501,6 @@ fn a_dead_letter_topic_that_refuses_letters_is_reported_and_consumption_resumes_
 
 #[test]
 fn titles_arriving_after_the_events_reach_the_cluster_profiles() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     let dir = tempfile::tempdir().unwrap();
     let ratings = dir.path().join("ratings.csv");
     let items = dir.path().join("items.csv");
@@ -565,21 +517,7 @@ fn titles_arriving_after_the_events_reach_the_cluster_profiles() {
     let topic = unique_topic("titled");
     let items_topic = format!("{topic}-items");
     // The catalogue topic exists, empty, when the service starts.
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = runtime
-        .block_on(admin.create_topics(
-            &[NewTopic::new(&items_topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    create_topic(&items_topic, 1, &[]);
     produce(&topic, 2, &ratings);
     let http = free_port();
     let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);

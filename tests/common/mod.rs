@@ -97,6 +97,50 @@ pub fn produce(topic: &str, partitions: i32, ratings: &Path) {
     );
 }
 
+/// An admin client of the test broker and a runtime to await its requests on.
+fn admin() -> (
+    rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    tokio::runtime::Runtime,
+) {
+    let client = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (client, runtime)
+}
+
+/// Creates `topic` with `partitions` and topic-level `configs`; panics unless it is created.
+pub fn create_topic(topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        new = new.set(key, value);
+    }
+    let (client, runtime) = admin();
+    let created = runtime
+        .block_on(client.create_topics([&new], &AdminOptions::new()))
+        .expect("create topics");
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+}
+
+/// Sets topic-level `configs` of an existing `topic`; panics unless it is altered.
+pub fn alter_topic(topic: &str, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (key, value) in configs {
+        change = change.set(key, value);
+    }
+    let (client, runtime) = admin();
+    let altered = runtime
+        .block_on(client.alter_configs([&change], &AdminOptions::new()))
+        .expect("alter configs");
+    assert!(altered.iter().all(|r| r.is_ok()), "{altered:?}");
+}
+
 /// A message read back from a dead-letter topic.
 #[derive(Debug, Clone)]
 pub struct Letter {
