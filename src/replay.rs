@@ -171,15 +171,14 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         phases.apply += applying.elapsed().as_secs_f64() - refreshing;
         applied += outcome.applied;
         for &(i, reason) in &outcome.rejected {
-            let detail = match reason {
-                RejectReason::CatalogueFull => format!(
-                    "item `{}` is new and the catalogue already holds [model] max_items = {} items",
-                    batch[i].item, config.model.max_items
-                ),
-                other => other.label().to_string(),
+            let rejection = match reason {
+                RejectReason::CatalogueFull => {
+                    crate::engine::catalogue_full(batch[i].item, config.model.max_items)
+                }
+                other => Rejection::new(other, other.label()),
             };
             // Numbered by position in time order (the file is replayed sorted by timestamp).
-            rejected.record((position + i + 1) as u64, &Rejection::new(reason, detail));
+            rejected.record((position + i + 1) as u64, &rejection);
         }
         for r in &outcome.refreshes {
             tracing::debug!(

@@ -121,14 +121,18 @@ impl CatalogueGate {
             self.known.insert(item.to_string());
             return Ok(());
         }
-        Err(crate::event::Rejection::new(
-            RejectReason::CatalogueFull,
-            format!(
-                "item `{item}` is new and the catalogue already holds [model] max_items = {} items",
-                self.max_items
-            ),
-        ))
+        Err(catalogue_full(item, self.max_items))
     }
+}
+
+/// The rejection of an event for a new `item` once the catalogue holds `max_items` items.
+pub fn catalogue_full(item: &str, max_items: usize) -> crate::event::Rejection {
+    crate::event::Rejection::new(
+        RejectReason::CatalogueFull,
+        format!(
+            "item `{item}` is new and the catalogue already holds [model] max_items = {max_items} items"
+        ),
+    )
 }
 
 /// Model and schedule settings (checked by the config layer).
