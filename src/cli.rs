@@ -1,11 +1,13 @@
 //! Command-line interface: argument parsing and dispatch to the library. Exit codes: 0 success,
 //! 1 runtime failure (I/O, state), 2 bad usage or configuration.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::bench;
@@ -564,16 +566,41 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
                 mode,
                 ..GeneratorParams::default()
             };
-            let data = generator::generate(&params);
-            let mut file = std::fs::File::create(&out)?;
-            match FileFormat::guess(&out) {
-                FileFormat::Json => generator::write_json_lines(&data.events, &mut file)?,
-                _ => generator::write_csv(&data.events, &mut file)?,
+            // Streamed to the file: a 100M-event file never sits in memory.
+            let file = std::fs::File::create(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let json = matches!(FileFormat::guess(&out), FileFormat::Json);
+            if !json {
+                writeln!(w, "user,item,rating,ts")?;
             }
+            let mut written = 0u64;
+            let mut failure: Option<std::io::Error> = None;
+            let (truth, catalogue) = generator::generate_into(&params, |e| {
+                if failure.is_some() {
+                    return;
+                }
+                let result = if json {
+                    generator::write_json_line(&e, &mut w)
+                } else {
+                    generator::write_csv_line(&e, &mut w)
+                };
+                match result {
+                    Ok(()) => written += 1,
+                    Err(e) => failure = Some(e),
+                }
+            });
+            if let Some(e) = failure {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot write {}", out.display()))
+                );
+            }
+            w.flush()
+                .with_context(|| format!("cannot write {}", out.display()))?;
             if let Some(path) = truth_out {
                 let mut w = csv::Writer::from_path(path)?;
                 w.write_record(["user", "segment"])?;
-                for (u, s) in &data.truth {
+                for (u, s) in &truth {
                     w.write_record([u.as_str(), &s.to_string()])?;
                 }
                 w.flush()?;
@@ -581,12 +608,12 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
             if let Some(path) = items_out {
                 let mut w = csv::Writer::from_path(path)?;
                 w.write_record(["item", "title"])?;
-                for (i, t) in &data.catalogue {
+                for (i, t) in &catalogue {
                     w.write_record([i.as_str(), t.as_str()])?;
                 }
                 w.flush()?;
             }
-            eprintln!("wrote {} events to {}", data.events.len(), out.display());
+            eprintln!("wrote {written} events to {}", out.display());
             Ok(())
         }
         Command::Bench {

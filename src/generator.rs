@@ -97,6 +97,24 @@ impl Weighted {
 }
 
 pub fn generate(params: &GeneratorParams) -> GeneratedData {
+    let mut events = Vec::with_capacity(params.events);
+    let (truth, catalogue) = generate_into(params, |e| events.push(e));
+    GeneratedData {
+        events,
+        truth,
+        catalogue,
+    }
+}
+
+/// Planted truth (user → segment, users with at least one event) and catalogue (item → title).
+pub type TruthAndCatalogue = (Vec<(String, u32)>, Vec<(String, String)>);
+
+/// [`generate`], handing each event to `sink` in time order instead of keeping them: what
+/// a 100M-event file needs (the events alone would take about 14 GB in memory).
+pub fn generate_into(
+    params: &GeneratorParams,
+    mut sink: impl FnMut(RatingEvent),
+) -> TruthAndCatalogue {
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let segments = params.segments.max(1);
     // Popularity rank of each item is a random permutation so that segments share the head.
@@ -134,7 +152,6 @@ pub fn generate(params: &GeneratorParams) -> GeneratedData {
         );
     }
     let mut rated: Vec<Vec<u32>> = vec![vec![]; params.users];
-    let mut events = Vec::with_capacity(params.events);
     let mut ts = params.start_ts;
     for _ in 0..params.events {
         // Some events share a timestamp, as in real logs.
@@ -170,7 +187,7 @@ pub fn generate(params: &GeneratorParams) -> GeneratedData {
         if !rated[u].contains(&(item as u32)) {
             rated[u].push(item as u32);
         }
-        events.push(RatingEvent {
+        sink(RatingEvent {
             user: user_id(u),
             item: item_id(item),
             value: Some(value),
@@ -187,11 +204,24 @@ pub fn generate(params: &GeneratorParams) -> GeneratedData {
             (item_id(i), format!("Item {i} (segment {owner})"))
         })
         .collect();
-    GeneratedData {
-        events,
-        truth,
-        catalogue,
+    (truth, catalogue)
+}
+
+/// Writes one event as a CSV line of `user,item,rating,ts` (empty rating = retraction).
+pub fn write_csv_line(e: &RatingEvent, w: &mut impl Write) -> std::io::Result<()> {
+    match e.value {
+        Some(v) => writeln!(w, "{},{},{},{}", e.user, e.item, v, e.ts),
+        None => writeln!(w, "{},{},,{}", e.user, e.item, e.ts),
     }
+}
+
+/// Writes one event as a JSON line, the Kafka message format.
+pub fn write_json_line(e: &RatingEvent, w: &mut impl Write) -> std::io::Result<()> {
+    serde_json::to_writer(
+        &mut *w,
+        &serde_json::json!({"user": e.user, "item": e.item, "rating": e.value, "ts": e.ts}),
+    )?;
+    writeln!(w)
 }
 
 /// Writes events as CSV with the header `user,item,rating,ts` (empty rating = retraction).
@@ -199,10 +229,7 @@ pub fn write_csv(events: &[RatingEvent], out: &mut impl Write) -> std::io::Resul
     let mut w = std::io::BufWriter::new(out);
     writeln!(w, "user,item,rating,ts")?;
     for e in events {
-        match e.value {
-            Some(v) => writeln!(w, "{},{},{},{}", e.user, e.item, v, e.ts)?,
-            None => writeln!(w, "{},{},,{}", e.user, e.item, e.ts)?,
-        }
+        write_csv_line(e, &mut w)?;
     }
     w.flush()
 }
@@ -211,11 +238,7 @@ pub fn write_csv(events: &[RatingEvent], out: &mut impl Write) -> std::io::Resul
 pub fn write_json_lines(events: &[RatingEvent], out: &mut impl Write) -> std::io::Result<()> {
     let mut w = std::io::BufWriter::new(out);
     for e in events {
-        serde_json::to_writer(
-            &mut w,
-            &serde_json::json!({"user": e.user, "item": e.item, "rating": e.value, "ts": e.ts}),
-        )?;
-        writeln!(w)?;
+        write_json_line(e, &mut w)?;
     }
     w.flush()
 }

@@ -26,7 +26,7 @@ fn stream(round: u64) -> GeneratorParams {
 
 /// User id → snapshot label.
 fn snapshot_labels(engine: &Engine) -> HashMap<String, u32> {
-    let model = engine.snapshot_model().expect("a snapshot model");
+    let model = engine.snapshot_model(true).expect("a snapshot model");
     engine
         .users()
         .ids()

@@ -208,8 +208,9 @@ impl EngineParams {
         }
     }
 
-    /// Eigen solve settings; `with_curve` also converges the diagnostics curve's eigenvalues.
-    fn eigen(&self, seed: u64, with_curve: bool) -> EigenParams {
+    /// Eigen solve settings: a snapshot's (to `eigen_tolerance`, with the diagnostics curve's
+    /// eigenvalues when `with_curve`) or a periodic refresh's (`refresh_eigen_tolerance`).
+    fn eigen(&self, seed: u64, snapshot: bool, with_curve: bool) -> EigenParams {
         EigenParams {
             vectors: self.components,
             values: if with_curve {
@@ -218,12 +219,12 @@ impl EngineParams {
                 self.components
             },
             oversample: self.eigen_oversample,
-            tolerance: if with_curve {
+            tolerance: if snapshot {
                 self.eigen_tolerance
             } else {
                 self.refresh_eigen_tolerance
             },
-            max_iterations: if with_curve {
+            max_iterations: if snapshot {
                 self.eigen_max_iterations
             } else {
                 self.refresh_max_iterations
@@ -464,7 +465,7 @@ impl Engine {
         }
         self.counters.refreshes += 1;
         let seed = self.params.seed ^ self.counters.refreshes.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let eigen = self.params.eigen(seed, false);
+        let eigen = self.params.eigen(seed, false, false);
         let first = !self.model.is_clustered();
         let clustering = ClusteringParams {
             k: self.params.clusters,
@@ -499,8 +500,10 @@ impl Engine {
     /// the online clustering polished by Lloyd to convergence, replaced only by a clearly better
     /// one of `snapshot_kmeans_starts` fresh k-means++ starts (run on a sample, polished on
     /// everyone); ids matched to the online clustering. The engine itself is not changed, so
-    /// when snapshots are taken never alters the online trajectory.
-    pub fn snapshot_model(&self) -> Option<Model> {
+    /// when snapshots are taken never alters the online trajectory. `with_curve` also settles
+    /// the diagnostics curve's further eigenvalues (`curve_components`), which costs most of
+    /// the solve on a flat spectrum tail: only snapshots that report diagnostics ask for it.
+    pub fn snapshot_model(&self, with_curve: bool) -> Option<Model> {
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
         }
@@ -517,7 +520,7 @@ impl Engine {
             // Warm from the online basis: the solve converges to `eigen_tolerance` whatever it
             // starts from, so the result depends on today's data only, and starts close.
             true,
-            &self.params.eigen(self.params.seed, true),
+            &self.params.eigen(self.params.seed, true, with_curve),
             &ClusteringParams {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::kmeans::{self, ClusteringParams, DensePoints, Points};
+use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
 use crate::engine::{Engine, Model, NO_CLUSTER, SparseVec};
 use crate::event::Mode;
@@ -195,7 +195,7 @@ pub fn build_with_model(
     params: &SnapshotParams,
     input: BuildInput<'_>,
 ) -> Option<Built> {
-    let model = engine.snapshot_model()?;
+    let model = engine.snapshot_model(input.with_diagnostics)?;
     if !model.is_clustered() {
         return None;
     }
@@ -338,43 +338,91 @@ pub fn build_from_model(
     (snapshot, assignments)
 }
 
-/// Sparse rating vectors as K-Means points (distances via `‖x‖² − 2x·c + ‖c‖²`).
-struct SparsePoints<'a> {
-    rows: Vec<&'a SparseVec>,
-    norms: Vec<f64>,
-    dim: usize,
-}
+/// Lloyd passes at most for a full-data inertia in the diagnostics, started from the best
+/// projected clustering of the same k (it is close already: usually 2-5 passes suffice).
+const FULL_DIAGNOSTIC_PASSES: usize = 20;
 
-impl Points for SparsePoints<'_> {
-    fn len(&self) -> usize {
-        self.rows.len()
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn distance2(&self, i: usize, centroid: &[f64], centroid_norm2: f64) -> f64 {
-        let dot: f64 = self.rows[i]
-            .iter()
-            .map(|(j, v)| v * centroid[j as usize])
-            .sum();
-        (self.norms[i] - 2.0 * dot + centroid_norm2).max(0.0)
-    }
-    fn add_to(&self, i: usize, acc: &mut [f64]) {
-        for (j, v) in self.rows[i].iter() {
-            acc[j as usize] += v;
+/// K-Means inertia of sparse rating rows, by Lloyd from the clustering `labels` (all `< k`) until
+/// no label changes or `max_passes`. Centroids are kept item-major (`d x k`) so one sweep over a
+/// row's ratings gives its dot product with every centroid. A cluster that empties keeps its
+/// last centroid (it stays available to the next pass).
+fn sparse_lloyd_inertia(
+    rows: &[&SparseVec],
+    norms: &[f64],
+    d: usize,
+    k: usize,
+    mut labels: Vec<u32>,
+    max_passes: usize,
+) -> f64 {
+    let mut centroids = vec![0.0; d * k];
+    let mut centroid_norms = vec![0.0; k];
+    let mut dots = vec![0.0; k];
+    let update = |labels: &[u32], centroids: &mut [f64], centroid_norms: &mut [f64]| {
+        let mut sums = vec![0.0; d * k];
+        let mut sizes = vec![0u64; k];
+        for (x, &l) in rows.iter().zip(labels) {
+            let l = l as usize;
+            sizes[l] += 1;
+            for (j, v) in x.iter() {
+                sums[j as usize * k + l] += v;
+            }
         }
+        for j in 0..d {
+            for c in 0..k {
+                if sizes[c] > 0 {
+                    centroids[j * k + c] = sums[j * k + c] / sizes[c] as f64;
+                }
+            }
+        }
+        centroid_norms.iter_mut().for_each(|n| *n = 0.0);
+        for j in 0..d {
+            for c in 0..k {
+                centroid_norms[c] += centroids[j * k + c] * centroids[j * k + c];
+            }
+        }
+    };
+    update(&labels, &mut centroids, &mut centroid_norms);
+    for _ in 0..max_passes {
+        let mut changed = false;
+        for ((x, norm), label) in rows.iter().zip(norms).zip(labels.iter_mut()) {
+            dots.iter_mut().for_each(|t| *t = 0.0);
+            for (j, v) in x.iter() {
+                for (t, c) in dots
+                    .iter_mut()
+                    .zip(&centroids[j as usize * k..(j as usize + 1) * k])
+                {
+                    *t += v * c;
+                }
+            }
+            let mut best = (*label, f64::INFINITY);
+            for (c, (t, cn)) in dots.iter().zip(&centroid_norms).enumerate() {
+                let distance = norm - 2.0 * t + cn;
+                if distance < best.1 {
+                    best = (c as u32, distance);
+                }
+            }
+            if best.0 != *label {
+                *label = best.0;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+        update(&labels, &mut centroids, &mut centroid_norms);
     }
-}
-
-/// K-Means inertia of the best start, for points that can be shared between threads.
-trait PointsSync: Sync {
-    fn best_inertia(&self, params: &ClusteringParams) -> f64;
-}
-
-impl<P: Points + Sync> PointsSync for P {
-    fn best_inertia(&self, params: &ClusteringParams) -> f64 {
-        kmeans::cluster(self, None, params).inertia
-    }
+    rows.iter()
+        .zip(norms)
+        .zip(&labels)
+        .map(|((x, norm), &l)| {
+            let l = l as usize;
+            let dot: f64 = x
+                .iter()
+                .map(|(j, v)| v * centroids[j as usize * k + l])
+                .sum();
+            (norm - 2.0 * dot + centroid_norms[l]).max(0.0)
+        })
+        .sum()
 }
 
 /// The seed's two decision aids: the explained-variance-ratio curve, and K-Means inertia for a
@@ -410,46 +458,41 @@ fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagn
         dim: kept,
     };
     let rows: Vec<&SparseVec> = sample.iter().map(|&u| &engine.vectors()[u]).collect();
-    let norms = rows
+    let norms: Vec<f64> = rows
         .iter()
         .map(|x| x.val.iter().map(|v| v * v).sum())
         .collect();
-    let full = SparsePoints {
-        rows,
-        norms,
-        dim: engine.items().len(),
-    };
+    let d = engine.items().len();
     let ks: Vec<usize> = params
         .diagnostics_k
         .iter()
         .copied()
-        .filter(|&k| k >= 1 && k <= full.len().min(projected.len()))
+        .filter(|&k| k >= 1 && k <= rows.len())
         .collect();
-    let settings = |k: usize| ClusteringParams {
-        k,
-        max_passes: 100,
-        restarts: params.diagnostics_starts,
-        keep_current: false,
-        seed: seed ^ k as u64,
+    // Per k: the best of `diagnostics_starts` K-Means runs on the projection, then Lloyd on the
+    // full vectors started from that clustering (the projected optimum is close to the full
+    // one, so a few passes replace as many fresh starts on the costly full data).
+    let inertia_at = |k: usize| -> (f64, f64) {
+        let settings = ClusteringParams {
+            k,
+            max_passes: 100,
+            restarts: params.diagnostics_starts,
+            keep_current: false,
+            seed: seed ^ k as u64,
+        };
+        let best = kmeans::cluster(&projected, None, &settings);
+        let full = sparse_lloyd_inertia(&rows, &norms, d, k, best.labels, FULL_DIAGNOSTIC_PASSES);
+        (best.inertia, full)
     };
-    let curve_of = |points: &(dyn PointsSync + '_)| -> Vec<f64> {
-        ks.iter()
-            .map(|&k| points.best_inertia(&settings(k)))
-            .collect()
-    };
-    // The two curves are independent: one on a thread of its own.
-    let (projected_inertia, full_inertia) = std::thread::scope(|scope| {
-        let projected_curve = scope.spawn(|| curve_of(&projected));
-        let full_curve = curve_of(&full);
-        (projected_curve.join().unwrap_or_default(), full_curve)
-    });
+    let (projected_inertia, full_inertia): (Vec<f64>, Vec<f64>) =
+        ks.iter().map(|&k| inertia_at(k)).unzip();
     Diagnostics {
         explained_variance_ratio_curve: curve,
         inertia_by_k: InertiaByK {
             k: ks,
             projected: projected_inertia,
             full: full_inertia,
-            full_users: full.len() as u64,
+            full_users: rows.len() as u64,
         },
     }
 }
