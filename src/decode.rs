@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{RatingEvent, RejectReason, Rejection, ValuePolicy};
+use crate::event::{DecodedRef, RatingEvent, RejectReason, Rejection, ValuePolicy};
 
 /// The field names a JSON event uses. Defaults match `{"user":..,"item":..,"rating":..,"ts":..}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,7 +338,8 @@ pub fn decode_ratings(
     policy: &ValuePolicy,
 ) -> DecodedRatings {
     let mut events = vec![];
-    let rejected = decode_ratings_into(bytes, format, fields, policy, |e| events.push(e));
+    let rejected =
+        decode_ratings_into(bytes, format, fields, policy, |e| events.push(e.to_event()));
     DecodedRatings { events, rejected }
 }
 
@@ -349,12 +350,12 @@ pub fn decode_ratings_into(
     format: FileFormat,
     fields: &JsonFields,
     policy: &ValuePolicy,
-    mut sink: impl FnMut(RatingEvent),
+    mut sink: impl FnMut(DecodedRef<'_>),
 ) -> RejectTally {
     // A UTF-8 byte-order mark (spreadsheet exports) is not part of the first record.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut rejected = RejectTally::default();
-    let mut accept = |record_no: u64, decoded: Result<RatingEvent, Rejection>| match decoded
+    let mut accept = |record_no: u64, decoded: Result<DecodedRef<'_>, Rejection>| match decoded
         .and_then(|e| policy.check(&e).map(|()| e))
     {
         Ok(event) => sink(event),
@@ -366,7 +367,18 @@ pub fn decode_ratings_into(
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
                     continue;
                 }
-                accept(i as u64 + 1, decode_json(line, fields, 0));
+                match decode_json(line, fields, 0) {
+                    Ok(e) => accept(
+                        i as u64 + 1,
+                        Ok(DecodedRef {
+                            user: &e.user,
+                            item: &e.item,
+                            value: e.value,
+                            ts: e.ts,
+                        }),
+                    ),
+                    Err(rejection) => accept(i as u64 + 1, Err(rejection)),
+                }
             }
         }
         FileFormat::Movielens => {
@@ -383,7 +395,7 @@ pub fn decode_ratings_into(
     rejected
 }
 
-fn decode_movielens_line(line: &[u8]) -> Result<RatingEvent, Rejection> {
+fn decode_movielens_line(line: &[u8]) -> Result<DecodedRef<'_>, Rejection> {
     let text = std::str::from_utf8(line)
         .map_err(|_| Rejection::new(RejectReason::Malformed, "line is not valid UTF-8"))?;
     let cols: Vec<&str> = text.split('\t').collect();
@@ -396,12 +408,12 @@ fn decode_movielens_line(line: &[u8]) -> Result<RatingEvent, Rejection> {
     event_from_columns(cols[0], cols[1], cols[2], Some(cols[3]))
 }
 
-fn event_from_columns(
-    user: &str,
-    item: &str,
+fn event_from_columns<'a>(
+    user: &'a str,
+    item: &'a str,
     rating: &str,
     ts: Option<&str>,
-) -> Result<RatingEvent, Rejection> {
+) -> Result<DecodedRef<'a>, Rejection> {
     let user = user.trim();
     let item = item.trim();
     if user.is_empty() {
@@ -439,9 +451,9 @@ fn event_from_columns(
                 )
             })?,
     };
-    Ok(RatingEvent {
-        user: user.to_string(),
-        item: item.to_string(),
+    Ok(DecodedRef {
+        user,
+        item,
         value,
         ts,
     })
@@ -454,7 +466,7 @@ fn find_column(headers: &csv::ByteRecord, aliases: &[&str]) -> Option<usize> {
     })
 }
 
-fn decode_csv(bytes: &[u8], accept: &mut impl FnMut(u64, Result<RatingEvent, Rejection>)) {
+fn decode_csv(bytes: &[u8], accept: &mut impl FnMut(u64, Result<DecodedRef<'_>, Rejection>)) {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .has_headers(true)

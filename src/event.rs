@@ -39,6 +39,11 @@ pub trait Rating {
     fn user(&self) -> &str;
     fn item(&self) -> &str;
     fn value(&self) -> Option<f64>;
+    /// The source's own dense keys for the user and item ids, when it has interned them
+    /// already (see `engine::SourceIds`).
+    fn source_keys(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 impl Rating for RatingEvent {
@@ -59,9 +64,47 @@ pub struct RatingRef<'a> {
     pub user: &'a str,
     pub item: &'a str,
     pub value: Option<f64>,
+    /// The source's dense keys of `user` and `item`, if it has some.
+    pub keys: Option<(u32, u32)>,
 }
 
 impl Rating for RatingRef<'_> {
+    fn user(&self) -> &str {
+        self.user
+    }
+    fn item(&self) -> &str {
+        self.item
+    }
+    fn value(&self) -> Option<f64> {
+        self.value
+    }
+    fn source_keys(&self) -> Option<(u32, u32)> {
+        self.keys
+    }
+}
+
+/// A decoded event borrowing its ids from the bytes it was decoded from (a file decoder hands
+/// these out, so the ids are not copied for every record).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodedRef<'a> {
+    pub user: &'a str,
+    pub item: &'a str,
+    pub value: Option<f64>,
+    pub ts: i64,
+}
+
+impl DecodedRef<'_> {
+    pub fn to_event(&self) -> RatingEvent {
+        RatingEvent {
+            user: self.user.to_string(),
+            item: self.item.to_string(),
+            value: self.value,
+            ts: self.ts,
+        }
+    }
+}
+
+impl Rating for DecodedRef<'_> {
     fn user(&self) -> &str {
         self.user
     }

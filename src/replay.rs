@@ -59,20 +59,19 @@ struct CompactEvent {
 }
 
 impl CompactEvents {
-    fn intern(&mut self, id: String) -> u32 {
-        if let Some(&i) = self.ids.get(&id) {
+    fn intern(&mut self, id: &str) -> u32 {
+        if let Some(&i) = self.ids.get(id) {
             return i;
         }
         let i = self.names.len() as u32;
-        self.names.push(id.clone());
-        self.ids.insert(id, i);
+        self.names.push(id.to_string());
+        self.ids.insert(id.to_string(), i);
         i
     }
 
-    fn push(&mut self, event: crate::event::RatingEvent) {
+    fn push(&mut self, event: crate::event::DecodedRef<'_>) {
         let user = self.intern(event.user);
         let item = self.intern(event.item);
-        // (The decoded strings are dropped here; only new ids are kept.)
         self.rows.push(CompactEvent {
             user,
             item,
@@ -88,6 +87,7 @@ impl CompactEvents {
                 user: &self.names[r.user as usize],
                 item: &self.names[r.item as usize],
                 value: (!r.value.is_nan()).then_some(r.value),
+                keys: Some((r.user, r.item)),
             })
             .collect()
     }
@@ -120,6 +120,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     let mut phases = ReplayPhases::default();
     let store = config.state.open()?;
     let mut engine = store.load_engine(config.engine_params())?;
+    let mut source_ids = crate::engine::SourceIds::default();
     let mut catalogue_bad_lines = 0;
     if let Some(items) = &options.items {
         let (titles, bad) = decode::read_catalogue_file(items)?;
@@ -165,7 +166,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         let batch = decoded.events(rows);
         let batch = batch.as_slice();
         let applying = std::time::Instant::now();
-        let outcome = engine.apply(batch);
+        let outcome = engine.apply_with_source_ids(batch, &mut source_ids);
         let refreshing: f64 = outcome.refreshes.iter().map(|r| r.seconds).sum();
         phases.refresh += refreshing;
         phases.apply += applying.elapsed().as_secs_f64() - refreshing;

@@ -51,6 +51,27 @@ impl SparseVec {
     }
 }
 
+/// Engine indices of a source's own dense id keys (the replay interns every id once while
+/// decoding): an event carrying such keys is applied without hashing its id strings again.
+#[derive(Debug, Default)]
+pub struct SourceIds {
+    users: Vec<u32>,
+    items: Vec<u32>,
+}
+
+impl SourceIds {
+    fn lookup(map: &[u32], key: u32) -> Option<u32> {
+        map.get(key as usize).copied().filter(|&i| i != u32::MAX)
+    }
+    fn remember(map: &mut Vec<u32>, key: u32, index: u32) {
+        let key = key as usize;
+        if map.len() <= key {
+            map.resize(key + 1, u32::MAX);
+        }
+        map[key] = index;
+    }
+}
+
 /// Dense indices for string ids, in order of first appearance.
 #[derive(Debug, Clone, Default)]
 pub struct IdMap {
@@ -364,17 +385,49 @@ impl Engine {
     /// the rest change the state exactly as the mode says. Refreshes happen at exact event
     /// counts, so the result does not depend on how events are split into batches.
     pub fn apply(&mut self, events: &[impl Rating]) -> ApplyOutcome {
+        self.apply_with_source_ids(events, &mut SourceIds::default())
+    }
+
+    /// [`Engine::apply`] for a source that interned its ids itself: events with
+    /// [`Rating::source_keys`] resolve them through `ids` (filled as ids are first seen).
+    pub fn apply_with_source_ids(
+        &mut self,
+        events: &[impl Rating],
+        ids: &mut SourceIds,
+    ) -> ApplyOutcome {
         let mut outcome = ApplyOutcome::default();
         for (i, event) in events.iter().enumerate() {
             if let Err(rejection) = self.policy.check(event) {
                 outcome.rejected.push((i, rejection.reason));
                 continue;
             }
-            if !self.admits_item(event.item()) {
+            let keys = event.source_keys();
+            let known_item = keys.and_then(|(_, item)| SourceIds::lookup(&ids.items, item));
+            if known_item.is_none() && !self.admits_item(event.item()) {
                 outcome.rejected.push((i, RejectReason::CatalogueFull));
                 continue;
             }
-            self.apply_one(event);
+            let user = match keys.and_then(|(user, _)| SourceIds::lookup(&ids.users, user)) {
+                Some(u) => u,
+                None => {
+                    let u = self.intern_user(event.user());
+                    if let Some((key, _)) = keys {
+                        SourceIds::remember(&mut ids.users, key, u);
+                    }
+                    u
+                }
+            };
+            let item = match known_item {
+                Some(j) => j,
+                None => {
+                    let (j, _) = self.items.intern(event.item());
+                    if let Some((_, key)) = keys {
+                        SourceIds::remember(&mut ids.items, key, j);
+                    }
+                    j
+                }
+            };
+            self.apply_one(user, item, event.value());
             outcome.applied += 1;
             self.counters.events_applied += 1;
             self.counters.events_since_refresh += 1;
@@ -400,17 +453,20 @@ impl Engine {
         self.items.len() < self.params.max_items || self.items.get(item).is_some()
     }
 
-    fn apply_one(&mut self, event: &impl Rating) {
-        let (u, new_user) = self.users.intern(event.user());
+    fn intern_user(&mut self, id: &str) -> u32 {
+        let (u, new_user) = self.users.intern(id);
         if new_user {
             self.vectors.push(SparseVec::default());
             self.model.add_user_slot();
         }
-        let (j, _) = self.items.intern(event.item());
+        u
+    }
+
+    fn apply_one(&mut self, u: u32, j: u32, value: Option<f64>) {
         let x = &self.vectors[u as usize];
         let pos = x.idx.binary_search(&j);
         let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
-        let new = match (self.params.mode, event.value()) {
+        let new = match (self.params.mode, value) {
             (Mode::Explicit, Some(v)) => v,
             (Mode::Explicit, None) => 0.0,
             (Mode::Implicit, Some(v)) => old + v,
