@@ -136,7 +136,7 @@ fn take_snapshot(
     summary: &mut DemoSummary,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    if let Some(version) = shared.snapshot(config, store, engine, BTreeMap::new())? {
+    if let Some(version) = shared.snapshot(config, store, &engine.view(), BTreeMap::new())? {
         summary.snapshots += 1;
         summary.last_version = Some(version);
     }

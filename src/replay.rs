@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
-use crate::engine::Engine;
+use crate::engine::EngineView;
 use crate::event::{RatingRef, RejectReason, Rejection};
 use crate::snapshot::validation::stable_hash;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
@@ -200,8 +200,15 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
 
     let titles = store.titles()?;
     let snapshotting = std::time::Instant::now();
-    let built = build_and_store_snapshot(config, &store, &engine, &titles, BTreeMap::new(), true)?
-        .map(|b| (b.snapshot, b.assignments));
+    let built = build_and_store_snapshot(
+        config,
+        &store,
+        &engine.view(),
+        &titles,
+        BTreeMap::new(),
+        true,
+    )?
+    .map(|b| (b.snapshot, b.assignments));
     phases.snapshot = snapshotting.elapsed().as_secs_f64();
     tracing::info!(
         events = applied,
@@ -236,7 +243,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
 pub fn build_and_store_snapshot(
     config: &Config,
     store: &Store,
-    engine: &Engine,
+    engine: &EngineView,
     titles: &FxHashMap<String, String>,
     offsets: BTreeMap<String, i64>,
     force_diagnostics: bool,
@@ -263,16 +270,11 @@ pub fn build_and_store_snapshot(
     );
     if let Some(Built {
         snapshot: snap,
-        assignments,
+        model,
         ..
     }) = &built
     {
-        store.put_snapshot(
-            snap,
-            assignments,
-            |u| engine.users().get(u),
-            config.snapshot.retention,
-        )?;
+        store.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
     }
     Ok(built)
 }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::decode;
-use crate::engine::{CatalogueGate, Engine};
+use crate::engine::{CatalogueGate, Engine, EngineView};
 use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http::serving::Serving;
 use crate::http::{self, AppState};
@@ -60,7 +60,7 @@ impl Shared {
         &self,
         config: &Config,
         store: &Store,
-        engine: &Engine,
+        engine: &EngineView,
         offsets: BTreeMap<String, i64>,
     ) -> anyhow::Result<Option<u64>> {
         let started = Instant::now();
@@ -719,7 +719,8 @@ fn spawn_snapshot(
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     let config = config.clone();
     let store = store.clone();
-    let engine = engine.clone();
+    // A copy-on-write view: the poll loop goes on applying while the snapshot reads it.
+    let engine = engine.view();
     let offsets = offsets.clone();
     let shared = shared.clone();
     Ok(std::thread::Builder::new()

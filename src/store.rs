@@ -550,15 +550,16 @@ impl Store {
     pub fn put_snapshot(
         &self,
         snapshot: &Snapshot,
-        assignments: &Assignments,
-        user_index: impl Fn(&str) -> Option<u32>,
+        labels: &[u32],
         retention: usize,
     ) -> Result<(), StoreError> {
         let v = snapshot.version.to_be_bytes();
-        let mut packed = Vec::with_capacity(assignments.len() * 8);
-        for (user, cluster) in assignments {
-            let Some(u) = user_index(user) else { continue };
-            packed.extend_from_slice(&u.to_le_bytes());
+        let mut packed = Vec::with_capacity(labels.len() * 8);
+        for (u, &cluster) in labels.iter().enumerate() {
+            if cluster == crate::engine::NO_CLUSTER {
+                continue;
+            }
+            packed.extend_from_slice(&(u as u32).to_le_bytes());
             packed.extend_from_slice(&cluster.to_le_bytes());
         }
         let mut batch = sled::Batch::default();

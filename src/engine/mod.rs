@@ -3,6 +3,7 @@
 //! clustering online, and refreshes the model every `refresh_every_events` events. Kafka, file
 //! replay and tests all drive it through [`Engine::apply`].
 
+pub mod cow;
 pub mod eigen;
 pub mod kmeans;
 pub mod matching;
@@ -13,6 +14,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Mode, Rating, RejectReason, ValuePolicy};
+pub use cow::CowVec;
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
 use model::DataView;
@@ -72,11 +74,37 @@ impl SourceIds {
     }
 }
 
+/// Ids by dense index, in order of first appearance; shared copy-on-write with views.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ids(CowVec<String>);
+
+impl Ids {
+    pub fn id(&self, index: u32) -> &str {
+        &self.0[index as usize]
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &String> + '_ {
+        self.0.iter()
+    }
+    /// Indices sorted by id: an order independent of arrival, for every computation whose
+    /// result could depend on the order it visits users in.
+    pub fn sorted_order(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| self.id(a).cmp(self.id(b)));
+        order
+    }
+}
+
 /// Dense indices for string ids, in order of first appearance.
 #[derive(Debug, Clone, Default)]
 pub struct IdMap {
     index: FxHashMap<String, u32>,
-    ids: Vec<String>,
+    ids: Ids,
 }
 
 impl IdMap {
@@ -90,13 +118,13 @@ impl IdMap {
         }
         let i = self.ids.len() as u32;
         self.index.insert(id.to_string(), i);
-        self.ids.push(id.to_string());
+        self.ids.0.push(id.to_string());
         (i, true)
     }
     pub fn id(&self, index: u32) -> &str {
-        &self.ids[index as usize]
+        self.ids.id(index)
     }
-    pub fn ids(&self) -> &[String] {
+    pub fn ids(&self) -> &Ids {
         &self.ids
     }
     pub fn len(&self) -> usize {
@@ -111,7 +139,10 @@ impl IdMap {
             .enumerate()
             .map(|(i, id)| (id.clone(), i as u32))
             .collect();
-        IdMap { index, ids }
+        IdMap {
+            index,
+            ids: Ids(ids.into()),
+        }
     }
 }
 
@@ -293,7 +324,7 @@ pub struct Engine {
     policy: ValuePolicy,
     users: IdMap,
     items: IdMap,
-    vectors: Vec<SparseVec>,
+    vectors: CowVec<SparseVec>,
     stats: CovarianceStats,
     ratings: u64,
     counters: Counters,
@@ -315,7 +346,7 @@ impl Engine {
             params,
             users: IdMap::default(),
             items: IdMap::default(),
-            vectors: vec![],
+            vectors: CowVec::default(),
             stats: CovarianceStats::default(),
             ratings: 0,
             counters: Counters::default(),
@@ -336,7 +367,7 @@ impl Engine {
         engine.ratings = state.vectors.iter().map(|v| v.nnz() as u64).sum();
         engine.users = IdMap::from_ids(state.users);
         engine.items = IdMap::from_ids(state.items);
-        engine.vectors = state.vectors;
+        engine.vectors = state.vectors.into();
         engine.counters = state.counters;
         engine.checkpoint_users = state.users_since_checkpoint.into_iter().collect();
         let mut model = state.model;
@@ -357,7 +388,7 @@ impl Engine {
     pub fn items(&self) -> &IdMap {
         &self.items
     }
-    pub fn vectors(&self) -> &[SparseVec] {
+    pub fn vectors(&self) -> &CowVec<SparseVec> {
         &self.vectors
     }
     pub fn vector(&self, user: u32) -> &SparseVec {
@@ -552,6 +583,105 @@ impl Engine {
         Some(outcome)
     }
 
+    /// See [`EngineView::snapshot_model`].
+    pub fn snapshot_model(&self, with_curve: bool) -> Option<Model> {
+        self.view().snapshot_model(with_curve)
+    }
+
+    fn data_view<'a>(&'a self, canonical_order: &'a [u32]) -> DataView<'a> {
+        DataView {
+            stats: &self.stats,
+            vectors: &self.vectors,
+            canonical_order,
+            items: self.items.len(),
+        }
+    }
+
+    /// User indices sorted by user id: an order independent of event arrival, for every
+    /// computation whose result could depend on the order it visits users in.
+    pub fn canonical_user_order(&self) -> Vec<u32> {
+        self.users.ids().sorted_order()
+    }
+
+    /// A read-only view of the data and the model as they are now, for building a snapshot
+    /// while the engine goes on: user vectors and ids are shared copy-on-write (a later event
+    /// copies only the 1024-user chunk it writes to), the statistics (O(items)) and the online
+    /// model (O(users · components)) are copied.
+    pub fn view(&self) -> EngineView {
+        EngineView {
+            params: self.params.clone(),
+            users: self.users.ids.clone(),
+            items: self.items.ids.clone(),
+            vectors: self.vectors.clone(),
+            stats: self.stats.clone(),
+            ratings: self.ratings,
+            counters: self.counters,
+            model: self.model.clone(),
+        }
+    }
+
+    /// Everything changed since the previous call (for the store's atomic commit).
+    pub fn take_changes(&mut self) -> Changes {
+        let mut cells: Vec<(u32, u32)> = self.dirty_cells.drain().collect();
+        cells.sort_unstable();
+        let changes = Changes {
+            cells,
+            first_new_user: self.persisted_users,
+            first_new_item: self.persisted_items,
+            labels: self.model.take_label_changes(),
+            model: self.model_dirty,
+        };
+        self.persisted_users = self.users.len() as u32;
+        self.persisted_items = self.items.len() as u32;
+        self.model_dirty = false;
+        changes
+    }
+}
+
+/// What a snapshot reads: the engine's data and model at one moment (see [`Engine::view`]).
+#[derive(Debug, Clone)]
+pub struct EngineView {
+    params: EngineParams,
+    users: Ids,
+    items: Ids,
+    vectors: CowVec<SparseVec>,
+    stats: CovarianceStats,
+    ratings: u64,
+    counters: Counters,
+    model: Model,
+}
+
+impl EngineView {
+    pub fn params(&self) -> &EngineParams {
+        &self.params
+    }
+    pub fn users(&self) -> &Ids {
+        &self.users
+    }
+    pub fn items(&self) -> &Ids {
+        &self.items
+    }
+    pub fn vectors(&self) -> &CowVec<SparseVec> {
+        &self.vectors
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+    /// Users with at least one rating.
+    pub fn active_users(&self) -> u64 {
+        self.stats.users()
+    }
+    /// Non-zero (user, item) cells.
+    pub fn ratings(&self) -> u64 {
+        self.ratings
+    }
+    pub fn canonical_user_order(&self) -> Vec<u32> {
+        self.users.sorted_order()
+    }
+
     /// A copy of the model with the PCA re-solved to `eigen_tolerance` on the current data and
     /// the online clustering polished by Lloyd to convergence, replaced only by a clearly better
     /// one of `snapshot_kmeans_starts` fresh k-means++ starts (run on a sample, polished on
@@ -570,7 +700,12 @@ impl Engine {
                 .wrapping_mul(0xD1B5_4A32_D192_ED03);
         let mut model = self.model.clone();
         let order = self.canonical_user_order();
-        let data = self.data_view(&order);
+        let data = DataView {
+            stats: &self.stats,
+            vectors: &self.vectors,
+            canonical_order: &order,
+            items: self.items.len(),
+        };
         model.refresh(
             &data,
             // Warm from the online basis: the solve converges to `eigen_tolerance` whatever it
@@ -586,40 +721,6 @@ impl Engine {
             },
         );
         Some(model)
-    }
-
-    fn data_view<'a>(&'a self, canonical_order: &'a [u32]) -> DataView<'a> {
-        DataView {
-            stats: &self.stats,
-            vectors: &self.vectors,
-            canonical_order,
-            items: self.items.len(),
-        }
-    }
-
-    /// User indices sorted by user id: an order independent of event arrival, for every
-    /// computation whose result could depend on the order it visits users in.
-    pub fn canonical_user_order(&self) -> Vec<u32> {
-        let mut order: Vec<u32> = (0..self.users.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| self.users.id(a).cmp(self.users.id(b)));
-        order
-    }
-
-    /// Everything changed since the previous call (for the store's atomic commit).
-    pub fn take_changes(&mut self) -> Changes {
-        let mut cells: Vec<(u32, u32)> = self.dirty_cells.drain().collect();
-        cells.sort_unstable();
-        let changes = Changes {
-            cells,
-            first_new_user: self.persisted_users,
-            first_new_item: self.persisted_items,
-            labels: self.model.take_label_changes(),
-            model: self.model_dirty,
-        };
-        self.persisted_users = self.users.len() as u32;
-        self.persisted_items = self.items.len() as u32;
-        self.model_dirty = false;
-        changes
     }
 }
 
@@ -708,5 +809,36 @@ mod tests {
             gate.admit("y").map_err(|r| r.reason),
             Err(RejectReason::CatalogueFull)
         );
+    }
+
+    #[test]
+    fn a_view_keeps_its_moment_while_the_engine_goes_on() {
+        let data = crate::generator::generate(&crate::generator::GeneratorParams {
+            users: 400,
+            items: 150,
+            events: 30_000,
+            segments: 4,
+            seed: 11,
+            ..Default::default()
+        });
+        let params = EngineParams {
+            clusters: 4,
+            refresh_every_events: 5_000,
+            ..EngineParams::default()
+        };
+        let mut engine = Engine::new(params);
+        let (first, second) = data.events.split_at(20_000);
+        engine.apply(first);
+        let view = engine.view();
+        let frozen = engine.clone();
+        engine.apply(second);
+        assert_ne!(engine.vectors(), frozen.vectors(), "the engine went on");
+        assert!(view.vectors() == frozen.vectors());
+        assert!(view.users() == frozen.users().ids());
+        assert_eq!(view.ratings(), frozen.ratings());
+        let from_view = view.snapshot_model(false).expect("a model");
+        let from_frozen = frozen.snapshot_model(false).expect("a model");
+        assert_eq!(from_view.labels(), from_frozen.labels());
+        assert_eq!(from_view.eigenvalues(), from_frozen.eigenvalues());
     }
 }

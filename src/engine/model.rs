@@ -7,11 +7,11 @@
 
 use ndarray::{Array2, Axis};
 
-use super::SparseVec;
 use super::eigen::{EigenParams, EigenResult, top_eigenpairs};
 use super::kmeans::{self, ClusteringParams, DensePoints};
 use super::matching::match_labels;
 use super::stats::CovarianceStats;
+use super::{CowVec, SparseVec};
 
 /// Users the fresh k-means++ starts run on (an evenly spread sample of the canonical order);
 /// the winner is then polished on everyone.
@@ -428,7 +428,7 @@ impl Model {
     }
 
     /// Recomputes every projection from scratch with the current basis.
-    pub(crate) fn reproject(&mut self, vectors: &[SparseVec]) {
+    pub(crate) fn reproject(&mut self, vectors: &CowVec<SparseVec>) {
         let k = self.components;
         let d = self.basis.ncols();
         self.projections.clear();
@@ -468,7 +468,7 @@ impl Model {
 
     fn recluster(
         &mut self,
-        vectors: &[SparseVec],
+        vectors: &CowVec<SparseVec>,
         canonical_order: &[u32],
         params: &ClusteringParams,
     ) -> usize {
@@ -548,7 +548,12 @@ impl Model {
     }
 
     /// Restores a persisted model: basis and labels; projections and sums are recomputed.
-    pub(crate) fn restore(&mut self, persisted: PersistedModel, vectors: &[SparseVec], d: usize) {
+    pub(crate) fn restore(
+        &mut self,
+        persisted: PersistedModel,
+        vectors: &CowVec<SparseVec>,
+        d: usize,
+    ) {
         let k = self.components;
         let cols = persisted.basis_items;
         let basis = if persisted.basis.len() == k * cols && cols > 0 {
@@ -603,7 +608,7 @@ impl Model {
 #[derive(Clone, Copy)]
 pub(crate) struct DataView<'a> {
     pub stats: &'a CovarianceStats,
-    pub vectors: &'a [SparseVec],
+    pub vectors: &'a CowVec<SparseVec>,
     /// User indices in an order that does not depend on arrival (sorted by user id):
     /// clustering visits users in it, so the seeds a start picks, and hence the result, are
     /// the same whatever order the events came in.

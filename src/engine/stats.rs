@@ -6,8 +6,8 @@
 
 use ndarray::Array2;
 
-use super::SparseVec;
 use super::eigen::SymmetricOperator;
+use super::{CowVec, SparseVec};
 
 #[derive(Debug, Clone, Default)]
 pub struct CovarianceStats {
@@ -80,7 +80,7 @@ impl CovarianceStats {
     }
 
     /// The population covariance over `d` items as an operator on the user rows.
-    pub fn operator<'a>(&self, vectors: &'a [SparseVec], d: usize) -> CovarianceOperator<'a> {
+    pub fn operator<'a>(&self, vectors: &'a CowVec<SparseVec>, d: usize) -> CovarianceOperator<'a> {
         CovarianceOperator {
             vectors,
             mean: self.mean(d),
@@ -108,7 +108,7 @@ impl CovarianceStats {
 /// The population covariance `XᵀX/n − μμᵀ` applied through the sparse user rows: exact, and
 /// O(nnz·r) time and O(d·r) memory for a block of r vectors, whatever the catalogue size.
 pub struct CovarianceOperator<'a> {
-    vectors: &'a [SparseVec],
+    vectors: &'a CowVec<SparseVec>,
     mean: Vec<f64>,
     users: u64,
 }
@@ -125,8 +125,12 @@ impl SymmetricOperator for CovarianceOperator<'_> {
         let qt = qt.as_slice().unwrap_or(&[]);
         // A fixed number of user ranges, summed in a fixed order: the result is the same on
         // any machine, however many of the ranges run at once.
-        let chunk = self.vectors.len().div_ceil(OPERATOR_PARTS).max(1);
-        let ranges: Vec<&[SparseVec]> = self.vectors.chunks(chunk).collect();
+        let n = self.vectors.len();
+        let chunk = n.div_ceil(OPERATOR_PARTS).max(1);
+        let ranges: Vec<Vec<&[SparseVec]>> = (0..n)
+            .step_by(chunk)
+            .map(|start| self.vectors.slices(start, start + chunk))
+            .collect();
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(ranges.len())
@@ -144,7 +148,7 @@ impl SymmetricOperator for CovarianceOperator<'_> {
                         scope.spawn(move || {
                             (t..ranges.len())
                                 .step_by(threads)
-                                .map(|i| (i, gram_times_block(ranges[i], qt, b, d)))
+                                .map(|i| (i, gram_times_block(&ranges[i], qt, b, d)))
                                 .collect::<Vec<_>>()
                         })
                     })
@@ -178,7 +182,7 @@ const OPERATOR_PARTS: usize = 4;
 /// `Xᵀ(X Q)` over some users, item-major (`d x b`), for the item-major block `qt`: with AVX2
 /// when the CPU has it (4 lanes instead of SSE2's 2). Each output element is accumulated in the
 /// same order either way and no multiply-add is fused, so both give bit-identical results.
-fn gram_times_block(vectors: &[SparseVec], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
+fn gram_times_block(vectors: &[&[SparseVec]], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -189,15 +193,15 @@ fn gram_times_block(vectors: &[SparseVec], qt: &[f64], b: usize, d: usize) -> Ve
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn gram_times_block_avx2(vectors: &[SparseVec], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
+fn gram_times_block_avx2(vectors: &[&[SparseVec]], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
     gram_times_block_portable(vectors, qt, b, d)
 }
 
 #[inline(always)]
-fn gram_times_block_portable(vectors: &[SparseVec], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
+fn gram_times_block_portable(vectors: &[&[SparseVec]], qt: &[f64], b: usize, d: usize) -> Vec<f64> {
     let mut yt = vec![0.0; d * b];
     let mut t = vec![0.0; b];
-    for x in vectors {
+    for x in vectors.iter().flat_map(|part| part.iter()) {
         if x.idx.is_empty() {
             continue;
         }

@@ -5,7 +5,7 @@
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::engine::{Engine, Model, NO_CLUSTER, SparseVec};
+use crate::engine::{CowVec, EngineView, Model, NO_CLUSTER, SparseVec};
 use crate::snapshot::Snapshot;
 
 pub struct Serving {
@@ -15,7 +15,10 @@ pub struct Serving {
     labels: Vec<u32>,
     /// Centred projections, `users x components`.
     projections: Vec<f64>,
-    vectors: Vec<SparseVec>,
+    /// The users' rating vectors, shared with the engine copy-on-write; `rows[i]` is the
+    /// engine index of served user `i`.
+    vectors: CowVec<SparseVec>,
+    rows: Vec<u32>,
     /// Centred centroids, `clusters x components`.
     centroids: Vec<f64>,
     /// `items x components`.
@@ -51,7 +54,7 @@ pub struct PullingItem {
 
 impl Serving {
     pub fn new(
-        engine: &Engine,
+        engine: &EngineView,
         model: &Model,
         snapshot: Snapshot,
         titles: FxHashMap<String, String>,
@@ -61,7 +64,7 @@ impl Serving {
         let mut user_index = FxHashMap::default();
         let mut labels = vec![];
         let mut projections = vec![];
-        let mut vectors = vec![];
+        let mut rows = vec![];
         for (u, &label) in model.labels().iter().enumerate() {
             if label == NO_CLUSTER {
                 continue;
@@ -69,7 +72,7 @@ impl Serving {
             user_index.insert(engine.users().id(u as u32).to_string(), labels.len() as u32);
             labels.push(label);
             projections.extend(model.projection(u).iter().zip(&offset).map(|(z, m)| z - m));
-            vectors.push(engine.vectors()[u].clone());
+            rows.push(u as u32);
         }
         let basis = model.basis();
         let d = basis.ncols();
@@ -91,10 +94,11 @@ impl Serving {
             user_index,
             labels,
             projections,
-            vectors,
+            vectors: engine.vectors().clone(),
+            rows,
             centroids,
             loadings,
-            item_ids: engine.items().ids()[..d.min(engine.items().len())].to_vec(),
+            item_ids: engine.items().iter().take(d).cloned().collect(),
             titles,
             components: k,
         }
@@ -118,7 +122,7 @@ impl Serving {
             .map(|c| (c, distance(c)))
             .min_by(|a, b| a.1.total_cmp(&b.1));
         let own = &self.centroids[cluster as usize * k..(cluster as usize + 1) * k];
-        let x = &self.vectors[i];
+        let x = &self.vectors[self.rows[i] as usize];
         let mut pulling: Vec<PullingItem> = x
             .iter()
             .filter(|(j, _)| (*j as usize) < self.item_ids.len())

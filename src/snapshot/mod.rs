@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
-use crate::engine::{Engine, Model, NO_CLUSTER, SparseVec};
+use crate::engine::{Engine, EngineView, Model, NO_CLUSTER, SparseVec};
 use crate::event::Mode;
 use validation::{NaiveBayesReport, naive_bayes_report, stable_hash, tfidf_profiles};
 
@@ -180,7 +180,7 @@ pub fn build(
     params: &SnapshotParams,
     input: BuildInput<'_>,
 ) -> Option<(Snapshot, Assignments)> {
-    build_with_model(engine, params, input).map(|b| (b.snapshot, b.assignments))
+    build_with_model(&engine.view(), params, input).map(|b| (b.snapshot, b.assignments))
 }
 
 /// A built snapshot with the refreshed model it was computed from (for serving lookups).
@@ -191,7 +191,7 @@ pub struct Built {
 }
 
 pub fn build_with_model(
-    engine: &Engine,
+    engine: &EngineView,
     params: &SnapshotParams,
     input: BuildInput<'_>,
 ) -> Option<Built> {
@@ -208,7 +208,7 @@ pub fn build_with_model(
 }
 
 pub fn build_from_model(
-    engine: &Engine,
+    engine: &EngineView,
     model: &Model,
     params: &SnapshotParams,
     input: BuildInput<'_>,
@@ -427,7 +427,7 @@ fn sparse_lloyd_inertia(
 
 /// The seed's two decision aids: the explained-variance-ratio curve, and K-Means inertia for a
 /// range of k on the projection and on the full vectors (of a seeded user sample).
-fn diagnostics(engine: &Engine, model: &Model, params: &SnapshotParams) -> Diagnostics {
+fn diagnostics(engine: &EngineView, model: &Model, params: &SnapshotParams) -> Diagnostics {
     let total = model.total_variance();
     let curve = model
         .eigenvalues()

@@ -4,10 +4,10 @@
 //! Pure functions of user vectors and labels, so they can be checked against scikit-learn
 //! with scikit-learn's own labels.
 
-use crate::engine::{NO_CLUSTER, SparseVec};
+use crate::engine::{CowVec, NO_CLUSTER, SparseVec};
 
 /// Document frequency of every item (users with a non-zero value), over `d` items.
-pub fn document_frequency(vectors: &[SparseVec], d: usize) -> Vec<u64> {
+pub fn document_frequency(vectors: &CowVec<SparseVec>, d: usize) -> Vec<u64> {
     let mut df = vec![0u64; d];
     for x in vectors {
         for &j in &x.idx {
@@ -50,7 +50,7 @@ impl Profiles {
     }
 }
 
-pub fn tfidf_profiles(vectors: &[SparseVec], labels: &[u32], k: usize, d: usize) -> Profiles {
+pub fn tfidf_profiles(vectors: &CowVec<SparseVec>, labels: &[u32], k: usize, d: usize) -> Profiles {
     let df = document_frequency(vectors, d);
     let n = vectors.iter().filter(|x| x.nnz() > 0).count() as f64;
     let idf: Vec<f64> = df
@@ -114,7 +114,7 @@ impl NaiveBayes {
     /// Fits on the users for which `train(u)` is true (alpha = 1, as `MultinomialNB()`).
     /// Features are the items with a rating anywhere in `vectors` (scikit-learn's columns).
     pub fn fit(
-        vectors: &[SparseVec],
+        vectors: &CowVec<SparseVec>,
         labels: &[u32],
         k: usize,
         d: usize,
@@ -195,7 +195,7 @@ pub struct NaiveBayesReport {
 /// Fits NB on everyone (train agreement, confusion matrix) and on everyone but the held-out
 /// users (`holdout(u)` true) for the holdout agreement.
 pub fn naive_bayes_report(
-    vectors: &[SparseVec],
+    vectors: &CowVec<SparseVec>,
     labels: &[u32],
     k: usize,
     d: usize,
@@ -261,7 +261,7 @@ mod tests {
     fn tfidf_matches_hand_computation() {
         // Two users, one cluster. idf: item0 df=2 → ln(3/3)+1 = 1; item1 df=1 → ln(3/2)+1.
         let vectors = vec![sv(&[(0, 1.0), (1, 2.0)]), sv(&[(0, 3.0)])];
-        let p = tfidf_profiles(&vectors, &[0, 0], 1, 2);
+        let p = tfidf_profiles(&vectors.into(), &[0, 0], 1, 2);
         let idf1 = (1.5f64).ln() + 1.0;
         let norm = (1.0 + (2.0 * idf1).powi(2)).sqrt();
         assert!((p.score(0, 0) - (1.0 / norm + 1.0) / 2.0).abs() < 1e-15);
@@ -278,7 +278,7 @@ mod tests {
             sv(&[(3, 3.0)]),
         ];
         let labels = [0, 0, 1, 1];
-        let r = naive_bayes_report(&vectors, &labels, 2, 4, |u| u == 3);
+        let r = naive_bayes_report(&vectors.into(), &labels, 2, 4, |u| u == 3);
         assert_eq!(r.train_agreement, 1.0);
         assert_eq!(r.confusion_matrix, vec![vec![2, 0], vec![0, 2]]);
         assert_eq!(r.holdout_users, 1);
