@@ -96,6 +96,7 @@ pub struct ModelConfig {
     pub polish_passes: usize,
     pub snapshot_kmeans_starts: usize,
     pub snapshot_max_passes: usize,
+    pub snapshot_stability_margin: f64,
     pub eigen_tolerance: f64,
     pub refresh_eigen_tolerance: f64,
     pub eigen_max_iterations: usize,
@@ -118,6 +119,7 @@ impl Default for ModelConfig {
             polish_passes: e.polish_passes,
             snapshot_kmeans_starts: e.snapshot_kmeans_starts,
             snapshot_max_passes: e.snapshot_max_passes,
+            snapshot_stability_margin: e.snapshot_stability_margin,
             eigen_tolerance: e.eigen_tolerance,
             refresh_eigen_tolerance: e.refresh_eigen_tolerance,
             eigen_max_iterations: e.eigen_max_iterations,
@@ -500,6 +502,13 @@ impl Config {
                 "use the defaults 500, 25 and 300",
             );
         }
+        if !(0.0..0.5).contains(&m.snapshot_stability_margin) {
+            return invalid(
+                "[model] snapshot_stability_margin",
+                format!("{} is out of range", m.snapshot_stability_margin),
+                "use a share in [0, 0.5), default 0.05 (0 = always the lowest inertia found)",
+            );
+        }
         if m.max_items < m.components {
             return invalid(
                 "[model] max_items",
@@ -606,6 +615,7 @@ impl Config {
             polish_passes: m.polish_passes,
             snapshot_kmeans_starts: m.snapshot_kmeans_starts,
             snapshot_max_passes: m.snapshot_max_passes,
+            snapshot_stability_margin: m.snapshot_stability_margin,
             eigen_tolerance: m.eigen_tolerance,
             refresh_eigen_tolerance: m.refresh_eigen_tolerance,
             eigen_max_iterations: m.eigen_max_iterations,

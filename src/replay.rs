@@ -206,7 +206,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         &engine.view(),
         &titles,
         BTreeMap::new(),
-        true,
+        false,
     )?
     .map(|b| (b.snapshot, b.assignments));
     phases.snapshot = snapshotting.elapsed().as_secs_f64();
@@ -240,22 +240,25 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
 
 /// Builds a snapshot of the engine (the next version, drift against the latest stored one),
 /// stores it with the configured retention and returns it. `None` while there is too little data.
+/// A `periodic` snapshot (the service's) continues the previous snapshot's segments and carries
+/// diagnostics every `diagnostics_every` versions; a replay's final one takes the lowest inertia
+/// found and always carries diagnostics.
 pub fn build_and_store_snapshot(
     config: &Config,
     store: &Store,
     engine: &EngineView,
     titles: &FxHashMap<String, String>,
     offsets: BTreeMap<String, i64>,
-    force_diagnostics: bool,
+    periodic: bool,
 ) -> anyhow::Result<Option<Built>> {
     let version = store.next_snapshot_version()?;
     let previous_version = store.snapshot_versions()?.last().copied();
     let previous = match previous_version {
-        Some(v) => store.assignments(v)?.map(|a| (v, a)),
+        Some(v) => store.assignment_labels(v)?.map(|a| (v, a)),
         None => None,
     };
     let with_diagnostics =
-        force_diagnostics || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
+        !periodic || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
     let built = snapshot::build_with_model(
         engine,
         &config.snapshot_params(),
@@ -264,7 +267,8 @@ pub fn build_and_store_snapshot(
             created_at: snapshot::now_rfc3339(),
             titles,
             offsets,
-            previous: previous.as_ref().map(|(v, a)| (*v, a)),
+            previous: previous.as_ref().map(|(v, a)| (*v, a.as_slice())),
+            continue_previous: periodic,
             with_diagnostics,
         },
     );

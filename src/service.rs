@@ -65,7 +65,7 @@ impl Shared {
     ) -> anyhow::Result<Option<u64>> {
         let started = Instant::now();
         let titles = store.titles()?;
-        let Some(built) = build_and_store_snapshot(config, store, engine, &titles, offsets, false)?
+        let Some(built) = build_and_store_snapshot(config, store, engine, &titles, offsets, true)?
         else {
             return Ok(None);
         };

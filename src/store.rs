@@ -638,6 +638,24 @@ impl Store {
         Ok(Some(out))
     }
 
+    /// A stored snapshot's clusters by user index (`NO_CLUSTER` for users it did not assign):
+    /// the start the next snapshot's clustering continues from, and its drift reference.
+    pub fn assignment_labels(&self, version: u64) -> Result<Option<Vec<u32>>, StoreError> {
+        let Some(bytes) = self.tree.get(key(b'a', &version.to_be_bytes()))? else {
+            return Ok(None);
+        };
+        let mut labels = vec![];
+        for pair in bytes.chunks_exact(8) {
+            let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]) as usize;
+            let c = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+            if labels.len() <= u {
+                labels.resize(u + 1, crate::engine::NO_CLUSTER);
+            }
+            labels[u] = c;
+        }
+        Ok(Some(labels))
+    }
+
     /// Up to `count` stored snapshots with versions `<= up_to`, oldest first.
     pub fn history(&self, up_to: u64, count: usize) -> Result<Vec<Snapshot>, StoreError> {
         let versions: Vec<u64> = self

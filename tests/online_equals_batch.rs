@@ -141,7 +141,7 @@ fn check_stats_equal_batch(mode: Mode) {
             }
             refreshes_checked += 1;
         }
-        let model = engine.snapshot_model(true).expect("model");
+        let model = engine.snapshot_model(true, None).expect("model");
         for i in 0..5 {
             let got = model.eigenvalues()[i];
             assert!(

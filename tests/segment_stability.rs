@@ -2,9 +2,11 @@
 //! stationary stream (12 planted segments, k = 25) consecutive snapshots agree, and when two
 //! planted segments swap tastes the next snapshot shows it.
 //!
-//! The bound asserted for agreement (ARI ≥ 0.85) is today's floor, not the goal: the target is
-//! 0.95 (issue "Cheaper than recomputing"); with k above the planted count, the sub-clusters a
-//! segment splits into still drift as every user's vector changes between snapshots.
+//! Each snapshot continues the previous one's segments (users move only to a clearly closer
+//! centroid) unless another clustering is better by more than `snapshot_stability_margin`.
+//! The bound asserted for agreement (ARI ≥ 0.93) is today's floor, not the goal of 0.95: with
+//! k above the planted count, the sub-clusters a segment splits into still drift a little as
+//! every user's vector changes (each round re-rates about 50 items per user).
 
 use std::collections::HashMap;
 
@@ -15,6 +17,10 @@ use segmenter::generator::{GeneratorParams, generate, item_id};
 
 const ROUND: usize = 50_000;
 
+/// Rounds before the first snapshot: 200,000 events, what the demo applies before its first
+/// snapshot (20,000 events/s, a snapshot every 10 s).
+const WARM_UP_ROUNDS: u64 = 4;
+
 fn stream(round: u64) -> GeneratorParams {
     GeneratorParams {
         events: ROUND,
@@ -24,17 +30,21 @@ fn stream(round: u64) -> GeneratorParams {
     }
 }
 
-/// User id → snapshot label.
-fn snapshot_labels(engine: &Engine) -> HashMap<String, u32> {
-    let model = engine.snapshot_model(true).expect("a snapshot model");
-    engine
+/// User id → snapshot label, and the labels by user index (what the next snapshot continues
+/// from, as the service passes it the previous stored snapshot).
+fn snapshot_labels(engine: &Engine, previous: Option<&[u32]>) -> (HashMap<String, u32>, Vec<u32>) {
+    let model = engine
+        .snapshot_model(true, previous)
+        .expect("a snapshot model");
+    let by_id = engine
         .users()
         .ids()
         .iter()
         .zip(model.labels())
         .filter(|(_, l)| **l != NO_CLUSTER)
         .map(|(u, &l)| (u.clone(), l))
-        .collect()
+        .collect();
+    (by_id, model.labels().to_vec())
 }
 
 /// ARI between two labelings over the users in both, and the share of `users` whose label
@@ -87,21 +97,24 @@ fn consecutive_snapshots_agree_on_a_stationary_stream_and_a_swap_shows_at_once()
     let first = generate(&stream(0));
     let segment_of: HashMap<String, u32> = first.truth.iter().cloned().collect();
     engine.apply(&first.events);
-    engine.apply(&generate(&stream(1)).events);
-    let mut previous = snapshot_labels(&engine);
+    for round in 1..WARM_UP_ROUNDS {
+        engine.apply(&generate(&stream(round)).events);
+    }
+    let (mut previous, mut previous_labels) = snapshot_labels(&engine, None);
     let everyone: Vec<String> = previous.keys().cloned().collect();
     let mut agreements = vec![];
-    for round in 2..8 {
+    for round in WARM_UP_ROUNDS..WARM_UP_ROUNDS + 6 {
         engine.apply(&generate(&stream(round)).events);
-        let current = snapshot_labels(&engine);
+        let (current, labels) = snapshot_labels(&engine, Some(&previous_labels));
         let (ari, moved) = compare(&previous, &current, &everyone);
         agreements.push((ari, moved));
         previous = current;
+        previous_labels = labels;
     }
     eprintln!("stationary: (ARI, share moved) between consecutive snapshots {agreements:?}");
     for (i, (ari, _)) in agreements.iter().enumerate() {
         assert!(
-            *ari >= 0.85,
+            *ari >= 0.93,
             "snapshot {i}: ARI {ari} vs the previous one on a stationary stream"
         );
     }
@@ -117,19 +130,19 @@ fn consecutive_snapshots_agree_on_a_stationary_stream_and_a_swap_shows_at_once()
         .filter(|(_, s)| **s > 1)
         .map(|(u, _)| u.clone())
         .collect();
-    for round in 8..10 {
+    for round in WARM_UP_ROUNDS + 6..WARM_UP_ROUNDS + 8 {
         let mut events = generate(&stream(round)).events;
         swap_tastes(&mut events, &segment_of, 0, 1);
         engine.apply(&events);
     }
-    let after = snapshot_labels(&engine);
+    let (after, _) = snapshot_labels(&engine, Some(&previous_labels));
     let (ari, moved_swapped) = compare(&previous, &after, &swapped);
     let (_, moved_others) = compare(&previous, &after, &others);
     eprintln!(
         "swap: ARI {ari}, swapped users moved {moved_swapped}, other users moved {moved_others}"
     );
     assert!(
-        moved_swapped >= 0.4 && moved_swapped >= 3.0 * moved_others,
+        moved_swapped >= 0.3 && moved_swapped >= 2.0 * moved_others,
         "users of the swapped segments change segment ({moved_swapped}) far more often than \
          the others ({moved_others})"
     );

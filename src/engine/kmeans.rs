@@ -227,6 +227,92 @@ pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) 
     finish(points, labels, centroids, passes)
 }
 
+/// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned) and its
+/// member-mean `centroids`, with hysteresis: an assigned point moves only to a centroid closer
+/// than `(1 − stickiness)` times its squared distance to its own. Points near a boundary between
+/// two equally good sub-clusters then stay where they were instead of flipping with every small
+/// change of their vectors; every move still lowers the inertia, so the passes converge.
+pub fn lloyd_sticky<P: Points>(
+    points: &P,
+    k: usize,
+    mut labels: Vec<u32>,
+    max_passes: usize,
+    stickiness: f64,
+) -> Clustering {
+    let dim = points.dim();
+    // Start from the member means of the assigned points; unassigned ones join the nearest of
+    // those (clusters left empty are re-seeded from the worst-fit points, as in every pass).
+    let mut centroids = vec![0.0; k * dim];
+    let mut sizes = vec![0u64; k];
+    for (i, &l) in labels.iter().enumerate() {
+        if (l as usize) < k {
+            points.add_to(i, &mut centroids[l as usize * dim..(l as usize + 1) * dim]);
+            sizes[l as usize] += 1;
+        }
+    }
+    for c in 0..k {
+        if sizes[c] > 0 {
+            centroids[c * dim..(c + 1) * dim]
+                .iter_mut()
+                .for_each(|x| *x /= sizes[c] as f64);
+        }
+    }
+    let filled: Vec<usize> = (0..k).filter(|&c| sizes[c] > 0).collect();
+    if filled.is_empty() {
+        return lloyd(
+            points,
+            kmeans_plus_plus(points, k, &mut ChaCha8Rng::seed_from_u64(0)),
+            max_passes,
+        );
+    }
+    let norms = centroid_norms(&centroids, dim);
+    for (i, l) in labels.iter_mut().enumerate() {
+        if (*l as usize) >= k {
+            let c = filled
+                .iter()
+                .copied()
+                .min_by(|&a, &b| {
+                    let da = points.distance2(i, &centroids[a * dim..(a + 1) * dim], norms[a]);
+                    let db = points.distance2(i, &centroids[b * dim..(b + 1) * dim], norms[b]);
+                    da.total_cmp(&db)
+                })
+                .unwrap_or(0);
+            *l = c as u32;
+        }
+    }
+    update_centroids(points, &mut labels, k, &mut centroids);
+    let keep = 1.0 - stickiness;
+    let mut passes = 0;
+    while passes < max_passes.max(1) {
+        passes += 1;
+        let norms = centroid_norms(&centroids, dim);
+        let mut changed = false;
+        for (i, label) in labels.iter_mut().enumerate() {
+            let (c, best) = nearest(points, i, &centroids, &norms);
+            if *label == c {
+                continue;
+            }
+            let own = *label as usize;
+            let stays = own < k
+                && best
+                    >= keep
+                        * points.distance2(i, &centroids[own * dim..(own + 1) * dim], norms[own]);
+            if !stays {
+                *label = c;
+                changed = true;
+            }
+        }
+        if !changed && passes > 1 {
+            break;
+        }
+        update_centroids(points, &mut labels, k, &mut centroids);
+        if !changed {
+            break;
+        }
+    }
+    finish(points, labels, centroids, passes)
+}
+
 /// Labels, sizes and inertia of `labels` with their exact member-mean centroids.
 pub fn finish<P: Points>(
     points: &P,

@@ -211,6 +211,9 @@ pub struct EngineParams {
     pub snapshot_kmeans_starts: usize,
     /// Lloyd passes at most per start at snapshot time.
     pub snapshot_max_passes: usize,
+    /// A snapshot continues the previous snapshot's segments unless another clustering (the
+    /// online one or a fresh start) has an inertia lower by more than this share.
+    pub snapshot_stability_margin: f64,
     /// Eigensolver tolerance at snapshot time (exact parity with batch PCA).
     pub eigen_tolerance: f64,
     /// Eigensolver tolerance of the periodic refresh (the online model only needs a good basis).
@@ -240,6 +243,7 @@ impl Default for EngineParams {
             polish_passes: 3,
             snapshot_kmeans_starts: 25,
             snapshot_max_passes: 300,
+            snapshot_stability_margin: 0.05,
             eigen_tolerance: 1e-9,
             refresh_eigen_tolerance: 1e-4,
             eigen_max_iterations: 500,
@@ -577,15 +581,15 @@ impl Engine {
             &mut self.model,
             Model::new(self.params.components, self.params.clusters),
         );
-        let outcome = model.refresh(&self.data_view(&order), true, &eigen, &clustering);
+        let outcome = model.refresh(&self.data_view(&order), true, &eigen, &clustering, None);
         self.model = model;
         self.model_dirty = true;
         Some(outcome)
     }
 
     /// See [`EngineView::snapshot_model`].
-    pub fn snapshot_model(&self, with_curve: bool) -> Option<Model> {
-        self.view().snapshot_model(with_curve)
+    pub fn snapshot_model(&self, with_curve: bool, previous: Option<&[u32]>) -> Option<Model> {
+        self.view().snapshot_model(with_curve, previous)
     }
 
     fn data_view<'a>(&'a self, canonical_order: &'a [u32]) -> DataView<'a> {
@@ -683,13 +687,14 @@ impl EngineView {
     }
 
     /// A copy of the model with the PCA re-solved to `eigen_tolerance` on the current data and
-    /// the online clustering polished by Lloyd to convergence, replaced only by a clearly better
-    /// one of `snapshot_kmeans_starts` fresh k-means++ starts (run on a sample, polished on
-    /// everyone); ids matched to the online clustering. The engine itself is not changed, so
-    /// when snapshots are taken never alters the online trajectory. `with_curve` also settles
+    /// a clustering polished by Lloyd to convergence: the `previous` snapshot's (clusters by
+    /// user index), else the online one, replaced only by a clearly better one of the online
+    /// clustering and `snapshot_kmeans_starts` fresh k-means++ starts (run on a sample,
+    /// polished on everyone); ids matched to the clustering it continues. The engine itself is
+    /// not changed, so when snapshots are taken never alters the online trajectory. `with_curve` also settles
     /// the diagnostics curve's further eigenvalues (`curve_components`), which costs most of
     /// the solve on a flat spectrum tail: only snapshots that report diagnostics ask for it.
-    pub fn snapshot_model(&self, with_curve: bool) -> Option<Model> {
+    pub fn snapshot_model(&self, with_curve: bool, previous: Option<&[u32]>) -> Option<Model> {
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
         }
@@ -719,6 +724,7 @@ impl EngineView {
                 keep_current: true,
                 seed,
             },
+            previous.map(|labels| (labels, self.params.snapshot_stability_margin)),
         );
         Some(model)
     }
@@ -836,8 +842,8 @@ mod tests {
         assert!(view.vectors() == frozen.vectors());
         assert!(view.users() == frozen.users().ids());
         assert_eq!(view.ratings(), frozen.ratings());
-        let from_view = view.snapshot_model(false).expect("a model");
-        let from_frozen = frozen.snapshot_model(false).expect("a model");
+        let from_view = view.snapshot_model(false, None).expect("a model");
+        let from_frozen = frozen.snapshot_model(false, None).expect("a model");
         assert_eq!(from_view.labels(), from_frozen.labels());
         assert_eq!(from_view.eigenvalues(), from_frozen.eigenvalues());
     }

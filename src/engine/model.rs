@@ -21,6 +21,12 @@ pub const CLUSTERING_SAMPLE_USERS: usize = 20_000;
 /// this share: equally good local optima must not make segments hop.
 pub const STABILITY_MARGIN: f64 = 0.005;
 
+/// A user changes cluster only for a centroid closer than `1 − STICKINESS` times its squared
+/// distance to its own (online, at refreshes and in snapshots): with more clusters than the data
+/// has segments, users on the boundary between two sub-clusters of one segment would otherwise
+/// flip back and forth as their vectors change.
+pub const STICKINESS: f64 = 0.05;
+
 /// No cluster: the user has no ratings, or the model is not initialised yet.
 pub const NO_CLUSTER: u32 = u32::MAX;
 
@@ -238,7 +244,7 @@ impl Model {
         match (was_active, now_active) {
             (true, true) => {
                 let best = self.nearest(user);
-                if best != label {
+                if best != label && self.clearly_closer(user, best, label) {
                     self.move_user(user, Some(label), Some(best));
                 }
             }
@@ -269,6 +275,15 @@ impl Model {
             }
         }
         best.0
+    }
+
+    /// Whether `user` is closer to cluster `to` than `1 − STICKINESS` times its squared
+    /// distance to `from`.
+    fn clearly_closer(&self, user: usize, to: u32, from: u32) -> bool {
+        let k = self.components;
+        let z = &self.projections[user * k..(user + 1) * k];
+        let at = |c: u32| squared_distance(z, &self.means[c as usize * k..(c as usize + 1) * k]);
+        at(to) < (1.0 - STICKINESS) * at(from)
     }
 
     fn move_user(&mut self, user: usize, from: Option<u32>, to: Option<u32>) {
@@ -355,6 +370,7 @@ impl Model {
         warm_start: bool,
         eigen: &EigenParams,
         clustering: &ClusteringParams,
+        prior: Option<(&[u32], f64)>,
     ) -> RefreshOutcome {
         let DataView {
             stats,
@@ -391,7 +407,7 @@ impl Model {
             .collect();
         let eigen_seconds = started.elapsed().as_secs_f64();
         self.reproject(vectors);
-        let lloyd_passes = self.recluster(vectors, canonical_order, clustering);
+        let lloyd_passes = self.recluster(vectors, canonical_order, clustering, prior);
         tracing::debug!(
             eigen_seconds,
             eigen_iterations = result.iterations,
@@ -471,6 +487,7 @@ impl Model {
         vectors: &CowVec<SparseVec>,
         canonical_order: &[u32],
         params: &ClusteringParams,
+        prior: Option<(&[u32], f64)>,
     ) -> usize {
         let k = self.components;
         let active: Vec<usize> = canonical_order
@@ -495,10 +512,24 @@ impl Model {
             dim: k,
         };
         let previous: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
-        let current = (self.initialised && params.keep_current).then(|| {
-            self.rebuild_sums();
-            kmeans::lloyd(&points, self.means.clone(), params.max_passes)
+        let sticky_from = |labels: Vec<u32>| {
+            kmeans::lloyd_sticky(
+                &points,
+                self.clusters,
+                labels,
+                params.max_passes,
+                STICKINESS,
+            )
+        };
+        let prior_labels: Option<Vec<u32>> = prior.map(|(p, _)| {
+            active
+                .iter()
+                .map(|&u| p.get(u).copied().unwrap_or(NO_CLUSTER))
+                .collect()
         });
+        let continued = prior_labels.clone().map(sticky_from);
+        let current =
+            (self.initialised && params.keep_current).then(|| sticky_from(previous.clone()));
         let fresh = (params.restarts > 0 || current.is_none()).then(|| {
             // k-means++ starts converge on an evenly spread sample (canonical order, so the
             // same users whatever the arrival order); the best one is then polished on all.
@@ -520,18 +551,31 @@ impl Model {
             );
             kmeans::lloyd(&points, sampled.centroids, params.max_passes)
         });
-        // The current clustering stays unless a fresh one is clearly better: segments must not
-        // hop between equally good local optima from one refresh or snapshot to the next.
-        let result = match (current, fresh) {
-            (Some(current), Some(fresh))
-                if fresh.inertia < current.inertia * (1.0 - STABILITY_MARGIN) =>
+        // The clustering being continued stays unless another is clearly better: segments
+        // must not hop between equally good local optima from one refresh or snapshot to the
+        // next. The previous snapshot's segments (when given) hold against a wider margin.
+        let continued_margin = prior.map_or(STABILITY_MARGIN, |(_, m)| m.max(STABILITY_MARGIN));
+        let reference = prior_labels.unwrap_or(previous);
+        let mut fresh = fresh;
+        let (mut result, margin) = match (continued, current) {
+            (Some(continued), Some(current))
+                if current.inertia < continued.inertia * (1.0 - continued_margin) =>
             {
-                fresh
+                (current, STABILITY_MARGIN)
             }
-            (Some(current), _) => current,
-            (None, Some(fresh)) => fresh,
-            (None, None) => return 0,
+            (Some(continued), _) => (continued, continued_margin),
+            (None, Some(current)) => (current, STABILITY_MARGIN),
+            (None, None) => match fresh.take() {
+                Some(fresh) => (fresh, 0.0),
+                None => return 0,
+            },
         };
+        if let Some(fresh) = fresh
+            && fresh.inertia < result.inertia * (1.0 - margin)
+        {
+            result = fresh;
+        }
+        let previous = reference;
         let mapping = if self.initialised {
             match_labels(&result.labels, &previous, self.clusters)
         } else {

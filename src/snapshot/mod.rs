@@ -155,7 +155,13 @@ pub struct BuildInput<'a> {
     pub created_at: String,
     pub titles: &'a FxHashMap<String, String>,
     pub offsets: BTreeMap<String, i64>,
-    pub previous: Option<(u64, &'a Assignments)>,
+    /// The previous snapshot: its version and its clusters by user index. Its clustering is
+    /// where this one continues from (segments stay put unless the data moved them), and what
+    /// drift is measured against.
+    pub previous: Option<(u64, &'a [u32])>,
+    /// Continue the previous snapshot's segments (the service's periodic snapshots) rather
+    /// than take the lowest inertia found (a replay's final snapshot, whatever came before).
+    pub continue_previous: bool,
     pub with_diagnostics: bool,
 }
 
@@ -168,6 +174,7 @@ impl<'a> BuildInput<'a> {
             titles,
             offsets: BTreeMap::new(),
             previous: None,
+            continue_previous: false,
             with_diagnostics,
         }
     }
@@ -195,7 +202,11 @@ pub fn build_with_model(
     params: &SnapshotParams,
     input: BuildInput<'_>,
 ) -> Option<Built> {
-    let model = engine.snapshot_model(input.with_diagnostics)?;
+    let continued = input
+        .previous
+        .filter(|_| input.continue_previous)
+        .map(|(_, labels)| labels);
+    let model = engine.snapshot_model(input.with_diagnostics, continued)?;
     if !model.is_clustered() {
         return None;
     }
@@ -287,12 +298,11 @@ pub fn build_from_model(
         .collect();
 
     let drift = input.previous.map(|(previous_version, previous)| {
-        let before: FxHashMap<&str, u32> = previous.iter().map(|(u, c)| (u.as_str(), *c)).collect();
         let (mut a, mut b) = (vec![], vec![]);
-        for (user, cluster) in &assignments {
-            if let Some(&old) = before.get(user.as_str()) {
+        for (&old, &new) in previous.iter().zip(labels) {
+            if old != NO_CLUSTER && new != NO_CLUSTER {
                 a.push(old);
-                b.push(*cluster);
+                b.push(new);
             }
         }
         Drift {
