@@ -197,6 +197,8 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
+    // The decoded events are all applied: free them before the snapshot's own allocations.
+    drop(decoded);
 
     let titles = store.titles()?;
     let snapshotting = std::time::Instant::now();
