@@ -4,12 +4,14 @@
 //! not persisted, and a restart resumes exactly where the last commit left off.
 //!
 //! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
-//! `m/<name>` metadata, `n/<u32>` user ids, `u/<u32>` user vectors as of the last checkpoint,
-//! `l/<u64>` the cells (user, item, value) each commit changed since that checkpoint, `i/<u32>`
+//! `m/<name>` metadata, `n/<u32>` user ids, `v/<u32>` the vectors of users `1024·i ..
+//! 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state dirs written
+//! before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells (user, item, value) each commit changed since that checkpoint, `i/<u32>`
 //! item ids, `c/<item>` titles, `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
 //! A commit appends one log record (what changed, not whole vectors); every
-//! `[state] checkpoint_cells` logged cells, the changed users' vectors are rewritten and the log
-//! dropped, in the same atomic batch. Opening replays the log over the checkpoint.
+//! `[state] checkpoint_cells` logged cells, the chunks of the changed users are rewritten and the
+//! log dropped, in the same atomic batch (a chunk is one sled key: a checkpoint of 100k users is
+//! about 100 inserts, not 100k). Opening replays the log over the checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -311,7 +313,9 @@ impl Store {
             );
         }
         state.vectors = vec![SparseVec::default(); state.users.len()];
+        let mut legacy_records = false;
         for entry in self.tree.scan_prefix(b"u/") {
+            legacy_records = true;
             let (k, v) = entry?;
             let u = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))? as usize;
             let x = decode_vector(&v).ok_or_else(|| corrupt(&k, "bad user vector"))?;
@@ -323,6 +327,29 @@ impl Store {
                 return Err(corrupt(&k, "vector of an unknown user or item"));
             }
             state.vectors[u] = x;
+        }
+        for entry in self.tree.scan_prefix(b"v/") {
+            let (k, v) = entry?;
+            let chunk = index_u32(&k).ok_or_else(|| corrupt(&k, "bad chunk key"))? as usize;
+            let vectors = decode_chunk(&v).ok_or_else(|| corrupt(&k, "bad user vectors"))?;
+            let first = chunk * CHECKPOINT_CHUNK_USERS;
+            if vectors.len() > CHECKPOINT_CHUNK_USERS
+                || first + vectors.len() > state.vectors.len()
+                || vectors.iter().any(|x| {
+                    x.idx
+                        .last()
+                        .is_some_and(|&j| j as usize >= state.items.len())
+                })
+            {
+                return Err(corrupt(&k, "vectors of an unknown user or item"));
+            }
+            for (i, x) in vectors.into_iter().enumerate() {
+                state.vectors[first + i] = x;
+            }
+        }
+        if legacy_records {
+            // The next checkpoint writes every user in chunks and drops the per-user records.
+            state.users_since_checkpoint = (0..state.users.len() as u32).collect();
         }
         // The log, oldest first, over the checkpoint.
         for entry in self.tree.scan_prefix(b"l/") {
@@ -438,11 +465,25 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
             .max(engine.ratings());
         if log.cells + changes.cells.len() as u64 >= threshold {
-            // Checkpoint: whole vectors of every user changed since the last one; drop the log.
+            // Checkpoint: the chunks of every user changed since the last one; drop the log.
+            let mut chunks: Vec<usize> = engine
+                .take_checkpoint_users()
+                .into_iter()
+                .map(|u| u as usize / CHECKPOINT_CHUNK_USERS)
+                .collect();
+            chunks.dedup();
+            let users = engine.users().len();
             let mut record = Vec::new();
-            for u in engine.take_checkpoint_users() {
-                encode_vector(engine.vector(u), &mut record);
-                batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
+            for chunk in chunks {
+                let first = chunk * CHECKPOINT_CHUNK_USERS;
+                let end = (first + CHECKPOINT_CHUNK_USERS).min(users);
+                encode_chunk((first..end).map(|u| engine.vector(u as u32)), &mut record);
+                batch.insert(key(b'v', &(chunk as u32).to_be_bytes()), record.as_slice());
+            }
+            // Vectors of a state dir written before chunks: superseded by the chunks above
+            // (every user of such a dir was restored from them, so every chunk is rewritten).
+            for legacy in self.tree.scan_prefix(b"u/").keys() {
+                batch.remove(legacy?);
             }
             for seq in 0..log.next_seq {
                 batch.remove(key(b'l', &seq.to_be_bytes()));
@@ -693,6 +734,39 @@ fn index_u32(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
 }
 
+/// Users per checkpoint record (`v/<chunk>`).
+const CHECKPOINT_CHUNK_USERS: usize = 1024;
+
+/// `[users u32]` then each user's vector as [`encode_vector`] writes it.
+fn encode_chunk(
+    vectors: impl Iterator<Item = impl std::ops::Deref<Target = SparseVec>>,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut users = 0u32;
+    let mut one = Vec::new();
+    for x in vectors {
+        encode_vector(&x, &mut one);
+        out.extend_from_slice(&one);
+        users += 1;
+    }
+    out[..4].copy_from_slice(&users.to_le_bytes());
+}
+
+fn decode_chunk(bytes: &[u8]) -> Option<Vec<SparseVec>> {
+    let users = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let mut at = 4;
+    let mut out = Vec::with_capacity(users);
+    for _ in 0..users {
+        let nnz = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+        let len = 4 + 12 * nnz;
+        out.push(decode_vector(bytes.get(at..at + len)?)?);
+        at += len;
+    }
+    (at == bytes.len()).then_some(out)
+}
+
 /// A log cell: user u32, item u32, value f64 (0 = removed), little-endian.
 const LOG_CELL_BYTES: usize = 16;
 
@@ -748,6 +822,82 @@ mod tests {
         assert_eq!(decode_vector(&buf), Some(x));
         assert_eq!(decode_vector(&buf[..buf.len() - 1]), None);
         assert_eq!(decode_vector(b"\xff\xff\xff\xff"), None);
+    }
+
+    #[test]
+    fn chunked_checkpoints_restore_many_users_and_replace_per_user_records() {
+        use crate::engine::EngineParams;
+        use crate::event::RatingEvent;
+        let dir = tempfile::tempdir().unwrap();
+        // 2,600 users (three chunks) with three items each: the ratings stop growing after
+        // 7,800 events, so the log catches up with them and checkpoints happen.
+        let event = |i: usize| RatingEvent {
+            user: format!("u{}", i % 2_600),
+            item: format!("i{}", (i / 2_600) % 3),
+            value: Some((i % 7 % 5 + 1) as f64),
+            ts: i as i64,
+        };
+        let params = EngineParams::default();
+        let mut reference = Engine::new(params.clone());
+        let store = Store::open(dir.path()).unwrap();
+        store.set_checkpoint_cells(1);
+        let mut engine = store.load_engine(params.clone()).unwrap();
+        let first: Vec<RatingEvent> = (0..24_000).map(event).collect();
+        for batch in first.chunks(1_000) {
+            engine.apply(batch);
+            reference.apply(batch);
+            store.commit(&mut engine, None).unwrap();
+        }
+        let chunks = store.tree.scan_prefix(b"v/").count();
+        assert!(
+            chunks >= 3,
+            "users span several chunks: {chunks} chunks for {} users",
+            engine.users().len()
+        );
+        // Rewrite the checkpoint as a state dir written before chunks had it: one key per user.
+        let mut batch = sled::Batch::default();
+        for k in store.tree.scan_prefix(b"v/").keys() {
+            batch.remove(k.unwrap());
+        }
+        let mut record = Vec::new();
+        for u in 0..reference.users().len() as u32 {
+            encode_vector(reference.vector(u), &mut record);
+            batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
+        }
+        store.write(batch).unwrap();
+        drop(engine);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let mut engine = store.load_engine(params.clone()).unwrap();
+        assert_eq!(
+            engine.vectors(),
+            reference.vectors(),
+            "per-user records restore"
+        );
+        store.set_checkpoint_cells(1);
+        // Enough changes for the log to reach the data's size: a checkpoint.
+        let second: Vec<RatingEvent> = (24_000..56_000).map(event).collect();
+        for batch in second.chunks(4_000) {
+            engine.apply(batch);
+            reference.apply(batch);
+            store.commit(&mut engine, None).unwrap();
+        }
+        assert_eq!(
+            store.tree.scan_prefix(b"u/").count(),
+            0,
+            "per-user records replaced"
+        );
+        drop(engine);
+        drop(store);
+        let reopened = Store::open(dir.path())
+            .unwrap()
+            .load_engine(params)
+            .unwrap();
+        assert_eq!(
+            reopened.vectors(),
+            reference.vectors(),
+            "after the chunked checkpoint"
+        );
     }
 
     #[test]
