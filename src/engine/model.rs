@@ -170,6 +170,13 @@ impl Model {
         &self.counts
     }
     /// Uncentred projection of one user.
+    /// Where user `user`'s projection starts (for a prefetch hint; never dereferenced).
+    pub(crate) fn projection_ptr(&self, user: usize) -> *const f64 {
+        self.projections
+            .as_ptr()
+            .wrapping_add(user * self.components)
+    }
+
     pub fn projection(&self, user: usize) -> &[f64] {
         let k = self.components;
         &self.projections[user * k..(user + 1) * k]
