@@ -201,30 +201,106 @@ fn update_centroids<P: Points>(points: &P, labels: &mut [u32], k: usize, centroi
     }
 }
 
-/// Lloyd iterations from the given centroids until no label changes or `max_passes`.
+/// Lloyd iterations from the given centroids until no label changes or `max_passes`, with
+/// Hamerly's bounds: per point an upper bound on the distance to its own centroid and a lower
+/// bound on the distance to any other, moved by how far centroids move, so a point whose bounds
+/// prove it stays is skipped without computing a distance (most points after the first passes).
+/// The assignments are Lloyd's own; only the work differs.
 pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) -> Clustering {
     let n = points.len();
     let dim = points.dim();
     let k = centroids.len() / dim.max(1);
     let mut labels = vec![u32::MAX; n];
+    let mut upper = vec![f64::INFINITY; n];
+    let mut lower = vec![0.0f64; n];
+    // Half the distance from each centroid to its nearest other one: a point closer than that
+    // to its own centroid cannot be closer to another.
+    let mut half_gap = vec![0.0f64; k];
     let mut passes = 0;
     while passes < max_passes.max(1) {
         passes += 1;
         let norms = centroid_norms(&centroids, dim);
         let mut changed = false;
-        for (i, label) in labels.iter_mut().enumerate() {
-            let (c, _) = nearest(points, i, &centroids, &norms);
-            if *label != c {
-                *label = c;
+        for i in 0..n {
+            let own = labels[i] as usize;
+            if own < k {
+                let bound = half_gap[own].max(lower[i]);
+                if upper[i] <= bound {
+                    continue;
+                }
+                upper[i] = points
+                    .distance2(i, &centroids[own * dim..(own + 1) * dim], norms[own])
+                    .sqrt();
+                if upper[i] <= bound {
+                    continue;
+                }
+            }
+            let (mut best, mut best_d, mut second_d) = (0u32, f64::INFINITY, f64::INFINITY);
+            for (c, norm) in norms.iter().enumerate() {
+                let d = points.distance2(i, &centroids[c * dim..(c + 1) * dim], *norm);
+                if d < best_d {
+                    second_d = best_d;
+                    best = c as u32;
+                    best_d = d;
+                } else if d < second_d {
+                    second_d = d;
+                }
+            }
+            if labels[i] != best {
+                labels[i] = best;
                 changed = true;
             }
+            upper[i] = best_d.sqrt();
+            lower[i] = second_d.sqrt();
         }
         if !changed {
             break;
         }
+        let before = centroids.clone();
+        let labels_before = labels.clone();
         update_centroids(points, &mut labels, k, &mut centroids);
+        let moved: Vec<f64> = (0..k)
+            .map(|c| {
+                squared_distance(
+                    &before[c * dim..(c + 1) * dim],
+                    &centroids[c * dim..(c + 1) * dim],
+                )
+                .sqrt()
+            })
+            .collect();
+        let max_moved = moved.iter().copied().fold(0.0f64, f64::max);
+        for i in 0..n {
+            if labels[i] != labels_before[i] {
+                // Re-seeded into an empty cluster: no bound holds any more.
+                upper[i] = f64::INFINITY;
+                lower[i] = 0.0;
+            } else {
+                upper[i] += moved[labels[i] as usize];
+                lower[i] = (lower[i] - max_moved).max(0.0);
+            }
+        }
+        for c in 0..k {
+            half_gap[c] = 0.5
+                * (0..k)
+                    .filter(|&o| o != c)
+                    .map(|o| {
+                        squared_distance(
+                            &centroids[c * dim..(c + 1) * dim],
+                            &centroids[o * dim..(o + 1) * dim],
+                        )
+                        .sqrt()
+                    })
+                    .fold(f64::INFINITY, f64::min);
+            if !half_gap[c].is_finite() {
+                half_gap[c] = 0.0;
+            }
+        }
     }
     finish(points, labels, centroids, passes)
+}
+
+fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
 /// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned) and its
