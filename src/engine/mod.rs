@@ -343,6 +343,9 @@ pub struct Engine {
     persisted_users: u32,
     persisted_items: u32,
     model_dirty: bool,
+    /// User indices sorted by id, as of the last refresh (users are only ever appended, so
+    /// later ones are merged in rather than everything sorted again).
+    sorted_users: Vec<u32>,
 }
 
 impl Engine {
@@ -362,6 +365,7 @@ impl Engine {
             persisted_users: 0,
             persisted_items: 0,
             model_dirty: false,
+            sorted_users: Vec::new(),
         }
     }
 
@@ -604,7 +608,8 @@ impl Engine {
             keep_current: true,
             seed,
         };
-        let order = self.canonical_user_order();
+        self.sorted_users = self.canonical_user_order();
+        let order = std::mem::take(&mut self.sorted_users);
         // The model is refreshed from the engine's data: take it out while the data is borrowed.
         let mut model = std::mem::replace(
             &mut self.model,
@@ -613,6 +618,7 @@ impl Engine {
         let outcome = model.refresh(&self.data_view(&order), true, &eigen, &clustering, None);
         self.model = model;
         self.model_dirty = true;
+        self.sorted_users = order;
         Some(outcome)
     }
 
@@ -633,7 +639,27 @@ impl Engine {
     /// User indices sorted by user id: an order independent of event arrival, for every
     /// computation whose result could depend on the order it visits users in.
     pub fn canonical_user_order(&self) -> Vec<u32> {
-        self.users.ids().sorted_order()
+        let ids = self.users.ids();
+        let known = self.sorted_users.len();
+        let mut added: Vec<u32> = (known as u32..ids.len() as u32).collect();
+        if added.len() == ids.len() {
+            return ids.sorted_order();
+        }
+        added.sort_unstable_by(|&a, &b| ids.id(a).cmp(ids.id(b)));
+        let mut order = Vec::with_capacity(ids.len());
+        let (mut a, mut b) = (self.sorted_users.iter().peekable(), added.iter().peekable());
+        while let (Some(&&x), Some(&&y)) = (a.peek(), b.peek()) {
+            if ids.id(x) <= ids.id(y) {
+                order.push(x);
+                a.next();
+            } else {
+                order.push(y);
+                b.next();
+            }
+        }
+        order.extend(a);
+        order.extend(b);
+        order
     }
 
     /// A read-only view of the data and the model as they are now, for building a snapshot
@@ -650,6 +676,7 @@ impl Engine {
             ratings: self.ratings,
             counters: self.counters,
             model: self.model.clone(),
+            sorted_users: self.canonical_user_order(),
         }
     }
 
@@ -682,6 +709,7 @@ pub struct EngineView {
     ratings: u64,
     counters: Counters,
     model: Model,
+    sorted_users: Vec<u32>,
 }
 
 impl EngineView {
@@ -712,7 +740,7 @@ impl EngineView {
         self.ratings
     }
     pub fn canonical_user_order(&self) -> Vec<u32> {
-        self.users.sorted_order()
+        self.sorted_users.clone()
     }
 
     /// A copy of the model with the PCA re-solved to `eigen_tolerance` on the current data and
@@ -867,6 +895,16 @@ mod tests {
         let view = engine.view();
         let frozen = engine.clone();
         engine.apply(second);
+        // The sorted user order is kept across refreshes and merged with later users.
+        assert!(engine.counters().refreshes > 0);
+        assert_eq!(
+            engine.canonical_user_order(),
+            engine.users().ids().sorted_order()
+        );
+        assert_eq!(
+            view.canonical_user_order(),
+            frozen.users().ids().sorted_order()
+        );
         assert_ne!(engine.vectors(), frozen.vectors(), "the engine went on");
         assert!(view.vectors() == frozen.vectors());
         assert!(view.users() == frozen.users().ids());
