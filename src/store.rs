@@ -25,8 +25,13 @@ use crate::engine::{
 use crate::event::Mode;
 use crate::snapshot::{Assignments, Snapshot};
 
-/// Version of the on-disk layout; a state dir written by another version is refused.
-pub const STATE_FORMAT: u32 = 1;
+/// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
+/// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)
+/// is read as it is and marked format 2 on open, so an older build refuses it from then on.
+pub const STATE_FORMAT: u32 = 2;
+
+/// Formats this build reads.
+const READABLE_FORMATS: [u32; 2] = [1, 2];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,7 +53,9 @@ pub enum StoreError {
         stored: String,
         configured: String,
     },
-    #[error("state dir format {found} is not supported (this build reads format {STATE_FORMAT})")]
+    #[error(
+        "state dir format {found} is not supported (this build reads formats 1 to {STATE_FORMAT}); it was written by a newer segmenter"
+    )]
     Format { found: u32 },
     #[error(
         "an earlier write to the state dir failed; nothing more is written (restart once the disk \
@@ -187,9 +194,11 @@ impl Store {
             failed: std::sync::atomic::AtomicBool::new(false),
         };
         match store.get_json::<u32>("format")? {
-            Some(f) if f != STATE_FORMAT => return Err(StoreError::Format { found: f }),
-            Some(_) => {}
-            None => {
+            Some(f) if !READABLE_FORMATS.contains(&f) => {
+                return Err(StoreError::Format { found: f });
+            }
+            Some(f) if f == STATE_FORMAT => {}
+            _ => {
                 store.tree.insert(
                     meta("format"),
                     serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
