@@ -60,7 +60,11 @@ fn service_survives_a_broker_restart_mid_stream() {
     let from_kafka = latest_stored_snapshot(&dir.path().join("state"));
     let from_file = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
     assert_same_model(&from_kafka, &from_file);
-    assert_same_partition(&dir.path().join("state"), &dir.path().join("replay"));
+    assert_same_partition(
+        &dir.path().join("state"),
+        &dir.path().join("replay"),
+        &config_for(&env),
+    );
 }
 
 /// Two consecutive free ports (broker and controller).

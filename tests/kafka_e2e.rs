@@ -17,7 +17,7 @@ use segmenter::event::Mode;
 const EVENTS: u64 = 24_000;
 
 #[test]
-fn kafka_run_ends_in_the_same_snapshot_as_replay() {
+fn kafka_run_ends_in_the_same_state_and_model_as_replay() {
     let dir = tempfile::tempdir().unwrap();
     let ratings = generate(dir.path(), Mode::Explicit, 400, EVENTS as usize, 21);
     let topic = unique_topic("e2e");
@@ -26,7 +26,11 @@ fn kafka_run_ends_in_the_same_snapshot_as_replay() {
     let from_kafka = run_to_completion(&env, EVENTS);
     let from_file = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
     assert_same_model(&from_kafka, &from_file);
-    assert_same_partition(&dir.path().join("state"), &dir.path().join("replay"));
+    assert_same_partition(
+        &dir.path().join("state"),
+        &dir.path().join("replay"),
+        &config_for(&env),
+    );
     assert_eq!(
         from_kafka.offsets.len(),
         3,
@@ -114,7 +118,7 @@ fn killed_at_random_moments_loses_nothing(mode: Mode, seed: u64) {
     clean_env.push(("SEGMENTER_KAFKA__GROUP_ID".into(), format!("clean-{topic}")));
     let clean = run_to_completion(&clean_env, EVENTS);
     assert_same_model(&killed, &clean);
-    assert_same_partition(&state, &dir.path().join("clean"));
+    assert_same_partition(&state, &dir.path().join("clean"), &config_for(&env));
     assert_same_vectors(&state, &dir.path().join("clean"), &config_for(&env));
 }
 
@@ -149,7 +153,11 @@ fn sigterm_mid_stream_exits_zero_and_resumes_to_the_same_state() {
     let resumed = run_to_completion(&env, EVENTS);
     let reference = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
     assert_same_model(&resumed, &reference);
-    assert_same_partition(&dir.path().join("state"), &dir.path().join("replay"));
+    assert_same_partition(
+        &dir.path().join("state"),
+        &dir.path().join("replay"),
+        &config_for(&env),
+    );
 }
 
 #[test]
