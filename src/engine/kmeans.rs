@@ -303,11 +303,12 @@ fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
-/// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned) and its
-/// member-mean `centroids`, with hysteresis: an assigned point moves only to a centroid closer
-/// than `(1 − stickiness)` times its squared distance to its own. Points near a boundary between
-/// two equally good sub-clusters then stay where they were instead of flipping with every small
-/// change of their vectors; every move still lowers the inertia, so the passes converge.
+/// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned; centroids start
+/// as the member means), with hysteresis: an assigned point moves only to a centroid closer than
+/// `(1 − stickiness)` times its squared distance to its own. Points near a boundary between two
+/// equally good sub-clusters then stay where they were instead of flipping with every small
+/// change of their vectors; every move still lowers the inertia, so the passes converge. With no
+/// point assigned at all, it is plain Lloyd from a seeded k-means++ start.
 pub fn lloyd_sticky<P: Points>(
     points: &P,
     k: usize,
