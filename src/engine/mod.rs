@@ -438,14 +438,18 @@ impl Engine {
         ids: &mut SourceIds,
     ) -> ApplyOutcome {
         let mut outcome = ApplyOutcome::default();
+        // The users already known, resolved up front (through the source's keys, else one
+        // lookup by id that the loop then reuses): events arrive for users all over memory, and
+        // knowing who comes next lets the loop ask for their data before it is needed.
+        let known_users: Vec<Option<u32>> = events
+            .iter()
+            .map(|e| match e.source_keys() {
+                Some((user, _)) => SourceIds::lookup(&ids.users, user),
+                None => self.users.get(e.user()),
+            })
+            .collect();
         for (i, event) in events.iter().enumerate() {
-            // Events arrive for users all over memory: ask for the data of an event a few
-            // places ahead now, so it is in cache when its turn comes.
-            if let Some(ahead) = events.get(i + PREFETCH_AHEAD)
-                && let Some(u) = ahead
-                    .source_keys()
-                    .and_then(|(user, _)| SourceIds::lookup(&ids.users, user))
-            {
+            if let Some(&Some(u)) = known_users.get(i + PREFETCH_AHEAD) {
                 self.prefetch_user(u);
             }
             if let Err(rejection) = self.policy.check(event) {
@@ -458,7 +462,9 @@ impl Engine {
                 outcome.rejected.push((i, RejectReason::CatalogueFull));
                 continue;
             }
-            let user = match keys.and_then(|(user, _)| SourceIds::lookup(&ids.users, user)) {
+            let known_user = known_users[i]
+                .or_else(|| keys.and_then(|(user, _)| SourceIds::lookup(&ids.users, user)));
+            let user = match known_user {
                 Some(u) => u,
                 None => {
                     let u = self.intern_user(event.user());
