@@ -147,3 +147,51 @@ fn consecutive_snapshots_agree_on_a_stationary_stream_and_a_swap_shows_at_once()
          the others ({moved_others})"
     );
 }
+
+/// The service's wiring: a periodic snapshot reads the previous stored snapshot's clusters from
+/// the state dir and continues them, exactly as the engine does when handed those labels.
+#[test]
+fn a_periodic_snapshot_continues_the_stored_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = segmenter::config::Config::default();
+    config.state.dir = dir.path().join("state");
+    let store = config.state.open().unwrap();
+    let mut engine = Engine::new(config.engine_params());
+    let titles = Default::default();
+    for round in 0..WARM_UP_ROUNDS {
+        engine.apply(&generate(&stream(round)).events);
+    }
+    let first = segmenter::replay::build_and_store_snapshot(
+        &config,
+        &store,
+        &engine.view(),
+        &titles,
+        Default::default(),
+        true,
+    )
+    .unwrap()
+    .expect("a first snapshot");
+    engine.apply(&generate(&stream(WARM_UP_ROUNDS)).events);
+    let view = engine.view();
+    let second = segmenter::replay::build_and_store_snapshot(
+        &config,
+        &store,
+        &view,
+        &titles,
+        Default::default(),
+        true,
+    )
+    .unwrap()
+    .expect("a second snapshot");
+    let expected = view
+        .snapshot_model(false, Some(first.model.labels()))
+        .expect("a model");
+    assert_eq!(second.model.labels(), expected.labels());
+    let drift = second
+        .snapshot
+        .drift
+        .expect("drift against the first snapshot");
+    assert_eq!(drift.previous_version, first.snapshot.version);
+    assert!(drift.users_compared > 0);
+    assert!(drift.adjusted_rand_index >= 0.9, "drift {drift:?}");
+}
