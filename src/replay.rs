@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
-use crate::engine::EngineView;
+use crate::engine::{EngineView, IdMap};
 use crate::event::{RatingRef, RejectReason, Rejection};
 use crate::snapshot::validation::stable_hash;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
@@ -44,8 +44,7 @@ pub struct ReplayOutcome {
 /// (the `String`s of 5M events would take most of the memory of a replay otherwise).
 #[derive(Default)]
 struct CompactEvents {
-    ids: FxHashMap<String, u32>,
-    names: Vec<String>,
+    ids: IdMap,
     rows: Vec<CompactEvent>,
 }
 
@@ -59,19 +58,9 @@ struct CompactEvent {
 }
 
 impl CompactEvents {
-    fn intern(&mut self, id: &str) -> u32 {
-        if let Some(&i) = self.ids.get(id) {
-            return i;
-        }
-        let i = self.names.len() as u32;
-        self.names.push(id.to_string());
-        self.ids.insert(id.to_string(), i);
-        i
-    }
-
     fn push(&mut self, event: crate::event::DecodedRef<'_>) {
-        let user = self.intern(event.user);
-        let item = self.intern(event.item);
+        let (user, _) = self.ids.intern(event.user);
+        let (item, _) = self.ids.intern(event.item);
         self.rows.push(CompactEvent {
             user,
             item,
@@ -84,8 +73,8 @@ impl CompactEvents {
     fn events<'a>(&'a self, rows: &[CompactEvent]) -> Vec<RatingRef<'a>> {
         rows.iter()
             .map(|r| RatingRef {
-                user: &self.names[r.user as usize],
-                item: &self.names[r.item as usize],
+                user: self.ids.id(r.user),
+                item: self.ids.id(r.item),
                 value: (!r.value.is_nan()).then_some(r.value),
                 keys: Some((r.user, r.item)),
             })

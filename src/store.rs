@@ -671,33 +671,49 @@ impl Store {
 
     /// A snapshot's assignments with user ids resolved through the stored user records.
     pub fn assignments(&self, version: u64) -> Result<Option<Assignments>, StoreError> {
-        let k = key(b'a', &version.to_be_bytes());
-        let Some(bytes) = self.tree.get(&k)? else {
+        let Some(pairs) = self.assignment_pairs(version)? else {
             return Ok(None);
         };
-        let mut out = Vec::with_capacity(bytes.len() / 8);
-        for pair in bytes.chunks_exact(8) {
-            let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
-            let c = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
-            let id = self
-                .tree
-                .get(key(b'n', &u.to_be_bytes()))?
-                .ok_or_else(|| corrupt(&k, "assignment names an unknown user"))?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (u, c) in pairs {
+            let id = self.tree.get(key(b'n', &u.to_be_bytes()))?.ok_or_else(|| {
+                corrupt(
+                    &key(b'a', &version.to_be_bytes()),
+                    "assignment names an unknown user",
+                )
+            })?;
             out.push((String::from_utf8_lossy(&id).into_owned(), c));
         }
         Ok(Some(out))
     }
 
-    /// A stored snapshot's clusters by user index (`NO_CLUSTER` for users it did not assign):
-    /// the start the next snapshot's clustering continues from, and its drift reference.
-    pub fn assignment_labels(&self, version: u64) -> Result<Option<Vec<u32>>, StoreError> {
+    /// A stored snapshot's `(user index, cluster)` pairs.
+    fn assignment_pairs(&self, version: u64) -> Result<Option<Vec<(u32, u32)>>, StoreError> {
         let Some(bytes) = self.tree.get(key(b'a', &version.to_be_bytes()))? else {
             return Ok(None);
         };
+        Ok(Some(
+            bytes
+                .chunks_exact(8)
+                .map(|pair| {
+                    (
+                        u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]),
+                        u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]),
+                    )
+                })
+                .collect(),
+        ))
+    }
+
+    /// A stored snapshot's clusters by user index (`NO_CLUSTER` for users it did not assign):
+    /// the start the next snapshot's clustering continues from, and its drift reference.
+    pub fn assignment_labels(&self, version: u64) -> Result<Option<Vec<u32>>, StoreError> {
+        let Some(pairs) = self.assignment_pairs(version)? else {
+            return Ok(None);
+        };
         let mut labels = vec![];
-        for pair in bytes.chunks_exact(8) {
-            let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]) as usize;
-            let c = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+        for (u, c) in pairs {
+            let u = u as usize;
             if labels.len() <= u {
                 labels.resize(u + 1, crate::engine::NO_CLUSTER);
             }

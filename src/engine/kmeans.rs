@@ -5,6 +5,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::model::squared_distance;
+
 /// A set of points K-Means can cluster. Centroids are always dense `dim()`-vectors.
 pub trait Points {
     fn len(&self) -> usize;
@@ -297,10 +299,6 @@ pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) 
         }
     }
     finish(points, labels, centroids, passes)
-}
-
-fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
 /// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned; centroids start
