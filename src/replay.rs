@@ -94,10 +94,8 @@ fn source_key(bytes: &[u8]) -> String {
 pub struct ReplayPhases {
     /// Reading, decoding and sorting the file, and restoring the state dir.
     pub load: f64,
-    /// Applying events, periodic refreshes excluded.
+    /// Applying events.
     pub apply: f64,
-    /// Periodic model refreshes.
-    pub refresh: f64,
     /// State commits (write and fsync).
     pub commit: f64,
     /// Building and storing the final snapshot.
@@ -108,86 +106,43 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     let started = std::time::Instant::now();
     let mut phases = ReplayPhases::default();
     let store = config.state.open()?;
-    let mut engine = store.load_engine(config.engine_params())?;
-    let mut source_ids = crate::engine::SourceIds::default();
+    // No online model during a replay: nobody observes a file's intermediate models, so
+    // keeping one up to date (periodic refreshes, per-event projections) would be pure cost,
+    // and without it the final snapshot is computed from the data alone, however the file was
+    // split or the state dir came to be. The snapshot's model becomes the online one at the end.
+    let mut params = config.engine_params();
+    params.refresh_every_events = u64::MAX;
+    let mut engine = store.load_engine(params)?;
+    engine.forget_model();
     let mut catalogue_bad_lines = 0;
     if let Some(items) = &options.items {
         let (titles, bad) = decode::read_catalogue_file(items)?;
         store.put_titles(&titles)?;
         catalogue_bad_lines = bad;
     }
-    let bytes = std::fs::read(&options.ratings)
-        .with_context(|| format!("cannot read ratings file {}", options.ratings.display()))?;
-    let mut decoded = CompactEvents::default();
-    let mut rejected = decode::decode_ratings_into(
-        &bytes,
-        options.format,
-        &config.events.fields,
-        &config.engine_params().policy(),
-        |event| decoded.push(event),
-    );
-    let key = source_key(&bytes);
-    drop(bytes);
-    // Stable: events with equal timestamps keep their file order.
-    decoded.rows.sort_by_key(|r| r.ts);
+    let mut file = load_file(config, options)?;
     let mut offsets: BTreeMap<String, i64> = store.offsets()?;
-    let done = offsets.get(&key).copied().unwrap_or(0).max(0) as usize;
-    let skipped = done.min(decoded.rows.len());
+    let done = offsets.get(&file.key).copied().unwrap_or(0).max(0) as usize;
+    let skipped = done.min(file.events.rows.len());
     if skipped > 0 {
         tracing::info!(
             skipped,
             "resuming replay: events already applied from this file are skipped"
         );
     }
-    let remaining = &decoded.rows[skipped..];
-    let bar = if options.progress {
-        ProgressBar::new(remaining.len() as u64).with_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        )
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut applied = 0u64;
-    let mut position = skipped;
     phases.load = started.elapsed().as_secs_f64();
-    for rows in remaining.chunks(config.replay.batch_size) {
-        let batch = decoded.events(rows);
-        let batch = batch.as_slice();
-        let applying = std::time::Instant::now();
-        let outcome = engine.apply_with_source_ids(batch, &mut source_ids);
-        let refreshing: f64 = outcome.refreshes.iter().map(|r| r.seconds).sum();
-        phases.refresh += refreshing;
-        phases.apply += applying.elapsed().as_secs_f64() - refreshing;
-        applied += outcome.applied;
-        for &(i, reason) in &outcome.rejected {
-            let rejection = match reason {
-                RejectReason::CatalogueFull => {
-                    crate::engine::catalogue_full(batch[i].item, config.model.max_items)
-                }
-                other => Rejection::new(other, other.label()),
-            };
-            // Numbered by position in time order (the file is replayed sorted by timestamp).
-            rejected.record((position + i + 1) as u64, &rejection);
-        }
-        for r in &outcome.refreshes {
-            tracing::debug!(
-                iterations = r.eigen_iterations,
-                converged = r.eigen_converged,
-                inertia = r.inertia,
-                "model refreshed"
-            );
-        }
-        position += batch.len();
-        offsets.insert(key.clone(), position as i64);
-        let committing = std::time::Instant::now();
-        store.commit(&mut engine, Some(&offsets))?;
-        phases.commit += committing.elapsed().as_secs_f64();
-        bar.inc(batch.len() as u64);
-    }
-    bar.finish_and_clear();
+    let applied = apply_file(
+        config,
+        options,
+        &store,
+        &mut engine,
+        &mut file,
+        skipped,
+        &mut offsets,
+        &mut phases,
+    )?;
     // The decoded events are all applied: free them before the snapshot's own allocations.
-    drop(decoded);
+    drop(file.events);
 
     let titles = store.titles()?;
     let snapshotting = std::time::Instant::now();
@@ -198,15 +153,22 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
         &titles,
         BTreeMap::new(),
         false,
-    )?
-    .map(|b| (b.snapshot, b.assignments));
+    )?;
     phases.snapshot = snapshotting.elapsed().as_secs_f64();
+    let built = match built {
+        Some(built) => {
+            let committing = std::time::Instant::now();
+            engine.adopt_model(built.model);
+            store.commit(&mut engine, Some(&offsets))?;
+            phases.commit += committing.elapsed().as_secs_f64();
+            Some((built.snapshot, built.assignments))
+        }
+        None => None,
+    };
     tracing::info!(
         events = applied,
-        refreshes = engine.counters().refreshes,
         load_seconds = phases.load,
         apply_seconds = phases.apply,
-        refresh_seconds = phases.refresh,
         commit_seconds = phases.commit,
         snapshot_seconds = phases.snapshot,
         "replay finished"
@@ -223,10 +185,114 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     Ok(ReplayOutcome {
         applied,
         skipped: skipped as u64,
-        rejected,
+        rejected: file.rejected,
         catalogue_bad_lines,
         snapshot: built,
     })
+}
+
+/// A ratings file decoded, in time order, with what was rejected while decoding.
+struct LoadedFile {
+    events: CompactEvents,
+    rejected: RejectTally,
+    /// Its progress key in the state dir (see [`source_key`]).
+    key: String,
+}
+
+fn load_file(config: &Config, options: &ReplayOptions) -> anyhow::Result<LoadedFile> {
+    let bytes = std::fs::read(&options.ratings)
+        .with_context(|| format!("cannot read ratings file {}", options.ratings.display()))?;
+    let mut events = CompactEvents::default();
+    let rejected = decode::decode_ratings_into(
+        &bytes,
+        options.format,
+        &config.events.fields,
+        &config.engine_params().policy(),
+        |event| events.push(event),
+    );
+    // Stable: events with equal timestamps keep their file order.
+    events.rows.sort_by_key(|r| r.ts);
+    Ok(LoadedFile {
+        events,
+        rejected,
+        key: source_key(&bytes),
+    })
+}
+
+/// Applies the file's events from `skipped` on, in batches, each committed with the file's
+/// position. Commits are encoded here and written by a second thread (in order, one waiting at
+/// most), so the disk works while the next batch is applied. Returns the events applied.
+#[allow(clippy::too_many_arguments)]
+fn apply_file(
+    config: &Config,
+    options: &ReplayOptions,
+    store: &Store,
+    engine: &mut crate::engine::Engine,
+    file: &mut LoadedFile,
+    skipped: usize,
+    offsets: &mut BTreeMap<String, i64>,
+    phases: &mut ReplayPhases,
+) -> anyhow::Result<u64> {
+    let remaining = &file.events.rows[skipped..];
+    let bar = progress_bar(options.progress, remaining.len() as u64);
+    let mut source_ids = crate::engine::SourceIds::default();
+    let mut applied = 0u64;
+    let mut position = skipped;
+    std::thread::scope(|scope| {
+        let (to_writer, commits) = std::sync::mpsc::sync_channel(1);
+        let writer = scope.spawn(move || {
+            commits
+                .into_iter()
+                .try_for_each(|commit| store.write_commit(commit))
+        });
+        for rows in remaining.chunks(config.replay.batch_size) {
+            let batch = file.events.events(rows);
+            let applying = std::time::Instant::now();
+            let outcome = engine.apply_with_source_ids(&batch, &mut source_ids);
+            phases.apply += applying.elapsed().as_secs_f64();
+            applied += outcome.applied;
+            for &(i, reason) in &outcome.rejected {
+                let rejection = match reason {
+                    RejectReason::CatalogueFull => {
+                        crate::engine::catalogue_full(batch[i].item, config.model.max_items)
+                    }
+                    other => Rejection::new(other, other.label()),
+                };
+                // Numbered by position in time order (the file is replayed sorted by timestamp).
+                file.rejected.record((position + i + 1) as u64, &rejection);
+            }
+            position += batch.len();
+            offsets.insert(file.key.clone(), position as i64);
+            let committing = std::time::Instant::now();
+            let (_, commit) = store.prepare_commit(engine, Some(offsets))?;
+            // A closed channel means the writer failed: its error is returned below.
+            let sent = to_writer.send(commit);
+            phases.commit += committing.elapsed().as_secs_f64();
+            bar.inc(batch.len() as u64);
+            if sent.is_err() {
+                break;
+            }
+        }
+        drop(to_writer);
+        let committing = std::time::Instant::now();
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the state writer thread panicked"))?;
+        phases.commit += committing.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        written?;
+        Ok(applied)
+    })
+}
+
+fn progress_bar(enabled: bool, events: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    ProgressBar::new(events).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
 }
 
 /// Builds a snapshot of the engine (the next version, drift against the latest stored one),

@@ -82,6 +82,9 @@ pub struct SnapshotInfo {
     pub events_applied: u64,
 }
 
+/// One commit's atomic batch, encoded but not yet written (see [`Store::prepare_commit`]).
+pub struct PreparedCommit(sled::Batch);
+
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
@@ -454,6 +457,25 @@ impl Store {
         engine: &mut Engine,
         offsets: Option<&BTreeMap<String, i64>>,
     ) -> Result<Changes, StoreError> {
+        let (changes, commit) = self.prepare_commit(engine, offsets)?;
+        self.write_commit(commit)?;
+        Ok(changes)
+    }
+
+    /// Writes and flushes a commit from [`Store::prepare_commit`]. Commits must be written in
+    /// the order they were prepared (each may drop log records the previous ones wrote).
+    pub fn write_commit(&self, commit: PreparedCommit) -> Result<(), StoreError> {
+        self.write(commit.0)
+    }
+
+    /// The first half of [`Store::commit`]: takes the engine's changes and encodes them into
+    /// one atomic batch, without writing it. A replay hands its batches to a writer thread, so
+    /// the disk works while the next events are applied.
+    pub fn prepare_commit(
+        &self,
+        engine: &mut Engine,
+        offsets: Option<&BTreeMap<String, i64>>,
+    ) -> Result<(Changes, PreparedCommit), StoreError> {
         let changes = engine.take_changes();
         let mut batch = sled::Batch::default();
         for i in changes.first_new_item..engine.items().len() as u32 {
@@ -569,8 +591,7 @@ impl Store {
                 serde_json::to_vec(offsets).unwrap_or_default(),
             );
         }
-        self.write(batch)?;
-        Ok(changes)
+        Ok((changes, PreparedCommit(batch)))
     }
 
     /// Adds catalogue titles (item id → title).

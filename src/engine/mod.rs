@@ -628,6 +628,29 @@ impl Engine {
         Some(outcome)
     }
 
+    /// Drops the online model (basis, projections, clustering), keeping the data: what
+    /// follows is then computed from the data alone, whatever the history of the state dir.
+    /// A replay starts with this, so its result depends only on the ratings it ends with.
+    pub fn forget_model(&mut self) {
+        self.model = Model::new(self.params.components, self.params.clusters);
+        for _ in 0..self.users.ids.len() {
+            self.model.add_user_slot();
+        }
+        self.model_dirty = true;
+    }
+
+    /// Takes a model built from this engine's current data (a snapshot's, see
+    /// [`EngineView::snapshot_model`]) as the online model, as if a refresh had produced it.
+    /// A replay does this at its end instead of refreshing along the way: nobody observes the
+    /// intermediate models of a file, and the final snapshot's model is the better one.
+    pub fn adopt_model(&mut self, model: Model) {
+        debug_assert_eq!(model.labels().len(), self.users.ids.len());
+        self.model = model;
+        self.model_dirty = true;
+        self.counters.events_since_refresh = 0;
+        self.counters.refreshes += 1;
+    }
+
     /// See [`EngineView::snapshot_model`].
     pub fn snapshot_model(&self, with_curve: bool, previous: Option<&[u32]>) -> Option<Model> {
         self.view().snapshot_model(with_curve, previous)
