@@ -271,6 +271,23 @@ impl RejectTally {
     /// Longest example text kept (bytes).
     pub const MAX_EXAMPLE_BYTES: usize = 300;
 
+    /// Adds the counts and examples of a tally made over a later piece of the same file, whose
+    /// record numbers start `record_offset` records in.
+    pub fn absorb(&mut self, other: RejectTally, record_offset: u64) {
+        self.total += other.total;
+        for (reason, n) in other.by_reason {
+            *self.by_reason.entry(reason).or_default() += n;
+        }
+        let room = Self::MAX_EXAMPLES.saturating_sub(self.examples.len());
+        self.examples.extend(
+            other
+                .examples
+                .into_iter()
+                .take(room)
+                .map(|(no, text)| (no + record_offset, text)),
+        );
+    }
+
     pub fn record(&mut self, record_no: u64, rejection: &Rejection) {
         self.total += 1;
         *self.by_reason.entry(rejection.reason).or_default() += 1;
@@ -350,10 +367,107 @@ pub fn decode_ratings_into(
     format: FileFormat,
     fields: &JsonFields,
     policy: &ValuePolicy,
-    mut sink: impl FnMut(DecodedRef<'_>),
+    sink: impl FnMut(DecodedRef<'_>),
 ) -> RejectTally {
     // A UTF-8 byte-order mark (spreadsheet exports) is not part of the first record.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    decode_piece(&[], bytes, format, fields, policy, sink)
+}
+
+/// [`decode_ratings_into`] on up to `parts` threads: the file is cut at line ends into pieces,
+/// each decoded into a sink of its own (made by `new_sink`, fed by `push`); the pieces come
+/// back in file order with their rejections numbered as in the whole file. One piece when a
+/// record may span lines (a CSV file with a quote character) or the file is small.
+pub fn decode_ratings_in_parts<S: Send>(
+    bytes: &[u8],
+    format: FileFormat,
+    fields: &JsonFields,
+    policy: &ValuePolicy,
+    parts: usize,
+    new_sink: impl Fn() -> S + Sync,
+    push: impl Fn(&mut S, DecodedRef<'_>) + Sync,
+) -> (Vec<S>, RejectTally) {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    // A CSV header is decoded again in front of every piece; the other formats have none.
+    let header_end = match format {
+        FileFormat::Csv => memchr::memchr(b'\n', bytes).map_or(bytes.len(), |i| i + 1),
+        FileFormat::Json | FileFormat::Movielens => 0,
+    };
+    let (header, body) = bytes.split_at(header_end);
+    let quoted = format == FileFormat::Csv && memchr::memchr(b'"', bytes).is_some();
+    let parts = if quoted || body.len() < MIN_PIECE_BYTES {
+        1
+    } else {
+        parts.clamp(1, body.len() / MIN_PIECE_BYTES)
+    };
+    let pieces = split_at_line_ends(body, parts);
+    let decoded: Vec<(S, RejectTally, u64)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = pieces
+            .iter()
+            .map(|&piece| {
+                let (new_sink, push) = (&new_sink, &push);
+                scope.spawn(move || {
+                    let mut sink = new_sink();
+                    let tally = decode_piece(header, piece, format, fields, policy, |e| {
+                        push(&mut sink, e)
+                    });
+                    (
+                        sink,
+                        tally,
+                        memchr::memchr_iter(b'\n', piece).count() as u64,
+                    )
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut sinks = Vec::with_capacity(decoded.len());
+    let mut rejected = RejectTally::default();
+    let mut lines_before = 0;
+    for (sink, tally, lines) in decoded {
+        rejected.absorb(tally, lines_before);
+        lines_before += lines;
+        sinks.push(sink);
+    }
+    (sinks, rejected)
+}
+
+/// Below this, a piece is not worth a thread.
+const MIN_PIECE_BYTES: usize = 1 << 20;
+
+/// `bytes` cut into `parts` pieces of about equal size, each ending at a line end (or the end).
+fn split_at_line_ends(bytes: &[u8], parts: usize) -> Vec<&[u8]> {
+    let mut pieces = Vec::with_capacity(parts);
+    let mut start = 0;
+    for i in 1..=parts {
+        let target = (bytes.len() * i / parts).max(start);
+        let end = if i == parts {
+            bytes.len()
+        } else {
+            memchr::memchr(b'\n', &bytes[target..]).map_or(bytes.len(), |at| target + at + 1)
+        };
+        pieces.push(&bytes[start..end]);
+        start = end;
+    }
+    pieces
+}
+
+/// Decodes one piece of a file (`header`, if any, is the CSV header line in front of it);
+/// record numbers count from the piece's first line.
+fn decode_piece(
+    header: &[u8],
+    bytes: &[u8],
+    format: FileFormat,
+    fields: &JsonFields,
+    policy: &ValuePolicy,
+    mut sink: impl FnMut(DecodedRef<'_>),
+) -> RejectTally {
     let mut rejected = RejectTally::default();
     let mut accept = |record_no: u64, decoded: Result<DecodedRef<'_>, Rejection>| match decoded
         .and_then(|e| policy.check(&e).map(|()| e))
@@ -390,7 +504,7 @@ pub fn decode_ratings_into(
                 accept(i as u64 + 1, decode_movielens_line(line));
             }
         }
-        FileFormat::Csv => decode_csv(bytes, &mut accept),
+        FileFormat::Csv => decode_csv(std::io::Read::chain(header, bytes), &mut accept),
     }
     rejected
 }
@@ -466,7 +580,10 @@ fn find_column(headers: &csv::ByteRecord, aliases: &[&str]) -> Option<usize> {
     })
 }
 
-fn decode_csv(bytes: &[u8], accept: &mut impl FnMut(u64, Result<DecodedRef<'_>, Rejection>)) {
+fn decode_csv(
+    bytes: impl std::io::Read,
+    accept: &mut impl FnMut(u64, Result<DecodedRef<'_>, Rejection>),
+) {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .has_headers(true)
@@ -782,5 +899,87 @@ mod tests {
             items,
             vec![("1".to_string(), "Heat, The (1995)".to_string())]
         );
+    }
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::*;
+    use crate::event::Mode;
+
+    /// A file of a few MB in `format` with a bad record every 997 lines.
+    fn big_file(format: FileFormat) -> Vec<u8> {
+        let mut text = String::new();
+        if format == FileFormat::Csv {
+            text.push_str("user,item,rating,ts\n");
+        }
+        for i in 0..250_000u64 {
+            let (user, item, rating) =
+                (format!("u{}", i % 7919), format!("i{}", i % 613), i % 5 + 1);
+            let rating = if i % 997 == 3 {
+                "x".to_string()
+            } else {
+                rating.to_string()
+            };
+            let line = match format {
+                FileFormat::Csv => format!("{user},{item},{rating},{i}\n"),
+                FileFormat::Movielens => format!("{user}\t{item}\t{rating}\t{i}\n"),
+                FileFormat::Json => {
+                    format!(
+                        "{{\"user\":\"{user}\",\"item\":\"{item}\",\"rating\":{rating},\"ts\":{i}}}\n"
+                    )
+                }
+            };
+            text.push_str(&line);
+        }
+        text.into_bytes()
+    }
+
+    #[test]
+    fn decoding_in_parts_gives_the_events_and_rejections_of_one_pass() {
+        let policy = ValuePolicy {
+            mode: Mode::Explicit,
+            min_value: 1.0,
+            max_value: 5.0,
+        };
+        let fields = JsonFields::default();
+        for format in [FileFormat::Csv, FileFormat::Movielens, FileFormat::Json] {
+            let bytes = big_file(format);
+            assert!(bytes.len() > 3 * MIN_PIECE_BYTES, "the file must split");
+            let whole = decode_ratings(&bytes, format, &fields, &policy);
+            let (pieces, rejected) = decode_ratings_in_parts(
+                &bytes,
+                format,
+                &fields,
+                &policy,
+                3,
+                Vec::new,
+                |v: &mut Vec<RatingEvent>, e| v.push(e.to_event()),
+            );
+            assert_eq!(pieces.len(), 3, "{format:?}");
+            assert_eq!(pieces.concat(), whole.events, "{format:?}");
+            assert!(whole.rejected.total > 100);
+            assert_eq!(rejected, whole.rejected, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn a_quoted_csv_file_is_decoded_in_one_piece() {
+        let mut bytes = big_file(FileFormat::Csv);
+        bytes.extend_from_slice(b"\"u1\",i1,3,5\n");
+        let (pieces, _) = decode_ratings_in_parts(
+            &bytes,
+            FileFormat::Csv,
+            &JsonFields::default(),
+            &ValuePolicy {
+                mode: Mode::Explicit,
+                min_value: 1.0,
+                max_value: 5.0,
+            },
+            4,
+            || 0u64,
+            |n: &mut u64, _| *n += 1,
+        );
+        assert_eq!(pieces.len(), 1);
     }
 }
