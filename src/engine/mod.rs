@@ -336,10 +336,11 @@ pub struct Engine {
     ratings: u64,
     counters: Counters,
     model: Model,
-    /// (user, item) cells changed since the last `take_changes`, deduplicated.
-    dirty_cells: rustc_hash::FxHashSet<(u32, u32)>,
+    /// (user, item) cells changed since the last `take_changes`, in change order with repeats
+    /// (a push per event is far cheaper than a set insert; `take_changes` sorts and dedups).
+    dirty_cells: Vec<(u32, u32)>,
     /// Users changed since the store's last checkpoint of whole user records.
-    checkpoint_users: rustc_hash::FxHashSet<u32>,
+    checkpoint_users: UserSet,
     persisted_users: u32,
     persisted_items: u32,
     model_dirty: bool,
@@ -380,7 +381,9 @@ impl Engine {
         engine.items = IdMap::from_ids(state.items);
         engine.vectors = state.vectors.into();
         engine.counters = state.counters;
-        engine.checkpoint_users = state.users_since_checkpoint.into_iter().collect();
+        for u in state.users_since_checkpoint {
+            engine.checkpoint_users.insert(u);
+        }
         let mut model = state.model;
         model.labels = state.labels;
         model.labels.resize(engine.vectors.len(), NO_CLUSTER);
@@ -575,15 +578,13 @@ impl Engine {
         }
         self.model
             .on_change(u as usize, j as usize, delta, was_active, now_active);
-        self.dirty_cells.insert((u, j));
+        self.dirty_cells.push((u, j));
         self.checkpoint_users.insert(u);
     }
 
     /// Users changed since the previous call, ascending (for the store's checkpoints).
     pub fn take_checkpoint_users(&mut self) -> Vec<u32> {
-        let mut users: Vec<u32> = self.checkpoint_users.drain().collect();
-        users.sort_unstable();
-        users
+        self.checkpoint_users.take()
     }
 
     /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service
@@ -711,8 +712,9 @@ impl Engine {
 
     /// Everything changed since the previous call (for the store's atomic commit).
     pub fn take_changes(&mut self) -> Changes {
-        let mut cells: Vec<(u32, u32)> = self.dirty_cells.drain().collect();
+        let mut cells = std::mem::take(&mut self.dirty_cells);
         cells.sort_unstable();
+        cells.dedup();
         let changes = Changes {
             cells,
             first_new_user: self.persisted_users,
@@ -724,6 +726,35 @@ impl Engine {
         self.persisted_items = self.items.len() as u32;
         self.model_dirty = false;
         changes
+    }
+}
+
+/// A set of user indices as a bitmap: an insert per event costs a bit, not a hash.
+#[derive(Debug, Clone, Default)]
+struct UserSet {
+    words: Vec<u64>,
+}
+
+impl UserSet {
+    fn insert(&mut self, user: u32) {
+        let word = user as usize / 64;
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << (user % 64);
+    }
+
+    /// The members, ascending; the set is left empty.
+    fn take(&mut self) -> Vec<u32> {
+        let mut users = Vec::new();
+        for (w, word) in std::mem::take(&mut self.words).into_iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                users.push((w * 64) as u32 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        users
     }
 }
 
@@ -833,6 +864,18 @@ pub struct RestoredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_set_gives_its_members_once_ascending_and_empties() {
+        let mut set = UserSet::default();
+        for u in [700, 3, 64, 63, 3, 0, 700, 128] {
+            set.insert(u);
+        }
+        assert_eq!(set.take(), vec![0, 3, 63, 64, 128, 700]);
+        assert!(set.take().is_empty());
+        set.insert(5);
+        assert_eq!(set.take(), vec![5]);
+    }
     use crate::event::RatingEvent;
 
     fn ev(user: &str, item: &str, value: Option<f64>) -> RatingEvent {
