@@ -13,6 +13,7 @@ pub mod event;
 pub mod generator;
 pub mod http;
 pub mod kafka;
+pub mod nullable;
 pub mod replay;
 pub mod report;
 pub mod service;

@@ -984,4 +984,60 @@ mod tests {
         assert_eq!(reopened.vectors(), reference.vectors());
         assert_eq!(reopened.users().ids(), reference.users().ids());
     }
+
+    #[test]
+    fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
+        use crate::engine::{EngineParams, PersistedModel};
+        use crate::event::RatingEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let params = EngineParams {
+            components: 2,
+            clusters: 2,
+            ..EngineParams::default()
+        };
+        let mut engine = Engine::new(params);
+        let events: Vec<RatingEvent> = (0..200)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 20),
+                item: format!("i{}", (i * 7) % 13),
+                value: Some((i % 5 + 1) as f64),
+                ts: i,
+            })
+            .collect();
+        engine.apply(&events);
+        let titles = FxHashMap::default();
+        let (mut snap, _) = crate::snapshot::build(
+            &engine,
+            &Default::default(),
+            crate::snapshot::BuildInput::standalone(&titles, false),
+        )
+        .expect("enough data for a snapshot");
+        snap.kmeans.inertia = f64::NAN;
+        snap.pca.explained_variance[0] = f64::INFINITY;
+        store.put_snapshot(&snap, &[0; 20], 5).unwrap();
+        let read = store.snapshot(snap.version).unwrap().expect("stored");
+        assert!(read.kmeans.inertia.is_nan());
+        assert!(
+            read.pca.explained_variance[0].is_nan(),
+            "infinity reads as NaN"
+        );
+        assert_eq!(
+            read.pca.explained_variance[1],
+            snap.pca.explained_variance[1]
+        );
+
+        let model = PersistedModel {
+            eigenvalues: vec![1.0, f64::NAN],
+            total_variance: f64::INFINITY,
+            mean: vec![f64::NEG_INFINITY],
+            ..PersistedModel::default()
+        };
+        let json = serde_json::to_vec(&model).unwrap();
+        let back: PersistedModel = serde_json::from_slice(&json).expect("readable");
+        assert_eq!(back.eigenvalues[0], 1.0);
+        assert!(
+            back.eigenvalues[1].is_nan() && back.total_variance.is_nan() && back.mean[0].is_nan()
+        );
+    }
 }

@@ -179,6 +179,29 @@ fn bad_configuration_names_the_field_and_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
 }
 
+/// A `[kafka.client]` property librdkafka does not know is the client's verdict, not a field
+/// of ours: it is reported when the consumer is created, with exit 1 (configuration errors
+/// found by segmenter itself exit 2, above). No broker is needed to see it.
+#[test]
+fn an_unknown_kafka_client_property_exits_1_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[kafka.client]\n\"bogus.property\" = \"x\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", path(&config), "run"])
+        .env_remove("SEGMENTER_CONFIG")
+        .env("SEGMENTER_STATE__DIR", dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bogus.property"), "{err}");
+}
+
 #[test]
 fn demo_runs_takes_snapshots_and_stops_cleanly_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();

@@ -674,8 +674,11 @@ pub struct PersistedModel {
     /// Stored as raw floats beside the JSON (see the store).
     #[serde(skip)]
     pub basis: Vec<f64>,
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub eigenvalues: Vec<f64>,
+    #[serde(deserialize_with = "crate::nullable::float")]
     pub total_variance: f64,
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub mean: Vec<f64>,
     pub users_at_refresh: u64,
     pub eigen_iterations: usize,

@@ -48,9 +48,13 @@ pub struct Counts {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PcaSummary {
     pub n_components: usize,
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub explained_variance: Vec<f64>,
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub explained_variance_ratio: Vec<f64>,
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub singular_values: Vec<f64>,
+    #[serde(deserialize_with = "crate::nullable::float")]
     pub total_variance: f64,
     pub eigen_iterations: usize,
     pub converged: bool,
@@ -59,6 +63,7 @@ pub struct PcaSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KmeansSummary {
     pub k: usize,
+    #[serde(deserialize_with = "crate::nullable::float")]
     pub inertia: f64,
     pub sizes: Vec<u64>,
 }
@@ -68,6 +73,7 @@ pub struct ClusterProfile {
     pub id: u32,
     pub size: u64,
     /// Centroid in PCA coordinates (centred, as scikit-learn's `transform`).
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub centroid: Vec<f64>,
     /// Items with a non-zero profile score (rated by at least one member).
     pub n_items: u64,
@@ -79,6 +85,7 @@ pub struct TopItem {
     pub item: String,
     pub title: Option<String>,
     /// Mean l2-normalised TF-IDF weight of the item over the cluster's members.
+    #[serde(deserialize_with = "crate::nullable::float")]
     pub score: f64,
     /// Mean rating of the item among the members who rated it.
     pub mean_rating: Option<f64>,
@@ -94,6 +101,7 @@ pub struct Validation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Diagnostics {
     /// Explained-variance ratio of the first `curve_components` components.
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub explained_variance_ratio_curve: Vec<f64>,
     pub inertia_by_k: InertiaByK,
 }
@@ -102,8 +110,10 @@ pub struct Diagnostics {
 pub struct InertiaByK {
     pub k: Vec<usize>,
     /// Best K-Means inertia on the PCA projection, per k.
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub projected: Vec<f64>,
     /// Best K-Means inertia on the full rating vectors of the same users, per k.
+    #[serde(deserialize_with = "crate::nullable::floats")]
     pub full: Vec<f64>,
     /// Users in both curves: a seeded sample of at most `diagnostics_max_users`.
     pub full_users: u64,
@@ -116,6 +126,7 @@ pub struct Drift {
     pub users_compared: u64,
     /// Of those, users whose segment changed.
     pub users_moved: u64,
+    #[serde(deserialize_with = "crate::nullable::float")]
     pub adjusted_rand_index: f64,
 }
 

@@ -184,6 +184,7 @@ impl NaiveBayes {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NaiveBayesReport {
     /// Share of users whose NB prediction (trained on everyone) equals their cluster.
+    #[serde(deserialize_with = "crate::nullable::float")]
     pub train_agreement: f64,
     /// Share of held-out users (not in the fit) whose prediction equals their cluster.
     pub holdout_agreement: Option<f64>,
