@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use crate::snapshot::{Diagnostics, Snapshot};
+use crate::snapshot::{Diagnostics, Snapshot, SnapshotSummary};
 
 /// The charts there are, by URL name (`/charts/{name}.svg`).
 pub const CHART_NAMES: [&str; 5] = [
@@ -28,12 +28,24 @@ const PALETTE: [&str; 10] = [
     "#9c755f", "#bab0ac",
 ];
 
-/// Renders chart `name` for `snapshot`; `history` (oldest first, the snapshot included) feeds
-/// the charts over time. `None` for an unknown name.
-pub fn render(name: &str, snapshot: &Snapshot, history: &[Snapshot]) -> Option<String> {
+/// Renders chart `name` for `snapshot`; `diagnostics` are the snapshot's own or, when it has
+/// none, those of the snapshot [`diagnostics_source`] names (with its version); `history`
+/// (summaries, oldest first, the snapshot's included) feeds the charts over time. `None` for an
+/// unknown name.
+pub fn render(
+    name: &str,
+    snapshot: &Snapshot,
+    diagnostics: Option<(&Diagnostics, u64)>,
+    history: &[SnapshotSummary],
+) -> Option<String> {
+    let diagnostics = snapshot
+        .diagnostics
+        .as_ref()
+        .map(|d| (d, snapshot.version))
+        .or(diagnostics);
     Some(match name {
-        "explained_variance" => explained_variance(snapshot, diagnostics_of(snapshot, history)),
-        "inertia_by_k" => inertia_by_k(diagnostics_of(snapshot, history)),
+        "explained_variance" => explained_variance(snapshot, diagnostics),
+        "inertia_by_k" => inertia_by_k(diagnostics),
         "confusion_matrix" => confusion_matrix(snapshot),
         "cluster_sizes" => cluster_sizes(history),
         "drift" => drift(history),
@@ -41,16 +53,55 @@ pub fn render(name: &str, snapshot: &Snapshot, history: &[Snapshot]) -> Option<S
     })
 }
 
-/// The snapshot's diagnostics, or those of the newest earlier snapshot that has them
-/// (diagnostics are computed every `[snapshot] diagnostics_every` snapshots), with its version.
-fn diagnostics_of<'a>(
-    snapshot: &'a Snapshot,
-    history: &'a [Snapshot],
-) -> Option<(&'a Diagnostics, u64)> {
-    std::iter::once(snapshot)
-        .chain(history.iter().rev())
-        .filter(|s| s.version <= snapshot.version)
-        .find_map(|s| s.diagnostics.as_ref().map(|d| (d, s.version)))
+/// Everything the charts of one snapshot read: the snapshot, the diagnostics it shows (its own
+/// or an earlier snapshot's, see [`diagnostics_source`]) and the summaries of recent snapshots.
+pub struct ChartInputs {
+    pub snapshot: Snapshot,
+    pub diagnostics: Option<(Diagnostics, u64)>,
+    pub history: Vec<SnapshotSummary>,
+}
+
+impl ChartInputs {
+    /// Reads a snapshot's chart inputs through `snapshot_at` (a version's whole snapshot) and
+    /// the `history` summaries: at most two whole snapshots, however long the history.
+    pub fn gather<E>(
+        snapshot: Snapshot,
+        history: Vec<SnapshotSummary>,
+        snapshot_at: impl FnOnce(u64) -> Result<Option<Snapshot>, E>,
+    ) -> Result<ChartInputs, E> {
+        let diagnostics = match diagnostics_source(&snapshot, &history) {
+            Some(v) => snapshot_at(v)?.and_then(|s| s.diagnostics.map(|d| (d, v))),
+            None => None,
+        };
+        Ok(ChartInputs {
+            snapshot,
+            diagnostics,
+            history,
+        })
+    }
+
+    pub fn render(&self, name: &str) -> Option<String> {
+        render(
+            name,
+            &self.snapshot,
+            self.diagnostics.as_ref().map(|(d, v)| (d, *v)),
+            &self.history,
+        )
+    }
+}
+
+/// The version whose diagnostics a snapshot without any shows: the newest earlier one in
+/// `history` that has them (diagnostics are computed every `[snapshot] diagnostics_every`
+/// snapshots). `None` when the snapshot has its own, or no such snapshot is in `history`.
+pub fn diagnostics_source(snapshot: &Snapshot, history: &[SnapshotSummary]) -> Option<u64> {
+    if snapshot.diagnostics.is_some() {
+        return None;
+    }
+    history
+        .iter()
+        .rev()
+        .find(|s| s.version < snapshot.version && s.has_diagnostics)
+        .map(|s| s.version)
 }
 
 fn escape(text: &str) -> String {
@@ -332,15 +383,11 @@ fn confusion_matrix(s: &Snapshot) -> String {
 }
 
 /// Cluster sizes over the recent snapshots, one line per cluster id.
-fn cluster_sizes(history: &[Snapshot]) -> String {
-    let k = history
-        .iter()
-        .map(|s| s.kmeans.sizes.len())
-        .max()
-        .unwrap_or(0);
+fn cluster_sizes(history: &[SnapshotSummary]) -> String {
+    let k = history.iter().map(|s| s.sizes.len()).max().unwrap_or(0);
     let y_max = history
         .iter()
-        .flat_map(|s| s.kmeans.sizes.iter())
+        .flat_map(|s| s.sizes.iter())
         .copied()
         .max()
         .unwrap_or(0) as f64
@@ -356,7 +403,7 @@ fn cluster_sizes(history: &[Snapshot]) -> String {
     for c in 0..k {
         let values: Vec<f64> = history
             .iter()
-            .map(|s| s.kmeans.sizes.get(c).copied().unwrap_or(0) as f64)
+            .map(|s| s.sizes.get(c).copied().unwrap_or(0) as f64)
             .collect();
         f.series(
             "size",
@@ -377,7 +424,7 @@ fn cluster_sizes(history: &[Snapshot]) -> String {
 
 /// Users moved between consecutive snapshots (bars) and the adjusted Rand index (line, right
 /// scale mapped onto 0..1 of the frame).
-fn drift(history: &[Snapshot]) -> String {
+fn drift(history: &[SnapshotSummary]) -> String {
     let moved: Vec<f64> = history
         .iter()
         .map(|s| s.drift.as_ref().map_or(0.0, |d| d.users_moved as f64))
@@ -468,17 +515,17 @@ mod tests {
     #[test]
     fn rendering_is_byte_identical_and_carries_the_numbers() {
         let s = snapshot();
-        let history = vec![s.clone()];
+        let history = vec![SnapshotSummary::from(&s)];
         for name in CHART_NAMES {
-            let a = render(name, &s, &history).unwrap();
-            let b = render(name, &s.clone(), &history.clone()).unwrap();
+            let a = render(name, &s, None, &history).unwrap();
+            let b = render(name, &s.clone(), None, &history.clone()).unwrap();
             assert_eq!(a, b, "{name} must render deterministically");
             assert!(a.starts_with("<svg") && a.ends_with("</svg>"));
         }
-        let ev = render("explained_variance", &s, &history).unwrap();
+        let ev = render("explained_variance", &s, None, &history).unwrap();
         assert_eq!(ev.matches("class=\"bar\"").count(), s.pca.n_components);
-        assert!(render("no_such_chart", &s, &history).is_none());
-        let cm = render("confusion_matrix", &s, &history).unwrap();
+        assert!(render("no_such_chart", &s, None, &history).is_none());
+        let cm = render("confusion_matrix", &s, None, &history).unwrap();
         assert_eq!(cm.matches("class=\"cell\"").count(), 16);
     }
 }

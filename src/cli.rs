@@ -528,12 +528,16 @@ fn run(command: Command, config: &Config) -> anyhow::Result<()> {
         } => {
             let source = SnapshotSource::new(url, state_dir, token, config);
             let snapshot = source.snapshot(version)?;
-            let history = source.history(snapshot.version, 20)?;
+            let history = source.summaries(snapshot.version, 20)?;
+            let charts = crate::charts::ChartInputs::gather(snapshot, history, |v| {
+                source.snapshot(Some(v)).map(Some)
+            })?;
+            let snapshot = &charts.snapshot;
             std::fs::create_dir_all(&out)?;
-            let html = crate::report::html_report(&snapshot, &history, top);
+            let html = crate::report::html_report(&charts, top);
             std::fs::write(out.join("index.html"), html)?;
             for name in crate::charts::CHART_NAMES {
-                if let Some(svg) = crate::charts::render(name, &snapshot, &history) {
+                if let Some(svg) = charts.render(name) {
                     std::fs::write(out.join(format!("{name}.svg")), svg)?;
                 }
             }
@@ -710,10 +714,14 @@ impl SnapshotSource {
         }
     }
 
-    /// Up to `count` snapshots with versions `<= up_to`, oldest first.
-    fn history(&self, up_to: u64, count: usize) -> anyhow::Result<Vec<crate::snapshot::Snapshot>> {
+    /// The summaries of up to `count` snapshots with versions `<= up_to`, oldest first.
+    fn summaries(
+        &self,
+        up_to: u64,
+        count: usize,
+    ) -> anyhow::Result<Vec<crate::snapshot::SnapshotSummary>> {
         match self {
-            SnapshotSource::Dir(dir) => Ok(Self::open(dir)?.history(up_to, count)?),
+            SnapshotSource::Dir(dir) => Ok(Self::open(dir)?.summaries(up_to, count)?),
             SnapshotSource::Url { .. } => {
                 let versions: Vec<u64> = self
                     .list()?
@@ -723,7 +731,7 @@ impl SnapshotSource {
                     .collect();
                 versions[versions.len().saturating_sub(count)..]
                     .iter()
-                    .map(|&v| self.snapshot(Some(v)))
+                    .map(|&v| Ok((&self.snapshot(Some(v))?).into()))
                     .collect()
             }
         }

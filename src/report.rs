@@ -3,8 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::charts::{self, CHART_NAMES};
-use crate::snapshot::Snapshot;
+use crate::charts::{CHART_NAMES, ChartInputs};
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -13,9 +12,9 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The report of `snapshot`; `history` (oldest first, ending with the snapshot) feeds the
-/// charts over time.
-pub fn html_report(snapshot: &Snapshot, history: &[Snapshot], top: usize) -> String {
+/// The report of `charts.snapshot`, its charts drawn from `charts`.
+pub fn html_report(charts: &ChartInputs, top: usize) -> String {
+    let snapshot = &charts.snapshot;
     let mut html = String::new();
     let c = &snapshot.counts;
     let nb = &snapshot.validation.naive_bayes;
@@ -40,7 +39,7 @@ pub fn html_report(snapshot: &Snapshot, history: &[Snapshot], top: usize) -> Str
             .map_or("n/a".into(), |a| format!("{a:.4}")),
     );
     for name in CHART_NAMES {
-        if let Some(svg) = charts::render(name, snapshot, history) {
+        if let Some(svg) = charts.render(name) {
             let _ = write!(html, r#"<figure id="chart-{name}">{svg}</figure>"#);
         }
     }

@@ -23,7 +23,7 @@ use crate::engine::{
     Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
 };
 use crate::event::Mode;
-use crate::snapshot::{Assignments, Snapshot};
+use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
 
 /// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
 /// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)
@@ -640,6 +640,10 @@ impl Store {
         );
         batch.insert(key(b'a', &v), packed);
         batch.insert(
+            key(b'm', &v),
+            serde_json::to_vec(&SnapshotSummary::from(snapshot)).unwrap_or_default(),
+        );
+        batch.insert(
             meta("latest_snapshot"),
             serde_json::to_vec(&snapshot.version).unwrap_or_default(),
         );
@@ -648,6 +652,7 @@ impl Store {
         for old in &versions[..keep_from] {
             batch.remove(key(b's', &old.to_be_bytes()));
             batch.remove(key(b'a', &old.to_be_bytes()));
+            batch.remove(key(b'm', &old.to_be_bytes()));
         }
         self.write(batch)?;
         Ok(())
@@ -743,36 +748,46 @@ impl Store {
         Ok(Some(labels))
     }
 
-    /// Up to `count` stored snapshots with versions `<= up_to`, oldest first.
-    pub fn history(&self, up_to: u64, count: usize) -> Result<Vec<Snapshot>, StoreError> {
+    /// The summaries of up to `count` stored snapshots with versions `<= up_to`, oldest first.
+    pub fn summaries(&self, up_to: u64, count: usize) -> Result<Vec<SnapshotSummary>, StoreError> {
         let versions: Vec<u64> = self
             .snapshot_versions()?
             .into_iter()
             .filter(|&v| v <= up_to)
             .collect();
         let mut out = vec![];
-        for v in &versions[versions.len().saturating_sub(count)..] {
-            if let Some(s) = self.snapshot(*v)? {
+        for &v in &versions[versions.len().saturating_sub(count)..] {
+            if let Some(s) = self.summary(v)? {
                 out.push(s);
             }
         }
         Ok(out)
     }
 
-    pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
-        let mut out = vec![];
-        for v in self.snapshot_versions()? {
-            if let Some(s) = self.snapshot(v)? {
-                out.push(SnapshotInfo {
-                    version: s.version,
-                    created_at: s.created_at,
-                    users: s.counts.users,
-                    ratings: s.counts.ratings,
-                    events_applied: s.counts.events_applied,
-                });
-            }
+    /// A stored snapshot's summary; for a snapshot stored before summaries were, read from
+    /// the snapshot itself.
+    pub fn summary(&self, version: u64) -> Result<Option<SnapshotSummary>, StoreError> {
+        let k = key(b'm', &version.to_be_bytes());
+        match self.tree.get(&k)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&k, e.to_string())),
+            None => Ok(self.snapshot(version)?.as_ref().map(SnapshotSummary::from)),
         }
-        Ok(out)
+    }
+
+    pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        Ok(self
+            .summaries(u64::MAX, usize::MAX)?
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                version: s.version,
+                created_at: s.created_at,
+                users: s.counts.users,
+                ratings: s.counts.ratings,
+                events_applied: s.counts.events_applied,
+            })
+            .collect())
     }
 }
 
@@ -985,12 +1000,10 @@ mod tests {
         assert_eq!(reopened.users().ids(), reference.users().ids());
     }
 
-    #[test]
-    fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
-        use crate::engine::{EngineParams, PersistedModel};
+    /// A snapshot of a small engine (20 users), with or without diagnostics.
+    fn small_snapshot(version: u64, with_diagnostics: bool) -> Snapshot {
+        use crate::engine::EngineParams;
         use crate::event::RatingEvent;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
         let params = EngineParams {
             components: 2,
             clusters: 2,
@@ -1007,12 +1020,50 @@ mod tests {
             .collect();
         engine.apply(&events);
         let titles = FxHashMap::default();
-        let (mut snap, _) = crate::snapshot::build(
-            &engine,
-            &Default::default(),
-            crate::snapshot::BuildInput::standalone(&titles, false),
-        )
-        .expect("enough data for a snapshot");
+        let mut input = crate::snapshot::BuildInput::standalone(&titles, with_diagnostics);
+        input.version = version;
+        crate::snapshot::build(&engine, &Default::default(), input)
+            .expect("enough data for a snapshot")
+            .0
+    }
+
+    #[test]
+    fn summaries_list_and_chart_without_whole_snapshots_and_follow_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for v in 1..=4 {
+            store
+                .put_snapshot(&small_snapshot(v, v == 2), &[0; 20], 3)
+                .unwrap();
+        }
+        let summaries = store.summaries(u64::MAX, 10).unwrap();
+        let versions: Vec<u64> = summaries.iter().map(|s| s.version).collect();
+        assert_eq!(versions, vec![2, 3, 4], "retention drops summaries too");
+        let latest = store.snapshot(4).unwrap().unwrap();
+        assert_eq!(summaries[2], SnapshotSummary::from(&latest));
+        assert_eq!(store.summaries(3, 1).unwrap()[0].version, 3);
+        assert_eq!(
+            crate::charts::diagnostics_source(&latest, &summaries),
+            Some(2)
+        );
+        // A snapshot stored before summaries were: its summary is read from the snapshot.
+        store.tree.remove(key(b'm', &3u64.to_be_bytes())).unwrap();
+        let third = store.snapshot(3).unwrap().unwrap();
+        assert_eq!(
+            store.summary(3).unwrap(),
+            Some(SnapshotSummary::from(&third))
+        );
+        let infos = store.snapshot_infos().unwrap();
+        assert_eq!(infos.len(), 3);
+        assert_eq!(infos[2].users, latest.counts.users);
+    }
+
+    #[test]
+    fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
+        use crate::engine::PersistedModel;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut snap = small_snapshot(1, false);
         snap.kmeans.inertia = f64::NAN;
         snap.pca.explained_variance[0] = f64::INFINITY;
         store.put_snapshot(&snap, &[0; 20], 5).unwrap();

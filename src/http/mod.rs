@@ -298,15 +298,21 @@ async fn chart(
     };
     let _turn = stored_read_turn().await?;
     let store = state.store.clone();
-    let history = tokio::task::spawn_blocking(move || store.history(version, CHART_HISTORY))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot read failed"))?
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let snapshot = history
-        .last()
-        .filter(|s| s.version == version)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no snapshot {version}")))?;
-    let svg = crate::charts::render(&name, snapshot, &history).unwrap_or_default();
+    // Summaries for the charts over time: at most two whole snapshots are parsed.
+    let inputs = tokio::task::spawn_blocking(move || {
+        let Some(snapshot) = store.snapshot(version)? else {
+            return Ok(None);
+        };
+        let history = store.summaries(version, CHART_HISTORY)?;
+        crate::charts::ChartInputs::gather(snapshot, history, |v| store.snapshot(v)).map(Some)
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot read failed"))?
+    .map_err(|e: crate::store::StoreError| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    })?
+    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no snapshot {version}")))?;
+    let svg = inputs.render(&name).unwrap_or_default();
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -130,6 +130,33 @@ pub struct Drift {
     pub adjusted_rand_index: f64,
 }
 
+/// The few fields of a snapshot that listings and charts over time read, stored beside it so
+/// they never parse whole snapshots (a snapshot holds every cluster's profile and centroid).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub version: u64,
+    pub created_at: String,
+    pub counts: Counts,
+    /// Cluster sizes, by cluster id.
+    pub sizes: Vec<u64>,
+    pub drift: Option<Drift>,
+    /// Whether the snapshot carries diagnostics (they are computed every few snapshots).
+    pub has_diagnostics: bool,
+}
+
+impl From<&Snapshot> for SnapshotSummary {
+    fn from(s: &Snapshot) -> Self {
+        SnapshotSummary {
+            version: s.version,
+            created_at: s.created_at.clone(),
+            counts: s.counts.clone(),
+            sizes: s.kmeans.sizes.clone(),
+            drift: s.drift.clone(),
+            has_diagnostics: s.diagnostics.is_some(),
+        }
+    }
+}
+
 /// `user id → cluster id` of one snapshot, in user order.
 pub type Assignments = Vec<(String, u32)>;
 
