@@ -927,7 +927,7 @@ mod tests {
 
     fn check_lanczos(a: &Array2<f64>, cap: usize) {
         let d = a.nrows();
-        let (exact, _) = jacobi_eigen(&a);
+        let (exact, _) = jacobi_eigen(a);
         let params = EigenParams {
             vectors: 5,
             values: 40,
