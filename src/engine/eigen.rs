@@ -86,17 +86,16 @@ pub fn top_eigenpairs(
         };
     }
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-    match warm {
-        Some(w) => {
-            let q = start_block(Some(w), wanted.block, d, &mut rng);
-            subspace_iteration(c, q, &wanted, params, &mut rng)
-        }
-        None => {
-            let rows = LANCZOS_BLOCK.min(wanted.block);
-            let q = start_block(None, rows, d, &mut rng);
-            let cap = basis_cap(d, wanted.block, rows);
-            lanczos(c, q, &wanted, params, cap, &mut rng)
-        }
+    let rows = LANCZOS_BLOCK.min(wanted.block);
+    // Lanczos needs its basis to hold the Ritz block before its last application.
+    let lanczos_fits = rows * params.max_iterations.saturating_sub(1) >= wanted.block;
+    if warm.is_none() && lanczos_fits {
+        let q = start_block(None, rows, d, &mut rng);
+        let cap = basis_cap(d, wanted.block, rows);
+        lanczos(c, q, &wanted, params, cap, &mut rng)
+    } else {
+        let q = start_block(warm, wanted.block, d, &mut rng);
+        subspace_iteration(c, q, &wanted, params, &mut rng)
     }
 }
 
@@ -923,6 +922,22 @@ mod tests {
         check_lanczos(&x.t().dot(&x), 300);
         // Full rank, slowly decaying: thick restarts (a Ritz block of 50 in 80 rows at most).
         check_lanczos(&random_symmetric_psd(200, 10), 80);
+    }
+
+    #[test]
+    fn a_cold_solve_with_few_iterations_stays_within_them() {
+        let a = random_symmetric_psd(80, 11);
+        let params = EigenParams {
+            vectors: 10,
+            values: 30,
+            oversample: 10,
+            tolerance: 1e-12,
+            max_iterations: 3,
+            seed: 12,
+        };
+        let result = top_eigenpairs(&a.view(), None, &params);
+        assert!(result.iterations <= 3);
+        assert_eq!(result.eigenvalues.len(), 30);
     }
 
     fn check_lanczos(a: &Array2<f64>, cap: usize) {
