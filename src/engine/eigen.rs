@@ -46,6 +46,10 @@ pub struct EigenResult {
 /// A symmetric `d x d` operator, applied to a block of row vectors: `Q ↦ Q C`.
 pub trait SymmetricOperator {
     fn dim(&self) -> usize;
+    /// Multiply-adds of one application to a single row (the solver picks its method by it).
+    fn row_work(&self) -> usize {
+        self.dim() * self.dim()
+    }
     fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64>;
 }
 
@@ -87,9 +91,11 @@ pub fn top_eigenpairs(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let rows = LANCZOS_BLOCK.min(wanted.block);
-    // Lanczos needs its basis to hold the Ritz block before its last application.
+    // Lanczos needs its basis to hold the Ritz block before its last application, and pays
+    // off when applications are dear: its Rayleigh–Ritz steps cost O(basis³) whatever the
+    // operator, which on a small matrix outweighs the applications it saves.
     let lanczos_fits = rows * params.max_iterations.saturating_sub(1) >= wanted.block;
-    if warm.is_none() && lanczos_fits {
+    if warm.is_none() && lanczos_fits && c.row_work() >= LANCZOS_MIN_ROW_WORK {
         let q = start_block(None, rows, d, &mut rng);
         let cap = basis_cap(d, wanted.block, rows);
         lanczos(c, q, &wanted, params, cap, &mut rng)
@@ -281,6 +287,11 @@ fn chebyshev_filter(
 /// clustered eigenvalues without waiting for them to split.
 const LANCZOS_BLOCK: usize = 10;
 
+/// Operator work per row below which cold solves run subspace iteration (measured: a
+/// MovieLens-100K-shaped matrix, ~0.1M multiply-adds a row, solves twice as fast that way; a
+/// 5M-rating one, ~6.5M, three times slower).
+const LANCZOS_MIN_ROW_WORK: usize = 1 << 20;
+
 /// Krylov basis bounds: at most this many vectors, and this many bytes (a catalogue of 100,000
 /// items holds 160 vectors), but always room for the kept Ritz block and two steps.
 const MAX_BASIS_VECTORS: usize = 320;
@@ -309,13 +320,18 @@ fn lanczos(
     let mut k = Krylov::new(start, cap);
     let mut iterations = 0;
     let mut previous_values = vec![f64::NAN; wanted.values];
+    // Rayleigh–Ritz costs O(len³): it runs each time the basis has grown by a quarter (and
+    // whenever the basis is full or the solve must end), not after every step.
+    let mut ritz_at = wanted.block;
     loop {
         let w = c.apply_rows(&k.active_block());
         iterations += 1;
         let (next, coupling) = k.extend(w, rng);
         let spanned = next.nrows() == 0;
         let last_call = iterations + 1 >= params.max_iterations;
-        if k.len >= wanted.block || spanned || last_call {
+        let full = k.len + next.nrows() > cap;
+        if (k.len >= ritz_at && k.len >= wanted.block) || full || spanned || last_call {
+            ritz_at = k.len + (k.len / 4).max(1);
             let (theta, s) = k.ritz();
             let estimates = k.residual_estimates(&coupling, &s);
             let scale = residual_scale(&theta);
@@ -341,8 +357,9 @@ fn lanczos(
                     };
                 }
             }
-            if k.len + next.nrows() > cap {
+            if full {
                 k.restart(&theta, &s, wanted.block, next, &coupling);
+                ritz_at = wanted.block;
                 continue;
             }
         }

@@ -118,6 +118,11 @@ impl SymmetricOperator for CovarianceOperator<'_> {
         self.mean.len()
     }
 
+    fn row_work(&self) -> usize {
+        let ratings: usize = self.vectors.iter().map(|x| x.nnz()).sum();
+        2 * ratings + 2 * self.mean.len()
+    }
+
     fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
         let (b, d) = q.dim();
         // Item-major copy of the block: each rating reads one contiguous row of b values.
