@@ -1,13 +1,14 @@
-//! `segmenter run --demo`: the engine fed by an endless generated stream with planted
-//! segments, committing to a state dir and taking snapshots, until stopped. No broker needed.
+//! `segmenter run --demo`: the generator as a source of the pipeline. An endless stream with
+//! planted segments is handed to the pipeline in batches (committed to a state dir, snapshots
+//! on schedule) until stopped. No broker needed.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::generator::{GeneratorParams, generate};
-use crate::service::Shared;
+use crate::pipeline::{Pipeline, Positions, Shared};
 use crate::store::Store;
 
 /// Events generated per round of the endless stream.
@@ -20,16 +21,16 @@ pub struct DemoSummary {
     pub last_version: Option<u64>,
 }
 
-/// Runs until `shutdown` is set or `max_events` events were applied; the final state is
-/// committed and a last snapshot taken before returning.
+/// Runs until `shutdown` is set or `max_events` events were applied, feeding the pipeline like
+/// any other source; the final state is committed and a last snapshot taken before returning.
 pub fn run_demo(
     config: &Config,
-    store: &Store,
+    store: &Arc<Store>,
     max_events: Option<u64>,
     shutdown: &AtomicBool,
     shared: &Shared,
 ) -> anyhow::Result<DemoSummary> {
-    let mut engine = store.load_engine(config.engine_params())?;
+    let engine = store.load_engine(config.engine_params())?;
     // No broker in the demo: ready as soon as the state is open and the stream runs.
     for flag in [
         &shared.health.state_open,
@@ -38,23 +39,9 @@ pub fn run_demo(
     ] {
         flag.store(true, Ordering::Relaxed);
     }
+    let stream = Stream::new(config, engine.counters().events_applied);
+    store.put_titles(&stream.catalogue())?;
     let demo = &config.demo;
-    let base = GeneratorParams {
-        users: demo.users,
-        items: demo.items,
-        events: ROUND_EVENTS,
-        segments: demo.segments,
-        mode: config.events.mode,
-        seed: demo.seed,
-        ..GeneratorParams::default()
-    };
-    store.put_titles(
-        &generate(&GeneratorParams {
-            events: 0,
-            ..base.clone()
-        })
-        .catalogue,
-    )?;
     tracing::info!(
         users = demo.users,
         items = demo.items,
@@ -63,82 +50,106 @@ pub fn run_demo(
         state_dir = %store.path().display(),
         "demo stream started; stop with Ctrl-C"
     );
-    let mut summary = DemoSummary::default();
-    let snapshot_every = Duration::from_millis(config.snapshot.interval_ms.max(1));
-    let mut last_snapshot = Instant::now();
-    let started = Instant::now();
-    let mut round = engine.counters().events_applied / ROUND_EVENTS as u64;
-    let mut ts = base.start_ts;
-    'stream: loop {
-        let data = generate(&GeneratorParams {
-            round,
-            start_ts: ts,
-            ..base.clone()
-        });
-        ts = data.events.last().map_or(ts, |e| e.ts + 1);
-        for batch in data.events.chunks(demo.batch_size) {
-            if shutdown.load(Ordering::Relaxed) {
-                break 'stream;
-            }
-            let batch = match max_events {
-                Some(max) => {
-                    let left = max.saturating_sub(summary.events_applied) as usize;
-                    &batch[..batch.len().min(left)]
-                }
-                None => batch,
-            };
-            let applied_at = Instant::now();
-            let outcome = engine.apply(batch);
-            summary.events_applied += outcome.applied;
-            store.commit(&mut engine, None)?;
-            let metrics = &shared.metrics;
-            metrics.events_consumed.inc_by(batch.len() as u64);
-            metrics.events_applied.inc_by(outcome.applied);
-            for &(_, reason) in &outcome.rejected {
-                metrics.rejected(reason, 1);
-            }
-            metrics.batch_size.observe(batch.len() as f64);
-            metrics
-                .batch_apply_seconds
-                .observe(applied_at.elapsed().as_secs_f64());
-            for r in &outcome.refreshes {
-                metrics.refresh_seconds.observe(r.seconds);
-            }
-            if last_snapshot.elapsed() >= snapshot_every {
-                take_snapshot(config, store, &engine, &mut summary, shared)?;
-                last_snapshot = Instant::now();
-            }
-            if max_events.is_some_and(|m| summary.events_applied >= m) {
-                break 'stream;
-            }
-            // Pace the stream to the configured rate.
-            let due = Duration::from_secs_f64(
-                summary.events_applied as f64 / demo.events_per_second.max(1) as f64,
-            );
-            while let Some(wait) = due.checked_sub(started.elapsed()) {
-                if shutdown.load(Ordering::Relaxed) {
-                    break 'stream;
-                }
-                std::thread::sleep(wait.min(Duration::from_millis(100)));
-            }
-        }
-        round += 1;
-    }
-    take_snapshot(config, store, &engine, &mut summary, shared)?;
+    let mut pipeline = Pipeline::new(config, store.clone(), engine, shared.clone(), None)?;
+    pipeline.publish_current()?;
+    let streamed = stream.run(&mut pipeline, max_events, shutdown);
+    let finished = pipeline.finish(streamed.is_ok());
     shared.health.consuming.store(false, Ordering::Relaxed);
-    Ok(summary)
+    let events_applied = streamed?;
+    let finished = finished?;
+    Ok(DemoSummary {
+        events_applied,
+        snapshots: finished.snapshots,
+        last_version: finished.last_version,
+    })
 }
 
-fn take_snapshot(
-    config: &Config,
-    store: &Store,
-    engine: &crate::engine::Engine,
-    summary: &mut DemoSummary,
-    shared: &Shared,
-) -> anyhow::Result<()> {
-    if let Some(version) = shared.snapshot(config, store, &engine.view(), BTreeMap::new())? {
-        summary.snapshots += 1;
-        summary.last_version = Some(version);
+/// The endless generated stream, in rounds of [`ROUND_EVENTS`] events, paced to the
+/// configured rate.
+struct Stream {
+    base: GeneratorParams,
+    batch_size: usize,
+    events_per_second: u64,
+    round: u64,
+}
+
+impl Stream {
+    fn new(config: &Config, events_applied: u64) -> Self {
+        let demo = &config.demo;
+        Stream {
+            base: GeneratorParams {
+                users: demo.users,
+                items: demo.items,
+                events: ROUND_EVENTS,
+                segments: demo.segments,
+                mode: config.events.mode,
+                seed: demo.seed,
+                ..GeneratorParams::default()
+            },
+            batch_size: demo.batch_size,
+            events_per_second: demo.events_per_second,
+            // A restarted demo goes on with the rounds it has not applied yet.
+            round: events_applied / ROUND_EVENTS as u64,
+        }
     }
-    Ok(())
+
+    fn catalogue(&self) -> Vec<(String, String)> {
+        generate(&GeneratorParams {
+            events: 0,
+            ..self.base.clone()
+        })
+        .catalogue
+    }
+
+    /// Hands batches to the pipeline until `shutdown` or `max_events`; returns the events
+    /// applied.
+    fn run(
+        mut self,
+        pipeline: &mut Pipeline,
+        max_events: Option<u64>,
+        shutdown: &AtomicBool,
+    ) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        let mut applied = 0u64;
+        let mut ts = self.base.start_ts;
+        loop {
+            let data = generate(&GeneratorParams {
+                round: self.round,
+                start_ts: ts,
+                ..self.base.clone()
+            });
+            ts = data.events.last().map_or(ts, |e| e.ts + 1);
+            for batch in data.events.chunks(self.batch_size) {
+                let left = max_events.map_or(usize::MAX, |m| m.saturating_sub(applied) as usize);
+                if shutdown.load(Ordering::Relaxed) || left == 0 {
+                    return Ok(applied);
+                }
+                let batch = &batch[..batch.len().min(left)];
+                pipeline
+                    .shared()
+                    .metrics
+                    .events_consumed
+                    .inc_by(batch.len() as u64);
+                applied += pipeline.apply(batch, Positions::new())?.applied;
+                pipeline.tick()?;
+                if !self.pace(started, applied, shutdown) {
+                    return Ok(applied);
+                }
+            }
+            self.round += 1;
+        }
+    }
+
+    /// Waits until `applied` events are due at the configured rate; false when `shutdown`
+    /// came meanwhile.
+    fn pace(&self, started: Instant, applied: u64, shutdown: &AtomicBool) -> bool {
+        let due = Duration::from_secs_f64(applied as f64 / self.events_per_second.max(1) as f64);
+        while let Some(wait) = due.checked_sub(started.elapsed()) {
+            if shutdown.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
+        }
+        true
+    }
 }

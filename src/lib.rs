@@ -14,6 +14,7 @@ pub mod generator;
 pub mod http;
 pub mod kafka;
 pub mod nullable;
+pub mod pipeline;
 pub mod replay;
 pub mod report;
 pub mod service;

@@ -1,22 +1,22 @@
-//! File replay: streams a ratings file through the engine in timestamp order, in batches
-//! committed to the state dir exactly as the Kafka service commits its batches, then builds,
-//! stores and writes the final snapshot. Re-running on the same file resumes where it stopped.
+//! File replay: a ratings file decoded (on every core), put in timestamp order and handed to
+//! the pipeline in batches with the file's position, exactly as the Kafka source hands its
+//! batches; then the final snapshot is built, stored and written. Re-running on the same file
+//! resumes where it stopped.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use rustc_hash::FxHashMap;
 
 use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
-use crate::engine::{EngineView, IdMap};
+use crate::engine::IdMap;
 use crate::event::{RatingRef, RejectReason, Rejection};
+use crate::pipeline::{Pipeline, Positions, Shared, log_snapshot_built};
 use crate::snapshot::validation::stable_hash;
-use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
-use crate::store::Store;
+use crate::snapshot::{Assignments, Snapshot};
 
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -95,23 +95,19 @@ impl CompactEvents {
 }
 
 /// The key under which a file's progress is stored: its content hash and length, so a renamed
-/// copy resumes and an edited file starts over. A state dir that replayed the file under the
-/// key of earlier versions (`file:<fnv>:<len>`) has that entry moved to this key, so the
-/// resume still skips what was applied.
-fn source_key(bytes: &[u8], offsets: &mut BTreeMap<String, i64>) -> String {
+/// copy resumes and an edited file starts over. Also the key earlier versions used
+/// (`file:<fnv>:<len>`) when `positions` holds it, so the resume still skips what was applied.
+fn source_key(bytes: &[u8], positions: &Positions) -> (String, Option<String>) {
     let key = format!("file:v2:{:016x}:{}", content_hash(bytes), bytes.len());
     let length = format!(":{}", bytes.len());
     let legacy_candidate =
         |k: &String| k.starts_with("file:") && !k.starts_with("file:v2:") && k.ends_with(&length);
     // The legacy hash reads a byte at a time (a third of a second per 100 MB): only computed
     // when a legacy entry for a file of this length exists.
-    if !offsets.contains_key(&key) && offsets.keys().any(legacy_candidate) {
-        let legacy = format!("file:{:016x}:{}", stable_hash(bytes, 0), bytes.len());
-        if let Some(position) = offsets.remove(&legacy) {
-            offsets.insert(key.clone(), position);
-        }
-    }
-    key
+    let legacy = (!positions.contains_key(&key) && positions.keys().any(legacy_candidate))
+        .then(|| format!("file:{:016x}:{}", stable_hash(bytes, 0), bytes.len()))
+        .filter(|legacy| positions.contains_key(legacy));
+    (key, legacy)
 }
 
 /// A 64-bit hash of a file's bytes, eight bytes a step (a 100 MB file in about 15 ms).
@@ -146,25 +142,13 @@ pub struct ReplayPhases {
 pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<ReplayOutcome> {
     let started = std::time::Instant::now();
     let mut phases = ReplayPhases::default();
-    let store = config.state.open()?;
-    // No online model during a replay: nobody observes a file's intermediate models, so
-    // keeping one up to date (periodic refreshes, per-event projections) would be pure cost,
-    // and without it the final snapshot is computed from the data alone, however the file was
-    // split or the state dir came to be. The snapshot's model becomes the online one at the end.
-    let mut params = config.engine_params();
-    params.refresh_every_events = u64::MAX;
-    let mut engine = store.load_engine(params)?;
-    engine.forget_model();
-    let mut catalogue_bad_lines = 0;
-    if let Some(items) = &options.items {
-        let (titles, bad) = decode::read_catalogue_file(items)?;
-        store.put_titles(&titles)?;
-        catalogue_bad_lines = bad;
+    let (mut pipeline, catalogue_bad_lines) = open_pipeline(config, options)?;
+    let mut file = load_file(config, options, pipeline.positions())?;
+    if let Some(legacy) = &file.legacy_key {
+        pipeline.move_position(legacy, &file.key);
     }
-    let mut offsets: BTreeMap<String, i64> = store.offsets()?;
-    let mut file = load_file(config, options, &mut offsets)?;
-    let done = offsets.get(&file.key).copied().unwrap_or(0).max(0) as usize;
-    let skipped = done.min(file.events.rows.len());
+    let done = pipeline.positions().get(&file.key).copied().unwrap_or(0);
+    let skipped = (done.max(0) as usize).min(file.events.rows.len());
     if skipped > 0 {
         tracing::info!(
             skipped,
@@ -173,39 +157,21 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     }
     phases.load = started.elapsed().as_secs_f64();
     let applied = apply_file(
+        &mut pipeline,
         config,
         options,
-        &store,
-        &mut engine,
         &mut file,
         skipped,
-        &mut offsets,
         &mut phases,
     )?;
     // The decoded events are all applied: free them before the snapshot's own allocations.
     drop(file.events);
-
-    let titles = store.titles()?;
     let snapshotting = std::time::Instant::now();
-    let built = build_and_store_snapshot(
-        config,
-        &store,
-        &engine.view(),
-        &titles,
-        BTreeMap::new(),
-        false,
-    )?;
+    let built = pipeline.final_snapshot()?;
     phases.snapshot = snapshotting.elapsed().as_secs_f64();
-    let built = match built {
-        Some(built) => {
-            let committing = std::time::Instant::now();
-            engine.adopt_model(built.model);
-            store.commit(&mut engine, Some(&offsets))?;
-            phases.commit += committing.elapsed().as_secs_f64();
-            Some((built.snapshot, built.assignments))
-        }
-        None => None,
-    };
+    let committing = std::time::Instant::now();
+    pipeline.finish(false)?;
+    phases.commit += committing.elapsed().as_secs_f64();
     tracing::info!(
         events = applied,
         load_seconds = phases.load,
@@ -232,18 +198,41 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
     })
 }
 
+/// The state dir opened into a pipeline, with the catalogue file's titles stored. No online
+/// model during a replay: nobody observes a file's intermediate models, so keeping one up to
+/// date (periodic refreshes, per-event projections) would be pure cost, and without it the
+/// final snapshot is computed from the data alone, however the file was split or the state dir
+/// came to be. The final snapshot's model becomes the online one.
+fn open_pipeline(config: &Config, options: &ReplayOptions) -> anyhow::Result<(Pipeline, u64)> {
+    let store = config.state.open()?;
+    let mut params = config.engine_params();
+    params.refresh_every_events = u64::MAX;
+    let mut engine = store.load_engine(params)?;
+    engine.forget_model();
+    let mut catalogue_bad_lines = 0;
+    if let Some(items) = &options.items {
+        let (titles, bad) = decode::read_catalogue_file(items)?;
+        store.put_titles(&titles)?;
+        catalogue_bad_lines = bad;
+    }
+    let pipeline = Pipeline::new(config, Arc::new(store), engine, Shared::default(), None)?;
+    Ok((pipeline, catalogue_bad_lines))
+}
+
 /// A ratings file decoded, in time order, with what was rejected while decoding.
 struct LoadedFile {
     events: CompactEvents,
     rejected: RejectTally,
     /// Its progress key in the state dir (see [`source_key`]).
     key: String,
+    /// The key earlier versions stored its progress under, when the state dir holds it.
+    legacy_key: Option<String>,
 }
 
 fn load_file(
     config: &Config,
     options: &ReplayOptions,
-    offsets: &mut BTreeMap<String, i64>,
+    positions: &Positions,
 ) -> anyhow::Result<LoadedFile> {
     let bytes = std::fs::read(&options.ratings)
         .with_context(|| format!("cannot read ratings file {}", options.ratings.display()))?;
@@ -264,77 +253,54 @@ fn load_file(
     }
     // Stable: events with equal timestamps keep their file order.
     events.rows.sort_by_key(|r| r.ts);
+    let (key, legacy_key) = source_key(&bytes, positions);
     Ok(LoadedFile {
         events,
         rejected,
-        key: source_key(&bytes, offsets),
+        key,
+        legacy_key,
     })
 }
 
-/// Applies the file's events from `skipped` on, in batches, each committed with the file's
-/// position. Commits are encoded here and written by a second thread (in order, one waiting at
-/// most), so the disk works while the next batch is applied. Returns the events applied.
-#[allow(clippy::too_many_arguments)]
+/// Hands the file's events from `skipped` on to the pipeline, in batches, each committed with
+/// the file's position. Returns the events applied.
 fn apply_file(
+    pipeline: &mut Pipeline,
     config: &Config,
     options: &ReplayOptions,
-    store: &Store,
-    engine: &mut crate::engine::Engine,
     file: &mut LoadedFile,
     skipped: usize,
-    offsets: &mut BTreeMap<String, i64>,
     phases: &mut ReplayPhases,
 ) -> anyhow::Result<u64> {
     let remaining = &file.events.rows[skipped..];
     let bar = progress_bar(options.progress, remaining.len() as u64);
-    let mut source_ids = crate::engine::SourceIds::default();
     let mut applied = 0u64;
     let mut position = skipped;
-    std::thread::scope(|scope| {
-        let (to_writer, commits) = std::sync::mpsc::sync_channel(1);
-        let writer = scope.spawn(move || {
-            commits
-                .into_iter()
-                .try_for_each(|commit| store.write_commit(commit))
-        });
-        for rows in remaining.chunks(config.replay.batch_size) {
-            let batch = file.events.events(rows);
-            let applying = std::time::Instant::now();
-            let outcome = engine.apply_with_source_ids(&batch, &mut source_ids);
-            phases.apply += applying.elapsed().as_secs_f64();
-            applied += outcome.applied;
-            for &(i, reason) in &outcome.rejected {
-                let rejection = match reason {
-                    RejectReason::CatalogueFull => {
-                        crate::engine::catalogue_full(batch[i].item, config.model.max_items)
-                    }
-                    other => Rejection::new(other, other.label()),
-                };
-                // Numbered by position in time order (the file is replayed sorted by timestamp).
-                file.rejected.record((position + i + 1) as u64, &rejection);
-            }
-            position += batch.len();
-            offsets.insert(file.key.clone(), position as i64);
-            let committing = std::time::Instant::now();
-            let (_, commit) = store.prepare_commit(engine, Some(offsets))?;
-            // A closed channel means the writer failed: its error is returned below.
-            let sent = to_writer.send(commit);
-            phases.commit += committing.elapsed().as_secs_f64();
-            bar.inc(batch.len() as u64);
-            if sent.is_err() {
-                break;
-            }
+    for rows in remaining.chunks(config.replay.batch_size) {
+        let batch = file.events.events(rows);
+        let applying = std::time::Instant::now();
+        position += batch.len();
+        let outcome = pipeline.apply(
+            &batch,
+            Positions::from([(file.key.clone(), position as i64)]),
+        )?;
+        phases.apply += applying.elapsed().as_secs_f64();
+        applied += outcome.applied;
+        let first = position - batch.len();
+        for &(i, reason) in &outcome.rejected {
+            let rejection = match reason {
+                RejectReason::CatalogueFull => {
+                    crate::engine::catalogue_full(batch[i].item, config.model.max_items)
+                }
+                other => Rejection::new(other, other.label()),
+            };
+            // Numbered by position in time order (the file is replayed sorted by timestamp).
+            file.rejected.record((first + i + 1) as u64, &rejection);
         }
-        drop(to_writer);
-        let committing = std::time::Instant::now();
-        let written = writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("the state writer thread panicked"))?;
-        phases.commit += committing.elapsed().as_secs_f64();
-        bar.finish_and_clear();
-        written?;
-        Ok(applied)
-    })
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(applied)
 }
 
 fn progress_bar(enabled: bool, events: u64) -> ProgressBar {
@@ -345,68 +311,6 @@ fn progress_bar(enabled: bool, events: u64) -> ProgressBar {
         ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     )
-}
-
-/// Builds a snapshot of the engine (the next version, drift against the latest stored one),
-/// stores it with the configured retention and returns it. `None` while there is too little data.
-/// A `periodic` snapshot (the service's) continues the previous snapshot's segments and carries
-/// diagnostics every `diagnostics_every` versions; a replay's final one takes the lowest inertia
-/// found and always carries diagnostics.
-pub fn build_and_store_snapshot(
-    config: &Config,
-    store: &Store,
-    engine: &EngineView,
-    titles: &FxHashMap<String, String>,
-    offsets: BTreeMap<String, i64>,
-    periodic: bool,
-) -> anyhow::Result<Option<Built>> {
-    let version = store.next_snapshot_version()?;
-    let previous_version = store.snapshot_versions()?.last().copied();
-    let previous = match previous_version {
-        Some(v) => store.assignment_labels(v)?.map(|a| (v, a)),
-        None => None,
-    };
-    let with_diagnostics =
-        !periodic || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
-    let built = snapshot::build_with_model(
-        engine,
-        &config.snapshot_params(),
-        BuildInput {
-            version,
-            created_at: snapshot::now_rfc3339(),
-            titles,
-            offsets,
-            previous: previous.as_ref().map(|(v, a)| (*v, a.as_slice())),
-            continue_previous: periodic,
-            with_diagnostics,
-        },
-    );
-    if let Some(Built {
-        snapshot: snap,
-        model,
-        ..
-    }) = &built
-    {
-        store.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
-    }
-    Ok(built)
-}
-
-/// The `snapshot built` log line: emitted once the snapshot is stored and, in the service, also
-/// published to readers (tests and operators wait for it).
-pub fn log_snapshot_built(snap: &Snapshot) {
-    tracing::info!(
-        version = snap.version,
-        users = snap.counts.users,
-        items = snap.counts.items,
-        ratings = snap.counts.ratings,
-        events_applied = snap.counts.events_applied,
-        inertia = snap.kmeans.inertia,
-        explained = snap.pca.explained_variance_ratio.iter().sum::<f64>(),
-        nb_train = snap.validation.naive_bayes.train_agreement,
-        moved = snap.drift.as_ref().map_or(0, |d| d.users_moved),
-        "snapshot built"
-    );
 }
 
 pub fn write_snapshot_json(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
@@ -437,21 +341,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_legacy_file_key_is_moved_to_the_new_one_and_keeps_its_position() {
+    fn a_legacy_file_key_is_found_beside_the_new_one() {
         let bytes = b"user,item,rating\nu1,i1,4\n".repeat(100);
         let legacy = format!("file:{:016x}:{}", stable_hash(&bytes, 0), bytes.len());
         let other = format!("file:{:016x}:{}", 7, bytes.len());
-        let mut offsets = BTreeMap::from([(legacy.clone(), 42), (other.clone(), 9)]);
-        let key = source_key(&bytes, &mut offsets);
+        let positions = Positions::from([(legacy.clone(), 42), (other.clone(), 9)]);
+        let (key, found) = source_key(&bytes, &positions);
         assert!(key.starts_with("file:v2:"));
-        assert_eq!(offsets.get(&key), Some(&42));
-        assert!(!offsets.contains_key(&legacy));
-        assert_eq!(offsets.get(&other), Some(&9), "another file's entry stays");
+        assert_eq!(found, Some(legacy));
+        let (again, none) = source_key(&bytes, &Positions::from([(other, 9)]));
         assert_eq!(
-            source_key(&bytes, &mut offsets),
-            key,
+            (again, none),
+            (key.clone(), None),
             "the same bytes, the same key"
         );
+        let (_, none) = source_key(&bytes, &Positions::from([(key, 5)]));
+        assert_eq!(none, None, "the new key present: nothing to move");
     }
 
     #[test]

@@ -1,35 +1,31 @@
-//! `segmenter run`: the long-running service. A poll loop on the tokio runtime reads rating
-//! events from Kafka, decodes them, dead-letters the bad ones and hands batches to an engine
-//! worker thread, which applies them and persists the changed state together with the next
-//! offset of every partition in one atomic commit. Only then are offsets committed to Kafka
-//! (for progress and lag). Snapshots and time-based refreshes run on the worker side, off the
-//! poll loop; snapshot building runs on its own thread.
+//! `segmenter run`: the Kafka source of the pipeline. A poll loop on the tokio runtime reads
+//! rating events from Kafka, decodes them, dead-letters the bad ones and hands batches with
+//! their next offsets to the pipeline on an engine thread, which applies them and commits the
+//! changed state together with the offsets in one atomic write. Only then are offsets committed
+//! to Kafka (for progress and lag). Snapshots and time-based refreshes are the pipeline's.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::decode;
-use crate::engine::{CatalogueGate, Engine, EngineView};
+use crate::engine::{CatalogueGate, Engine};
 use crate::event::{RatingEvent, RejectReason, Rejection};
-use crate::http::serving::Serving;
 use crate::http::{self, AppState};
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
-use crate::kafka::{
-    Health, ServiceContext, client_config, client_config_with_defaults, offset_key,
-};
-use crate::replay::build_and_store_snapshot;
+use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
+pub use crate::pipeline::Shared;
+use crate::pipeline::{Committed, Pipeline, Positions};
 use crate::store::Store;
-use crate::telemetry::Metrics;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -38,62 +34,11 @@ pub struct RunOptions {
     pub exit_at_events: Option<u64>,
 }
 
-/// The latest snapshot as served over HTTP, replaced whenever a new one is built.
-pub type ServingSlot = Arc<RwLock<Option<Arc<Serving>>>>;
-
-/// What the service shares with its HTTP API (and tests): metrics, health and the latest
-/// snapshot ready for lookups.
-#[derive(Clone, Default)]
-pub struct Shared {
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
-    pub serving: ServingSlot,
-    /// Bumped whenever catalogue titles are stored: profiles show titles, so a changed
-    /// catalogue is a reason for a new snapshot even when no event came.
-    pub catalogue_version: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Shared {
-    /// Builds and stores a snapshot of `engine`, then publishes it: metrics, and the serving
-    /// copy for lookups. Returns its version (`None` while there is too little data).
-    pub fn snapshot(
-        &self,
-        config: &Config,
-        store: &Store,
-        engine: &EngineView,
-        offsets: BTreeMap<String, i64>,
-    ) -> anyhow::Result<Option<u64>> {
-        let started = Instant::now();
-        let titles = store.titles()?;
-        let Some(built) = build_and_store_snapshot(config, store, engine, &titles, offsets, true)?
-        else {
-            return Ok(None);
-        };
-        let version = built.snapshot.version;
-        self.metrics.on_snapshot(&built.snapshot);
-        self.metrics
-            .snapshot_build_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let serving = Arc::new(Serving::new(engine, &built.model, built.snapshot, titles));
-        if let Ok(mut slot) = self.serving.write() {
-            *slot = Some(serving.clone());
-        }
-        crate::replay::log_snapshot_built(&serving.snapshot);
-        Ok(Some(version))
-    }
-}
-
-/// A batch on its way from the poll loop to the engine worker.
+/// A batch on its way from the poll loop to the engine thread.
 struct Batch {
     events: Vec<RatingEvent>,
     /// Next offset per partition after this batch.
-    offsets: BTreeMap<String, i64>,
-}
-
-/// What the worker reports after each durable commit.
-struct Committed {
-    offsets: BTreeMap<String, i64>,
-    events_applied: u64,
+    offsets: Positions,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -105,319 +50,75 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
+/// A running HTTP server and the switch that stops it.
+struct HttpServer {
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+    }
+}
+
 pub async fn run(
     config: Config,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     options: RunOptions,
     shared: Shared,
 ) -> anyhow::Result<RunSummary> {
-    let health = shared.health.clone();
-    let metrics = shared.metrics.clone();
     let started = Instant::now();
-    let kafka = config.kafka.clone();
-    let (store, engine) = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(Store, Engine)> {
-            let store = config.state.open()?;
-            let engine = store.load_engine(config.engine_params())?;
-            if let Some(file) = &config.catalogue.file {
-                let (titles, bad) = decode::read_catalogue_file(file)?;
-                if bad > 0 {
-                    tracing::warn!(bad, file = %file.display(), "unreadable catalogue lines skipped");
-                }
-                store.put_titles(&titles)?;
-            }
-            Ok((store, engine))
-        })
-        .await??
-    };
-    let store = Arc::new(store);
-    health.state_open.store(true, Ordering::Relaxed);
-    let listen = config.http.listen_addr()?;
-    let (http_stop, http_stop_rx) = watch::channel(false);
-    let http_server = {
-        let state = Arc::new(AppState {
-            metrics: metrics.clone(),
-            health: health.clone(),
-            serving: shared.serving.clone(),
-            store: store.clone(),
-            token: config.http.token(),
-        });
-        let mut stop = http_stop_rx;
-        let mut global = shutdown.clone();
-        http::serve(listen, state, async move {
-            tokio::select! {
-                _ = stop.wait_for(|v| *v) => {}
-                _ = global.wait_for(|v| *v) => {}
-            }
-        })
-        .await?
-    };
+    let (store, engine) = open_state(&config).await?;
+    shared.health.state_open.store(true, Ordering::Relaxed);
+    let http = start_http(&config, &shared, &store, &shutdown).await?;
     let initial_events_applied = engine.counters().events_applied;
-    let mut events_applied_total = initial_events_applied;
     let stored_offsets = Arc::new(Mutex::new(store.offsets()?));
     tracing::info!(
         state_dir = %config.state.dir.display(),
         users = engine.active_users(),
-        events_applied = engine.counters().events_applied,
+        events_applied = initial_events_applied,
         offsets = ?read_offsets(&stored_offsets),
         "state opened"
     );
     if options
         .exit_at_events
-        .is_some_and(|n| engine.counters().events_applied >= n)
+        .is_some_and(|n| initial_events_applied >= n)
     {
         tracing::info!(
-            events_applied = engine.counters().events_applied,
+            events_applied = initial_events_applied,
             "target already reached: final snapshot only"
         );
-        let offsets = store.offsets()?;
-        let engine_events = engine.counters().events_applied;
-        // Joined off the async runtime, which keeps serving HTTP meanwhile.
-        let snapshot = spawn_snapshot(&config, &store, &engine, &offsets, &shared)?;
-        tokio::task::spawn_blocking(move || snapshot.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
-        let _ = http_stop.send(true);
-        let _ = http_server.await;
+        let pipeline = Pipeline::new(&config, store, engine, shared.clone(), None)?;
+        // Off the async runtime, which keeps serving HTTP meanwhile.
+        tokio::task::spawn_blocking(move || pipeline.finish(true)).await??;
+        http.stop().await;
         return Ok(RunSummary {
-            events_applied_total: engine_events,
+            events_applied_total: initial_events_applied,
             ..RunSummary::default()
         });
     }
-
-    let context = ServiceContext {
-        stored_offsets: stored_offsets.clone(),
-        health: health.clone(),
-        revoked: AtomicBool::new(false),
-    };
-    // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
-    // `[kafka.client]` may tune these.
-    let mut consumer_config = client_config_with_defaults(
-        &kafka,
-        &[
-            ("queued.min.messages", "500000"),
-            ("max.partition.fetch.bytes", "8388608"),
-            ("fetch.wait.max.ms", "100"),
-        ],
-    );
-    if !kafka.instance_id.is_empty() {
-        consumer_config.set("group.instance.id", &kafka.instance_id);
-    }
-    // What exactly-once rests on; `[kafka.client]` cannot set these (the config layer refuses).
-    let consumer: Arc<StreamConsumer<ServiceContext>> = Arc::new(
-        consumer_config
-            .set("group.id", &kafka.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("partition.assignment.strategy", "range")
-            .create_with_context(context)
-            .context("cannot create the Kafka consumer")?,
-    );
-    consumer
-        .subscribe(&[&kafka.topic])
-        .with_context(|| format!("cannot subscribe to {}", kafka.topic))?;
-    let dead_letters: FutureProducer = client_config(&kafka)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .context("cannot create the dead-letter producer")?;
-    if !kafka.items_topic.is_empty() {
-        spawn_items_reader(
-            &config,
-            store.clone(),
-            shared.catalogue_version.clone(),
-            shutdown.clone(),
-        )?;
-    }
-    spawn_broker_probe(
-        consumer.clone(),
-        stored_offsets.clone(),
-        shared.clone(),
-        kafka.topic.clone(),
-        shutdown.clone(),
-    );
-
-    // Mirrors the engine's catalogue cap, so refused items are dead-lettered like bad messages.
-    let mut catalogue = CatalogueGate::new(&engine);
-    // Engine worker: owns the engine, applies and persists batches, reports commits.
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
     let final_snapshot = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let config = config.clone();
-        let store = store.clone();
-        let offsets = read_offsets(&stored_offsets);
-        let final_snapshot = final_snapshot.clone();
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("segmenter-engine".into())
-            .spawn(move || {
-                engine_worker(
-                    WorkerContext {
-                        config,
-                        store,
-                        shared,
-                        final_snapshot,
-                    },
-                    engine,
-                    offsets,
-                    batch_rx,
-                    ack_tx,
-                )
-            })?
-    };
-
-    let linger = Duration::from_millis(kafka.batch_linger_ms.max(1));
-    let policy = config.engine_params().policy();
-    let mut expected: BTreeMap<String, i64> = read_offsets(&stored_offsets);
-    let mut pending = Batch {
-        events: Vec::with_capacity(kafka.batch_size),
-        offsets: BTreeMap::new(),
-    };
-    let mut letters: Vec<DeadLetter> = vec![];
-    let mut partition_keys: rustc_hash::FxHashMap<i32, String> = Default::default();
-    let mut batch_started: Option<tokio::time::Instant> = None;
-    let mut summary = RunSummary::default();
-    let mut stopping_for_target = false;
-    // Wakes the worker when no batch comes, so due snapshots and timed refreshes still happen.
-    let mut worker_tick = tokio::time::interval(Duration::from_secs(1));
-    worker_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    health.consuming.store(true, Ordering::Relaxed);
-
-    let result: anyhow::Result<()> = async {
-        loop {
-            let flush_at = batch_started.map(|t| t + linger);
-            let mut flush = false;
-            tokio::select! {
-                biased;
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        tracing::info!("shutdown requested: draining");
-                        break;
-                    }
-                }
-                ack = ack_rx.recv() => {
-                    match ack {
-                        Some(Ok(committed)) => {
-                            events_applied_total = committed.events_applied;
-                            on_committed(&consumer, &stored_offsets, &committed);
-                            if options.exit_at_events.is_some_and(|n| committed.events_applied >= n) {
-                                tracing::info!(events_applied = committed.events_applied, "target reached: stopping");
-                                stopping_for_target = true;
-                                final_snapshot.store(true, Ordering::Relaxed);
-                                break;
-                            }
-                        }
-                        Some(Err(e)) => return Err(e),
-                        None => anyhow::bail!("the engine worker stopped unexpectedly"),
-                    }
-                }
-                _ = sleep_until_opt(flush_at), if flush_at.is_some() => flush = true,
-                _ = worker_tick.tick() => {
-                    // Best effort: a full channel means the worker is busy anyway.
-                    let _ = batch_tx.try_send(Batch { events: vec![], offsets: BTreeMap::new() });
-                }
-                message = consumer.recv() => {
-                    match message {
-                        Err(e) => {
-                            tracing::warn!(%e, "consume error");
-                            continue;
-                        }
-                        Ok(m) => {
-                            health.set_broker_reachable(true);
-                            metrics.events_consumed.inc();
-                            summary.consumed += 1;
-                            // Offsets are keyed `topic/partition`; the key of each partition is
-                            // built once, and the maps are updated in place (the hot path).
-                            let key = partition_keys
-                                .entry(m.partition())
-                                .or_insert_with(|| offset_key(m.topic(), m.partition()));
-                            if expected.get(key.as_str()).is_some_and(|&next| m.offset() < next) {
-                                metrics.events_duplicate.inc();
-                                continue;
-                            }
-                            set_offset(&mut expected, key, m.offset() + 1);
-                            set_offset(&mut pending.offsets, key, m.offset() + 1);
-                            let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
-                            let decoded = decode_message(m.payload(), &config, &policy, default_ts)
-                                .and_then(|event| catalogue.admit(&event.item).map(|()| event));
-                            match decoded {
-                                Ok(event) => pending.events.push(event),
-                                Err(rejection) => letters.push(DeadLetter {
-                                    key: m.key().map(<[u8]>::to_vec),
-                                    payload: m.payload().map(<[u8]>::to_vec),
-                                    rejection,
-                                    topic: m.topic().to_string(),
-                                    partition: m.partition(),
-                                    offset: m.offset(),
-                                }),
-                            }
-                            if batch_started.is_none() {
-                                batch_started = Some(tokio::time::Instant::now());
-                            }
-                            flush = pending.events.len() + letters.len() >= kafka.batch_size;
-                        }
-                    }
-                }
-            }
-            if consumer.context().revoked.swap(false, Ordering::Relaxed) {
-                flush = true;
-            }
-            if flush && !pending.offsets.is_empty() {
-                let shutdown_rx = shutdown.clone();
-                summary.rejected += send_batch(&dead_letters, &config, &shared, &mut pending, &mut letters, &batch_tx, move || *shutdown_rx.borrow()).await?;
-                batch_started = None;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    result?;
-
-    // Drain: the last partial batch, then every outstanding commit, within the drain time.
-    health.consuming.store(false, Ordering::Relaxed);
-    let drain = async {
-        if !pending.offsets.is_empty() && !stopping_for_target {
-            summary.rejected += send_batch(
-                &dead_letters,
-                &config,
-                &shared,
-                &mut pending,
-                &mut letters,
-                &batch_tx,
-                || false,
-            )
-            .await?;
-        }
-        drop(batch_tx);
-        while let Some(ack) = ack_rx.recv().await {
-            let committed = ack?;
-            events_applied_total = committed.events_applied;
-            on_committed(&consumer, &stored_offsets, &committed);
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(Duration::from_millis(kafka.drain_timeout_ms), drain)
-        .await
-        .map_err(|_| anyhow::anyhow!("drain did not finish within [kafka] drain_timeout_ms = {}; state is consistent up to the last commit", kafka.drain_timeout_ms))??;
-    let worker_result = tokio::task::spawn_blocking(move || worker.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the engine worker panicked"))?;
-    worker_result?;
-    // Progress for lag reporting; the state dir already holds the truth.
-    let final_offsets = read_offsets(&stored_offsets);
-    if let Some(tpl) = commit_list(&final_offsets)
-        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
-    {
-        tracing::warn!(%e, "final offset commit to Kafka failed (progress reporting only)");
-    }
-    let _ = http_stop.send(true);
-    let _ = http_server.await;
-    summary.events_applied_total = events_applied_total;
-    summary.applied = events_applied_total.saturating_sub(initial_events_applied);
+    let mut source = Source::connect(
+        &config,
+        &store,
+        &shared,
+        stored_offsets,
+        CatalogueGate::new(&engine),
+        &shutdown,
+        (batch_tx, ack_rx),
+    )?;
+    let pipeline = Pipeline::new(&config, store, engine, shared.clone(), Some(ack_tx))?;
+    let worker = spawn_engine_thread(pipeline, batch_rx, final_snapshot.clone())?;
+    source.consume(shutdown, &options, &final_snapshot).await?;
+    let mut summary = source.drain(worker).await?;
+    http.stop().await;
+    summary.applied = summary
+        .events_applied_total
+        .saturating_sub(initial_events_applied);
     summary.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         consumed = summary.consumed,
@@ -430,16 +131,428 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Opens the state dir and loads the engine off the async runtime, storing the catalogue
+/// file's titles when one is configured.
+async fn open_state(config: &Config) -> anyhow::Result<(Arc<Store>, Engine)> {
+    let config = config.clone();
+    let (store, engine) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Store, Engine)> {
+        let store = config.state.open()?;
+        let engine = store.load_engine(config.engine_params())?;
+        if let Some(file) = &config.catalogue.file {
+            let (titles, bad) = decode::read_catalogue_file(file)?;
+            if bad > 0 {
+                tracing::warn!(bad, file = %file.display(), "unreadable catalogue lines skipped");
+            }
+            store.put_titles(&titles)?;
+        }
+        Ok((store, engine))
+    })
+    .await??;
+    Ok((Arc::new(store), engine))
+}
+
+async fn start_http(
+    config: &Config,
+    shared: &Shared,
+    store: &Arc<Store>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<HttpServer> {
+    let state = Arc::new(AppState {
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        serving: shared.serving.clone(),
+        store: store.clone(),
+        token: config.http.token(),
+    });
+    let (stop, mut stopped) = watch::channel(false);
+    let mut global = shutdown.clone();
+    let server = http::serve(config.http.listen_addr()?, state, async move {
+        tokio::select! {
+            _ = stopped.wait_for(|v| *v) => {}
+            _ = global.wait_for(|v| *v) => {}
+        }
+    })
+    .await?;
+    Ok(HttpServer { stop, server })
+}
+
+/// The engine thread: the pipeline applies and commits each batch (acknowledged once
+/// durable), and runs its timers when the poll loop's tick comes instead of a batch.
+fn spawn_engine_thread(
+    mut pipeline: Pipeline,
+    mut batches: mpsc::Receiver<Batch>,
+    final_snapshot: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    Ok(std::thread::Builder::new()
+        .name("segmenter-engine".into())
+        .spawn(move || {
+            pipeline.publish_current()?;
+            let applied = (|| -> anyhow::Result<()> {
+                while let Some(batch) = batches.blocking_recv() {
+                    if !batch.events.is_empty() || !batch.offsets.is_empty() {
+                        let _span =
+                            tracing::debug_span!("batch", events = batch.events.len()).entered();
+                        let outcome = pipeline.apply(&batch.events, batch.offsets)?;
+                        if !outcome.rejected.is_empty() {
+                            // The poll loop's gate and value checks run first: a bug.
+                            tracing::error!(count = outcome.rejected.len(), first = ?outcome.rejected[0], "events refused by the engine after the poll loop admitted them");
+                        }
+                    }
+                    pipeline.tick()?;
+                }
+                Ok(())
+            })();
+            // Finishing writes every commit and closes the acknowledgements, which ends the
+            // drain: a final snapshot (exit_at_events) is not part of it.
+            let finished = pipeline.finish(applied.is_ok() && final_snapshot.load(Ordering::Relaxed));
+            applied.and(finished.map(|_| ()))
+        })?)
+}
+
+/// The poll loop's state: the consumer, the batch being filled, its dead letters, and the
+/// channels to and from the engine thread.
+struct Source {
+    config: Config,
+    shared: Shared,
+    consumer: Arc<StreamConsumer<ServiceContext>>,
+    dead_letters: FutureProducer,
+    stored_offsets: Arc<Mutex<Positions>>,
+    /// Mirrors the engine's catalogue cap, so refused items are dead-lettered like bad messages.
+    catalogue: CatalogueGate,
+    policy: crate::event::ValuePolicy,
+    /// Next offset expected per partition (earlier ones are duplicates after a rebalance).
+    expected: Positions,
+    pending: Batch,
+    letters: Vec<DeadLetter>,
+    partition_keys: rustc_hash::FxHashMap<i32, String>,
+    batch_started: Option<tokio::time::Instant>,
+    batches: mpsc::Sender<Batch>,
+    acks: mpsc::UnboundedReceiver<anyhow::Result<Committed>>,
+    summary: RunSummary,
+    stopping_for_target: bool,
+}
+
+impl Source {
+    /// Connects to Kafka: the consumer (partitions assigned at the offsets stored in the
+    /// state dir), the dead-letter producer, the catalogue reader and the broker probe.
+    fn connect(
+        config: &Config,
+        store: &Arc<Store>,
+        shared: &Shared,
+        stored_offsets: Arc<Mutex<Positions>>,
+        catalogue: CatalogueGate,
+        shutdown: &watch::Receiver<bool>,
+        (batches, acks): (
+            mpsc::Sender<Batch>,
+            mpsc::UnboundedReceiver<anyhow::Result<Committed>>,
+        ),
+    ) -> anyhow::Result<Source> {
+        let kafka = &config.kafka;
+        let consumer = Arc::new(create_consumer(config, shared, &stored_offsets)?);
+        let dead_letters: FutureProducer = client_config(kafka)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .context("cannot create the dead-letter producer")?;
+        if !kafka.items_topic.is_empty() {
+            spawn_items_reader(
+                config,
+                store.clone(),
+                shared.catalogue_version.clone(),
+                shutdown.clone(),
+            )?;
+        }
+        spawn_broker_probe(
+            consumer.clone(),
+            stored_offsets.clone(),
+            shared.clone(),
+            kafka.topic.clone(),
+            shutdown.clone(),
+        );
+        Ok(Source {
+            config: config.clone(),
+            shared: shared.clone(),
+            consumer,
+            dead_letters,
+            expected: read_offsets(&stored_offsets),
+            stored_offsets,
+            catalogue,
+            policy: config.engine_params().policy(),
+            pending: Batch {
+                events: Vec::with_capacity(kafka.batch_size),
+                offsets: Positions::new(),
+            },
+            letters: vec![],
+            partition_keys: Default::default(),
+            batch_started: None,
+            batches,
+            acks,
+            summary: RunSummary::default(),
+            stopping_for_target: false,
+        })
+    }
+
+    /// The poll loop, until shutdown, an error, or `exit_at_events` reached.
+    async fn consume(
+        &mut self,
+        mut shutdown: watch::Receiver<bool>,
+        options: &RunOptions,
+        final_snapshot: &AtomicBool,
+    ) -> anyhow::Result<()> {
+        let linger = Duration::from_millis(self.config.kafka.batch_linger_ms.max(1));
+        // Wakes the engine thread when no batch comes, so due snapshots and timed refreshes
+        // still happen.
+        let mut engine_tick = tokio::time::interval(Duration::from_secs(1));
+        engine_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.shared.health.consuming.store(true, Ordering::Relaxed);
+        let consumer = self.consumer.clone();
+        loop {
+            let flush_at = self.batch_started.map(|t| t + linger);
+            let mut flush = false;
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        tracing::info!("shutdown requested: draining");
+                        return Ok(());
+                    }
+                }
+                ack = self.acks.recv() => {
+                    let committed = ack.unwrap_or_else(|| Err(anyhow::anyhow!("the engine worker stopped unexpectedly")))?;
+                    if self.on_committed(committed, options.exit_at_events) {
+                        final_snapshot.store(true, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                }
+                _ = sleep_until_opt(flush_at), if flush_at.is_some() => flush = true,
+                _ = engine_tick.tick() => {
+                    // Best effort: a full channel means the engine thread is busy anyway.
+                    let _ = self.batches.try_send(Batch { events: vec![], offsets: Positions::new() });
+                }
+                message = consumer.recv() => match message {
+                    Err(e) => tracing::warn!(%e, "consume error"),
+                    Ok(m) => flush = self.on_message(&m),
+                },
+            }
+            if consumer.context().revoked.swap(false, Ordering::Relaxed) {
+                flush = true;
+            }
+            if flush && !self.pending.offsets.is_empty() {
+                let shutdown = shutdown.clone();
+                self.flush(move || *shutdown.borrow()).await?;
+            }
+        }
+    }
+
+    /// Decodes one message into the pending batch (or its dead letters). Returns whether the
+    /// batch is full.
+    fn on_message(&mut self, m: &BorrowedMessage<'_>) -> bool {
+        self.shared.health.set_broker_reachable(true);
+        self.shared.metrics.events_consumed.inc();
+        self.summary.consumed += 1;
+        // Offsets are keyed `topic/partition`; the key of each partition is built once, and
+        // the maps are updated in place (the hot path).
+        let key = self
+            .partition_keys
+            .entry(m.partition())
+            .or_insert_with(|| offset_key(m.topic(), m.partition()));
+        if self
+            .expected
+            .get(key.as_str())
+            .is_some_and(|&next| m.offset() < next)
+        {
+            self.shared.metrics.events_duplicate.inc();
+            return false;
+        }
+        set_offset(&mut self.expected, key, m.offset() + 1);
+        set_offset(&mut self.pending.offsets, key, m.offset() + 1);
+        let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
+        let decoded = decode_message(m.payload(), &self.config, &self.policy, default_ts)
+            .and_then(|event| self.catalogue.admit(&event.item).map(|()| event));
+        match decoded {
+            Ok(event) => self.pending.events.push(event),
+            Err(rejection) => self.letters.push(DeadLetter {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                rejection,
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+            }),
+        }
+        if self.batch_started.is_none() {
+            self.batch_started = Some(tokio::time::Instant::now());
+        }
+        self.pending.events.len() + self.letters.len() >= self.config.kafka.batch_size
+    }
+
+    /// A durable commit: its offsets become the stored ones and are reported to Kafka.
+    /// Returns whether `exit_at_events` is reached.
+    fn on_committed(&mut self, committed: Committed, exit_at_events: Option<u64>) -> bool {
+        self.summary.events_applied_total = committed.events_applied;
+        self.stored_offsets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone_from(&committed.positions);
+        if let Some(tpl) = commit_list(&committed.positions) {
+            // Async: progress reporting only; failures are harmless (the state dir is the
+            // truth).
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(%e, "offset commit to Kafka failed (progress reporting only)");
+            }
+        }
+        let reached = exit_at_events.is_some_and(|n| committed.events_applied >= n);
+        if reached {
+            tracing::info!(
+                events_applied = committed.events_applied,
+                "target reached: stopping"
+            );
+            self.stopping_for_target = true;
+        }
+        reached
+    }
+
+    /// Delivers the batch's dead letters (awaiting the broker's acknowledgement), then hands
+    /// the good events and offsets to the engine thread.
+    async fn flush(&mut self, give_up: impl Fn() -> bool) -> anyhow::Result<()> {
+        self.batch_started = None;
+        if !self.letters.is_empty() {
+            self.deliver_dead_letters(give_up).await?;
+        }
+        let batch = Batch {
+            events: std::mem::take(&mut self.pending.events),
+            offsets: std::mem::take(&mut self.pending.offsets),
+        };
+        self.batches
+            .send(batch)
+            .await
+            .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))
+    }
+
+    async fn deliver_dead_letters(&mut self, give_up: impl Fn() -> bool) -> anyhow::Result<()> {
+        let (metrics, health) = (&self.shared.metrics, &self.shared.health);
+        let letters = &mut self.letters;
+        let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for l in letters.iter() {
+            *by_reason.entry(l.rejection.reason.label()).or_default() += 1;
+        }
+        let topic = &self.config.kafka.dead_letter_topic;
+        // One line per batch, never one per event.
+        tracing::warn!(
+            count = letters.len(),
+            reasons = ?by_reason,
+            first = %letters[0].rejection,
+            topic = %topic,
+            "events rejected and sent to the dead-letter topic"
+        );
+        deliver_all(
+            &self.dead_letters,
+            topic,
+            letters,
+            Duration::from_millis(self.config.kafka.retry_backoff_ms.max(1)),
+            give_up,
+            |refused| {
+                metrics.dead_letters_refused.inc_by(refused);
+                health.set_dead_letters_refused(true);
+            },
+        )
+        .await?;
+        health.set_dead_letters_refused(false);
+        for l in letters.iter() {
+            metrics.rejected(l.rejection.reason, 1);
+        }
+        self.summary.rejected += letters.len() as u64;
+        letters.clear();
+        Ok(())
+    }
+
+    /// The last partial batch, then every outstanding commit, within the drain time; then the
+    /// final offsets reported to Kafka.
+    async fn drain(
+        mut self,
+        worker: std::thread::JoinHandle<anyhow::Result<()>>,
+    ) -> anyhow::Result<RunSummary> {
+        self.shared.health.consuming.store(false, Ordering::Relaxed);
+        let drain_timeout = self.config.kafka.drain_timeout_ms;
+        let drain = async {
+            if !self.pending.offsets.is_empty() && !self.stopping_for_target {
+                self.flush(|| false).await?;
+            }
+            // Closing the batches stops the engine thread, which writes its last commits
+            // and closes the acknowledgements.
+            let (closed, _) = mpsc::channel(1);
+            drop(std::mem::replace(&mut self.batches, closed));
+            while let Some(ack) = self.acks.recv().await {
+                self.on_committed(ack?, None);
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(Duration::from_millis(drain_timeout), drain)
+            .await
+            .map_err(|_| anyhow::anyhow!("drain did not finish within [kafka] drain_timeout_ms = {drain_timeout}; state is consistent up to the last commit"))??;
+        tokio::task::spawn_blocking(move || worker.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the engine worker panicked"))??;
+        // Progress for lag reporting; the state dir already holds the truth.
+        if let Some(tpl) = commit_list(&read_offsets(&self.stored_offsets))
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(%e, "final offset commit to Kafka failed (progress reporting only)");
+        }
+        Ok(self.summary)
+    }
+}
+
+/// The consumer: settings tuned for throughput (`[kafka.client]` may change them), then the
+/// ones exactly-once rests on (the config layer refuses them in `[kafka.client]`).
+fn create_consumer(
+    config: &Config,
+    shared: &Shared,
+    stored_offsets: &Arc<Mutex<Positions>>,
+) -> anyhow::Result<StreamConsumer<ServiceContext>> {
+    let kafka = &config.kafka;
+    let context = ServiceContext {
+        stored_offsets: stored_offsets.clone(),
+        health: shared.health.clone(),
+        revoked: AtomicBool::new(false),
+    };
+    // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
+    let mut consumer_config = client_config_with_defaults(
+        kafka,
+        &[
+            ("queued.min.messages", "500000"),
+            ("max.partition.fetch.bytes", "8388608"),
+            ("fetch.wait.max.ms", "100"),
+        ],
+    );
+    if !kafka.instance_id.is_empty() {
+        consumer_config.set("group.instance.id", &kafka.instance_id);
+    }
+    let consumer: StreamConsumer<ServiceContext> = consumer_config
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "range")
+        .create_with_context(context)
+        .context("cannot create the Kafka consumer")?;
+    consumer
+        .subscribe(&[&kafka.topic])
+        .with_context(|| format!("cannot subscribe to {}", kafka.topic))?;
+    Ok(consumer)
+}
+
 /// The offsets the state dir holds. A panic elsewhere while the lock was held (a poisoned
 /// mutex) does not make them unknown: every write replaces the whole map at once.
-fn read_offsets(stored: &Mutex<BTreeMap<String, i64>>) -> BTreeMap<String, i64> {
+fn read_offsets(stored: &Mutex<Positions>) -> Positions {
     stored
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone()
 }
 
-fn set_offset(offsets: &mut BTreeMap<String, i64>, key: &str, next: i64) {
+fn set_offset(offsets: &mut Positions, key: &str, next: i64) {
     match offsets.get_mut(key) {
         Some(v) => *v = next,
         None => {
@@ -483,7 +596,7 @@ fn decode_message(
 /// The stored offsets of Kafka partitions (`topic/partition` keys) as a commit list. Other
 /// positions in the state dir (a replayed file's `file:…` key) are not Kafka's business and
 /// are skipped, never a reason to stop reporting progress.
-fn commit_list(offsets: &BTreeMap<String, i64>) -> Option<TopicPartitionList> {
+fn commit_list(offsets: &Positions) -> Option<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
     for (key, &offset) in offsets {
         let Some((topic, partition)) = key.rsplit_once('/') else {
@@ -500,236 +613,6 @@ fn commit_list(offsets: &BTreeMap<String, i64>) -> Option<TopicPartitionList> {
         }
     }
     (tpl.count() > 0).then_some(tpl)
-}
-
-fn on_committed(
-    consumer: &StreamConsumer<ServiceContext>,
-    stored: &Mutex<BTreeMap<String, i64>>,
-    committed: &Committed,
-) {
-    stored
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone_from(&committed.offsets);
-    if let Some(tpl) = commit_list(&committed.offsets) {
-        // Async: progress reporting only; failures are harmless (the state dir is the truth).
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(%e, "offset commit to Kafka failed (progress reporting only)");
-        }
-    }
-}
-
-/// Delivers the batch's dead letters (awaiting the broker's acknowledgement), then hands the
-/// good events and offsets to the engine worker.
-async fn send_batch(
-    producer: &FutureProducer,
-    config: &Config,
-    shared: &Shared,
-    pending: &mut Batch,
-    letters: &mut Vec<DeadLetter>,
-    batch_tx: &mpsc::Sender<Batch>,
-    give_up: impl Fn() -> bool,
-) -> anyhow::Result<u64> {
-    let (metrics, health) = (&shared.metrics, &shared.health);
-    let rejected = letters.len() as u64;
-    if !letters.is_empty() {
-        let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for l in letters.iter() {
-            *by_reason.entry(l.rejection.reason.label()).or_default() += 1;
-        }
-        // One line per batch, never one per event.
-        tracing::warn!(
-            count = letters.len(),
-            reasons = ?by_reason,
-            first = %letters[0].rejection,
-            topic = %config.kafka.dead_letter_topic,
-            "events rejected and sent to the dead-letter topic"
-        );
-        deliver_all(
-            producer,
-            &config.kafka.dead_letter_topic,
-            letters,
-            Duration::from_millis(config.kafka.retry_backoff_ms.max(1)),
-            give_up,
-            |refused| {
-                metrics.dead_letters_refused.inc_by(refused);
-                health.set_dead_letters_refused(true);
-            },
-        )
-        .await?;
-        health.set_dead_letters_refused(false);
-        for l in letters.iter() {
-            metrics.rejected(l.rejection.reason, 1);
-        }
-        letters.clear();
-    }
-    let batch = Batch {
-        events: std::mem::take(&mut pending.events),
-        offsets: std::mem::take(&mut pending.offsets),
-    };
-    batch_tx
-        .send(batch)
-        .await
-        .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))?;
-    Ok(rejected)
-}
-
-/// The engine side: apply, persist with offsets, acknowledge; periodic refresh by time and
-/// snapshots on their own thread so neither blocks the poll loop.
-struct WorkerContext {
-    config: Config,
-    store: Arc<Store>,
-    shared: Shared,
-    final_snapshot: Arc<AtomicBool>,
-}
-
-fn engine_worker(
-    context: WorkerContext,
-    mut engine: Engine,
-    mut offsets: BTreeMap<String, i64>,
-    mut batches: mpsc::Receiver<Batch>,
-    acks: mpsc::UnboundedSender<anyhow::Result<Committed>>,
-) -> anyhow::Result<()> {
-    let WorkerContext {
-        config,
-        store,
-        shared,
-        final_snapshot,
-    } = context;
-    let metrics = shared.metrics.clone();
-    let snapshot_every = Duration::from_millis(config.snapshot.interval_ms.max(1));
-    let refresh_every = (config.model.refresh_interval_ms > 0)
-        .then(|| Duration::from_millis(config.model.refresh_interval_ms));
-    let mut last_snapshot = Instant::now();
-    let mut last_refresh = Instant::now();
-    // Serve the state as it is right away (a restarted service has data before any batch).
-    let mut snapshot_thread: Option<std::thread::JoinHandle<anyhow::Result<()>>> =
-        if engine.active_users() > 0 {
-            Some(spawn_snapshot(&config, &store, &engine, &offsets, &shared)?)
-        } else {
-            None
-        };
-    // Events applied when the last snapshot was taken: no new snapshot without new data.
-    let mut snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
-    let mut snapshotted_events = if snapshot_thread.is_some() {
-        engine.counters().events_applied
-    } else {
-        0
-    };
-    let result = (|| -> anyhow::Result<()> {
-        while let Some(batch) = batches.blocking_recv() {
-            // An empty batch is the poll loop's tick: only the timers below run.
-            if !batch.events.is_empty() || !batch.offsets.is_empty() {
-                let span = tracing::debug_span!("batch", events = batch.events.len());
-                let _enter = span.enter();
-                let applied_at = Instant::now();
-                let outcome = engine.apply(&batch.events);
-                if !outcome.rejected.is_empty() {
-                    // The poll loop's gate and value checks run first; reaching here is a bug.
-                    tracing::error!(count = outcome.rejected.len(), first = ?outcome.rejected[0], "events refused by the engine after the poll loop admitted them");
-                }
-                for &(_, reason) in &outcome.rejected {
-                    metrics.rejected(reason, 1);
-                }
-                if !outcome.refreshes.is_empty() {
-                    last_refresh = Instant::now();
-                }
-                for r in &outcome.refreshes {
-                    metrics.refresh_seconds.observe(r.seconds);
-                }
-                offsets.extend(batch.offsets);
-                store
-                    .commit(&mut engine, Some(&offsets))
-                    .context("cannot persist the batch: stopping without recording its offsets")?;
-                let events_applied = engine.counters().events_applied;
-                metrics.events_applied.inc_by(outcome.applied);
-                metrics.batch_size.observe(batch.events.len() as f64);
-                metrics
-                    .batch_apply_seconds
-                    .observe(applied_at.elapsed().as_secs_f64());
-                tracing::debug!(
-                    events = batch.events.len(),
-                    events_applied,
-                    seconds = applied_at.elapsed().as_secs_f64(),
-                    "batch committed"
-                );
-                if acks
-                    .send(Ok(Committed {
-                        offsets: offsets.clone(),
-                        events_applied,
-                    }))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            if refresh_every.is_some_and(|every| last_refresh.elapsed() >= every) {
-                let _span = tracing::info_span!("refresh").entered();
-                if let Some(r) = engine.refresh() {
-                    tracing::info!(
-                        iterations = r.eigen_iterations,
-                        seconds = r.seconds,
-                        "model refreshed on timer"
-                    );
-                    store.commit(&mut engine, Some(&offsets))?;
-                }
-                last_refresh = Instant::now();
-            }
-            let idle = snapshot_thread.as_ref().is_none_or(|t| t.is_finished());
-            let catalogue = shared.catalogue_version.load(Ordering::Relaxed);
-            let changed = engine.counters().events_applied != snapshotted_events
-                || (catalogue != snapshotted_catalogue && engine.active_users() > 0);
-            if idle && changed && last_snapshot.elapsed() >= snapshot_every {
-                if let Some(t) = snapshot_thread.take() {
-                    t.join()
-                        .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
-                }
-                snapshot_thread =
-                    Some(spawn_snapshot(&config, &store, &engine, &offsets, &shared)?);
-                last_snapshot = Instant::now();
-                snapshotted_events = engine.counters().events_applied;
-                snapshotted_catalogue = catalogue;
-            }
-        }
-        Ok(())
-    })();
-    if let Err(e) = &result {
-        let _ = acks.send(Err(anyhow::anyhow!("{e:#}")));
-    }
-    // Closing the acknowledgements ends the drain: a final snapshot is not part of it.
-    drop(acks);
-    if let Some(t) = snapshot_thread.take() {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
-    }
-    if result.is_ok() && final_snapshot.load(Ordering::Relaxed) {
-        spawn_snapshot(&config, &store, &engine, &offsets, &shared)?
-            .join()
-            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
-    }
-    result
-}
-
-fn spawn_snapshot(
-    config: &Config,
-    store: &Arc<Store>,
-    engine: &Engine,
-    offsets: &BTreeMap<String, i64>,
-    shared: &Shared,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let config = config.clone();
-    let store = store.clone();
-    // A copy-on-write view: the poll loop goes on applying while the snapshot reads it.
-    let engine = engine.view();
-    let offsets = offsets.clone();
-    let shared = shared.clone();
-    Ok(std::thread::Builder::new()
-        .name("segmenter-snapshot".into())
-        .spawn(move || {
-            let _span = tracing::info_span!("snapshot").entered();
-            shared.snapshot(&config, &store, &engine, offsets)?;
-            Ok(())
-        })?)
 }
 
 /// Every few seconds: whether the broker answers (readiness, also while the topic is idle),

@@ -161,7 +161,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     for round in 0..WARM_UP_ROUNDS {
         engine.apply(&generate(&stream(round)).events);
     }
-    let first = segmenter::replay::build_and_store_snapshot(
+    let first = segmenter::pipeline::build_and_store_snapshot(
         &config,
         &store,
         &engine.view(),
@@ -173,7 +173,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     .expect("a first snapshot");
     engine.apply(&generate(&stream(WARM_UP_ROUNDS)).events);
     let view = engine.view();
-    let second = segmenter::replay::build_and_store_snapshot(
+    let second = segmenter::pipeline::build_and_store_snapshot(
         &config,
         &store,
         &view,

@@ -17,7 +17,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::kafka::Health;
+use crate::pipeline::Health;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use serving::Serving;

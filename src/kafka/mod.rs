@@ -1,6 +1,6 @@
 //! Kafka plumbing shared by the service and the `produce` command: client configuration,
 //! topic creation, the consumer context that assigns partitions at the offsets stored in the
-//! state dir, health flags, and dead letters.
+//! state dir, and dead letters.
 
 pub mod dead_letter;
 pub mod produce;
@@ -67,50 +67,12 @@ pub async fn ensure_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> 
     Ok(())
 }
 
-/// What `/readyz` and the logs report about the service.
-#[derive(Debug, Default)]
-pub struct Health {
-    pub state_open: AtomicBool,
-    pub consuming: AtomicBool,
-    pub broker_reachable: AtomicBool,
-    /// The dead-letter topic refuses the current batch's letters: consumption waits (a bad
-    /// event is never dropped) and the service is not ready until they are delivered.
-    pub dead_letters_refused: AtomicBool,
-}
-
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.state_open.load(Ordering::Relaxed)
-            && self.consuming.load(Ordering::Relaxed)
-            && self.broker_reachable.load(Ordering::Relaxed)
-            && !self.dead_letters_refused.load(Ordering::Relaxed)
-    }
-
-    pub fn set_dead_letters_refused(&self, refused: bool) {
-        let was = self.dead_letters_refused.swap(refused, Ordering::Relaxed);
-        if !was && refused {
-            tracing::error!("the dead-letter topic refuses letters: consumption waits; not ready");
-        } else if was && !refused {
-            tracing::info!("dead letters delivered again");
-        }
-    }
-
-    pub fn set_broker_reachable(&self, reachable: bool) {
-        let was = self.broker_reachable.swap(reachable, Ordering::Relaxed);
-        if was && !reachable {
-            tracing::warn!("broker unreachable: not ready; retrying with backoff");
-        } else if !was && reachable {
-            tracing::info!("broker reachable");
-        }
-    }
-}
-
 /// Consumer context: partitions are assigned at the next offsets stored in the state dir (the
 /// source of truth), never at Kafka's committed offsets; revocations are flagged so the
 /// service flushes its batch.
 pub struct ServiceContext {
     pub stored_offsets: Arc<Mutex<BTreeMap<String, i64>>>,
-    pub health: Arc<Health>,
+    pub health: Arc<crate::pipeline::Health>,
     pub revoked: AtomicBool,
 }
 

@@ -1,0 +1,563 @@
+//! The one path every source drives. A source (the Kafka consumer, the demo generator, a file
+//! replay) decodes events and hands them in batches, with its positions, to the pipeline, which
+//! applies them to the engine, commits the changed state together with the positions in one
+//! atomic write (on a writer thread, in order), refreshes the model on its timer, takes
+//! snapshots on schedule and publishes them to readers (HTTP, metrics). It owns health too:
+//! whichever source runs, `/readyz` reads the same flags.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rustc_hash::FxHashMap;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::Config;
+use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds};
+use crate::event::Rating;
+use crate::http::serving::Serving;
+use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
+use crate::store::{PreparedCommit, Store};
+use crate::telemetry::Metrics;
+
+/// Positions in the sources, committed with the state: `topic/partition` → next offset for
+/// Kafka, a file's key → events applied for a replay.
+pub type Positions = BTreeMap<String, i64>;
+
+/// What `/readyz` and the logs report about the service.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub state_open: AtomicBool,
+    pub consuming: AtomicBool,
+    pub broker_reachable: AtomicBool,
+    /// The dead-letter topic refuses the current batch's letters: consumption waits (a bad
+    /// event is never dropped) and the service is not ready until they are delivered.
+    pub dead_letters_refused: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.state_open.load(Ordering::Relaxed)
+            && self.consuming.load(Ordering::Relaxed)
+            && self.broker_reachable.load(Ordering::Relaxed)
+            && !self.dead_letters_refused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_dead_letters_refused(&self, refused: bool) {
+        let was = self.dead_letters_refused.swap(refused, Ordering::Relaxed);
+        if !was && refused {
+            tracing::error!("the dead-letter topic refuses letters: consumption waits; not ready");
+        } else if was && !refused {
+            tracing::info!("dead letters delivered again");
+        }
+    }
+
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        let was = self.broker_reachable.swap(reachable, Ordering::Relaxed);
+        if was && !reachable {
+            tracing::warn!("broker unreachable: not ready; retrying with backoff");
+        } else if !was && reachable {
+            tracing::info!("broker reachable");
+        }
+    }
+}
+
+/// The latest snapshot as served over HTTP, replaced whenever a new one is built.
+pub type ServingSlot = Arc<RwLock<Option<Arc<Serving>>>>;
+
+/// What the pipeline shares with its readers (the HTTP API, tests): metrics, health and the
+/// latest snapshot ready for lookups.
+#[derive(Clone, Default)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub serving: ServingSlot,
+    /// Bumped whenever catalogue titles are stored: profiles show titles, so a changed
+    /// catalogue is a reason for a new snapshot even when no event came.
+    pub catalogue_version: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// Builds and stores a periodic snapshot of `engine`, then publishes it: metrics, and the
+    /// serving copy for lookups. Returns its version (`None` while there is too little data).
+    pub fn snapshot(
+        &self,
+        config: &Config,
+        store: &Store,
+        engine: &EngineView,
+        positions: Positions,
+    ) -> anyhow::Result<Option<u64>> {
+        let started = Instant::now();
+        let titles = store.titles()?;
+        let Some(built) =
+            build_and_store_snapshot(config, store, engine, &titles, positions, true)?
+        else {
+            return Ok(None);
+        };
+        let version = built.snapshot.version;
+        self.metrics.on_snapshot(&built.snapshot);
+        self.metrics
+            .snapshot_build_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let serving = Arc::new(Serving::new(engine, &built.model, built.snapshot, titles));
+        if let Ok(mut slot) = self.serving.write() {
+            *slot = Some(serving.clone());
+        }
+        log_snapshot_built(&serving.snapshot);
+        Ok(Some(version))
+    }
+}
+
+/// What the writer reports after each durable commit.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub positions: Positions,
+    pub events_applied: u64,
+}
+
+/// Where durable commits are reported (the Kafka source acknowledges offsets from them).
+pub type Acks = UnboundedSender<anyhow::Result<Committed>>;
+
+/// What a pipeline did, for the source's summary line.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineSummary {
+    pub events_applied: u64,
+    pub snapshots: u64,
+    pub last_version: Option<u64>,
+}
+
+pub struct Pipeline {
+    config: Config,
+    store: Arc<Store>,
+    engine: Engine,
+    source_ids: SourceIds,
+    positions: Positions,
+    shared: Shared,
+    writer: Writer,
+    schedule: Schedule,
+}
+
+impl Pipeline {
+    /// A pipeline over `engine` (loaded from `store`), at the positions the store holds.
+    /// Commits are reported to `acks` once durable.
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        engine: Engine,
+        shared: Shared,
+        acks: Option<Acks>,
+    ) -> anyhow::Result<Pipeline> {
+        let positions = store.offsets()?;
+        let schedule = Schedule::new(config, &engine, &shared);
+        Ok(Pipeline {
+            config: config.clone(),
+            writer: Writer::spawn(store.clone(), acks)?,
+            store,
+            engine,
+            source_ids: SourceIds::default(),
+            positions,
+            shared,
+            schedule,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn positions(&self) -> &Positions {
+        &self.positions
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Moves a source's position to a new key (committed with the next batch): a source whose
+    /// key format changed resumes where it was.
+    pub fn move_position(&mut self, from: &str, to: &str) {
+        if let Some(position) = self.positions.remove(from) {
+            self.positions.insert(to.to_string(), position);
+        }
+    }
+
+    /// Applies a batch and hands its commit (the changed state with `positions` merged into
+    /// the current ones) to the writer; it is durable once reported to the acks. Events with
+    /// source keys (see [`crate::engine::Rating::source_keys`]) resolve ids through the
+    /// pipeline's own map, so a source must keep its keys stable for the pipeline's life.
+    pub fn apply(
+        &mut self,
+        events: &[impl Rating],
+        positions: Positions,
+    ) -> anyhow::Result<ApplyOutcome> {
+        let applied_at = Instant::now();
+        let outcome = self
+            .engine
+            .apply_with_source_ids(events, &mut self.source_ids);
+        let metrics = &self.shared.metrics;
+        metrics.events_applied.inc_by(outcome.applied);
+        for &(_, reason) in &outcome.rejected {
+            metrics.rejected(reason, 1);
+        }
+        if !outcome.refreshes.is_empty() {
+            self.schedule.last_refresh = Instant::now();
+        }
+        for r in &outcome.refreshes {
+            metrics.refresh_seconds.observe(r.seconds);
+        }
+        self.positions.extend(positions);
+        self.commit()?;
+        let metrics = &self.shared.metrics;
+        metrics.batch_size.observe(events.len() as f64);
+        metrics
+            .batch_apply_seconds
+            .observe(applied_at.elapsed().as_secs_f64());
+        Ok(outcome)
+    }
+
+    fn commit(&mut self) -> anyhow::Result<()> {
+        let (_, commit) = self
+            .store
+            .prepare_commit(&mut self.engine, Some(&self.positions))
+            .context("cannot persist the batch: stopping without recording its positions")?;
+        let committed = Committed {
+            positions: self.positions.clone(),
+            events_applied: self.engine.counters().events_applied,
+        };
+        self.writer.send(commit, committed)
+    }
+
+    /// The timers: a refresh when `[model] refresh_interval_ms` has passed, a snapshot on a
+    /// background thread when one is due and the data or the catalogue changed. Sources call
+    /// it after each batch and when idle.
+    pub fn tick(&mut self) -> anyhow::Result<()> {
+        if self.schedule.refresh_due() {
+            let _span = tracing::info_span!("refresh").entered();
+            if let Some(r) = self.engine.refresh() {
+                tracing::info!(
+                    iterations = r.eigen_iterations,
+                    seconds = r.seconds,
+                    "model refreshed on timer"
+                );
+                self.commit()?;
+            }
+            self.schedule.last_refresh = Instant::now();
+        }
+        let catalogue = self.shared.catalogue_version.load(Ordering::Relaxed);
+        if self.schedule.snapshot_due(&self.engine, catalogue) {
+            self.spawn_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the state as it is, on a background thread (a restarted service has data
+    /// before any batch comes).
+    pub fn publish_current(&mut self) -> anyhow::Result<()> {
+        if self.engine.active_users() > 0 {
+            self.spawn_snapshot()?;
+        }
+        Ok(())
+    }
+
+    fn spawn_snapshot(&mut self) -> anyhow::Result<()> {
+        self.schedule.join_snapshot()?;
+        // A snapshot never shows what the state dir does not hold yet.
+        self.writer.flush()?;
+        let config = self.config.clone();
+        let store = self.store.clone();
+        // A copy-on-write view: the source goes on applying while the snapshot reads it.
+        let engine = self.engine.view();
+        let positions = self.positions.clone();
+        let shared = self.shared.clone();
+        self.schedule.thread = Some(
+            std::thread::Builder::new()
+                .name("segmenter-snapshot".into())
+                .spawn(move || {
+                    let _span = tracing::info_span!("snapshot").entered();
+                    shared.snapshot(&config, &store, &engine, positions)
+                })?,
+        );
+        self.schedule.taken(&self.engine, &self.shared);
+        Ok(())
+    }
+
+    /// A replay's end: builds and stores the final snapshot on this thread (the lowest inertia
+    /// found, diagnostics included, whatever came before) and makes its model the online one.
+    pub fn final_snapshot(&mut self) -> anyhow::Result<Option<(Snapshot, Assignments)>> {
+        self.writer.flush()?;
+        let titles = self.store.titles()?;
+        let built = build_and_store_snapshot(
+            &self.config,
+            &self.store,
+            &self.engine.view(),
+            &titles,
+            BTreeMap::new(),
+            false,
+        )?;
+        let Some(built) = built else {
+            return Ok(None);
+        };
+        self.engine.adopt_model(built.model);
+        self.commit()?;
+        Ok(Some((built.snapshot, built.assignments)))
+    }
+
+    /// Waits for every commit to be durable (the acks see the last one) and for a running
+    /// snapshot; then, with `final_snapshot`, takes one last snapshot of the final state.
+    pub fn finish(self, final_snapshot: bool) -> anyhow::Result<PipelineSummary> {
+        let Pipeline {
+            config,
+            store,
+            engine,
+            positions,
+            shared,
+            writer,
+            mut schedule,
+            ..
+        } = self;
+        writer.finish()?;
+        schedule.join_snapshot()?;
+        if final_snapshot {
+            let version = shared.snapshot(&config, &store, &engine.view(), positions)?;
+            schedule.count(version);
+        }
+        Ok(PipelineSummary {
+            events_applied: engine.counters().events_applied,
+            snapshots: schedule.snapshots,
+            last_version: schedule.last_version,
+        })
+    }
+}
+
+/// When the next refresh and snapshot are due, and the snapshot thread.
+struct Schedule {
+    snapshot_every: Duration,
+    refresh_every: Option<Duration>,
+    last_snapshot: Instant,
+    last_refresh: Instant,
+    /// Events applied and catalogue version when the last snapshot was taken: no new snapshot
+    /// without new data.
+    snapshotted_events: u64,
+    snapshotted_catalogue: u64,
+    thread: Option<JoinHandle<anyhow::Result<Option<u64>>>>,
+    snapshots: u64,
+    last_version: Option<u64>,
+}
+
+impl Schedule {
+    fn new(config: &Config, engine: &Engine, shared: &Shared) -> Self {
+        Schedule {
+            snapshot_every: Duration::from_millis(config.snapshot.interval_ms.max(1)),
+            refresh_every: (config.model.refresh_interval_ms > 0)
+                .then(|| Duration::from_millis(config.model.refresh_interval_ms)),
+            last_snapshot: Instant::now(),
+            last_refresh: Instant::now(),
+            snapshotted_events: engine.counters().events_applied,
+            snapshotted_catalogue: shared.catalogue_version.load(Ordering::Relaxed),
+            thread: None,
+            snapshots: 0,
+            last_version: None,
+        }
+    }
+
+    fn refresh_due(&self) -> bool {
+        self.refresh_every
+            .is_some_and(|every| self.last_refresh.elapsed() >= every)
+    }
+
+    fn snapshot_due(&self, engine: &Engine, catalogue: u64) -> bool {
+        let idle = self.thread.as_ref().is_none_or(|t| t.is_finished());
+        let changed = engine.counters().events_applied != self.snapshotted_events
+            || (catalogue != self.snapshotted_catalogue && engine.active_users() > 0);
+        idle && changed && self.last_snapshot.elapsed() >= self.snapshot_every
+    }
+
+    fn taken(&mut self, engine: &Engine, shared: &Shared) {
+        self.last_snapshot = Instant::now();
+        self.snapshotted_events = engine.counters().events_applied;
+        self.snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
+    }
+
+    fn join_snapshot(&mut self) -> anyhow::Result<()> {
+        if let Some(t) = self.thread.take() {
+            let version = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
+            self.count(version);
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, version: Option<u64>) {
+        if let Some(v) = version {
+            self.snapshots += 1;
+            self.last_version = Some(v);
+        }
+    }
+}
+
+enum WriterJob {
+    Commit(PreparedCommit, Committed),
+    /// Answered once every earlier commit is durable.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The thread that writes and flushes commits, in the order they were prepared, while the
+/// source applies the next batch: at most one commit waits.
+struct Writer {
+    jobs: Option<std::sync::mpsc::SyncSender<WriterJob>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Writer {
+    fn spawn(store: Arc<Store>, acks: Option<Acks>) -> anyhow::Result<Writer> {
+        let (jobs, received) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("segmenter-writer".into())
+            .spawn(move || write_commits(&store, received, acks))?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&mut self, commit: PreparedCommit, committed: Committed) -> anyhow::Result<()> {
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(WriterJob::Commit(commit, committed)).is_ok());
+        if sent { Ok(()) } else { Err(self.failure()) }
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let (done, answered) = std::sync::mpsc::sync_channel(1);
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(WriterJob::Flush(done)).is_ok());
+        if sent && answered.recv().is_ok() {
+            Ok(())
+        } else {
+            Err(self.failure())
+        }
+    }
+
+    /// The writer stopped: its error.
+    fn failure(&mut self) -> anyhow::Error {
+        self.jobs = None;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => anyhow::anyhow!("the state writer thread panicked"),
+            _ => anyhow::anyhow!("the state writer stopped"),
+        }
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.jobs = None;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(anyhow::anyhow!("the state writer thread panicked")),
+            None => Err(anyhow::anyhow!("the state writer stopped")),
+        }
+    }
+}
+
+fn write_commits(
+    store: &Store,
+    jobs: std::sync::mpsc::Receiver<WriterJob>,
+    acks: Option<Acks>,
+) -> anyhow::Result<()> {
+    for job in jobs {
+        match job {
+            WriterJob::Commit(commit, committed) => {
+                if let Err(e) = store.write_commit(commit) {
+                    let e = anyhow::Error::new(e).context(
+                        "cannot persist the batch: stopping without recording its positions",
+                    );
+                    if let Some(acks) = &acks {
+                        let _ = acks.send(Err(anyhow::anyhow!("{e:#}")));
+                    }
+                    return Err(e);
+                }
+                // Logged once durable: operators and tests read progress from this line.
+                tracing::debug!(events_applied = committed.events_applied, "batch committed");
+                if let Some(acks) = &acks {
+                    let _ = acks.send(Ok(committed));
+                }
+            }
+            WriterJob::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds a snapshot of the engine (the next version, drift against the latest stored one),
+/// stores it with the configured retention and returns it. `None` while there is too little data.
+/// A `periodic` snapshot (the service's) continues the previous snapshot's segments and carries
+/// diagnostics every `diagnostics_every` versions; a replay's final one takes the lowest inertia
+/// found and always carries diagnostics.
+pub fn build_and_store_snapshot(
+    config: &Config,
+    store: &Store,
+    engine: &EngineView,
+    titles: &FxHashMap<String, String>,
+    offsets: Positions,
+    periodic: bool,
+) -> anyhow::Result<Option<Built>> {
+    let version = store.next_snapshot_version()?;
+    let previous_version = store.snapshot_versions()?.last().copied();
+    let previous = match previous_version {
+        Some(v) => store.assignment_labels(v)?.map(|a| (v, a)),
+        None => None,
+    };
+    let with_diagnostics =
+        !periodic || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
+    let built = snapshot::build_with_model(
+        engine,
+        &config.snapshot_params(),
+        BuildInput {
+            version,
+            created_at: snapshot::now_rfc3339(),
+            titles,
+            offsets,
+            previous: previous.as_ref().map(|(v, a)| (*v, a.as_slice())),
+            continue_previous: periodic,
+            with_diagnostics,
+        },
+    );
+    if let Some(Built {
+        snapshot: snap,
+        model,
+        ..
+    }) = &built
+    {
+        store.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
+    }
+    Ok(built)
+}
+
+/// The `snapshot built` log line: emitted once the snapshot is stored and, in the service, also
+/// published to readers (tests and operators wait for it).
+pub fn log_snapshot_built(snap: &Snapshot) {
+    tracing::info!(
+        version = snap.version,
+        users = snap.counts.users,
+        items = snap.counts.items,
+        ratings = snap.counts.ratings,
+        events_applied = snap.counts.events_applied,
+        inertia = snap.kmeans.inertia,
+        explained = snap.pca.explained_variance_ratio.iter().sum::<f64>(),
+        nb_train = snap.validation.naive_bayes.train_agreement,
+        moved = snap.drift.as_ref().map_or(0, |d| d.users_moved),
+        "snapshot built"
+    );
+}
