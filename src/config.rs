@@ -54,7 +54,8 @@ pub const SERVICE_OWNED_CLIENT_KEYS: &[&str] = &[
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub events: EventsConfig,
-    pub model: ModelConfig,
+    /// `[model]`: the engine's own parameter struct (see [`EngineParams`]).
+    pub model: EngineParams,
     pub snapshot: SnapshotConfig,
     pub state: StateConfig,
     pub kafka: KafkaConfig,
@@ -81,53 +82,6 @@ impl Default for EventsConfig {
             min_value: 0.0,
             max_value: 5.0,
             fields: JsonFields::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    pub components: usize,
-    pub clusters: usize,
-    pub curve_components: usize,
-    pub refresh_every_events: u64,
-    pub refresh_changed_share: f64,
-    pub polish_passes: usize,
-    pub snapshot_kmeans_starts: usize,
-    pub snapshot_max_passes: usize,
-    pub snapshot_stability_margin: f64,
-    pub eigen_tolerance: f64,
-    pub refresh_eigen_tolerance: f64,
-    pub eigen_max_iterations: usize,
-    pub refresh_max_iterations: usize,
-    pub eigen_oversample: usize,
-    pub max_items: usize,
-    pub refresh_interval_ms: u64,
-    pub seed: u64,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        let e = EngineParams::default();
-        ModelConfig {
-            components: e.components,
-            clusters: e.clusters,
-            curve_components: e.curve_components,
-            refresh_every_events: e.refresh_every_events,
-            refresh_changed_share: e.refresh_changed_share,
-            polish_passes: e.polish_passes,
-            snapshot_kmeans_starts: e.snapshot_kmeans_starts,
-            snapshot_max_passes: e.snapshot_max_passes,
-            snapshot_stability_margin: e.snapshot_stability_margin,
-            eigen_tolerance: e.eigen_tolerance,
-            refresh_eigen_tolerance: e.refresh_eigen_tolerance,
-            eigen_max_iterations: e.eigen_max_iterations,
-            refresh_max_iterations: e.refresh_max_iterations,
-            eigen_oversample: e.eigen_oversample,
-            max_items: crate::engine::DEFAULT_MAX_ITEMS,
-            refresh_interval_ms: 0,
-            seed: e.seed,
         }
     }
 }
@@ -409,28 +363,13 @@ impl Config {
         Ok(())
     }
 
+    /// The engine's parameters: `[model]` with the value rules of `[events]`.
     pub fn engine_params(&self) -> EngineParams {
-        let m = &self.model;
         EngineParams {
             mode: self.events.mode,
             min_value: self.events.min_value,
             max_value: self.events.max_value,
-            components: m.components,
-            clusters: m.clusters,
-            curve_components: m.curve_components,
-            refresh_every_events: m.refresh_every_events,
-            refresh_changed_share: m.refresh_changed_share,
-            polish_passes: m.polish_passes,
-            snapshot_kmeans_starts: m.snapshot_kmeans_starts,
-            snapshot_max_passes: m.snapshot_max_passes,
-            snapshot_stability_margin: m.snapshot_stability_margin,
-            eigen_tolerance: m.eigen_tolerance,
-            refresh_eigen_tolerance: m.refresh_eigen_tolerance,
-            eigen_max_iterations: m.eigen_max_iterations,
-            refresh_max_iterations: m.refresh_max_iterations,
-            eigen_oversample: m.eigen_oversample,
-            max_items: m.max_items,
-            seed: m.seed,
+            ..self.model.clone()
         }
     }
 
@@ -481,7 +420,7 @@ fn validate_events(e: &EventsConfig) -> Result<(), ConfigError> {
     )
 }
 
-fn validate_model(m: &ModelConfig) -> Result<(), ConfigError> {
+fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
     invalid_if(
         m.components == 0,
         "[model] components",
@@ -761,5 +700,29 @@ mod tests {
         assert_eq!(c.kafka.client["session.timeout.ms"], "30000");
         assert_eq!(c.model.clusters, 8);
         assert_eq!(c.snapshot.diagnostics_k, vec![2, 4]);
+    }
+
+    #[test]
+    fn engine_params_are_the_model_section_with_the_events_value_rules() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_EVENTS__MODE", "implicit"),
+                ("SEGMENTER_EVENTS__MAX_VALUE", "100"),
+                ("SEGMENTER_MODEL__POLISH_PASSES", "7"),
+                ("SEGMENTER_MODEL__REFRESH_INTERVAL_MS", "250"),
+            ]),
+        )
+        .unwrap();
+        let params = c.engine_params();
+        assert_eq!(params.mode, Mode::Implicit);
+        assert_eq!(params.max_value, 100.0);
+        assert_eq!(params.polish_passes, 7);
+        assert_eq!(params.refresh_interval_ms, 250);
+        // The value rules are `[events]` keys only.
+        let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__MODE", "implicit")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `mode`"), "{err}");
     }
 }
