@@ -54,7 +54,8 @@ pub const SERVICE_OWNED_CLIENT_KEYS: &[&str] = &[
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub events: EventsConfig,
-    pub model: ModelConfig,
+    /// `[model]`: the engine's own parameter struct (see [`EngineParams`]).
+    pub model: EngineParams,
     pub snapshot: SnapshotConfig,
     pub state: StateConfig,
     pub kafka: KafkaConfig,
@@ -81,53 +82,6 @@ impl Default for EventsConfig {
             min_value: 0.0,
             max_value: 5.0,
             fields: JsonFields::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    pub components: usize,
-    pub clusters: usize,
-    pub curve_components: usize,
-    pub refresh_every_events: u64,
-    pub refresh_changed_share: f64,
-    pub polish_passes: usize,
-    pub snapshot_kmeans_starts: usize,
-    pub snapshot_max_passes: usize,
-    pub snapshot_stability_margin: f64,
-    pub eigen_tolerance: f64,
-    pub refresh_eigen_tolerance: f64,
-    pub eigen_max_iterations: usize,
-    pub refresh_max_iterations: usize,
-    pub eigen_oversample: usize,
-    pub max_items: usize,
-    pub refresh_interval_ms: u64,
-    pub seed: u64,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        let e = EngineParams::default();
-        ModelConfig {
-            components: e.components,
-            clusters: e.clusters,
-            curve_components: e.curve_components,
-            refresh_every_events: e.refresh_every_events,
-            refresh_changed_share: e.refresh_changed_share,
-            polish_passes: e.polish_passes,
-            snapshot_kmeans_starts: e.snapshot_kmeans_starts,
-            snapshot_max_passes: e.snapshot_max_passes,
-            snapshot_stability_margin: e.snapshot_stability_margin,
-            eigen_tolerance: e.eigen_tolerance,
-            refresh_eigen_tolerance: e.refresh_eigen_tolerance,
-            eigen_max_iterations: e.eigen_max_iterations,
-            refresh_max_iterations: e.refresh_max_iterations,
-            eigen_oversample: e.eigen_oversample,
-            max_items: crate::engine::DEFAULT_MAX_ITEMS,
-            refresh_interval_ms: 0,
-            seed: e.seed,
         }
     }
 }
@@ -349,50 +303,9 @@ impl Config {
         // is the topic "2024", not an integer): the defaults say which fields are not strings.
         let defaults = toml::Value::try_from(Config::default()).ok();
         for (var, raw) in env {
-            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            let Some((section, key)) = rest.split_once("__") else {
-                continue;
-            };
-            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-            let path: Vec<&str> = std::iter::once(section.as_str())
-                .chain(key.split("__"))
-                .collect();
-            let value = match defaults.as_ref().and_then(|d| value_at(d, &path)) {
-                // A string field, a map of strings (`[kafka.client]`) or an optional one.
-                Some(toml::Value::String(_)) | None => toml::Value::String(raw.clone()),
-                Some(_) => parse_env_value(&raw),
-            };
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let Some(section_table) = entry.as_table_mut() else {
-                return Err(ConfigError::Env {
-                    var,
-                    message: format!("[{section}] is not a section"),
-                });
-            };
-            // Nested keys: SEGMENTER_EVENTS__FIELDS__USER → [events.fields] user.
-            let mut target = section_table;
-            let mut parts: Vec<&str> = key.split("__").collect();
-            let last = parts.pop().unwrap_or_default().to_string();
-            for part in parts {
-                let next = target
-                    .entry(part.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                target = match next.as_table_mut() {
-                    Some(t) => t,
-                    None => {
-                        return Err(ConfigError::Env {
-                            var,
-                            message: format!("{part} is not a table"),
-                        });
-                    }
-                };
+            if apply_env_override(&mut table, defaults.as_ref(), &var, &raw)? {
+                overridden.push(var);
             }
-            target.insert(last, value);
-            overridden.push(var);
         }
         let config: Config =
             toml::Value::Table(table)
@@ -413,176 +326,25 @@ impl Config {
     }
 
     /// Checks values serde cannot: ranges and consistency. Each error names the field and fix.
+    /// Sections are checked in file order and the first problem is reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, problem: String, fix| {
-            Err(ConfigError::Invalid {
-                field,
-                problem,
-                fix,
-            })
-        };
-        let e = &self.events;
-        if !e.min_value.is_finite() || !e.max_value.is_finite() || e.min_value > e.max_value {
-            return invalid(
-                "[events] min_value/max_value",
-                format!(
-                    "range [{}, {}] is empty or not finite",
-                    e.min_value, e.max_value
-                ),
-                "set finite bounds with min_value <= max_value, e.g. 0 and 5",
-            );
-        }
-        if e.min_value < 0.0 {
-            return invalid(
-                "[events] min_value",
-                format!("{} is negative", e.min_value),
-                "Naive Bayes and TF-IDF need non-negative values: set min_value = 0 or more",
-            );
-        }
-        let m = &self.model;
-        if m.components == 0 {
-            return invalid(
-                "[model] components",
-                "must be at least 1".into(),
-                "set components = 10 (the seed's choice)",
-            );
-        }
-        if m.clusters < 2 {
-            return invalid(
-                "[model] clusters",
-                format!("{} is too few", m.clusters),
-                "set clusters = 2 or more (the seed used 25)",
-            );
-        }
-        if m.curve_components < m.components {
-            return invalid(
-                "[model] curve_components",
-                format!(
-                    "{} is less than components = {}",
-                    m.curve_components, m.components
-                ),
-                "set curve_components >= components (default 30)",
-            );
-        }
-        if m.refresh_every_events == 0 {
-            return invalid(
-                "[model] refresh_every_events",
-                "must be at least 1".into(),
-                "set it to e.g. 20000",
-            );
-        }
-        if !(m.refresh_changed_share >= 0.0 && m.refresh_changed_share <= 10.0) {
-            return invalid(
-                "[model] refresh_changed_share",
-                format!("{} is out of range", m.refresh_changed_share),
-                "use a value in [0, 10], default 0.25 (0 = refresh by event count only)",
-            );
-        }
-        if !(m.eigen_tolerance > 0.0 && m.eigen_tolerance < 1e-2) {
-            return invalid(
-                "[model] eigen_tolerance",
-                format!("{} is out of range", m.eigen_tolerance),
-                "use a value in (0, 0.01), default 1e-9",
-            );
-        }
-        if !(m.refresh_eigen_tolerance > 0.0 && m.refresh_eigen_tolerance < 1e-2) {
-            return invalid(
-                "[model] refresh_eigen_tolerance",
-                format!("{} is out of range", m.refresh_eigen_tolerance),
-                "use a value in (0, 0.01), default 1e-4",
-            );
-        }
-        if m.eigen_max_iterations == 0
-            || m.snapshot_kmeans_starts == 0
-            || m.snapshot_max_passes == 0
-        {
-            return invalid(
-                "[model] eigen_max_iterations/snapshot_kmeans_starts/snapshot_max_passes",
-                "must be at least 1".into(),
-                "use the defaults 500, 25 and 300",
-            );
-        }
-        if !(0.0..0.5).contains(&m.snapshot_stability_margin) {
-            return invalid(
-                "[model] snapshot_stability_margin",
-                format!("{} is out of range", m.snapshot_stability_margin),
-                "use a share in [0, 0.5), default 0.05 (0 = always the lowest inertia found)",
-            );
-        }
-        if m.max_items < m.components {
-            return invalid(
-                "[model] max_items",
-                format!("{} is less than components", m.max_items),
-                "raise max_items (default 100000)",
-            );
-        }
-        let s = &self.snapshot;
-        if s.retention == 0 {
-            return invalid(
-                "[snapshot] retention",
-                "must keep at least 1 snapshot".into(),
-                "set retention = 50 (or any number >= 1)",
-            );
-        }
-        if s.holdout_percent >= 100 {
-            return invalid(
-                "[snapshot] holdout_percent",
-                format!("{} leaves nothing to train on", s.holdout_percent),
-                "use 0..99, default 20",
-            );
-        }
-        let k = &self.kafka;
-        for (field, value) in [
-            ("[kafka] brokers", &k.brokers),
-            ("[kafka] topic", &k.topic),
-            ("[kafka] group_id", &k.group_id),
-            ("[kafka] dead_letter_topic", &k.dead_letter_topic),
-        ] {
-            if value.trim().is_empty() {
-                return invalid(
-                    field,
-                    "is empty".into(),
-                    "set it (see config/segmenter.toml for the default)",
-                );
-            }
-        }
-        if k.dead_letter_topic == k.topic {
-            return invalid(
-                "[kafka] dead_letter_topic",
-                "equals [kafka] topic".into(),
-                "use a separate topic, e.g. ratings-dead-letter",
-            );
-        }
-        if let Some(key) = k
-            .client
-            .keys()
-            .find(|key| SERVICE_OWNED_CLIENT_KEYS.contains(&key.as_str()))
-        {
-            return Err(ConfigError::ServiceOwnedClientKey { key: key.clone() });
-        }
-        if k.batch_size == 0 || k.max_message_bytes == 0 {
-            return invalid(
-                "[kafka] batch_size/max_message_bytes",
-                "must be at least 1".into(),
-                "use the defaults 5000 and 65536",
-            );
-        }
+        validate_events(&self.events)?;
+        validate_model(&self.model)?;
+        validate_snapshot(&self.snapshot)?;
+        validate_kafka(&self.kafka)?;
         self.http.listen_addr()?;
-        if self.replay.batch_size == 0 || self.demo.batch_size == 0 {
-            return invalid(
-                "[replay]/[demo] batch_size",
-                "must be at least 1".into(),
-                "use e.g. 10000",
-            );
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return invalid(
-                "[log] level",
-                format!("`{}` is not a log filter", self.log.level),
-                "use error, warn, info, debug or trace (or an EnvFilter directive)",
-            );
-        }
-        Ok(())
+        invalid_if(
+            self.replay.batch_size == 0 || self.demo.batch_size == 0,
+            "[replay]/[demo] batch_size",
+            "must be at least 1",
+            "use e.g. 10000",
+        )?;
+        invalid_if(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err(),
+            "[log] level",
+            format!("`{}` is not a log filter", self.log.level),
+            "use error, warn, info, debug or trace (or an EnvFilter directive)",
+        )
     }
 
     /// What only the demo stream needs (checked by `run --demo`, not by other commands).
@@ -601,28 +363,13 @@ impl Config {
         Ok(())
     }
 
+    /// The engine's parameters: `[model]` with the value rules of `[events]`.
     pub fn engine_params(&self) -> EngineParams {
-        let m = &self.model;
         EngineParams {
             mode: self.events.mode,
             min_value: self.events.min_value,
             max_value: self.events.max_value,
-            components: m.components,
-            clusters: m.clusters,
-            curve_components: m.curve_components,
-            refresh_every_events: m.refresh_every_events,
-            refresh_changed_share: m.refresh_changed_share,
-            polish_passes: m.polish_passes,
-            snapshot_kmeans_starts: m.snapshot_kmeans_starts,
-            snapshot_max_passes: m.snapshot_max_passes,
-            snapshot_stability_margin: m.snapshot_stability_margin,
-            eigen_tolerance: m.eigen_tolerance,
-            refresh_eigen_tolerance: m.refresh_eigen_tolerance,
-            eigen_max_iterations: m.eigen_max_iterations,
-            refresh_max_iterations: m.refresh_max_iterations,
-            eigen_oversample: m.eigen_oversample,
-            max_items: m.max_items,
-            seed: m.seed,
+            ..self.model.clone()
         }
     }
 
@@ -638,12 +385,212 @@ impl Config {
     }
 }
 
-/// An override's value as TOML (numbers, booleans, arrays), or as a plain string otherwise.
+/// The error for `field` when `failed`: what is wrong with it and how to fix it.
+fn invalid_if(
+    failed: bool,
+    field: &'static str,
+    problem: impl Into<String>,
+    fix: &'static str,
+) -> Result<(), ConfigError> {
+    if failed {
+        return Err(ConfigError::Invalid {
+            field,
+            problem: problem.into(),
+            fix,
+        });
+    }
+    Ok(())
+}
+
+fn validate_events(e: &EventsConfig) -> Result<(), ConfigError> {
+    invalid_if(
+        !e.min_value.is_finite() || !e.max_value.is_finite() || e.min_value > e.max_value,
+        "[events] min_value/max_value",
+        format!(
+            "range [{}, {}] is empty or not finite",
+            e.min_value, e.max_value
+        ),
+        "set finite bounds with min_value <= max_value, e.g. 0 and 5",
+    )?;
+    invalid_if(
+        e.min_value < 0.0,
+        "[events] min_value",
+        format!("{} is negative", e.min_value),
+        "Naive Bayes and TF-IDF need non-negative values: set min_value = 0 or more",
+    )
+}
+
+fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
+    invalid_if(
+        m.components == 0,
+        "[model] components",
+        "must be at least 1",
+        "set components = 10 (the seed's choice)",
+    )?;
+    invalid_if(
+        m.clusters < 2,
+        "[model] clusters",
+        format!("{} is too few", m.clusters),
+        "set clusters = 2 or more (the seed used 25)",
+    )?;
+    invalid_if(
+        m.curve_components < m.components,
+        "[model] curve_components",
+        format!(
+            "{} is less than components = {}",
+            m.curve_components, m.components
+        ),
+        "set curve_components >= components (default 30)",
+    )?;
+    invalid_if(
+        m.refresh_every_events == 0,
+        "[model] refresh_every_events",
+        "must be at least 1",
+        "set it to e.g. 20000",
+    )?;
+    invalid_if(
+        !(m.refresh_changed_share >= 0.0 && m.refresh_changed_share <= 10.0),
+        "[model] refresh_changed_share",
+        format!("{} is out of range", m.refresh_changed_share),
+        "use a value in [0, 10], default 0.25 (0 = refresh by event count only)",
+    )?;
+    invalid_if(
+        !(m.eigen_tolerance > 0.0 && m.eigen_tolerance < 1e-2),
+        "[model] eigen_tolerance",
+        format!("{} is out of range", m.eigen_tolerance),
+        "use a value in (0, 0.01), default 1e-9",
+    )?;
+    invalid_if(
+        !(m.refresh_eigen_tolerance > 0.0 && m.refresh_eigen_tolerance < 1e-2),
+        "[model] refresh_eigen_tolerance",
+        format!("{} is out of range", m.refresh_eigen_tolerance),
+        "use a value in (0, 0.01), default 1e-4",
+    )?;
+    invalid_if(
+        m.eigen_max_iterations == 0 || m.snapshot_kmeans_starts == 0 || m.snapshot_max_passes == 0,
+        "[model] eigen_max_iterations/snapshot_kmeans_starts/snapshot_max_passes",
+        "must be at least 1",
+        "use the defaults 500, 25 and 300",
+    )?;
+    invalid_if(
+        !(0.0..0.5).contains(&m.snapshot_stability_margin),
+        "[model] snapshot_stability_margin",
+        format!("{} is out of range", m.snapshot_stability_margin),
+        "use a share in [0, 0.5), default 0.05 (0 = always the lowest inertia found)",
+    )?;
+    invalid_if(
+        m.max_items < m.components,
+        "[model] max_items",
+        format!("{} is less than components", m.max_items),
+        "raise max_items (default 100000)",
+    )
+}
+
+fn validate_snapshot(s: &SnapshotConfig) -> Result<(), ConfigError> {
+    invalid_if(
+        s.retention == 0,
+        "[snapshot] retention",
+        "must keep at least 1 snapshot",
+        "set retention = 50 (or any number >= 1)",
+    )?;
+    invalid_if(
+        s.holdout_percent >= 100,
+        "[snapshot] holdout_percent",
+        format!("{} leaves nothing to train on", s.holdout_percent),
+        "use 0..99, default 20",
+    )
+}
+
+fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
+    for (field, value) in [
+        ("[kafka] brokers", &k.brokers),
+        ("[kafka] topic", &k.topic),
+        ("[kafka] group_id", &k.group_id),
+        ("[kafka] dead_letter_topic", &k.dead_letter_topic),
+    ] {
+        invalid_if(
+            value.trim().is_empty(),
+            field,
+            "is empty",
+            "set it (see config/segmenter.toml for the default)",
+        )?;
+    }
+    invalid_if(
+        k.dead_letter_topic == k.topic,
+        "[kafka] dead_letter_topic",
+        "equals [kafka] topic",
+        "use a separate topic, e.g. ratings-dead-letter",
+    )?;
+    if let Some(key) = k
+        .client
+        .keys()
+        .find(|key| SERVICE_OWNED_CLIENT_KEYS.contains(&key.as_str()))
+    {
+        return Err(ConfigError::ServiceOwnedClientKey { key: key.clone() });
+    }
+    invalid_if(
+        k.batch_size == 0 || k.max_message_bytes == 0,
+        "[kafka] batch_size/max_message_bytes",
+        "must be at least 1",
+        "use the defaults 5000 and 65536",
+    )
+}
+
+/// Applies one `SEGMENTER_<SECTION>__<KEY>` variable to the config table: false (and nothing
+/// changed) for any other variable.
+fn apply_env_override(
+    table: &mut toml::Table,
+    defaults: Option<&toml::Value>,
+    var: &str,
+    raw: &str,
+) -> Result<bool, ConfigError> {
+    let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+        return Ok(false);
+    };
+    let Some((section, key)) = rest.split_once("__") else {
+        return Ok(false);
+    };
+    let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+    let path: Vec<&str> = std::iter::once(section.as_str())
+        .chain(key.split("__"))
+        .collect();
+    let value = match defaults.and_then(|d| value_at(d, &path)) {
+        // A string field, a map of strings (`[kafka.client]`) or an optional one.
+        Some(toml::Value::String(_)) | None => toml::Value::String(raw.to_string()),
+        Some(_) => parse_env_value(raw),
+    };
+    let env_error = |message| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    };
+    let entry = table
+        .entry(section.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(section_table) = entry.as_table_mut() else {
+        return Err(env_error(format!("[{section}] is not a section")));
+    };
+    // Nested keys: SEGMENTER_EVENTS__FIELDS__USER → [events.fields] user.
+    let mut target = section_table;
+    let mut parts: Vec<&str> = key.split("__").collect();
+    let last = parts.pop().unwrap_or_default().to_string();
+    for part in parts {
+        let next = target
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        target = next
+            .as_table_mut()
+            .ok_or_else(|| env_error(format!("{part} is not a table")))?;
+    }
+    target.insert(last, value);
+    Ok(true)
+}
+
 /// The value at a dotted path of a TOML tree.
 fn value_at<'a>(root: &'a toml::Value, path: &[&str]) -> Option<&'a toml::Value> {
     path.iter().try_fold(root, |node, part| node.get(*part))
 }
 
+/// An override's value as TOML (numbers, booleans, arrays), or as a plain string otherwise.
 fn parse_env_value(raw: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
@@ -753,5 +700,29 @@ mod tests {
         assert_eq!(c.kafka.client["session.timeout.ms"], "30000");
         assert_eq!(c.model.clusters, 8);
         assert_eq!(c.snapshot.diagnostics_k, vec![2, 4]);
+    }
+
+    #[test]
+    fn engine_params_are_the_model_section_with_the_events_value_rules() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_EVENTS__MODE", "implicit"),
+                ("SEGMENTER_EVENTS__MAX_VALUE", "100"),
+                ("SEGMENTER_MODEL__POLISH_PASSES", "7"),
+                ("SEGMENTER_MODEL__REFRESH_INTERVAL_MS", "250"),
+            ]),
+        )
+        .unwrap();
+        let params = c.engine_params();
+        assert_eq!(params.mode, Mode::Implicit);
+        assert_eq!(params.max_value, 100.0);
+        assert_eq!(params.polish_passes, 7);
+        assert_eq!(params.refresh_interval_ms, 250);
+        // The value rules are `[events]` keys only.
+        let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__MODE", "implicit")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `mode`"), "{err}");
     }
 }

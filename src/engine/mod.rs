@@ -190,11 +190,19 @@ pub fn catalogue_full(item: &str, max_items: usize) -> crate::event::Rejection {
     )
 }
 
-/// Model and schedule settings (checked by the config layer).
+/// Model and schedule settings, and the one definition of the config's `[model]` section:
+/// it deserialises straight into this struct (keys are the field names, defaults those of
+/// `Default`), so a model parameter is added here only. The config layer checks the values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineParams {
+    /// The value rules belong to `[events]`, not `[model]`: `Config::engine_params` copies
+    /// them in.
+    #[serde(skip)]
     pub mode: Mode,
+    #[serde(skip)]
     pub min_value: f64,
+    #[serde(skip)]
     pub max_value: f64,
     /// PCA components kept.
     pub components: usize,
@@ -229,6 +237,9 @@ pub struct EngineParams {
     /// Distinct items at most: an event for a new item past the cap is rejected
     /// ([`RejectReason::CatalogueFull`]), so memory stays bounded whatever producers send.
     pub max_items: usize,
+    /// Also refresh when this many milliseconds passed since the last refresh (0 = by event
+    /// count only). The engine has no clock: the service applies it, replays ignore it.
+    pub refresh_interval_ms: u64,
     pub seed: u64,
 }
 
@@ -253,6 +264,7 @@ impl Default for EngineParams {
             refresh_max_iterations: 10,
             eigen_oversample: 10,
             max_items: DEFAULT_MAX_ITEMS,
+            refresh_interval_ms: 0,
             seed: 42,
         }
     }
