@@ -66,11 +66,19 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    pub fn new() -> Metrics {
-        let seconds = prometheus::exponential_buckets(0.0005, 2.0, 18).expect("buckets");
-        let mut m = Metrics {
-            registry: Registry::new(),
+/// Source-side families: what was read, applied, rejected or skipped, and how far behind.
+struct IngestMetrics {
+    events_consumed: IntCounter,
+    events_applied: IntCounter,
+    events_rejected: IntCounterVec,
+    events_duplicate: IntCounter,
+    dead_letters_refused: IntCounter,
+    consumer_lag: IntGaugeVec,
+}
+
+impl IngestMetrics {
+    fn new() -> Self {
+        IngestMetrics {
             events_consumed: counter(
                 "segmenter_events_consumed_total",
                 "Events read from the source (Kafka messages or generated events), duplicates included.",
@@ -103,6 +111,22 @@ impl Metrics {
                 &["partition"],
             )
             .expect("valid metric"),
+        }
+    }
+}
+
+/// Batch sizes and the durations of the service's periodic work.
+struct TimingMetrics {
+    batch_size: Histogram,
+    batch_apply_seconds: Histogram,
+    refresh_seconds: Histogram,
+    snapshot_build_seconds: Histogram,
+}
+
+impl TimingMetrics {
+    fn new() -> Self {
+        let seconds = prometheus::exponential_buckets(0.0005, 2.0, 18).expect("buckets");
+        TimingMetrics {
             batch_size: histogram(
                 "segmenter_batch_size_events",
                 "Events per applied batch.",
@@ -123,6 +147,22 @@ impl Metrics {
                 "Time to build and store a snapshot.",
                 seconds,
             ),
+        }
+    }
+}
+
+/// Data volume and age of the latest snapshot.
+struct DataMetrics {
+    users: IntGauge,
+    items: IntGauge,
+    ratings: IntGauge,
+    snapshot_version: IntGauge,
+    snapshot_age_seconds: Gauge,
+}
+
+impl DataMetrics {
+    fn new() -> Self {
+        DataMetrics {
             users: int_gauge(
                 "segmenter_users",
                 "Users with at least one rating, at the latest snapshot.",
@@ -143,6 +183,23 @@ impl Metrics {
                 "segmenter_snapshot_age_seconds",
                 "Seconds since the latest snapshot was built.",
             ),
+        }
+    }
+}
+
+/// Model quality at the latest snapshot: clusters, PCA, validation and drift.
+struct ModelMetrics {
+    cluster_size: IntGaugeVec,
+    inertia: Gauge,
+    explained_variance_ratio: GaugeVec,
+    nb_train_agreement: Gauge,
+    nb_holdout_agreement: Gauge,
+    users_moved: IntGauge,
+}
+
+impl ModelMetrics {
+    fn new() -> Self {
+        ModelMetrics {
             cluster_size: IntGaugeVec::new(
                 Opts::new(
                     "segmenter_cluster_size_users",
@@ -175,6 +232,64 @@ impl Metrics {
                 "segmenter_drift_users_moved",
                 "Users whose cluster changed between the two latest snapshots.",
             ),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let IngestMetrics {
+            events_consumed,
+            events_applied,
+            events_rejected,
+            events_duplicate,
+            dead_letters_refused,
+            consumer_lag,
+        } = IngestMetrics::new();
+        let TimingMetrics {
+            batch_size,
+            batch_apply_seconds,
+            refresh_seconds,
+            snapshot_build_seconds,
+        } = TimingMetrics::new();
+        let DataMetrics {
+            users,
+            items,
+            ratings,
+            snapshot_version,
+            snapshot_age_seconds,
+        } = DataMetrics::new();
+        let ModelMetrics {
+            cluster_size,
+            inertia,
+            explained_variance_ratio,
+            nb_train_agreement,
+            nb_holdout_agreement,
+            users_moved,
+        } = ModelMetrics::new();
+        let mut m = Metrics {
+            registry: Registry::new(),
+            events_consumed,
+            events_applied,
+            events_rejected,
+            events_duplicate,
+            dead_letters_refused,
+            consumer_lag,
+            batch_size,
+            batch_apply_seconds,
+            refresh_seconds,
+            snapshot_build_seconds,
+            users,
+            items,
+            ratings,
+            snapshot_version,
+            snapshot_age_seconds,
+            cluster_size,
+            inertia,
+            explained_variance_ratio,
+            nb_train_agreement,
+            nb_holdout_agreement,
+            users_moved,
             ready: int_gauge(
                 "segmenter_ready",
                 "1 when the service is ready (state open, consuming, broker reachable).",
@@ -182,39 +297,45 @@ impl Metrics {
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.events_consumed.clone()),
-            Box::new(m.events_applied.clone()),
-            Box::new(m.events_rejected.clone()),
-            Box::new(m.events_duplicate.clone()),
-            Box::new(m.dead_letters_refused.clone()),
-            Box::new(m.consumer_lag.clone()),
-            Box::new(m.batch_size.clone()),
-            Box::new(m.batch_apply_seconds.clone()),
-            Box::new(m.refresh_seconds.clone()),
-            Box::new(m.snapshot_build_seconds.clone()),
-            Box::new(m.users.clone()),
-            Box::new(m.items.clone()),
-            Box::new(m.ratings.clone()),
-            Box::new(m.snapshot_version.clone()),
-            Box::new(m.snapshot_age_seconds.clone()),
-            Box::new(m.cluster_size.clone()),
-            Box::new(m.inertia.clone()),
-            Box::new(m.explained_variance_ratio.clone()),
-            Box::new(m.nb_train_agreement.clone()),
-            Box::new(m.nb_holdout_agreement.clone()),
-            Box::new(m.users_moved.clone()),
-            Box::new(m.ready.clone()),
-        ];
-        for c in collectors {
-            m.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
-            m.registry.register(c).expect("unique metric names");
-        }
+        m.register_all();
         // Every reason exists from the start (at 0), so rates and alerts work before the first.
         for reason in RejectReason::ALL {
             m.events_rejected.with_label_values(&[reason.label()]);
         }
         m
+    }
+
+    /// Registers every family (in declaration order) and records its name.
+    fn register_all(&mut self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.events_consumed.clone()),
+            Box::new(self.events_applied.clone()),
+            Box::new(self.events_rejected.clone()),
+            Box::new(self.events_duplicate.clone()),
+            Box::new(self.dead_letters_refused.clone()),
+            Box::new(self.consumer_lag.clone()),
+            Box::new(self.batch_size.clone()),
+            Box::new(self.batch_apply_seconds.clone()),
+            Box::new(self.refresh_seconds.clone()),
+            Box::new(self.snapshot_build_seconds.clone()),
+            Box::new(self.users.clone()),
+            Box::new(self.items.clone()),
+            Box::new(self.ratings.clone()),
+            Box::new(self.snapshot_version.clone()),
+            Box::new(self.snapshot_age_seconds.clone()),
+            Box::new(self.cluster_size.clone()),
+            Box::new(self.inertia.clone()),
+            Box::new(self.explained_variance_ratio.clone()),
+            Box::new(self.nb_train_agreement.clone()),
+            Box::new(self.nb_holdout_agreement.clone()),
+            Box::new(self.users_moved.clone()),
+            Box::new(self.ready.clone()),
+        ];
+        for c in collectors {
+            self.names
+                .extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            self.registry.register(c).expect("unique metric names");
+        }
     }
 
     pub fn rejected(&self, reason: RejectReason, n: u64) {
