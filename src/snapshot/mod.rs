@@ -15,7 +15,7 @@ use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
 use crate::engine::{Engine, EngineView, Model, NO_CLUSTER, SparseVec};
 use crate::event::Mode;
-use validation::{NaiveBayesReport, naive_bayes_report, stable_hash, tfidf_profiles};
+use validation::{NaiveBayesReport, Profiles, naive_bayes_report, stable_hash, tfidf_profiles};
 
 /// Version of the snapshot JSON layout; bumped on any incompatible change.
 pub const SNAPSHOT_FORMAT: u32 = 1;
@@ -269,96 +269,20 @@ pub fn build_from_model(
     let n = engine.active_users();
     let seed = engine.params().seed;
 
-    let total = model.total_variance();
-    let kept = model.components();
-    let sample_scale = if n > 1 {
-        n as f64 / (n as f64 - 1.0)
-    } else {
-        1.0
-    };
-    let eigen = model.eigenvalues();
-    let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
-    let pca = PcaSummary {
-        n_components: kept,
-        explained_variance: eigen[..kept].iter().map(|v| v * sample_scale).collect(),
-        explained_variance_ratio: eigen[..kept].iter().map(|&v| ratio(v)).collect(),
-        singular_values: eigen[..kept]
-            .iter()
-            .map(|v| (v.max(0.0) * n as f64).sqrt())
-            .collect(),
-        total_variance: total * sample_scale,
-        eigen_iterations: model.eigen_iterations(),
-        converged: model.eigen_converged(),
-    };
-
+    let pca = pca_summary(model, n);
     let profiles = tfidf_profiles(vectors, labels, k_clusters, d);
-    let offset = model.projected_mean();
-    let centroids = model.uncentred_centroids();
-    let clusters = (0..k_clusters)
-        .map(|c| {
-            let ranked = profiles.ranked(c);
-            ClusterProfile {
-                id: c as u32,
-                size: model.sizes()[c],
-                centroid: (0..kept)
-                    .map(|i| centroids[c * kept + i] - offset[i])
-                    .collect(),
-                n_items: ranked.len() as u64,
-                top_items: ranked
-                    .iter()
-                    .take(params.profile_items)
-                    .map(|&j| {
-                        let item = engine.items().id(j as u32).to_string();
-                        TopItem {
-                            title: input.titles.get(&item).cloned(),
-                            item,
-                            score: profiles.score(c, j),
-                            mean_rating: profiles.mean_rating(c, j),
-                            raters: profiles.raters[c * d + j],
-                        }
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
+    let clusters = cluster_profiles(engine, model, &profiles, params, input.titles);
 
     let user_ids = engine.users();
     let holdout = |u: usize| {
         stable_hash(user_ids.id(u as u32).as_bytes(), seed) % 100 < params.holdout_percent
     };
     let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, holdout);
-
-    let assignments: Assignments = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| **l != NO_CLUSTER)
-        .map(|(u, &l)| (user_ids.id(u as u32).to_string(), l))
-        .collect();
-
-    let drift = input.previous.map(|(previous_version, previous)| {
-        let (mut a, mut b) = (vec![], vec![]);
-        for (&old, &new) in previous.iter().zip(labels) {
-            if old != NO_CLUSTER && new != NO_CLUSTER {
-                a.push(old);
-                b.push(new);
-            }
-        }
-        Drift {
-            previous_version,
-            users_compared: a.len() as u64,
-            users_moved: a.iter().zip(&b).filter(|(x, y)| x != y).count() as u64,
-            adjusted_rand_index: adjusted_rand_index(&a, &b),
-        }
-    });
-
-    let profiled = std::time::Instant::now();
-    let diagnostics = input
-        .with_diagnostics
-        .then(|| diagnostics(engine, model, params));
-    tracing::debug!(
-        diagnostics_seconds = profiled.elapsed().as_secs_f64(),
-        "snapshot diagnostics timing"
-    );
+    let assignments = user_assignments(engine, labels);
+    let drift = input
+        .previous
+        .map(|(previous_version, previous)| drift_from(previous_version, previous, labels));
+    let diagnostics = timed_diagnostics(input.with_diagnostics, engine, model, params);
 
     let snapshot = Snapshot {
         format: SNAPSHOT_FORMAT,
@@ -384,6 +308,125 @@ pub fn build_from_model(
         drift,
     };
     (snapshot, assignments)
+}
+
+/// The kept components of the model's PCA over `n` users, in scikit-learn's terms (sample
+/// variances, singular values of the centred data).
+fn pca_summary(model: &Model, n: u64) -> PcaSummary {
+    let total = model.total_variance();
+    let kept = model.components();
+    let sample_scale = if n > 1 {
+        n as f64 / (n as f64 - 1.0)
+    } else {
+        1.0
+    };
+    let eigen = model.eigenvalues();
+    let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
+    PcaSummary {
+        n_components: kept,
+        explained_variance: eigen[..kept].iter().map(|v| v * sample_scale).collect(),
+        explained_variance_ratio: eigen[..kept].iter().map(|&v| ratio(v)).collect(),
+        singular_values: eigen[..kept]
+            .iter()
+            .map(|v| (v.max(0.0) * n as f64).sqrt())
+            .collect(),
+        total_variance: total * sample_scale,
+        eigen_iterations: model.eigen_iterations(),
+        converged: model.eigen_converged(),
+    }
+}
+
+/// Every cluster's size, centred centroid and top items by TF-IDF profile score.
+fn cluster_profiles(
+    engine: &EngineView,
+    model: &Model,
+    profiles: &Profiles,
+    params: &SnapshotParams,
+    titles: &FxHashMap<String, String>,
+) -> Vec<ClusterProfile> {
+    let kept = model.components();
+    let offset = model.projected_mean();
+    let centroids = model.uncentred_centroids();
+    (0..model.clusters())
+        .map(|c| {
+            let ranked = profiles.ranked(c);
+            ClusterProfile {
+                id: c as u32,
+                size: model.sizes()[c],
+                centroid: (0..kept)
+                    .map(|i| centroids[c * kept + i] - offset[i])
+                    .collect(),
+                n_items: ranked.len() as u64,
+                top_items: ranked
+                    .iter()
+                    .take(params.profile_items)
+                    .map(|&j| top_item(engine, profiles, titles, c, j))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Item `j` as one of cluster `c`'s top items.
+fn top_item(
+    engine: &EngineView,
+    profiles: &Profiles,
+    titles: &FxHashMap<String, String>,
+    c: usize,
+    j: usize,
+) -> TopItem {
+    let item = engine.items().id(j as u32).to_string();
+    TopItem {
+        title: titles.get(&item).cloned(),
+        item,
+        score: profiles.score(c, j),
+        mean_rating: profiles.mean_rating(c, j),
+        raters: profiles.raters[c * profiles.d + j],
+    }
+}
+
+/// `user id → cluster id` of every clustered user, in user order.
+fn user_assignments(engine: &EngineView, labels: &[u32]) -> Assignments {
+    let user_ids = engine.users();
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != NO_CLUSTER)
+        .map(|(u, &l)| (user_ids.id(u as u32).to_string(), l))
+        .collect()
+}
+
+/// How the clustering moved since the `previous` snapshot, over the users clustered in both.
+fn drift_from(previous_version: u64, previous: &[u32], labels: &[u32]) -> Drift {
+    let (mut a, mut b) = (vec![], vec![]);
+    for (&old, &new) in previous.iter().zip(labels) {
+        if old != NO_CLUSTER && new != NO_CLUSTER {
+            a.push(old);
+            b.push(new);
+        }
+    }
+    Drift {
+        previous_version,
+        users_compared: a.len() as u64,
+        users_moved: a.iter().zip(&b).filter(|(x, y)| x != y).count() as u64,
+        adjusted_rand_index: adjusted_rand_index(&a, &b),
+    }
+}
+
+/// The [`diagnostics`] when `wanted`, with the time they took logged (also when not wanted).
+fn timed_diagnostics(
+    wanted: bool,
+    engine: &EngineView,
+    model: &Model,
+    params: &SnapshotParams,
+) -> Option<Diagnostics> {
+    let profiled = std::time::Instant::now();
+    let diagnostics = wanted.then(|| diagnostics(engine, model, params));
+    tracing::debug!(
+        diagnostics_seconds = profiled.elapsed().as_secs_f64(),
+        "snapshot diagnostics timing"
+    );
+    diagnostics
 }
 
 /// Lloyd passes at most for a full-data inertia in the diagnostics, started from the best
