@@ -8,7 +8,7 @@
 use ndarray::{Array2, Axis};
 
 use super::eigen::{EigenParams, EigenResult, top_eigenpairs};
-use super::kmeans::{self, ClusteringParams, DensePoints};
+use super::kmeans::{self, ClusteringParams, DensePoints, Points};
 use super::matching::match_labels;
 use super::stats::CovarianceStats;
 use super::{CowVec, SparseVec};
@@ -497,23 +497,13 @@ impl Model {
         prior: Option<(&[u32], f64)>,
     ) -> usize {
         let k = self.components;
-        let active: Vec<usize> = canonical_order
-            .iter()
-            .map(|&u| u as usize)
-            .filter(|&u| !vectors[u].idx.is_empty())
-            .collect();
+        let active = rated_users(vectors, canonical_order);
         if active.len() < self.clusters {
             // Too few users to cluster: keep everyone unassigned until there are enough.
-            self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
-            self.initialised = false;
-            self.rewrite_labels();
-            self.rebuild_sums();
+            self.unassign_all();
             return 0;
         }
-        let mut data = Vec::with_capacity(active.len() * k);
-        for &u in &active {
-            data.extend_from_slice(&self.projections[u * k..(u + 1) * k]);
-        }
+        let data = self.gather_projections(&active);
         let points = DensePoints {
             data: &data,
             dim: k,
@@ -537,65 +527,50 @@ impl Model {
         let continued = prior_labels.clone().map(sticky_from);
         let current =
             (self.initialised && params.keep_current).then(|| sticky_from(previous.clone()));
-        let fresh = (params.restarts > 0 || current.is_none()).then(|| {
-            // k-means++ starts converge on an evenly spread sample (canonical order, so the
-            // same users whatever the arrival order); the best one is then polished on all.
-            let stride = active.len().div_ceil(CLUSTERING_SAMPLE_USERS).max(1);
-            let mut sample = Vec::with_capacity(active.len() / stride * k + k);
-            for point in data.chunks_exact(k).step_by(stride) {
-                sample.extend_from_slice(point);
-            }
-            let sampled = kmeans::cluster(
-                &DensePoints {
-                    data: &sample,
-                    dim: k,
-                },
-                None,
-                &ClusteringParams {
-                    restarts: params.restarts.max(1),
-                    ..*params
-                },
-            );
-            kmeans::lloyd(&points, sampled.centroids, params.max_passes)
-        });
-        // The clustering being continued stays unless another is clearly better: segments
-        // must not hop between equally good local optima from one refresh or snapshot to the
-        // next. The previous snapshot's segments (when given) hold against a wider margin.
+        let fresh =
+            (params.restarts > 0 || current.is_none()).then(|| fresh_clustering(&points, params));
         let continued_margin = prior.map_or(STABILITY_MARGIN, |(_, m)| m.max(STABILITY_MARGIN));
-        let reference = prior_labels.unwrap_or(previous);
-        let mut fresh = fresh;
-        let (mut result, margin) = match (continued, current) {
-            (Some(continued), Some(current))
-                if current.inertia < continued.inertia * (1.0 - continued_margin) =>
-            {
-                (current, STABILITY_MARGIN)
-            }
-            (Some(continued), _) => (continued, continued_margin),
-            (None, Some(current)) => (current, STABILITY_MARGIN),
-            (None, None) => match fresh.take() {
-                Some(fresh) => (fresh, 0.0),
-                None => return 0,
-            },
+        let Some(result) = choose_clustering(continued, current, fresh, continued_margin) else {
+            return 0;
         };
-        if let Some(fresh) = fresh
-            && fresh.inertia < result.inertia * (1.0 - margin)
-        {
-            result = fresh;
+        let reference = prior_labels.unwrap_or(previous);
+        self.adopt_labels(&active, &result.labels, &reference);
+        result.passes
+    }
+
+    /// Leaves every user unassigned and the model uninitialised.
+    fn unassign_all(&mut self) {
+        self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
+        self.initialised = false;
+        self.rewrite_labels();
+        self.rebuild_sums();
+    }
+
+    /// The projections of `users`, row-major in that order.
+    fn gather_projections(&self, users: &[usize]) -> Vec<f64> {
+        let k = self.components;
+        let mut data = Vec::with_capacity(users.len() * k);
+        for &u in users {
+            data.extend_from_slice(&self.projections[u * k..(u + 1) * k]);
         }
-        let previous = reference;
+        data
+    }
+
+    /// Makes `labels` (one per `active` user) the clustering, its cluster ids renumbered to
+    /// overlap most with `reference` (the clustering it replaces) once the model is initialised.
+    fn adopt_labels(&mut self, active: &[usize], labels: &[u32], reference: &[u32]) {
         let mapping = if self.initialised {
-            match_labels(&result.labels, &previous, self.clusters)
+            match_labels(labels, reference, self.clusters)
         } else {
             (0..self.clusters as u32).collect()
         };
         self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
-        for (&u, &l) in active.iter().zip(&result.labels) {
+        for (&u, &l) in active.iter().zip(labels) {
             self.labels[u] = mapping[l as usize];
         }
         self.initialised = true;
         self.rewrite_labels();
         self.rebuild_sums();
-        result.passes
     }
 
     /// Restores a persisted model: basis and labels; projections and sums are recomputed.
@@ -720,6 +695,66 @@ impl EigenResult {
         }
         basis
     }
+}
+
+/// Users with at least one rating, in canonical order.
+fn rated_users(vectors: &CowVec<SparseVec>, canonical_order: &[u32]) -> Vec<usize> {
+    canonical_order
+        .iter()
+        .map(|&u| u as usize)
+        .filter(|&u| !vectors[u].idx.is_empty())
+        .collect()
+}
+
+/// Best of fresh k-means++ starts, polished on every point. The starts converge on an evenly
+/// spread sample (canonical order, so the same users whatever the arrival order).
+fn fresh_clustering(points: &DensePoints<'_>, params: &ClusteringParams) -> kmeans::Clustering {
+    let k = points.dim;
+    let stride = points.len().div_ceil(CLUSTERING_SAMPLE_USERS).max(1);
+    let mut sample = Vec::with_capacity(points.len() / stride * k + k);
+    for point in points.data.chunks_exact(k).step_by(stride) {
+        sample.extend_from_slice(point);
+    }
+    let sampled = kmeans::cluster(
+        &DensePoints {
+            data: &sample,
+            dim: k,
+        },
+        None,
+        &ClusteringParams {
+            restarts: params.restarts.max(1),
+            ..*params
+        },
+    );
+    kmeans::lloyd(points, sampled.centroids, params.max_passes)
+}
+
+/// Picks among the candidate clusterings of a recluster. The clustering being continued stays
+/// unless another is clearly better: segments must not hop between equally good local optima
+/// from one refresh or snapshot to the next. The previous snapshot's segments (`continued`,
+/// when given) hold against a wider margin, `continued_margin`.
+fn choose_clustering(
+    continued: Option<kmeans::Clustering>,
+    current: Option<kmeans::Clustering>,
+    mut fresh: Option<kmeans::Clustering>,
+    continued_margin: f64,
+) -> Option<kmeans::Clustering> {
+    let (mut result, margin) = match (continued, current) {
+        (Some(continued), Some(current))
+            if current.inertia < continued.inertia * (1.0 - continued_margin) =>
+        {
+            (current, STABILITY_MARGIN)
+        }
+        (Some(continued), _) => (continued, continued_margin),
+        (None, Some(current)) => (current, STABILITY_MARGIN),
+        (None, None) => (fresh.take()?, 0.0),
+    };
+    if let Some(fresh) = fresh
+        && fresh.inertia < result.inertia * (1.0 - margin)
+    {
+        result = fresh;
+    }
+    Some(result)
 }
 
 pub fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
