@@ -213,76 +213,94 @@ pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) 
     let dim = points.dim();
     let k = centroids.len() / dim.max(1);
     let mut labels = vec![u32::MAX; n];
-    let mut upper = vec![f64::INFINITY; n];
-    let mut lower = vec![0.0f64; n];
-    // Half the distance from each centroid to its nearest other one: a point closer than that
-    // to its own centroid cannot be closer to another.
-    let mut half_gap = vec![0.0f64; k];
+    let mut bounds = HamerlyBounds::new(n, k);
     let mut passes = 0;
     while passes < max_passes.max(1) {
         passes += 1;
-        let norms = centroid_norms(&centroids, dim);
-        let mut changed = false;
-        for i in 0..n {
-            let own = labels[i] as usize;
-            if own < k {
-                let bound = half_gap[own].max(lower[i]);
-                if upper[i] <= bound {
-                    continue;
-                }
-                upper[i] = points
-                    .distance2(i, &centroids[own * dim..(own + 1) * dim], norms[own])
-                    .sqrt();
-                if upper[i] <= bound {
-                    continue;
-                }
-            }
-            let (mut best, mut best_d, mut second_d) = (0u32, f64::INFINITY, f64::INFINITY);
-            for (c, norm) in norms.iter().enumerate() {
-                let d = points.distance2(i, &centroids[c * dim..(c + 1) * dim], *norm);
-                if d < best_d {
-                    second_d = best_d;
-                    best = c as u32;
-                    best_d = d;
-                } else if d < second_d {
-                    second_d = d;
-                }
-            }
-            if labels[i] != best {
-                labels[i] = best;
-                changed = true;
-            }
-            upper[i] = best_d.sqrt();
-            lower[i] = second_d.sqrt();
-        }
-        if !changed {
+        if !bounds.assign(points, &centroids, &mut labels) {
             break;
         }
         let before = centroids.clone();
         let labels_before = labels.clone();
         update_centroids(points, &mut labels, k, &mut centroids);
-        let moved: Vec<f64> = (0..k)
-            .map(|c| {
-                squared_distance(
-                    &before[c * dim..(c + 1) * dim],
-                    &centroids[c * dim..(c + 1) * dim],
-                )
-                .sqrt()
-            })
-            .collect();
+        let moved = centroid_shifts(&before, &centroids, dim, k);
+        bounds.loosen(&labels, &labels_before, &moved);
+        bounds.update_half_gaps(&centroids, dim);
+    }
+    finish(points, labels, centroids, passes)
+}
+
+/// Hamerly's per-point distance bounds (see [`lloyd`]), valid for the current centroids.
+struct HamerlyBounds {
+    /// Per point, an upper bound on the distance to its own centroid.
+    upper: Vec<f64>,
+    /// Per point, a lower bound on the distance to any other centroid.
+    lower: Vec<f64>,
+    /// Half the distance from each centroid to its nearest other one: a point closer than that
+    /// to its own centroid cannot be closer to another.
+    half_gap: Vec<f64>,
+}
+
+impl HamerlyBounds {
+    fn new(n: usize, k: usize) -> Self {
+        HamerlyBounds {
+            upper: vec![f64::INFINITY; n],
+            lower: vec![0.0f64; n],
+            half_gap: vec![0.0f64; k],
+        }
+    }
+
+    /// One assignment pass: each point whose bounds do not prove it stays goes to its nearest
+    /// centroid, and its bounds are made exact. Returns whether any label changed.
+    fn assign<P: Points>(&mut self, points: &P, centroids: &[f64], labels: &mut [u32]) -> bool {
+        let dim = points.dim();
+        let k = self.half_gap.len();
+        let norms = centroid_norms(centroids, dim);
+        let mut changed = false;
+        for (i, label) in labels.iter_mut().enumerate() {
+            let own = *label as usize;
+            if own < k {
+                let bound = self.half_gap[own].max(self.lower[i]);
+                if self.upper[i] <= bound {
+                    continue;
+                }
+                self.upper[i] = points
+                    .distance2(i, &centroids[own * dim..(own + 1) * dim], norms[own])
+                    .sqrt();
+                if self.upper[i] <= bound {
+                    continue;
+                }
+            }
+            let (best, best_d, second_d) = nearest_two(points, i, centroids, &norms);
+            if *label != best {
+                *label = best;
+                changed = true;
+            }
+            self.upper[i] = best_d.sqrt();
+            self.lower[i] = second_d.sqrt();
+        }
+        changed
+    }
+
+    /// Keeps the bounds valid after the centroids moved by `moved` (per cluster).
+    fn loosen(&mut self, labels: &[u32], labels_before: &[u32], moved: &[f64]) {
         let max_moved = moved.iter().copied().fold(0.0f64, f64::max);
-        for i in 0..n {
+        for i in 0..labels.len() {
             if labels[i] != labels_before[i] {
                 // Re-seeded into an empty cluster: no bound holds any more.
-                upper[i] = f64::INFINITY;
-                lower[i] = 0.0;
+                self.upper[i] = f64::INFINITY;
+                self.lower[i] = 0.0;
             } else {
-                upper[i] += moved[labels[i] as usize];
-                lower[i] = (lower[i] - max_moved).max(0.0);
+                self.upper[i] += moved[labels[i] as usize];
+                self.lower[i] = (self.lower[i] - max_moved).max(0.0);
             }
         }
+    }
+
+    fn update_half_gaps(&mut self, centroids: &[f64], dim: usize) {
+        let k = self.half_gap.len();
         for c in 0..k {
-            half_gap[c] = 0.5
+            self.half_gap[c] = 0.5
                 * (0..k)
                     .filter(|&o| o != c)
                     .map(|o| {
@@ -293,12 +311,47 @@ pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) 
                         .sqrt()
                     })
                     .fold(f64::INFINITY, f64::min);
-            if !half_gap[c].is_finite() {
-                half_gap[c] = 0.0;
+            if !self.half_gap[c].is_finite() {
+                self.half_gap[c] = 0.0;
             }
         }
     }
-    finish(points, labels, centroids, passes)
+}
+
+/// The nearest centroid to point `i` with its squared distance, and the squared distance to
+/// the second nearest.
+fn nearest_two<P: Points>(
+    points: &P,
+    i: usize,
+    centroids: &[f64],
+    norms: &[f64],
+) -> (u32, f64, f64) {
+    let dim = points.dim();
+    let (mut best, mut best_d, mut second_d) = (0u32, f64::INFINITY, f64::INFINITY);
+    for (c, norm) in norms.iter().enumerate() {
+        let d = points.distance2(i, &centroids[c * dim..(c + 1) * dim], *norm);
+        if d < best_d {
+            second_d = best_d;
+            best = c as u32;
+            best_d = d;
+        } else if d < second_d {
+            second_d = d;
+        }
+    }
+    (best, best_d, second_d)
+}
+
+/// How far each of the `k` centroids moved from `before` to `after`.
+fn centroid_shifts(before: &[f64], after: &[f64], dim: usize, k: usize) -> Vec<f64> {
+    (0..k)
+        .map(|c| {
+            squared_distance(
+                &before[c * dim..(c + 1) * dim],
+                &after[c * dim..(c + 1) * dim],
+            )
+            .sqrt()
+        })
+        .collect()
 }
 
 /// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned; centroids start
