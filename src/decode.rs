@@ -47,88 +47,85 @@ pub fn decode_json(
         return Err(Rejection::new(RejectReason::Empty, "empty message"));
     }
     let object = pick_fields(bytes, fields)?;
-    let id = |name: &str| -> Result<String, Rejection> {
-        match object.get(name) {
-            None | Some(Value::Null) => Err(Rejection::new(
-                RejectReason::MissingField,
-                format!("missing field `{name}`"),
-            )),
-            Some(Value::String(s)) if s.is_empty() => Err(Rejection::new(
-                RejectReason::MissingField,
-                format!("empty field `{name}`"),
-            )),
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
-            Some(other) => Err(Rejection::new(
-                RejectReason::WrongType,
-                format!(
-                    "field `{name}` must be a string or an integer, got {}",
-                    json_type(other)
-                ),
-            )),
-        }
-    };
-    let user = id(&fields.user)?;
-    let item = id(&fields.item)?;
-    let value = match object.get(&fields.rating) {
-        None => {
-            return Err(Rejection::new(
-                RejectReason::MissingField,
-                format!("missing field `{}`", fields.rating),
-            ));
-        }
-        Some(Value::Null) => None,
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(v) => Some(v),
-            None => {
-                return Err(Rejection::new(
-                    RejectReason::WrongType,
-                    format!("field `{}` is not representable as a float", fields.rating),
-                ));
-            }
-        },
-        // JSON has no NaN; producers that write "NaN"/"Infinity" as strings get a precise reason.
-        Some(Value::String(s)) if is_non_finite_word(s) => Some(f64::NAN),
-        Some(other) => {
-            return Err(Rejection::new(
-                RejectReason::WrongType,
-                format!(
-                    "field `{}` must be a number or null, got {}",
-                    fields.rating,
-                    json_type(other)
-                ),
-            ));
-        }
-    };
-    let ts = match object.get(&fields.ts) {
-        None | Some(Value::Null) => default_ts,
-        Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
-            (Some(t), _) => t,
-            (None, Some(t)) if t.is_finite() => t as i64,
-            _ => {
-                return Err(Rejection::new(
-                    RejectReason::WrongType,
-                    format!("field `{}` is not a valid timestamp", fields.ts),
-                ));
-            }
-        },
-        Some(other) => {
-            return Err(Rejection::new(
-                RejectReason::WrongType,
-                format!(
-                    "field `{}` must be a number, got {}",
-                    fields.ts,
-                    json_type(other)
-                ),
-            ));
-        }
-    };
+    let user = json_id(&object, &fields.user)?;
+    let item = json_id(&object, &fields.item)?;
+    let value = json_rating(&object, &fields.rating)?;
+    let ts = json_ts(&object, &fields.ts, default_ts)?;
     Ok(RatingEvent {
         user,
         item,
         value,
         ts,
     })
+}
+
+/// A user or item id: a non-empty string, or an integer (kept as its decimal text).
+fn json_id(object: &PickedFields<'_>, name: &str) -> Result<String, Rejection> {
+    match object.get(name) {
+        None | Some(Value::Null) => Err(Rejection::new(
+            RejectReason::MissingField,
+            format!("missing field `{name}`"),
+        )),
+        Some(Value::String(s)) if s.is_empty() => Err(Rejection::new(
+            RejectReason::MissingField,
+            format!("empty field `{name}`"),
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+        Some(other) => Err(Rejection::new(
+            RejectReason::WrongType,
+            format!(
+                "field `{name}` must be a string or an integer, got {}",
+                json_type(other)
+            ),
+        )),
+    }
+}
+
+/// The value: a number, or null (a retraction). The field itself must be present.
+fn json_rating(object: &PickedFields<'_>, name: &str) -> Result<Option<f64>, Rejection> {
+    match object.get(name) {
+        None => Err(Rejection::new(
+            RejectReason::MissingField,
+            format!("missing field `{name}`"),
+        )),
+        Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(v) => Ok(Some(v)),
+            None => Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("field `{name}` is not representable as a float"),
+            )),
+        },
+        // JSON has no NaN; producers that write "NaN"/"Infinity" as strings get a precise reason.
+        Some(Value::String(s)) if is_non_finite_word(s) => Ok(Some(f64::NAN)),
+        Some(other) => Err(Rejection::new(
+            RejectReason::WrongType,
+            format!(
+                "field `{name}` must be a number or null, got {}",
+                json_type(other)
+            ),
+        )),
+    }
+}
+
+/// The event time in whole seconds; `default_ts` when the field is absent or null.
+fn json_ts(object: &PickedFields<'_>, name: &str, default_ts: i64) -> Result<i64, Rejection> {
+    match object.get(name) {
+        None | Some(Value::Null) => Ok(default_ts),
+        Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(t), _) => Ok(t),
+            (None, Some(t)) if t.is_finite() => Ok(t as i64),
+            _ => Err(Rejection::new(
+                RejectReason::WrongType,
+                format!("field `{name}` is not a valid timestamp"),
+            )),
+        },
+        Some(other) => Err(Rejection::new(
+            RejectReason::WrongType,
+            format!("field `{name}` must be a number, got {}", json_type(other)),
+        )),
+    }
 }
 
 /// The four configured fields of a JSON object, parsed without building the whole object
