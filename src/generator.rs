@@ -117,35 +117,7 @@ pub fn generate_into(
 ) -> TruthAndCatalogue {
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let segments = params.segments.max(1);
-    // Popularity rank of each item is a random permutation so that segments share the head.
-    let mut ranks: Vec<usize> = (0..params.items).collect();
-    for i in (1..ranks.len()).rev() {
-        ranks.swap(i, rng.random_range(0..=i));
-    }
-    let popularity: Vec<f64> = ranks
-        .iter()
-        .map(|&r| 1.0 / ((r + 1) as f64).powf(params.popularity_exponent))
-        .collect();
-    let global = Weighted::new(popularity.iter().copied());
-    // Segment s prefers a block of items (by item index), sampled by popularity within it.
-    let block = ((params.items / segments) as f64 * params.preferred_share)
-        .round()
-        .max(1.0) as usize;
-    let preferred: Vec<(usize, Weighted)> = (0..segments)
-        .map(|s| {
-            let start = (s * params.items / segments).min(params.items.saturating_sub(1));
-            let end = (start + block).min(params.items);
-            (start, Weighted::new(popularity[start..end].iter().copied()))
-        })
-        .collect();
-    let segment_of: Vec<u32> = (0..params.users)
-        .map(|_| rng.random_range(0..segments) as u32)
-        .collect();
-    // Heavy-tailed activity: a few users rate a lot, most rate a little (as in MovieLens).
-    let activity = Weighted::new((0..params.users).map(|_| {
-        let u: f64 = rng.random::<f64>().max(1e-9);
-        (u.powf(-0.6)).min(50.0)
-    }));
+    let world = World::plant(params, segments, &mut rng);
     if params.round > 0 {
         rng = ChaCha8Rng::seed_from_u64(
             params.seed ^ params.round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -156,34 +128,10 @@ pub fn generate_into(
     for _ in 0..params.events {
         // Some events share a timestamp, as in real logs.
         ts += rng.random_range(0..3);
-        let u = activity.sample(&mut rng);
-        let seg = segment_of[u] as usize;
-        let item = if !rated[u].is_empty() && rng.random::<f64>() < params.rerate {
-            rated[u][rng.random_range(0..rated[u].len())] as usize
-        } else if rng.random::<f64>() < params.affinity {
-            let (start, weights) = &preferred[seg];
-            start + weights.sample(&mut rng)
-        } else {
-            global.sample(&mut rng)
-        };
-        let in_segment = {
-            let (start, w) = &preferred[seg];
-            item >= *start && item < start + w.cumulative.len()
-        };
-        let value = match params.mode {
-            Mode::Explicit => {
-                let base = if in_segment { 4.0 } else { 2.0 };
-                let jitter = rng.random_range(-1..=1) as f64;
-                (base + jitter).clamp(1.0, 5.0)
-            }
-            Mode::Implicit => {
-                let mut plays = 1.0;
-                while plays < 20.0 && rng.random::<f64>() < if in_segment { 0.6 } else { 0.3 } {
-                    plays += 1.0;
-                }
-                plays
-            }
-        };
+        let u = world.activity.sample(&mut rng);
+        let seg = world.segment_of[u] as usize;
+        let item = world.pick_item(params, seg, &rated[u], &mut rng);
+        let value = rating_value(params.mode, world.prefers(seg, item), &mut rng);
         if !rated[u].contains(&(item as u32)) {
             rated[u].push(item as u32);
         }
@@ -196,15 +144,112 @@ pub fn generate_into(
     }
     let truth = (0..params.users)
         .filter(|&u| !rated[u].is_empty())
-        .map(|u| (user_id(u), segment_of[u]))
+        .map(|u| (user_id(u), world.segment_of[u]))
         .collect();
-    let catalogue = (0..params.items)
+    (truth, catalogue(params.items, segments))
+}
+
+/// What stays the same across the rounds of a stream: item popularity, the segments' preferred
+/// items, every user's segment and activity.
+struct World {
+    global: Weighted,
+    /// Per segment, the first of its preferred items and their popularity weights.
+    preferred: Vec<(usize, Weighted)>,
+    segment_of: Vec<u32>,
+    activity: Weighted,
+}
+
+impl World {
+    fn plant(params: &GeneratorParams, segments: usize, rng: &mut ChaCha8Rng) -> World {
+        // Popularity rank of each item is a random permutation so that segments share the head.
+        let mut ranks: Vec<usize> = (0..params.items).collect();
+        for i in (1..ranks.len()).rev() {
+            ranks.swap(i, rng.random_range(0..=i));
+        }
+        let popularity: Vec<f64> = ranks
+            .iter()
+            .map(|&r| 1.0 / ((r + 1) as f64).powf(params.popularity_exponent))
+            .collect();
+        let global = Weighted::new(popularity.iter().copied());
+        // Segment s prefers a block of items (by item index), sampled by popularity within it.
+        let block = ((params.items / segments) as f64 * params.preferred_share)
+            .round()
+            .max(1.0) as usize;
+        let preferred: Vec<(usize, Weighted)> = (0..segments)
+            .map(|s| {
+                let start = (s * params.items / segments).min(params.items.saturating_sub(1));
+                let end = (start + block).min(params.items);
+                (start, Weighted::new(popularity[start..end].iter().copied()))
+            })
+            .collect();
+        let segment_of: Vec<u32> = (0..params.users)
+            .map(|_| rng.random_range(0..segments) as u32)
+            .collect();
+        // Heavy-tailed activity: a few users rate a lot, most rate a little (as in MovieLens).
+        let activity = Weighted::new((0..params.users).map(|_| {
+            let u: f64 = rng.random::<f64>().max(1e-9);
+            (u.powf(-0.6)).min(50.0)
+        }));
+        World {
+            global,
+            preferred,
+            segment_of,
+            activity,
+        }
+    }
+
+    /// The item of a user's next event: a re-rating of one of the items it `rated`, one of its
+    /// segment's preferred items, or any item by global popularity.
+    fn pick_item(
+        &self,
+        params: &GeneratorParams,
+        seg: usize,
+        rated: &[u32],
+        rng: &mut ChaCha8Rng,
+    ) -> usize {
+        if !rated.is_empty() && rng.random::<f64>() < params.rerate {
+            rated[rng.random_range(0..rated.len())] as usize
+        } else if rng.random::<f64>() < params.affinity {
+            let (start, weights) = &self.preferred[seg];
+            start + weights.sample(rng)
+        } else {
+            self.global.sample(rng)
+        }
+    }
+
+    /// Whether `item` is one of segment `seg`'s preferred items.
+    fn prefers(&self, seg: usize, item: usize) -> bool {
+        let (start, w) = &self.preferred[seg];
+        item >= *start && item < start + w.cumulative.len()
+    }
+}
+
+/// A rating: high in the user's segment, low outside it (explicit stars or implicit plays).
+fn rating_value(mode: Mode, in_segment: bool, rng: &mut ChaCha8Rng) -> f64 {
+    match mode {
+        Mode::Explicit => {
+            let base = if in_segment { 4.0 } else { 2.0 };
+            let jitter = rng.random_range(-1..=1) as f64;
+            (base + jitter).clamp(1.0, 5.0)
+        }
+        Mode::Implicit => {
+            let mut plays = 1.0;
+            while plays < 20.0 && rng.random::<f64>() < if in_segment { 0.6 } else { 0.3 } {
+                plays += 1.0;
+            }
+            plays
+        }
+    }
+}
+
+/// `(item id, title)` for every item, the title naming the segment whose block holds it.
+fn catalogue(items: usize, segments: usize) -> Vec<(String, String)> {
+    (0..items)
         .map(|i| {
-            let owner = (i * segments / params.items.max(1)).min(segments - 1);
+            let owner = (i * segments / items.max(1)).min(segments - 1);
             (item_id(i), format!("Item {i} (segment {owner})"))
         })
-        .collect();
-    (truth, catalogue)
+        .collect()
 }
 
 /// Writes one event as a CSV line of `user,item,rating,ts` (empty rating = retraction).
