@@ -17,8 +17,8 @@ use crate::demo::DemoSummary;
 use crate::event::Mode;
 use crate::generator::{self, GeneratorParams};
 use crate::kafka::produce::ProduceOptions;
+use crate::pipeline::Shared;
 use crate::replay::{self, ReplayOptions};
-use crate::service::Shared;
 use crate::snapshot::report::seed_report;
 use crate::store::{SnapshotInfo, Store};
 

@@ -23,8 +23,7 @@ use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http::{self, AppState};
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
-pub use crate::pipeline::Shared;
-use crate::pipeline::{Committed, Pipeline, Positions};
+use crate::pipeline::{Committed, Pipeline, Positions, Shared};
 use crate::store::Store;
 
 #[derive(Debug, Clone, Default)]
