@@ -106,21 +106,44 @@ impl Ids {
 /// Dense indices for string ids, in order of first appearance.
 #[derive(Debug, Clone, Default)]
 pub struct IdMap {
-    index: FxHashMap<String, u32>,
+    /// Ids of up to [`SHORT_ID_BYTES`] bytes, keyed by their bytes inline: a lookup compares
+    /// 16 bytes in place instead of following a pointer to the id (most ids are short, and a
+    /// replay looks two up per event).
+    short: FxHashMap<[u8; 16], u32>,
+    long: FxHashMap<String, u32>,
     ids: Ids,
+}
+
+/// Longest id kept inline in an [`IdMap`]; the 16th byte holds the length.
+const SHORT_ID_BYTES: usize = 15;
+
+fn short_key(id: &str) -> Option<[u8; 16]> {
+    let bytes = id.as_bytes();
+    (bytes.len() <= SHORT_ID_BYTES).then(|| {
+        let mut key = [0u8; 16];
+        key[..bytes.len()].copy_from_slice(bytes);
+        key[15] = bytes.len() as u8;
+        key
+    })
 }
 
 impl IdMap {
     pub fn get(&self, id: &str) -> Option<u32> {
-        self.index.get(id).copied()
+        match short_key(id) {
+            Some(key) => self.short.get(&key).copied(),
+            None => self.long.get(id).copied(),
+        }
     }
     /// The index of `id`, and whether it was new.
     pub fn intern(&mut self, id: &str) -> (u32, bool) {
-        if let Some(&i) = self.index.get(id) {
+        if let Some(i) = self.get(id) {
             return (i, false);
         }
         let i = self.ids.len() as u32;
-        self.index.insert(id.to_string(), i);
+        match short_key(id) {
+            Some(key) => self.short.insert(key, i),
+            None => self.long.insert(id.to_string(), i),
+        };
         self.ids.0.push(id.to_string());
         (i, true)
     }
@@ -137,15 +160,15 @@ impl IdMap {
         self.ids.is_empty()
     }
     pub fn from_ids(ids: Vec<String>) -> Self {
-        let index = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (id.clone(), i as u32))
-            .collect();
-        IdMap {
-            index,
-            ids: Ids(ids.into()),
+        let mut map = IdMap::default();
+        for (i, id) in ids.iter().enumerate() {
+            match short_key(id) {
+                Some(key) => map.short.insert(key, i as u32),
+                None => map.long.insert(id.clone(), i as u32),
+            };
         }
+        map.ids = Ids(ids.into());
+        map
     }
 }
 
@@ -876,6 +899,31 @@ pub struct RestoredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_short_and_long_intern_once_and_survive_a_rebuild() {
+        let ids = [
+            "u1",
+            "",
+            "exactly15bytes!",
+            "sixteen-bytes-id",
+            "a much longer id than that",
+            "u1\0",
+        ];
+        let mut map = IdMap::default();
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(map.intern(id), (n as u32, true), "{id:?}");
+        }
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(map.intern(id), (n as u32, false), "{id:?}");
+            assert_eq!(map.id(n as u32), *id);
+        }
+        assert_eq!(map.get("u2"), None);
+        let rebuilt = IdMap::from_ids(ids.iter().map(|s| s.to_string()).collect());
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(rebuilt.get(id), Some(n as u32), "{id:?}");
+        }
+    }
 
     #[test]
     fn a_user_set_gives_its_members_once_ascending_and_empties() {
