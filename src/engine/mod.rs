@@ -178,25 +178,25 @@ impl IdMap {
 /// exactly the items the engine will.
 #[derive(Debug, Clone)]
 pub struct CatalogueGate {
-    known: rustc_hash::FxHashSet<String>,
+    known: IdMap,
     max_items: usize,
 }
 
 impl CatalogueGate {
     pub fn new(engine: &Engine) -> Self {
         CatalogueGate {
-            known: engine.items().ids().iter().cloned().collect(),
+            known: IdMap::from_ids(engine.items().ids().iter().cloned().collect()),
             max_items: engine.params().max_items,
         }
     }
 
     /// Admits `item` (recording it when new), or refuses it with the reason's detail.
     pub fn admit(&mut self, item: &str) -> Result<(), crate::event::Rejection> {
-        if self.known.contains(item) {
+        if self.known.get(item).is_some() {
             return Ok(());
         }
         if self.known.len() < self.max_items {
-            self.known.insert(item.to_string());
+            self.known.intern(item);
             return Ok(());
         }
         Err(catalogue_full(item, self.max_items))
