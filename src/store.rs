@@ -303,43 +303,65 @@ impl Store {
     /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
     pub fn load_engine(&self, params: EngineParams) -> Result<Engine, StoreError> {
         self.check_identity(&params)?;
-        let mut state = RestoredState::default();
-        for entry in self.tree.scan_prefix(b"i/") {
+        let items = self.load_ids(b"i/", "item")?;
+        let users = self.load_ids(b"n/", "user")?;
+        let mut state = RestoredState {
+            vectors: vec![SparseVec::default(); users.len()],
+            items,
+            users,
+            ..RestoredState::default()
+        };
+        if self.restore_legacy_vectors(&mut state)? {
+            // The next checkpoint writes every user in chunks and drops the per-user records.
+            state.users_since_checkpoint = (0..state.users.len() as u32).collect();
+        }
+        self.restore_chunked_vectors(&mut state)?;
+        self.replay_cell_log(&mut state)?;
+        self.restore_labels(&mut state)?;
+        state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
+        if let Some(model) = self.load_model()? {
+            state.model = model;
+        }
+        Ok(Engine::restore(params, state))
+    }
+
+    /// The ids stored under `prefix` (`i/` items, `n/` users), in index order; `what` names
+    /// them in errors.
+    fn load_ids(&self, prefix: &[u8], what: &str) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in self.tree.scan_prefix(prefix) {
             let (k, v) = entry?;
-            let index = index_u32(&k).ok_or_else(|| corrupt(&k, "bad item key"))?;
-            if index as usize != state.items.len() {
-                return Err(corrupt(&k, "item ids are not contiguous"));
+            let index = index_u32(&k).ok_or_else(|| corrupt(&k, format!("bad {what} key")))?;
+            if index as usize != ids.len() {
+                return Err(corrupt(&k, format!("{what} ids are not contiguous")));
             }
-            state.items.push(
-                String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "item id is not UTF-8"))?,
+            ids.push(
+                String::from_utf8(v.to_vec())
+                    .map_err(|_| corrupt(&k, format!("{what} id is not UTF-8")))?,
             );
         }
-        for entry in self.tree.scan_prefix(b"n/") {
-            let (k, v) = entry?;
-            let index = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))?;
-            if index as usize != state.users.len() {
-                return Err(corrupt(&k, "user ids are not contiguous"));
-            }
-            state.users.push(
-                String::from_utf8(v.to_vec()).map_err(|_| corrupt(&k, "user id is not UTF-8"))?,
-            );
-        }
-        state.vectors = vec![SparseVec::default(); state.users.len()];
+        Ok(ids)
+    }
+
+    /// Restores the per-user vector records (`u/…`) of a state dir written before chunks;
+    /// returns whether there were any.
+    fn restore_legacy_vectors(&self, state: &mut RestoredState) -> Result<bool, StoreError> {
         let mut legacy_records = false;
         for entry in self.tree.scan_prefix(b"u/") {
             legacy_records = true;
             let (k, v) = entry?;
             let u = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))? as usize;
             let x = decode_vector(&v).ok_or_else(|| corrupt(&k, "bad user vector"))?;
-            if u >= state.vectors.len()
-                || x.idx
-                    .last()
-                    .is_some_and(|&j| j as usize >= state.items.len())
-            {
+            if u >= state.vectors.len() || names_unknown_item(&x, state.items.len()) {
                 return Err(corrupt(&k, "vector of an unknown user or item"));
             }
             state.vectors[u] = x;
         }
+        Ok(legacy_records)
+    }
+
+    /// Restores the checkpointed vectors from their 1024-user chunks (`v/…`).
+    fn restore_chunked_vectors(&self, state: &mut RestoredState) -> Result<(), StoreError> {
         for entry in self.tree.scan_prefix(b"v/") {
             let (k, v) = entry?;
             let chunk = index_u32(&k).ok_or_else(|| corrupt(&k, "bad chunk key"))? as usize;
@@ -347,11 +369,9 @@ impl Store {
             let first = chunk * CHECKPOINT_CHUNK_USERS;
             if vectors.len() > CHECKPOINT_CHUNK_USERS
                 || first + vectors.len() > state.vectors.len()
-                || vectors.iter().any(|x| {
-                    x.idx
-                        .last()
-                        .is_some_and(|&j| j as usize >= state.items.len())
-                })
+                || vectors
+                    .iter()
+                    .any(|x| names_unknown_item(x, state.items.len()))
             {
                 return Err(corrupt(&k, "vectors of an unknown user or item"));
             }
@@ -359,11 +379,11 @@ impl Store {
                 state.vectors[first + i] = x;
             }
         }
-        if legacy_records {
-            // The next checkpoint writes every user in chunks and drops the per-user records.
-            state.users_since_checkpoint = (0..state.users.len() as u32).collect();
-        }
-        // The log, oldest first, over the checkpoint.
+        Ok(())
+    }
+
+    /// Replays the cell log (`l/…`), oldest first, over the checkpoint.
+    fn replay_cell_log(&self, state: &mut RestoredState) -> Result<(), StoreError> {
         for entry in self.tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
             if v.len() % LOG_CELL_BYTES != 0 {
@@ -388,20 +408,14 @@ impl Store {
                         "log names an unknown item or a non-finite value",
                     ));
                 }
-                match (x.idx.binary_search(&j), value == 0.0) {
-                    (Ok(p), true) => {
-                        x.idx.remove(p);
-                        x.val.remove(p);
-                    }
-                    (Ok(p), false) => x.val[p] = value,
-                    (Err(_), true) => {}
-                    (Err(p), false) => {
-                        x.idx.insert(p, j);
-                        x.val.insert(p, value);
-                    }
-                }
+                set_cell(x, j, value);
             }
         }
+        Ok(())
+    }
+
+    /// Restores the label array (`m/labels`) and applies the label log (`k/…`) over it.
+    fn restore_labels(&self, state: &mut RestoredState) -> Result<(), StoreError> {
         if let Some(bytes) = self.tree.get(meta("labels"))? {
             state.labels = bytes
                 .chunks_exact(4)
@@ -426,23 +440,27 @@ impl Store {
                 state.labels[u] = label;
             }
         }
-        state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
-        if let Some(mut model) = self.get_json::<PersistedModel>("model")? {
-            let floats = |bytes: sled::IVec| -> Vec<f64> {
-                bytes
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect()
-            };
-            if let Some(bytes) = self.tree.get(meta("basis"))? {
-                model.basis = floats(bytes);
-            }
-            if let Some(bytes) = self.tree.get(meta("warm_block"))? {
-                model.warm_block = floats(bytes);
-            }
-            state.model = model;
+        Ok(())
+    }
+
+    /// The persisted model (`m/model`) with its basis and warm block (stored as raw floats).
+    fn load_model(&self) -> Result<Option<PersistedModel>, StoreError> {
+        let Some(mut model) = self.get_json::<PersistedModel>("model")? else {
+            return Ok(None);
+        };
+        let floats = |bytes: sled::IVec| -> Vec<f64> {
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        };
+        if let Some(bytes) = self.tree.get(meta("basis"))? {
+            model.basis = floats(bytes);
         }
-        Ok(Engine::restore(params, state))
+        if let Some(bytes) = self.tree.get(meta("warm_block"))? {
+            model.warm_block = floats(bytes);
+        }
+        Ok(Some(model))
     }
 
     /// Source offsets (`topic/partition` → next offset) of the last commit.
@@ -496,90 +514,13 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
             .max(engine.ratings());
         if log.cells + changes.cells.len() as u64 >= threshold {
-            // Checkpoint: the chunks of every user changed since the last one; drop the log.
-            let mut chunks: Vec<usize> = engine
-                .take_checkpoint_users()
-                .into_iter()
-                .map(|u| u as usize / CHECKPOINT_CHUNK_USERS)
-                .collect();
-            chunks.dedup();
-            let users = engine.users().len();
-            let mut record = Vec::new();
-            for chunk in chunks {
-                let first = chunk * CHECKPOINT_CHUNK_USERS;
-                let end = (first + CHECKPOINT_CHUNK_USERS).min(users);
-                encode_chunk((first..end).map(|u| engine.vector(u as u32)), &mut record);
-                batch.insert(key(b'v', &(chunk as u32).to_be_bytes()), record.as_slice());
-            }
-            // Vectors of a state dir written before chunks: superseded by the chunks above
-            // (every user of such a dir was restored from them, so every chunk is rewritten).
-            for legacy in self.tree.scan_prefix(b"u/").keys() {
-                batch.remove(legacy?);
-            }
-            for seq in 0..log.next_seq {
-                batch.remove(key(b'l', &seq.to_be_bytes()));
-            }
-            log.next_seq = 0;
-            log.cells = 0;
+            self.encode_checkpoint(engine, &mut log, &mut batch)?;
         } else if !changes.cells.is_empty() {
-            let mut record = Vec::with_capacity(changes.cells.len() * LOG_CELL_BYTES);
-            for &(u, j) in &changes.cells {
-                record.extend_from_slice(&u.to_le_bytes());
-                record.extend_from_slice(&j.to_le_bytes());
-                record.extend_from_slice(&engine.vector(u).get(j).to_le_bytes());
-            }
-            batch.insert(key(b'l', &log.next_seq.to_be_bytes()), record);
-            log.next_seq += 1;
-            log.cells += changes.cells.len() as u64;
+            encode_log_record(engine, &changes.cells, &mut log, &mut batch);
         }
-        let rewrite_labels = matches!(changes.labels, LabelChanges::All)
-            || changes.model
-            || log.next_label_seq >= LABEL_LOG_RECORDS;
-        if let LabelChanges::Users(users) = &changes.labels
-            && !rewrite_labels
-            && !users.is_empty()
-        {
-            // Only the labels that changed: the whole array is rewritten at re-clusterings.
-            let labels = engine.model().labels();
-            let mut record = Vec::with_capacity(users.len() * 8);
-            for &u in users {
-                record.extend_from_slice(&u.to_le_bytes());
-                record.extend_from_slice(&labels[u as usize].to_le_bytes());
-            }
-            batch.insert(key(b'k', &log.next_label_seq.to_be_bytes()), record);
-            log.next_label_seq += 1;
-        }
-        if rewrite_labels {
-            for seq in 0..log.next_label_seq {
-                batch.remove(key(b'k', &seq.to_be_bytes()));
-            }
-            log.next_label_seq = 0;
-            let labels: Vec<u8> = engine
-                .model()
-                .labels()
-                .iter()
-                .flat_map(|l| l.to_le_bytes())
-                .collect();
-            batch.insert(meta("labels"), labels);
-        }
+        encode_labels(engine, &changes.labels, changes.model, &mut log, &mut batch);
         if changes.model {
-            let persisted = engine.model().persisted();
-            let basis: Vec<u8> = persisted
-                .basis
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            batch.insert(meta("basis"), basis);
-            let warm: Vec<u8> = persisted
-                .warm_block
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            batch.insert(meta("warm_block"), warm);
-            batch.insert(
-                meta("model"),
-                serde_json::to_vec(&persisted).unwrap_or_default(),
-            );
+            encode_model(engine, &mut batch);
         }
         batch.insert(
             meta("counters"),
@@ -592,6 +533,41 @@ impl Store {
             );
         }
         Ok((changes, PreparedCommit(batch)))
+    }
+
+    /// Checkpoint: rewrites the chunks of every user changed since the last one and drops the
+    /// cell log (and any per-user records of a state dir written before chunks).
+    fn encode_checkpoint(
+        &self,
+        engine: &mut Engine,
+        log: &mut LogState,
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
+        let mut chunks: Vec<usize> = engine
+            .take_checkpoint_users()
+            .into_iter()
+            .map(|u| u as usize / CHECKPOINT_CHUNK_USERS)
+            .collect();
+        chunks.dedup();
+        let users = engine.users().len();
+        let mut record = Vec::new();
+        for chunk in chunks {
+            let first = chunk * CHECKPOINT_CHUNK_USERS;
+            let end = (first + CHECKPOINT_CHUNK_USERS).min(users);
+            encode_chunk((first..end).map(|u| engine.vector(u as u32)), &mut record);
+            batch.insert(key(b'v', &(chunk as u32).to_be_bytes()), record.as_slice());
+        }
+        // Vectors of a state dir written before chunks: superseded by the chunks above
+        // (every user of such a dir was restored from them, so every chunk is rewritten).
+        for legacy in self.tree.scan_prefix(b"u/").keys() {
+            batch.remove(legacy?);
+        }
+        for seq in 0..log.next_seq {
+            batch.remove(key(b'l', &seq.to_be_bytes()));
+        }
+        log.next_seq = 0;
+        log.cells = 0;
+        Ok(())
     }
 
     /// Adds catalogue titles (item id → title).
@@ -793,6 +769,99 @@ impl Store {
 
 fn index_u32(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
+}
+
+/// Whether `x` names an item index at or past `items` (its indices are ascending).
+fn names_unknown_item(x: &SparseVec, items: usize) -> bool {
+    x.idx.last().is_some_and(|&j| j as usize >= items)
+}
+
+/// Sets cell `j` of `x` to `value` (zero removes it), keeping the indices ascending.
+fn set_cell(x: &mut SparseVec, j: u32, value: f64) {
+    match (x.idx.binary_search(&j), value == 0.0) {
+        (Ok(p), true) => {
+            x.idx.remove(p);
+            x.val.remove(p);
+        }
+        (Ok(p), false) => x.val[p] = value,
+        (Err(_), true) => {}
+        (Err(p), false) => {
+            x.idx.insert(p, j);
+            x.val.insert(p, value);
+        }
+    }
+}
+
+/// Appends one cell-log record (`l/<seq>`): the current value of each changed cell.
+fn encode_log_record(
+    engine: &Engine,
+    cells: &[(u32, u32)],
+    log: &mut LogState,
+    batch: &mut sled::Batch,
+) {
+    let mut record = Vec::with_capacity(cells.len() * LOG_CELL_BYTES);
+    for &(u, j) in cells {
+        record.extend_from_slice(&u.to_le_bytes());
+        record.extend_from_slice(&j.to_le_bytes());
+        record.extend_from_slice(&engine.vector(u).get(j).to_le_bytes());
+    }
+    batch.insert(key(b'l', &log.next_seq.to_be_bytes()), record);
+    log.next_seq += 1;
+    log.cells += cells.len() as u64;
+}
+
+/// Writes the changed labels: a label-log record (`k/<seq>`) for a few users, or the whole
+/// array (dropping the label log) at re-clusterings, model changes, or a long label log.
+fn encode_labels(
+    engine: &Engine,
+    changes: &LabelChanges,
+    model_changed: bool,
+    log: &mut LogState,
+    batch: &mut sled::Batch,
+) {
+    let rewrite_labels = matches!(changes, LabelChanges::All)
+        || model_changed
+        || log.next_label_seq >= LABEL_LOG_RECORDS;
+    if let LabelChanges::Users(users) = changes
+        && !rewrite_labels
+        && !users.is_empty()
+    {
+        // Only the labels that changed: the whole array is rewritten at re-clusterings.
+        let labels = engine.model().labels();
+        let mut record = Vec::with_capacity(users.len() * 8);
+        for &u in users {
+            record.extend_from_slice(&u.to_le_bytes());
+            record.extend_from_slice(&labels[u as usize].to_le_bytes());
+        }
+        batch.insert(key(b'k', &log.next_label_seq.to_be_bytes()), record);
+        log.next_label_seq += 1;
+    }
+    if rewrite_labels {
+        for seq in 0..log.next_label_seq {
+            batch.remove(key(b'k', &seq.to_be_bytes()));
+        }
+        log.next_label_seq = 0;
+        let labels: Vec<u8> = engine
+            .model()
+            .labels()
+            .iter()
+            .flat_map(|l| l.to_le_bytes())
+            .collect();
+        batch.insert(meta("labels"), labels);
+    }
+}
+
+/// Writes the model: its basis and warm block as raw floats, the rest as JSON.
+fn encode_model(engine: &Engine, batch: &mut sled::Batch) {
+    let persisted = engine.model().persisted();
+    let floats =
+        |values: &[f64]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    batch.insert(meta("basis"), floats(&persisted.basis));
+    batch.insert(meta("warm_block"), floats(&persisted.warm_block));
+    batch.insert(
+        meta("model"),
+        serde_json::to_vec(&persisted).unwrap_or_default(),
+    );
 }
 
 /// Users per checkpoint record (`v/<chunk>`).
