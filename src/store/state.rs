@@ -1,116 +1,22 @@
-//! Durable state in sled: user vectors, id maps, labels, the model basis, counters, source
-//! offsets, the item catalogue, and versioned snapshots with their assignments. Every commit
-//! is one atomic sled batch followed by a flush, so offsets are never recorded for work that is
-//! not persisted, and a restart resumes exactly where the last commit left off.
-//!
-//! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
-//! `m/<name>` metadata, `n/<u32>` user ids, `v/<u32>` the vectors of users `1024·i ..
-//! 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state dirs written
-//! before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells (user, item, value) each commit changed since that checkpoint, `i/<u32>`
-//! item ids, `c/<item>` titles, `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
-//! A commit appends one log record (what changed, not whole vectors); every
-//! `[state] checkpoint_cells` logged cells, the chunks of the changed users are rewritten and the
-//! log dropped, in the same atomic batch (a chunk is one sled key: a checkpoint of 100k users is
-//! about 100 inserts, not 100k). Opening replays the log over the checkpoint.
+//! Engine state and source positions: ids, user vectors (chunked checkpoints plus the cell
+//! log), labels (array plus label log), the model, counters and offsets. A commit encodes all
+//! of them into one atomic batch, so they live together.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
 
 use crate::engine::{
     Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
 };
-use crate::event::Mode;
-use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
 
-/// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
-/// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)
-/// is read as it is and marked format 2 on open, so an older build refuses it from then on.
-pub const STATE_FORMAT: u32 = 2;
-
-/// Formats this build reads.
-const READABLE_FORMATS: [u32; 2] = [1, 2];
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(
-        "cannot open state dir {path}: {source} (check that the directory is writable and not used by another segmenter process)"
-    )]
-    Open { path: PathBuf, source: sled::Error },
-    #[error("state dir I/O failed: {0} (is the disk full or read-only?)")]
-    Io(#[from] sled::Error),
-    #[error("state dir holds corrupt data under key {key}: {detail}")]
-    Corrupt { key: String, detail: String },
-    #[error(
-        "state dir {path} was built with {field} = {stored}, but the config says {configured}; \
-         use a new [state] dir or set {field} back to {stored}"
-    )]
-    Mismatch {
-        path: PathBuf,
-        field: &'static str,
-        stored: String,
-        configured: String,
-    },
-    #[error(
-        "state dir format {found} is not supported (this build reads formats 1 to {STATE_FORMAT}); it was written by a newer segmenter"
-    )]
-    Format { found: u32 },
-    #[error(
-        "an earlier write to the state dir failed; nothing more is written (restart once the disk \
-         has room: the state dir resumes at the last successful commit)"
-    )]
-    Failed,
-}
-
-/// The model settings that must not change under an existing state dir.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Identity {
-    mode: Mode,
-    components: usize,
-    clusters: usize,
-}
-
-/// Summary of one stored snapshot, for listings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotInfo {
-    pub version: u64,
-    pub created_at: String,
-    pub users: u64,
-    pub ratings: u64,
-    pub events_applied: u64,
-}
+use super::{Store, StoreError, corrupt, index_u32, key, meta};
 
 /// One commit's atomic batch, encoded but not yet written (see [`Store::prepare_commit`]).
 pub struct PreparedCommit(sled::Batch);
 
-pub struct Store {
-    db: sled::Db,
-    tree: sled::Tree,
-    path: PathBuf,
-    log: std::sync::Mutex<LogState>,
-    checkpoint_cells: std::sync::atomic::AtomicU64,
-    /// A write failed (full disk, I/O error): what sled holds in memory can never be made
-    /// durable, and its flush on drop would wait for ever.
-    failed: std::sync::atomic::AtomicBool,
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
-            // Keep sled's handles alive past the process's end instead of letting their drop
-            // block on a flush that cannot succeed; the state dir holds every earlier commit.
-            std::mem::forget(self.db.clone());
-            std::mem::forget(self.tree.clone());
-        }
-    }
-}
-
 /// Where the change log stands: the next record number and the cells logged since the last
 /// checkpoint.
 #[derive(Debug, Default)]
-struct LogState {
+pub(super) struct LogState {
     next_seq: u64,
     cells: u64,
     /// Next sequence number of the label log (`k/…`: changed labels over the stored array).
@@ -123,18 +29,6 @@ const LABEL_LOG_RECORDS: u64 = 1_000;
 /// Default `[state] checkpoint_cells`.
 pub const DEFAULT_CHECKPOINT_CELLS: u64 = 4_000_000;
 
-fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + id.len());
-    k.push(prefix);
-    k.push(b'/');
-    k.extend_from_slice(id);
-    k
-}
-
-fn meta(name: &str) -> Vec<u8> {
-    key(b'm', name.as_bytes())
-}
-
 /// The sequence number of a log record's key (`l/…` cells, `k/…` labels).
 fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
     key.get(2..10)
@@ -143,41 +37,9 @@ fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| corrupt(key, "bad log key"))
 }
 
-fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        detail: detail.into(),
-    }
-}
-
-impl Store {
-    /// Opens (creating if needed) the state dir.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        // sled releases its file lock from a background thread shortly after the previous
-        // holder drops it; a lock held by a live process stays "busy" past the deadline.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        let db = loop {
-            match sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-            {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(StoreError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    });
-                }
-            }
-        };
-        let tree = db.open_tree("state")?;
+impl LogState {
+    /// Where the logs stand in `tree`: the next record numbers and the cells logged.
+    pub(super) fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
         let mut log = LogState::default();
         for entry in tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
@@ -188,116 +50,15 @@ impl Store {
             let (k, _) = entry?;
             log.next_label_seq = log.next_label_seq.max(log_sequence(&k)? + 1);
         }
-        let store = Store {
-            db,
-            tree,
-            path: path.to_path_buf(),
-            log: std::sync::Mutex::new(log),
-            checkpoint_cells: std::sync::atomic::AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
-            failed: std::sync::atomic::AtomicBool::new(false),
-        };
-        match store.get_json::<u32>("format")? {
-            Some(f) if !READABLE_FORMATS.contains(&f) => {
-                return Err(StoreError::Format { found: f });
-            }
-            Some(f) if f == STATE_FORMAT => {}
-            _ => {
-                store.tree.insert(
-                    meta("format"),
-                    serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
-                )?;
-            }
-        }
-        Ok(store)
+        Ok(log)
     }
+}
 
-    /// Applies `batch` atomically and flushes it to disk. A failure marks the store failed:
-    /// nothing more is written and dropping it does not block.
-    fn write(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(StoreError::Failed);
-        }
-        let written = self
-            .tree
-            .apply_batch(batch)
-            .and_then(|()| self.db.flush().map(|_| ()));
-        if written.is_err() {
-            self.failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(written?)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
+impl Store {
     /// Sets `[state] checkpoint_cells`.
     pub fn set_checkpoint_cells(&self, cells: u64) {
         self.checkpoint_cells
             .store(cells.max(1), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn get_json<T: serde::de::DeserializeOwned>(
-        &self,
-        name: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let k = meta(name);
-        match self.tree.get(&k)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| corrupt(&k, e.to_string())),
-        }
-    }
-
-    /// Checks the stored model identity against the config (or records it on first use).
-    pub fn check_identity(&self, params: &EngineParams) -> Result<(), StoreError> {
-        let configured = Identity {
-            mode: params.mode,
-            components: params.components,
-            clusters: params.clusters,
-        };
-        match self.get_json::<Identity>("identity")? {
-            None => {
-                self.tree.insert(
-                    meta("identity"),
-                    serde_json::to_vec(&configured).unwrap_or_default(),
-                )?;
-                self.db.flush()?;
-                Ok(())
-            }
-            Some(stored) => {
-                let mismatch = |field, stored: String, configured: String| StoreError::Mismatch {
-                    path: self.path.clone(),
-                    field,
-                    stored,
-                    configured,
-                };
-                if stored.mode != configured.mode {
-                    return Err(mismatch(
-                        "[events] mode",
-                        stored.mode.to_string(),
-                        configured.mode.to_string(),
-                    ));
-                }
-                if stored.components != configured.components {
-                    return Err(mismatch(
-                        "[model] components",
-                        stored.components.to_string(),
-                        configured.components.to_string(),
-                    ));
-                }
-                if stored.clusters != configured.clusters {
-                    return Err(mismatch(
-                        "[model] clusters",
-                        stored.clusters.to_string(),
-                        configured.clusters.to_string(),
-                    ));
-                }
-                Ok(())
-            }
-        }
     }
 
     /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
@@ -569,206 +330,6 @@ impl Store {
         log.cells = 0;
         Ok(())
     }
-
-    /// Adds catalogue titles (item id → title).
-    pub fn put_titles(&self, titles: &[(String, String)]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (item, title) in titles {
-            batch.insert(key(b'c', item.as_bytes()), title.as_bytes());
-        }
-        self.write(batch)?;
-        Ok(())
-    }
-
-    pub fn titles(&self) -> Result<FxHashMap<String, String>, StoreError> {
-        let mut out = FxHashMap::default();
-        for entry in self.tree.scan_prefix(b"c/") {
-            let (k, v) = entry?;
-            out.insert(
-                String::from_utf8_lossy(&k[2..]).into_owned(),
-                String::from_utf8_lossy(&v).into_owned(),
-            );
-        }
-        Ok(out)
-    }
-
-    /// Stores a snapshot and its assignments atomically, then drops versions older than the
-    /// newest `retention`.
-    pub fn put_snapshot(
-        &self,
-        snapshot: &Snapshot,
-        labels: &[u32],
-        retention: usize,
-    ) -> Result<(), StoreError> {
-        let v = snapshot.version.to_be_bytes();
-        let mut packed = Vec::with_capacity(labels.len() * 8);
-        for (u, &cluster) in labels.iter().enumerate() {
-            if cluster == crate::engine::NO_CLUSTER {
-                continue;
-            }
-            packed.extend_from_slice(&(u as u32).to_le_bytes());
-            packed.extend_from_slice(&cluster.to_le_bytes());
-        }
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            key(b's', &v),
-            serde_json::to_vec(snapshot).unwrap_or_default(),
-        );
-        batch.insert(key(b'a', &v), packed);
-        batch.insert(
-            key(b'm', &v),
-            serde_json::to_vec(&SnapshotSummary::from(snapshot)).unwrap_or_default(),
-        );
-        batch.insert(
-            meta("latest_snapshot"),
-            serde_json::to_vec(&snapshot.version).unwrap_or_default(),
-        );
-        let versions = self.snapshot_versions()?;
-        let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
-        for old in &versions[..keep_from] {
-            batch.remove(key(b's', &old.to_be_bytes()));
-            batch.remove(key(b'a', &old.to_be_bytes()));
-            batch.remove(key(b'm', &old.to_be_bytes()));
-        }
-        self.write(batch)?;
-        Ok(())
-    }
-
-    /// Stored snapshot versions, ascending.
-    pub fn snapshot_versions(&self) -> Result<Vec<u64>, StoreError> {
-        let mut out = vec![];
-        for k in self.tree.scan_prefix(b"s/").keys() {
-            let k = k?;
-            let bytes: [u8; 8] = k[2..]
-                .try_into()
-                .map_err(|_| corrupt(&k, "bad snapshot key"))?;
-            out.push(u64::from_be_bytes(bytes));
-        }
-        Ok(out)
-    }
-
-    /// The version the next snapshot gets (versions never repeat, even after retention).
-    pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .get_json::<u64>("latest_snapshot")?
-            .map_or(1, |v| v + 1))
-    }
-
-    pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
-        let k = key(b's', &version.to_be_bytes());
-        match self.tree.get(&k)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| corrupt(&k, e.to_string())),
-        }
-    }
-
-    pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
-        match self.snapshot_versions()?.last() {
-            None => Ok(None),
-            Some(&v) => self.snapshot(v),
-        }
-    }
-
-    /// A snapshot's assignments with user ids resolved through the stored user records.
-    pub fn assignments(&self, version: u64) -> Result<Option<Assignments>, StoreError> {
-        let Some(pairs) = self.assignment_pairs(version)? else {
-            return Ok(None);
-        };
-        let mut out = Vec::with_capacity(pairs.len());
-        for (u, c) in pairs {
-            let id = self.tree.get(key(b'n', &u.to_be_bytes()))?.ok_or_else(|| {
-                corrupt(
-                    &key(b'a', &version.to_be_bytes()),
-                    "assignment names an unknown user",
-                )
-            })?;
-            out.push((String::from_utf8_lossy(&id).into_owned(), c));
-        }
-        Ok(Some(out))
-    }
-
-    /// A stored snapshot's `(user index, cluster)` pairs.
-    fn assignment_pairs(&self, version: u64) -> Result<Option<Vec<(u32, u32)>>, StoreError> {
-        let Some(bytes) = self.tree.get(key(b'a', &version.to_be_bytes()))? else {
-            return Ok(None);
-        };
-        Ok(Some(
-            bytes
-                .chunks_exact(8)
-                .map(|pair| {
-                    (
-                        u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]),
-                        u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]),
-                    )
-                })
-                .collect(),
-        ))
-    }
-
-    /// A stored snapshot's clusters by user index (`NO_CLUSTER` for users it did not assign):
-    /// the start the next snapshot's clustering continues from, and its drift reference.
-    pub fn assignment_labels(&self, version: u64) -> Result<Option<Vec<u32>>, StoreError> {
-        let Some(pairs) = self.assignment_pairs(version)? else {
-            return Ok(None);
-        };
-        let mut labels = vec![];
-        for (u, c) in pairs {
-            let u = u as usize;
-            if labels.len() <= u {
-                labels.resize(u + 1, crate::engine::NO_CLUSTER);
-            }
-            labels[u] = c;
-        }
-        Ok(Some(labels))
-    }
-
-    /// The summaries of up to `count` stored snapshots with versions `<= up_to`, oldest first.
-    pub fn summaries(&self, up_to: u64, count: usize) -> Result<Vec<SnapshotSummary>, StoreError> {
-        let versions: Vec<u64> = self
-            .snapshot_versions()?
-            .into_iter()
-            .filter(|&v| v <= up_to)
-            .collect();
-        let mut out = vec![];
-        for &v in &versions[versions.len().saturating_sub(count)..] {
-            if let Some(s) = self.summary(v)? {
-                out.push(s);
-            }
-        }
-        Ok(out)
-    }
-
-    /// A stored snapshot's summary; for a snapshot stored before summaries were, read from
-    /// the snapshot itself.
-    pub fn summary(&self, version: u64) -> Result<Option<SnapshotSummary>, StoreError> {
-        let k = key(b'm', &version.to_be_bytes());
-        match self.tree.get(&k)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| corrupt(&k, e.to_string())),
-            None => Ok(self.snapshot(version)?.as_ref().map(SnapshotSummary::from)),
-        }
-    }
-
-    pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
-        Ok(self
-            .summaries(u64::MAX, usize::MAX)?
-            .into_iter()
-            .map(|s| SnapshotInfo {
-                version: s.version,
-                created_at: s.created_at,
-                users: s.counts.users,
-                ratings: s.counts.ratings,
-                events_applied: s.counts.events_applied,
-            })
-            .collect())
-    }
-}
-
-fn index_u32(k: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
 }
 
 /// Whether `x` names an item index at or past `items` (its indices are ascending).
@@ -1067,97 +628,5 @@ mod tests {
             .unwrap();
         assert_eq!(reopened.vectors(), reference.vectors());
         assert_eq!(reopened.users().ids(), reference.users().ids());
-    }
-
-    /// A snapshot of a small engine (20 users), with or without diagnostics.
-    fn small_snapshot(version: u64, with_diagnostics: bool) -> Snapshot {
-        use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
-        let params = EngineParams {
-            components: 2,
-            clusters: 2,
-            ..EngineParams::default()
-        };
-        let mut engine = Engine::new(params);
-        let events: Vec<RatingEvent> = (0..200)
-            .map(|i| RatingEvent {
-                user: format!("u{}", i % 20),
-                item: format!("i{}", (i * 7) % 13),
-                value: Some((i % 5 + 1) as f64),
-                ts: i,
-            })
-            .collect();
-        engine.apply(&events);
-        let titles = FxHashMap::default();
-        let mut input = crate::snapshot::BuildInput::standalone(&titles, with_diagnostics);
-        input.version = version;
-        crate::snapshot::build(&engine, &Default::default(), input)
-            .expect("enough data for a snapshot")
-            .0
-    }
-
-    #[test]
-    fn summaries_list_and_chart_without_whole_snapshots_and_follow_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for v in 1..=4 {
-            store
-                .put_snapshot(&small_snapshot(v, v == 2), &[0; 20], 3)
-                .unwrap();
-        }
-        let summaries = store.summaries(u64::MAX, 10).unwrap();
-        let versions: Vec<u64> = summaries.iter().map(|s| s.version).collect();
-        assert_eq!(versions, vec![2, 3, 4], "retention drops summaries too");
-        let latest = store.snapshot(4).unwrap().unwrap();
-        assert_eq!(summaries[2], SnapshotSummary::from(&latest));
-        assert_eq!(store.summaries(3, 1).unwrap()[0].version, 3);
-        assert_eq!(
-            crate::charts::diagnostics_source(&latest, &summaries),
-            Some(2)
-        );
-        // A snapshot stored before summaries were: its summary is read from the snapshot.
-        store.tree.remove(key(b'm', &3u64.to_be_bytes())).unwrap();
-        let third = store.snapshot(3).unwrap().unwrap();
-        assert_eq!(
-            store.summary(3).unwrap(),
-            Some(SnapshotSummary::from(&third))
-        );
-        let infos = store.snapshot_infos().unwrap();
-        assert_eq!(infos.len(), 3);
-        assert_eq!(infos[2].users, latest.counts.users);
-    }
-
-    #[test]
-    fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
-        use crate::engine::PersistedModel;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut snap = small_snapshot(1, false);
-        snap.kmeans.inertia = f64::NAN;
-        snap.pca.explained_variance[0] = f64::INFINITY;
-        store.put_snapshot(&snap, &[0; 20], 5).unwrap();
-        let read = store.snapshot(snap.version).unwrap().expect("stored");
-        assert!(read.kmeans.inertia.is_nan());
-        assert!(
-            read.pca.explained_variance[0].is_nan(),
-            "infinity reads as NaN"
-        );
-        assert_eq!(
-            read.pca.explained_variance[1],
-            snap.pca.explained_variance[1]
-        );
-
-        let model = PersistedModel {
-            eigenvalues: vec![1.0, f64::NAN],
-            total_variance: f64::INFINITY,
-            mean: vec![f64::NEG_INFINITY],
-            ..PersistedModel::default()
-        };
-        let json = serde_json::to_vec(&model).unwrap();
-        let back: PersistedModel = serde_json::from_slice(&json).expect("readable");
-        assert_eq!(back.eigenvalues[0], 1.0);
-        assert!(
-            back.eigenvalues[1].is_nan() && back.total_variance.is_nan() && back.mean[0].is_nan()
-        );
     }
 }
