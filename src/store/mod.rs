@@ -1,0 +1,262 @@
+//! Durable state in sled: user vectors, id maps, labels, the model basis, counters, source
+//! offsets, the item catalogue, and versioned snapshots with their assignments. Every commit
+//! is one atomic sled batch followed by a flush, so offsets are never recorded for work that is
+//! not persisted, and a restart resumes exactly where the last commit left off.
+//!
+//! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
+//! `m/<name>` metadata, `n/<u32>` user ids, `v/<u32>` the vectors of users `1024·i ..
+//! 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state dirs written
+//! before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells (user, item, value) each commit changed since that checkpoint, `i/<u32>`
+//! item ids, `c/<item>` titles, `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
+//! A commit appends one log record (what changed, not whole vectors); every
+//! `[state] checkpoint_cells` logged cells, the chunks of the changed users are rewritten and the
+//! log dropped, in the same atomic batch (a chunk is one sled key: a checkpoint of 100k users is
+//! about 100 inserts, not 100k). Opening replays the log over the checkpoint.
+//!
+//! This module opens the database and checks its format and identity; the methods of
+//! [`Store`] are grouped by job: `state` (engine state and source offsets, one atomic batch per
+//! commit), `snapshots` (snapshots, summaries, assignments, retention) and `catalogue`
+//! (titles).
+
+mod catalogue;
+mod snapshots;
+mod state;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineParams;
+use crate::event::Mode;
+
+pub use snapshots::SnapshotInfo;
+use state::LogState;
+pub use state::{DEFAULT_CHECKPOINT_CELLS, PreparedCommit};
+
+/// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
+/// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)
+/// is read as it is and marked format 2 on open, so an older build refuses it from then on.
+pub const STATE_FORMAT: u32 = 2;
+
+/// Formats this build reads.
+const READABLE_FORMATS: [u32; 2] = [1, 2];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open state dir {path}: {source} (check that the directory is writable and not used by another segmenter process)"
+    )]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("state dir I/O failed: {0} (is the disk full or read-only?)")]
+    Io(#[from] sled::Error),
+    #[error("state dir holds corrupt data under key {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error(
+        "state dir {path} was built with {field} = {stored}, but the config says {configured}; \
+         use a new [state] dir or set {field} back to {stored}"
+    )]
+    Mismatch {
+        path: PathBuf,
+        field: &'static str,
+        stored: String,
+        configured: String,
+    },
+    #[error(
+        "state dir format {found} is not supported (this build reads formats 1 to {STATE_FORMAT}); it was written by a newer segmenter"
+    )]
+    Format { found: u32 },
+    #[error(
+        "an earlier write to the state dir failed; nothing more is written (restart once the disk \
+         has room: the state dir resumes at the last successful commit)"
+    )]
+    Failed,
+}
+
+/// The model settings that must not change under an existing state dir.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Identity {
+    mode: Mode,
+    components: usize,
+    clusters: usize,
+}
+
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    path: PathBuf,
+    log: std::sync::Mutex<LogState>,
+    checkpoint_cells: std::sync::atomic::AtomicU64,
+    /// A write failed (full disk, I/O error): what sled holds in memory can never be made
+    /// durable, and its flush on drop would wait for ever.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            // Keep sled's handles alive past the process's end instead of letting their drop
+            // block on a flush that cannot succeed; the state dir holds every earlier commit.
+            std::mem::forget(self.db.clone());
+            std::mem::forget(self.tree.clone());
+        }
+    }
+}
+
+fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + id.len());
+    k.push(prefix);
+    k.push(b'/');
+    k.extend_from_slice(id);
+    k
+}
+
+fn meta(name: &str) -> Vec<u8> {
+    key(b'm', name.as_bytes())
+}
+
+fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: detail.into(),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the state dir.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        // sled releases its file lock from a background thread shortly after the previous
+        // holder drops it; a lock held by a live process stays "busy" past the deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        };
+        let tree = db.open_tree("state")?;
+        let log = LogState::scan(&tree)?;
+        let store = Store {
+            db,
+            tree,
+            path: path.to_path_buf(),
+            log: std::sync::Mutex::new(log),
+            checkpoint_cells: std::sync::atomic::AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        };
+        match store.get_json::<u32>("format")? {
+            Some(f) if !READABLE_FORMATS.contains(&f) => {
+                return Err(StoreError::Format { found: f });
+            }
+            Some(f) if f == STATE_FORMAT => {}
+            _ => {
+                store.tree.insert(
+                    meta("format"),
+                    serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
+                )?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// Applies `batch` atomically and flushes it to disk. A failure marks the store failed:
+    /// nothing more is written and dropping it does not block.
+    fn write(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Failed);
+        }
+        let written = self
+            .tree
+            .apply_batch(batch)
+            .and_then(|()| self.db.flush().map(|_| ()));
+        if written.is_err() {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(written?)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let k = meta(name);
+        match self.tree.get(&k)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&k, e.to_string())),
+        }
+    }
+
+    /// Checks the stored model identity against the config (or records it on first use).
+    pub fn check_identity(&self, params: &EngineParams) -> Result<(), StoreError> {
+        let configured = Identity {
+            mode: params.mode,
+            components: params.components,
+            clusters: params.clusters,
+        };
+        match self.get_json::<Identity>("identity")? {
+            None => {
+                self.tree.insert(
+                    meta("identity"),
+                    serde_json::to_vec(&configured).unwrap_or_default(),
+                )?;
+                self.db.flush()?;
+                Ok(())
+            }
+            Some(stored) => {
+                let mismatch = |field, stored: String, configured: String| StoreError::Mismatch {
+                    path: self.path.clone(),
+                    field,
+                    stored,
+                    configured,
+                };
+                if stored.mode != configured.mode {
+                    return Err(mismatch(
+                        "[events] mode",
+                        stored.mode.to_string(),
+                        configured.mode.to_string(),
+                    ));
+                }
+                if stored.components != configured.components {
+                    return Err(mismatch(
+                        "[model] components",
+                        stored.components.to_string(),
+                        configured.components.to_string(),
+                    ));
+                }
+                if stored.clusters != configured.clusters {
+                    return Err(mismatch(
+                        "[model] clusters",
+                        stored.clusters.to_string(),
+                        configured.clusters.to_string(),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn index_u32(k: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
+}

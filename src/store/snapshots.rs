@@ -1,0 +1,294 @@
+//! Versioned snapshots: each snapshot with its summary and assignments, stored atomically,
+//! listed, and dropped beyond the retention.
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
+
+use super::{Store, StoreError, corrupt, key, meta};
+
+/// Summary of one stored snapshot, for listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub version: u64,
+    pub created_at: String,
+    pub users: u64,
+    pub ratings: u64,
+    pub events_applied: u64,
+}
+
+impl Store {
+    /// Stores a snapshot and its assignments atomically, then drops versions older than the
+    /// newest `retention`.
+    pub fn put_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        labels: &[u32],
+        retention: usize,
+    ) -> Result<(), StoreError> {
+        let v = snapshot.version.to_be_bytes();
+        let mut packed = Vec::with_capacity(labels.len() * 8);
+        for (u, &cluster) in labels.iter().enumerate() {
+            if cluster == crate::engine::NO_CLUSTER {
+                continue;
+            }
+            packed.extend_from_slice(&(u as u32).to_le_bytes());
+            packed.extend_from_slice(&cluster.to_le_bytes());
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            key(b's', &v),
+            serde_json::to_vec(snapshot).unwrap_or_default(),
+        );
+        batch.insert(key(b'a', &v), packed);
+        batch.insert(
+            key(b'm', &v),
+            serde_json::to_vec(&SnapshotSummary::from(snapshot)).unwrap_or_default(),
+        );
+        batch.insert(
+            meta("latest_snapshot"),
+            serde_json::to_vec(&snapshot.version).unwrap_or_default(),
+        );
+        let versions = self.snapshot_versions()?;
+        let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
+        for old in &versions[..keep_from] {
+            batch.remove(key(b's', &old.to_be_bytes()));
+            batch.remove(key(b'a', &old.to_be_bytes()));
+            batch.remove(key(b'm', &old.to_be_bytes()));
+        }
+        self.write(batch)?;
+        Ok(())
+    }
+
+    /// Stored snapshot versions, ascending.
+    pub fn snapshot_versions(&self) -> Result<Vec<u64>, StoreError> {
+        let mut out = vec![];
+        for k in self.tree.scan_prefix(b"s/").keys() {
+            let k = k?;
+            let bytes: [u8; 8] = k[2..]
+                .try_into()
+                .map_err(|_| corrupt(&k, "bad snapshot key"))?;
+            out.push(u64::from_be_bytes(bytes));
+        }
+        Ok(out)
+    }
+
+    /// The version the next snapshot gets (versions never repeat, even after retention).
+    pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .get_json::<u64>("latest_snapshot")?
+            .map_or(1, |v| v + 1))
+    }
+
+    pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
+        let k = key(b's', &version.to_be_bytes());
+        match self.tree.get(&k)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&k, e.to_string())),
+        }
+    }
+
+    pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
+        match self.snapshot_versions()?.last() {
+            None => Ok(None),
+            Some(&v) => self.snapshot(v),
+        }
+    }
+
+    /// A snapshot's assignments with user ids resolved through the stored user records.
+    pub fn assignments(&self, version: u64) -> Result<Option<Assignments>, StoreError> {
+        let Some(pairs) = self.assignment_pairs(version)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(pairs.len());
+        for (u, c) in pairs {
+            let id = self.tree.get(key(b'n', &u.to_be_bytes()))?.ok_or_else(|| {
+                corrupt(
+                    &key(b'a', &version.to_be_bytes()),
+                    "assignment names an unknown user",
+                )
+            })?;
+            out.push((String::from_utf8_lossy(&id).into_owned(), c));
+        }
+        Ok(Some(out))
+    }
+
+    /// A stored snapshot's `(user index, cluster)` pairs.
+    fn assignment_pairs(&self, version: u64) -> Result<Option<Vec<(u32, u32)>>, StoreError> {
+        let Some(bytes) = self.tree.get(key(b'a', &version.to_be_bytes()))? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            bytes
+                .chunks_exact(8)
+                .map(|pair| {
+                    (
+                        u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]),
+                        u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]),
+                    )
+                })
+                .collect(),
+        ))
+    }
+
+    /// A stored snapshot's clusters by user index (`NO_CLUSTER` for users it did not assign):
+    /// the start the next snapshot's clustering continues from, and its drift reference.
+    pub fn assignment_labels(&self, version: u64) -> Result<Option<Vec<u32>>, StoreError> {
+        let Some(pairs) = self.assignment_pairs(version)? else {
+            return Ok(None);
+        };
+        let mut labels = vec![];
+        for (u, c) in pairs {
+            let u = u as usize;
+            if labels.len() <= u {
+                labels.resize(u + 1, crate::engine::NO_CLUSTER);
+            }
+            labels[u] = c;
+        }
+        Ok(Some(labels))
+    }
+
+    /// The summaries of up to `count` stored snapshots with versions `<= up_to`, oldest first.
+    pub fn summaries(&self, up_to: u64, count: usize) -> Result<Vec<SnapshotSummary>, StoreError> {
+        let versions: Vec<u64> = self
+            .snapshot_versions()?
+            .into_iter()
+            .filter(|&v| v <= up_to)
+            .collect();
+        let mut out = vec![];
+        for &v in &versions[versions.len().saturating_sub(count)..] {
+            if let Some(s) = self.summary(v)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A stored snapshot's summary; for a snapshot stored before summaries were, read from
+    /// the snapshot itself.
+    pub fn summary(&self, version: u64) -> Result<Option<SnapshotSummary>, StoreError> {
+        let k = key(b'm', &version.to_be_bytes());
+        match self.tree.get(&k)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(&k, e.to_string())),
+            None => Ok(self.snapshot(version)?.as_ref().map(SnapshotSummary::from)),
+        }
+    }
+
+    pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        Ok(self
+            .summaries(u64::MAX, usize::MAX)?
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                version: s.version,
+                created_at: s.created_at,
+                users: s.counts.users,
+                ratings: s.counts.ratings,
+                events_applied: s.counts.events_applied,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustc_hash::FxHashMap;
+
+    use super::*;
+    use crate::engine::Engine;
+
+    /// A snapshot of a small engine (20 users), with or without diagnostics.
+    fn small_snapshot(version: u64, with_diagnostics: bool) -> Snapshot {
+        use crate::engine::EngineParams;
+        use crate::event::RatingEvent;
+        let params = EngineParams {
+            components: 2,
+            clusters: 2,
+            ..EngineParams::default()
+        };
+        let mut engine = Engine::new(params);
+        let events: Vec<RatingEvent> = (0..200)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 20),
+                item: format!("i{}", (i * 7) % 13),
+                value: Some((i % 5 + 1) as f64),
+                ts: i,
+            })
+            .collect();
+        engine.apply(&events);
+        let titles = FxHashMap::default();
+        let mut input = crate::snapshot::BuildInput::standalone(&titles, with_diagnostics);
+        input.version = version;
+        crate::snapshot::build(&engine, &Default::default(), input)
+            .expect("enough data for a snapshot")
+            .0
+    }
+
+    #[test]
+    fn summaries_list_and_chart_without_whole_snapshots_and_follow_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for v in 1..=4 {
+            store
+                .put_snapshot(&small_snapshot(v, v == 2), &[0; 20], 3)
+                .unwrap();
+        }
+        let summaries = store.summaries(u64::MAX, 10).unwrap();
+        let versions: Vec<u64> = summaries.iter().map(|s| s.version).collect();
+        assert_eq!(versions, vec![2, 3, 4], "retention drops summaries too");
+        let latest = store.snapshot(4).unwrap().unwrap();
+        assert_eq!(summaries[2], SnapshotSummary::from(&latest));
+        assert_eq!(store.summaries(3, 1).unwrap()[0].version, 3);
+        assert_eq!(
+            crate::charts::diagnostics_source(&latest, &summaries),
+            Some(2)
+        );
+        // A snapshot stored before summaries were: its summary is read from the snapshot.
+        store.tree.remove(key(b'm', &3u64.to_be_bytes())).unwrap();
+        let third = store.snapshot(3).unwrap().unwrap();
+        assert_eq!(
+            store.summary(3).unwrap(),
+            Some(SnapshotSummary::from(&third))
+        );
+        let infos = store.snapshot_infos().unwrap();
+        assert_eq!(infos.len(), 3);
+        assert_eq!(infos[2].users, latest.counts.users);
+    }
+
+    #[test]
+    fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
+        use crate::engine::PersistedModel;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut snap = small_snapshot(1, false);
+        snap.kmeans.inertia = f64::NAN;
+        snap.pca.explained_variance[0] = f64::INFINITY;
+        store.put_snapshot(&snap, &[0; 20], 5).unwrap();
+        let read = store.snapshot(snap.version).unwrap().expect("stored");
+        assert!(read.kmeans.inertia.is_nan());
+        assert!(
+            read.pca.explained_variance[0].is_nan(),
+            "infinity reads as NaN"
+        );
+        assert_eq!(
+            read.pca.explained_variance[1],
+            snap.pca.explained_variance[1]
+        );
+
+        let model = PersistedModel {
+            eigenvalues: vec![1.0, f64::NAN],
+            total_variance: f64::INFINITY,
+            mean: vec![f64::NEG_INFINITY],
+            ..PersistedModel::default()
+        };
+        let json = serde_json::to_vec(&model).unwrap();
+        let back: PersistedModel = serde_json::from_slice(&json).expect("readable");
+        assert_eq!(back.eigenvalues[0], 1.0);
+        assert!(
+            back.eigenvalues[1].is_nan() && back.total_variance.is_nan() && back.mean[0].is_nan()
+        );
+    }
+}

@@ -1,0 +1,632 @@
+//! Engine state and source positions: ids, user vectors (chunked checkpoints plus the cell
+//! log), labels (array plus label log), the model, counters and offsets. A commit encodes all
+//! of them into one atomic batch, so they live together.
+
+use std::collections::BTreeMap;
+
+use crate::engine::{
+    Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
+};
+
+use super::{Store, StoreError, corrupt, index_u32, key, meta};
+
+/// One commit's atomic batch, encoded but not yet written (see [`Store::prepare_commit`]).
+pub struct PreparedCommit(sled::Batch);
+
+/// Where the change log stands: the next record number and the cells logged since the last
+/// checkpoint.
+#[derive(Debug, Default)]
+pub(super) struct LogState {
+    next_seq: u64,
+    cells: u64,
+    /// Next sequence number of the label log (`k/…`: changed labels over the stored array).
+    next_label_seq: u64,
+}
+
+/// Label-log records kept before the whole label array is rewritten instead.
+const LABEL_LOG_RECORDS: u64 = 1_000;
+
+/// Default `[state] checkpoint_cells`.
+pub const DEFAULT_CHECKPOINT_CELLS: u64 = 4_000_000;
+
+/// The sequence number of a log record's key (`l/…` cells, `k/…` labels).
+fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(2..10)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(key, "bad log key"))
+}
+
+impl LogState {
+    /// Where the logs stand in `tree`: the next record numbers and the cells logged.
+    pub(super) fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
+        let mut log = LogState::default();
+        for entry in tree.scan_prefix(b"l/") {
+            let (k, v) = entry?;
+            log.next_seq = log.next_seq.max(log_sequence(&k)? + 1);
+            log.cells += (v.len() / LOG_CELL_BYTES) as u64;
+        }
+        for entry in tree.scan_prefix(b"k/") {
+            let (k, _) = entry?;
+            log.next_label_seq = log.next_label_seq.max(log_sequence(&k)? + 1);
+        }
+        Ok(log)
+    }
+}
+
+impl Store {
+    /// Sets `[state] checkpoint_cells`.
+    pub fn set_checkpoint_cells(&self, cells: u64) {
+        self.checkpoint_cells
+            .store(cells.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
+    pub fn load_engine(&self, params: EngineParams) -> Result<Engine, StoreError> {
+        self.check_identity(&params)?;
+        let items = self.load_ids(b"i/", "item")?;
+        let users = self.load_ids(b"n/", "user")?;
+        let mut state = RestoredState {
+            vectors: vec![SparseVec::default(); users.len()],
+            items,
+            users,
+            ..RestoredState::default()
+        };
+        if self.restore_legacy_vectors(&mut state)? {
+            // The next checkpoint writes every user in chunks and drops the per-user records.
+            state.users_since_checkpoint = (0..state.users.len() as u32).collect();
+        }
+        self.restore_chunked_vectors(&mut state)?;
+        self.replay_cell_log(&mut state)?;
+        self.restore_labels(&mut state)?;
+        state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
+        if let Some(model) = self.load_model()? {
+            state.model = model;
+        }
+        Ok(Engine::restore(params, state))
+    }
+
+    /// The ids stored under `prefix` (`i/` items, `n/` users), in index order; `what` names
+    /// them in errors.
+    fn load_ids(&self, prefix: &[u8], what: &str) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in self.tree.scan_prefix(prefix) {
+            let (k, v) = entry?;
+            let index = index_u32(&k).ok_or_else(|| corrupt(&k, format!("bad {what} key")))?;
+            if index as usize != ids.len() {
+                return Err(corrupt(&k, format!("{what} ids are not contiguous")));
+            }
+            ids.push(
+                String::from_utf8(v.to_vec())
+                    .map_err(|_| corrupt(&k, format!("{what} id is not UTF-8")))?,
+            );
+        }
+        Ok(ids)
+    }
+
+    /// Restores the per-user vector records (`u/…`) of a state dir written before chunks;
+    /// returns whether there were any.
+    fn restore_legacy_vectors(&self, state: &mut RestoredState) -> Result<bool, StoreError> {
+        let mut legacy_records = false;
+        for entry in self.tree.scan_prefix(b"u/") {
+            legacy_records = true;
+            let (k, v) = entry?;
+            let u = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))? as usize;
+            let x = decode_vector(&v).ok_or_else(|| corrupt(&k, "bad user vector"))?;
+            if u >= state.vectors.len() || names_unknown_item(&x, state.items.len()) {
+                return Err(corrupt(&k, "vector of an unknown user or item"));
+            }
+            state.vectors[u] = x;
+        }
+        Ok(legacy_records)
+    }
+
+    /// Restores the checkpointed vectors from their 1024-user chunks (`v/…`).
+    fn restore_chunked_vectors(&self, state: &mut RestoredState) -> Result<(), StoreError> {
+        for entry in self.tree.scan_prefix(b"v/") {
+            let (k, v) = entry?;
+            let chunk = index_u32(&k).ok_or_else(|| corrupt(&k, "bad chunk key"))? as usize;
+            let vectors = decode_chunk(&v).ok_or_else(|| corrupt(&k, "bad user vectors"))?;
+            let first = chunk * CHECKPOINT_CHUNK_USERS;
+            if vectors.len() > CHECKPOINT_CHUNK_USERS
+                || first + vectors.len() > state.vectors.len()
+                || vectors
+                    .iter()
+                    .any(|x| names_unknown_item(x, state.items.len()))
+            {
+                return Err(corrupt(&k, "vectors of an unknown user or item"));
+            }
+            for (i, x) in vectors.into_iter().enumerate() {
+                state.vectors[first + i] = x;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays the cell log (`l/…`), oldest first, over the checkpoint.
+    fn replay_cell_log(&self, state: &mut RestoredState) -> Result<(), StoreError> {
+        for entry in self.tree.scan_prefix(b"l/") {
+            let (k, v) = entry?;
+            if v.len() % LOG_CELL_BYTES != 0 {
+                return Err(corrupt(&k, "bad log record"));
+            }
+            for cell in v.chunks_exact(LOG_CELL_BYTES) {
+                let u = u32::from_le_bytes([cell[0], cell[1], cell[2], cell[3]]) as usize;
+                let j = u32::from_le_bytes([cell[4], cell[5], cell[6], cell[7]]);
+                let value = f64::from_le_bytes(
+                    cell[8..16]
+                        .try_into()
+                        .map_err(|_| corrupt(&k, "bad log value"))?,
+                );
+                let x = state
+                    .vectors
+                    .get_mut(u)
+                    .ok_or_else(|| corrupt(&k, "log names an unknown user"))?;
+                state.users_since_checkpoint.push(u as u32);
+                if j as usize >= state.items.len() || !value.is_finite() {
+                    return Err(corrupt(
+                        &k,
+                        "log names an unknown item or a non-finite value",
+                    ));
+                }
+                set_cell(x, j, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores the label array (`m/labels`) and applies the label log (`k/…`) over it.
+    fn restore_labels(&self, state: &mut RestoredState) -> Result<(), StoreError> {
+        if let Some(bytes) = self.tree.get(meta("labels"))? {
+            state.labels = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+        }
+        // Changed labels since the array was written, oldest first.
+        for entry in self.tree.scan_prefix(b"k/") {
+            let (k, v) = entry?;
+            if v.len() % 8 != 0 {
+                return Err(corrupt(&k, "bad label log record"));
+            }
+            for pair in v.chunks_exact(8) {
+                let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]) as usize;
+                let label = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+                if u >= state.users.len() {
+                    return Err(corrupt(&k, "label log names an unknown user"));
+                }
+                if state.labels.len() <= u {
+                    state.labels.resize(u + 1, crate::engine::NO_CLUSTER);
+                }
+                state.labels[u] = label;
+            }
+        }
+        Ok(())
+    }
+
+    /// The persisted model (`m/model`) with its basis and warm block (stored as raw floats).
+    fn load_model(&self) -> Result<Option<PersistedModel>, StoreError> {
+        let Some(mut model) = self.get_json::<PersistedModel>("model")? else {
+            return Ok(None);
+        };
+        let floats = |bytes: sled::IVec| -> Vec<f64> {
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        };
+        if let Some(bytes) = self.tree.get(meta("basis"))? {
+            model.basis = floats(bytes);
+        }
+        if let Some(bytes) = self.tree.get(meta("warm_block"))? {
+            model.warm_block = floats(bytes);
+        }
+        Ok(Some(model))
+    }
+
+    /// Source offsets (`topic/partition` → next offset) of the last commit.
+    pub fn offsets(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        Ok(self.get_json("offsets")?.unwrap_or_default())
+    }
+
+    /// Persists everything the engine changed since the last commit, plus `offsets`, in one
+    /// atomic batch, then flushes to disk. Only after this returns may offsets be acknowledged.
+    pub fn commit(
+        &self,
+        engine: &mut Engine,
+        offsets: Option<&BTreeMap<String, i64>>,
+    ) -> Result<Changes, StoreError> {
+        let (changes, commit) = self.prepare_commit(engine, offsets)?;
+        self.write_commit(commit)?;
+        Ok(changes)
+    }
+
+    /// Writes and flushes a commit from [`Store::prepare_commit`]. Commits must be written in
+    /// the order they were prepared (each may drop log records the previous ones wrote).
+    pub fn write_commit(&self, commit: PreparedCommit) -> Result<(), StoreError> {
+        self.write(commit.0)
+    }
+
+    /// The first half of [`Store::commit`]: takes the engine's changes and encodes them into
+    /// one atomic batch, without writing it. A replay hands its batches to a writer thread, so
+    /// the disk works while the next events are applied.
+    pub fn prepare_commit(
+        &self,
+        engine: &mut Engine,
+        offsets: Option<&BTreeMap<String, i64>>,
+    ) -> Result<(Changes, PreparedCommit), StoreError> {
+        let changes = engine.take_changes();
+        let mut batch = sled::Batch::default();
+        for i in changes.first_new_item..engine.items().len() as u32 {
+            batch.insert(key(b'i', &i.to_be_bytes()), engine.items().id(i).as_bytes());
+        }
+        for u in changes.first_new_user..engine.users().len() as u32 {
+            batch.insert(key(b'n', &u.to_be_bytes()), engine.users().id(u).as_bytes());
+        }
+        let mut log = self
+            .log
+            .lock()
+            .map_err(|_| corrupt(b"l/", "log state poisoned"))?;
+        // A checkpoint rewrites every user changed since the last one, up to the whole data:
+        // letting the log grow to the size of the ratings first keeps the bytes written per
+        // change bounded (at most about twice the log) however large the data is.
+        let threshold = self
+            .checkpoint_cells
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(engine.ratings());
+        if log.cells + changes.cells.len() as u64 >= threshold {
+            self.encode_checkpoint(engine, &mut log, &mut batch)?;
+        } else if !changes.cells.is_empty() {
+            encode_log_record(engine, &changes.cells, &mut log, &mut batch);
+        }
+        encode_labels(engine, &changes.labels, changes.model, &mut log, &mut batch);
+        if changes.model {
+            encode_model(engine, &mut batch);
+        }
+        batch.insert(
+            meta("counters"),
+            serde_json::to_vec(&engine.counters()).unwrap_or_default(),
+        );
+        if let Some(offsets) = offsets {
+            batch.insert(
+                meta("offsets"),
+                serde_json::to_vec(offsets).unwrap_or_default(),
+            );
+        }
+        Ok((changes, PreparedCommit(batch)))
+    }
+
+    /// Checkpoint: rewrites the chunks of every user changed since the last one and drops the
+    /// cell log (and any per-user records of a state dir written before chunks).
+    fn encode_checkpoint(
+        &self,
+        engine: &mut Engine,
+        log: &mut LogState,
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
+        let mut chunks: Vec<usize> = engine
+            .take_checkpoint_users()
+            .into_iter()
+            .map(|u| u as usize / CHECKPOINT_CHUNK_USERS)
+            .collect();
+        chunks.dedup();
+        let users = engine.users().len();
+        let mut record = Vec::new();
+        for chunk in chunks {
+            let first = chunk * CHECKPOINT_CHUNK_USERS;
+            let end = (first + CHECKPOINT_CHUNK_USERS).min(users);
+            encode_chunk((first..end).map(|u| engine.vector(u as u32)), &mut record);
+            batch.insert(key(b'v', &(chunk as u32).to_be_bytes()), record.as_slice());
+        }
+        // Vectors of a state dir written before chunks: superseded by the chunks above
+        // (every user of such a dir was restored from them, so every chunk is rewritten).
+        for legacy in self.tree.scan_prefix(b"u/").keys() {
+            batch.remove(legacy?);
+        }
+        for seq in 0..log.next_seq {
+            batch.remove(key(b'l', &seq.to_be_bytes()));
+        }
+        log.next_seq = 0;
+        log.cells = 0;
+        Ok(())
+    }
+}
+
+/// Whether `x` names an item index at or past `items` (its indices are ascending).
+fn names_unknown_item(x: &SparseVec, items: usize) -> bool {
+    x.idx.last().is_some_and(|&j| j as usize >= items)
+}
+
+/// Sets cell `j` of `x` to `value` (zero removes it), keeping the indices ascending.
+fn set_cell(x: &mut SparseVec, j: u32, value: f64) {
+    match (x.idx.binary_search(&j), value == 0.0) {
+        (Ok(p), true) => {
+            x.idx.remove(p);
+            x.val.remove(p);
+        }
+        (Ok(p), false) => x.val[p] = value,
+        (Err(_), true) => {}
+        (Err(p), false) => {
+            x.idx.insert(p, j);
+            x.val.insert(p, value);
+        }
+    }
+}
+
+/// Appends one cell-log record (`l/<seq>`): the current value of each changed cell.
+fn encode_log_record(
+    engine: &Engine,
+    cells: &[(u32, u32)],
+    log: &mut LogState,
+    batch: &mut sled::Batch,
+) {
+    let mut record = Vec::with_capacity(cells.len() * LOG_CELL_BYTES);
+    for &(u, j) in cells {
+        record.extend_from_slice(&u.to_le_bytes());
+        record.extend_from_slice(&j.to_le_bytes());
+        record.extend_from_slice(&engine.vector(u).get(j).to_le_bytes());
+    }
+    batch.insert(key(b'l', &log.next_seq.to_be_bytes()), record);
+    log.next_seq += 1;
+    log.cells += cells.len() as u64;
+}
+
+/// Writes the changed labels: a label-log record (`k/<seq>`) for a few users, or the whole
+/// array (dropping the label log) at re-clusterings, model changes, or a long label log.
+fn encode_labels(
+    engine: &Engine,
+    changes: &LabelChanges,
+    model_changed: bool,
+    log: &mut LogState,
+    batch: &mut sled::Batch,
+) {
+    let rewrite_labels = matches!(changes, LabelChanges::All)
+        || model_changed
+        || log.next_label_seq >= LABEL_LOG_RECORDS;
+    if let LabelChanges::Users(users) = changes
+        && !rewrite_labels
+        && !users.is_empty()
+    {
+        // Only the labels that changed: the whole array is rewritten at re-clusterings.
+        let labels = engine.model().labels();
+        let mut record = Vec::with_capacity(users.len() * 8);
+        for &u in users {
+            record.extend_from_slice(&u.to_le_bytes());
+            record.extend_from_slice(&labels[u as usize].to_le_bytes());
+        }
+        batch.insert(key(b'k', &log.next_label_seq.to_be_bytes()), record);
+        log.next_label_seq += 1;
+    }
+    if rewrite_labels {
+        for seq in 0..log.next_label_seq {
+            batch.remove(key(b'k', &seq.to_be_bytes()));
+        }
+        log.next_label_seq = 0;
+        let labels: Vec<u8> = engine
+            .model()
+            .labels()
+            .iter()
+            .flat_map(|l| l.to_le_bytes())
+            .collect();
+        batch.insert(meta("labels"), labels);
+    }
+}
+
+/// Writes the model: its basis and warm block as raw floats, the rest as JSON.
+fn encode_model(engine: &Engine, batch: &mut sled::Batch) {
+    let persisted = engine.model().persisted();
+    let floats =
+        |values: &[f64]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    batch.insert(meta("basis"), floats(&persisted.basis));
+    batch.insert(meta("warm_block"), floats(&persisted.warm_block));
+    batch.insert(
+        meta("model"),
+        serde_json::to_vec(&persisted).unwrap_or_default(),
+    );
+}
+
+/// Users per checkpoint record (`v/<chunk>`).
+const CHECKPOINT_CHUNK_USERS: usize = 1024;
+
+/// `[users u32]` then each user's vector as [`encode_vector`] writes it.
+fn encode_chunk(
+    vectors: impl Iterator<Item = impl std::ops::Deref<Target = SparseVec>>,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut users = 0u32;
+    let mut one = Vec::new();
+    for x in vectors {
+        encode_vector(&x, &mut one);
+        out.extend_from_slice(&one);
+        users += 1;
+    }
+    out[..4].copy_from_slice(&users.to_le_bytes());
+}
+
+fn decode_chunk(bytes: &[u8]) -> Option<Vec<SparseVec>> {
+    let users = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let mut at = 4;
+    let mut out = Vec::with_capacity(users);
+    for _ in 0..users {
+        let nnz = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+        let len = 4 + 12 * nnz;
+        out.push(decode_vector(bytes.get(at..at + len)?)?);
+        at += len;
+    }
+    (at == bytes.len()).then_some(out)
+}
+
+/// A log cell: user u32, item u32, value f64 (0 = removed), little-endian.
+const LOG_CELL_BYTES: usize = 16;
+
+/// `[nnz u32][idx u32 x nnz][val f64 x nnz]`, little-endian.
+fn encode_vector(x: &SparseVec, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&(x.nnz() as u32).to_le_bytes());
+    for j in &x.idx {
+        out.extend_from_slice(&j.to_le_bytes());
+    }
+    for v in &x.val {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn decode_vector(bytes: &[u8]) -> Option<SparseVec> {
+    let read_u32 = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let nnz = read_u32(0)? as usize;
+    let idx: Vec<u32> = (0..nnz)
+        .map(|i| read_u32(4 + 4 * i))
+        .collect::<Option<_>>()?;
+    let at = 4 + 4 * nnz;
+    let val: Vec<f64> = (0..nnz)
+        .map(|i| {
+            Some(f64::from_le_bytes(
+                bytes.get(at + 8 * i..at + 8 * i + 8)?.try_into().ok()?,
+            ))
+        })
+        .collect::<Option<_>>()?;
+    if at + 8 * nnz != bytes.len()
+        || idx.windows(2).any(|w| w[0] >= w[1])
+        || val.iter().any(|v| !v.is_finite())
+    {
+        return None;
+    }
+    Some(SparseVec { idx, val })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_round_trip_and_garbage_is_refused() {
+        let x = SparseVec {
+            idx: vec![1, 5, 9],
+            val: vec![1.5, -2.0, 4.0],
+        };
+        let mut buf = vec![];
+        encode_vector(&x, &mut buf);
+        assert_eq!(decode_vector(&buf), Some(x));
+        assert_eq!(decode_vector(&buf[..buf.len() - 1]), None);
+        assert_eq!(decode_vector(b"\xff\xff\xff\xff"), None);
+    }
+
+    #[test]
+    fn chunked_checkpoints_restore_many_users_and_replace_per_user_records() {
+        use crate::engine::EngineParams;
+        use crate::event::RatingEvent;
+        let dir = tempfile::tempdir().unwrap();
+        // 2,600 users (three chunks) with three items each: the ratings stop growing after
+        // 7,800 events, so the log catches up with them and checkpoints happen.
+        let event = |i: usize| RatingEvent {
+            user: format!("u{}", i % 2_600),
+            item: format!("i{}", (i / 2_600) % 3),
+            value: Some((i % 7 % 5 + 1) as f64),
+            ts: i as i64,
+        };
+        let params = EngineParams::default();
+        let mut reference = Engine::new(params.clone());
+        let store = Store::open(dir.path()).unwrap();
+        store.set_checkpoint_cells(1);
+        let mut engine = store.load_engine(params.clone()).unwrap();
+        let first: Vec<RatingEvent> = (0..24_000).map(event).collect();
+        for batch in first.chunks(1_000) {
+            engine.apply(batch);
+            reference.apply(batch);
+            store.commit(&mut engine, None).unwrap();
+        }
+        let chunks = store.tree.scan_prefix(b"v/").count();
+        assert!(
+            chunks >= 3,
+            "users span several chunks: {chunks} chunks for {} users",
+            engine.users().len()
+        );
+        // Rewrite the checkpoint as a state dir written before chunks had it: one key per user.
+        let mut batch = sled::Batch::default();
+        for k in store.tree.scan_prefix(b"v/").keys() {
+            batch.remove(k.unwrap());
+        }
+        let mut record = Vec::new();
+        for u in 0..reference.users().len() as u32 {
+            encode_vector(reference.vector(u), &mut record);
+            batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
+        }
+        store.write(batch).unwrap();
+        drop(engine);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let mut engine = store.load_engine(params.clone()).unwrap();
+        assert_eq!(
+            engine.vectors(),
+            reference.vectors(),
+            "per-user records restore"
+        );
+        store.set_checkpoint_cells(1);
+        // Enough changes for the log to reach the data's size: a checkpoint.
+        let second: Vec<RatingEvent> = (24_000..56_000).map(event).collect();
+        for batch in second.chunks(4_000) {
+            engine.apply(batch);
+            reference.apply(batch);
+            store.commit(&mut engine, None).unwrap();
+        }
+        assert_eq!(
+            store.tree.scan_prefix(b"u/").count(),
+            0,
+            "per-user records replaced"
+        );
+        drop(engine);
+        drop(store);
+        let reopened = Store::open(dir.path())
+            .unwrap()
+            .load_engine(params)
+            .unwrap();
+        assert_eq!(
+            reopened.vectors(),
+            reference.vectors(),
+            "after the chunked checkpoint"
+        );
+    }
+
+    #[test]
+    fn checkpoints_and_log_replay_restore_the_same_vectors() {
+        use crate::engine::EngineParams;
+        use crate::event::RatingEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let events: Vec<RatingEvent> = (0..500)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 37),
+                item: format!("i{}", (i * 7) % 53),
+                value: if i % 11 == 0 {
+                    None
+                } else {
+                    Some((i % 5 + 1) as f64)
+                },
+                ts: i,
+            })
+            .collect();
+        let params = EngineParams::default();
+        let mut reference = Engine::new(params.clone());
+        // Reopen every few batches, so checkpoints happen after restarts with a pending log.
+        for (round, chunk) in events.chunks(75).enumerate() {
+            let store = Store::open(dir.path()).unwrap();
+            store.set_checkpoint_cells(40 + round as u64 * 7);
+            let mut engine = store.load_engine(params.clone()).unwrap();
+            assert_eq!(engine.vectors(), reference.vectors(), "round {round}");
+            for batch in chunk.chunks(25) {
+                engine.apply(batch);
+                reference.apply(batch);
+                store.commit(&mut engine, None).unwrap();
+            }
+        }
+        let reopened = Store::open(dir.path())
+            .unwrap()
+            .load_engine(params)
+            .unwrap();
+        assert_eq!(reopened.vectors(), reference.vectors());
+        assert_eq!(reopened.users().ids(), reference.users().ids());
+    }
+}
