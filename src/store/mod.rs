@@ -4,10 +4,12 @@
 //! not persisted, and a restart resumes exactly where the last commit left off.
 //!
 //! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
-//! `m/<name>` metadata, `n/<u32>` user ids, `v/<u32>` the vectors of users `1024·i ..
-//! 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state dirs written
-//! before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells (user, item, value) each commit changed since that checkpoint, `i/<u32>`
-//! item ids, `c/<item>` titles, `s/<u64>` snapshot JSON, `a/<u64>` snapshot assignments.
+//! `m/<name>` metadata, `n/<u32>` user ids, `i/<u32>` item ids, `v/<u32>` the vectors of users
+//! `1024·i .. 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state dirs
+//! written before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells (user,
+//! item, value) each commit changed since that checkpoint, `k/<u64>` the labels each commit
+//! changed since the labels were last written whole, `c/<item>` titles, `s/<u64>` snapshot
+//! JSON, `h/<u64>` its summary, `a/<u64>` its assignments.
 //! A commit appends one log record (what changed, not whole vectors); every
 //! `[state] checkpoint_cells` logged cells, the chunks of the changed users are rewritten and the
 //! log dropped, in the same atomic batch (a chunk is one sled key: a checkpoint of 100k users is

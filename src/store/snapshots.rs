@@ -42,7 +42,7 @@ impl Store {
         );
         batch.insert(key(b'a', &v), packed);
         batch.insert(
-            key(b'm', &v),
+            key(b'h', &v),
             serde_json::to_vec(&SnapshotSummary::from(snapshot)).unwrap_or_default(),
         );
         batch.insert(
@@ -54,7 +54,7 @@ impl Store {
         for old in &versions[..keep_from] {
             batch.remove(key(b's', &old.to_be_bytes()));
             batch.remove(key(b'a', &old.to_be_bytes()));
-            batch.remove(key(b'm', &old.to_be_bytes()));
+            batch.remove(key(b'h', &old.to_be_bytes()));
         }
         self.write(batch)?;
         Ok(())
@@ -169,7 +169,7 @@ impl Store {
     /// A stored snapshot's summary; for a snapshot stored before summaries were, read from
     /// the snapshot itself.
     pub fn summary(&self, version: u64) -> Result<Option<SnapshotSummary>, StoreError> {
-        let k = key(b'm', &version.to_be_bytes());
+        let k = key(b'h', &version.to_be_bytes());
         match self.tree.get(&k)? {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -247,7 +247,7 @@ mod tests {
             Some(2)
         );
         // A snapshot stored before summaries were: its summary is read from the snapshot.
-        store.tree.remove(key(b'm', &3u64.to_be_bytes())).unwrap();
+        store.tree.remove(key(b'h', &3u64.to_be_bytes())).unwrap();
         let third = store.snapshot(3).unwrap().unwrap();
         assert_eq!(
             store.summary(3).unwrap(),
