@@ -246,14 +246,18 @@ fn load_file(
         CompactEvents::default,
         CompactEvents::push,
     );
+    let (key, legacy_key) = source_key(&bytes, positions);
+    // The bytes are decoded: free them before the pieces are joined (the largest moment).
+    drop(bytes);
+    let total: usize = pieces.iter().map(|p| p.rows.len()).sum();
     let mut pieces = pieces.into_iter();
     let mut events = pieces.next().unwrap_or_default();
+    events.rows.reserve_exact(total - events.rows.len());
     for piece in pieces {
         events.append(piece);
     }
     // Stable: events with equal timestamps keep their file order.
     events.rows.sort_by_key(|r| r.ts);
-    let (key, legacy_key) = source_key(&bytes, positions);
     Ok(LoadedFile {
         events,
         rejected,
