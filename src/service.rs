@@ -23,7 +23,7 @@ use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http::{self, AppState};
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
-use crate::pipeline::{Committed, Pipeline, Positions, Shared};
+use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared};
 use crate::store::Store;
 
 #[derive(Debug, Clone, Default)]
@@ -110,8 +110,8 @@ pub async fn run(
         &shutdown,
         (batch_tx, ack_rx),
     )?;
-    let pipeline = Pipeline::new(&config, store, engine, shared.clone(), Some(ack_tx))?;
-    let worker = spawn_engine_thread(pipeline, batch_rx, final_snapshot.clone())?;
+    let pipeline = Pipeline::new(&config, store, engine, shared.clone(), Some(ack_tx.clone()))?;
+    let worker = spawn_engine_thread(pipeline, batch_rx, ack_tx, final_snapshot.clone())?;
     source.consume(shutdown, &options, &final_snapshot).await?;
     let mut summary = source.drain(worker).await?;
     http.stop().await;
@@ -180,13 +180,14 @@ async fn start_http(
 fn spawn_engine_thread(
     mut pipeline: Pipeline,
     mut batches: mpsc::Receiver<Batch>,
+    errors: Acks,
     final_snapshot: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     Ok(std::thread::Builder::new()
         .name("segmenter-engine".into())
         .spawn(move || {
-            pipeline.publish_current()?;
             let applied = (|| -> anyhow::Result<()> {
+                pipeline.publish_current()?;
                 while let Some(batch) = batches.blocking_recv() {
                     if !batch.events.is_empty() || !batch.offsets.is_empty() {
                         let _span =
@@ -201,6 +202,11 @@ fn spawn_engine_thread(
                 }
                 Ok(())
             })();
+            // The poll loop stops on the cause, not on a closed channel.
+            if let Err(e) = &applied {
+                let _ = errors.send(Err(anyhow::anyhow!("{e:#}")));
+            }
+            drop(errors);
             // Finishing writes every commit and closes the acknowledgements, which ends the
             // drain: a final snapshot (exit_at_events) is not part of it.
             let finished = pipeline.finish(applied.is_ok() && final_snapshot.load(Ordering::Relaxed));
