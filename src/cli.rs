@@ -420,19 +420,7 @@ async fn serve_demo(
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<DemoSummary> {
     let shared = Shared::default();
-    let listen = config.http.listen_addr()?;
-    let state = Arc::new(crate::http::AppState {
-        metrics: shared.metrics.clone(),
-        health: shared.health.clone(),
-        serving: shared.serving.clone(),
-        store: store.clone(),
-        token: config.http.token(),
-    });
-    let (stop_http, mut http_stopped) = tokio::sync::watch::channel(false);
-    let server = crate::http::serve(listen, state, async move {
-        let _ = http_stopped.wait_for(|v| *v).await;
-    })
-    .await?;
+    let server = crate::http::start(config, &shared, &store, std::future::pending()).await?;
     let stopped = shutdown.clone();
     let (config, max_events) = (config.clone(), args.max_events);
     let summary = tokio::task::spawn_blocking(move || {
@@ -443,8 +431,7 @@ async fn serve_demo(
         tracing::info!("stream stopped; still serving the HTTP API until Ctrl-C");
         wait_for_stop_signal().await;
     }
-    let _ = stop_http.send(true);
-    let _ = server.await;
+    server.stop().await;
     summary?
 }
 

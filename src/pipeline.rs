@@ -164,16 +164,8 @@ impl Pipeline {
         })
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     pub fn positions(&self) -> &Positions {
         &self.positions
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     pub fn shared(&self) -> &Shared {

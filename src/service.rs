@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::decode;
 use crate::engine::{CatalogueGate, Engine};
 use crate::event::{RatingEvent, RejectReason, Rejection};
-use crate::http::{self, AppState};
+use crate::http;
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
 use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared};
@@ -49,19 +49,6 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-/// A running HTTP server and the switch that stops it.
-struct HttpServer {
-    stop: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl HttpServer {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.server.await;
-    }
-}
-
 pub async fn run(
     config: Config,
     shutdown: watch::Receiver<bool>,
@@ -71,7 +58,11 @@ pub async fn run(
     let started = Instant::now();
     let (store, engine) = open_state(&config).await?;
     shared.health.state_open.store(true, Ordering::Relaxed);
-    let http = start_http(&config, &shared, &store, &shutdown).await?;
+    let mut stop_http = shutdown.clone();
+    let http = http::start(&config, &shared, &store, async move {
+        let _ = stop_http.wait_for(|v| *v).await;
+    })
+    .await?;
     let initial_events_applied = engine.counters().events_applied;
     let stored_offsets = Arc::new(Mutex::new(store.offsets()?));
     tracing::info!(
@@ -148,31 +139,6 @@ async fn open_state(config: &Config) -> anyhow::Result<(Arc<Store>, Engine)> {
     })
     .await??;
     Ok((Arc::new(store), engine))
-}
-
-async fn start_http(
-    config: &Config,
-    shared: &Shared,
-    store: &Arc<Store>,
-    shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<HttpServer> {
-    let state = Arc::new(AppState {
-        metrics: shared.metrics.clone(),
-        health: shared.health.clone(),
-        serving: shared.serving.clone(),
-        store: store.clone(),
-        token: config.http.token(),
-    });
-    let (stop, mut stopped) = watch::channel(false);
-    let mut global = shutdown.clone();
-    let server = http::serve(config.http.listen_addr()?, state, async move {
-        tokio::select! {
-            _ = stopped.wait_for(|v| *v) => {}
-            _ = global.wait_for(|v| *v) => {}
-        }
-    })
-    .await?;
-    Ok(HttpServer { stop, server })
 }
 
 /// The engine thread: the pipeline applies and commits each batch (acknowledged once

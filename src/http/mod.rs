@@ -162,6 +162,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// A running HTTP server and the switch that stops it.
+pub struct RunningServer {
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stops serving and waits for in-flight requests to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+    }
+}
+
+/// Serves the API of a pipeline's readers (`shared`) and `store` on `[http] listen` until
+/// [`RunningServer::stop`], or until `also_stop_on` completes.
+pub async fn start(
+    config: &crate::config::Config,
+    shared: &crate::pipeline::Shared,
+    store: &Arc<Store>,
+    also_stop_on: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<RunningServer> {
+    let state = Arc::new(AppState {
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        serving: shared.serving.clone(),
+        store: store.clone(),
+        token: config.http.token(),
+    });
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let server = serve(config.http.listen_addr()?, state, async move {
+        tokio::select! {
+            _ = stopped.wait_for(|v| *v) => {}
+            _ = also_stop_on => {}
+        }
+    })
+    .await?;
+    Ok(RunningServer { stop, server })
+}
+
 /// Binds `listen` and serves until `shutdown` resolves.
 pub async fn serve(
     listen: SocketAddr,
