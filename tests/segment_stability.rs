@@ -2,11 +2,11 @@
 //! stationary stream (12 planted segments, k = 25) consecutive snapshots agree, and when two
 //! planted segments swap tastes the next snapshot shows it.
 //!
-//! Each snapshot continues the previous one's segments (users move only to a clearly closer
-//! centroid) unless another clustering is better by more than `snapshot_stability_margin`.
-//! The bound asserted for agreement (ARI ≥ 0.93) is today's floor, not the goal of 0.95: with
-//! k above the planted count, the sub-clusters a segment splits into still drift a little as
-//! every user's vector changes (each round re-rates about 50 items per user).
+//! Each snapshot continues the previous one's segments (users move only to a centroid closer
+//! than `1 − snapshot_stickiness` times their squared distance to their own) unless another
+//! clustering is better by more than `snapshot_stability_margin`. The bound asserted (ARI ≥
+//! 0.95) is the goal on this stream (the demo's, seed 42); streams from other seeds reach
+//! 0.90-0.97 (see docs/snapshot.md): it depends on how look-alike the sub-clusters are.
 
 use std::collections::HashMap;
 
@@ -114,7 +114,7 @@ fn consecutive_snapshots_agree_on_a_stationary_stream_and_a_swap_shows_at_once()
     eprintln!("stationary: (ARI, share moved) between consecutive snapshots {agreements:?}");
     for (i, (ari, _)) in agreements.iter().enumerate() {
         assert!(
-            *ari >= 0.93,
+            *ari >= 0.95,
             "snapshot {i}: ARI {ari} vs the previous one on a stationary stream"
         );
     }

@@ -17,7 +17,7 @@ use crate::event::{Mode, Rating, RejectReason, ValuePolicy};
 pub use cow::CowVec;
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
-use model::DataView;
+use model::{Continuation, DataView};
 pub use model::{LabelChanges, Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
 use stats::CovarianceStats;
 
@@ -248,6 +248,9 @@ pub struct EngineParams {
     /// A snapshot continues the previous snapshot's segments unless another clustering (the
     /// online one or a fresh start) has an inertia lower by more than this share.
     pub snapshot_stability_margin: f64,
+    /// When a snapshot continues the previous one, a user changes segment only for a centroid
+    /// closer than `1 − snapshot_stickiness` times its squared distance to its own segment's.
+    pub snapshot_stickiness: f64,
     /// Eigensolver tolerance at snapshot time (exact parity with batch PCA).
     pub eigen_tolerance: f64,
     /// Eigensolver tolerance of the periodic refresh (the online model only needs a good basis).
@@ -280,7 +283,8 @@ impl Default for EngineParams {
             polish_passes: 3,
             snapshot_kmeans_starts: 25,
             snapshot_max_passes: 300,
-            snapshot_stability_margin: 0.05,
+            snapshot_stability_margin: 0.1,
+            snapshot_stickiness: 0.3,
             eigen_tolerance: 1e-9,
             refresh_eigen_tolerance: 1e-4,
             eigen_max_iterations: 500,
@@ -876,7 +880,11 @@ impl EngineView {
                 keep_current: true,
                 seed,
             },
-            previous.map(|labels| (labels, self.params.snapshot_stability_margin)),
+            previous.map(|labels| Continuation {
+                labels,
+                margin: self.params.snapshot_stability_margin,
+                stickiness: self.params.snapshot_stickiness,
+            }),
         );
         Some(model)
     }

@@ -377,7 +377,7 @@ impl Model {
         warm_start: bool,
         eigen: &EigenParams,
         clustering: &ClusteringParams,
-        prior: Option<(&[u32], f64)>,
+        prior: Option<Continuation<'_>>,
     ) -> RefreshOutcome {
         let DataView {
             stats,
@@ -494,7 +494,7 @@ impl Model {
         vectors: &CowVec<SparseVec>,
         canonical_order: &[u32],
         params: &ClusteringParams,
-        prior: Option<(&[u32], f64)>,
+        prior: Option<Continuation<'_>>,
     ) -> usize {
         let k = self.components;
         let active = rated_users(vectors, canonical_order);
@@ -509,27 +509,30 @@ impl Model {
             dim: k,
         };
         let previous: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
-        let sticky_from = |labels: Vec<u32>| {
+        let sticky_from = |labels: Vec<u32>, stickiness: f64| {
             kmeans::lloyd_sticky(
                 &points,
                 self.clusters,
                 labels,
                 params.max_passes,
-                STICKINESS,
+                stickiness,
             )
         };
-        let prior_labels: Option<Vec<u32>> = prior.map(|(p, _)| {
+        let prior_labels: Option<Vec<u32>> = prior.as_ref().map(|p| {
             active
                 .iter()
-                .map(|&u| p.get(u).copied().unwrap_or(NO_CLUSTER))
+                .map(|&u| p.labels.get(u).copied().unwrap_or(NO_CLUSTER))
                 .collect()
         });
-        let continued = prior_labels.clone().map(sticky_from);
-        let current =
-            (self.initialised && params.keep_current).then(|| sticky_from(previous.clone()));
+        let continued = prior
+            .as_ref()
+            .zip(prior_labels.clone())
+            .map(|(p, labels)| sticky_from(labels, p.stickiness));
+        let current = (self.initialised && params.keep_current)
+            .then(|| sticky_from(previous.clone(), STICKINESS));
         let fresh =
             (params.restarts > 0 || current.is_none()).then(|| fresh_clustering(&points, params));
-        let continued_margin = prior.map_or(STABILITY_MARGIN, |(_, m)| m.max(STABILITY_MARGIN));
+        let continued_margin = prior.map_or(STABILITY_MARGIN, |p| p.margin.max(STABILITY_MARGIN));
         let Some(result) = choose_clustering(continued, current, fresh, continued_margin) else {
             return 0;
         };
@@ -727,6 +730,17 @@ fn fresh_clustering(points: &DensePoints<'_>, params: &ClusteringParams) -> kmea
         },
     );
     kmeans::lloyd(points, sampled.centroids, params.max_passes)
+}
+
+/// The previous snapshot's segments, for a snapshot that continues them: `labels` by user
+/// index; a user moves only to a centroid closer than `1 − stickiness` times its squared
+/// distance to its own; another clustering replaces them only with an inertia lower by more
+/// than `margin`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Continuation<'a> {
+    pub labels: &'a [u32],
+    pub margin: f64,
+    pub stickiness: f64,
 }
 
 /// Picks among the candidate clusterings of a recluster. The clustering being continued stays
