@@ -54,6 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--max-value", type=float, default=5.0, help="as [events] max_value")
     p.add_argument("--truth", help="planted segments, CSV user,segment (ARI of our labels)")
     p.add_argument("--assignments", help="segmenter's assignments CSV user,cluster (ARI vs truth)")
+    p.add_argument(
+        "--score-seeds",
+        type=int,
+        default=0,
+        help="with --truth: also fit KMeans(n_init=10) with random_state 1..N on the same projection "
+        "and report each seed's inertia and ARI (how much the ARI depends on the seed alone)",
+    )
     p.add_argument("--top", type=int, default=10, help="top items kept per cluster profile")
     p.add_argument("--threads", type=int, help="cap BLAS/OpenMP threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -129,6 +136,18 @@ def ari(a, b):
     return float(adjusted_rand_score(j["a"], j["b"])), int(len(j))
 
 
+def seed_spread(P, users, truth, args, labels, inertia):
+    """Inertia and ARI vs truth of KMeans(n_init=10) for random_state SEED and 1..N: the
+    spread a user would see from the seed alone, on the same projection."""
+    runs = [{"random_state": SEED, "inertia": float(inertia),
+             "ari_truth": ari(pd.Series(labels, index=pd.Index(users, name="user")), truth)[0]}]
+    for seed in range(1, args.score_seeds + 1):
+        km = KMeans(n_clusters=args.clusters, n_init=10, random_state=seed).fit(P)
+        s = pd.Series(km.labels_, index=pd.Index(users, name="user"))
+        runs.append({"random_state": seed, "inertia": float(km.inertia_), "ari_truth": ari(s, truth)[0]})
+    return runs
+
+
 def run(args):
     stages = {}
     t0 = time.perf_counter()
@@ -200,6 +219,8 @@ def run(args):
             out["ari_assignments_vs_sklearn"], _ = ari(theirs, ours)
             if truth is not None:
                 out["ari_truth_assignments"], out["assignments_users_scored"] = ari(theirs, truth)
+        if truth is not None and args.score_seeds > 0:
+            out["seeds"] = seed_spread(P, users, truth, args, labels, km.inertia_)
         lap("score")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     return out
