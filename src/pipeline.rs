@@ -20,7 +20,7 @@ use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds};
 use crate::event::Rating;
 use crate::http::serving::Serving;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
-use crate::store::{PreparedCommit, Store};
+use crate::store::{Catalogue, PreparedCommit, SnapshotStore, StateStore, Stores};
 use crate::telemetry::Metrics;
 
 /// Positions in the sources, committed with the state: `topic/partition` → next offset for
@@ -86,14 +86,15 @@ impl Shared {
     pub fn snapshot(
         &self,
         config: &Config,
-        store: &Store,
+        snapshots: &SnapshotStore,
+        catalogue: &Catalogue,
         engine: &EngineView,
         positions: Positions,
     ) -> anyhow::Result<Option<u64>> {
         let started = Instant::now();
-        let titles = store.titles()?;
+        let titles = catalogue.titles()?;
         let Some(built) =
-            build_and_store_snapshot(config, store, engine, &titles, positions, true)?
+            build_and_store_snapshot(config, snapshots, engine, &titles, positions, true)?
         else {
             return Ok(None);
         };
@@ -131,7 +132,10 @@ pub struct PipelineSummary {
 
 pub struct Pipeline {
     config: Config,
-    store: Arc<Store>,
+    /// Shared with the writer thread: commits are prepared here and written there.
+    state: Arc<StateStore>,
+    snapshots: SnapshotStore,
+    catalogue: Catalogue,
     engine: Engine,
     source_ids: SourceIds,
     positions: Positions,
@@ -141,21 +145,29 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline over `engine` (loaded from `store`), at the positions the store holds.
-    /// Commits are reported to `acks` once durable.
+    /// A pipeline over `engine` (loaded from `stores.state`), at the positions the state store
+    /// holds. Commits are reported to `acks` once durable.
     pub fn new(
         config: &Config,
-        store: Arc<Store>,
+        stores: Stores,
         engine: Engine,
         shared: Shared,
         acks: Option<Acks>,
     ) -> anyhow::Result<Pipeline> {
-        let positions = store.offsets()?;
+        let Stores {
+            state,
+            snapshots,
+            catalogue,
+        } = stores;
+        let state = Arc::new(state);
+        let positions = state.offsets()?;
         let schedule = Schedule::new(config, &engine, &shared);
         Ok(Pipeline {
             config: config.clone(),
-            writer: Writer::spawn(store.clone(), acks)?,
-            store,
+            writer: Writer::spawn(state.clone(), acks)?,
+            state,
+            snapshots,
+            catalogue,
             engine,
             source_ids: SourceIds::default(),
             positions,
@@ -216,7 +228,7 @@ impl Pipeline {
 
     fn commit(&mut self) -> anyhow::Result<()> {
         let (_, commit) = self
-            .store
+            .state
             .prepare_commit(&mut self.engine, Some(&self.positions))
             .context("cannot persist the batch: stopping without recording its positions")?;
         let committed = Committed {
@@ -263,7 +275,7 @@ impl Pipeline {
         // A snapshot never shows what the state dir does not hold yet.
         self.writer.flush()?;
         let config = self.config.clone();
-        let store = self.store.clone();
+        let (snapshots, catalogue) = (self.snapshots.clone(), self.catalogue.clone());
         // A copy-on-write view: the source goes on applying while the snapshot reads it.
         let engine = self.engine.view();
         let positions = self.positions.clone();
@@ -273,7 +285,7 @@ impl Pipeline {
                 .name("segmenter-snapshot".into())
                 .spawn(move || {
                     let _span = tracing::info_span!("snapshot").entered();
-                    shared.snapshot(&config, &store, &engine, positions)
+                    shared.snapshot(&config, &snapshots, &catalogue, &engine, positions)
                 })?,
         );
         self.schedule.taken(&self.engine, &self.shared);
@@ -284,10 +296,10 @@ impl Pipeline {
     /// found, diagnostics included, whatever came before) and makes its model the online one.
     pub fn final_snapshot(&mut self) -> anyhow::Result<Option<(Snapshot, Assignments)>> {
         self.writer.flush()?;
-        let titles = self.store.titles()?;
+        let titles = self.catalogue.titles()?;
         let built = build_and_store_snapshot(
             &self.config,
-            &self.store,
+            &self.snapshots,
             &self.engine.view(),
             &titles,
             BTreeMap::new(),
@@ -306,7 +318,8 @@ impl Pipeline {
     pub fn finish(self, final_snapshot: bool) -> anyhow::Result<PipelineSummary> {
         let Pipeline {
             config,
-            store,
+            snapshots,
+            catalogue,
             engine,
             positions,
             shared,
@@ -317,7 +330,8 @@ impl Pipeline {
         writer.finish()?;
         schedule.join_snapshot()?;
         if final_snapshot {
-            let version = shared.snapshot(&config, &store, &engine.view(), positions)?;
+            let version =
+                shared.snapshot(&config, &snapshots, &catalogue, &engine.view(), positions)?;
             schedule.count(version);
         }
         Ok(PipelineSummary {
@@ -409,11 +423,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn spawn(store: Arc<Store>, acks: Option<Acks>) -> anyhow::Result<Writer> {
+    fn spawn(state: Arc<StateStore>, acks: Option<Acks>) -> anyhow::Result<Writer> {
         let (jobs, received) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("segmenter-writer".into())
-            .spawn(move || write_commits(&store, received, acks))?;
+            .spawn(move || write_commits(&state, received, acks))?;
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
@@ -462,14 +476,14 @@ impl Writer {
 }
 
 fn write_commits(
-    store: &Store,
+    state: &StateStore,
     jobs: std::sync::mpsc::Receiver<WriterJob>,
     acks: Option<Acks>,
 ) -> anyhow::Result<()> {
     for job in jobs {
         match job {
             WriterJob::Commit(commit, committed) => {
-                if let Err(e) = store.write_commit(commit) {
+                if let Err(e) = state.write_commit(commit) {
                     let e = anyhow::Error::new(e).context(
                         "cannot persist the batch: stopping without recording its positions",
                     );
@@ -499,16 +513,16 @@ fn write_commits(
 /// found and always carries diagnostics.
 pub fn build_and_store_snapshot(
     config: &Config,
-    store: &Store,
+    snapshots: &SnapshotStore,
     engine: &EngineView,
     titles: &FxHashMap<String, String>,
     offsets: Positions,
     periodic: bool,
 ) -> anyhow::Result<Option<Built>> {
-    let version = store.next_snapshot_version()?;
-    let previous_version = store.snapshot_versions()?.last().copied();
+    let version = snapshots.next_snapshot_version()?;
+    let previous_version = snapshots.snapshot_versions()?.last().copied();
     let previous = match previous_version {
-        Some(v) => store.assignment_labels(v)?.map(|a| (v, a)),
+        Some(v) => snapshots.assignment_labels(v)?.map(|a| (v, a)),
         None => None,
     };
     let with_diagnostics =
@@ -532,7 +546,7 @@ pub fn build_and_store_snapshot(
         ..
     }) = &built
     {
-        store.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
+        snapshots.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
     }
     Ok(built)
 }

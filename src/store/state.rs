@@ -3,20 +3,30 @@
 //! of them into one atomic batch, so they live together.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::engine::{
     Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
 };
 
-use super::{Store, StoreError, corrupt, index_u32, key, meta};
+use super::{Database, StoreError, corrupt, index_u32, key, meta};
 
-/// One commit's atomic batch, encoded but not yet written (see [`Store::prepare_commit`]).
+/// The engine state and the source offsets. Commits are prepared on the thread that applies
+/// and written, in the order they were prepared, by a writer (see [`StateStore::write_commit`]).
+pub struct StateStore {
+    db: Arc<Database>,
+    log: Mutex<LogState>,
+    checkpoint_cells: AtomicU64,
+}
+
+/// One commit's atomic batch, encoded but not yet written (see [`StateStore::prepare_commit`]).
 pub struct PreparedCommit(sled::Batch);
 
 /// Where the change log stands: the next record number and the cells logged since the last
 /// checkpoint.
 #[derive(Debug, Default)]
-pub(super) struct LogState {
+struct LogState {
     next_seq: u64,
     cells: u64,
     /// Next sequence number of the label log (`k/…`: changed labels over the stored array).
@@ -39,7 +49,7 @@ fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
 
 impl LogState {
     /// Where the logs stand in `tree`: the next record numbers and the cells logged.
-    pub(super) fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
+    fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
         let mut log = LogState::default();
         for entry in tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
@@ -54,16 +64,29 @@ impl LogState {
     }
 }
 
-impl Store {
+impl StateStore {
+    pub(super) fn new(db: Arc<Database>) -> Result<StateStore, StoreError> {
+        let log = LogState::scan(&db.tree)?;
+        Ok(StateStore {
+            db,
+            log: Mutex::new(log),
+            checkpoint_cells: AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
+        })
+    }
+
+    /// The state dir.
+    pub fn path(&self) -> &std::path::Path {
+        &self.db.path
+    }
+
     /// Sets `[state] checkpoint_cells`.
     pub fn set_checkpoint_cells(&self, cells: u64) {
-        self.checkpoint_cells
-            .store(cells.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.checkpoint_cells.store(cells.max(1), Ordering::Relaxed);
     }
 
     /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
     pub fn load_engine(&self, params: EngineParams) -> Result<Engine, StoreError> {
-        self.check_identity(&params)?;
+        self.db.check_identity(&params)?;
         let items = self.load_ids(b"i/", "item")?;
         let users = self.load_ids(b"n/", "user")?;
         let mut state = RestoredState {
@@ -79,7 +102,10 @@ impl Store {
         self.restore_chunked_vectors(&mut state)?;
         self.replay_cell_log(&mut state)?;
         self.restore_labels(&mut state)?;
-        state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
+        state.counters = self
+            .db
+            .get_json::<Counters>("counters")?
+            .unwrap_or_default();
         if let Some(model) = self.load_model()? {
             state.model = model;
         }
@@ -90,7 +116,7 @@ impl Store {
     /// them in errors.
     fn load_ids(&self, prefix: &[u8], what: &str) -> Result<Vec<String>, StoreError> {
         let mut ids = Vec::new();
-        for entry in self.tree.scan_prefix(prefix) {
+        for entry in self.db.tree.scan_prefix(prefix) {
             let (k, v) = entry?;
             let index = index_u32(&k).ok_or_else(|| corrupt(&k, format!("bad {what} key")))?;
             if index as usize != ids.len() {
@@ -108,7 +134,7 @@ impl Store {
     /// returns whether there were any.
     fn restore_legacy_vectors(&self, state: &mut RestoredState) -> Result<bool, StoreError> {
         let mut legacy_records = false;
-        for entry in self.tree.scan_prefix(b"u/") {
+        for entry in self.db.tree.scan_prefix(b"u/") {
             legacy_records = true;
             let (k, v) = entry?;
             let u = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))? as usize;
@@ -123,7 +149,7 @@ impl Store {
 
     /// Restores the checkpointed vectors from their 1024-user chunks (`v/…`).
     fn restore_chunked_vectors(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        for entry in self.tree.scan_prefix(b"v/") {
+        for entry in self.db.tree.scan_prefix(b"v/") {
             let (k, v) = entry?;
             let chunk = index_u32(&k).ok_or_else(|| corrupt(&k, "bad chunk key"))? as usize;
             let vectors = decode_chunk(&v).ok_or_else(|| corrupt(&k, "bad user vectors"))?;
@@ -145,7 +171,7 @@ impl Store {
 
     /// Replays the cell log (`l/…`), oldest first, over the checkpoint.
     fn replay_cell_log(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        for entry in self.tree.scan_prefix(b"l/") {
+        for entry in self.db.tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
             if v.len() % LOG_CELL_BYTES != 0 {
                 return Err(corrupt(&k, "bad log record"));
@@ -177,14 +203,14 @@ impl Store {
 
     /// Restores the label array (`m/labels`) and applies the label log (`k/…`) over it.
     fn restore_labels(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        if let Some(bytes) = self.tree.get(meta("labels"))? {
+        if let Some(bytes) = self.db.tree.get(meta("labels"))? {
             state.labels = bytes
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
         }
         // Changed labels since the array was written, oldest first.
-        for entry in self.tree.scan_prefix(b"k/") {
+        for entry in self.db.tree.scan_prefix(b"k/") {
             let (k, v) = entry?;
             if v.len() % 8 != 0 {
                 return Err(corrupt(&k, "bad label log record"));
@@ -206,7 +232,7 @@ impl Store {
 
     /// The persisted model (`m/model`) with its basis and warm block (stored as raw floats).
     fn load_model(&self) -> Result<Option<PersistedModel>, StoreError> {
-        let Some(mut model) = self.get_json::<PersistedModel>("model")? else {
+        let Some(mut model) = self.db.get_json::<PersistedModel>("model")? else {
             return Ok(None);
         };
         let floats = |bytes: sled::IVec| -> Vec<f64> {
@@ -215,10 +241,10 @@ impl Store {
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                 .collect()
         };
-        if let Some(bytes) = self.tree.get(meta("basis"))? {
+        if let Some(bytes) = self.db.tree.get(meta("basis"))? {
             model.basis = floats(bytes);
         }
-        if let Some(bytes) = self.tree.get(meta("warm_block"))? {
+        if let Some(bytes) = self.db.tree.get(meta("warm_block"))? {
             model.warm_block = floats(bytes);
         }
         Ok(Some(model))
@@ -226,7 +252,7 @@ impl Store {
 
     /// Source offsets (`topic/partition` → next offset) of the last commit.
     pub fn offsets(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        Ok(self.get_json("offsets")?.unwrap_or_default())
+        Ok(self.db.get_json("offsets")?.unwrap_or_default())
     }
 
     /// Persists everything the engine changed since the last commit, plus `offsets`, in one
@@ -241,13 +267,13 @@ impl Store {
         Ok(changes)
     }
 
-    /// Writes and flushes a commit from [`Store::prepare_commit`]. Commits must be written in
+    /// Writes and flushes a commit from [`StateStore::prepare_commit`]. Commits must be written in
     /// the order they were prepared (each may drop log records the previous ones wrote).
     pub fn write_commit(&self, commit: PreparedCommit) -> Result<(), StoreError> {
-        self.write(commit.0)
+        self.db.write(commit.0)
     }
 
-    /// The first half of [`Store::commit`]: takes the engine's changes and encodes them into
+    /// The first half of [`StateStore::commit`]: takes the engine's changes and encodes them into
     /// one atomic batch, without writing it. A replay hands its batches to a writer thread, so
     /// the disk works while the next events are applied.
     pub fn prepare_commit(
@@ -272,7 +298,7 @@ impl Store {
         // change bounded (at most about twice the log) however large the data is.
         let threshold = self
             .checkpoint_cells
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(Ordering::Relaxed)
             .max(engine.ratings());
         if log.cells + changes.cells.len() as u64 >= threshold {
             self.encode_checkpoint(engine, &mut log, &mut batch)?;
@@ -320,7 +346,7 @@ impl Store {
         }
         // Vectors of a state dir written before chunks: superseded by the chunks above
         // (every user of such a dir was restored from them, so every chunk is rewritten).
-        for legacy in self.tree.scan_prefix(b"u/").keys() {
+        for legacy in self.db.tree.scan_prefix(b"u/").keys() {
             batch.remove(legacy?);
         }
         for seq in 0..log.next_seq {
@@ -530,7 +556,7 @@ mod tests {
         };
         let params = EngineParams::default();
         let mut reference = Engine::new(params.clone());
-        let store = Store::open(dir.path()).unwrap();
+        let store = super::super::open(dir.path()).unwrap().state;
         store.set_checkpoint_cells(1);
         let mut engine = store.load_engine(params.clone()).unwrap();
         let first: Vec<RatingEvent> = (0..24_000).map(event).collect();
@@ -539,7 +565,7 @@ mod tests {
             reference.apply(batch);
             store.commit(&mut engine, None).unwrap();
         }
-        let chunks = store.tree.scan_prefix(b"v/").count();
+        let chunks = store.db.tree.scan_prefix(b"v/").count();
         assert!(
             chunks >= 3,
             "users span several chunks: {chunks} chunks for {} users",
@@ -547,7 +573,7 @@ mod tests {
         );
         // Rewrite the checkpoint as a state dir written before chunks had it: one key per user.
         let mut batch = sled::Batch::default();
-        for k in store.tree.scan_prefix(b"v/").keys() {
+        for k in store.db.tree.scan_prefix(b"v/").keys() {
             batch.remove(k.unwrap());
         }
         let mut record = Vec::new();
@@ -555,10 +581,10 @@ mod tests {
             encode_vector(reference.vector(u), &mut record);
             batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
         }
-        store.write(batch).unwrap();
+        store.db.write(batch).unwrap();
         drop(engine);
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = super::super::open(dir.path()).unwrap().state;
         let mut engine = store.load_engine(params.clone()).unwrap();
         assert_eq!(
             engine.vectors(),
@@ -574,14 +600,15 @@ mod tests {
             store.commit(&mut engine, None).unwrap();
         }
         assert_eq!(
-            store.tree.scan_prefix(b"u/").count(),
+            store.db.tree.scan_prefix(b"u/").count(),
             0,
             "per-user records replaced"
         );
         drop(engine);
         drop(store);
-        let reopened = Store::open(dir.path())
+        let reopened = super::super::open(dir.path())
             .unwrap()
+            .state
             .load_engine(params)
             .unwrap();
         assert_eq!(
@@ -612,7 +639,7 @@ mod tests {
         let mut reference = Engine::new(params.clone());
         // Reopen every few batches, so checkpoints happen after restarts with a pending log.
         for (round, chunk) in events.chunks(75).enumerate() {
-            let store = Store::open(dir.path()).unwrap();
+            let store = super::super::open(dir.path()).unwrap().state;
             store.set_checkpoint_cells(40 + round as u64 * 7);
             let mut engine = store.load_engine(params.clone()).unwrap();
             assert_eq!(engine.vectors(), reference.vectors(), "round {round}");
@@ -622,8 +649,9 @@ mod tests {
                 store.commit(&mut engine, None).unwrap();
             }
         }
-        let reopened = Store::open(dir.path())
+        let reopened = super::super::open(dir.path())
             .unwrap()
+            .state
             .load_engine(params)
             .unwrap();
         assert_eq!(reopened.vectors(), reference.vectors());
