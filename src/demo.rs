@@ -29,7 +29,7 @@ pub fn run_demo(
     shutdown: &AtomicBool,
     shared: &Shared,
 ) -> anyhow::Result<DemoSummary> {
-    let engine = stores.state.load_engine(config.engine_params())?;
+    let loaded = stores.state.load_engine(config.engine_params())?;
     // No broker in the demo: ready as soon as the state is open and the stream runs.
     for flag in [
         &shared.health.state_open,
@@ -38,7 +38,7 @@ pub fn run_demo(
     ] {
         flag.store(true, Ordering::Relaxed);
     }
-    let stream = Stream::new(config, engine.counters().events_applied);
+    let stream = Stream::new(config, loaded.engine.counters().events_applied);
     stores.catalogue.put_titles(&stream.catalogue())?;
     let demo = &config.demo;
     tracing::info!(
@@ -49,7 +49,7 @@ pub fn run_demo(
         state_dir = %stores.state.path().display(),
         "demo stream started; stop with Ctrl-C"
     );
-    let mut pipeline = Pipeline::new(config, stores, engine, shared.clone(), None)?;
+    let mut pipeline = Pipeline::new(config, stores, loaded, shared.clone(), None)?;
     pipeline.publish_current()?;
     let streamed = stream.run(&mut pipeline, max_events, shutdown);
     let finished = pipeline.finish(streamed.is_ok());

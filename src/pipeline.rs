@@ -20,7 +20,9 @@ use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds};
 use crate::event::Rating;
 use crate::http::serving::Serving;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
-use crate::store::{Catalogue, PreparedCommit, SnapshotStore, StateStore, Stores};
+use crate::store::{
+    Catalogue, ChangeTracker, LoadedEngine, PreparedCommit, SnapshotStore, StateStore, Stores,
+};
 use crate::telemetry::Metrics;
 
 /// Positions in the sources, committed with the state: `topic/partition` → next offset for
@@ -137,6 +139,8 @@ pub struct Pipeline {
     snapshots: SnapshotStore,
     catalogue: Catalogue,
     engine: Engine,
+    /// What the engine changed since the last commit, for the next one.
+    changes: ChangeTracker,
     source_ids: SourceIds,
     positions: Positions,
     shared: Shared,
@@ -145,12 +149,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline over `engine` (loaded from `stores.state`), at the positions the state store
+    /// A pipeline over the engine loaded from `stores.state`, at the positions the state store
     /// holds. Commits are reported to `acks` once durable.
     pub fn new(
         config: &Config,
         stores: Stores,
-        engine: Engine,
+        loaded: LoadedEngine,
         shared: Shared,
         acks: Option<Acks>,
     ) -> anyhow::Result<Pipeline> {
@@ -159,6 +163,7 @@ impl Pipeline {
             snapshots,
             catalogue,
         } = stores;
+        let LoadedEngine { engine, changes } = loaded;
         let state = Arc::new(state);
         let positions = state.offsets()?;
         let schedule = Schedule::new(config, &engine, &shared);
@@ -169,6 +174,7 @@ impl Pipeline {
             snapshots,
             catalogue,
             engine,
+            changes,
             source_ids: SourceIds::default(),
             positions,
             shared,
@@ -202,9 +208,9 @@ impl Pipeline {
         positions: Positions,
     ) -> anyhow::Result<ApplyOutcome> {
         let applied_at = Instant::now();
-        let outcome = self
-            .engine
-            .apply_with_source_ids(events, &mut self.source_ids);
+        let outcome =
+            self.engine
+                .apply_with_source_ids(events, &mut self.source_ids, &mut self.changes);
         let metrics = &self.shared.metrics;
         metrics.events_applied.inc_by(outcome.applied);
         for &(_, reason) in &outcome.rejected {
@@ -227,9 +233,9 @@ impl Pipeline {
     }
 
     fn commit(&mut self) -> anyhow::Result<()> {
-        let (_, commit) = self
+        let commit = self
             .state
-            .prepare_commit(&mut self.engine, Some(&self.positions))
+            .prepare_commit(&self.engine, &mut self.changes, Some(&self.positions))
             .context("cannot persist the batch: stopping without recording its positions")?;
         let committed = Committed {
             positions: self.positions.clone(),
@@ -244,7 +250,7 @@ impl Pipeline {
     pub fn tick(&mut self) -> anyhow::Result<()> {
         if self.schedule.refresh_due() {
             let _span = tracing::info_span!("refresh").entered();
-            if let Some(r) = self.engine.refresh() {
+            if let Some(r) = self.engine.refresh(&mut self.changes) {
                 tracing::info!(
                     iterations = r.eigen_iterations,
                     seconds = r.seconds,
@@ -308,7 +314,7 @@ impl Pipeline {
         let Some(built) = built else {
             return Ok(None);
         };
-        self.engine.adopt_model(built.model);
+        self.engine.adopt_model(built.model, &mut self.changes);
         self.commit()?;
         Ok(Some((built.snapshot, built.assignments)))
     }

@@ -206,15 +206,15 @@ fn open_pipeline(config: &Config, options: &ReplayOptions) -> anyhow::Result<(Pi
     let stores = config.state.open()?;
     let mut params = config.engine_params();
     params.refresh_every_events = u64::MAX;
-    let mut engine = stores.state.load_engine(params)?;
-    engine.forget_model();
+    let mut loaded = stores.state.load_engine(params)?;
+    loaded.engine.forget_model(&mut loaded.changes);
     let mut catalogue_bad_lines = 0;
     if let Some(items) = &options.items {
         let (titles, bad) = decode::read_catalogue_file(items)?;
         stores.catalogue.put_titles(&titles)?;
         catalogue_bad_lines = bad;
     }
-    let pipeline = Pipeline::new(config, stores, engine, Shared::default(), None)?;
+    let pipeline = Pipeline::new(config, stores, loaded, Shared::default(), None)?;
     Ok((pipeline, catalogue_bad_lines))
 }
 

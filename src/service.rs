@@ -18,13 +18,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::decode;
-use crate::engine::{CatalogueGate, Engine};
+use crate::engine::CatalogueGate;
 use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http;
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
 use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared};
-use crate::store::{Catalogue, Stores};
+use crate::store::{Catalogue, LoadedEngine, Stores};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -56,18 +56,18 @@ pub async fn run(
     shared: Shared,
 ) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
-    let (stores, engine) = open_state(&config).await?;
+    let (stores, loaded) = open_state(&config).await?;
     shared.health.state_open.store(true, Ordering::Relaxed);
     let mut stop_http = shutdown.clone();
     let http = http::start(&config, &shared, &stores.snapshots, async move {
         let _ = stop_http.wait_for(|v| *v).await;
     })
     .await?;
-    let initial_events_applied = engine.counters().events_applied;
+    let initial_events_applied = loaded.engine.counters().events_applied;
     let stored_offsets = Arc::new(Mutex::new(stores.state.offsets()?));
     tracing::info!(
         state_dir = %config.state.dir.display(),
-        users = engine.active_users(),
+        users = loaded.engine.active_users(),
         events_applied = initial_events_applied,
         offsets = ?read_offsets(&stored_offsets),
         "state opened"
@@ -80,7 +80,7 @@ pub async fn run(
             events_applied = initial_events_applied,
             "target already reached: final snapshot only"
         );
-        let pipeline = Pipeline::new(&config, stores, engine, shared.clone(), None)?;
+        let pipeline = Pipeline::new(&config, stores, loaded, shared.clone(), None)?;
         // Off the async runtime, which keeps serving HTTP meanwhile.
         tokio::task::spawn_blocking(move || pipeline.finish(true)).await??;
         http.stop().await;
@@ -97,14 +97,14 @@ pub async fn run(
         &stores.catalogue,
         &shared,
         stored_offsets,
-        CatalogueGate::new(&engine),
+        CatalogueGate::new(&loaded.engine),
         &shutdown,
         (batch_tx, ack_rx),
     )?;
     let pipeline = Pipeline::new(
         &config,
         stores,
-        engine,
+        loaded,
         shared.clone(),
         Some(ack_tx.clone()),
     )?;
@@ -129,11 +129,11 @@ pub async fn run(
 
 /// Opens the state dir and loads the engine off the async runtime, storing the catalogue
 /// file's titles when one is configured.
-async fn open_state(config: &Config) -> anyhow::Result<(Stores, Engine)> {
+async fn open_state(config: &Config) -> anyhow::Result<(Stores, LoadedEngine)> {
     let config = config.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(Stores, Engine)> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(Stores, LoadedEngine)> {
         let stores = config.state.open()?;
-        let engine = stores.state.load_engine(config.engine_params())?;
+        let loaded = stores.state.load_engine(config.engine_params())?;
         if let Some(file) = &config.catalogue.file {
             let (titles, bad) = decode::read_catalogue_file(file)?;
             if bad > 0 {
@@ -141,7 +141,7 @@ async fn open_state(config: &Config) -> anyhow::Result<(Stores, Engine)> {
             }
             stores.catalogue.put_titles(&titles)?;
         }
-        Ok((stores, engine))
+        Ok((stores, loaded))
     })
     .await?
 }

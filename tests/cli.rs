@@ -388,7 +388,8 @@ fn a_full_disk_stops_the_demo_with_exit_1_and_the_cause_and_the_state_dir_resume
         .expect("open")
         .state
         .load_engine(segmenter::config::Config::default().engine_params())
-        .expect("a readable state dir");
+        .expect("a readable state dir")
+        .engine;
     assert!(engine.counters().events_applied > 0);
     let out = Command::new(BIN)
         .args([

@@ -339,7 +339,8 @@ fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_fla
         .unwrap()
         .state
         .load_engine(config_for(&env).engine_params())
-        .unwrap();
+        .unwrap()
+        .engine;
     assert_eq!(engine.counters().events_applied, GOOD);
     assert_eq!(engine.items().len(), MAX_ITEMS, "catalogue capped");
     // Three quarters of the flood arrived between the two readings; the catalogue (and with it

@@ -17,12 +17,14 @@
 //!   (what changed, not whole vectors); every `[state] checkpoint_cells` logged cells, the
 //!   chunks of the changed users are rewritten and the log dropped, in the same atomic batch (a
 //!   chunk is one sled key: a checkpoint of 100k users is about 100 inserts, not 100k). Loading
-//!   replays the log over the checkpoint.
+//!   replays the log over the checkpoint. What changed since the last commit is kept by a
+//!   [`ChangeTracker`] that the engine reports to, not by the engine.
 //! - [`SnapshotStore`]: `s/<u64>` snapshot JSON, `h/<u64>` its summary, `a/<u64>` its
 //!   assignments (read with the user ids of `n/`), `m/latest_snapshot`.
 //! - [`Catalogue`]: `c/<item>` titles.
 
 mod catalogue;
+mod changes;
 mod snapshots;
 mod state;
 
@@ -36,8 +38,9 @@ use crate::engine::EngineParams;
 use crate::event::Mode;
 
 pub use catalogue::Catalogue;
+pub use changes::ChangeTracker;
 pub use snapshots::{SnapshotInfo, SnapshotStore};
-pub use state::{DEFAULT_CHECKPOINT_CELLS, PreparedCommit, StateStore};
+pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateStore};
 
 /// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
 /// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)

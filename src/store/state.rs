@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::engine::{
-    Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
-};
+use crate::engine::{Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec};
 
+use super::changes::{ChangeTracker, Changes, UserSet};
 use super::{Database, StoreError, corrupt, index_u32, key, meta};
 
 /// The engine state and the source offsets. Commits are prepared on the thread that applies
@@ -22,6 +21,13 @@ pub struct StateStore {
 
 /// One commit's atomic batch, encoded but not yet written (see [`StateStore::prepare_commit`]).
 pub struct PreparedCommit(sled::Batch);
+
+/// The engine as the state dir holds it, and the tracker its changes are reported to from
+/// there on (the one to hand to [`StateStore::prepare_commit`]).
+pub struct LoadedEngine {
+    pub engine: Engine,
+    pub changes: ChangeTracker,
+}
 
 /// Where the change log stands: the next record number and the cells logged since the last
 /// checkpoint.
@@ -84,8 +90,8 @@ impl StateStore {
         self.checkpoint_cells.store(cells.max(1), Ordering::Relaxed);
     }
 
-    /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
-    pub fn load_engine(&self, params: EngineParams) -> Result<Engine, StoreError> {
+    /// Loads the engine state (an empty engine for a new state dir) and its change tracker.
+    pub fn load_engine(&self, params: EngineParams) -> Result<LoadedEngine, StoreError> {
         self.db.check_identity(&params)?;
         let items = self.load_ids(b"i/", "item")?;
         let users = self.load_ids(b"n/", "user")?;
@@ -95,12 +101,15 @@ impl StateStore {
             users,
             ..RestoredState::default()
         };
+        // Users whose checkpoint record is older than their vector: the next checkpoint
+        // rewrites them.
+        let mut stale = UserSet::default();
         if self.restore_legacy_vectors(&mut state)? {
             // The next checkpoint writes every user in chunks and drops the per-user records.
-            state.users_since_checkpoint = (0..state.users.len() as u32).collect();
+            (0..state.users.len() as u32).for_each(|u| stale.insert(u));
         }
         self.restore_chunked_vectors(&mut state)?;
-        self.replay_cell_log(&mut state)?;
+        self.replay_cell_log(&mut state, &mut stale)?;
         self.restore_labels(&mut state)?;
         state.counters = self
             .db
@@ -109,7 +118,9 @@ impl StateStore {
         if let Some(model) = self.load_model()? {
             state.model = model;
         }
-        Ok(Engine::restore(params, state))
+        let engine = Engine::restore(params, state);
+        let changes = ChangeTracker::loaded(&engine, stale);
+        Ok(LoadedEngine { engine, changes })
     }
 
     /// The ids stored under `prefix` (`i/` items, `n/` users), in index order; `what` names
@@ -169,8 +180,13 @@ impl StateStore {
         Ok(())
     }
 
-    /// Replays the cell log (`l/…`), oldest first, over the checkpoint.
-    fn replay_cell_log(&self, state: &mut RestoredState) -> Result<(), StoreError> {
+    /// Replays the cell log (`l/…`), oldest first, over the checkpoint; the users it names are
+    /// added to `stale`.
+    fn replay_cell_log(
+        &self,
+        state: &mut RestoredState,
+        stale: &mut UserSet,
+    ) -> Result<(), StoreError> {
         for entry in self.db.tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
             if v.len() % LOG_CELL_BYTES != 0 {
@@ -188,7 +204,7 @@ impl StateStore {
                     .vectors
                     .get_mut(u)
                     .ok_or_else(|| corrupt(&k, "log names an unknown user"))?;
-                state.users_since_checkpoint.push(u as u32);
+                stale.insert(u as u32);
                 if j as usize >= state.items.len() || !value.is_finite() {
                     return Err(corrupt(
                         &k,
@@ -255,16 +271,17 @@ impl StateStore {
         Ok(self.db.get_json("offsets")?.unwrap_or_default())
     }
 
-    /// Persists everything the engine changed since the last commit, plus `offsets`, in one
-    /// atomic batch, then flushes to disk. Only after this returns may offsets be acknowledged.
+    /// Persists everything `engine` reported to `changes` since the last commit, plus
+    /// `offsets`, in one atomic batch, then flushes to disk. Only after this returns may offsets
+    /// be acknowledged.
     pub fn commit(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
+        changes: &mut ChangeTracker,
         offsets: Option<&BTreeMap<String, i64>>,
-    ) -> Result<Changes, StoreError> {
-        let (changes, commit) = self.prepare_commit(engine, offsets)?;
-        self.write_commit(commit)?;
-        Ok(changes)
+    ) -> Result<(), StoreError> {
+        let commit = self.prepare_commit(engine, changes, offsets)?;
+        self.write_commit(commit)
     }
 
     /// Writes and flushes a commit from [`StateStore::prepare_commit`]. Commits must be written in
@@ -273,20 +290,21 @@ impl StateStore {
         self.db.write(commit.0)
     }
 
-    /// The first half of [`StateStore::commit`]: takes the engine's changes and encodes them into
-    /// one atomic batch, without writing it. A replay hands its batches to a writer thread, so
-    /// the disk works while the next events are applied.
+    /// The first half of [`StateStore::commit`]: takes the changes `engine` reported to
+    /// `changes` and encodes them into one atomic batch, without writing it. A replay hands its
+    /// batches to a writer thread, so the disk works while the next events are applied.
     pub fn prepare_commit(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
+        tracker: &mut ChangeTracker,
         offsets: Option<&BTreeMap<String, i64>>,
-    ) -> Result<(Changes, PreparedCommit), StoreError> {
-        let changes = engine.take_changes();
+    ) -> Result<PreparedCommit, StoreError> {
+        let changes = tracker.take(engine);
         let mut batch = sled::Batch::default();
-        for i in changes.first_new_item..engine.items().len() as u32 {
+        for i in changes.new_items.clone() {
             batch.insert(key(b'i', &i.to_be_bytes()), engine.items().id(i).as_bytes());
         }
-        for u in changes.first_new_user..engine.users().len() as u32 {
+        for u in changes.new_users.clone() {
             batch.insert(key(b'n', &u.to_be_bytes()), engine.users().id(u).as_bytes());
         }
         let mut log = self
@@ -301,11 +319,12 @@ impl StateStore {
             .load(Ordering::Relaxed)
             .max(engine.ratings());
         if log.cells + changes.cells.len() as u64 >= threshold {
-            self.encode_checkpoint(engine, &mut log, &mut batch)?;
+            let users = tracker.take_checkpoint_users();
+            self.encode_checkpoint(engine, &users, &mut log, &mut batch)?;
         } else if !changes.cells.is_empty() {
             encode_log_record(engine, &changes.cells, &mut log, &mut batch);
         }
-        encode_labels(engine, &changes.labels, changes.model, &mut log, &mut batch);
+        encode_labels(engine, &changes, &mut log, &mut batch);
         if changes.model {
             encode_model(engine, &mut batch);
         }
@@ -319,21 +338,22 @@ impl StateStore {
                 serde_json::to_vec(offsets).unwrap_or_default(),
             );
         }
-        Ok((changes, PreparedCommit(batch)))
+        Ok(PreparedCommit(batch))
     }
 
-    /// Checkpoint: rewrites the chunks of every user changed since the last one and drops the
-    /// cell log (and any per-user records of a state dir written before chunks).
+    /// Checkpoint: rewrites the chunks of `users` (every user changed since the last one,
+    /// ascending) and drops the cell log (and any per-user records of a state dir written
+    /// before chunks).
     fn encode_checkpoint(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
+        users: &[u32],
         log: &mut LogState,
         batch: &mut sled::Batch,
     ) -> Result<(), StoreError> {
-        let mut chunks: Vec<usize> = engine
-            .take_checkpoint_users()
-            .into_iter()
-            .map(|u| u as usize / CHECKPOINT_CHUNK_USERS)
+        let mut chunks: Vec<usize> = users
+            .iter()
+            .map(|&u| u as usize / CHECKPOINT_CHUNK_USERS)
             .collect();
         chunks.dedup();
         let users = engine.users().len();
@@ -398,25 +418,15 @@ fn encode_log_record(
 }
 
 /// Writes the changed labels: a label-log record (`k/<seq>`) for a few users, or the whole
-/// array (dropping the label log) at re-clusterings, model changes, or a long label log.
-fn encode_labels(
-    engine: &Engine,
-    changes: &LabelChanges,
-    model_changed: bool,
-    log: &mut LogState,
-    batch: &mut sled::Batch,
-) {
-    let rewrite_labels = matches!(changes, LabelChanges::All)
-        || model_changed
-        || log.next_label_seq >= LABEL_LOG_RECORDS;
-    if let LabelChanges::Users(users) = changes
-        && !rewrite_labels
-        && !users.is_empty()
-    {
+/// array (dropping the label log) at model changes (re-clusterings among them) or after a long
+/// label log.
+fn encode_labels(engine: &Engine, changes: &Changes, log: &mut LogState, batch: &mut sled::Batch) {
+    let rewrite_labels = changes.model || log.next_label_seq >= LABEL_LOG_RECORDS;
+    if !rewrite_labels && !changes.labels.is_empty() {
         // Only the labels that changed: the whole array is rewritten at re-clusterings.
         let labels = engine.model().labels();
-        let mut record = Vec::with_capacity(users.len() * 8);
-        for &u in users {
+        let mut record = Vec::with_capacity(changes.labels.len() * 8);
+        for &u in &changes.labels {
             record.extend_from_slice(&u.to_le_bytes());
             record.extend_from_slice(&labels[u as usize].to_le_bytes());
         }
@@ -527,6 +537,13 @@ fn decode_vector(bytes: &[u8]) -> Option<SparseVec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SourceIds;
+    use crate::event::RatingEvent;
+
+    /// Applies `events`, reporting the changes to `changes` (as the pipeline does).
+    fn apply(engine: &mut Engine, changes: &mut ChangeTracker, events: &[RatingEvent]) {
+        engine.apply_with_source_ids(events, &mut SourceIds::default(), changes);
+    }
 
     #[test]
     fn vectors_round_trip_and_garbage_is_refused() {
@@ -544,7 +561,6 @@ mod tests {
     #[test]
     fn chunked_checkpoints_restore_many_users_and_replace_per_user_records() {
         use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
         let dir = tempfile::tempdir().unwrap();
         // 2,600 users (three chunks) with three items each: the ratings stop growing after
         // 7,800 events, so the log catches up with them and checkpoints happen.
@@ -558,12 +574,15 @@ mod tests {
         let mut reference = Engine::new(params.clone());
         let store = super::super::open(dir.path()).unwrap().state;
         store.set_checkpoint_cells(1);
-        let mut engine = store.load_engine(params.clone()).unwrap();
+        let LoadedEngine {
+            mut engine,
+            mut changes,
+        } = store.load_engine(params.clone()).unwrap();
         let first: Vec<RatingEvent> = (0..24_000).map(event).collect();
         for batch in first.chunks(1_000) {
-            engine.apply(batch);
+            apply(&mut engine, &mut changes, batch);
             reference.apply(batch);
-            store.commit(&mut engine, None).unwrap();
+            store.commit(&engine, &mut changes, None).unwrap();
         }
         let chunks = store.db.tree.scan_prefix(b"v/").count();
         assert!(
@@ -585,7 +604,10 @@ mod tests {
         drop(engine);
         drop(store);
         let store = super::super::open(dir.path()).unwrap().state;
-        let mut engine = store.load_engine(params.clone()).unwrap();
+        let LoadedEngine {
+            mut engine,
+            mut changes,
+        } = store.load_engine(params.clone()).unwrap();
         assert_eq!(
             engine.vectors(),
             reference.vectors(),
@@ -595,9 +617,9 @@ mod tests {
         // Enough changes for the log to reach the data's size: a checkpoint.
         let second: Vec<RatingEvent> = (24_000..56_000).map(event).collect();
         for batch in second.chunks(4_000) {
-            engine.apply(batch);
+            apply(&mut engine, &mut changes, batch);
             reference.apply(batch);
-            store.commit(&mut engine, None).unwrap();
+            store.commit(&engine, &mut changes, None).unwrap();
         }
         assert_eq!(
             store.db.tree.scan_prefix(b"u/").count(),
@@ -610,7 +632,8 @@ mod tests {
             .unwrap()
             .state
             .load_engine(params)
-            .unwrap();
+            .unwrap()
+            .engine;
         assert_eq!(
             reopened.vectors(),
             reference.vectors(),
@@ -621,7 +644,6 @@ mod tests {
     #[test]
     fn checkpoints_and_log_replay_restore_the_same_vectors() {
         use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
         let dir = tempfile::tempdir().unwrap();
         let events: Vec<RatingEvent> = (0..500)
             .map(|i| RatingEvent {
@@ -641,19 +663,23 @@ mod tests {
         for (round, chunk) in events.chunks(75).enumerate() {
             let store = super::super::open(dir.path()).unwrap().state;
             store.set_checkpoint_cells(40 + round as u64 * 7);
-            let mut engine = store.load_engine(params.clone()).unwrap();
+            let LoadedEngine {
+                mut engine,
+                mut changes,
+            } = store.load_engine(params.clone()).unwrap();
             assert_eq!(engine.vectors(), reference.vectors(), "round {round}");
             for batch in chunk.chunks(25) {
-                engine.apply(batch);
+                apply(&mut engine, &mut changes, batch);
                 reference.apply(batch);
-                store.commit(&mut engine, None).unwrap();
+                store.commit(&engine, &mut changes, None).unwrap();
             }
         }
         let reopened = super::super::open(dir.path())
             .unwrap()
             .state
             .load_engine(params)
-            .unwrap();
+            .unwrap()
+            .engine;
         assert_eq!(reopened.vectors(), reference.vectors());
         assert_eq!(reopened.users().ids(), reference.users().ids());
     }

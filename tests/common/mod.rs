@@ -450,7 +450,8 @@ pub fn assert_same_partition(a: &Path, b: &Path, config: &Config) {
             .expect("open state")
             .state
             .load_engine(config.engine_params())
-            .expect("load state");
+            .expect("load state")
+            .engine;
         engine
             .users()
             .ids()
@@ -480,7 +481,8 @@ pub fn assert_same_vectors(a: &Path, b: &Path, config: &Config) {
             .unwrap()
             .state
             .load_engine(config.engine_params())
-            .unwrap();
+            .unwrap()
+            .engine;
         let mut out = BTreeMap::new();
         for (u, id) in engine.users().ids().iter().enumerate() {
             let x = engine.vector(u as u32);
