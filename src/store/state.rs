@@ -271,16 +271,16 @@ impl StateStore {
         Ok(self.db.get_json("offsets")?.unwrap_or_default())
     }
 
-    /// Persists everything `engine` reported to `changes` since the last commit, plus
+    /// Persists everything `engine` reported to `tracker` since the last commit, plus
     /// `offsets`, in one atomic batch, then flushes to disk. Only after this returns may offsets
     /// be acknowledged.
     pub fn commit(
         &self,
         engine: &Engine,
-        changes: &mut ChangeTracker,
+        tracker: &mut ChangeTracker,
         offsets: Option<&BTreeMap<String, i64>>,
     ) -> Result<(), StoreError> {
-        let commit = self.prepare_commit(engine, changes, offsets)?;
+        let commit = self.prepare_commit(engine, tracker, offsets)?;
         self.write_commit(commit)
     }
 
@@ -291,7 +291,7 @@ impl StateStore {
     }
 
     /// The first half of [`StateStore::commit`]: takes the changes `engine` reported to
-    /// `changes` and encodes them into one atomic batch, without writing it. A replay hands its
+    /// `tracker` and encodes them into one atomic batch, without writing it. A replay hands its
     /// batches to a writer thread, so the disk works while the next events are applied.
     pub fn prepare_commit(
         &self,
