@@ -20,7 +20,7 @@ use crate::kafka::produce::ProduceOptions;
 use crate::pipeline::Shared;
 use crate::replay::{self, ReplayOptions};
 use crate::snapshot::report::seed_report;
-use crate::store::{SnapshotInfo, Store};
+use crate::store::{SnapshotInfo, SnapshotStore, Stores};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -396,14 +396,12 @@ fn run_demo_service(args: RunArgs, config: &Config) -> anyhow::Result<()> {
             temp_dir.path().to_path_buf()
         }
     };
-    let store = Arc::new(
-        StateConfig {
-            dir,
-            ..config.state.clone()
-        }
-        .open()?,
-    );
-    let summary = runtime.block_on(serve_demo(&args, config, store, shutdown))?;
+    let stores = StateConfig {
+        dir,
+        ..config.state.clone()
+    }
+    .open()?;
+    let summary = runtime.block_on(serve_demo(&args, config, stores, shutdown))?;
     eprintln!(
         "demo stopped after {} events and {} snapshots (last version {:?})",
         summary.events_applied, summary.snapshots, summary.last_version
@@ -416,15 +414,16 @@ fn run_demo_service(args: RunArgs, config: &Config) -> anyhow::Result<()> {
 async fn serve_demo(
     args: &RunArgs,
     config: &Config,
-    store: Arc<Store>,
+    stores: Stores,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<DemoSummary> {
     let shared = Shared::default();
-    let server = crate::http::start(config, &shared, &store, std::future::pending()).await?;
+    let server =
+        crate::http::start(config, &shared, &stores.snapshots, std::future::pending()).await?;
     let stopped = shutdown.clone();
     let (config, max_events) = (config.clone(), args.max_events);
     let summary = tokio::task::spawn_blocking(move || {
-        crate::demo::run_demo(&config, &store, max_events, &shutdown, &shared)
+        crate::demo::run_demo(&config, stores, max_events, &shutdown, &shared)
     })
     .await;
     if args.keep_serving && !stopped.load(Ordering::Relaxed) {
@@ -675,10 +674,12 @@ impl SnapshotSource {
         }
     }
 
-    fn open(dir: &std::path::Path) -> anyhow::Result<crate::store::Store> {
-        crate::store::Store::open(dir).map_err(|e| {
+    /// The snapshots of a state dir (only they are read).
+    fn open(dir: &std::path::Path) -> anyhow::Result<SnapshotStore> {
+        let stores = crate::store::open(dir).map_err(|e| {
             anyhow::anyhow!("{e}; if a service is running on this state dir, use --url instead")
-        })
+        })?;
+        Ok(stores.snapshots)
     }
 
     fn snapshot(&self, version: Option<u64>) -> anyhow::Result<crate::snapshot::Snapshot> {

@@ -133,10 +133,10 @@ impl Default for StateConfig {
 
 impl StateConfig {
     /// Opens the state dir with this section's settings.
-    pub fn open(&self) -> Result<crate::store::Store, crate::store::StoreError> {
-        let store = crate::store::Store::open(&self.dir)?;
-        store.set_checkpoint_cells(self.checkpoint_cells);
-        Ok(store)
+    pub fn open(&self) -> Result<crate::store::Stores, crate::store::StoreError> {
+        let stores = crate::store::open(&self.dir)?;
+        stores.state.set_checkpoint_cells(self.checkpoint_cells);
+        Ok(stores)
     }
 }
 

@@ -2,14 +2,13 @@
 //! planted segments is handed to the pipeline in batches (committed to a state dir, snapshots
 //! on schedule) until stopped. No broker needed.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::generator::{GeneratorParams, generate};
 use crate::pipeline::{Pipeline, Positions, Shared};
-use crate::store::Store;
+use crate::store::Stores;
 
 /// Events generated per round of the endless stream.
 const ROUND_EVENTS: usize = 50_000;
@@ -25,12 +24,12 @@ pub struct DemoSummary {
 /// any other source; the final state is committed and a last snapshot taken before returning.
 pub fn run_demo(
     config: &Config,
-    store: &Arc<Store>,
+    stores: Stores,
     max_events: Option<u64>,
     shutdown: &AtomicBool,
     shared: &Shared,
 ) -> anyhow::Result<DemoSummary> {
-    let engine = store.load_engine(config.engine_params())?;
+    let loaded = stores.state.load_engine(config.engine_params())?;
     // No broker in the demo: ready as soon as the state is open and the stream runs.
     for flag in [
         &shared.health.state_open,
@@ -39,18 +38,18 @@ pub fn run_demo(
     ] {
         flag.store(true, Ordering::Relaxed);
     }
-    let stream = Stream::new(config, engine.counters().events_applied);
-    store.put_titles(&stream.catalogue())?;
+    let stream = Stream::new(config, loaded.engine.counters().events_applied);
+    stores.catalogue.put_titles(&stream.catalogue())?;
     let demo = &config.demo;
     tracing::info!(
         users = demo.users,
         items = demo.items,
         segments = demo.segments,
         events_per_second = demo.events_per_second,
-        state_dir = %store.path().display(),
+        state_dir = %stores.state.path().display(),
         "demo stream started; stop with Ctrl-C"
     );
-    let mut pipeline = Pipeline::new(config, store.clone(), engine, shared.clone(), None)?;
+    let mut pipeline = Pipeline::new(config, stores, loaded, shared.clone(), None)?;
     pipeline.publish_current()?;
     let streamed = stream.run(&mut pipeline, max_events, shutdown);
     let finished = pipeline.finish(streamed.is_ok());

@@ -20,7 +20,9 @@ use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds};
 use crate::event::Rating;
 use crate::http::serving::Serving;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
-use crate::store::{PreparedCommit, Store};
+use crate::store::{
+    Catalogue, ChangeTracker, LoadedEngine, PreparedCommit, SnapshotStore, StateStore, Stores,
+};
 use crate::telemetry::Metrics;
 
 /// Positions in the sources, committed with the state: `topic/partition` → next offset for
@@ -86,14 +88,15 @@ impl Shared {
     pub fn snapshot(
         &self,
         config: &Config,
-        store: &Store,
+        snapshots: &SnapshotStore,
+        catalogue: &Catalogue,
         engine: &EngineView,
         positions: Positions,
     ) -> anyhow::Result<Option<u64>> {
         let started = Instant::now();
-        let titles = store.titles()?;
+        let titles = catalogue.titles()?;
         let Some(built) =
-            build_and_store_snapshot(config, store, engine, &titles, positions, true)?
+            build_and_store_snapshot(config, snapshots, engine, &titles, positions, true)?
         else {
             return Ok(None);
         };
@@ -131,8 +134,13 @@ pub struct PipelineSummary {
 
 pub struct Pipeline {
     config: Config,
-    store: Arc<Store>,
+    /// Shared with the writer thread: commits are prepared here and written there.
+    state: Arc<StateStore>,
+    snapshots: SnapshotStore,
+    catalogue: Catalogue,
     engine: Engine,
+    /// What the engine changed since the last commit, for the next one.
+    changes: ChangeTracker,
     source_ids: SourceIds,
     positions: Positions,
     shared: Shared,
@@ -141,22 +149,32 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline over `engine` (loaded from `store`), at the positions the store holds.
-    /// Commits are reported to `acks` once durable.
+    /// A pipeline over the engine loaded from `stores.state`, at the positions the state store
+    /// holds. Commits are reported to `acks` once durable.
     pub fn new(
         config: &Config,
-        store: Arc<Store>,
-        engine: Engine,
+        stores: Stores,
+        loaded: LoadedEngine,
         shared: Shared,
         acks: Option<Acks>,
     ) -> anyhow::Result<Pipeline> {
-        let positions = store.offsets()?;
+        let Stores {
+            state,
+            snapshots,
+            catalogue,
+        } = stores;
+        let LoadedEngine { engine, changes } = loaded;
+        let state = Arc::new(state);
+        let positions = state.offsets()?;
         let schedule = Schedule::new(config, &engine, &shared);
         Ok(Pipeline {
             config: config.clone(),
-            writer: Writer::spawn(store.clone(), acks)?,
-            store,
+            writer: Writer::spawn(state.clone(), acks)?,
+            state,
+            snapshots,
+            catalogue,
             engine,
+            changes,
             source_ids: SourceIds::default(),
             positions,
             shared,
@@ -190,9 +208,9 @@ impl Pipeline {
         positions: Positions,
     ) -> anyhow::Result<ApplyOutcome> {
         let applied_at = Instant::now();
-        let outcome = self
-            .engine
-            .apply_with_source_ids(events, &mut self.source_ids);
+        let outcome =
+            self.engine
+                .apply_with_source_ids(events, &mut self.source_ids, &mut self.changes);
         let metrics = &self.shared.metrics;
         metrics.events_applied.inc_by(outcome.applied);
         for &(_, reason) in &outcome.rejected {
@@ -215,9 +233,9 @@ impl Pipeline {
     }
 
     fn commit(&mut self) -> anyhow::Result<()> {
-        let (_, commit) = self
-            .store
-            .prepare_commit(&mut self.engine, Some(&self.positions))
+        let commit = self
+            .state
+            .prepare_commit(&self.engine, &mut self.changes, Some(&self.positions))
             .context("cannot persist the batch: stopping without recording its positions")?;
         let committed = Committed {
             positions: self.positions.clone(),
@@ -232,7 +250,7 @@ impl Pipeline {
     pub fn tick(&mut self) -> anyhow::Result<()> {
         if self.schedule.refresh_due() {
             let _span = tracing::info_span!("refresh").entered();
-            if let Some(r) = self.engine.refresh() {
+            if let Some(r) = self.engine.refresh(&mut self.changes) {
                 tracing::info!(
                     iterations = r.eigen_iterations,
                     seconds = r.seconds,
@@ -263,7 +281,7 @@ impl Pipeline {
         // A snapshot never shows what the state dir does not hold yet.
         self.writer.flush()?;
         let config = self.config.clone();
-        let store = self.store.clone();
+        let (snapshots, catalogue) = (self.snapshots.clone(), self.catalogue.clone());
         // A copy-on-write view: the source goes on applying while the snapshot reads it.
         let engine = self.engine.view();
         let positions = self.positions.clone();
@@ -273,7 +291,7 @@ impl Pipeline {
                 .name("segmenter-snapshot".into())
                 .spawn(move || {
                     let _span = tracing::info_span!("snapshot").entered();
-                    shared.snapshot(&config, &store, &engine, positions)
+                    shared.snapshot(&config, &snapshots, &catalogue, &engine, positions)
                 })?,
         );
         self.schedule.taken(&self.engine, &self.shared);
@@ -284,10 +302,10 @@ impl Pipeline {
     /// found, diagnostics included, whatever came before) and makes its model the online one.
     pub fn final_snapshot(&mut self) -> anyhow::Result<Option<(Snapshot, Assignments)>> {
         self.writer.flush()?;
-        let titles = self.store.titles()?;
+        let titles = self.catalogue.titles()?;
         let built = build_and_store_snapshot(
             &self.config,
-            &self.store,
+            &self.snapshots,
             &self.engine.view(),
             &titles,
             BTreeMap::new(),
@@ -296,7 +314,7 @@ impl Pipeline {
         let Some(built) = built else {
             return Ok(None);
         };
-        self.engine.adopt_model(built.model);
+        self.engine.adopt_model(built.model, &mut self.changes);
         self.commit()?;
         Ok(Some((built.snapshot, built.assignments)))
     }
@@ -306,7 +324,8 @@ impl Pipeline {
     pub fn finish(self, final_snapshot: bool) -> anyhow::Result<PipelineSummary> {
         let Pipeline {
             config,
-            store,
+            snapshots,
+            catalogue,
             engine,
             positions,
             shared,
@@ -317,7 +336,8 @@ impl Pipeline {
         writer.finish()?;
         schedule.join_snapshot()?;
         if final_snapshot {
-            let version = shared.snapshot(&config, &store, &engine.view(), positions)?;
+            let version =
+                shared.snapshot(&config, &snapshots, &catalogue, &engine.view(), positions)?;
             schedule.count(version);
         }
         Ok(PipelineSummary {
@@ -409,11 +429,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn spawn(store: Arc<Store>, acks: Option<Acks>) -> anyhow::Result<Writer> {
+    fn spawn(state: Arc<StateStore>, acks: Option<Acks>) -> anyhow::Result<Writer> {
         let (jobs, received) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("segmenter-writer".into())
-            .spawn(move || write_commits(&store, received, acks))?;
+            .spawn(move || write_commits(&state, received, acks))?;
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
@@ -462,14 +482,14 @@ impl Writer {
 }
 
 fn write_commits(
-    store: &Store,
+    state: &StateStore,
     jobs: std::sync::mpsc::Receiver<WriterJob>,
     acks: Option<Acks>,
 ) -> anyhow::Result<()> {
     for job in jobs {
         match job {
             WriterJob::Commit(commit, committed) => {
-                if let Err(e) = store.write_commit(commit) {
+                if let Err(e) = state.write_commit(commit) {
                     let e = anyhow::Error::new(e).context(
                         "cannot persist the batch: stopping without recording its positions",
                     );
@@ -499,16 +519,16 @@ fn write_commits(
 /// found and always carries diagnostics.
 pub fn build_and_store_snapshot(
     config: &Config,
-    store: &Store,
+    snapshots: &SnapshotStore,
     engine: &EngineView,
     titles: &FxHashMap<String, String>,
     offsets: Positions,
     periodic: bool,
 ) -> anyhow::Result<Option<Built>> {
-    let version = store.next_snapshot_version()?;
-    let previous_version = store.snapshot_versions()?.last().copied();
+    let version = snapshots.next_snapshot_version()?;
+    let previous_version = snapshots.snapshot_versions()?.last().copied();
     let previous = match previous_version {
-        Some(v) => store.assignment_labels(v)?.map(|a| (v, a)),
+        Some(v) => snapshots.assignment_labels(v)?.map(|a| (v, a)),
         None => None,
     };
     let with_diagnostics =
@@ -532,7 +552,7 @@ pub fn build_and_store_snapshot(
         ..
     }) = &built
     {
-        store.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
+        snapshots.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
     }
     Ok(built)
 }

@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -204,18 +203,18 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
 /// final snapshot is computed from the data alone, however the file was split or the state dir
 /// came to be. The final snapshot's model becomes the online one.
 fn open_pipeline(config: &Config, options: &ReplayOptions) -> anyhow::Result<(Pipeline, u64)> {
-    let store = config.state.open()?;
+    let stores = config.state.open()?;
     let mut params = config.engine_params();
     params.refresh_every_events = u64::MAX;
-    let mut engine = store.load_engine(params)?;
-    engine.forget_model();
+    let mut loaded = stores.state.load_engine(params)?;
+    loaded.engine.forget_model(&mut loaded.changes);
     let mut catalogue_bad_lines = 0;
     if let Some(items) = &options.items {
         let (titles, bad) = decode::read_catalogue_file(items)?;
-        store.put_titles(&titles)?;
+        stores.catalogue.put_titles(&titles)?;
         catalogue_bad_lines = bad;
     }
-    let pipeline = Pipeline::new(config, Arc::new(store), engine, Shared::default(), None)?;
+    let pipeline = Pipeline::new(config, stores, loaded, Shared::default(), None)?;
     Ok((pipeline, catalogue_bad_lines))
 }
 

@@ -18,13 +18,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::decode;
-use crate::engine::{CatalogueGate, Engine};
+use crate::engine::CatalogueGate;
 use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http;
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
 use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared};
-use crate::store::Store;
+use crate::store::{Catalogue, LoadedEngine, Stores};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -56,18 +56,18 @@ pub async fn run(
     shared: Shared,
 ) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
-    let (store, engine) = open_state(&config).await?;
+    let (stores, loaded) = open_state(&config).await?;
     shared.health.state_open.store(true, Ordering::Relaxed);
     let mut stop_http = shutdown.clone();
-    let http = http::start(&config, &shared, &store, async move {
+    let http = http::start(&config, &shared, &stores.snapshots, async move {
         let _ = stop_http.wait_for(|v| *v).await;
     })
     .await?;
-    let initial_events_applied = engine.counters().events_applied;
-    let stored_offsets = Arc::new(Mutex::new(store.offsets()?));
+    let initial_events_applied = loaded.engine.counters().events_applied;
+    let stored_offsets = Arc::new(Mutex::new(stores.state.offsets()?));
     tracing::info!(
         state_dir = %config.state.dir.display(),
-        users = engine.active_users(),
+        users = loaded.engine.active_users(),
         events_applied = initial_events_applied,
         offsets = ?read_offsets(&stored_offsets),
         "state opened"
@@ -80,7 +80,7 @@ pub async fn run(
             events_applied = initial_events_applied,
             "target already reached: final snapshot only"
         );
-        let pipeline = Pipeline::new(&config, store, engine, shared.clone(), None)?;
+        let pipeline = Pipeline::new(&config, stores, loaded, shared.clone(), None)?;
         // Off the async runtime, which keeps serving HTTP meanwhile.
         tokio::task::spawn_blocking(move || pipeline.finish(true)).await??;
         http.stop().await;
@@ -94,14 +94,20 @@ pub async fn run(
     let final_snapshot = Arc::new(AtomicBool::new(false));
     let mut source = Source::connect(
         &config,
-        &store,
+        &stores.catalogue,
         &shared,
         stored_offsets,
-        CatalogueGate::new(&engine),
+        CatalogueGate::new(&loaded.engine),
         &shutdown,
         (batch_tx, ack_rx),
     )?;
-    let pipeline = Pipeline::new(&config, store, engine, shared.clone(), Some(ack_tx.clone()))?;
+    let pipeline = Pipeline::new(
+        &config,
+        stores,
+        loaded,
+        shared.clone(),
+        Some(ack_tx.clone()),
+    )?;
     let worker = spawn_engine_thread(pipeline, batch_rx, ack_tx, final_snapshot.clone())?;
     source.consume(shutdown, &options, &final_snapshot).await?;
     let mut summary = source.drain(worker).await?;
@@ -123,22 +129,21 @@ pub async fn run(
 
 /// Opens the state dir and loads the engine off the async runtime, storing the catalogue
 /// file's titles when one is configured.
-async fn open_state(config: &Config) -> anyhow::Result<(Arc<Store>, Engine)> {
+async fn open_state(config: &Config) -> anyhow::Result<(Stores, LoadedEngine)> {
     let config = config.clone();
-    let (store, engine) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Store, Engine)> {
-        let store = config.state.open()?;
-        let engine = store.load_engine(config.engine_params())?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(Stores, LoadedEngine)> {
+        let stores = config.state.open()?;
+        let loaded = stores.state.load_engine(config.engine_params())?;
         if let Some(file) = &config.catalogue.file {
             let (titles, bad) = decode::read_catalogue_file(file)?;
             if bad > 0 {
                 tracing::warn!(bad, file = %file.display(), "unreadable catalogue lines skipped");
             }
-            store.put_titles(&titles)?;
+            stores.catalogue.put_titles(&titles)?;
         }
-        Ok((store, engine))
+        Ok((stores, loaded))
     })
-    .await??;
-    Ok((Arc::new(store), engine))
+    .await?
 }
 
 /// The engine thread: the pipeline applies and commits each batch (acknowledged once
@@ -208,7 +213,7 @@ impl Source {
     /// state dir), the dead-letter producer, the catalogue reader and the broker probe.
     fn connect(
         config: &Config,
-        store: &Arc<Store>,
+        titles: &Catalogue,
         shared: &Shared,
         stored_offsets: Arc<Mutex<Positions>>,
         catalogue: CatalogueGate,
@@ -228,7 +233,7 @@ impl Source {
         if !kafka.items_topic.is_empty() {
             spawn_items_reader(
                 config,
-                store.clone(),
+                titles.clone(),
                 shared.catalogue_version.clone(),
                 shutdown.clone(),
             )?;
@@ -643,7 +648,7 @@ fn spawn_broker_probe(
 /// Reads the compacted catalogue topic from the beginning and stores titles as they come.
 fn spawn_items_reader(
     config: &Config,
-    store: Arc<Store>,
+    catalogue: Catalogue,
     catalogue_version: Arc<std::sync::atomic::AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -665,7 +670,7 @@ fn spawn_items_reader(
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = sleep_until_opt(flush_at), if flush_at.is_some() => {
-                    store_titles(&store, &catalogue_version, &mut pending).await;
+                    store_titles(&catalogue, &catalogue_version, &mut pending).await;
                     flush_at = None;
                 }
                 m = consumer.recv() => {
@@ -681,7 +686,7 @@ fn spawn_items_reader(
                         (Some(item), Some(title)) => {
                             pending.push((item, title));
                             if pending.len() >= TITLES_PER_WRITE {
-                                store_titles(&store, &catalogue_version, &mut pending).await;
+                                store_titles(&catalogue, &catalogue_version, &mut pending).await;
                                 flush_at = None;
                             } else if flush_at.is_none() {
                                 flush_at = Some(tokio::time::Instant::now() + TITLES_LINGER);
@@ -692,7 +697,7 @@ fn spawn_items_reader(
                 }
             }
         }
-        store_titles(&store, &catalogue_version, &mut pending).await;
+        store_titles(&catalogue, &catalogue_version, &mut pending).await;
     });
     Ok(())
 }
@@ -702,7 +707,7 @@ const TITLES_PER_WRITE: usize = 1_000;
 const TITLES_LINGER: Duration = Duration::from_millis(200);
 
 async fn store_titles(
-    store: &Arc<Store>,
+    catalogue: &Catalogue,
     catalogue_version: &std::sync::atomic::AtomicU64,
     pending: &mut Vec<(String, String)>,
 ) {
@@ -710,8 +715,8 @@ async fn store_titles(
         return;
     }
     let titles = std::mem::take(pending);
-    let store = store.clone();
-    match tokio::task::spawn_blocking(move || store.put_titles(&titles)).await {
+    let catalogue = catalogue.clone();
+    match tokio::task::spawn_blocking(move || catalogue.put_titles(&titles)).await {
         Ok(Ok(())) => {
             catalogue_version.fetch_add(1, Ordering::Relaxed);
         }

@@ -384,10 +384,12 @@ fn a_full_disk_stops_the_demo_with_exit_1_and_the_cause_and_the_state_dir_resume
     // With room again, the state dir opens whole (every commit before the failure) and the
     // demo resumes from its last commit.
     disk.resize("256m");
-    let engine = segmenter::store::Store::open(&state)
+    let engine = segmenter::store::open(&state)
         .expect("open")
+        .state
         .load_engine(segmenter::config::Config::default().engine_params())
-        .expect("a readable state dir");
+        .expect("a readable state dir")
+        .engine;
     assert!(engine.counters().events_applied > 0);
     let out = Command::new(BIN)
         .args([

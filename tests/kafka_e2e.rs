@@ -335,10 +335,12 @@ fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_fla
     service.signal("-TERM");
     let (code, log) = service.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{}", log.join("\n"));
-    let engine = segmenter::store::Store::open(&dir.path().join("state"))
+    let engine = segmenter::store::open(&dir.path().join("state"))
         .unwrap()
+        .state
         .load_engine(config_for(&env).engine_params())
-        .unwrap();
+        .unwrap()
+        .engine;
     assert_eq!(engine.counters().events_applied, GOOD);
     assert_eq!(engine.items().len(), MAX_ITEMS, "catalogue capped");
     // Three quarters of the flood arrived between the two readings; the catalogue (and with it

@@ -155,7 +155,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = segmenter::config::Config::default();
     config.state.dir = dir.path().join("state");
-    let store = config.state.open().unwrap();
+    let snapshots = config.state.open().unwrap().snapshots;
     let mut engine = Engine::new(config.engine_params());
     let titles = Default::default();
     for round in 0..WARM_UP_ROUNDS {
@@ -163,7 +163,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     }
     let first = segmenter::pipeline::build_and_store_snapshot(
         &config,
-        &store,
+        &snapshots,
         &engine.view(),
         &titles,
         Default::default(),
@@ -175,7 +175,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     let view = engine.view();
     let second = segmenter::pipeline::build_and_store_snapshot(
         &config,
-        &store,
+        &snapshots,
         &view,
         &titles,
         Default::default(),

@@ -1,7 +1,8 @@
 //! The segmentation engine: pure state and maths, no I/O. It applies batches of rating events
 //! to sparse user vectors, keeps the exact covariance statistics, the PCA basis and the K-Means
 //! clustering online, and refreshes the model every `refresh_every_events` events. Kafka, file
-//! replay and tests all drive it through [`Engine::apply`].
+//! replay and tests all drive it through [`Engine::apply`]. It reports what it changes to a
+//! [`ChangeSink`] and keeps no record of what was persisted.
 
 pub mod cow;
 pub mod eigen;
@@ -18,7 +19,7 @@ pub use cow::CowVec;
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
 use model::{Continuation, DataView};
-pub use model::{LabelChanges, Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
+pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
 use stats::CovarianceStats;
 
 /// Default `[model] max_items`: a 60k-item catalogue and more within a 2 GB budget (memory is
@@ -342,18 +343,26 @@ pub struct ApplyOutcome {
     pub refreshes: Vec<RefreshOutcome>,
 }
 
-/// What changed since the last [`Engine::take_changes`]: what the store must persist.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Changes {
-    /// (user, item) cells whose value changed (now zero = removed), ascending.
-    pub cells: Vec<(u32, u32)>,
-    /// Cluster labels that changed.
-    pub labels: LabelChanges,
-    /// Ids interned since the last call start at these indices.
-    pub first_new_user: u32,
-    pub first_new_item: u32,
-    /// The basis changed (a refresh happened).
-    pub model: bool,
+/// Where the engine reports each change to the state that outlives it, as it makes it: whoever
+/// persists the state (the store's `ChangeTracker`) keeps the record, so the engine needs no
+/// notion of what was saved. Ids are only ever appended, so new users and items need no report:
+/// they are those past the ones already saved.
+pub trait ChangeSink {
+    /// The value of `(user, item)` changed (now zero: removed). Called once per changed cell,
+    /// on the hot path: keep it to a push.
+    fn cell_changed(&mut self, user: u32, item: u32);
+    /// `user`'s cluster label changed (online, between refreshes).
+    fn label_changed(&mut self, user: u32);
+    /// The model was refreshed or replaced: its basis, every projection and possibly every
+    /// label changed.
+    fn model_changed(&mut self);
+}
+
+/// An engine nobody persists (tests, benchmarks, [`Engine::apply`]) reports to nowhere.
+impl ChangeSink for () {
+    fn cell_changed(&mut self, _user: u32, _item: u32) {}
+    fn label_changed(&mut self, _user: u32) {}
+    fn model_changed(&mut self) {}
 }
 
 /// Counters persisted alongside the state.
@@ -375,14 +384,6 @@ pub struct Engine {
     ratings: u64,
     counters: Counters,
     model: Model,
-    /// (user, item) cells changed since the last `take_changes`, in change order with repeats
-    /// (a push per event is far cheaper than a set insert; `take_changes` sorts and dedups).
-    dirty_cells: Vec<(u32, u32)>,
-    /// Users changed since the store's last checkpoint of whole user records.
-    checkpoint_users: UserSet,
-    persisted_users: u32,
-    persisted_items: u32,
-    model_dirty: bool,
     /// User indices sorted by id, as of the last refresh (users are only ever appended, so
     /// later ones are merged in rather than everything sorted again).
     sorted_users: Vec<u32>,
@@ -400,11 +401,6 @@ impl Engine {
             stats: CovarianceStats::default(),
             ratings: 0,
             counters: Counters::default(),
-            dirty_cells: Default::default(),
-            checkpoint_users: Default::default(),
-            persisted_users: 0,
-            persisted_items: 0,
-            model_dirty: false,
             sorted_users: Vec::new(),
         }
     }
@@ -420,15 +416,10 @@ impl Engine {
         engine.items = IdMap::from_ids(state.items);
         engine.vectors = state.vectors.into();
         engine.counters = state.counters;
-        for u in state.users_since_checkpoint {
-            engine.checkpoint_users.insert(u);
-        }
         let mut model = state.model;
         model.labels = state.labels;
         model.labels.resize(engine.vectors.len(), NO_CLUSTER);
         engine.model.restore(model, &engine.vectors, d);
-        engine.persisted_users = engine.users.len() as u32;
-        engine.persisted_items = engine.items.len() as u32;
         engine
     }
 
@@ -467,17 +458,20 @@ impl Engine {
 
     /// Applies events in order. Events failing the value policy are skipped and reported;
     /// the rest change the state exactly as the mode says. Refreshes happen at exact event
-    /// counts, so the result does not depend on how events are split into batches.
+    /// counts, so the result does not depend on how events are split into batches. The
+    /// changes are not reported: for an engine nobody persists.
     pub fn apply(&mut self, events: &[impl Rating]) -> ApplyOutcome {
-        self.apply_with_source_ids(events, &mut SourceIds::default())
+        self.apply_with_source_ids(events, &mut SourceIds::default(), &mut ())
     }
 
-    /// [`Engine::apply`] for a source that interned its ids itself: events with
-    /// [`Rating::source_keys`] resolve them through `ids` (filled as ids are first seen).
+    /// [`Engine::apply`] reporting every change to `changes`, for a source that interned its
+    /// ids itself: events with [`Rating::source_keys`] resolve them through `ids` (filled as ids
+    /// are first seen; a source without its own keys passes an empty one).
     pub fn apply_with_source_ids(
         &mut self,
         events: &[impl Rating],
         ids: &mut SourceIds,
+        changes: &mut impl ChangeSink,
     ) -> ApplyOutcome {
         let mut outcome = ApplyOutcome::default();
         // The users already known, resolved up front (through the source's keys, else one
@@ -526,12 +520,12 @@ impl Engine {
                     j
                 }
             };
-            self.apply_one(user, item, event.value());
+            self.apply_one(user, item, event.value(), changes);
             outcome.applied += 1;
             self.counters.events_applied += 1;
             self.counters.events_since_refresh += 1;
             if self.refresh_due()
-                && let Some(r) = self.refresh()
+                && let Some(r) = self.refresh(changes)
             {
                 outcome.refreshes.push(r);
             }
@@ -578,7 +572,7 @@ impl Engine {
         u
     }
 
-    fn apply_one(&mut self, u: u32, j: u32, value: Option<f64>) {
+    fn apply_one(&mut self, u: u32, j: u32, value: Option<f64>, changes: &mut impl ChangeSink) {
         let x = &self.vectors[u as usize];
         let pos = x.idx.binary_search(&j);
         let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
@@ -615,20 +609,16 @@ impl Engine {
         if !now_active {
             self.stats.user_left();
         }
-        self.model
-            .on_change(u as usize, j as usize, delta, was_active, now_active);
-        self.dirty_cells.push((u, j));
-        self.checkpoint_users.insert(u);
-    }
-
-    /// Users changed since the previous call, ascending (for the store's checkpoints).
-    pub fn take_checkpoint_users(&mut self) -> Vec<u32> {
-        self.checkpoint_users.take()
+        self.model.on_change(
+            u as usize, j as usize, delta, was_active, now_active, changes,
+        );
+        changes.cell_changed(u, j);
     }
 
     /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service
-    /// also calls it on a timer). Returns `None` when there is not enough data for a PCA yet.
-    pub fn refresh(&mut self) -> Option<RefreshOutcome> {
+    /// also calls it on a timer), reporting the new model to `changes`. Returns `None` when
+    /// there is not enough data for a PCA yet (nothing changed then).
+    pub fn refresh(&mut self, changes: &mut impl ChangeSink) -> Option<RefreshOutcome> {
         self.counters.events_since_refresh = 0;
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
@@ -663,7 +653,7 @@ impl Engine {
         );
         let outcome = model.refresh(&self.data_view(&order), true, &eigen, &clustering, None);
         self.model = model;
-        self.model_dirty = true;
+        changes.model_changed();
         self.sorted_users = order;
         Some(outcome)
     }
@@ -671,22 +661,22 @@ impl Engine {
     /// Drops the online model (basis, projections, clustering), keeping the data: what
     /// follows is then computed from the data alone, whatever the history of the state dir.
     /// A replay starts with this, so its result depends only on the ratings it ends with.
-    pub fn forget_model(&mut self) {
+    pub fn forget_model(&mut self, changes: &mut impl ChangeSink) {
         self.model = Model::new(self.params.components, self.params.clusters);
         for _ in 0..self.users.ids.len() {
             self.model.add_user_slot();
         }
-        self.model_dirty = true;
+        changes.model_changed();
     }
 
     /// Takes a model built from this engine's current data (a snapshot's, see
     /// [`EngineView::snapshot_model`]) as the online model, as if a refresh had produced it.
     /// A replay does this at its end instead of refreshing along the way: nobody observes the
     /// intermediate models of a file, and the final snapshot's model is the better one.
-    pub fn adopt_model(&mut self, model: Model) {
+    pub fn adopt_model(&mut self, model: Model, changes: &mut impl ChangeSink) {
         debug_assert_eq!(model.labels().len(), self.users.ids.len());
         self.model = model;
-        self.model_dirty = true;
+        changes.model_changed();
         self.counters.events_since_refresh = 0;
         self.counters.refreshes += 1;
     }
@@ -747,53 +737,6 @@ impl Engine {
             model: self.model.clone(),
             sorted_users: self.canonical_user_order(),
         }
-    }
-
-    /// Everything changed since the previous call (for the store's atomic commit).
-    pub fn take_changes(&mut self) -> Changes {
-        let mut cells = std::mem::take(&mut self.dirty_cells);
-        cells.sort_unstable();
-        cells.dedup();
-        let changes = Changes {
-            cells,
-            first_new_user: self.persisted_users,
-            first_new_item: self.persisted_items,
-            labels: self.model.take_label_changes(),
-            model: self.model_dirty,
-        };
-        self.persisted_users = self.users.len() as u32;
-        self.persisted_items = self.items.len() as u32;
-        self.model_dirty = false;
-        changes
-    }
-}
-
-/// A set of user indices as a bitmap: an insert per event costs a bit, not a hash.
-#[derive(Debug, Clone, Default)]
-struct UserSet {
-    words: Vec<u64>,
-}
-
-impl UserSet {
-    fn insert(&mut self, user: u32) {
-        let word = user as usize / 64;
-        if word >= self.words.len() {
-            self.words.resize(word + 1, 0);
-        }
-        self.words[word] |= 1 << (user % 64);
-    }
-
-    /// The members, ascending; the set is left empty.
-    fn take(&mut self) -> Vec<u32> {
-        let mut users = Vec::new();
-        for (w, word) in std::mem::take(&mut self.words).into_iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                users.push((w * 64) as u32 + bits.trailing_zeros());
-                bits &= bits - 1;
-            }
-        }
-        users
     }
 }
 
@@ -899,9 +842,6 @@ pub struct RestoredState {
     pub labels: Vec<u32>,
     pub model: PersistedModel,
     pub counters: Counters,
-    /// Users whose persisted vector record is older than their current vector (changes held
-    /// in the store's log): the next checkpoint must rewrite them.
-    pub users_since_checkpoint: Vec<u32>,
 }
 
 #[cfg(test)]
@@ -933,17 +873,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_user_set_gives_its_members_once_ascending_and_empties() {
-        let mut set = UserSet::default();
-        for u in [700, 3, 64, 63, 3, 0, 700, 128] {
-            set.insert(u);
-        }
-        assert_eq!(set.take(), vec![0, 3, 63, 64, 128, 700]);
-        assert!(set.take().is_empty());
-        set.insert(5);
-        assert_eq!(set.take(), vec![5]);
-    }
     use crate::event::RatingEvent;
 
     fn ev(user: &str, item: &str, value: Option<f64>) -> RatingEvent {

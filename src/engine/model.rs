@@ -11,7 +11,7 @@ use super::eigen::{EigenParams, EigenResult, top_eigenpairs};
 use super::kmeans::{self, ClusteringParams, DensePoints, Points};
 use super::matching::match_labels;
 use super::stats::CovarianceStats;
-use super::{CowVec, SparseVec};
+use super::{ChangeSink, CowVec, SparseVec};
 
 /// Users the fresh k-means++ starts run on (an evenly spread sample of the canonical order);
 /// the winner is then polished on everyone.
@@ -58,19 +58,6 @@ pub struct Model {
     counts: Vec<u64>,
     means: Vec<f64>,
     initialised: bool,
-    /// Users whose label changed since the last take (may repeat), unless `labels_rewritten`.
-    label_log: Vec<u32>,
-    /// Every label may have changed (a re-clustering): persist the whole array.
-    labels_rewritten: bool,
-}
-
-/// Labels changed since the store's last commit.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LabelChanges {
-    /// These users' labels (ascending; none when empty).
-    Users(Vec<u32>),
-    /// Possibly every label (after a re-clustering).
-    All,
 }
 
 /// What a refresh did, for logs and metrics.
@@ -105,26 +92,7 @@ impl Model {
             counts: vec![0; clusters],
             means: vec![0.0; clusters * components],
             initialised: false,
-            label_log: vec![],
-            labels_rewritten: false,
         }
-    }
-
-    /// Which labels changed since the previous call.
-    pub(crate) fn take_label_changes(&mut self) -> LabelChanges {
-        if std::mem::take(&mut self.labels_rewritten) {
-            self.label_log.clear();
-            return LabelChanges::All;
-        }
-        let mut users = std::mem::take(&mut self.label_log);
-        users.sort_unstable();
-        users.dedup();
-        LabelChanges::Users(users)
-    }
-
-    fn rewrite_labels(&mut self) {
-        self.labels_rewritten = true;
-        self.label_log.clear();
     }
 
     pub fn components(&self) -> usize {
@@ -220,7 +188,7 @@ impl Model {
     }
 
     /// The user's value of item `j` changed by `delta`. Re-projects and re-assigns the user;
-    /// centroids stay the exact means of their members.
+    /// centroids stay the exact means of their members. Label changes go to `changes`.
     pub(crate) fn on_change(
         &mut self,
         user: usize,
@@ -228,6 +196,7 @@ impl Model {
         delta: f64,
         was_active: bool,
         now_active: bool,
+        changes: &mut impl ChangeSink,
     ) {
         let k = self.components;
         let label = self.labels[user];
@@ -252,19 +221,19 @@ impl Model {
             (true, true) => {
                 let best = self.nearest(user);
                 if best != label && self.clearly_closer(user, best, label) {
-                    self.move_user(user, Some(label), Some(best));
+                    self.move_user(user, Some(label), Some(best), changes);
                 }
             }
             (false, true) => {
                 let best = self.nearest(user);
-                self.move_user(user, None, Some(best));
+                self.move_user(user, None, Some(best), changes);
             }
             (true, false) => {
-                self.move_user(user, Some(label), None);
+                self.move_user(user, Some(label), None, changes);
                 // Only a leaving user can empty a cluster: re-seed it at once, so the result
                 // never depends on batch boundaries.
                 if self.counts[label as usize] == 0 {
-                    self.reseed_empty_clusters();
+                    self.reseed_empty_clusters(changes);
                 }
             }
             (false, false) => {}
@@ -293,7 +262,13 @@ impl Model {
         at(to) < (1.0 - STICKINESS) * at(from)
     }
 
-    fn move_user(&mut self, user: usize, from: Option<u32>, to: Option<u32>) {
+    fn move_user(
+        &mut self,
+        user: usize,
+        from: Option<u32>,
+        to: Option<u32>,
+        changes: &mut impl ChangeSink,
+    ) {
         let k = self.components;
         if let Some(from) = from.filter(|&f| f != NO_CLUSTER) {
             let f = from as usize;
@@ -315,9 +290,7 @@ impl Model {
             }
             None => self.labels[user] = NO_CLUSTER,
         }
-        if !self.labels_rewritten {
-            self.label_log.push(user as u32);
-        }
+        changes.label_changed(user as u32);
     }
 
     fn update_mean(&mut self, c: usize) {
@@ -333,7 +306,7 @@ impl Model {
 
     /// Re-seeds every empty cluster with the worst-fit user of a cluster that has more than
     /// one member, so no cluster silently dies between refreshes.
-    pub(crate) fn reseed_empty_clusters(&mut self) {
+    pub(crate) fn reseed_empty_clusters(&mut self, changes: &mut impl ChangeSink) {
         if !self.initialised || !self.counts.contains(&0) {
             return;
         }
@@ -360,7 +333,7 @@ impl Model {
             for (_, u) in worst.by_ref() {
                 let from = self.labels[u];
                 if self.counts[from as usize] > 1 {
-                    self.move_user(u, Some(from), Some(c as u32));
+                    self.move_user(u, Some(from), Some(c as u32), changes);
                     break;
                 }
             }
@@ -545,7 +518,6 @@ impl Model {
     fn unassign_all(&mut self) {
         self.labels.iter_mut().for_each(|l| *l = NO_CLUSTER);
         self.initialised = false;
-        self.rewrite_labels();
         self.rebuild_sums();
     }
 
@@ -572,7 +544,6 @@ impl Model {
             self.labels[u] = mapping[l as usize];
         }
         self.initialised = true;
-        self.rewrite_labels();
         self.rebuild_sums();
     }
 

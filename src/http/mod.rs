@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::pipeline::Health;
-use crate::store::Store;
+use crate::store::SnapshotStore;
 use crate::telemetry::Metrics;
 use serving::Serving;
 
@@ -57,7 +57,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub serving: Arc<RwLock<Option<Arc<Serving>>>>,
-    pub store: Arc<Store>,
+    pub snapshots: SnapshotStore,
     pub token: Option<String>,
 }
 
@@ -176,19 +176,19 @@ impl RunningServer {
     }
 }
 
-/// Serves the API of a pipeline's readers (`shared`) and `store` on `[http] listen` until
+/// Serves the API of a pipeline's readers (`shared`) and the stored `snapshots` on `[http] listen` until
 /// [`RunningServer::stop`], or until `also_stop_on` completes.
 pub async fn start(
     config: &crate::config::Config,
     shared: &crate::pipeline::Shared,
-    store: &Arc<Store>,
+    snapshots: &SnapshotStore,
     also_stop_on: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningServer> {
     let state = Arc::new(AppState {
         metrics: shared.metrics.clone(),
         health: shared.health.clone(),
         serving: shared.serving.clone(),
-        store: store.clone(),
+        snapshots: snapshots.clone(),
         token: config.http.token(),
     });
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -337,14 +337,14 @@ async fn chart(
         (None, None) => return Err(ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet")),
     };
     let _turn = stored_read_turn().await?;
-    let store = state.store.clone();
+    let snapshots = state.snapshots.clone();
     // Summaries for the charts over time: at most two whole snapshots are parsed.
     let inputs = tokio::task::spawn_blocking(move || {
-        let Some(snapshot) = store.snapshot(version)? else {
+        let Some(snapshot) = snapshots.snapshot(version)? else {
             return Ok(None);
         };
-        let history = store.summaries(version, CHART_HISTORY)?;
-        crate::charts::ChartInputs::gather(snapshot, history, |v| store.snapshot(v)).map(Some)
+        let history = snapshots.summaries(version, CHART_HISTORY)?;
+        crate::charts::ChartInputs::gather(snapshot, history, |v| snapshots.snapshot(v)).map(Some)
     })
     .await
     .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot read failed"))?
@@ -369,8 +369,8 @@ async fn openapi() -> Response {
 
 async fn list_snapshots(State(state): State<Arc<AppState>>) -> ApiResult {
     let _turn = stored_read_turn().await?;
-    let store = state.store.clone();
-    let infos = tokio::task::spawn_blocking(move || store.snapshot_infos())
+    let snapshots = state.snapshots.clone();
+    let infos = tokio::task::spawn_blocking(move || snapshots.snapshot_infos())
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot listing failed"))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
@@ -401,8 +401,8 @@ async fn snapshot_by_version(
         return Ok(json_bytes(s.snapshot_json.clone()));
     }
     let _turn = stored_read_turn().await?;
-    let store = state.store.clone();
-    let found = tokio::task::spawn_blocking(move || store.snapshot(version))
+    let snapshots = state.snapshots.clone();
+    let found = tokio::task::spawn_blocking(move || snapshots.snapshot(version))
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot read failed"))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

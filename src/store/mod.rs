@@ -1,39 +1,46 @@
-//! Durable state in sled: user vectors, id maps, labels, the model basis, counters, source
-//! offsets, the item catalogue, and versioned snapshots with their assignments. Every commit
-//! is one atomic sled batch followed by a flush, so offsets are never recorded for work that is
-//! not persisted, and a restart resumes exactly where the last commit left off.
+//! Durable state in sled, split by job over one database: [`StateStore`] holds the engine state
+//! and the source offsets, [`SnapshotStore`] the versioned snapshots, [`Catalogue`] the item
+//! titles. [`open`] opens the database once, checks its format and hands out the three.
 //!
-//! Layout (one tree, prefixed keys, so a batch is atomic across all of them):
-//! `m/<name>` metadata, `n/<u32>` user ids, `i/<u32>` item ids, `v/<u32>` the vectors of users
-//! `1024·i .. 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state dirs
-//! written before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells (user,
-//! item, value) each commit changed since that checkpoint, `k/<u64>` the labels each commit
-//! changed since the labels were last written whole, `c/<item>` titles, `s/<u64>` snapshot
-//! JSON, `h/<u64>` its summary, `a/<u64>` its assignments.
-//! A commit appends one log record (what changed, not whole vectors); every
-//! `[state] checkpoint_cells` logged cells, the chunks of the changed users are rewritten and the
-//! log dropped, in the same atomic batch (a chunk is one sled key: a checkpoint of 100k users is
-//! about 100 inserts, not 100k). Opening replays the log over the checkpoint.
+//! Every state commit is one atomic sled batch followed by a flush, so offsets are never
+//! recorded for work that is not persisted, and a restart resumes exactly where the last commit
+//! left off. The three share one tree with prefixed keys, so such a batch can span every key
+//! the state needs; each key prefix has one writer:
 //!
-//! This module opens the database and checks its format and identity; the methods of
-//! [`Store`] are grouped by job: `state` (engine state and source offsets, one atomic batch per
-//! commit), `snapshots` (snapshots, summaries, assignments, retention) and `catalogue`
-//! (titles).
+//! - [`StateStore`]: `m/<name>` metadata (identity, counters, offsets, labels, model; the
+//!   format is written by [`open`]),
+//!   `n/<u32>` user ids, `i/<u32>` item ids, `v/<u32>` the vectors of users
+//!   `1024·i .. 1024·(i+1)` as of the last checkpoint (`u/<u32>`, one user per key, in state
+//!   dirs written before chunks; read, and removed at the next checkpoint), `l/<u64>` the cells
+//!   (user, item, value) each commit changed since that checkpoint, `k/<u64>` the labels each
+//!   commit changed since the labels were last written whole. A commit appends one log record
+//!   (what changed, not whole vectors); every `[state] checkpoint_cells` logged cells, the
+//!   chunks of the changed users are rewritten and the log dropped, in the same atomic batch (a
+//!   chunk is one sled key: a checkpoint of 100k users is about 100 inserts, not 100k). Loading
+//!   replays the log over the checkpoint. What changed since the last commit is kept by a
+//!   [`ChangeTracker`] that the engine reports to, not by the engine.
+//! - [`SnapshotStore`]: `s/<u64>` snapshot JSON, `h/<u64>` its summary, `a/<u64>` its
+//!   assignments (read with the user ids of `n/`), `m/latest_snapshot`.
+//! - [`Catalogue`]: `c/<item>` titles.
 
 mod catalogue;
+mod changes;
 mod snapshots;
 mod state;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineParams;
 use crate::event::Mode;
 
-pub use snapshots::SnapshotInfo;
-use state::LogState;
-pub use state::{DEFAULT_CHECKPOINT_CELLS, PreparedCommit};
+pub use catalogue::Catalogue;
+pub use changes::ChangeTracker;
+pub use snapshots::{SnapshotInfo, SnapshotStore};
+pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateStore};
 
 /// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
 /// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)
@@ -82,20 +89,50 @@ struct Identity {
     clusters: usize,
 }
 
-pub struct Store {
+/// The three stores of one state dir, opened together by [`open`].
+pub struct Stores {
+    pub state: StateStore,
+    pub snapshots: SnapshotStore,
+    pub catalogue: Catalogue,
+}
+
+/// Opens (creating if needed) the state dir and checks its format.
+pub fn open(path: &Path) -> Result<Stores, StoreError> {
+    let database = Arc::new(Database::open(path)?);
+    let state = StateStore::new(database.clone())?;
+    match database.get_json::<u32>("format")? {
+        Some(f) if !READABLE_FORMATS.contains(&f) => {
+            return Err(StoreError::Format { found: f });
+        }
+        Some(f) if f == STATE_FORMAT => {}
+        _ => {
+            database.tree.insert(
+                meta("format"),
+                serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
+            )?;
+        }
+    }
+    Ok(Stores {
+        state,
+        snapshots: SnapshotStore::new(database.clone()),
+        catalogue: Catalogue::new(database),
+    })
+}
+
+/// The sled database the three stores share.
+struct Database {
     db: sled::Db,
     tree: sled::Tree,
     path: PathBuf,
-    log: std::sync::Mutex<LogState>,
-    checkpoint_cells: std::sync::atomic::AtomicU64,
     /// A write failed (full disk, I/O error): what sled holds in memory can never be made
-    /// durable, and its flush on drop would wait for ever.
-    failed: std::sync::atomic::AtomicBool,
+    /// durable, and its flush on drop would wait for ever. Shared by the three stores, since
+    /// they write to the same database.
+    failed: AtomicBool,
 }
 
-impl Drop for Store {
+impl Drop for Database {
     fn drop(&mut self) {
-        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) {
             // Keep sled's handles alive past the process's end instead of letting their drop
             // block on a flush that cannot succeed; the state dir holds every earlier commit.
             std::mem::forget(self.db.clone());
@@ -123,9 +160,8 @@ fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
     }
 }
 
-impl Store {
-    /// Opens (creating if needed) the state dir.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+impl Database {
+    fn open(path: &Path) -> Result<Database, StoreError> {
         // sled releases its file lock from a background thread shortly after the previous
         // holder drops it; a lock held by a live process stays "busy" past the deadline.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -151,34 +187,18 @@ impl Store {
             }
         };
         let tree = db.open_tree("state")?;
-        let log = LogState::scan(&tree)?;
-        let store = Store {
+        Ok(Database {
             db,
             tree,
             path: path.to_path_buf(),
-            log: std::sync::Mutex::new(log),
-            checkpoint_cells: std::sync::atomic::AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
-            failed: std::sync::atomic::AtomicBool::new(false),
-        };
-        match store.get_json::<u32>("format")? {
-            Some(f) if !READABLE_FORMATS.contains(&f) => {
-                return Err(StoreError::Format { found: f });
-            }
-            Some(f) if f == STATE_FORMAT => {}
-            _ => {
-                store.tree.insert(
-                    meta("format"),
-                    serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
-                )?;
-            }
-        }
-        Ok(store)
+            failed: AtomicBool::new(false),
+        })
     }
 
-    /// Applies `batch` atomically and flushes it to disk. A failure marks the store failed:
+    /// Applies `batch` atomically and flushes it to disk. A failure marks the database failed:
     /// nothing more is written and dropping it does not block.
     fn write(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) {
             return Err(StoreError::Failed);
         }
         let written = self
@@ -186,14 +206,9 @@ impl Store {
             .apply_batch(batch)
             .and_then(|()| self.db.flush().map(|_| ()));
         if written.is_err() {
-            self.failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.failed.store(true, Ordering::Relaxed);
         }
         Ok(written?)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(
@@ -210,52 +225,48 @@ impl Store {
     }
 
     /// Checks the stored model identity against the config (or records it on first use).
-    pub fn check_identity(&self, params: &EngineParams) -> Result<(), StoreError> {
+    fn check_identity(&self, params: &EngineParams) -> Result<(), StoreError> {
         let configured = Identity {
             mode: params.mode,
             components: params.components,
             clusters: params.clusters,
         };
-        match self.get_json::<Identity>("identity")? {
-            None => {
-                self.tree.insert(
-                    meta("identity"),
-                    serde_json::to_vec(&configured).unwrap_or_default(),
-                )?;
-                self.db.flush()?;
-                Ok(())
-            }
-            Some(stored) => {
-                let mismatch = |field, stored: String, configured: String| StoreError::Mismatch {
-                    path: self.path.clone(),
-                    field,
-                    stored,
-                    configured,
-                };
-                if stored.mode != configured.mode {
-                    return Err(mismatch(
-                        "[events] mode",
-                        stored.mode.to_string(),
-                        configured.mode.to_string(),
-                    ));
-                }
-                if stored.components != configured.components {
-                    return Err(mismatch(
-                        "[model] components",
-                        stored.components.to_string(),
-                        configured.components.to_string(),
-                    ));
-                }
-                if stored.clusters != configured.clusters {
-                    return Err(mismatch(
-                        "[model] clusters",
-                        stored.clusters.to_string(),
-                        configured.clusters.to_string(),
-                    ));
-                }
-                Ok(())
-            }
+        let Some(stored) = self.get_json::<Identity>("identity")? else {
+            self.tree.insert(
+                meta("identity"),
+                serde_json::to_vec(&configured).unwrap_or_default(),
+            )?;
+            self.db.flush()?;
+            return Ok(());
+        };
+        let mismatch = |field, stored: String, configured: String| StoreError::Mismatch {
+            path: self.path.clone(),
+            field,
+            stored,
+            configured,
+        };
+        if stored.mode != configured.mode {
+            return Err(mismatch(
+                "[events] mode",
+                stored.mode.to_string(),
+                configured.mode.to_string(),
+            ));
         }
+        if stored.components != configured.components {
+            return Err(mismatch(
+                "[model] components",
+                stored.components.to_string(),
+                configured.components.to_string(),
+            ));
+        }
+        if stored.clusters != configured.clusters {
+            return Err(mismatch(
+                "[model] clusters",
+                stored.clusters.to_string(),
+                configured.clusters.to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
 
-use super::{Store, StoreError, corrupt, key, meta};
+use std::sync::Arc;
+
+use super::{Database, StoreError, corrupt, key, meta};
+
+/// Stored snapshots by version, with their summaries and assignments. A cheap handle: clones
+/// share the database (HTTP handlers and the snapshot thread each hold one).
+#[derive(Clone)]
+pub struct SnapshotStore {
+    db: Arc<Database>,
+}
 
 /// Summary of one stored snapshot, for listings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,7 +26,11 @@ pub struct SnapshotInfo {
     pub events_applied: u64,
 }
 
-impl Store {
+impl SnapshotStore {
+    pub(super) fn new(db: Arc<Database>) -> SnapshotStore {
+        SnapshotStore { db }
+    }
+
     /// Stores a snapshot and its assignments atomically, then drops versions older than the
     /// newest `retention`.
     pub fn put_snapshot(
@@ -56,14 +69,14 @@ impl Store {
             batch.remove(key(b'a', &old.to_be_bytes()));
             batch.remove(key(b'h', &old.to_be_bytes()));
         }
-        self.write(batch)?;
+        self.db.write(batch)?;
         Ok(())
     }
 
     /// Stored snapshot versions, ascending.
     pub fn snapshot_versions(&self) -> Result<Vec<u64>, StoreError> {
         let mut out = vec![];
-        for k in self.tree.scan_prefix(b"s/").keys() {
+        for k in self.db.tree.scan_prefix(b"s/").keys() {
             let k = k?;
             let bytes: [u8; 8] = k[2..]
                 .try_into()
@@ -76,13 +89,14 @@ impl Store {
     /// The version the next snapshot gets (versions never repeat, even after retention).
     pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
         Ok(self
+            .db
             .get_json::<u64>("latest_snapshot")?
             .map_or(1, |v| v + 1))
     }
 
     pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
         let k = key(b's', &version.to_be_bytes());
-        match self.tree.get(&k)? {
+        match self.db.tree.get(&k)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -104,12 +118,16 @@ impl Store {
         };
         let mut out = Vec::with_capacity(pairs.len());
         for (u, c) in pairs {
-            let id = self.tree.get(key(b'n', &u.to_be_bytes()))?.ok_or_else(|| {
-                corrupt(
-                    &key(b'a', &version.to_be_bytes()),
-                    "assignment names an unknown user",
-                )
-            })?;
+            let id = self
+                .db
+                .tree
+                .get(key(b'n', &u.to_be_bytes()))?
+                .ok_or_else(|| {
+                    corrupt(
+                        &key(b'a', &version.to_be_bytes()),
+                        "assignment names an unknown user",
+                    )
+                })?;
             out.push((String::from_utf8_lossy(&id).into_owned(), c));
         }
         Ok(Some(out))
@@ -117,7 +135,7 @@ impl Store {
 
     /// A stored snapshot's `(user index, cluster)` pairs.
     fn assignment_pairs(&self, version: u64) -> Result<Option<Vec<(u32, u32)>>, StoreError> {
-        let Some(bytes) = self.tree.get(key(b'a', &version.to_be_bytes()))? else {
+        let Some(bytes) = self.db.tree.get(key(b'a', &version.to_be_bytes()))? else {
             return Ok(None);
         };
         Ok(Some(
@@ -170,7 +188,7 @@ impl Store {
     /// the snapshot itself.
     pub fn summary(&self, version: u64) -> Result<Option<SnapshotSummary>, StoreError> {
         let k = key(b'h', &version.to_be_bytes());
-        match self.tree.get(&k)? {
+        match self.db.tree.get(&k)? {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| corrupt(&k, e.to_string())),
@@ -230,7 +248,7 @@ mod tests {
     #[test]
     fn summaries_list_and_chart_without_whole_snapshots_and_follow_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
         for v in 1..=4 {
             store
                 .put_snapshot(&small_snapshot(v, v == 2), &[0; 20], 3)
@@ -247,7 +265,11 @@ mod tests {
             Some(2)
         );
         // A snapshot stored before summaries were: its summary is read from the snapshot.
-        store.tree.remove(key(b'h', &3u64.to_be_bytes())).unwrap();
+        store
+            .db
+            .tree
+            .remove(key(b'h', &3u64.to_be_bytes()))
+            .unwrap();
         let third = store.snapshot(3).unwrap().unwrap();
         assert_eq!(
             store.summary(3).unwrap(),
@@ -262,7 +284,7 @@ mod tests {
     fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
         use crate::engine::PersistedModel;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
         let mut snap = small_snapshot(1, false);
         snap.kmeans.inertia = f64::NAN;
         snap.pca.explained_variance[0] = f64::INFINITY;

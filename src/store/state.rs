@@ -3,20 +3,36 @@
 //! of them into one atomic batch, so they live together.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::engine::{
-    Changes, Counters, Engine, EngineParams, LabelChanges, PersistedModel, RestoredState, SparseVec,
-};
+use crate::engine::{Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec};
 
-use super::{Store, StoreError, corrupt, index_u32, key, meta};
+use super::changes::{ChangeTracker, Changes, UserSet};
+use super::{Database, StoreError, corrupt, index_u32, key, meta};
 
-/// One commit's atomic batch, encoded but not yet written (see [`Store::prepare_commit`]).
+/// The engine state and the source offsets. Commits are prepared on the thread that applies
+/// and written, in the order they were prepared, by a writer (see [`StateStore::write_commit`]).
+pub struct StateStore {
+    db: Arc<Database>,
+    log: Mutex<LogState>,
+    checkpoint_cells: AtomicU64,
+}
+
+/// One commit's atomic batch, encoded but not yet written (see [`StateStore::prepare_commit`]).
 pub struct PreparedCommit(sled::Batch);
+
+/// The engine as the state dir holds it, and the tracker its changes are reported to from
+/// there on (the one to hand to [`StateStore::prepare_commit`]).
+pub struct LoadedEngine {
+    pub engine: Engine,
+    pub changes: ChangeTracker,
+}
 
 /// Where the change log stands: the next record number and the cells logged since the last
 /// checkpoint.
 #[derive(Debug, Default)]
-pub(super) struct LogState {
+struct LogState {
     next_seq: u64,
     cells: u64,
     /// Next sequence number of the label log (`k/…`: changed labels over the stored array).
@@ -39,7 +55,7 @@ fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
 
 impl LogState {
     /// Where the logs stand in `tree`: the next record numbers and the cells logged.
-    pub(super) fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
+    fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
         let mut log = LogState::default();
         for entry in tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
@@ -54,16 +70,29 @@ impl LogState {
     }
 }
 
-impl Store {
-    /// Sets `[state] checkpoint_cells`.
-    pub fn set_checkpoint_cells(&self, cells: u64) {
-        self.checkpoint_cells
-            .store(cells.max(1), std::sync::atomic::Ordering::Relaxed);
+impl StateStore {
+    pub(super) fn new(db: Arc<Database>) -> Result<StateStore, StoreError> {
+        let log = LogState::scan(&db.tree)?;
+        Ok(StateStore {
+            db,
+            log: Mutex::new(log),
+            checkpoint_cells: AtomicU64::new(DEFAULT_CHECKPOINT_CELLS),
+        })
     }
 
-    /// Loads the engine state (an empty engine for a new state dir) and the stored offsets.
-    pub fn load_engine(&self, params: EngineParams) -> Result<Engine, StoreError> {
-        self.check_identity(&params)?;
+    /// The state dir.
+    pub fn path(&self) -> &std::path::Path {
+        &self.db.path
+    }
+
+    /// Sets `[state] checkpoint_cells`.
+    pub fn set_checkpoint_cells(&self, cells: u64) {
+        self.checkpoint_cells.store(cells.max(1), Ordering::Relaxed);
+    }
+
+    /// Loads the engine state (an empty engine for a new state dir) and its change tracker.
+    pub fn load_engine(&self, params: EngineParams) -> Result<LoadedEngine, StoreError> {
+        self.db.check_identity(&params)?;
         let items = self.load_ids(b"i/", "item")?;
         let users = self.load_ids(b"n/", "user")?;
         let mut state = RestoredState {
@@ -72,25 +101,33 @@ impl Store {
             users,
             ..RestoredState::default()
         };
+        // Users whose checkpoint record is older than their vector: the next checkpoint
+        // rewrites them.
+        let mut stale = UserSet::default();
         if self.restore_legacy_vectors(&mut state)? {
             // The next checkpoint writes every user in chunks and drops the per-user records.
-            state.users_since_checkpoint = (0..state.users.len() as u32).collect();
+            (0..state.users.len() as u32).for_each(|u| stale.insert(u));
         }
         self.restore_chunked_vectors(&mut state)?;
-        self.replay_cell_log(&mut state)?;
+        self.replay_cell_log(&mut state, &mut stale)?;
         self.restore_labels(&mut state)?;
-        state.counters = self.get_json::<Counters>("counters")?.unwrap_or_default();
+        state.counters = self
+            .db
+            .get_json::<Counters>("counters")?
+            .unwrap_or_default();
         if let Some(model) = self.load_model()? {
             state.model = model;
         }
-        Ok(Engine::restore(params, state))
+        let engine = Engine::restore(params, state);
+        let changes = ChangeTracker::loaded(&engine, stale);
+        Ok(LoadedEngine { engine, changes })
     }
 
     /// The ids stored under `prefix` (`i/` items, `n/` users), in index order; `what` names
     /// them in errors.
     fn load_ids(&self, prefix: &[u8], what: &str) -> Result<Vec<String>, StoreError> {
         let mut ids = Vec::new();
-        for entry in self.tree.scan_prefix(prefix) {
+        for entry in self.db.tree.scan_prefix(prefix) {
             let (k, v) = entry?;
             let index = index_u32(&k).ok_or_else(|| corrupt(&k, format!("bad {what} key")))?;
             if index as usize != ids.len() {
@@ -108,7 +145,7 @@ impl Store {
     /// returns whether there were any.
     fn restore_legacy_vectors(&self, state: &mut RestoredState) -> Result<bool, StoreError> {
         let mut legacy_records = false;
-        for entry in self.tree.scan_prefix(b"u/") {
+        for entry in self.db.tree.scan_prefix(b"u/") {
             legacy_records = true;
             let (k, v) = entry?;
             let u = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user key"))? as usize;
@@ -123,7 +160,7 @@ impl Store {
 
     /// Restores the checkpointed vectors from their 1024-user chunks (`v/…`).
     fn restore_chunked_vectors(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        for entry in self.tree.scan_prefix(b"v/") {
+        for entry in self.db.tree.scan_prefix(b"v/") {
             let (k, v) = entry?;
             let chunk = index_u32(&k).ok_or_else(|| corrupt(&k, "bad chunk key"))? as usize;
             let vectors = decode_chunk(&v).ok_or_else(|| corrupt(&k, "bad user vectors"))?;
@@ -143,9 +180,14 @@ impl Store {
         Ok(())
     }
 
-    /// Replays the cell log (`l/…`), oldest first, over the checkpoint.
-    fn replay_cell_log(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        for entry in self.tree.scan_prefix(b"l/") {
+    /// Replays the cell log (`l/…`), oldest first, over the checkpoint; the users it names are
+    /// added to `stale`.
+    fn replay_cell_log(
+        &self,
+        state: &mut RestoredState,
+        stale: &mut UserSet,
+    ) -> Result<(), StoreError> {
+        for entry in self.db.tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
             if v.len() % LOG_CELL_BYTES != 0 {
                 return Err(corrupt(&k, "bad log record"));
@@ -162,7 +204,7 @@ impl Store {
                     .vectors
                     .get_mut(u)
                     .ok_or_else(|| corrupt(&k, "log names an unknown user"))?;
-                state.users_since_checkpoint.push(u as u32);
+                stale.insert(u as u32);
                 if j as usize >= state.items.len() || !value.is_finite() {
                     return Err(corrupt(
                         &k,
@@ -177,14 +219,14 @@ impl Store {
 
     /// Restores the label array (`m/labels`) and applies the label log (`k/…`) over it.
     fn restore_labels(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        if let Some(bytes) = self.tree.get(meta("labels"))? {
+        if let Some(bytes) = self.db.tree.get(meta("labels"))? {
             state.labels = bytes
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
         }
         // Changed labels since the array was written, oldest first.
-        for entry in self.tree.scan_prefix(b"k/") {
+        for entry in self.db.tree.scan_prefix(b"k/") {
             let (k, v) = entry?;
             if v.len() % 8 != 0 {
                 return Err(corrupt(&k, "bad label log record"));
@@ -206,7 +248,7 @@ impl Store {
 
     /// The persisted model (`m/model`) with its basis and warm block (stored as raw floats).
     fn load_model(&self) -> Result<Option<PersistedModel>, StoreError> {
-        let Some(mut model) = self.get_json::<PersistedModel>("model")? else {
+        let Some(mut model) = self.db.get_json::<PersistedModel>("model")? else {
             return Ok(None);
         };
         let floats = |bytes: sled::IVec| -> Vec<f64> {
@@ -215,10 +257,10 @@ impl Store {
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                 .collect()
         };
-        if let Some(bytes) = self.tree.get(meta("basis"))? {
+        if let Some(bytes) = self.db.tree.get(meta("basis"))? {
             model.basis = floats(bytes);
         }
-        if let Some(bytes) = self.tree.get(meta("warm_block"))? {
+        if let Some(bytes) = self.db.tree.get(meta("warm_block"))? {
             model.warm_block = floats(bytes);
         }
         Ok(Some(model))
@@ -226,41 +268,43 @@ impl Store {
 
     /// Source offsets (`topic/partition` → next offset) of the last commit.
     pub fn offsets(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        Ok(self.get_json("offsets")?.unwrap_or_default())
+        Ok(self.db.get_json("offsets")?.unwrap_or_default())
     }
 
-    /// Persists everything the engine changed since the last commit, plus `offsets`, in one
-    /// atomic batch, then flushes to disk. Only after this returns may offsets be acknowledged.
+    /// Persists everything `engine` reported to `tracker` since the last commit, plus
+    /// `offsets`, in one atomic batch, then flushes to disk. Only after this returns may offsets
+    /// be acknowledged.
     pub fn commit(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
+        tracker: &mut ChangeTracker,
         offsets: Option<&BTreeMap<String, i64>>,
-    ) -> Result<Changes, StoreError> {
-        let (changes, commit) = self.prepare_commit(engine, offsets)?;
-        self.write_commit(commit)?;
-        Ok(changes)
+    ) -> Result<(), StoreError> {
+        let commit = self.prepare_commit(engine, tracker, offsets)?;
+        self.write_commit(commit)
     }
 
-    /// Writes and flushes a commit from [`Store::prepare_commit`]. Commits must be written in
+    /// Writes and flushes a commit from [`StateStore::prepare_commit`]. Commits must be written in
     /// the order they were prepared (each may drop log records the previous ones wrote).
     pub fn write_commit(&self, commit: PreparedCommit) -> Result<(), StoreError> {
-        self.write(commit.0)
+        self.db.write(commit.0)
     }
 
-    /// The first half of [`Store::commit`]: takes the engine's changes and encodes them into
-    /// one atomic batch, without writing it. A replay hands its batches to a writer thread, so
-    /// the disk works while the next events are applied.
+    /// The first half of [`StateStore::commit`]: takes the changes `engine` reported to
+    /// `tracker` and encodes them into one atomic batch, without writing it. A replay hands its
+    /// batches to a writer thread, so the disk works while the next events are applied.
     pub fn prepare_commit(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
+        tracker: &mut ChangeTracker,
         offsets: Option<&BTreeMap<String, i64>>,
-    ) -> Result<(Changes, PreparedCommit), StoreError> {
-        let changes = engine.take_changes();
+    ) -> Result<PreparedCommit, StoreError> {
+        let changes = tracker.take(engine);
         let mut batch = sled::Batch::default();
-        for i in changes.first_new_item..engine.items().len() as u32 {
+        for i in changes.new_items.clone() {
             batch.insert(key(b'i', &i.to_be_bytes()), engine.items().id(i).as_bytes());
         }
-        for u in changes.first_new_user..engine.users().len() as u32 {
+        for u in changes.new_users.clone() {
             batch.insert(key(b'n', &u.to_be_bytes()), engine.users().id(u).as_bytes());
         }
         let mut log = self
@@ -272,14 +316,15 @@ impl Store {
         // change bounded (at most about twice the log) however large the data is.
         let threshold = self
             .checkpoint_cells
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(Ordering::Relaxed)
             .max(engine.ratings());
         if log.cells + changes.cells.len() as u64 >= threshold {
-            self.encode_checkpoint(engine, &mut log, &mut batch)?;
+            let users = tracker.take_checkpoint_users();
+            self.encode_checkpoint(engine, &users, &mut log, &mut batch)?;
         } else if !changes.cells.is_empty() {
             encode_log_record(engine, &changes.cells, &mut log, &mut batch);
         }
-        encode_labels(engine, &changes.labels, changes.model, &mut log, &mut batch);
+        encode_labels(engine, &changes, &mut log, &mut batch);
         if changes.model {
             encode_model(engine, &mut batch);
         }
@@ -293,21 +338,22 @@ impl Store {
                 serde_json::to_vec(offsets).unwrap_or_default(),
             );
         }
-        Ok((changes, PreparedCommit(batch)))
+        Ok(PreparedCommit(batch))
     }
 
-    /// Checkpoint: rewrites the chunks of every user changed since the last one and drops the
-    /// cell log (and any per-user records of a state dir written before chunks).
+    /// Checkpoint: rewrites the chunks of `users` (every user changed since the last one,
+    /// ascending) and drops the cell log (and any per-user records of a state dir written
+    /// before chunks).
     fn encode_checkpoint(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
+        users: &[u32],
         log: &mut LogState,
         batch: &mut sled::Batch,
     ) -> Result<(), StoreError> {
-        let mut chunks: Vec<usize> = engine
-            .take_checkpoint_users()
-            .into_iter()
-            .map(|u| u as usize / CHECKPOINT_CHUNK_USERS)
+        let mut chunks: Vec<usize> = users
+            .iter()
+            .map(|&u| u as usize / CHECKPOINT_CHUNK_USERS)
             .collect();
         chunks.dedup();
         let users = engine.users().len();
@@ -320,7 +366,7 @@ impl Store {
         }
         // Vectors of a state dir written before chunks: superseded by the chunks above
         // (every user of such a dir was restored from them, so every chunk is rewritten).
-        for legacy in self.tree.scan_prefix(b"u/").keys() {
+        for legacy in self.db.tree.scan_prefix(b"u/").keys() {
             batch.remove(legacy?);
         }
         for seq in 0..log.next_seq {
@@ -372,25 +418,15 @@ fn encode_log_record(
 }
 
 /// Writes the changed labels: a label-log record (`k/<seq>`) for a few users, or the whole
-/// array (dropping the label log) at re-clusterings, model changes, or a long label log.
-fn encode_labels(
-    engine: &Engine,
-    changes: &LabelChanges,
-    model_changed: bool,
-    log: &mut LogState,
-    batch: &mut sled::Batch,
-) {
-    let rewrite_labels = matches!(changes, LabelChanges::All)
-        || model_changed
-        || log.next_label_seq >= LABEL_LOG_RECORDS;
-    if let LabelChanges::Users(users) = changes
-        && !rewrite_labels
-        && !users.is_empty()
-    {
+/// array (dropping the label log) at model changes (re-clusterings among them) or after a long
+/// label log.
+fn encode_labels(engine: &Engine, changes: &Changes, log: &mut LogState, batch: &mut sled::Batch) {
+    let rewrite_labels = changes.model || log.next_label_seq >= LABEL_LOG_RECORDS;
+    if !rewrite_labels && !changes.labels.is_empty() {
         // Only the labels that changed: the whole array is rewritten at re-clusterings.
         let labels = engine.model().labels();
-        let mut record = Vec::with_capacity(users.len() * 8);
-        for &u in users {
+        let mut record = Vec::with_capacity(changes.labels.len() * 8);
+        for &u in &changes.labels {
             record.extend_from_slice(&u.to_le_bytes());
             record.extend_from_slice(&labels[u as usize].to_le_bytes());
         }
@@ -501,6 +537,13 @@ fn decode_vector(bytes: &[u8]) -> Option<SparseVec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SourceIds;
+    use crate::event::RatingEvent;
+
+    /// Applies `events`, reporting the changes to `changes` (as the pipeline does).
+    fn apply(engine: &mut Engine, changes: &mut ChangeTracker, events: &[RatingEvent]) {
+        engine.apply_with_source_ids(events, &mut SourceIds::default(), changes);
+    }
 
     #[test]
     fn vectors_round_trip_and_garbage_is_refused() {
@@ -518,7 +561,6 @@ mod tests {
     #[test]
     fn chunked_checkpoints_restore_many_users_and_replace_per_user_records() {
         use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
         let dir = tempfile::tempdir().unwrap();
         // 2,600 users (three chunks) with three items each: the ratings stop growing after
         // 7,800 events, so the log catches up with them and checkpoints happen.
@@ -530,16 +572,19 @@ mod tests {
         };
         let params = EngineParams::default();
         let mut reference = Engine::new(params.clone());
-        let store = Store::open(dir.path()).unwrap();
+        let store = super::super::open(dir.path()).unwrap().state;
         store.set_checkpoint_cells(1);
-        let mut engine = store.load_engine(params.clone()).unwrap();
+        let LoadedEngine {
+            mut engine,
+            mut changes,
+        } = store.load_engine(params.clone()).unwrap();
         let first: Vec<RatingEvent> = (0..24_000).map(event).collect();
         for batch in first.chunks(1_000) {
-            engine.apply(batch);
+            apply(&mut engine, &mut changes, batch);
             reference.apply(batch);
-            store.commit(&mut engine, None).unwrap();
+            store.commit(&engine, &mut changes, None).unwrap();
         }
-        let chunks = store.tree.scan_prefix(b"v/").count();
+        let chunks = store.db.tree.scan_prefix(b"v/").count();
         assert!(
             chunks >= 3,
             "users span several chunks: {chunks} chunks for {} users",
@@ -547,7 +592,7 @@ mod tests {
         );
         // Rewrite the checkpoint as a state dir written before chunks had it: one key per user.
         let mut batch = sled::Batch::default();
-        for k in store.tree.scan_prefix(b"v/").keys() {
+        for k in store.db.tree.scan_prefix(b"v/").keys() {
             batch.remove(k.unwrap());
         }
         let mut record = Vec::new();
@@ -555,11 +600,14 @@ mod tests {
             encode_vector(reference.vector(u), &mut record);
             batch.insert(key(b'u', &u.to_be_bytes()), record.as_slice());
         }
-        store.write(batch).unwrap();
+        store.db.write(batch).unwrap();
         drop(engine);
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        let mut engine = store.load_engine(params.clone()).unwrap();
+        let store = super::super::open(dir.path()).unwrap().state;
+        let LoadedEngine {
+            mut engine,
+            mut changes,
+        } = store.load_engine(params.clone()).unwrap();
         assert_eq!(
             engine.vectors(),
             reference.vectors(),
@@ -569,21 +617,23 @@ mod tests {
         // Enough changes for the log to reach the data's size: a checkpoint.
         let second: Vec<RatingEvent> = (24_000..56_000).map(event).collect();
         for batch in second.chunks(4_000) {
-            engine.apply(batch);
+            apply(&mut engine, &mut changes, batch);
             reference.apply(batch);
-            store.commit(&mut engine, None).unwrap();
+            store.commit(&engine, &mut changes, None).unwrap();
         }
         assert_eq!(
-            store.tree.scan_prefix(b"u/").count(),
+            store.db.tree.scan_prefix(b"u/").count(),
             0,
             "per-user records replaced"
         );
         drop(engine);
         drop(store);
-        let reopened = Store::open(dir.path())
+        let reopened = super::super::open(dir.path())
             .unwrap()
+            .state
             .load_engine(params)
-            .unwrap();
+            .unwrap()
+            .engine;
         assert_eq!(
             reopened.vectors(),
             reference.vectors(),
@@ -594,7 +644,6 @@ mod tests {
     #[test]
     fn checkpoints_and_log_replay_restore_the_same_vectors() {
         use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
         let dir = tempfile::tempdir().unwrap();
         let events: Vec<RatingEvent> = (0..500)
             .map(|i| RatingEvent {
@@ -612,20 +661,25 @@ mod tests {
         let mut reference = Engine::new(params.clone());
         // Reopen every few batches, so checkpoints happen after restarts with a pending log.
         for (round, chunk) in events.chunks(75).enumerate() {
-            let store = Store::open(dir.path()).unwrap();
+            let store = super::super::open(dir.path()).unwrap().state;
             store.set_checkpoint_cells(40 + round as u64 * 7);
-            let mut engine = store.load_engine(params.clone()).unwrap();
+            let LoadedEngine {
+                mut engine,
+                mut changes,
+            } = store.load_engine(params.clone()).unwrap();
             assert_eq!(engine.vectors(), reference.vectors(), "round {round}");
             for batch in chunk.chunks(25) {
-                engine.apply(batch);
+                apply(&mut engine, &mut changes, batch);
                 reference.apply(batch);
-                store.commit(&mut engine, None).unwrap();
+                store.commit(&engine, &mut changes, None).unwrap();
             }
         }
-        let reopened = Store::open(dir.path())
+        let reopened = super::super::open(dir.path())
             .unwrap()
+            .state
             .load_engine(params)
-            .unwrap();
+            .unwrap()
+            .engine;
         assert_eq!(reopened.vectors(), reference.vectors());
         assert_eq!(reopened.users().ids(), reference.users().ids());
     }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use segmenter::config::Config;
 use segmenter::event::Mode;
 use segmenter::snapshot::Snapshot;
-use segmenter::store::Store;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_segmenter");
 
@@ -224,8 +223,9 @@ pub fn persisted_position(state: &Path) -> u64 {
     if !state.exists() {
         return 0;
     }
-    let offsets = Store::open(state)
+    let offsets = segmenter::store::open(state)
         .expect("open state")
+        .state
         .offsets()
         .expect("read offsets");
     offsets.values().map(|&o| o.max(0) as u64).sum()
@@ -396,8 +396,9 @@ pub fn run_to_completion(env: &[(String, String)], total: u64) -> Snapshot {
 
 /// The latest snapshot in a state dir no process holds any more.
 pub fn latest_stored_snapshot(state: &Path) -> Snapshot {
-    Store::open(state)
+    segmenter::store::open(state)
         .expect("open state")
+        .snapshots
         .latest_snapshot()
         .expect("read")
         .expect("a final snapshot")
@@ -445,10 +446,12 @@ pub fn assert_same_model(a: &Snapshot, b: &Snapshot) {
 /// differently (measured: 0.93-1.0 after restarts, 1.0 without).
 pub fn assert_same_partition(a: &Path, b: &Path, config: &Config) {
     let load = |p: &Path| {
-        let engine = Store::open(p)
+        let engine = segmenter::store::open(p)
             .expect("open state")
+            .state
             .load_engine(config.engine_params())
-            .expect("load state");
+            .expect("load state")
+            .engine;
         engine
             .users()
             .ids()
@@ -474,10 +477,12 @@ pub fn assert_same_partition(a: &Path, b: &Path, config: &Config) {
 /// counted twice).
 pub fn assert_same_vectors(a: &Path, b: &Path, config: &Config) {
     let load = |p: &Path| {
-        let engine = Store::open(p)
+        let engine = segmenter::store::open(p)
             .unwrap()
+            .state
             .load_engine(config.engine_params())
-            .unwrap();
+            .unwrap()
+            .engine;
         let mut out = BTreeMap::new();
         for (u, id) in engine.users().ids().iter().enumerate() {
             let x = engine.vector(u as u32);
