@@ -24,6 +24,7 @@
 //! - [`Catalogue`]: `c/<item>` titles.
 
 mod catalogue;
+mod cells;
 mod changes;
 mod snapshots;
 mod state;
@@ -43,12 +44,14 @@ pub use snapshots::{SnapshotInfo, SnapshotStore};
 pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateStore};
 
 /// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
-/// checkpoints user vectors in 1024-user chunks (`v/`); a format-1 dir (one `u/` key per user)
-/// is read as it is and marked format 2 on open, so an older build refuses it from then on.
-pub const STATE_FORMAT: u32 = 2;
+/// checkpoints user vectors in 1024-user chunks (`v/`); format 3 writes chunks and cell-log
+/// records in a compact encoding (varints and one-byte values, see `cells`). Older dirs are
+/// read as they are (format 1: one `u/` key per user; 16-byte log cells and 12-byte chunk
+/// cells) and marked with this format on open, so an older build refuses them from then on.
+pub const STATE_FORMAT: u32 = 3;
 
 /// Formats this build reads.
-const READABLE_FORMATS: [u32; 2] = [1, 2];
+const READABLE_FORMATS: [u32; 3] = [1, 2, 3];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

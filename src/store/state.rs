@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::engine::{Counters, Engine, EngineParams, PersistedModel, RestoredState, SparseVec};
 
 use super::changes::{ChangeTracker, Changes, UserSet};
-use super::{Database, StoreError, corrupt, index_u32, key, meta};
+use super::{Database, StoreError, cells, corrupt, index_u32, key, meta};
 
 /// The engine state and the source offsets. Commits are prepared on the thread that applies
 /// and written, in the order they were prepared, by a writer (see [`StateStore::write_commit`]).
@@ -60,7 +60,11 @@ impl LogState {
         for entry in tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
             log.next_seq = log.next_seq.max(log_sequence(&k)? + 1);
-            log.cells += (v.len() / LOG_CELL_BYTES) as u64;
+            log.cells += if cells::is_compact(&v) {
+                cells::log_cell_count(&v).ok_or_else(|| corrupt(&k, "bad log record"))?
+            } else {
+                (v.len() / LOG_CELL_BYTES) as u64
+            };
         }
         for entry in tree.scan_prefix(b"k/") {
             let (k, _) = entry?;
@@ -189,22 +193,13 @@ impl StateStore {
     ) -> Result<(), StoreError> {
         for entry in self.db.tree.scan_prefix(b"l/") {
             let (k, v) = entry?;
-            if v.len() % LOG_CELL_BYTES != 0 {
-                return Err(corrupt(&k, "bad log record"));
-            }
-            for cell in v.chunks_exact(LOG_CELL_BYTES) {
-                let u = u32::from_le_bytes([cell[0], cell[1], cell[2], cell[3]]) as usize;
-                let j = u32::from_le_bytes([cell[4], cell[5], cell[6], cell[7]]);
-                let value = f64::from_le_bytes(
-                    cell[8..16]
-                        .try_into()
-                        .map_err(|_| corrupt(&k, "bad log value"))?,
-                );
+            let logged = decode_log_record(&v).ok_or_else(|| corrupt(&k, "bad log record"))?;
+            for (u, j, value) in logged {
                 let x = state
                     .vectors
-                    .get_mut(u)
+                    .get_mut(u as usize)
                     .ok_or_else(|| corrupt(&k, "log names an unknown user"))?;
-                stale.insert(u as u32);
+                stale.insert(u);
                 if j as usize >= state.items.len() || !value.is_finite() {
                     return Err(corrupt(
                         &k,
@@ -399,22 +394,41 @@ fn set_cell(x: &mut SparseVec, j: u32, value: f64) {
     }
 }
 
-/// Appends one cell-log record (`l/<seq>`): the current value of each changed cell.
+/// Appends one cell-log record (`l/<seq>`): the current value of each changed cell, in the
+/// compact encoding (about 4 bytes a cell).
 fn encode_log_record(
     engine: &Engine,
     cells: &[(u32, u32)],
     log: &mut LogState,
     batch: &mut sled::Batch,
 ) {
-    let mut record = Vec::with_capacity(cells.len() * LOG_CELL_BYTES);
-    for &(u, j) in cells {
-        record.extend_from_slice(&u.to_le_bytes());
-        record.extend_from_slice(&j.to_le_bytes());
-        record.extend_from_slice(&engine.vector(u).get(j).to_le_bytes());
-    }
+    let record =
+        cells::encode_log_cells(cells.iter().map(|&(u, j)| (u, j, engine.vector(u).get(j))));
     batch.insert(key(b'l', &log.next_seq.to_be_bytes()), record);
     log.next_seq += 1;
     log.cells += cells.len() as u64;
+}
+
+/// The cells of a log record, compact or (written before compact records) 16 bytes a cell.
+fn decode_log_record(record: &[u8]) -> Option<Vec<(u32, u32, f64)>> {
+    if cells::is_compact(record) {
+        return cells::decode_log_cells(record);
+    }
+    if !record.len().is_multiple_of(LOG_CELL_BYTES) {
+        return None;
+    }
+    record
+        .chunks_exact(LOG_CELL_BYTES)
+        .map(|cell| {
+            let (u, rest) = cell.split_first_chunk::<4>()?;
+            let (j, value) = rest.split_first_chunk::<4>()?;
+            Some((
+                u32::from_le_bytes(*u),
+                u32::from_le_bytes(*j),
+                f64::from_le_bytes(value.try_into().ok()?),
+            ))
+        })
+        .collect()
 }
 
 /// Writes the changed labels: a label-log record (`k/<seq>`) for a few users, or the whole
@@ -464,27 +478,33 @@ fn encode_model(engine: &Engine, batch: &mut sled::Batch) {
 /// Users per checkpoint record (`v/<chunk>`).
 const CHECKPOINT_CHUNK_USERS: usize = 1024;
 
-/// `[users u32]` then each user's vector as [`encode_vector`] writes it.
+/// A chunk in the compact encoding: `[magic][users]` then each user's vector (see
+/// [`cells::put_vector`]): about 2-3 bytes a rating.
 fn encode_chunk(
     vectors: impl Iterator<Item = impl std::ops::Deref<Target = SparseVec>>,
     out: &mut Vec<u8>,
 ) {
     out.clear();
-    out.extend_from_slice(&0u32.to_le_bytes());
-    let mut users = 0u32;
-    let mut one = Vec::new();
+    let mut body = Vec::new();
+    let mut users = 0u64;
     for x in vectors {
-        encode_vector(&x, &mut one);
-        out.extend_from_slice(&one);
+        cells::put_vector(&mut body, &x.idx, &x.val);
         users += 1;
     }
-    out[..4].copy_from_slice(&users.to_le_bytes());
+    out.extend_from_slice(&cells::COMPACT_MAGIC);
+    cells::put_varint(out, users);
+    out.extend_from_slice(&body);
 }
 
+/// A chunk's vectors, compact or (written before compact chunks) `[users u32]` then each
+/// vector as [`decode_vector`] reads it.
 fn decode_chunk(bytes: &[u8]) -> Option<Vec<SparseVec>> {
+    if cells::is_compact(bytes) {
+        return decode_compact_chunk(&bytes[cells::COMPACT_MAGIC.len()..]);
+    }
     let users = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let mut at = 4;
-    let mut out = Vec::with_capacity(users);
+    let mut out = Vec::with_capacity(users.min(CHECKPOINT_CHUNK_USERS));
     for _ in 0..users {
         let nnz = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
         let len = 4 + 12 * nnz;
@@ -494,21 +514,28 @@ fn decode_chunk(bytes: &[u8]) -> Option<Vec<SparseVec>> {
     (at == bytes.len()).then_some(out)
 }
 
+fn decode_compact_chunk(bytes: &[u8]) -> Option<Vec<SparseVec>> {
+    let mut r = cells::Reader::new(bytes);
+    let users = r.varint()?;
+    if users > CHECKPOINT_CHUNK_USERS as u64 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(users as usize);
+    for _ in 0..users {
+        let (idx, val) = r.vector()?;
+        if val.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        out.push(SparseVec { idx, val });
+    }
+    r.is_empty().then_some(out)
+}
+
 /// A log cell: user u32, item u32, value f64 (0 = removed), little-endian.
 const LOG_CELL_BYTES: usize = 16;
 
-/// `[nnz u32][idx u32 x nnz][val f64 x nnz]`, little-endian.
-fn encode_vector(x: &SparseVec, out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(&(x.nnz() as u32).to_le_bytes());
-    for j in &x.idx {
-        out.extend_from_slice(&j.to_le_bytes());
-    }
-    for v in &x.val {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
+/// `[nnz u32][idx u32 x nnz][val f64 x nnz]`, little-endian (per-user records and chunks
+/// written before compact chunks).
 fn decode_vector(bytes: &[u8]) -> Option<SparseVec> {
     let read_u32 = |at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
@@ -543,6 +570,103 @@ mod tests {
     /// Applies `events`, reporting the changes to `changes` (as the pipeline does).
     fn apply(engine: &mut Engine, changes: &mut ChangeTracker, events: &[RatingEvent]) {
         engine.apply_with_source_ids(events, &mut SourceIds::default(), changes);
+    }
+
+    /// A vector as state dirs before compact chunks wrote it (see [`decode_vector`]).
+    fn encode_vector(x: &SparseVec, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&(x.nnz() as u32).to_le_bytes());
+        for j in &x.idx {
+            out.extend_from_slice(&j.to_le_bytes());
+        }
+        for v in &x.val {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn a_state_dir_with_records_written_before_compact_ones_reads_and_continues() {
+        use crate::engine::EngineParams;
+        let dir = tempfile::tempdir().unwrap();
+        let event = |i: usize| RatingEvent {
+            user: format!("u{}", i % 1_500),
+            item: format!("i{}", (i * 7) % 40),
+            value: Some([1.0, 2.5, 0.3, 4.0, 5.0][i % 5]),
+            ts: i as i64,
+        };
+        let params = EngineParams::default();
+        let mut reference = Engine::new(params.clone());
+        let store = super::super::open(dir.path()).unwrap().state;
+        store.set_checkpoint_cells(1);
+        let LoadedEngine {
+            mut engine,
+            mut changes,
+        } = store.load_engine(params.clone()).unwrap();
+        let events: Vec<RatingEvent> = (0..9_000).map(event).collect();
+        for (i, batch) in events.chunks(1_000).enumerate() {
+            apply(&mut engine, &mut changes, batch);
+            reference.apply(batch);
+            // A checkpoint first, then log records on top of it.
+            store.set_checkpoint_cells(if i == 0 { 1 } else { u64::MAX });
+            store.commit(&engine, &mut changes, None).unwrap();
+        }
+        // Rewrite every chunk and log record as the earlier encoding had them.
+        let mut batch = sled::Batch::default();
+        let mut logged = 0;
+        for entry in store.db.tree.scan_prefix(b"v/") {
+            let (k, v) = entry.unwrap();
+            assert!(cells::is_compact(&v));
+            let vectors = decode_chunk(&v).unwrap();
+            let mut legacy = (vectors.len() as u32).to_le_bytes().to_vec();
+            let mut one = vec![];
+            for x in &vectors {
+                encode_vector(x, &mut one);
+                legacy.extend_from_slice(&one);
+            }
+            batch.insert(k, legacy);
+        }
+        for entry in store.db.tree.scan_prefix(b"l/") {
+            let (k, v) = entry.unwrap();
+            let mut legacy = vec![];
+            for (u, j, value) in decode_log_record(&v).unwrap() {
+                legacy.extend_from_slice(&u.to_le_bytes());
+                legacy.extend_from_slice(&j.to_le_bytes());
+                legacy.extend_from_slice(&value.to_le_bytes());
+                logged += 1;
+            }
+            batch.insert(k, legacy);
+        }
+        assert!(logged > 0, "the state dir holds log records");
+        store.db.write(batch).unwrap();
+        drop(engine);
+        drop(store);
+        let store = super::super::open(dir.path()).unwrap().state;
+        let LoadedEngine {
+            mut engine,
+            mut changes,
+        } = store.load_engine(params.clone()).unwrap();
+        assert_eq!(
+            engine.vectors(),
+            reference.vectors(),
+            "earlier records read"
+        );
+        let more: Vec<RatingEvent> = (9_000..12_000).map(event).collect();
+        apply(&mut engine, &mut changes, &more);
+        reference.apply(&more);
+        store.commit(&engine, &mut changes, None).unwrap();
+        drop(engine);
+        drop(store);
+        let reopened = super::super::open(dir.path())
+            .unwrap()
+            .state
+            .load_engine(params)
+            .unwrap()
+            .engine;
+        assert_eq!(
+            reopened.vectors(),
+            reference.vectors(),
+            "continued over them"
+        );
     }
 
     #[test]
