@@ -136,21 +136,39 @@ fn start_block(
     q
 }
 
-/// Whether the curve-only eigenvalues (beyond the kept vectors) have settled. They feed a
-/// chart. A Ritz value is within its residual r of an eigenvalue, and within r²/gap once the
-/// gap to the rest of the spectrum is known: the gap to each neighbouring Ritz value less that
-/// neighbour's own residual (a neighbour that has not converged yet gives no gap). Settled when
-/// either bound is below CURVE_TOLERANCE of the value, or below `tolerance · λ₁` (the floor a
-/// low-rank matrix with zero eigenvalues needs).
-fn values_settled(
+/// Where the curve-only eigenvalues (beyond the kept vectors) stand. They feed a chart. A Ritz
+/// value is within its residual r of an eigenvalue, and within r²/gap once the gap to the rest
+/// of the spectrum is known: the gap to each neighbouring Ritz value less that neighbour's own
+/// residual (a neighbour that has not converged yet gives no gap). `bounded` when either bound
+/// is below CURVE_TOLERANCE of the value, or below `tolerance · λ₁` (the floor a low-rank
+/// matrix with zero eigenvalues needs), for every value; `steady` when no value moved by more
+/// than that since the previous Rayleigh–Ritz step (a bound can look small for a Ritz value
+/// the basis has not separated from a close neighbour yet).
+#[derive(Debug, Clone, Copy)]
+struct CurveState {
+    bounded: bool,
+    steady: bool,
+}
+
+impl CurveState {
+    fn settled(self) -> bool {
+        self.bounded && self.steady
+    }
+}
+
+fn curve_state(
     ritz_values: &[f64],
     residuals: &[f64],
     previous_values: &[f64],
     wanted: &Wanted,
     tolerance: f64,
     scale: f64,
-) -> bool {
-    (wanted.vectors..wanted.values).all(|i| {
+) -> CurveState {
+    let mut state = CurveState {
+        bounded: true,
+        steady: true,
+    };
+    for i in wanted.vectors..wanted.values {
         let theta = ritz_values[i].abs();
         let neighbour_gap = |j: Option<usize>| {
             j.and_then(|j| Some((ritz_values.get(j)?, residuals.get(j).copied()?)))
@@ -160,11 +178,11 @@ fn values_settled(
         let r = residuals[i];
         let bound = r.min(r * r / gap.max(f64::MIN_POSITIVE));
         let allowed = (CURVE_TOLERANCE * theta).max(tolerance * scale);
-        // Also steady across a step: a bound can look small for a Ritz value the basis has
-        // not separated from a close neighbour yet.
         let previous = previous_values.get(i).copied().unwrap_or(f64::NAN);
-        bound <= allowed && (ritz_values[i] - previous).abs() <= allowed
-    })
+        state.bounded &= bound <= allowed;
+        state.steady &= (ritz_values[i] - previous).abs() <= allowed;
+    }
+    state
 }
 
 /// `|λ₁|`, the scale residuals are measured against (never zero).
@@ -214,14 +232,15 @@ fn subspace_iteration(
         let max_residual = residuals[..wanted.vectors]
             .iter()
             .fold(0.0f64, |m, r| m.max(r / scale));
-        let settled = values_settled(
+        let settled = curve_state(
             &ritz_values,
             &residuals,
             &previous_values,
             wanted,
             params.tolerance,
             scale,
-        );
+        )
+        .settled();
         previous_values.copy_from_slice(&ritz_values[..wanted.values]);
         let converged = max_residual <= params.tolerance && settled;
         if converged || iterations >= params.max_iterations {
@@ -335,7 +354,7 @@ fn lanczos(
             let (theta, s) = k.ritz();
             let estimates = k.residual_estimates(&coupling, &s);
             let scale = residual_scale(&theta);
-            let settled = values_settled(
+            let curve = curve_state(
                 &theta,
                 &estimates,
                 &previous_values,
@@ -343,10 +362,17 @@ fn lanczos(
                 params.tolerance,
                 scale,
             );
+            let settled = curve.settled();
             previous_values.copy_from_slice(&theta[..wanted.values]);
             let kept_converged = estimates[..wanted.vectors]
                 .iter()
                 .all(|e| e / scale <= params.tolerance);
+            if kept_converged && curve.bounded {
+                // Only steadiness is missing, judged against the previous Rayleigh–Ritz step:
+                // the next step tells, where waiting for a quarter more basis would spend
+                // several applications after convergence.
+                ritz_at = k.len + 1;
+            }
             if (settled && kept_converged) || spanned || last_call {
                 let result = k.finish(c, &theta, &s, wanted, settled, params.tolerance);
                 iterations += usize::from(wanted.vectors > 0);
