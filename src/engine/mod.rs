@@ -348,9 +348,9 @@ pub struct ApplyOutcome {
 /// notion of what was saved. Ids are only ever appended, so new users and items need no report:
 /// they are those past the ones already saved.
 pub trait ChangeSink {
-    /// The value of `(user, item)` changed (now zero: removed). Called once per changed cell,
-    /// on the hot path: keep it to a push.
-    fn cell_changed(&mut self, user: u32, item: u32);
+    /// The value of `(user, item)` changed to `value` (zero: removed). Called once per changed
+    /// cell, on the hot path: keep it to a push.
+    fn cell_changed(&mut self, user: u32, item: u32, value: f64);
     /// `user`'s cluster label changed (online, between refreshes).
     fn label_changed(&mut self, user: u32);
     /// The model was refreshed or replaced: its basis, every projection and possibly every
@@ -360,7 +360,7 @@ pub trait ChangeSink {
 
 /// An engine nobody persists (tests, benchmarks, [`Engine::apply`]) reports to nowhere.
 impl ChangeSink for () {
-    fn cell_changed(&mut self, _user: u32, _item: u32) {}
+    fn cell_changed(&mut self, _user: u32, _item: u32, _value: f64) {}
     fn label_changed(&mut self, _user: u32) {}
     fn model_changed(&mut self) {}
 }
@@ -612,7 +612,7 @@ impl Engine {
         self.model.on_change(
             u as usize, j as usize, delta, was_active, now_active, changes,
         );
-        changes.cell_changed(u, j);
+        changes.cell_changed(u, j, new);
     }
 
     /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service

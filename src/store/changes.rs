@@ -11,9 +11,10 @@ use crate::engine::{ChangeSink, Engine};
 /// takes them.
 #[derive(Debug)]
 pub struct ChangeTracker {
-    /// (user, item) cells changed since the last commit, in change order with repeats (a push
+    /// (user, item, new value) of the cells changed since the last commit, in change order with
+    /// repeats (a push
     /// per event is far cheaper than a set insert; [`ChangeTracker::take`] sorts and dedups).
-    cells: Vec<(u32, u32)>,
+    cells: Vec<(u32, u32, f64)>,
     /// Users changed since the last checkpoint of whole user records.
     checkpoint_users: UserSet,
     /// Users whose label changed since the last commit, with repeats; not kept once the model
@@ -27,8 +28,9 @@ pub struct ChangeTracker {
 
 /// What one commit writes, taken from a [`ChangeTracker`].
 pub(super) struct Changes {
-    /// Ascending, distinct.
-    pub cells: Vec<(u32, u32)>,
+    /// (user, item, value), ascending by (user, item), distinct; the value each cell was given
+    /// last.
+    pub cells: Vec<(u32, u32, f64)>,
     /// Users whose label changed, ascending, distinct; empty when `model` (every label is
     /// written then).
     pub labels: Vec<u32>,
@@ -39,8 +41,8 @@ pub(super) struct Changes {
 
 impl ChangeSink for ChangeTracker {
     #[inline]
-    fn cell_changed(&mut self, user: u32, item: u32) {
-        self.cells.push((user, item));
+    fn cell_changed(&mut self, user: u32, item: u32, value: f64) {
+        self.cells.push((user, item, value));
         self.checkpoint_users.insert(user);
     }
 
@@ -73,8 +75,15 @@ impl ChangeTracker {
     /// What changed since the previous call; from then on, `engine`'s ids count as persisted.
     pub(super) fn take(&mut self, engine: &Engine) -> Changes {
         let mut cells = std::mem::take(&mut self.cells);
-        cells.sort_unstable();
-        cells.dedup();
+        // Stable, so a cell changed twice keeps the value it was given last.
+        cells.sort_by_key(|&(u, j, _)| (u, j));
+        cells.dedup_by(|later, kept| {
+            let same = (later.0, later.1) == (kept.0, kept.1);
+            if same {
+                kept.2 = later.2;
+            }
+            same
+        });
         let mut labels = std::mem::take(&mut self.labels);
         labels.sort_unstable();
         labels.dedup();
@@ -170,12 +179,12 @@ mod tests {
             ],
         );
         let first = tracker.take(&engine);
-        assert_eq!(first.cells, vec![(0, 0), (1, 1)]);
+        assert_eq!(first.cells, vec![(0, 0, 4.0), (1, 1, 1.0)]);
         assert_eq!((first.new_users, first.new_items), (0..2, 0..2));
         assert!(!first.model && first.labels.is_empty());
         apply(&mut engine, &mut tracker, &[ev("c", "x", Some(2.0))]);
         let second = tracker.take(&engine);
-        assert_eq!(second.cells, vec![(2, 0)]);
+        assert_eq!(second.cells, vec![(2, 0, 2.0)]);
         assert_eq!((second.new_users, second.new_items), (2..3, 2..2));
         assert_eq!(tracker.take_checkpoint_users(), vec![0, 1, 2]);
         assert!(tracker.take_checkpoint_users().is_empty());

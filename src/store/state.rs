@@ -20,7 +20,12 @@ pub struct StateStore {
 }
 
 /// One commit's atomic batch, encoded but not yet written (see [`StateStore::prepare_commit`]).
-pub struct PreparedCommit(sled::Batch);
+pub struct PreparedCommit {
+    batch: sled::Batch,
+    /// The cell-log record to add to the batch (key, cells): encoded by the thread that writes
+    /// the commit, not by the one applying events.
+    log_record: Option<(Vec<u8>, Vec<(u32, u32, f64)>)>,
+}
 
 /// The engine as the state dir holds it, and the tracker its changes are reported to from
 /// there on (the one to hand to [`StateStore::prepare_commit`]).
@@ -54,6 +59,15 @@ fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl LogState {
+    /// The key of the next cell-log record (`l/<seq>`), counting its `cells` as logged; the
+    /// record holds their current values in the compact encoding (about 4 bytes a cell).
+    fn next_record(&mut self, cells: Vec<(u32, u32, f64)>) -> (Vec<u8>, Vec<(u32, u32, f64)>) {
+        let key = key(b'l', &self.next_seq.to_be_bytes());
+        self.next_seq += 1;
+        self.cells += cells.len() as u64;
+        (key, cells)
+    }
+
     /// Where the logs stand in `tree`: the next record numbers and the cells logged.
     fn scan(tree: &sled::Tree) -> Result<LogState, StoreError> {
         let mut log = LogState::default();
@@ -282,7 +296,11 @@ impl StateStore {
     /// Writes and flushes a commit from [`StateStore::prepare_commit`]. Commits must be written in
     /// the order they were prepared (each may drop log records the previous ones wrote).
     pub fn write_commit(&self, commit: PreparedCommit) -> Result<(), StoreError> {
-        self.db.write(commit.0)
+        let mut batch = commit.batch;
+        if let Some((key, cells)) = commit.log_record {
+            batch.insert(key, cells::encode_log_cells(cells.into_iter()));
+        }
+        self.db.write(batch)
     }
 
     /// The first half of [`StateStore::commit`]: takes the changes `engine` reported to
@@ -294,7 +312,7 @@ impl StateStore {
         tracker: &mut ChangeTracker,
         offsets: Option<&BTreeMap<String, i64>>,
     ) -> Result<PreparedCommit, StoreError> {
-        let changes = tracker.take(engine);
+        let mut changes = tracker.take(engine);
         let mut batch = sled::Batch::default();
         for i in changes.new_items.clone() {
             batch.insert(key(b'i', &i.to_be_bytes()), engine.items().id(i).as_bytes());
@@ -306,6 +324,7 @@ impl StateStore {
             .log
             .lock()
             .map_err(|_| corrupt(b"l/", "log state poisoned"))?;
+        let mut log_record = None;
         // A checkpoint rewrites every user changed since the last one, up to the whole data:
         // letting the log grow to the size of the ratings first keeps the bytes written per
         // change bounded (at most about twice the log) however large the data is.
@@ -317,7 +336,7 @@ impl StateStore {
             let users = tracker.take_checkpoint_users();
             self.encode_checkpoint(engine, &users, &mut log, &mut batch)?;
         } else if !changes.cells.is_empty() {
-            encode_log_record(engine, &changes.cells, &mut log, &mut batch);
+            log_record = Some(log.next_record(std::mem::take(&mut changes.cells)));
         }
         encode_labels(engine, &changes, &mut log, &mut batch);
         if changes.model {
@@ -333,7 +352,7 @@ impl StateStore {
                 serde_json::to_vec(offsets).unwrap_or_default(),
             );
         }
-        Ok(PreparedCommit(batch))
+        Ok(PreparedCommit { batch, log_record })
     }
 
     /// Checkpoint: rewrites the chunks of `users` (every user changed since the last one,
@@ -392,21 +411,6 @@ fn set_cell(x: &mut SparseVec, j: u32, value: f64) {
             x.val.insert(p, value);
         }
     }
-}
-
-/// Appends one cell-log record (`l/<seq>`): the current value of each changed cell, in the
-/// compact encoding (about 4 bytes a cell).
-fn encode_log_record(
-    engine: &Engine,
-    cells: &[(u32, u32)],
-    log: &mut LogState,
-    batch: &mut sled::Batch,
-) {
-    let record =
-        cells::encode_log_cells(cells.iter().map(|&(u, j)| (u, j, engine.vector(u).get(j))));
-    batch.insert(key(b'l', &log.next_seq.to_be_bytes()), record);
-    log.next_seq += 1;
-    log.cells += cells.len() as u64;
 }
 
 /// The cells of a log record, compact or (written before compact records) 16 bytes a cell.
