@@ -24,8 +24,11 @@ pub struct PreparedCommit {
     batch: sled::Batch,
     /// The cell-log record to add to the batch (key, cells): encoded by the thread that writes
     /// the commit, not by the one applying events.
-    log_record: Option<(Vec<u8>, Vec<(u32, u32, f64)>)>,
+    log_record: Option<LogRecord>,
 }
+
+/// A cell-log record not yet encoded: its key and its cells (user, item, value).
+type LogRecord = (Vec<u8>, Vec<(u32, u32, f64)>);
 
 /// The engine as the state dir holds it, and the tracker its changes are reported to from
 /// there on (the one to hand to [`StateStore::prepare_commit`]).
@@ -61,7 +64,7 @@ fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
 impl LogState {
     /// The key of the next cell-log record (`l/<seq>`), counting its `cells` as logged; the
     /// record holds their current values in the compact encoding (about 4 bytes a cell).
-    fn next_record(&mut self, cells: Vec<(u32, u32, f64)>) -> (Vec<u8>, Vec<(u32, u32, f64)>) {
+    fn next_record(&mut self, cells: Vec<(u32, u32, f64)>) -> LogRecord {
         let key = key(b'l', &self.next_seq.to_be_bytes());
         self.next_seq += 1;
         self.cells += cells.len() as u64;
