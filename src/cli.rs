@@ -225,6 +225,8 @@ pub enum SnapshotCommand {
     Show { version: u64 },
     /// Stored snapshots with their times and counts.
     List,
+    /// A user's segment in every retained snapshot, oldest first.
+    History { user: String },
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
@@ -493,6 +495,9 @@ fn snapshot_command(args: SnapshotArgs, config: &Config) -> anyhow::Result<()> {
     let source = SnapshotSource::new(args.url, args.state_dir, args.token, config);
     let version = match args.which {
         SnapshotCommand::List => return print_snapshot_list(&source.list()?, args.json),
+        SnapshotCommand::History { user } => {
+            return print_user_history(&user, &source.user_history(&user)?, args.json);
+        }
         SnapshotCommand::Show { version } => Some(version),
         SnapshotCommand::Latest => None,
     };
@@ -501,6 +506,26 @@ fn snapshot_command(args: SnapshotArgs, config: &Config) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     } else {
         print!("{}", seed_report(&snapshot, args.top));
+    }
+    Ok(())
+}
+
+fn print_user_history(
+    user: &str,
+    history: &[crate::store::HistoryEntry],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"user": user, "history": history}))?
+        );
+        return Ok(());
+    }
+    println!("{:>8}  {:<22}  cluster", "version", "created_at");
+    for h in history {
+        let cluster = h.cluster.map_or("-".to_string(), |c| c.to_string());
+        println!("{:>8}  {:<22}  {cluster}", h.version, h.created_at);
     }
     Ok(())
 }
@@ -728,6 +753,26 @@ impl SnapshotSource {
         }
     }
 
+    fn user_history(&self, user: &str) -> anyhow::Result<Vec<crate::store::HistoryEntry>> {
+        match self {
+            SnapshotSource::Url { .. } => {
+                #[derive(serde::Deserialize)]
+                struct History {
+                    history: Vec<crate::store::HistoryEntry>,
+                }
+                let path = format!("/users/{}/history", percent_encode(user));
+                Ok(serde_json::from_str::<History>(&self.get(&path)?)?.history)
+            }
+            SnapshotSource::Dir(dir) => {
+                let store = Self::open(dir)?;
+                let index = store
+                    .user_index(user)?
+                    .ok_or_else(|| anyhow::anyhow!("no user `{user}` in {}", dir.display()))?;
+                Ok(store.user_history(index)?)
+            }
+        }
+    }
+
     fn list(&self) -> anyhow::Result<Vec<crate::store::SnapshotInfo>> {
         match self {
             SnapshotSource::Url { .. } => {
@@ -740,4 +785,16 @@ impl SnapshotSource {
             SnapshotSource::Dir(dir) => Ok(Self::open(dir)?.snapshot_infos()?),
         }
     }
+}
+
+/// `id` as one URL path segment: every byte but unreserved ASCII percent-encoded.
+fn percent_encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

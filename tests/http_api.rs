@@ -44,6 +44,7 @@ fn every_route_answers_as_documented() {
         "/snapshots/1",
         "/clusters/0",
         "/users/u1",
+        "/users/u1/history",
         "/openapi.json",
     ] {
         let (missing, body) = http_get(&format!("{base}{path}"), None);
@@ -66,6 +67,7 @@ fn every_route_answers_as_documented() {
         "/snapshots/{version}",
         "/clusters/{id}",
         "/users/{id}",
+        "/users/{id}/history",
         "/openapi.json",
         "/charts/{file}",
         "/",
@@ -146,6 +148,32 @@ fn every_route_answers_as_documented() {
     assert_eq!(get("/users/no-such-user").0, 404);
     assert_eq!(get(&format!("/users/{}", "x".repeat(300))).0, 400);
     assert_eq!(get("/users/u5?items=0").0, 400);
+
+    // A user's history: each retained snapshot once, oldest first, with the cluster that
+    // snapshot gave the user (the one `/users/u5` reported for `version`).
+    let (status, body) = get("/users/u5/history");
+    assert_eq!(status, 200, "{body}");
+    let history = json(&body);
+    assert_eq!(history["user"], "u5");
+    let entries = history["history"].as_array().unwrap();
+    let listed: Vec<u64> = entries
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert!(!listed.is_empty(), "{body}");
+    assert!(listed.windows(2).all(|w| w[0] < w[1]), "{listed:?}");
+    let at_version = entries
+        .iter()
+        .find(|e| e["version"].as_u64() == Some(version))
+        .unwrap_or_else(|| panic!("no entry for snapshot {version}: {body}"));
+    assert_eq!(at_version["cluster"], user["cluster"], "{body}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| !e["created_at"].as_str().unwrap().is_empty())
+    );
+    assert_eq!(get("/users/no-such-user/history").0, 404);
+    assert_eq!(get(&format!("/users/{}/history", "x".repeat(300))).0, 400);
     assert_eq!(get("/no/such/route").0, 404);
     let post = ureq::post(&format!("{base}/snapshots/latest"))
         .set("Authorization", &format!("Bearer {TOKEN}"))
@@ -168,6 +196,12 @@ fn every_route_answers_as_documented() {
         .unwrap_or_else(|| panic!("no snapshot version in the report: {report}"));
     assert!(reported >= version, "{report}");
     assert!(report.lines().any(|l| l.starts_with("0 (")), "{report}");
+    let out = succeed(Command::new(BIN).args([
+        "snapshot", "history", "u5", "--json", "--url", &base, "--token", TOKEN,
+    ]));
+    let over_http: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(over_http["user"], "u5");
+    assert!(!over_http["history"].as_array().unwrap().is_empty());
 
     service.signal("-INT");
     let (code, log) = service.wait_exit(Duration::from_secs(30));
@@ -188,6 +222,32 @@ fn every_route_answers_as_documented() {
         .unwrap();
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(list.as_array().unwrap().len() >= 2);
+    // The history read from the state dir is the one the service served.
+    let out = succeed(
+        Command::new(BIN)
+            .args(["snapshot", "history", "u5", "--json", "--state-dir"])
+            .arg(&state),
+    );
+    let from_dir: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let served = over_http["history"].as_array().unwrap();
+    let stored = from_dir["history"].as_array().unwrap();
+    // Every snapshot, the one taken at shutdown too.
+    assert!(stored.len() >= 2, "{from_dir}");
+    let common: Vec<&Value> = served
+        .iter()
+        .filter(|e| stored.iter().any(|s| s["version"] == e["version"]))
+        .collect();
+    assert!(!common.is_empty(), "{from_dir} vs {over_http}");
+    for entry in common {
+        assert!(stored.contains(entry), "{entry} not in {from_dir}");
+    }
+    let out = Command::new(BIN)
+        .args(["snapshot", "history", "no-such-user", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user `no-such-user`"));
     let out = Command::new(BIN)
         .args(["snapshot", "show", "99999", "--state-dir"])
         .arg(&state)

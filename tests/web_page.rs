@@ -80,6 +80,8 @@ fn page_renders_every_chart_with_the_snapshots_numbers_and_finds_a_user() {
     let snapshot: Value = serde_json::from_str(&body).unwrap();
     let (_, body) = http_get(&format!("{base}/users/u7"), Some(token));
     let user: Value = serde_json::from_str(&body).unwrap();
+    let (_, body) = http_get(&format!("{base}/users/u7/history"), Some(token));
+    let history: Value = serde_json::from_str(&body).unwrap();
 
     let profile = dir.path().join("chromium");
     let page = format!("{base}/?user=u7#token={token}");
@@ -183,6 +185,21 @@ fn page_renders_every_chart_with_the_snapshots_numbers_and_finds_a_user() {
         vec![user["cluster"].to_string()],
         "the page finds u7's segment"
     );
+    // ... and its segment over the retained snapshots, as the API gives it.
+    let entries = history["history"].as_array().unwrap();
+    assert!(!entries.is_empty(), "{history}");
+    let expected = |field: &str| -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| match &e[field] {
+                Value::Null => String::new(),
+                v => v.to_string(),
+            })
+            .collect()
+    };
+    let history_items = |attribute: &str| attribute_values(&dom, "li data-version", attribute);
+    assert_eq!(history_items("data-version"), expected("version"));
+    assert_eq!(history_items("data-cluster"), expected("cluster"));
 
     // Screenshot artifact.
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");

@@ -143,6 +143,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/snapshots/{version}", get(snapshot_by_version))
         .route("/clusters/{id}", get(cluster))
         .route("/users/{id}", get(user))
+        .route("/users/{id}/history", get(user_history))
         .route("/openapi.json", get(openapi))
         .route("/charts/{file}", get(chart))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -485,17 +486,50 @@ struct UserQuery {
     items: Option<String>,
 }
 
-async fn user(
+/// The user's segment in every retained snapshot, oldest first.
+async fn user_history(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
-    ApiQuery(query): ApiQuery<UserQuery>,
 ) -> ApiResult {
+    check_user_id(&id)?;
+    let latest = state
+        .latest()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let index = latest.engine_index(&id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown user `{}` (not in snapshot {})",
+                truncate(&id),
+                latest.snapshot.version
+            ),
+        )
+    })?;
+    let _turn = stored_read_turn().await?;
+    let snapshots = state.snapshots.clone();
+    let history = tokio::task::spawn_blocking(move || snapshots.user_history(index))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "history read failed"))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(axum::Json(json!({"user": id, "history": history})).into_response())
+}
+
+fn check_user_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_ID_BYTES {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("user id must be 1 to {MAX_ID_BYTES} bytes"),
         ));
     }
+    Ok(())
+}
+
+async fn user(
+    State(state): State<Arc<AppState>>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UserQuery>,
+) -> ApiResult {
+    check_user_id(&id)?;
     let items = parse_limit(query.items.as_deref(), 10)?;
     let latest = state
         .latest()

@@ -164,6 +164,12 @@ impl Serving {
         })
     }
 
+    /// The engine index of user `id`, when this snapshot assigned it (the same index in every
+    /// snapshot: ids are only ever appended).
+    pub fn engine_index(&self, id: &str) -> Option<u32> {
+        self.user_index.get(id).map(|&i| self.rows[i as usize])
+    }
+
     /// Number of users that can be looked up.
     pub fn users(&self) -> usize {
         self.labels.len()

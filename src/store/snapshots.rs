@@ -7,7 +7,7 @@ use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
 
 use std::sync::Arc;
 
-use super::{Database, StoreError, corrupt, key, meta};
+use super::{Database, StoreError, corrupt, index_u32, key, meta};
 
 /// Stored snapshots by version, with their summaries and assignments. A cheap handle: clones
 /// share the database (HTTP handlers and the snapshot thread each hold one).
@@ -151,6 +151,41 @@ impl SnapshotStore {
         ))
     }
 
+    /// The segment of user `user` (an engine index) in every retained snapshot, oldest first:
+    /// a binary search in each snapshot's assignments (stored by ascending user index), so a
+    /// history costs O(snapshots · log users), not a read of every assignment.
+    pub fn user_history(&self, user: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut history = vec![];
+        for version in self.snapshot_versions()? {
+            let Some(packed) = self.db.tree.get(key(b'a', &version.to_be_bytes()))? else {
+                continue;
+            };
+            let Some(summary) = self.summary(version)? else {
+                continue;
+            };
+            history.push(HistoryEntry {
+                version,
+                created_at: summary.created_at,
+                cluster: cluster_of(&packed, user),
+            });
+        }
+        Ok(history)
+    }
+
+    /// The index of user `id` (a scan of the ids: for tools reading a state dir, not for the
+    /// service, which serves from memory).
+    pub fn user_index(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        for entry in self.db.tree.scan_prefix(b"n/") {
+            let (k, v) = entry?;
+            if v.as_ref() == id.as_bytes() {
+                return index_u32(&k)
+                    .map(Some)
+                    .ok_or_else(|| corrupt(&k, "bad user key"));
+            }
+        }
+        Ok(None)
+    }
+
     /// A stored snapshot's clusters by user index (`NO_CLUSTER` for users it did not assign):
     /// the start the next snapshot's clustering continues from, and its drift reference.
     pub fn assignment_labels(&self, version: u64) -> Result<Option<Vec<u32>>, StoreError> {
@@ -281,6 +316,35 @@ mod tests {
     }
 
     #[test]
+    fn a_user_history_gives_each_retained_snapshot_its_cluster_of_the_user() {
+        use crate::engine::NO_CLUSTER;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        let labelings: [&[u32]; 4] = [
+            &[0, 1, NO_CLUSTER],
+            &[1, 1, 0, 2],
+            &[1, NO_CLUSTER, 0, 2, 2],
+            &[2, 0, 0, 1, 2, 0],
+        ];
+        for (i, labels) in labelings.iter().enumerate() {
+            let v = i as u64 + 1;
+            store
+                .put_snapshot(&small_snapshot(v, false), labels, 3)
+                .unwrap();
+        }
+        let clusters = |u: u32| -> Vec<(u64, Option<u32>)> {
+            let history = store.user_history(u).unwrap();
+            assert!(history.iter().all(|h| !h.created_at.is_empty()));
+            history.iter().map(|h| (h.version, h.cluster)).collect()
+        };
+        // Version 1 fell to retention; unassigned and not-yet-known users have no cluster.
+        assert_eq!(clusters(0), vec![(2, Some(1)), (3, Some(1)), (4, Some(2))]);
+        assert_eq!(clusters(1), vec![(2, Some(1)), (3, None), (4, Some(0))]);
+        assert_eq!(clusters(4), vec![(2, None), (3, Some(2)), (4, Some(2))]);
+        assert_eq!(clusters(9), vec![(2, None), (3, None), (4, None)]);
+    }
+
+    #[test]
     fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
         use crate::engine::PersistedModel;
         let dir = tempfile::tempdir().unwrap();
@@ -313,4 +377,24 @@ mod tests {
             back.eigenvalues[1].is_nan() && back.total_variance.is_nan() && back.mean[0].is_nan()
         );
     }
+}
+
+/// One snapshot's entry in a user's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub created_at: String,
+    /// `None`: the snapshot did not assign the user (no ratings yet, or none left).
+    pub cluster: Option<u32>,
+}
+
+/// The cluster of `user` in packed assignments (`[user u32][cluster u32]` pairs, little-endian,
+/// ascending by user).
+fn cluster_of(packed: &[u8], user: u32) -> Option<u32> {
+    let (pairs, _) = packed.as_chunks::<8>();
+    let at = pairs
+        .binary_search_by_key(&user, |p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]))
+        .ok()?;
+    let p = pairs[at];
+    Some(u32::from_le_bytes([p[4], p[5], p[6], p[7]]))
 }
