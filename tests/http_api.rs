@@ -42,6 +42,7 @@ fn every_route_answers_as_documented() {
         "/snapshots",
         "/snapshots/latest",
         "/snapshots/1",
+        "/snapshots/latest/assignments",
         "/clusters/0",
         "/users/u1",
         "/users/u1/history",
@@ -65,6 +66,7 @@ fn every_route_answers_as_documented() {
         "/snapshots",
         "/snapshots/latest",
         "/snapshots/{version}",
+        "/snapshots/{version}/assignments",
         "/clusters/{id}",
         "/users/{id}",
         "/users/{id}/history",
@@ -101,6 +103,41 @@ fn every_route_answers_as_documented() {
         assert_eq!(status, 400, "version {bad}: {body}");
         assert_eq!(json(&body)["status"], 400);
     }
+
+    // Assignments, streamed: one line (NDJSON) or row (CSV) per assigned user, as stored.
+    let (status, body) = get(&format!("/snapshots/{version}/assignments"));
+    assert_eq!(status, 200, "{body}");
+    let lines: Vec<Value> = body.lines().map(json).collect();
+    assert_eq!(
+        lines.len() as u64,
+        latest["counts"]["users"].as_u64().unwrap(),
+        "every assigned user once"
+    );
+    let cluster_of = |user: &str| {
+        lines
+            .iter()
+            .find(|l| l["user"] == user)
+            .map(|l| l["cluster"].clone())
+    };
+    let (status, csv) = get(&format!("/snapshots/{version}/assignments?format=csv"));
+    assert_eq!(status, 200);
+    let mut rows = csv.lines();
+    assert_eq!(rows.next(), Some("user,cluster"));
+    let rows: Vec<(String, u64)> = rows
+        .map(|r| {
+            let (user, cluster) = r.rsplit_once(',').unwrap();
+            (user.to_string(), cluster.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows.len(), lines.len());
+    assert!(
+        rows.iter()
+            .zip(&lines)
+            .all(|((u, c), l)| l["user"] == u.as_str() && l["cluster"] == *c)
+    );
+    assert_eq!(get("/snapshots/latest/assignments?format=xml").0, 400);
+    assert_eq!(get("/snapshots/99999999/assignments").0, 404);
+    assert_eq!(get("/snapshots/abc/assignments").0, 400);
 
     // Clusters.
     let (status, body) = get("/clusters/0");
@@ -167,6 +204,7 @@ fn every_route_answers_as_documented() {
         .find(|e| e["version"].as_u64() == Some(version))
         .unwrap_or_else(|| panic!("no entry for snapshot {version}: {body}"));
     assert_eq!(at_version["cluster"], user["cluster"], "{body}");
+    assert_eq!(cluster_of("u5"), Some(user["cluster"].clone()));
     assert!(
         entries
             .iter()

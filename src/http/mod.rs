@@ -141,6 +141,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/snapshots", get(list_snapshots))
         .route("/snapshots/latest", get(latest_snapshot))
         .route("/snapshots/{version}", get(snapshot_by_version))
+        .route(
+            "/snapshots/{version}/assignments",
+            get(snapshot_assignments),
+        )
         .route("/clusters/{id}", get(cluster))
         .route("/users/{id}", get(user))
         .route("/users/{id}/history", get(user_history))
@@ -417,6 +421,125 @@ async fn snapshot_by_version(
 }
 
 #[derive(Debug, Deserialize)]
+struct AssignmentsQuery {
+    format: Option<String>,
+}
+
+/// Assignments go out in pieces of about this many bytes.
+const ASSIGNMENT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A snapshot's assignments (`user`, `cluster`), in user order, streamed as NDJSON (default) or
+/// CSV. `version` may be `latest`.
+async fn snapshot_assignments(
+    State(state): State<Arc<AppState>>,
+    ApiPath(version): ApiPath<String>,
+    ApiQuery(query): ApiQuery<AssignmentsQuery>,
+) -> ApiResult {
+    let csv = match query.format.as_deref() {
+        None | Some("ndjson") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("format must be ndjson or csv, got `{}`", truncate(other)),
+            ));
+        }
+    };
+    let version = match version.as_str() {
+        "latest" => state
+            .latest()
+            .map(|s| s.snapshot.version)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?,
+        v => v.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "snapshot version must be a non-negative integer or `latest`, got `{}`",
+                    truncate(v)
+                ),
+            )
+        })?,
+    };
+    let turn = stored_read_turn().await?;
+    let snapshots = state.snapshots.clone();
+    let found = tokio::task::spawn_blocking(move || snapshots.assignments(version))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "assignments read failed"))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let assignments = found.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot {version} (it may have been removed by [snapshot] retention)"),
+        )
+    })?;
+    let (pieces, received) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        // The turn is held until the last piece is handed over.
+        let _turn = turn;
+        for rows in encode_assignments(&assignments, csv) {
+            if pieces.blocking_send(Ok(rows)).is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(
+        received,
+        |mut received| async move { received.recv().await.map(|piece| (piece, received)) },
+    ));
+    let content_type = if csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response())
+}
+
+/// `field` as one CSV field: quoted (quotes doubled) when it holds a comma, a quote or a line
+/// break, as RFC 4180 has it.
+fn push_csv_field(out: &mut Vec<u8>, field: &str) {
+    if field.contains([',', '"', '\n', '\r']) {
+        out.push(b'"');
+        out.extend_from_slice(field.replace('"', "\"\"").as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(field.as_bytes());
+    }
+}
+
+/// Assignments as NDJSON lines or CSV rows (with a header), in pieces of about
+/// [`ASSIGNMENT_CHUNK_BYTES`].
+fn encode_assignments(
+    assignments: &[(String, u32)],
+    csv: bool,
+) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let header = csv.then(|| b"user,cluster\n".to_vec());
+    let mut rows = assignments.iter().peekable();
+    let pieces = std::iter::from_fn(move || {
+        rows.peek()?;
+        let mut piece = Vec::with_capacity(ASSIGNMENT_CHUNK_BYTES + 512);
+        while piece.len() < ASSIGNMENT_CHUNK_BYTES {
+            let Some((user, cluster)) = rows.next() else {
+                break;
+            };
+            if csv {
+                push_csv_field(&mut piece, user);
+                piece.extend_from_slice(format!(",{cluster}\n").as_bytes());
+            } else {
+                let line = json!({"user": user, "cluster": cluster});
+                let _ = serde_json::to_writer(&mut piece, &line);
+                piece.push(b'\n');
+            }
+        }
+        Some(piece)
+    });
+    header.into_iter().chain(pieces)
+}
+
+#[derive(Debug, Deserialize)]
 struct LimitQuery {
     limit: Option<String>,
 }
@@ -544,5 +667,40 @@ async fn user(
                 latest.snapshot.version
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_encode_as_ndjson_or_csv_in_pieces() {
+        let assignments: Vec<(String, u32)> = (0..20_000)
+            .map(|i| (format!("u{i}"), i % 7))
+            .chain([("a,b \"c\"".to_string(), 3)])
+            .collect();
+        let ndjson: Vec<Vec<u8>> = encode_assignments(&assignments, false).collect();
+        assert!(ndjson.len() > 1, "several pieces");
+        let text = String::from_utf8(ndjson.concat()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), assignments.len());
+        assert_eq!(lines[5], json!({"user": "u5", "cluster": 5}));
+        assert_eq!(lines[20_000]["user"], "a,b \"c\"");
+
+        let csv = String::from_utf8(
+            encode_assignments(&assignments, true)
+                .collect::<Vec<_>>()
+                .concat(),
+        )
+        .unwrap();
+        let mut reader = ::csv::Reader::from_reader(csv.as_bytes());
+        let rows: Vec<(String, u32)> = reader.deserialize().map(|r| r.unwrap()).collect();
+        assert_eq!(rows, assignments);
+        assert_eq!(encode_assignments(&[], true).count(), 1, "a header only");
+        assert_eq!(encode_assignments(&[], false).count(), 0);
     }
 }
