@@ -44,6 +44,7 @@ fn every_route_answers_as_documented() {
         "/snapshots/1",
         "/snapshots/latest/assignments",
         "/clusters/0",
+        "/clusters/0/members",
         "/users/u1",
         "/users/u1/history",
         "/openapi.json",
@@ -68,6 +69,7 @@ fn every_route_answers_as_documented() {
         "/snapshots/{version}",
         "/snapshots/{version}/assignments",
         "/clusters/{id}",
+        "/clusters/{id}/members",
         "/users/{id}",
         "/users/{id}/history",
         "/openapi.json",
@@ -152,6 +154,45 @@ fn every_route_answers_as_documented() {
         "more top items on request"
     );
     assert_eq!(get(&format!("/clusters/{k}")).0, 404);
+    // Members, page by page: together exactly the users that snapshot's assignments put in
+    // cluster 0, in id order, each once.
+    let mut members: Vec<String> = vec![];
+    let mut cursor: Option<String> = None;
+    let mut listed_version = None;
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("/clusters/0/members?limit=7&cursor={c}"),
+            None => "/clusters/0/members?limit=7".to_string(),
+        };
+        let (status, body) = get(&query);
+        assert_eq!(status, 200, "{body}");
+        let page = json(&body);
+        let v = page["snapshot_version"].as_u64().unwrap();
+        assert_eq!(*listed_version.get_or_insert(v), v, "pages of one snapshot");
+        let ids = page["members"].as_array().unwrap();
+        assert!(ids.len() <= 7);
+        members.extend(ids.iter().map(|m| m.as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    let (_, body) = get(&format!(
+        "/snapshots/{}/assignments",
+        listed_version.unwrap()
+    ));
+    let mut expected: Vec<String> = body
+        .lines()
+        .map(json)
+        .filter(|l| l["cluster"] == 0)
+        .map(|l| l["user"].as_str().unwrap().to_string())
+        .collect();
+    expected.sort();
+    assert!(!expected.is_empty());
+    assert_eq!(members, expected);
+    assert_eq!(get(&format!("/clusters/{k}/members")).0, 404);
+    assert_eq!(get("/clusters/0/members?limit=0").0, 400);
+    assert_eq!(get("/clusters/x/members").0, 400);
     for bad in [
         "/clusters/x",
         "/clusters/0?limit=0",

@@ -146,6 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshot_assignments),
         )
         .route("/clusters/{id}", get(cluster))
+        .route("/clusters/{id}/members", get(cluster_members))
         .route("/users/{id}", get(user))
         .route("/users/{id}/history", get(user_history))
         .route("/openapi.json", get(openapi))
@@ -564,21 +565,59 @@ fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
+#[derive(Debug, Deserialize)]
+struct MembersQuery {
+    cursor: Option<String>,
+    limit: Option<String>,
+}
+
+/// One page of a cluster's members at the latest snapshot, in id order.
+async fn cluster_members(
+    State(state): State<Arc<AppState>>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<MembersQuery>,
+) -> ApiResult {
+    let limit = parse_limit(query.limit.as_deref(), 100)?;
+    let id = parse_cluster_id(&id)?;
+    let latest = state
+        .latest()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let (members, next) = latest
+        .members(id, query.cursor.as_deref(), limit)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no cluster {id} (k = {})", latest.snapshot.kmeans.k),
+            )
+        })?;
+    let body = json!({
+        "snapshot_version": latest.snapshot.version,
+        "id": id,
+        "members": members,
+        "next_cursor": next,
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+fn parse_cluster_id(id: &str) -> Result<u32, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "cluster id must be a non-negative integer, got `{}`",
+                truncate(id)
+            ),
+        )
+    })
+}
+
 async fn cluster(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<LimitQuery>,
 ) -> ApiResult {
     let limit = parse_limit(query.limit.as_deref(), 10)?;
-    let id: u32 = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "cluster id must be a non-negative integer, got `{}`",
-                truncate(&id)
-            ),
-        )
-    })?;
+    let id = parse_cluster_id(&id)?;
     let latest = state
         .latest()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;

@@ -26,6 +26,9 @@ pub struct Serving {
     item_ids: Vec<String>,
     titles: FxHashMap<String, String>,
     components: usize,
+    /// Each cluster's member ids, sorted: built at the first member listing of this snapshot
+    /// (most snapshots are never listed).
+    members: std::sync::OnceLock<Vec<Vec<String>>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +104,7 @@ impl Serving {
             item_ids: engine.items().iter().take(d).cloned().collect(),
             titles,
             components: k,
+            members: std::sync::OnceLock::new(),
         }
     }
 
@@ -168,6 +172,33 @@ impl Serving {
     /// snapshot: ids are only ever appended).
     pub fn engine_index(&self, id: &str) -> Option<u32> {
         self.user_index.get(id).map(|&i| self.rows[i as usize])
+    }
+
+    /// Up to `limit` member ids of `cluster` after `cursor` (exclusive) in id order, and the
+    /// cursor of the next page when there is one; `None` for a cluster the snapshot lacks.
+    pub fn members(
+        &self,
+        cluster: u32,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Option<(&[String], Option<&str>)> {
+        let members = self.members.get_or_init(|| {
+            let mut members = vec![Vec::new(); self.snapshot.clusters.len()];
+            for (id, &i) in &self.user_index {
+                if let Some(m) = members.get_mut(self.labels[i as usize] as usize) {
+                    m.push(id.clone());
+                }
+            }
+            members.iter_mut().for_each(|m| m.sort_unstable());
+            members
+        });
+        let all = members.get(cluster as usize)?;
+        let start = cursor.map_or(0, |c| all.partition_point(|id| id.as_str() <= c));
+        let page = &all[start..(start + limit).min(all.len())];
+        let next = (start + page.len() < all.len())
+            .then(|| page.last().map(String::as_str))
+            .flatten();
+        Some((page, next))
     }
 
     /// Number of users that can be looked up.
