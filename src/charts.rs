@@ -1,6 +1,7 @@
 //! The seed's charts as SVG, rendered from snapshots: explained-variance ratio by component,
 //! inertia by number of clusters (projected and full data), the confusion matrix of cluster vs
-//! Naive Bayes labels, cluster sizes over recent snapshots, and drift between snapshots.
+//! Naive Bayes labels, cluster sizes over recent snapshots, drift between snapshots, and the
+//! flows of users between a snapshot's clusters and the previous snapshot's.
 //! Hand-written SVG: no fonts or files needed, and byte-identical for the same input. Every
 //! data mark carries its value (`data-value`) so tests and scripts can read the chart back.
 
@@ -9,12 +10,13 @@ use std::fmt::Write;
 use crate::snapshot::{Diagnostics, Snapshot, SnapshotSummary};
 
 /// The charts there are, by URL name (`/charts/{name}.svg`).
-pub const CHART_NAMES: [&str; 5] = [
+pub const CHART_NAMES: [&str; 6] = [
     "explained_variance",
     "inertia_by_k",
     "confusion_matrix",
     "cluster_sizes",
     "drift",
+    "flows",
 ];
 
 const WIDTH: f64 = 640.0;
@@ -49,6 +51,7 @@ pub fn render(
         "confusion_matrix" => confusion_matrix(snapshot),
         "cluster_sizes" => cluster_sizes(history),
         "drift" => drift(history),
+        "flows" => flows(snapshot),
         _ => return None,
     })
 }
@@ -422,6 +425,123 @@ fn cluster_sizes(history: &[SnapshotSummary]) -> String {
     f.finish()
 }
 
+/// Who moved where since the previous snapshot: the previous snapshot's clusters on the left,
+/// this one's on the right, each as tall as its users; a band per (from, to) pair as wide as
+/// the users it carries. Bands of users who stayed are grey, moves take the colour of the
+/// cluster they left.
+fn flows(s: &Snapshot) -> String {
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" class="chart" data-chart="flows" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11"><title>Flows between snapshots</title><rect width="{w}" height="{h}" fill="#ffffff"/>"##,
+        w = WIDTH,
+        h = HEIGHT,
+    );
+    let Some(drift) = s.drift.as_ref().filter(|d| !d.flows.is_empty()) else {
+        let _ = write!(
+            svg,
+            r#"<text x="{cx}" y="22" text-anchor="middle" font-size="15" font-weight="bold">Flows between snapshots</text><text x="{cx}" y="{cy}" text-anchor="middle">no earlier snapshot to compare with</text></svg>"#,
+            cx = n(WIDTH / 2.0),
+            cy = n(HEIGHT / 2.0),
+        );
+        return svg;
+    };
+    let _ = write!(
+        svg,
+        r#"<text x="{cx}" y="22" text-anchor="middle" font-size="15" font-weight="bold">Flows from v{prev} (left) to v{ver} (right): {moved} of {total} users moved</text>"#,
+        cx = n(WIDTH / 2.0),
+        prev = drift.previous_version,
+        ver = s.version,
+        moved = drift.users_moved,
+        total = drift.users_compared,
+    );
+    let k = drift
+        .flows
+        .iter()
+        .map(|f| f.from.max(f.to) as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let (mut left, mut right) = (vec![0u64; k], vec![0u64; k]);
+    for f in &drift.flows {
+        left[f.from as usize] += f.users;
+        right[f.to as usize] += f.users;
+    }
+    let gap = 2.0;
+    let scale =
+        (HEIGHT - TOP - BOTTOM - gap * k as f64).max(1.0) / drift.users_compared.max(1) as f64;
+    let tops = |sizes: &[u64]| -> Vec<f64> {
+        sizes
+            .iter()
+            .scan(TOP, |y, &size| {
+                let top = *y;
+                *y += size as f64 * scale + gap;
+                Some(top)
+            })
+            .collect()
+    };
+    let (left_top, right_top) = (tops(&left), tops(&right));
+    let (x0, x1) = (LEFT + 40.0, WIDTH - RIGHT - 40.0);
+    let bar = 10.0;
+    for (column, (sizes, ys, x, anchor)) in [
+        (&left, &left_top, x0 - bar, "end"),
+        (&right, &right_top, x1, "start"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (c, (&size, &y)) in sizes.iter().zip(ys.iter()).enumerate() {
+            let h = size as f64 * scale;
+            let _ = write!(
+                svg,
+                r#"<rect class="node" data-side="{column}" data-cluster="{c}" data-users="{size}" x="{x}" y="{y}" width="{bar}" height="{h}" fill="{color}"/>"#,
+                x = n(x),
+                y = n(y),
+                h = n(h),
+                color = PALETTE[c % PALETTE.len()],
+            );
+            if size > 0 {
+                let lx = if column == 0 { x - 4.0 } else { x + bar + 4.0 };
+                let _ = write!(
+                    svg,
+                    r#"<text x="{lx}" y="{ly}" text-anchor="{anchor}">{c}</text>"#,
+                    lx = n(lx),
+                    ly = n(y + h / 2.0 + 4.0),
+                );
+            }
+        }
+    }
+    // Bands leave each left node and enter each right node in (from, to) order.
+    let (mut out_at, mut in_at) = (left_top.clone(), right_top.clone());
+    let mid = (x0 + x1) / 2.0;
+    for f in &drift.flows {
+        let h = f.users as f64 * scale;
+        let (a, b) = (out_at[f.from as usize], in_at[f.to as usize]);
+        out_at[f.from as usize] += h;
+        in_at[f.to as usize] += h;
+        let (color, opacity) = if f.from == f.to {
+            ("#bbbbbb", 0.5)
+        } else {
+            (PALETTE[f.from as usize % PALETTE.len()], 0.75)
+        };
+        let _ = write!(
+            svg,
+            r#"<path class="flow" data-from="{from}" data-to="{to}" data-users="{users}" d="M{x0} {a}C{mid} {a} {mid} {b} {x1} {b}L{x1} {b2}C{mid} {b2} {mid} {a2} {x0} {a2}Z" fill="{color}" fill-opacity="{opacity}"/>"#,
+            from = f.from,
+            to = f.to,
+            users = f.users,
+            x0 = n(x0),
+            x1 = n(x1),
+            mid = n(mid),
+            a = n(a),
+            b = n(b),
+            a2 = n(a + h),
+            b2 = n(b + h),
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 /// Users moved between consecutive snapshots (bars) and the adjusted Rand index (line, right
 /// scale mapped onto 0..1 of the frame).
 fn drift(history: &[SnapshotSummary]) -> String {
@@ -527,5 +647,37 @@ mod tests {
         assert!(render("no_such_chart", &s, None, &history).is_none());
         let cm = render("confusion_matrix", &s, None, &history).unwrap();
         assert_eq!(cm.matches("class=\"cell\"").count(), 16);
+    }
+
+    #[test]
+    fn flows_draw_one_band_per_pair_and_say_when_there_is_nothing_to_compare() {
+        let mut s = snapshot();
+        s.drift = None;
+        let none = render("flows", &s, None, &[]).unwrap();
+        assert!(none.contains("no earlier snapshot"));
+        let previous: Vec<u32> = (0..100).map(|u| u % 4).collect();
+        let now: Vec<u32> = (0..100)
+            .map(|u| if u < 10 { (u + 1) % 4 } else { u % 4 })
+            .collect();
+        let drift = crate::snapshot::drift_from(s.version - 1, &previous, &now);
+        assert_eq!(drift.users_moved, 10);
+        assert_eq!(drift.flows.iter().map(|f| f.users).sum::<u64>(), 100);
+        let moved: u64 = drift
+            .flows
+            .iter()
+            .filter(|f| f.from != f.to)
+            .map(|f| f.users)
+            .sum();
+        assert_eq!(moved, 10);
+        s.drift = Some(drift.clone());
+        let svg = render("flows", &s, None, &[]).unwrap();
+        assert_eq!(svg.matches("class=\"flow\"").count(), drift.flows.len());
+        for f in &drift.flows {
+            let band = format!(
+                "data-from=\"{}\" data-to=\"{}\" data-users=\"{}\"",
+                f.from, f.to, f.users
+            );
+            assert!(svg.contains(&band), "{band}");
+        }
     }
 }

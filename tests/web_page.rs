@@ -174,6 +174,20 @@ fn page_renders_every_chart_with_the_snapshots_numbers_and_finds_a_user() {
     let drift_bars = attribute_values(chart(&dom, "drift"), "class=\"bar\"", "data-version");
     assert!(drift_bars.contains(&version.to_string()));
 
+    // Flows: a band per (from, to) pair of the snapshot's drift, in order, with its users.
+    let flows_chart = chart(&dom, "flows");
+    match snapshot["drift"]["flows"].as_array() {
+        Some(flows) if !flows.is_empty() => {
+            for field in ["from", "to", "users"] {
+                let drawn =
+                    attribute_values(flows_chart, "class=\"flow\"", &format!("data-{field}"));
+                let expected: Vec<String> = flows.iter().map(|f| f[field].to_string()).collect();
+                assert_eq!(drawn, expected, "flows {field}");
+            }
+        }
+        _ => assert!(flows_chart.contains("no earlier snapshot"), "{flows_chart}"),
+    }
+
     // Segments table and the user lookup through the form.
     assert_eq!(
         attribute_values(&dom, "tr data-cluster", "data-cluster").len(),
@@ -209,7 +223,7 @@ fn page_renders_every_chart_with_the_snapshots_numbers_and_finds_a_user() {
     chromium(
         &[
             &format!("--screenshot={}", shot.display()),
-            "--window-size=1300,2400",
+            "--window-size=1300,2900",
             &page,
         ],
         &profile,

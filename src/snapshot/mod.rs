@@ -128,6 +128,18 @@ pub struct Drift {
     pub users_moved: u64,
     #[serde(deserialize_with = "crate::nullable::float")]
     pub adjusted_rand_index: f64,
+    /// Users by (previous cluster, cluster), for every pair with any, ascending: who moved
+    /// where (`from == to`: stayed). Empty in snapshots stored before flows were kept.
+    #[serde(default)]
+    pub flows: Vec<Flow>,
+}
+
+/// Users that were in cluster `from` at the previous snapshot and are in `to` now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Flow {
+    pub from: u32,
+    pub to: u32,
+    pub users: u64,
 }
 
 /// The few fields of a snapshot that listings and charts over time read, stored beside it so
@@ -151,7 +163,11 @@ impl From<&Snapshot> for SnapshotSummary {
             created_at: s.created_at.clone(),
             counts: s.counts.clone(),
             sizes: s.kmeans.sizes.clone(),
-            drift: s.drift.clone(),
+            // Without flows (up to k² of them): summaries stay small.
+            drift: s.drift.as_ref().map(|d| Drift {
+                flows: vec![],
+                ..d.clone()
+            }),
             has_diagnostics: s.diagnostics.is_some(),
         }
     }
@@ -397,7 +413,7 @@ fn user_assignments(engine: &EngineView, labels: &[u32]) -> Assignments {
 }
 
 /// How the clustering moved since the `previous` snapshot, over the users clustered in both.
-fn drift_from(previous_version: u64, previous: &[u32], labels: &[u32]) -> Drift {
+pub(crate) fn drift_from(previous_version: u64, previous: &[u32], labels: &[u32]) -> Drift {
     let (mut a, mut b) = (vec![], vec![]);
     for (&old, &new) in previous.iter().zip(labels) {
         if old != NO_CLUSTER && new != NO_CLUSTER {
@@ -405,11 +421,19 @@ fn drift_from(previous_version: u64, previous: &[u32], labels: &[u32]) -> Drift 
             b.push(new);
         }
     }
+    let mut pairs: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
+    for (&from, &to) in a.iter().zip(&b) {
+        *pairs.entry((from, to)).or_default() += 1;
+    }
     Drift {
         previous_version,
         users_compared: a.len() as u64,
         users_moved: a.iter().zip(&b).filter(|(x, y)| x != y).count() as u64,
         adjusted_rand_index: adjusted_rand_index(&a, &b),
+        flows: pairs
+            .into_iter()
+            .map(|((from, to), users)| Flow { from, to, users })
+            .collect(),
     }
 }
 
