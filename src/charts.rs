@@ -455,91 +455,123 @@ fn flows(s: &Snapshot) -> String {
         moved = drift.users_moved,
         total = drift.users_compared,
     );
-    let k = drift
-        .flows
-        .iter()
-        .map(|f| f.from.max(f.to) as usize + 1)
-        .max()
-        .unwrap_or(0);
-    let (mut left, mut right) = (vec![0u64; k], vec![0u64; k]);
-    for f in &drift.flows {
-        left[f.from as usize] += f.users;
-        right[f.to as usize] += f.users;
-    }
-    let gap = 2.0;
-    let scale =
-        (HEIGHT - TOP - BOTTOM - gap * k as f64).max(1.0) / drift.users_compared.max(1) as f64;
-    let tops = |sizes: &[u64]| -> Vec<f64> {
-        sizes
+    let layout = FlowLayout::new(drift);
+    layout.draw_nodes(&mut svg);
+    layout.draw_bands(&mut svg, drift);
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Where the flows chart puts each cluster: node tops on both sides and the users-to-pixels
+/// scale.
+struct FlowLayout {
+    left: Vec<u64>,
+    right: Vec<u64>,
+    left_top: Vec<f64>,
+    right_top: Vec<f64>,
+    scale: f64,
+}
+
+const FLOW_X0: f64 = LEFT + 40.0;
+const FLOW_X1: f64 = WIDTH - RIGHT - 40.0;
+const FLOW_NODE_WIDTH: f64 = 10.0;
+
+impl FlowLayout {
+    fn new(drift: &crate::snapshot::Drift) -> Self {
+        let k = drift
+            .flows
             .iter()
-            .scan(TOP, |y, &size| {
-                let top = *y;
-                *y += size as f64 * scale + gap;
-                Some(top)
-            })
-            .collect()
-    };
-    let (left_top, right_top) = (tops(&left), tops(&right));
-    let (x0, x1) = (LEFT + 40.0, WIDTH - RIGHT - 40.0);
-    let bar = 10.0;
-    for (column, (sizes, ys, x, anchor)) in [
-        (&left, &left_top, x0 - bar, "end"),
-        (&right, &right_top, x1, "start"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        for (c, (&size, &y)) in sizes.iter().zip(ys.iter()).enumerate() {
-            let h = size as f64 * scale;
-            let _ = write!(
-                svg,
-                r#"<rect class="node" data-side="{column}" data-cluster="{c}" data-users="{size}" x="{x}" y="{y}" width="{bar}" height="{h}" fill="{color}"/>"#,
-                x = n(x),
-                y = n(y),
-                h = n(h),
-                color = PALETTE[c % PALETTE.len()],
-            );
-            if size > 0 {
-                let lx = if column == 0 { x - 4.0 } else { x + bar + 4.0 };
+            .map(|f| f.from.max(f.to) as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let (mut left, mut right) = (vec![0u64; k], vec![0u64; k]);
+        for f in &drift.flows {
+            left[f.from as usize] += f.users;
+            right[f.to as usize] += f.users;
+        }
+        let gap = 2.0;
+        let scale =
+            (HEIGHT - TOP - BOTTOM - gap * k as f64).max(1.0) / drift.users_compared.max(1) as f64;
+        let tops = |sizes: &[u64]| -> Vec<f64> {
+            sizes
+                .iter()
+                .scan(TOP, |y, &size| {
+                    let top = *y;
+                    *y += size as f64 * scale + gap;
+                    Some(top)
+                })
+                .collect()
+        };
+        FlowLayout {
+            left_top: tops(&left),
+            right_top: tops(&right),
+            left,
+            right,
+            scale,
+        }
+    }
+
+    fn draw_nodes(&self, svg: &mut String) {
+        let bar = FLOW_NODE_WIDTH;
+        let sides = [
+            (&self.left, &self.left_top, FLOW_X0 - bar, "end"),
+            (&self.right, &self.right_top, FLOW_X1, "start"),
+        ];
+        for (column, (sizes, ys, x, anchor)) in sides.into_iter().enumerate() {
+            for (c, (&size, &y)) in sizes.iter().zip(ys.iter()).enumerate() {
+                let h = size as f64 * self.scale;
                 let _ = write!(
                     svg,
-                    r#"<text x="{lx}" y="{ly}" text-anchor="{anchor}">{c}</text>"#,
-                    lx = n(lx),
-                    ly = n(y + h / 2.0 + 4.0),
+                    r#"<rect class="node" data-side="{column}" data-cluster="{c}" data-users="{size}" x="{x}" y="{y}" width="{bar}" height="{h}" fill="{color}"/>"#,
+                    x = n(x),
+                    y = n(y),
+                    h = n(h),
+                    color = PALETTE[c % PALETTE.len()],
                 );
+                if size > 0 {
+                    let lx = if column == 0 { x - 4.0 } else { x + bar + 4.0 };
+                    let _ = write!(
+                        svg,
+                        r#"<text x="{lx}" y="{ly}" text-anchor="{anchor}">{c}</text>"#,
+                        lx = n(lx),
+                        ly = n(y + h / 2.0 + 4.0),
+                    );
+                }
             }
         }
     }
-    // Bands leave each left node and enter each right node in (from, to) order.
-    let (mut out_at, mut in_at) = (left_top.clone(), right_top.clone());
-    let mid = (x0 + x1) / 2.0;
-    for f in &drift.flows {
-        let h = f.users as f64 * scale;
-        let (a, b) = (out_at[f.from as usize], in_at[f.to as usize]);
-        out_at[f.from as usize] += h;
-        in_at[f.to as usize] += h;
-        let (color, opacity) = if f.from == f.to {
-            ("#bbbbbb", 0.5)
-        } else {
-            (PALETTE[f.from as usize % PALETTE.len()], 0.75)
-        };
-        let _ = write!(
-            svg,
-            r#"<path class="flow" data-from="{from}" data-to="{to}" data-users="{users}" d="M{x0} {a}C{mid} {a} {mid} {b} {x1} {b}L{x1} {b2}C{mid} {b2} {mid} {a2} {x0} {a2}Z" fill="{color}" fill-opacity="{opacity}"/>"#,
-            from = f.from,
-            to = f.to,
-            users = f.users,
-            x0 = n(x0),
-            x1 = n(x1),
-            mid = n(mid),
-            a = n(a),
-            b = n(b),
-            a2 = n(a + h),
-            b2 = n(b + h),
-        );
+
+    /// Bands leave each left node and enter each right node in (from, to) order.
+    fn draw_bands(&self, svg: &mut String, drift: &crate::snapshot::Drift) {
+        let (mut out_at, mut in_at) = (self.left_top.clone(), self.right_top.clone());
+        let (x0, x1) = (FLOW_X0, FLOW_X1);
+        let mid = (x0 + x1) / 2.0;
+        for f in &drift.flows {
+            let h = f.users as f64 * self.scale;
+            let (a, b) = (out_at[f.from as usize], in_at[f.to as usize]);
+            out_at[f.from as usize] += h;
+            in_at[f.to as usize] += h;
+            let (color, opacity) = if f.from == f.to {
+                ("#bbbbbb", 0.5)
+            } else {
+                (PALETTE[f.from as usize % PALETTE.len()], 0.75)
+            };
+            let _ = write!(
+                svg,
+                r#"<path class="flow" data-from="{from}" data-to="{to}" data-users="{users}" d="M{x0} {a}C{mid} {a} {mid} {b} {x1} {b}L{x1} {b2}C{mid} {b2} {mid} {a2} {x0} {a2}Z" fill="{color}" fill-opacity="{opacity}"/>"#,
+                from = f.from,
+                to = f.to,
+                users = f.users,
+                x0 = n(x0),
+                x1 = n(x1),
+                mid = n(mid),
+                a = n(a),
+                b = n(b),
+                a2 = n(a + h),
+                b2 = n(b + h),
+            );
+        }
     }
-    svg.push_str("</svg>");
-    svg
 }
 
 /// Users moved between consecutive snapshots (bars) and the adjusted Rand index (line, right
