@@ -20,8 +20,9 @@
 # The ARI scoring (both pipelines vs the planted segments, and replay vs python labels) is
 # one extra, untimed python run after the repeats, given the last replay's assignments. It also
 # fits KMeans(n_init=10) with random_state 1..SCORE_SEEDS (default 4) on the same projection and
-# prints the median and range of their ARI vs truth: on weakly separated shapes the seed alone
-# moves scikit-learn's ARI by more than 0.02, so replay is compared with that median.
+# prints the median and range of the ARI vs truth over those fits and the timed one
+# (random_state 0): on weakly separated shapes the seed alone moves scikit-learn's ARI by more
+# than 0.02, so replay is compared with that median.
 # Prints a table per shape, then one JSON line per shape (prefix "JSON ") for machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."

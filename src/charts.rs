@@ -438,9 +438,14 @@ fn flows(s: &Snapshot) -> String {
         h = HEIGHT,
     );
     let Some(drift) = s.drift.as_ref().filter(|d| !d.flows.is_empty()) else {
+        let why = if s.drift.is_some() {
+            "flows were not recorded for this snapshot"
+        } else {
+            "no earlier snapshot to compare with"
+        };
         let _ = write!(
             svg,
-            r#"<text x="{cx}" y="22" text-anchor="middle" font-size="15" font-weight="bold">Flows between snapshots</text><text x="{cx}" y="{cy}" text-anchor="middle">no earlier snapshot to compare with</text></svg>"#,
+            r#"<text x="{cx}" y="22" text-anchor="middle" font-size="15" font-weight="bold">Flows between snapshots</text><text x="{cx}" y="{cy}" text-anchor="middle">{why}</text></svg>"#,
             cx = n(WIDTH / 2.0),
             cy = n(HEIGHT / 2.0),
         );
@@ -489,7 +494,8 @@ impl FlowLayout {
             left[f.from as usize] += f.users;
             right[f.to as usize] += f.users;
         }
-        let gap = 2.0;
+        // Gaps take at most a quarter of the height, however many clusters.
+        let gap = (0.25 * (HEIGHT - TOP - BOTTOM) / k.max(1) as f64).min(2.0);
         let scale =
             (HEIGHT - TOP - BOTTOM - gap * k as f64).max(1.0) / drift.users_compared.max(1) as f64;
         let tops = |sizes: &[u64]| -> Vec<f64> {

@@ -367,7 +367,7 @@ fn lanczos(
             let kept_converged = estimates[..wanted.vectors]
                 .iter()
                 .all(|e| e / scale <= params.tolerance);
-            if kept_converged && curve.bounded {
+            if kept_converged && curve.bounded && !curve.steady {
                 // Only steadiness is missing, judged against the previous Rayleigh–Ritz step:
                 // the next step tells, where waiting for a quarter more basis would spend
                 // several applications after convergence.

@@ -428,6 +428,8 @@ struct AssignmentsQuery {
 
 /// Assignments go out in pieces of about this many bytes.
 const ASSIGNMENT_CHUNK_BYTES: usize = 64 * 1024;
+/// How long a client may stop reading assignments before the response is dropped.
+const ASSIGNMENT_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A snapshot's assignments (`user`, `cluster`), in user order, streamed as NDJSON (default) or
 /// CSV. `version` may be `latest`.
@@ -474,12 +476,14 @@ async fn snapshot_assignments(
         )
     })?;
     let (pieces, received) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        // The turn is held until the last piece is handed over.
+    tokio::spawn(async move {
+        // The turn is held until the last piece is handed over, or until the client stops
+        // reading for ASSIGNMENT_SEND_WAIT: a stalled download must not hold it for ever.
         let _turn = turn;
         for rows in encode_assignments(&assignments, csv) {
-            if pieces.blocking_send(Ok(rows)).is_err() {
-                return; // the client went away
+            match tokio::time::timeout(ASSIGNMENT_SEND_WAIT, pieces.send(Ok(rows))).await {
+                Ok(Ok(())) => {}
+                _ => return, // the client went away or stalled: the response ends cut short
             }
         }
     });
@@ -582,20 +586,24 @@ async fn cluster_members(
     let latest = state
         .latest()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
-    let (members, next) = latest
-        .members(id, query.cursor.as_deref(), limit)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no cluster {id} (k = {})", latest.snapshot.kmeans.k),
-            )
-        })?;
-    let body = json!({
-        "snapshot_version": latest.snapshot.version,
-        "id": id,
-        "members": members,
-        "next_cursor": next,
-    });
+    // The first listing of a snapshot sorts every member id: not on an async worker.
+    let version = latest.snapshot.version;
+    let k = latest.snapshot.kmeans.k;
+    let body = tokio::task::spawn_blocking(move || {
+        latest
+            .members(id, query.cursor.as_deref(), limit)
+            .map(|(members, next)| {
+                json!({
+                    "snapshot_version": version,
+                    "id": id,
+                    "members": members,
+                    "next_cursor": next,
+                })
+            })
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "member listing failed"))?
+    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no cluster {id} (k = {k})")))?;
     Ok(axum::Json(body).into_response())
 }
 

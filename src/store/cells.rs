@@ -48,6 +48,10 @@ impl<'a> Reader<'a> {
     pub(super) fn varint(&mut self) -> Option<u64> {
         let mut x = 0u64;
         for (i, &b) in self.bytes.iter().enumerate().take(10) {
+            // The 10th byte holds the 64th bit only: anything more overflows.
+            if i == 9 && b > 1 {
+                return None;
+            }
             x |= ((b & 0x7f) as u64) << (7 * i);
             if b < 0x80 {
                 self.bytes = &self.bytes[i + 1..];
@@ -125,6 +129,7 @@ pub(super) fn decode_log_cells(record: &[u8]) -> Option<Vec<(u32, u32, f64)>> {
         let item = r.index()?;
         let (u, j) = match previous {
             None => (user_step, item),
+            Some(_) if user_step == 0 && item == 0 => return None, // a repeated cell
             Some((pu, pj)) if user_step == 0 => (pu, pj.checked_add(item)?),
             Some((pu, _)) => (pu.checked_add(user_step)?, item),
         };
@@ -230,6 +235,13 @@ mod tests {
         assert_eq!(decode_log_cells(&[record.as_slice(), &[0]].concat()), None);
         assert_eq!(decode_log_cells(&[255, 255, 255, 255, 2, 0, 1, 253]), None);
         assert_eq!(decode_log_cells(&record[4..]), None);
+        let repeated = [255, 255, 255, 255, 2, 0, 1, 6, 0, 0, 6];
+        assert_eq!(decode_log_cells(&repeated), None);
+        assert_eq!(decode_log_cells(&repeated[..8]).map(|c| c.len()), None);
+        let mut r = Reader::new(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]);
+        assert_eq!(r.varint(), None, "past 64 bits");
+        let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(r.varint(), Some(u64::MAX));
     }
 
     #[test]

@@ -102,7 +102,7 @@ pub struct Stores {
 /// Opens (creating if needed) the state dir and checks its format.
 pub fn open(path: &Path) -> Result<Stores, StoreError> {
     let database = Arc::new(Database::open(path)?);
-    let state = StateStore::new(database.clone())?;
+    // The format first: a newer build's records may not even parse here.
     match database.get_json::<u32>("format")? {
         Some(f) if !READABLE_FORMATS.contains(&f) => {
             return Err(StoreError::Format { found: f });
@@ -115,6 +115,7 @@ pub fn open(path: &Path) -> Result<Stores, StoreError> {
             )?;
         }
     }
+    let state = StateStore::new(database.clone())?;
     Ok(Stores {
         state,
         snapshots: SnapshotStore::new(database.clone()),
