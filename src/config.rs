@@ -149,6 +149,8 @@ pub struct KafkaConfig {
     pub instance_id: String,
     pub dead_letter_topic: String,
     pub items_topic: String,
+    /// Where each snapshot is published under its version ("" = nowhere).
+    pub snapshots_topic: String,
     pub batch_size: usize,
     pub batch_linger_ms: u64,
     pub max_message_bytes: usize,
@@ -166,6 +168,7 @@ impl Default for KafkaConfig {
             instance_id: String::new(),
             dead_letter_topic: "ratings-dead-letter".into(),
             items_topic: String::new(),
+            snapshots_topic: String::new(),
             batch_size: 5_000,
             batch_linger_ms: 100,
             max_message_bytes: 65_536,
@@ -527,6 +530,13 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         "equals [kafka] topic",
         "use a separate topic, e.g. ratings-dead-letter",
     )?;
+    invalid_if(
+        !k.snapshots_topic.is_empty()
+            && [&k.topic, &k.dead_letter_topic, &k.items_topic].contains(&&k.snapshots_topic),
+        "[kafka] snapshots_topic",
+        "equals another of the [kafka] topics",
+        "use a topic of its own, e.g. segmenter-snapshots",
+    )?;
     if let Some(key) = k
         .client
         .keys()
@@ -659,6 +669,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("SEGMENTER_MODEL__COMPONENTS"), "{err}");
+        let err = Config::load_with_env(
+            None,
+            env(&[("SEGMENTER_KAFKA__SNAPSHOTS_TOPIC", "ratings")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[kafka] snapshots_topic"), "{err}");
+        let err = Config::load_with_env(
+            None,
+            env(&[("SEGMENTER_MODEL__SNAPSHOT_STICKINESS", "0.95")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[model] snapshot_stickiness"), "{err}");
     }
 
     #[test]

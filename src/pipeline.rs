@@ -80,6 +80,25 @@ pub struct Shared {
     /// Bumped whenever catalogue titles are stored: profiles show titles, so a changed
     /// catalogue is a reason for a new snapshot even when no event came.
     pub catalogue_version: Arc<AtomicU64>,
+    /// The version of the latest snapshot served, announced as it is (the Kafka snapshots
+    /// topic publisher waits on it).
+    pub published: SnapshotNotices,
+}
+
+/// Announces each snapshot version as it is served.
+#[derive(Clone)]
+pub struct SnapshotNotices(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for SnapshotNotices {
+    fn default() -> Self {
+        SnapshotNotices(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl SnapshotNotices {
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 impl Shared {
@@ -110,6 +129,7 @@ impl Shared {
             *slot = Some(serving.clone());
         }
         log_snapshot_built(&serving.snapshot);
+        self.published.0.send_replace(version);
         Ok(Some(version))
     }
 }

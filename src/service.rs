@@ -63,6 +63,15 @@ pub async fn run(
         let _ = stop_http.wait_for(|v| *v).await;
     })
     .await?;
+    if !config.kafka.snapshots_topic.is_empty() {
+        crate::kafka::snapshots::spawn_publisher(
+            &config,
+            &shared,
+            stores.snapshots.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
     let initial_events_applied = loaded.engine.counters().events_applied;
     let stored_offsets = Arc::new(Mutex::new(stores.state.offsets()?));
     tracing::info!(

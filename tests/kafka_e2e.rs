@@ -65,6 +65,125 @@ fn a_burst_then_silence_still_gets_a_snapshot() {
     assert_eq!(code, Some(0));
 }
 
+/// Records of `topic` from the beginning (key, payload), read until `done` holds for them or
+/// `limit` passes.
+fn read_records(
+    topic: &str,
+    limit: Duration,
+    done: impl Fn(&[(String, serde_json::Value)]) -> bool,
+) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{topic}-{}", std::process::id()))
+        // Every read starts from the beginning: nothing is committed.
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = vec![];
+    let deadline = std::time::Instant::now() + limit;
+    while !done(&records) && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("JSON");
+            records.push((key, value));
+        }
+    }
+    records
+}
+
+#[test]
+fn every_snapshot_is_published_to_the_snapshots_topic_under_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ratings = generate(dir.path(), Mode::Explicit, 300, 6_000, 67);
+    let topic = unique_topic("published");
+    let snapshots_topic = unique_topic("snapshots");
+    produce(&topic, 2, &ratings);
+    let mut env = service_env(&topic, &state, Mode::Explicit);
+    env.push((
+        "SEGMENTER_KAFKA__SNAPSHOTS_TOPIC".into(),
+        snapshots_topic.clone(),
+    ));
+    env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "1000".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(6_000, Duration::from_secs(60));
+    let built = service.wait_for(Duration::from_secs(30), |v| {
+        v["fields"]["message"] == "snapshot built" && v["fields"]["events_applied"] == 6_000
+    });
+    let version = built["fields"]["version"].as_u64().unwrap();
+    let has = |want: u64| {
+        move |records: &[(String, serde_json::Value)]| {
+            records.iter().any(|(key, _)| *key == want.to_string())
+        }
+    };
+    let records = read_records(&snapshots_topic, Duration::from_secs(30), has(version));
+    service.signal("-TERM");
+    let (code, log) = service.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+
+    // Each record is a stored snapshot, whole, under its version.
+    let store = segmenter::store::open(&state).unwrap().snapshots;
+    assert!(
+        records.iter().any(|(key, _)| *key == version.to_string()),
+        "{records:?}"
+    );
+    for (key, value) in &records {
+        let v: u64 = key.parse().expect("a version key");
+        assert_eq!(value["version"].as_u64(), Some(v));
+        let stored = store
+            .snapshot(v)
+            .unwrap()
+            .expect("published snapshots are stored");
+        assert_eq!(
+            *value,
+            serde_json::to_value(&stored).unwrap(),
+            "snapshot v{v}"
+        );
+    }
+    // A restart publishes the latest stored snapshot (the one taken at shutdown, say) again:
+    // a crash between storing and publishing loses nothing.
+    let latest = store.latest_snapshot().unwrap().unwrap().version;
+    drop(store);
+    let copies = |records: &[(String, serde_json::Value)]| {
+        records
+            .iter()
+            .filter(|(key, _)| *key == latest.to_string())
+            .count()
+    };
+    let count = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .expect("consumer");
+        let (low, high) = probe
+            .fetch_watermarks(&snapshots_topic, 0, Duration::from_secs(10))
+            .expect("watermarks");
+        (high - low) as usize
+    };
+    let before = copies(&read_records(
+        &snapshots_topic,
+        Duration::from_secs(30),
+        |r| r.len() >= count,
+    ));
+    let service = Service::start(&env, &[]);
+    let records = read_records(&snapshots_topic, Duration::from_secs(30), |r| {
+        copies(r) > before
+    });
+    assert!(
+        copies(&records) > before,
+        "v{latest} published again after the restart: {:?}",
+        records.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    service.signal("-TERM");
+    let (code, log) = service.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+}
+
 /// The topic is produced in installments, one more before each round, so every kill lands
 /// while events remain to be consumed however late it comes on a busy machine; each round
 /// starts from what the previous one persisted (the state dir's offsets), not from a log line.

@@ -4,6 +4,7 @@
 
 pub mod dead_letter;
 pub mod produce;
+pub mod snapshots;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,8 +51,21 @@ pub fn client_config_with_defaults(kafka: &KafkaConfig, defaults: &[(&str, &str)
 
 /// Creates `topic` with `partitions` partitions unless it exists.
 pub async fn ensure_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    ensure_topic_with(kafka, topic, partitions, &[]).await
+}
+
+/// [`ensure_topic`] with topic `configs` for a topic it creates (an existing topic keeps its own).
+pub async fn ensure_topic_with(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
     let results = admin
         .create_topics(
             [&new],

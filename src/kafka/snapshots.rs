@@ -1,0 +1,86 @@
+//! Publishes every snapshot the service serves to `[kafka] snapshots_topic`, keyed by its
+//! version, so "read the latest snapshot" works from Kafka too. At least once: a restart
+//! publishes the latest stored snapshot again (a crash may have come between storing it and
+//! publishing it); readers keep the record with the highest version.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::kafka::{client_config, ensure_topic_with};
+use crate::pipeline::Shared;
+use crate::store::SnapshotStore;
+
+/// How long one snapshot may wait for the broker before it is given up (the next one follows).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest snapshot record (the topic is created to accept it).
+const MAX_SNAPSHOT_BYTES: usize = 16 << 20;
+
+/// Creates the topic when missing and starts the publisher; it ends with `shutdown`.
+pub async fn spawn_publisher(
+    config: &Config,
+    shared: &Shared,
+    snapshots: SnapshotStore,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let kafka = &config.kafka;
+    let topic = kafka.snapshots_topic.clone();
+    let max_bytes = MAX_SNAPSHOT_BYTES.to_string();
+    ensure_topic_with(kafka, &topic, 1, &[("max.message.bytes", &max_bytes)])
+        .await
+        .with_context(|| format!("cannot create [kafka] snapshots_topic {topic}"))?;
+    let producer: FutureProducer = client_config(kafka)
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", MAX_SNAPSHOT_BYTES.to_string())
+        .set("compression.type", "lz4")
+        .create()
+        .context("cannot create the snapshots producer")?;
+    let mut notices = shared.published.subscribe();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let stored = snapshots.clone();
+        let latest = tokio::task::spawn_blocking(move || stored.latest_snapshot())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if let Some(snapshot) = latest {
+            let json = serde_json::to_vec(&snapshot).unwrap_or_default();
+            publish(&producer, &topic, snapshot.version, &json).await;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                changed = notices.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let version = *notices.borrow_and_update();
+                    let served = shared.serving.read().ok().and_then(|s| s.clone());
+                    if let Some(serving) = served.filter(|s| s.snapshot.version == version) {
+                        publish(&producer, &topic, version, &serving.snapshot_json).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn publish(producer: &FutureProducer, topic: &str, version: u64, json: &[u8]) {
+    let key = version.to_string();
+    let record = FutureRecord::to(topic).key(&key).payload(json);
+    match producer.send(record, SEND_TIMEOUT).await {
+        Ok(_) => tracing::info!(version, topic, bytes = json.len(), "snapshot published"),
+        Err((e, _)) => tracing::warn!(
+            version,
+            topic,
+            bytes = json.len(),
+            error = %e,
+            "cannot publish the snapshot to [kafka] snapshots_topic (the next one will be tried)"
+        ),
+    }
+}
