@@ -58,20 +58,7 @@ pub async fn run(
     let started = Instant::now();
     let (stores, loaded) = open_state(&config).await?;
     shared.health.state_open.store(true, Ordering::Relaxed);
-    let mut stop_http = shutdown.clone();
-    let http = http::start(&config, &shared, &stores.snapshots, async move {
-        let _ = stop_http.wait_for(|v| *v).await;
-    })
-    .await?;
-    if !config.kafka.snapshots_topic.is_empty() {
-        crate::kafka::snapshots::spawn_publisher(
-            &config,
-            &shared,
-            stores.snapshots.clone(),
-            shutdown.clone(),
-        )
-        .await?;
-    }
+    let http = start_readers(&config, &shared, &stores.snapshots, &shutdown).await?;
     let initial_events_applied = loaded.engine.counters().events_applied;
     let stored_offsets = Arc::new(Mutex::new(stores.state.offsets()?));
     tracing::info!(
@@ -134,6 +121,31 @@ pub async fn run(
         "stopped"
     );
     Ok(summary)
+}
+
+/// Starts what reads the pipeline's results: the HTTP API and, when `[kafka] snapshots_topic`
+/// is set, the snapshots topic publisher. Both stop with `shutdown`.
+async fn start_readers(
+    config: &Config,
+    shared: &Shared,
+    snapshots: &crate::store::SnapshotStore,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<http::RunningServer> {
+    let mut stop_http = shutdown.clone();
+    let http = http::start(config, shared, snapshots, async move {
+        let _ = stop_http.wait_for(|v| *v).await;
+    })
+    .await?;
+    if !config.kafka.snapshots_topic.is_empty() {
+        crate::kafka::snapshots::spawn_publisher(
+            config,
+            shared,
+            snapshots.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    Ok(http)
 }
 
 /// Opens the state dir and loads the engine off the async runtime, storing the catalogue

@@ -19,20 +19,16 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest snapshot record (the topic is created to accept it).
 const MAX_SNAPSHOT_BYTES: usize = 16 << 20;
 
-/// Creates the topic when missing and starts the publisher; it ends with `shutdown`.
+/// Starts the publisher (it first creates the topic when missing); it ends with `shutdown`.
 pub async fn spawn_publisher(
     config: &Config,
     shared: &Shared,
     snapshots: SnapshotStore,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let kafka = &config.kafka;
+    let kafka = config.kafka.clone();
     let topic = kafka.snapshots_topic.clone();
-    let max_bytes = MAX_SNAPSHOT_BYTES.to_string();
-    ensure_topic_with(kafka, &topic, 1, &[("max.message.bytes", &max_bytes)])
-        .await
-        .with_context(|| format!("cannot create [kafka] snapshots_topic {topic}"))?;
-    let producer: FutureProducer = client_config(kafka)
+    let producer: FutureProducer = client_config(&kafka)
         .set("enable.idempotence", "true")
         .set("message.max.bytes", MAX_SNAPSHOT_BYTES.to_string())
         .set("compression.type", "lz4")
@@ -41,6 +37,9 @@ pub async fn spawn_publisher(
     let mut notices = shared.published.subscribe();
     let shared = shared.clone();
     tokio::spawn(async move {
+        if !topic_ready(&kafka, &topic, &mut shutdown).await {
+            return;
+        }
         let stored = snapshots.clone();
         let latest = tokio::task::spawn_blocking(move || stored.latest_snapshot())
             .await
@@ -68,6 +67,29 @@ pub async fn spawn_publisher(
         }
     });
     Ok(())
+}
+
+/// Creates the topic when missing, retrying while the broker is unreachable (the service starts
+/// before its broker as well); `false` when `shutdown` came first.
+async fn topic_ready(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let max_bytes = MAX_SNAPSHOT_BYTES.to_string();
+    loop {
+        match ensure_topic_with(kafka, topic, 1, &[("max.message.bytes", &max_bytes)]).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "cannot create [kafka] snapshots_topic yet")
+            }
+        }
+        let backoff = Duration::from_millis(kafka.retry_backoff_ms.max(100) * 10);
+        tokio::select! {
+            _ = shutdown.changed() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
 }
 
 async fn publish(producer: &FutureProducer, topic: &str, version: u64, json: &[u8]) {
