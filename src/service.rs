@@ -142,8 +142,7 @@ async fn start_readers(
             shared,
             snapshots.clone(),
             shutdown.clone(),
-        )
-        .await?;
+        )?;
     }
     Ok(http)
 }

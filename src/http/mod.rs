@@ -4,6 +4,7 @@
 
 pub mod serving;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
@@ -64,6 +65,12 @@ pub struct AppState {
 impl AppState {
     fn latest(&self) -> Option<Arc<Serving>> {
         self.serving.read().ok().and_then(|s| s.clone())
+    }
+
+    /// The latest snapshot, or the documented 404 before the first one.
+    fn require_latest(&self) -> Result<Arc<Serving>, ApiError> {
+        self.latest()
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))
     }
 }
 
@@ -384,25 +391,14 @@ async fn list_snapshots(State(state): State<Arc<AppState>>) -> ApiResult {
 }
 
 async fn latest_snapshot(State(state): State<Arc<AppState>>) -> ApiResult {
-    match state.latest() {
-        Some(s) => Ok(json_bytes(s.snapshot_json.clone())),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet")),
-    }
+    Ok(json_bytes(state.require_latest()?.snapshot_json.clone()))
 }
 
 async fn snapshot_by_version(
     State(state): State<Arc<AppState>>,
     ApiPath(version): ApiPath<String>,
 ) -> ApiResult {
-    let version: u64 = version.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "snapshot version must be a non-negative integer or `latest`, got `{}`",
-                truncate(&version)
-            ),
-        )
-    })?;
+    let version = parse_version(&version)?;
     if let Some(s) = state.latest().filter(|s| s.snapshot.version == version) {
         return Ok(json_bytes(s.snapshot_json.clone()));
     }
@@ -449,19 +445,8 @@ async fn snapshot_assignments(
         }
     };
     let version = match version.as_str() {
-        "latest" => state
-            .latest()
-            .map(|s| s.snapshot.version)
-            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?,
-        v => v.parse::<u64>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "snapshot version must be a non-negative integer or `latest`, got `{}`",
-                    truncate(v)
-                ),
-            )
-        })?,
+        "latest" => state.require_latest()?.snapshot.version,
+        v => parse_version(v)?,
     };
     let turn = stored_read_turn().await?;
     let snapshots = state.snapshots.clone();
@@ -532,7 +517,7 @@ fn encode_assignments(
             };
             if csv {
                 push_csv_field(&mut piece, user);
-                piece.extend_from_slice(format!(",{cluster}\n").as_bytes());
+                let _ = writeln!(piece, ",{cluster}");
             } else {
                 let line = json!({"user": user, "cluster": cluster});
                 let _ = serde_json::to_writer(&mut piece, &line);
@@ -583,9 +568,7 @@ async fn cluster_members(
 ) -> ApiResult {
     let limit = parse_limit(query.limit.as_deref(), 100)?;
     let id = parse_cluster_id(&id)?;
-    let latest = state
-        .latest()
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let latest = state.require_latest()?;
     // The first listing of a snapshot sorts every member id: not on an async worker.
     let version = latest.snapshot.version;
     let k = latest.snapshot.kmeans.k;
@@ -607,6 +590,18 @@ async fn cluster_members(
     Ok(axum::Json(body).into_response())
 }
 
+fn parse_version(version: &str) -> Result<u64, ApiError> {
+    version.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "snapshot version must be a non-negative integer or `latest`, got `{}`",
+                truncate(version)
+            ),
+        )
+    })
+}
+
 fn parse_cluster_id(id: &str) -> Result<u32, ApiError> {
     id.parse().map_err(|_| {
         ApiError::new(
@@ -626,9 +621,7 @@ async fn cluster(
 ) -> ApiResult {
     let limit = parse_limit(query.limit.as_deref(), 10)?;
     let id = parse_cluster_id(&id)?;
-    let latest = state
-        .latest()
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let latest = state.require_latest()?;
     let profile = latest
         .snapshot
         .clusters
@@ -662,9 +655,7 @@ async fn user_history(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult {
     check_user_id(&id)?;
-    let latest = state
-        .latest()
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let latest = state.require_latest()?;
     let index = latest.engine_index(&id).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -701,9 +692,7 @@ async fn user(
 ) -> ApiResult {
     check_user_id(&id)?;
     let items = parse_limit(query.items.as_deref(), 10)?;
-    let latest = state
-        .latest()
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet"))?;
+    let latest = state.require_latest()?;
     match latest.user(&id, items) {
         Some(segment) => Ok(axum::Json(segment).into_response()),
         None => Err(ApiError::new(

@@ -20,7 +20,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_SNAPSHOT_BYTES: usize = 16 << 20;
 
 /// Starts the publisher (it first creates the topic when missing); it ends with `shutdown`.
-pub async fn spawn_publisher(
+pub fn spawn_publisher(
     config: &Config,
     shared: &Shared,
     snapshots: SnapshotStore,

@@ -111,23 +111,33 @@ impl SnapshotStore {
         }
     }
 
-    /// A snapshot's assignments with user ids resolved through the stored user records.
+    /// A snapshot's assignments with user ids resolved through the stored user records: one
+    /// ordered scan of the ids beside the pairs (both ascend by user index), not a lookup per
+    /// user.
     pub fn assignments(&self, version: u64) -> Result<Option<Assignments>, StoreError> {
         let Some(pairs) = self.assignment_pairs(version)? else {
             return Ok(None);
         };
+        let unknown = || {
+            corrupt(
+                &key(b'a', &version.to_be_bytes()),
+                "assignment names an unknown user",
+            )
+        };
+        let mut ids = self.db.tree.scan_prefix(b"n/");
         let mut out = Vec::with_capacity(pairs.len());
         for (u, c) in pairs {
-            let id = self
-                .db
-                .tree
-                .get(key(b'n', &u.to_be_bytes()))?
-                .ok_or_else(|| {
-                    corrupt(
-                        &key(b'a', &version.to_be_bytes()),
-                        "assignment names an unknown user",
-                    )
-                })?;
+            let id = loop {
+                let (k, id) = ids.next().ok_or_else(unknown)??;
+                match index_u32(&k)
+                    .ok_or_else(|| corrupt(&k, "bad user key"))?
+                    .cmp(&u)
+                {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => break id,
+                    std::cmp::Ordering::Greater => return Err(unknown()),
+                }
+            };
             out.push((String::from_utf8_lossy(&id).into_owned(), c));
         }
         Ok(Some(out))

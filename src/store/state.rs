@@ -488,19 +488,15 @@ const CHECKPOINT_CHUNK_USERS: usize = 1024;
 /// A chunk in the compact encoding: `[magic][users]` then each user's vector (see
 /// [`cells::put_vector`]): about 2-3 bytes a rating.
 fn encode_chunk(
-    vectors: impl Iterator<Item = impl std::ops::Deref<Target = SparseVec>>,
+    vectors: impl ExactSizeIterator<Item = impl std::ops::Deref<Target = SparseVec>>,
     out: &mut Vec<u8>,
 ) {
     out.clear();
-    let mut body = Vec::new();
-    let mut users = 0u64;
-    for x in vectors {
-        cells::put_vector(&mut body, &x.idx, &x.val);
-        users += 1;
-    }
     out.extend_from_slice(&cells::COMPACT_MAGIC);
-    cells::put_varint(out, users);
-    out.extend_from_slice(&body);
+    cells::put_varint(out, vectors.len() as u64);
+    for x in vectors {
+        cells::put_vector(out, &x.idx, &x.val);
+    }
 }
 
 /// A chunk's vectors, compact or (written before compact chunks) `[users u32]` then each
@@ -574,6 +570,21 @@ mod tests {
     use crate::engine::SourceIds;
     use crate::event::RatingEvent;
 
+    /// Opens the state dir at `dir` and loads its engine, checkpointing after `checkpoint_cells`
+    /// logged cells (`None`: the default).
+    fn reopen(
+        dir: &std::path::Path,
+        params: &crate::engine::EngineParams,
+        checkpoint_cells: Option<u64>,
+    ) -> (StateStore, Engine, ChangeTracker) {
+        let store = super::super::open(dir).unwrap().state;
+        if let Some(cells) = checkpoint_cells {
+            store.set_checkpoint_cells(cells);
+        }
+        let LoadedEngine { engine, changes } = store.load_engine(params.clone()).unwrap();
+        (store, engine, changes)
+    }
+
     /// Applies `events`, reporting the changes to `changes` (as the pipeline does).
     fn apply(engine: &mut Engine, changes: &mut ChangeTracker, events: &[RatingEvent]) {
         engine.apply_with_source_ids(events, &mut SourceIds::default(), changes);
@@ -603,12 +614,7 @@ mod tests {
         };
         let params = EngineParams::default();
         let mut reference = Engine::new(params.clone());
-        let store = super::super::open(dir.path()).unwrap().state;
-        store.set_checkpoint_cells(1);
-        let LoadedEngine {
-            mut engine,
-            mut changes,
-        } = store.load_engine(params.clone()).unwrap();
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, Some(1));
         let events: Vec<RatingEvent> = (0..9_000).map(event).collect();
         for (i, batch) in events.chunks(1_000).enumerate() {
             apply(&mut engine, &mut changes, batch);
@@ -647,11 +653,7 @@ mod tests {
         store.db.write(batch).unwrap();
         drop(engine);
         drop(store);
-        let store = super::super::open(dir.path()).unwrap().state;
-        let LoadedEngine {
-            mut engine,
-            mut changes,
-        } = store.load_engine(params.clone()).unwrap();
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, None);
         assert_eq!(
             engine.vectors(),
             reference.vectors(),
@@ -703,12 +705,7 @@ mod tests {
         };
         let params = EngineParams::default();
         let mut reference = Engine::new(params.clone());
-        let store = super::super::open(dir.path()).unwrap().state;
-        store.set_checkpoint_cells(1);
-        let LoadedEngine {
-            mut engine,
-            mut changes,
-        } = store.load_engine(params.clone()).unwrap();
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, Some(1));
         let first: Vec<RatingEvent> = (0..24_000).map(event).collect();
         for batch in first.chunks(1_000) {
             apply(&mut engine, &mut changes, batch);
@@ -734,11 +731,7 @@ mod tests {
         store.db.write(batch).unwrap();
         drop(engine);
         drop(store);
-        let store = super::super::open(dir.path()).unwrap().state;
-        let LoadedEngine {
-            mut engine,
-            mut changes,
-        } = store.load_engine(params.clone()).unwrap();
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, None);
         assert_eq!(
             engine.vectors(),
             reference.vectors(),
@@ -792,12 +785,8 @@ mod tests {
         let mut reference = Engine::new(params.clone());
         // Reopen every few batches, so checkpoints happen after restarts with a pending log.
         for (round, chunk) in events.chunks(75).enumerate() {
-            let store = super::super::open(dir.path()).unwrap().state;
-            store.set_checkpoint_cells(40 + round as u64 * 7);
-            let LoadedEngine {
-                mut engine,
-                mut changes,
-            } = store.load_engine(params.clone()).unwrap();
+            let (store, mut engine, mut changes) =
+                reopen(dir.path(), &params, Some(40 + round as u64 * 7));
             assert_eq!(engine.vectors(), reference.vectors(), "round {round}");
             for batch in chunk.chunks(25) {
                 apply(&mut engine, &mut changes, batch);
