@@ -48,6 +48,8 @@ pub const SERVICE_OWNED_CLIENT_KEYS: &[&str] = &[
     "enable.partition.eof",
     "partition.assignment.strategy",
     "enable.idempotence",
+    "transactional.id",
+    "isolation.level",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +153,16 @@ pub struct KafkaConfig {
     pub items_topic: String,
     /// Where each snapshot is published under its version ("" = nowhere).
     pub snapshots_topic: String,
+    /// The change feed: one record per user whose segment changed, per snapshot ("" = off).
+    pub changes_topic: String,
+    /// The assignments table: each changed user's current segment, compacted ("" = off).
+    pub assignments_topic: String,
+    /// Where the feed records, in the same transactions, which snapshot version it published
+    /// last (compacted; "" = `<group_id>-publications`).
+    pub publications_topic: String,
+    /// The feed producer's `transactional.id` ("" = `segmenter-<group_id>`): a restarted
+    /// instance with the same id fences off and aborts what its predecessor left open.
+    pub transactional_id: String,
     pub batch_size: usize,
     pub batch_linger_ms: u64,
     pub max_message_bytes: usize,
@@ -169,12 +181,39 @@ impl Default for KafkaConfig {
             dead_letter_topic: "ratings-dead-letter".into(),
             items_topic: String::new(),
             snapshots_topic: String::new(),
+            changes_topic: String::new(),
+            assignments_topic: String::new(),
+            publications_topic: String::new(),
+            transactional_id: String::new(),
             batch_size: 5_000,
             batch_linger_ms: 100,
             max_message_bytes: 65_536,
             drain_timeout_ms: 10_000,
             retry_backoff_ms: 500,
             client: Default::default(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Whether the change feed runs (either of its topics is set).
+    pub fn change_feed_on(&self) -> bool {
+        !self.changes_topic.is_empty() || !self.assignments_topic.is_empty()
+    }
+
+    pub fn publications_topic_name(&self) -> String {
+        if self.publications_topic.is_empty() {
+            format!("{}-publications", self.group_id)
+        } else {
+            self.publications_topic.clone()
+        }
+    }
+
+    pub fn transactional_id_name(&self) -> String {
+        if self.transactional_id.is_empty() {
+            format!("segmenter-{}", self.group_id)
+        } else {
+            self.transactional_id.clone()
         }
     }
 }
@@ -530,13 +569,43 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         "equals [kafka] topic",
         "use a separate topic, e.g. ratings-dead-letter",
     )?;
-    invalid_if(
-        !k.snapshots_topic.is_empty()
-            && [&k.topic, &k.dead_letter_topic, &k.items_topic].contains(&&k.snapshots_topic),
-        "[kafka] snapshots_topic",
-        "equals another of the [kafka] topics",
-        "use a topic of its own, e.g. segmenter-snapshots",
-    )?;
+    let publications = k.publications_topic_name();
+    let outputs: [(&'static str, &str, &'static str); 4] = [
+        (
+            "[kafka] snapshots_topic",
+            &k.snapshots_topic,
+            "use a topic of its own, e.g. segmenter-snapshots",
+        ),
+        (
+            "[kafka] changes_topic",
+            &k.changes_topic,
+            "use a topic of its own, e.g. segment-changes",
+        ),
+        (
+            "[kafka] assignments_topic",
+            &k.assignments_topic,
+            "use a topic of its own, e.g. segment-assignments",
+        ),
+        (
+            "[kafka] publications_topic",
+            if k.change_feed_on() {
+                &publications
+            } else {
+                ""
+            },
+            "use a topic of its own, e.g. segmenter-publications",
+        ),
+    ];
+    for (i, &(field, topic, fix)) in outputs.iter().enumerate() {
+        let inputs = [&k.topic, &k.dead_letter_topic, &k.items_topic].map(String::as_str);
+        let mut others = inputs.into_iter().chain(outputs[..i].iter().map(|o| o.1));
+        invalid_if(
+            !topic.is_empty() && others.any(|other| other == topic),
+            field,
+            "equals another of the [kafka] topics",
+            fix,
+        )?;
+    }
     if let Some(key) = k
         .client
         .keys()

@@ -21,7 +21,8 @@ use crate::event::Rating;
 use crate::http::serving::Serving;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
 use crate::store::{
-    Catalogue, ChangeTracker, LoadedEngine, PreparedCommit, SnapshotStore, StateStore, Stores,
+    Catalogue, ChangeTracker, FeedRecord, LoadedEngine, PreparedCommit, SnapshotStore, StateStore,
+    Stores,
 };
 use crate::telemetry::Metrics;
 
@@ -572,7 +573,13 @@ pub fn build_and_store_snapshot(
         ..
     }) = &built
     {
-        snapshots.put_snapshot(snap, model.labels(), config.snapshot.retention)?;
+        // Only the service publishes the change feed (a replay's snapshots are not pinned).
+        let distances =
+            (periodic && config.kafka.change_feed_on()).then(|| model.distances_to_centroids());
+        let feed = distances
+            .as_deref()
+            .map(|distances| FeedRecord { distances });
+        snapshots.put_snapshot_with(snap, model.labels(), feed, config.snapshot.retention)?;
     }
     Ok(built)
 }

@@ -58,7 +58,7 @@ pub async fn run(
     let started = Instant::now();
     let (stores, loaded) = open_state(&config).await?;
     shared.health.state_open.store(true, Ordering::Relaxed);
-    let http = start_readers(&config, &shared, &stores.snapshots, &shutdown).await?;
+    let readers = start_readers(&config, &shared, &stores.snapshots, &shutdown).await?;
     let initial_events_applied = loaded.engine.counters().events_applied;
     let stored_offsets = Arc::new(Mutex::new(stores.state.offsets()?));
     tracing::info!(
@@ -79,7 +79,7 @@ pub async fn run(
         let pipeline = Pipeline::new(&config, stores, loaded, shared.clone(), None)?;
         // Off the async runtime, which keeps serving HTTP meanwhile.
         tokio::task::spawn_blocking(move || pipeline.finish(true)).await??;
-        http.stop().await;
+        readers.stop().await;
         return Ok(RunSummary {
             events_applied_total: initial_events_applied,
             ..RunSummary::default()
@@ -107,7 +107,7 @@ pub async fn run(
     let worker = spawn_engine_thread(pipeline, batch_rx, ack_tx, final_snapshot.clone())?;
     source.consume(shutdown, &options, &final_snapshot).await?;
     let mut summary = source.drain(worker).await?;
-    http.stop().await;
+    readers.stop().await;
     summary.applied = summary
         .events_applied_total
         .saturating_sub(initial_events_applied);
@@ -123,14 +123,31 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Starts what reads the pipeline's results: the HTTP API and, when `[kafka] snapshots_topic`
-/// is set, the snapshots topic publisher. Both stop with `shutdown`.
+/// What reads the pipeline's results while the service runs.
+struct Readers {
+    http: http::RunningServer,
+    feed: Option<crate::kafka::changes::RunningFeed>,
+}
+
+impl Readers {
+    /// Stops the HTTP API, then lets the change feed finish the version it is publishing (an
+    /// open transaction would hold back `read_committed` consumers until the next start).
+    async fn stop(self) {
+        self.http.stop().await;
+        if let Some(feed) = self.feed {
+            feed.stop().await;
+        }
+    }
+}
+
+/// Starts what reads the pipeline's results: the HTTP API and, when their topics are set, the
+/// snapshots topic publisher and the change feed. All stop with `shutdown`.
 async fn start_readers(
     config: &Config,
     shared: &Shared,
     snapshots: &crate::store::SnapshotStore,
     shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<http::RunningServer> {
+) -> anyhow::Result<Readers> {
     let mut stop_http = shutdown.clone();
     let http = http::start(config, shared, snapshots, async move {
         let _ = stop_http.wait_for(|v| *v).await;
@@ -144,7 +161,17 @@ async fn start_readers(
             shutdown.clone(),
         )?;
     }
-    Ok(http)
+    let feed = if config.kafka.change_feed_on() {
+        Some(crate::kafka::changes::spawn_feed(
+            config,
+            shared,
+            snapshots.clone(),
+            shutdown.clone(),
+        )?)
+    } else {
+        None
+    };
+    Ok(Readers { http, feed })
 }
 
 /// Opens the state dir and loads the engine off the async runtime, storing the catalogue

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub nb_holdout_agreement: Gauge,
     pub users_moved: IntGauge,
     pub ready: IntGauge,
+    /// The change feed: the last snapshot version published, and the records it took.
+    pub feed_version: IntGauge,
+    pub feed_records: IntCounter,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -294,6 +297,14 @@ impl Metrics {
                 "segmenter_ready",
                 "1 when the service is ready (state open, consuming, broker reachable).",
             ),
+            feed_version: int_gauge(
+                "segmenter_feed_published_version",
+                "Last snapshot version whose segment changes the change feed published (0: none).",
+            ),
+            feed_records: counter(
+                "segmenter_feed_records_total",
+                "Users' segment changes published by the change feed (one per changed user and version).",
+            ),
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
         };
@@ -330,6 +341,8 @@ impl Metrics {
             Box::new(self.nb_holdout_agreement.clone()),
             Box::new(self.users_moved.clone()),
             Box::new(self.ready.clone()),
+            Box::new(self.feed_version.clone()),
+            Box::new(self.feed_records.clone()),
         ];
         for c in collectors {
             self.names

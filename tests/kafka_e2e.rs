@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -719,4 +720,282 @@ fn titles_arriving_after_the_events_reach_the_cluster_profiles() {
     service.signal("-TERM");
     let (code, _) = service.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0));
+}
+
+/// Every record of `topic`'s partition 0 that a `read_committed` consumer sees, in order, up
+/// to the partition's end: (key, payload; `None` for a tombstone).
+fn read_committed(topic: &str) -> Vec<(String, Option<serde_json::Value>)> {
+    read_to_end(topic, "read_committed")
+}
+
+fn read_to_end(topic: &str, isolation: &str) -> Vec<(String, Option<serde_json::Value>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{topic}-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&partitions).expect("assign");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut records = vec![];
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Err(KafkaError::PartitionEOF(_))) => return records,
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => records.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                m.payload()
+                    .map(|p| serde_json::from_slice(p).expect("JSON record")),
+            )),
+            None => {}
+        }
+    }
+    panic!("{topic} not read to its end within 60 s");
+}
+
+/// A file retracting every rating of the first `users` users of `ratings` (they leave).
+fn retract_users(ratings: &Path, users: usize) -> (PathBuf, u64, Vec<String>) {
+    let text = std::fs::read_to_string(ratings).expect("read ratings");
+    let mut lines = text.lines();
+    let header = lines.next().expect("header");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let mut leavers: Vec<String> = rows.iter().map(|r| r[0].to_string()).collect();
+    leavers.sort();
+    leavers.dedup();
+    leavers.truncate(users);
+    let last_ts: i64 = rows
+        .iter()
+        .map(|r| r[3].parse::<i64>().unwrap())
+        .max()
+        .unwrap();
+    let mut cells: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| leavers.iter().any(|u| u == r[0]))
+        .map(|r| (r[0].to_string(), r[1].to_string()))
+        .collect();
+    cells.sort();
+    cells.dedup();
+    let mut body = format!("{header}\n");
+    for (user, item) in &cells {
+        body.push_str(&format!("{user},{item},,{}\n", last_ts + 1));
+    }
+    let path = ratings.with_extension("leavers.csv");
+    std::fs::write(&path, body).expect("write retractions");
+    (path, cells.len() as u64, leavers)
+}
+
+/// A stored snapshot's assignments as a map.
+fn stored_table(
+    store: &segmenter::store::SnapshotStore,
+    version: u64,
+) -> std::collections::BTreeMap<String, u32> {
+    store
+        .assignments(version)
+        .unwrap()
+        .unwrap_or_else(|| panic!("snapshot {version} stored"))
+        .into_iter()
+        .collect()
+}
+
+/// The change feed and the assignments table, consumed from the beginning, end at exactly the
+/// last published snapshot's assignments although the service was SIGKILLed at random moments
+/// (mid-transaction included): every version's changes are its diff against the version
+/// published before it, once each; users whose ratings were all retracted get a tombstone.
+#[test]
+fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
+    const EVENTS: u64 = 9_000;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ratings = generate(dir.path(), Mode::Explicit, 300, EVENTS as usize, 73);
+    let (leavers_file, retractions, leavers) = retract_users(&ratings, 4);
+    let mut parts = split_ratings(&ratings, 4);
+    parts.push((leavers_file, retractions));
+    let total = EVENTS + retractions;
+    let topic = unique_topic("feed");
+    let (changes, assignments, publications) = (
+        format!("{topic}-changes"),
+        format!("{topic}-assignments"),
+        format!("{topic}-publications"),
+    );
+    let mut env = service_env(&topic, &state, Mode::Explicit);
+    for (key, value) in [
+        ("SEGMENTER_KAFKA__CHANGES_TOPIC", changes.as_str()),
+        ("SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC", assignments.as_str()),
+        ("SEGMENTER_KAFKA__PUBLICATIONS_TOPIC", publications.as_str()),
+        ("SEGMENTER_KAFKA__BATCH_SIZE", "300"),
+        ("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200"),
+        ("SEGMENTER_SNAPSHOT__RETENTION", "100000"),
+    ] {
+        env.push((key.into(), value.into()));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(73);
+    let mut produced = 0;
+    let (last, rounds) = parts.split_last().expect("installments");
+    for (round, (part, count)) in rounds.iter().enumerate() {
+        produce(&topic, 3, part);
+        produced += count;
+        let before = persisted_position(&state);
+        let target = rng.random_range(before + 1..=produced);
+        let mut service = Service::start(&env, &[]);
+        service.wait_for_applied(target, Duration::from_secs(120));
+        // Past a publication or into one, at a random moment.
+        if rng.random_bool(0.5) {
+            service.wait_for(Duration::from_secs(60), |v| {
+                v["fields"]["message"] == "segment changes published"
+            });
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+        service.signal("-KILL");
+        let (code, _) = service.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, None, "round {round}: killed by a signal");
+    }
+    produce(&topic, 3, &last.0);
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(total, Duration::from_secs(120));
+    let built = service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "snapshot built"
+            && v["fields"]["events_applied"].as_u64() == Some(total)
+    });
+    let final_version = built["fields"]["version"].as_u64().unwrap();
+    service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "segment changes published"
+            && v["fields"]["version"].as_u64() >= Some(final_version)
+    });
+    service.signal("-TERM");
+    let (code, log) = service.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+
+    let store = segmenter::store::open(&state).unwrap().snapshots;
+    let published: Vec<(u64, u64, u64)> = read_committed(&publications)
+        .into_iter()
+        .map(|(_, v)| {
+            let v = v.expect("a publication record");
+            let field = |name: &str| v[name].as_u64().expect("a number");
+            (field("version"), field("previous"), field("changes"))
+        })
+        .collect();
+    assert!(
+        published.len() >= 3,
+        "several versions published: {published:?}"
+    );
+    let mut last_version = 0;
+    for &(version, previous, _) in &published {
+        assert_eq!(
+            previous, last_version,
+            "each version follows the last one published"
+        );
+        assert!(version > previous);
+        last_version = version;
+    }
+    assert!(last_version >= final_version);
+
+    // The change feed: each version's records are its diff from the previous publication,
+    // one per user, and applied in order they rebuild the last published snapshot.
+    let change_records = read_committed(&changes);
+    // Not asserted (kills land where they land): how many records the kills left in
+    // transactions that were aborted, invisible to the checks below.
+    eprintln!(
+        "change records: {} committed, {} written",
+        change_records.len(),
+        read_to_end(&changes, "read_uncommitted").len()
+    );
+    let mut by_version: std::collections::BTreeMap<u64, Vec<serde_json::Value>> =
+        Default::default();
+    for (key, value) in change_records {
+        let value = value.expect("changes are never tombstones");
+        assert_eq!(value["user"].as_str(), Some(key.as_str()));
+        by_version
+            .entry(value["version"].as_u64().unwrap())
+            .or_default()
+            .push(value);
+    }
+    let mut table = std::collections::BTreeMap::<String, u32>::new();
+    for &(version, previous, count) in &published {
+        let records = by_version.remove(&version).unwrap_or_default();
+        assert_eq!(
+            records.len() as u64,
+            count,
+            "v{version}: no change lost or repeated"
+        );
+        let before = if previous == 0 {
+            Default::default()
+        } else {
+            stored_table(&store, previous)
+        };
+        let after = stored_table(&store, version);
+        let mut expected: Vec<(String, Option<u32>, Option<u32>)> = before
+            .iter()
+            .filter(|(u, s)| after.get(*u) != Some(s))
+            .map(|(u, &s)| (u.clone(), Some(s), after.get(u).copied()))
+            .chain(
+                after
+                    .iter()
+                    .filter(|(u, _)| !before.contains_key(*u))
+                    .map(|(u, &s)| (u.clone(), None, Some(s))),
+            )
+            .collect();
+        expected.sort();
+        let mut got: Vec<(String, Option<u32>, Option<u32>)> = records
+            .iter()
+            .map(|r| {
+                let segment = |name: &str| r[name].as_u64().map(|s| s as u32);
+                (
+                    r["user"].as_str().unwrap().to_string(),
+                    segment("from"),
+                    segment("to"),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, expected, "v{version}'s changes against v{previous}");
+        for r in &records {
+            assert_eq!(r["distance"].is_null(), r["to"].is_null(), "{r}");
+            let user = r["user"].as_str().unwrap().to_string();
+            match r["to"].as_u64() {
+                Some(to) => table.insert(user, to as u32),
+                None => table.remove(&user),
+            };
+        }
+    }
+    assert!(
+        by_version.is_empty(),
+        "records outside a publication: {by_version:?}"
+    );
+    let expected = stored_table(&store, last_version);
+    assert_eq!(table, expected, "the change feed rebuilds v{last_version}");
+    for leaver in &leavers {
+        assert!(!expected.contains_key(leaver), "{leaver} left");
+    }
+
+    // The assignments table: the last record per user, a tombstone deleting it.
+    let mut materialised = std::collections::BTreeMap::<String, u32>::new();
+    let mut tombstones = 0;
+    for (key, value) in read_committed(&assignments) {
+        match value {
+            Some(v) => {
+                materialised.insert(key, v["segment"].as_u64().unwrap() as u32);
+            }
+            None => {
+                tombstones += 1;
+                materialised.remove(&key);
+            }
+        }
+    }
+    assert!(
+        tombstones >= leavers.len(),
+        "a tombstone per leaver ({tombstones})"
+    );
+    assert_eq!(
+        materialised, expected,
+        "the assignments table is v{last_version}"
+    );
 }

@@ -137,7 +137,6 @@ impl Model {
     pub fn sizes(&self) -> &[u64] {
         &self.counts
     }
-    /// Uncentred projection of one user.
     /// Where user `user`'s projection starts (for a prefetch hint; never dereferenced).
     pub(crate) fn projection_ptr(&self, user: usize) -> *const f64 {
         self.projections
@@ -145,6 +144,7 @@ impl Model {
             .wrapping_add(user * self.components)
     }
 
+    /// Uncentred projection of one user.
     pub fn projection(&self, user: usize) -> &[f64] {
         let k = self.components;
         &self.projections[user * k..(user + 1) * k]
@@ -179,6 +179,23 @@ impl Model {
                 squared_distance(&self.projections[u * k..(u + 1) * k], c)
             })
             .sum()
+    }
+
+    /// Each user's distance to its cluster's centroid in the PCA space (NaN for users without
+    /// a cluster), by user index.
+    pub fn distances_to_centroids(&self) -> Vec<f32> {
+        let k = self.components;
+        self.labels
+            .iter()
+            .enumerate()
+            .map(|(u, &l)| {
+                if l == NO_CLUSTER {
+                    return f32::NAN;
+                }
+                let c = &self.means[l as usize * k..(l as usize + 1) * k];
+                squared_distance(&self.projections[u * k..(u + 1) * k], c).sqrt() as f32
+            })
+            .collect()
     }
 
     pub(crate) fn add_user_slot(&mut self) {

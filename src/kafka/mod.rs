@@ -2,6 +2,7 @@
 //! topic creation, the consumer context that assigns partitions at the offsets stored in the
 //! state dir, and dead letters.
 
+pub mod changes;
 pub mod dead_letter;
 pub mod produce;
 pub mod snapshots;

@@ -16,6 +16,22 @@ pub struct SnapshotStore {
     db: Arc<Database>,
 }
 
+/// What the change feed stores with a snapshot: every user's distance to its segment's centroid
+/// (by user index, like the labels).
+#[derive(Debug, Clone, Copy)]
+pub struct FeedRecord<'a> {
+    pub distances: &'a [f32],
+}
+
+/// One assigned user of a stored snapshot, as the change feed reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeedRow {
+    pub user: u32,
+    pub segment: u32,
+    /// Distance to the segment's centroid in the PCA space (`None`: stored without).
+    pub distance: Option<f32>,
+}
+
 /// Summary of one stored snapshot, for listings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -37,6 +53,20 @@ impl SnapshotStore {
         &self,
         snapshot: &Snapshot,
         labels: &[u32],
+        retention: usize,
+    ) -> Result<(), StoreError> {
+        self.put_snapshot_with(snapshot, labels, None, retention)
+    }
+
+    /// [`Self::put_snapshot`] with what the change feed needs when it is on: each assigned
+    /// user's distance to its segment's centroid (stored beside the assignments), and the
+    /// versions the feed has not published yet kept whatever the retention (the feed diffs
+    /// each version against the last one it published).
+    pub fn put_snapshot_with(
+        &self,
+        snapshot: &Snapshot,
+        labels: &[u32],
+        feed: Option<FeedRecord<'_>>,
         retention: usize,
     ) -> Result<(), StoreError> {
         let v = snapshot.version.to_be_bytes();
@@ -62,15 +92,92 @@ impl SnapshotStore {
             meta("latest_snapshot"),
             serde_json::to_vec(&snapshot.version).unwrap_or_default(),
         );
+        let mut keep_from_version = u64::MAX;
+        if let Some(feed) = feed {
+            let distances: Vec<u8> = labels
+                .iter()
+                .zip(feed.distances)
+                .filter(|(c, _)| **c != crate::engine::NO_CLUSTER)
+                .flat_map(|(_, d)| d.to_le_bytes())
+                .collect();
+            batch.insert(key(b'd', &v), distances);
+            keep_from_version = self.feed_published()?;
+        }
         let versions = self.snapshot_versions()?;
         let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
-        for old in &versions[..keep_from] {
-            batch.remove(key(b's', &old.to_be_bytes()));
-            batch.remove(key(b'a', &old.to_be_bytes()));
-            batch.remove(key(b'h', &old.to_be_bytes()));
+        for &old in versions[..keep_from]
+            .iter()
+            .filter(|&&old| old < keep_from_version)
+        {
+            for prefix in [b's', b'a', b'h', b'd'] {
+                batch.remove(key(prefix, &old.to_be_bytes()));
+            }
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// The last snapshot version the change feed is known to have published (0: none). A hint
+    /// that may lag the feed's own record in Kafka (a crash between the two), never lead it.
+    pub fn feed_published(&self) -> Result<u64, StoreError> {
+        Ok(self.db.get_json::<u64>("feed_published")?.unwrap_or(0))
+    }
+
+    pub fn set_feed_published(&self, version: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            meta("feed_published"),
+            serde_json::to_vec(&version).unwrap_or_default(),
+        );
+        self.db.write(batch)
+    }
+
+    /// A stored snapshot's assigned users, ascending by user index, with their distances to
+    /// their segment's centroid when the snapshot was stored with them.
+    pub fn feed_rows(&self, version: u64) -> Result<Option<Vec<FeedRow>>, StoreError> {
+        let Some(pairs) = self.assignment_pairs(version)? else {
+            return Ok(None);
+        };
+        let k = key(b'd', &version.to_be_bytes());
+        let distances = self.db.tree.get(&k)?;
+        let distances: Option<&[[u8; 4]]> = match &distances {
+            Some(bytes) if bytes.len() == pairs.len() * 4 => Some(bytes.as_chunks::<4>().0),
+            Some(_) => return Err(corrupt(&k, "distances do not match the assignments")),
+            None => None,
+        };
+        Ok(Some(
+            pairs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (user, segment))| FeedRow {
+                    user,
+                    segment,
+                    distance: distances.map(|d| f32::from_le_bytes(d[i])),
+                })
+                .collect(),
+        ))
+    }
+
+    /// The ids of users by index (`indices` ascending), in one ordered scan of the stored ids.
+    pub fn user_ids(&self, indices: &[u32]) -> Result<Vec<String>, StoreError> {
+        let mut ids = self.db.tree.scan_prefix(b"n/");
+        let mut out = Vec::with_capacity(indices.len());
+        for &u in indices {
+            let unknown = || corrupt(&key(b'n', &u.to_be_bytes()), "no stored id for this user");
+            let id = loop {
+                let (k, id) = ids.next().ok_or_else(unknown)??;
+                match index_u32(&k)
+                    .ok_or_else(|| corrupt(&k, "bad user key"))?
+                    .cmp(&u)
+                {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => break id,
+                    std::cmp::Ordering::Greater => return Err(unknown()),
+                }
+            };
+            out.push(String::from_utf8_lossy(&id).into_owned());
+        }
+        Ok(out)
     }
 
     /// Stored snapshot versions, ascending.
@@ -118,29 +225,14 @@ impl SnapshotStore {
         let Some(pairs) = self.assignment_pairs(version)? else {
             return Ok(None);
         };
-        let unknown = || {
-            corrupt(
-                &key(b'a', &version.to_be_bytes()),
-                "assignment names an unknown user",
-            )
-        };
-        let mut ids = self.db.tree.scan_prefix(b"n/");
-        let mut out = Vec::with_capacity(pairs.len());
-        for (u, c) in pairs {
-            let id = loop {
-                let (k, id) = ids.next().ok_or_else(unknown)??;
-                match index_u32(&k)
-                    .ok_or_else(|| corrupt(&k, "bad user key"))?
-                    .cmp(&u)
-                {
-                    std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => break id,
-                    std::cmp::Ordering::Greater => return Err(unknown()),
-                }
-            };
-            out.push((String::from_utf8_lossy(&id).into_owned(), c));
-        }
-        Ok(Some(out))
+        let indices: Vec<u32> = pairs.iter().map(|&(u, _)| u).collect();
+        let ids = self.user_ids(&indices)?;
+        Ok(Some(
+            ids.into_iter()
+                .zip(pairs)
+                .map(|(id, (_, c))| (id, c))
+                .collect(),
+        ))
     }
 
     /// A stored snapshot's `(user index, cluster)` pairs.

@@ -1,0 +1,515 @@
+//! The change feed (`[kafka] changes_topic`) and the assignments table
+//! (`[kafka] assignments_topic`): for every stored snapshot version, in order, one record per
+//! user whose segment changed since the last version published. Each version goes out in one
+//! Kafka transaction together with a record of its number in the publications topic, and a
+//! restart reads that record back, so a version's changes are published exactly once across
+//! crashes (for consumers reading with `isolation.level=read_committed`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::config::{Config, KafkaConfig};
+use crate::kafka::{client_config, ensure_topic_with};
+use crate::pipeline::Shared;
+use crate::store::{FeedRow, SnapshotStore};
+use crate::telemetry::Metrics;
+
+/// How long a transaction may stay open at the broker: a version's changes for millions of
+/// users take seconds, and a crashed predecessor's open transaction is aborted at the next
+/// start anyway.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the producer's transactional calls (init, commit, abort) wait for the broker.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long reading back the publications topic may take.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One record of the change feed: `user` moved from segment `from` to `to` in snapshot
+/// `version` (`from` null for a user new to the feed, `to` null for a user who left).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    pub user: String,
+    pub from: Option<u32>,
+    pub to: Option<u32>,
+    pub version: u64,
+    pub created_at: String,
+    /// Distance to the new segment's centroid in the PCA space (null when `to` is).
+    pub distance: Option<f64>,
+}
+
+/// One record of the assignments table (a user who left gets a tombstone instead).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignmentRecord {
+    pub user: String,
+    pub segment: u32,
+    pub version: u64,
+}
+
+/// What the publications topic holds, keyed by the transactional id: the last version out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublicationRecord {
+    pub version: u64,
+    /// The version this one's changes are relative to (0: none, every user is new).
+    pub previous: u64,
+    pub changes: u64,
+}
+
+/// A user whose segment differs between two stored snapshots.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegmentChange {
+    pub user: u32,
+    pub from: Option<u32>,
+    pub to: Option<u32>,
+    pub distance: Option<f32>,
+}
+
+/// The users whose segment differs from `before` to `after` (both ascending by user), in user
+/// order: a merge, O(users).
+pub fn segment_changes(before: &[FeedRow], after: &[FeedRow]) -> Vec<SegmentChange> {
+    let mut out = vec![];
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let (b, a) = (before.get(i), after.get(j));
+        let change = match (b, a) {
+            (None, None) => break,
+            (Some(b), Some(a)) if b.user == a.user => {
+                i += 1;
+                j += 1;
+                (b.segment != a.segment).then_some(SegmentChange {
+                    user: a.user,
+                    from: Some(b.segment),
+                    to: Some(a.segment),
+                    distance: a.distance,
+                })
+            }
+            (Some(b), a) if a.is_none_or(|a| b.user < a.user) => {
+                i += 1;
+                Some(SegmentChange {
+                    user: b.user,
+                    from: Some(b.segment),
+                    to: None,
+                    distance: None,
+                })
+            }
+            (_, Some(a)) => {
+                j += 1;
+                Some(SegmentChange {
+                    user: a.user,
+                    from: None,
+                    to: Some(a.segment),
+                    distance: a.distance,
+                })
+            }
+            (Some(_), None) => unreachable!("covered by the arm above"),
+        };
+        out.extend(change);
+    }
+    out
+}
+
+/// The feed's settings and handles.
+struct Feed {
+    kafka: KafkaConfig,
+    snapshots: SnapshotStore,
+    metrics: Arc<Metrics>,
+    changes_topic: Option<String>,
+    assignments_topic: Option<String>,
+    publications_topic: String,
+    transactional_id: String,
+}
+
+/// The feed's thread, stopped with [`RunningFeed::stop`] or the service's shutdown.
+pub struct RunningFeed {
+    stop: watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RunningFeed {
+    /// Asks the feed to stop after the version it is publishing, and waits for it (at most
+    /// as long as a commit may take).
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        let thread = self.thread;
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(CALL_TIMEOUT, joined).await.is_err() {
+            tracing::warn!("the change feed did not stop in time");
+        }
+    }
+}
+
+/// Starts the feed on a thread of its own (rdkafka's transactional calls block); it ends with
+/// `shutdown` or [`RunningFeed::stop`]. Topics are created when missing, retried while the
+/// broker is away.
+pub fn spawn_feed(
+    config: &Config,
+    shared: &Shared,
+    snapshots: SnapshotStore,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<RunningFeed> {
+    let kafka = config.kafka.clone();
+    let topic = |name: &str| (!name.is_empty()).then(|| name.to_string());
+    let feed = Feed {
+        changes_topic: topic(&kafka.changes_topic),
+        assignments_topic: topic(&kafka.assignments_topic),
+        publications_topic: kafka.publications_topic_name(),
+        transactional_id: kafka.transactional_id_name(),
+        kafka,
+        snapshots,
+        metrics: shared.metrics.clone(),
+    };
+    let (stop, stopped) = watch::channel(false);
+    let forward = stop.clone();
+    tokio::spawn(async move {
+        if shutdown.wait_for(|stop| *stop).await.is_ok() {
+            forward.send_replace(true);
+        }
+    });
+    let notices = shared.published.subscribe();
+    let runtime = Handle::current();
+    let thread = std::thread::Builder::new()
+        .name("segmenter-feed".into())
+        .spawn(move || feed.run(&runtime, notices, stopped))
+        .context("cannot start the change feed thread")?;
+    Ok(RunningFeed { stop, thread })
+}
+
+impl Feed {
+    /// Sessions until shutdown: any failure ends the session (its open transaction is aborted
+    /// by the next one's `init_transactions`), and the next reads back where Kafka stands.
+    fn run(
+        self,
+        runtime: &Handle,
+        mut notices: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            match self.session(runtime, &mut notices, &mut shutdown) {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "change feed interrupted; retrying with backoff"
+                ),
+            }
+            let backoff = Duration::from_millis(self.kafka.retry_backoff_ms.max(100) * 4);
+            let stopped = runtime.block_on(async {
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => true,
+                    _ = tokio::time::sleep(backoff) => false,
+                }
+            });
+            if stopped {
+                return;
+            }
+        }
+    }
+
+    /// One producer's life: fence off predecessors, read back the last version published, then
+    /// publish every newer stored version as it comes. `Ok` only at shutdown.
+    fn session(
+        &self,
+        runtime: &Handle,
+        notices: &mut watch::Receiver<u64>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        runtime.block_on(self.ensure_topics())?;
+        let producer: ThreadedProducer<_> = client_config(&self.kafka)
+            .set("transactional.id", &self.transactional_id)
+            .set("enable.idempotence", "true")
+            .set(
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            )
+            .set("compression.type", "lz4")
+            .set("linger.ms", "20")
+            .create()
+            .context("cannot create the change feed producer")?;
+        producer
+            .init_transactions(CALL_TIMEOUT)
+            .context("cannot initialise the change feed's transactions")?;
+        let mut published = self.read_back()?;
+        self.snapshots.set_feed_published(published)?;
+        self.metrics.feed_version.set(published as i64);
+        tracing::info!(
+            published,
+            transactional_id = self.transactional_id,
+            "change feed ready"
+        );
+        loop {
+            let stored = self.snapshots.snapshot_versions()?;
+            if stored.last().is_some_and(|&latest| latest < published) {
+                tracing::warn!(
+                    published,
+                    "the change feed has published versions this state dir never stored: set a \
+                     new [kafka] transactional_id for a new state dir, or delete the feed's topics"
+                );
+            }
+            let start = published;
+            for version in stored.into_iter().filter(|&v| v > start) {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                self.publish(&producer, published, version)?;
+                published = version;
+                self.snapshots.set_feed_published(published)?;
+            }
+            let stopped = runtime.block_on(async {
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => true,
+                    changed = notices.changed() => changed.is_err(),
+                }
+            });
+            if stopped {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let compacted = [("cleanup.policy", "compact")];
+        if let Some(topic) = &self.changes_topic {
+            ensure_topic_with(&self.kafka, topic, 1, &[]).await?;
+        }
+        if let Some(topic) = &self.assignments_topic {
+            ensure_topic_with(&self.kafka, topic, 1, &compacted).await?;
+        }
+        ensure_topic_with(&self.kafka, &self.publications_topic, 1, &compacted).await
+    }
+
+    /// The last version this transactional id published, from the publications topic read to
+    /// its end with committed records only (0: none yet).
+    fn read_back(&self) -> anyhow::Result<u64> {
+        let consumer: BaseConsumer = client_config(&self.kafka)
+            .set("group.id", format!("{}-read-back", self.transactional_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .context("cannot create the publications reader")?;
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition_offset(&self.publications_topic, 0, Offset::Beginning)?;
+        consumer.assign(&partitions)?;
+        let deadline = Instant::now() + READ_BACK_TIMEOUT;
+        let mut published = 0;
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(published),
+                Some(Err(e)) => return Err(e).context("cannot read the publications topic"),
+                Some(Ok(m)) => {
+                    if m.key() != Some(self.transactional_id.as_bytes()) {
+                        continue;
+                    }
+                    let record: PublicationRecord =
+                        serde_json::from_slice(m.payload().unwrap_or_default()).with_context(
+                            || format!("unreadable record in {} at {}", m.topic(), m.offset()),
+                        )?;
+                    published = record.version;
+                }
+            }
+        }
+        anyhow::bail!(
+            "reading {} back took over {READ_BACK_TIMEOUT:?}",
+            self.publications_topic
+        )
+    }
+
+    /// Publishes `version`'s changes relative to `previous` (the last version published) in one
+    /// transaction with its publication record.
+    fn publish(
+        &self,
+        producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+        previous: u64,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (records, base) = self.records(previous, version)?;
+        producer.begin_transaction()?;
+        let sent = self.send_all(producer, &records, base, version);
+        let committed = sent.and_then(|()| Ok(producer.commit_transaction(CALL_TIMEOUT)?));
+        if let Err(e) = committed {
+            let _ = producer.abort_transaction(CALL_TIMEOUT);
+            return Err(e).with_context(|| format!("cannot publish version {version}'s changes"));
+        }
+        self.metrics.feed_version.set(version as i64);
+        self.metrics.feed_records.inc_by(records.len() as u64);
+        tracing::info!(
+            version,
+            previous = base,
+            changes = records.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "segment changes published"
+        );
+        Ok(())
+    }
+
+    /// `version`'s changes with their user ids and creation time, relative to `previous` when
+    /// it is still stored, else to nothing (every assigned user is new: a resync). Returns the
+    /// version they are relative to.
+    fn records(
+        &self,
+        previous: u64,
+        version: u64,
+    ) -> anyhow::Result<(Vec<(String, ChangeRecord)>, u64)> {
+        let before = match previous {
+            0 => Some(vec![]),
+            v => self.snapshots.feed_rows(v)?,
+        };
+        let base = if before.is_some() { previous } else { 0 };
+        if before.is_none() {
+            tracing::warn!(
+                previous,
+                version,
+                "the last version published is no longer stored: publishing every assigned \
+                 user of this version as new"
+            );
+        }
+        let after = self
+            .snapshots
+            .feed_rows(version)?
+            .with_context(|| format!("snapshot {version} is no longer stored"))?;
+        let created_at = self
+            .snapshots
+            .summary(version)?
+            .map(|s| s.created_at)
+            .unwrap_or_default();
+        let changes = segment_changes(&before.unwrap_or_default(), &after);
+        let users: Vec<u32> = changes.iter().map(|c| c.user).collect();
+        let ids = self.snapshots.user_ids(&users)?;
+        let records = ids
+            .into_iter()
+            .zip(changes)
+            .map(|(id, c)| {
+                let record = ChangeRecord {
+                    user: id.clone(),
+                    from: c.from,
+                    to: c.to,
+                    version,
+                    created_at: created_at.clone(),
+                    distance: c.distance.filter(|d| d.is_finite()).map(f64::from),
+                };
+                (id, record)
+            })
+            .collect();
+        Ok((records, base))
+    }
+
+    fn send_all(
+        &self,
+        producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+        records: &[(String, ChangeRecord)],
+        previous: u64,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        for (id, change) in records {
+            if let Some(topic) = &self.changes_topic {
+                send(producer, topic, id, Some(&serde_json::to_vec(change)?))?;
+            }
+            if let Some(topic) = &self.assignments_topic {
+                let value = change.to.map(|segment| AssignmentRecord {
+                    user: id.clone(),
+                    segment,
+                    version,
+                });
+                let json = value.as_ref().map(serde_json::to_vec).transpose()?;
+                send(producer, topic, id, json.as_deref())?;
+            }
+        }
+        let publication = PublicationRecord {
+            version,
+            previous,
+            changes: records.len() as u64,
+        };
+        send(
+            producer,
+            &self.publications_topic,
+            &self.transactional_id,
+            Some(&serde_json::to_vec(&publication)?),
+        )
+    }
+}
+
+/// Queues one record (`None`: a tombstone), waiting while the producer's queue is full.
+fn send(
+    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    payload: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    loop {
+        let mut record = BaseRecord::<str, [u8]>::to(topic).key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e).with_context(|| format!("cannot produce to {topic}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(pairs: &[(u32, u32)]) -> Vec<FeedRow> {
+        pairs
+            .iter()
+            .map(|&(user, segment)| FeedRow {
+                user,
+                segment,
+                distance: Some(user as f32),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn changes_list_moves_arrivals_and_departures_in_user_order() {
+        let before = rows(&[(0, 1), (1, 2), (3, 0), (5, 4)]);
+        let after = rows(&[(1, 2), (2, 7), (3, 1), (6, 4)]);
+        let changes = segment_changes(&before, &after);
+        let summary: Vec<(u32, Option<u32>, Option<u32>)> =
+            changes.iter().map(|c| (c.user, c.from, c.to)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, Some(1), None),
+                (2, None, Some(7)),
+                (3, Some(0), Some(1)),
+                (5, Some(4), None),
+                (6, None, Some(4)),
+            ]
+        );
+        assert_eq!(changes[0].distance, None);
+        assert_eq!(changes[2].distance, Some(3.0));
+    }
+
+    #[test]
+    fn applying_the_changes_to_the_before_table_gives_the_after_table() {
+        let before = rows(&[(0, 1), (2, 2), (4, 0), (9, 3)]);
+        let after = rows(&[(1, 1), (2, 2), (4, 3), (8, 0)]);
+        let mut table: std::collections::BTreeMap<u32, u32> =
+            before.iter().map(|r| (r.user, r.segment)).collect();
+        for c in segment_changes(&before, &after) {
+            assert_eq!(table.get(&c.user).copied(), c.from);
+            match c.to {
+                Some(to) => table.insert(c.user, to),
+                None => table.remove(&c.user),
+            };
+        }
+        let expected: std::collections::BTreeMap<u32, u32> =
+            after.iter().map(|r| (r.user, r.segment)).collect();
+        assert_eq!(table, expected);
+        assert!(segment_changes(&after, &after).is_empty());
+    }
+}
