@@ -49,7 +49,6 @@ pub const SERVICE_OWNED_CLIENT_KEYS: &[&str] = &[
     "partition.assignment.strategy",
     "enable.idempotence",
     "transactional.id",
-    "isolation.level",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -745,6 +744,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("[kafka] snapshots_topic"), "{err}");
+        for (vars, field) in [
+            (
+                &[("SEGMENTER_KAFKA__CHANGES_TOPIC", "ratings-dead-letter")][..],
+                "[kafka] changes_topic",
+            ),
+            (
+                &[
+                    ("SEGMENTER_KAFKA__CHANGES_TOPIC", "changes"),
+                    ("SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC", "changes"),
+                ][..],
+                "[kafka] assignments_topic",
+            ),
+            (
+                &[
+                    ("SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC", "table"),
+                    ("SEGMENTER_KAFKA__PUBLICATIONS_TOPIC", "table"),
+                ][..],
+                "[kafka] publications_topic",
+            ),
+        ] {
+            let err = Config::load_with_env(None, env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let feed = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__CHANGES_TOPIC", "c")]))
+            .expect("a feed with the default names");
+        assert_eq!(
+            feed.kafka.publications_topic_name(),
+            "segmenter-publications"
+        );
+        assert_eq!(feed.kafka.transactional_id_name(), "segmenter-segmenter");
         let err = Config::load_with_env(
             None,
             env(&[("SEGMENTER_MODEL__SNAPSHOT_STICKINESS", "0.95")]),

@@ -573,9 +573,12 @@ pub fn build_and_store_snapshot(
         ..
     }) = &built
     {
-        // Only the service publishes the change feed (a replay's snapshots are not pinned).
-        let distances =
-            (periodic && config.kafka.change_feed_on()).then(|| model.distances_to_centroids());
+        // Whatever builds it, a snapshot in a state dir the change feed publishes from is
+        // published (by the next service run, for a replay's).
+        let distances = config
+            .kafka
+            .change_feed_on()
+            .then(|| model.distances_to_centroids());
         let feed = distances
             .as_deref()
             .map(|distances| FeedRecord { distances });

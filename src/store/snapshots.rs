@@ -418,6 +418,58 @@ mod tests {
     }
 
     #[test]
+    fn versions_the_feed_has_not_published_outlive_the_retention_and_carry_distances() {
+        use crate::engine::NO_CLUSTER;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        let put = |v: u64, labels: &[u32]| {
+            let distances: Vec<f32> = (0..labels.len()).map(|u| u as f32 + 0.5).collect();
+            let feed = FeedRecord {
+                distances: &distances,
+            };
+            store
+                .put_snapshot_with(&small_snapshot(v, false), labels, Some(feed), 2)
+                .unwrap();
+        };
+        for v in 1..=4 {
+            put(v, &[0, NO_CLUSTER, 1]);
+        }
+        // Nothing published yet: every version is kept, whatever the retention.
+        assert_eq!(store.snapshot_versions().unwrap(), vec![1, 2, 3, 4]);
+        store.set_feed_published(3).unwrap();
+        assert_eq!(store.feed_published().unwrap(), 3);
+        put(5, &[1, 0, NO_CLUSTER]);
+        // The last version published stays (the next diff starts from it) and so do newer ones.
+        assert_eq!(store.snapshot_versions().unwrap(), vec![3, 4, 5]);
+        let rows = store.feed_rows(5).unwrap().unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                FeedRow {
+                    user: 0,
+                    segment: 1,
+                    distance: Some(0.5)
+                },
+                FeedRow {
+                    user: 1,
+                    segment: 0,
+                    distance: Some(1.5)
+                },
+            ]
+        );
+        // A snapshot stored without the feed has no distances; the retention applies again.
+        store
+            .put_snapshot(&small_snapshot(6, false), &[0, 0], 2)
+            .unwrap();
+        assert_eq!(store.snapshot_versions().unwrap(), vec![5, 6]);
+        assert!(
+            store.feed_rows(6).unwrap().unwrap()[0].distance.is_none(),
+            "no distances stored"
+        );
+        assert!(store.feed_rows(1).unwrap().is_none());
+    }
+
+    #[test]
     fn a_user_history_gives_each_retained_snapshot_its_cluster_of_the_user() {
         use crate::engine::NO_CLUSTER;
         let dir = tempfile::tempdir().unwrap();

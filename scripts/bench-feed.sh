@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Benchmark: does publishing the change feed stall consumption? One generated topic (default
+# 1,000,000 users x 5,000 items x 10,000,000 events, so a snapshot's changes cover up to a
+# million users) is consumed twice from a real local broker into fresh state dirs, in the same
+# run: once without the feed, once with `[kafka] changes_topic` and `assignments_topic` set and
+# a snapshot every SNAPSHOT_INTERVAL_MS. Prints both consumption rates, each publication (users
+# changed, seconds), and the consumption rate inside and outside the publications' windows.
+# Starts its own broker on BENCH_KAFKA_PORT (default 49092) unless BENCH_BROKERS is given.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+USERS="${USERS:-1000000}"; ITEMS="${ITEMS:-5000}"; EVENTS="${EVENTS:-10000000}"
+PARTITIONS="${PARTITIONS:-4}"
+work="$(mktemp -d /tmp/segmenter-bench-feed.XXXXXX)"
+cleanup() {
+  if [ -z "${BENCH_BROKERS:-}" ]; then KAFKA_PORT="$port" scripts/kafka.sh stop >/dev/null 2>&1 || true; fi
+  if [ -z "${KEEP:-}" ]; then rm -rf "$work"; else echo "kept $work"; fi
+}
+trap cleanup EXIT
+if [ -n "${BENCH_BROKERS:-}" ]; then
+  brokers="$BENCH_BROKERS"
+else
+  port="${BENCH_KAFKA_PORT:-49092}"
+  KAFKA_PORT="$port" scripts/kafka.sh start
+  brokers="127.0.0.1:$port"
+fi
+
+cargo build --release --quiet
+bin=target/release/segmenter
+topic="bench-feed-$(date +%s)"
+"$bin" generate --users "$USERS" --items "$ITEMS" --events "$EVENTS" --segments 25 --out "$work/ratings.csv"
+"$bin" produce --brokers "$brokers" --topic "$topic" --partitions "$PARTITIONS" --ratings "$work/ratings.csv"
+
+export SEGMENTER_KAFKA__BROKERS="$brokers" SEGMENTER_KAFKA__TOPIC="$topic"
+export SEGMENTER_KAFKA__BATCH_SIZE="${BATCH_SIZE:-20000}"
+export SEGMENTER_MODEL__REFRESH_EVERY_EVENTS="${REFRESH_EVERY:-1000000}"
+export SEGMENTER_SNAPSHOT__INTERVAL_MS="${SNAPSHOT_INTERVAL_MS:-10000}"
+export SEGMENTER_LOG__FORMAT=json RUST_LOG="segmenter=debug,librdkafka=warn"
+
+consume() { # name, extra env...
+  local name="$1"; shift
+  env SEGMENTER_KAFKA__GROUP_ID="bench-$name-$topic" SEGMENTER_STATE__DIR="$work/state-$name" "$@" \
+    "$bin" run --exit-at-events "$EVENTS" 2> "$work/$name.log" || { tail -20 "$work/$name.log"; exit 1; }
+}
+consume plain
+consume feed SEGMENTER_KAFKA__CHANGES_TOPIC="$topic-changes" \
+  SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC="$topic-assignments" \
+  SEGMENTER_KAFKA__PUBLICATIONS_TOPIC="$topic-publications"
+
+python3 - "$work/plain.log" "$work/feed.log" "$EVENTS" <<'PY'
+import json, sys
+from datetime import datetime
+
+def load(path):
+    return [json.loads(l) for l in open(path) if l.startswith("{")]
+
+def ts(line):
+    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+
+def first(lines, message):
+    for l in lines:
+        if l["fields"].get("message") == message:
+            return ts(l)
+    raise SystemExit(f"no '{message}' line in the service log")
+
+events = int(sys.argv[3])
+for name, path in (("without the feed", sys.argv[1]), ("with the feed", sys.argv[2])):
+    lines = load(path)
+    start = first(lines, "partitions assigned at the offsets stored in the state dir")
+    end = first(lines, "target reached: stopping")
+    print(f"{name}: {events} events in {end - start:.1f} s = {events / (end - start):,.0f} events/s")
+
+lines = load(sys.argv[2])
+windows = []
+for l in lines:
+    f = l["fields"]
+    if f.get("message") == "segment changes published":
+        windows.append((ts(l) - f["seconds"], ts(l)))
+        print(f"  published v{f['version']}: {f['changes']:,} users changed, {f['seconds']:.2f} s")
+commits = [(ts(l), l["fields"]["events_applied"]) for l in lines
+           if l["fields"].get("message") == "batch committed"]
+inside = outside = 0.0
+inside_events = outside_events = 0
+for (t0, n0), (t1, n1) in zip(commits, commits[1:]):
+    mid = (t0 + t1) / 2
+    if any(a <= mid <= b for a, b in windows):
+        inside += t1 - t0; inside_events += n1 - n0
+    else:
+        outside += t1 - t0; outside_events += n1 - n0
+if inside > 0 and outside > 0:
+    print(f"  consumption during publications: {inside_events / inside:,.0f} events/s over {inside:.1f} s; "
+          f"outside them: {outside_events / outside:,.0f} events/s over {outside:.1f} s")
+else:
+    print("  no publication overlapped consumption (lower SNAPSHOT_INTERVAL_MS or raise EVENTS)")
+PY
