@@ -228,7 +228,10 @@ impl Feed {
                 TRANSACTION_TIMEOUT.as_millis().to_string(),
             )
             .set("compression.type", "lz4")
-            .set("linger.ms", "20")
+            // A version's records are sent in one burst: full batches, and room to queue them
+            // rather than wait on a full queue.
+            .set("linger.ms", "50")
+            .set("queue.buffering.max.messages", "1000000")
             .create()
             .context("cannot create the change feed producer")?;
         producer
