@@ -715,7 +715,8 @@ mod tests {
     #[test]
     fn half_life_parses_with_units_and_bad_ones_name_the_field_and_the_fix() {
         assert_eq!(Config::default().engine_params().half_life_seconds, None);
-        let c = Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", "30d")])).unwrap();
+        let c =
+            Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", "30d")])).unwrap();
         assert_eq!(c.events.half_life.as_deref(), Some("30d"));
         assert_eq!(c.engine_params().half_life_seconds, Some(30 * 86_400));
         let dir = tempfile::tempdir().unwrap();
@@ -735,7 +736,9 @@ mod tests {
         }
         // Not a string at all: the parser names the field.
         std::fs::write(&path, "[events]\nhalf_life = 30\n").unwrap();
-        let err = Config::load_with_env(Some(&path), vec![]).unwrap_err().to_string();
+        let err = Config::load_with_env(Some(&path), vec![])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("half_life"), "{err}");
     }
 

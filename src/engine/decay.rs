@@ -157,7 +157,17 @@ mod tests {
         assert_eq!(parse_half_life("90m"), Ok(5_400));
         assert_eq!(parse_half_life("2w"), Ok(1_209_600));
         assert_eq!(parse_half_life(" 12h "), Ok(43_200));
-        for bad in ["0d", "-3d", "30", "d", "3.5d", "30 days", "", "1y", "99999999999999999w"] {
+        for bad in [
+            "0d",
+            "-3d",
+            "30",
+            "d",
+            "3.5d",
+            "30 days",
+            "",
+            "1y",
+            "99999999999999999w",
+        ] {
             assert!(parse_half_life(bad).is_err(), "{bad:?}");
         }
         assert_eq!(format_half_life(30 * 86_400), "30d");

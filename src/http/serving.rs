@@ -79,7 +79,13 @@ impl Serving {
             }
             user_index.insert(engine.users().id(u as u32).to_string(), labels.len() as u32);
             labels.push(label);
-            projections.extend(model.projection(u).iter().zip(&offset).map(|(z, m)| (z - m) * scale));
+            projections.extend(
+                model
+                    .projection(u)
+                    .iter()
+                    .zip(&offset)
+                    .map(|(z, m)| (z - m) * scale),
+            );
             rows.push(u as u32);
         }
         let basis = model.basis();
