@@ -232,7 +232,7 @@ impl World {
     /// before the change is the same as without one.
     fn taste(&self, u: usize, changed: bool, segments: usize) -> usize {
         let own = self.segment_of[u] as usize;
-        if changed && u % 2 == 0 {
+        if changed && u.is_multiple_of(2) {
             (own + 1) % segments
         } else {
             own

@@ -211,8 +211,7 @@ fn a_state_dir_refuses_another_half_life_naming_the_field_and_the_fix() {
     replay(&with(None), &options(&ratings)).unwrap();
     for (configured, stored) in [(Some("30d"), "off"), (Some("1h"), "off")] {
         let err = replay(&with(configured), &options(&ratings))
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(
             err.contains("events.half_life")
@@ -228,10 +227,7 @@ fn a_state_dir_refuses_another_half_life_naming_the_field_and_the_fix() {
     for configured in [Some("7d"), None] {
         let mut c = with(configured);
         c.state.dir = other.clone();
-        let err = format!(
-            "{:#}",
-            replay(&c, &options(&ratings)).err().expect("refused")
-        );
+        let err = format!("{:#}", replay(&c, &options(&ratings)).expect_err("refused"));
         assert!(err.contains("half_life = \"30d\""), "{err}");
     }
     // The same half-life opens it.
