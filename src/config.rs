@@ -73,6 +73,10 @@ pub struct EventsConfig {
     pub mode: Mode,
     pub min_value: f64,
     pub max_value: f64,
+    /// Forgetting: a rating's weight halves every `half_life` of event time (`"30d"`; units
+    /// s, m, h, d, w). Unset: ratings never fade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub half_life: Option<String>,
     pub fields: JsonFields,
 }
 
@@ -82,6 +86,7 @@ impl Default for EventsConfig {
             mode: Mode::Explicit,
             min_value: 0.0,
             max_value: 5.0,
+            half_life: None,
             fields: JsonFields::default(),
         }
     }
@@ -410,6 +415,8 @@ impl Config {
             mode: self.events.mode,
             min_value: self.events.min_value,
             max_value: self.events.max_value,
+            // Checked by `validate`: a config that loaded has a valid half-life or none.
+            half_life_seconds: self.events.half_life_seconds().ok().flatten(),
             ..self.model.clone()
         }
     }
@@ -443,7 +450,27 @@ fn invalid_if(
     Ok(())
 }
 
+impl EventsConfig {
+    /// `half_life` in seconds (`None` when unset), or the error naming the field and the fix.
+    pub fn half_life_seconds(&self) -> Result<Option<u64>, ConfigError> {
+        self.half_life
+            .as_deref()
+            .map(|text| {
+                crate::engine::decay::parse_half_life(text).map_err(|problem| {
+                    ConfigError::Invalid {
+                        field: "[events] half_life",
+                        problem,
+                        fix: "set half_life to a positive whole number with a unit s, m, h, d or w \
+                              (e.g. half_life = \"30d\"), or remove it to keep every rating at full weight",
+                    }
+                })
+            })
+            .transpose()
+    }
+}
+
 fn validate_events(e: &EventsConfig) -> Result<(), ConfigError> {
+    e.half_life_seconds()?;
     invalid_if(
         !e.min_value.is_finite() || !e.max_value.is_finite() || e.min_value > e.max_value,
         "[events] min_value/max_value",
@@ -783,6 +810,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("[model] snapshot_stickiness"), "{err}");
+    }
+
+    #[test]
+    fn half_life_parses_with_units_and_bad_ones_name_the_field_and_the_fix() {
+        assert_eq!(Config::default().engine_params().half_life_seconds, None);
+        let c =
+            Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", "30d")])).unwrap();
+        assert_eq!(c.events.half_life.as_deref(), Some("30d"));
+        assert_eq!(c.engine_params().half_life_seconds, Some(30 * 86_400));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[events]\nhalf_life = \"12h\"\n").unwrap();
+        let c = Config::load_with_env(Some(&path), vec![]).unwrap();
+        assert_eq!(c.engine_params().half_life_seconds, Some(43_200));
+        for bad in ["0d", "-1d", "30", "soon", "1.5h", "3y"] {
+            let err = Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", bad)]))
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, ConfigError::Invalid { .. }), "{bad}: {text}");
+            assert!(
+                text.contains("[events] half_life") && text.contains("e.g. half_life = \"30d\""),
+                "{bad}: {text}"
+            );
+        }
+        // Not a string at all: the parser names the field.
+        std::fs::write(&path, "[events]\nhalf_life = 30\n").unwrap();
+        let err = Config::load_with_env(Some(&path), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("half_life"), "{err}");
     }
 
     #[test]

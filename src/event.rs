@@ -39,6 +39,8 @@ pub trait Rating {
     fn user(&self) -> &str;
     fn item(&self) -> &str;
     fn value(&self) -> Option<f64>;
+    /// Event time, seconds since the epoch: the clock a `[events] half_life` decays by.
+    fn ts(&self) -> i64;
     /// The source's own dense keys for the user and item ids, when it has interned them
     /// already (see `engine::SourceIds`).
     fn source_keys(&self) -> Option<(u32, u32)> {
@@ -56,6 +58,9 @@ impl Rating for RatingEvent {
     fn value(&self) -> Option<f64> {
         self.value
     }
+    fn ts(&self) -> i64 {
+        self.ts
+    }
 }
 
 /// A borrowed [`RatingEvent`].
@@ -64,6 +69,7 @@ pub struct RatingRef<'a> {
     pub user: &'a str,
     pub item: &'a str,
     pub value: Option<f64>,
+    pub ts: i64,
     /// The source's dense keys of `user` and `item`, if it has some.
     pub keys: Option<(u32, u32)>,
 }
@@ -77,6 +83,9 @@ impl Rating for RatingRef<'_> {
     }
     fn value(&self) -> Option<f64> {
         self.value
+    }
+    fn ts(&self) -> i64 {
+        self.ts
     }
     fn source_keys(&self) -> Option<(u32, u32)> {
         self.keys
@@ -113,6 +122,9 @@ impl Rating for DecodedRef<'_> {
     }
     fn value(&self) -> Option<f64> {
         self.value
+    }
+    fn ts(&self) -> i64 {
+        self.ts
     }
 }
 

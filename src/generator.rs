@@ -31,6 +31,11 @@ pub struct GeneratorParams {
     pub start_ts: i64,
     /// Which stretch of an endless stream: the same users, segments and items, fresh events.
     pub round: u64,
+    /// Planted drift: from this event on, every other user (by index) of each segment takes
+    /// the next segment's taste, so the grouping of users by taste changes (each new group is
+    /// half of a segment and half of the one before it). `truth` is the grouping at the end.
+    #[serde(default)]
+    pub taste_change_at: Option<usize>,
 }
 
 impl Default for GeneratorParams {
@@ -48,6 +53,7 @@ impl Default for GeneratorParams {
             seed: 42,
             start_ts: 874_724_710,
             round: 0,
+            taste_change_at: None,
         }
     }
 }
@@ -125,11 +131,12 @@ pub fn generate_into(
     }
     let mut rated: Vec<Vec<u32>> = vec![vec![]; params.users];
     let mut ts = params.start_ts;
-    for _ in 0..params.events {
+    for n in 0..params.events {
         // Some events share a timestamp, as in real logs.
         ts += rng.random_range(0..3);
         let u = world.activity.sample(&mut rng);
-        let seg = world.segment_of[u] as usize;
+        let changed = params.taste_change_at.is_some_and(|at| n >= at);
+        let seg = world.taste(u, changed, segments);
         let item = world.pick_item(params, seg, &rated[u], &mut rng);
         let value = rating_value(params.mode, world.prefers(seg, item), &mut rng);
         if !rated[u].contains(&(item as u32)) {
@@ -144,7 +151,10 @@ pub fn generate_into(
     }
     let truth = (0..params.users)
         .filter(|&u| !rated[u].is_empty())
-        .map(|u| (user_id(u), world.segment_of[u]))
+        .map(|u| {
+            let changed = params.taste_change_at.is_some_and(|at| params.events > at);
+            (user_id(u), world.taste(u, changed, segments) as u32)
+        })
         .collect();
     (truth, catalogue(params.items, segments))
 }
@@ -214,6 +224,18 @@ impl World {
             start + weights.sample(rng)
         } else {
             self.global.sample(rng)
+        }
+    }
+
+    /// The segment whose taste user `u` has: its own, or after a planted taste change
+    /// (`changed`) the next segment's for every other user. Draws nothing, so the stream
+    /// before the change is the same as without one.
+    fn taste(&self, u: usize, changed: bool, segments: usize) -> usize {
+        let own = self.segment_of[u] as usize;
+        if changed && u.is_multiple_of(2) {
+            (own + 1) % segments
+        } else {
+            own
         }
     }
 

@@ -87,6 +87,7 @@ impl CompactEvents {
                 user: self.ids.id(r.user),
                 item: self.ids.id(r.item),
                 value: (!r.value.is_nan()).then_some(r.value),
+                ts: r.ts,
                 keys: Some((r.user, r.item)),
             })
             .collect()

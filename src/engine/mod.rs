@@ -5,6 +5,7 @@
 //! [`ChangeSink`] and keeps no record of what was persisted.
 
 pub mod cow;
+pub mod decay;
 pub mod eigen;
 pub mod kmeans;
 pub mod matching;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{Mode, Rating, RejectReason, ValuePolicy};
 pub use cow::CowVec;
+pub use decay::DecayClock;
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
 use model::{Continuation, DataView};
@@ -228,6 +230,10 @@ pub struct EngineParams {
     pub min_value: f64,
     #[serde(skip)]
     pub max_value: f64,
+    /// `[events] half_life` in seconds: a rating's weight decays as `2^(−age/half_life)`, its
+    /// age measured in event time. `None`: no forgetting.
+    #[serde(skip)]
+    pub half_life_seconds: Option<u64>,
     /// PCA components kept.
     pub components: usize,
     /// K-Means clusters.
@@ -276,6 +282,7 @@ impl Default for EngineParams {
             mode: Mode::Explicit,
             min_value: 0.0,
             max_value: 5.0,
+            half_life_seconds: None,
             components: 10,
             clusters: 25,
             curve_components: 30,
@@ -384,6 +391,8 @@ pub struct Engine {
     ratings: u64,
     counters: Counters,
     model: Model,
+    /// Event time and the scale of the stored values, when a half-life is set (see `decay`).
+    decay: DecayClock,
     /// User indices sorted by id, as of the last refresh (users are only ever appended, so
     /// later ones are merged in rather than everything sorted again).
     sorted_users: Vec<u32>,
@@ -401,6 +410,7 @@ impl Engine {
             stats: CovarianceStats::default(),
             ratings: 0,
             counters: Counters::default(),
+            decay: DecayClock::default(),
             sorted_users: Vec::new(),
         }
     }
@@ -416,6 +426,7 @@ impl Engine {
         engine.items = IdMap::from_ids(state.items);
         engine.vectors = state.vectors.into();
         engine.counters = state.counters;
+        engine.decay = state.decay;
         let mut model = state.model;
         model.labels = state.labels;
         model.labels.resize(engine.vectors.len(), NO_CLUSTER);
@@ -446,6 +457,18 @@ impl Engine {
     }
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+    /// Where event time stands and how the stored values are scaled (all defaults when no
+    /// half-life is set).
+    pub fn decay(&self) -> DecayClock {
+        self.decay
+    }
+    /// The factor turning stored values into decayed ones (1 without a half-life): the true
+    /// matrix is this times the stored vectors, see [`decay`].
+    pub fn value_scale(&self) -> f64 {
+        self.params
+            .half_life_seconds
+            .map_or(1.0, |h| self.decay.scale(h))
     }
     /// Users with at least one rating.
     pub fn active_users(&self) -> u64 {
@@ -520,7 +543,11 @@ impl Engine {
                     j
                 }
             };
-            self.apply_one(user, item, event.value(), changes);
+            let weight = match self.params.half_life_seconds {
+                None => 1.0,
+                Some(half_life) => self.decay_weight(event.ts(), half_life, changes),
+            };
+            self.apply_one(user, item, event.value(), weight, changes);
             outcome.applied += 1;
             self.counters.events_applied += 1;
             self.counters.events_since_refresh += 1;
@@ -572,16 +599,91 @@ impl Engine {
         u
     }
 
-    fn apply_one(&mut self, u: u32, j: u32, value: Option<f64>, changes: &mut impl ChangeSink) {
+    /// The scaled weight of an event at `ts` (see [`decay`]), rebasing the stored values first
+    /// when `ts` is more than [`decay::REBASE_HALF_LIVES`] half-lives past the origin.
+    fn decay_weight(&mut self, ts: i64, half_life: u64, changes: &mut impl ChangeSink) -> f64 {
+        let spans = self.decay.spans_due(ts, half_life);
+        if spans > 0 {
+            self.rebase_decay(spans, half_life, changes);
+        }
+        self.decay.weigh(ts, half_life)
+    }
+
+    /// Moves the decay origin forward by `spans` rebase spans: every stored value, the
+    /// statistics and the model's scale-carrying state are multiplied by the exact power of two
+    /// `2^(−64·spans)`, so nothing but the scale changes (labels stay as they are). A cell the
+    /// factor would flush to zero is removed first, as a retraction would remove it. O(ratings),
+    /// once per 64 half-lives of event time; every cell is reported to `changes`.
+    fn rebase_decay(&mut self, spans: i64, half_life: u64, changes: &mut impl ChangeSink) {
+        let exponent = spans.saturating_mul(decay::REBASE_HALF_LIVES);
+        let factor = decay::power_of_two(-exponent);
+        let square = decay::power_of_two(-exponent.saturating_mul(2));
+        let flushed: Vec<(u32, u32)> = (0..self.vectors.len() as u32)
+            .flat_map(|u| {
+                let x = &self.vectors[u as usize];
+                x.iter()
+                    .filter(|&(_, v)| v * factor == 0.0)
+                    .map(move |(j, _)| (u, j))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (u, j) in flushed {
+            let x = &self.vectors[u as usize];
+            let pos = x.idx.binary_search(&j);
+            let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+            self.write_cell(u, j, pos, old, 0.0, changes);
+        }
+        for u in 0..self.vectors.len() {
+            if self.vectors[u].idx.is_empty() {
+                continue;
+            }
+            let x = &mut self.vectors[u];
+            x.val.iter_mut().for_each(|v| *v *= factor);
+            for (j, v) in x.iter() {
+                changes.cell_changed(u as u32, j, v);
+            }
+        }
+        self.stats.rescale(factor, square);
+        self.model.rescale(factor, square);
+        self.decay.scaled_events *= factor;
+        self.decay.advance(spans, half_life);
+        changes.model_changed();
+    }
+
+    fn apply_one(
+        &mut self,
+        u: u32,
+        j: u32,
+        value: Option<f64>,
+        weight: f64,
+        changes: &mut impl ChangeSink,
+    ) {
         let x = &self.vectors[u as usize];
         let pos = x.idx.binary_search(&j);
         let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+        // Without a half-life the weight is 1 and `v * 1.0` is `v` exactly.
         let new = match (self.params.mode, value) {
-            (Mode::Explicit, Some(v)) => v,
+            (Mode::Explicit, Some(v)) => v * weight,
             (Mode::Explicit, None) => 0.0,
-            (Mode::Implicit, Some(v)) => old + v,
+            (Mode::Implicit, Some(v)) => old + v * weight,
             (Mode::Implicit, None) => old,
         };
+        self.write_cell(u, j, pos, old, new, changes);
+    }
+
+    /// Sets cell `(u, j)` (at `pos` in the user's row, holding `old`) to `new`, keeping the
+    /// statistics, the rating count and the online model in step.
+    #[inline]
+    fn write_cell(
+        &mut self,
+        u: u32,
+        j: u32,
+        pos: Result<usize, usize>,
+        old: f64,
+        new: f64,
+        changes: &mut impl ChangeSink,
+    ) {
+        let x = &self.vectors[u as usize];
         let delta = new - old;
         if delta == 0.0 {
             return;
@@ -734,6 +836,7 @@ impl Engine {
             stats: self.stats.clone(),
             ratings: self.ratings,
             counters: self.counters,
+            decay: self.decay,
             model: self.model.clone(),
             sorted_users: self.canonical_user_order(),
         }
@@ -750,11 +853,22 @@ pub struct EngineView {
     stats: CovarianceStats,
     ratings: u64,
     counters: Counters,
+    decay: DecayClock,
     model: Model,
     sorted_users: Vec<u32>,
 }
 
 impl EngineView {
+    /// See [`Engine::decay`].
+    pub fn decay(&self) -> DecayClock {
+        self.decay
+    }
+    /// See [`Engine::value_scale`].
+    pub fn value_scale(&self) -> f64 {
+        self.params
+            .half_life_seconds
+            .map_or(1.0, |h| self.decay.scale(h))
+    }
     pub fn params(&self) -> &EngineParams {
         &self.params
     }
@@ -842,6 +956,7 @@ pub struct RestoredState {
     pub labels: Vec<u32>,
     pub model: PersistedModel,
     pub counters: Counters,
+    pub decay: DecayClock,
 }
 
 #[cfg(test)]

@@ -357,6 +357,23 @@ impl Model {
         }
     }
 
+    /// Every user vector was multiplied by `factor` (a power of two, so exactly; see
+    /// `engine::decay`): projections, cluster sums, centroids and the mean scale by it, the
+    /// eigenvalues and the total variance by `square` (its square). Directions, labels and
+    /// every comparison between distances stay as they were.
+    pub(crate) fn rescale(&mut self, factor: f64, square: f64) {
+        for values in [
+            &mut self.projections,
+            &mut self.sums,
+            &mut self.means,
+            &mut self.mean,
+        ] {
+            values.iter_mut().for_each(|v| *v *= factor);
+        }
+        self.eigenvalues.iter_mut().for_each(|v| *v *= square);
+        self.total_variance *= square;
+    }
+
     /// Re-solves the PCA on the current statistics (warm-started from the current basis, signs
     /// kept), re-projects every user, then re-clusters: k-means++ the first time there are
     /// enough users, otherwise Lloyd passes from the current memberships (plus `restarts` fresh

@@ -57,6 +57,13 @@ impl CovarianceStats {
         self.n = self.n.saturating_sub(1);
     }
 
+    /// Every stored value was multiplied by `factor` (a power of two, so exactly):
+    /// sums scale by it and sums of squares by `square` (its square).
+    pub fn rescale(&mut self, factor: f64, square: f64) {
+        self.sums.iter_mut().for_each(|s| *s *= factor);
+        self.squares.iter_mut().for_each(|s| *s *= square);
+    }
+
     /// Trace of the population covariance, `Σ_j (Σ_u x_uj²)/n − μ_j²`, without building it.
     pub fn covariance_trace(&self, d: usize) -> f64 {
         if self.n == 0 {

@@ -26,6 +26,8 @@ pub struct Serving {
     item_ids: Vec<String>,
     titles: FxHashMap<String, String>,
     components: usize,
+    /// Stored values times this are the decayed ones (1 without a half-life).
+    value_scale: f64,
     /// Each cluster's member ids, sorted: built at the first member listing of this snapshot
     /// (most snapshots are never listed).
     members: std::sync::OnceLock<Vec<Vec<String>>>,
@@ -64,6 +66,9 @@ impl Serving {
     ) -> Serving {
         let k = model.components();
         let offset = model.projected_mean();
+        // With a half-life the model holds scaled values: projections in the snapshot's
+        // (decayed) units, like its centroids.
+        let scale = engine.value_scale();
         let mut user_index = FxHashMap::default();
         let mut labels = vec![];
         let mut projections = vec![];
@@ -74,7 +79,13 @@ impl Serving {
             }
             user_index.insert(engine.users().id(u as u32).to_string(), labels.len() as u32);
             labels.push(label);
-            projections.extend(model.projection(u).iter().zip(&offset).map(|(z, m)| z - m));
+            projections.extend(
+                model
+                    .projection(u)
+                    .iter()
+                    .zip(&offset)
+                    .map(|(z, m)| (z - m) * scale),
+            );
             rows.push(u as u32);
         }
         let basis = model.basis();
@@ -104,6 +115,7 @@ impl Serving {
             item_ids: engine.items().iter().take(d).cloned().collect(),
             titles,
             components: k,
+            value_scale: scale,
             members: std::sync::OnceLock::new(),
         }
     }
@@ -130,7 +142,8 @@ impl Serving {
         let mut pulling: Vec<PullingItem> = x
             .iter()
             .filter(|(j, _)| (*j as usize) < self.item_ids.len())
-            .map(|(j, v)| {
+            .map(|(j, stored)| {
+                let v = stored * self.value_scale;
                 let row = &self.loadings[j as usize * k..(j as usize + 1) * k];
                 let pull = match next {
                     Some((n, _)) => {

@@ -35,6 +35,29 @@ pub struct Snapshot {
     pub validation: Validation,
     pub diagnostics: Option<Diagnostics>,
     pub drift: Option<Drift>,
+    /// Forgetting (`[events] half_life`): `null` when ratings never fade. Every figure in
+    /// rating units above is one of the decayed matrix.
+    #[serde(default)]
+    pub decay: Option<DecaySummary>,
+}
+
+/// How old ratings were weighed in a snapshot: each by `2^(−age/half_life)`, its age in event
+/// time up to `as_of_ts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecaySummary {
+    /// `[events] half_life` as configured, e.g. `"30d"`.
+    pub half_life: String,
+    pub half_life_seconds: u64,
+    /// The event time the weights are computed at: the largest `ts` applied (`null` before
+    /// the first event).
+    pub as_of_ts: Option<i64>,
+    /// The weight of an event at the decay origin, which the stored values are scaled
+    /// against (internal, for checking: the decayed matrix is this times the stored one).
+    #[serde(deserialize_with = "crate::nullable::float")]
+    pub scale: f64,
+    /// The applied events, each counted with its weight `2^(−age/half_life)`.
+    #[serde(deserialize_with = "crate::nullable::float")]
+    pub effective_events: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,21 +307,24 @@ pub fn build_from_model(
     let labels = model.labels();
     let n = engine.active_users();
     let seed = engine.params().seed;
+    // Stored values are the decayed ones divided by `scale` (1 without a half-life): every
+    // figure in rating units is scaled back, squared ones by its square.
+    let scale = engine.value_scale();
 
-    let pca = pca_summary(model, n);
+    let pca = pca_summary(model, n, scale);
     let profiles = tfidf_profiles(vectors, labels, k_clusters, d);
-    let clusters = cluster_profiles(engine, model, &profiles, params, input.titles);
+    let clusters = cluster_profiles(engine, model, &profiles, params, input.titles, scale);
 
     let user_ids = engine.users();
     let holdout = |u: usize| {
         stable_hash(user_ids.id(u as u32).as_bytes(), seed) % 100 < params.holdout_percent
     };
-    let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, holdout);
+    let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, scale, holdout);
     let assignments = user_assignments(engine, labels);
     let drift = input
         .previous
         .map(|(previous_version, previous)| drift_from(previous_version, previous, labels));
-    let diagnostics = timed_diagnostics(input.with_diagnostics, engine, model, params);
+    let diagnostics = timed_diagnostics(input.with_diagnostics, engine, model, params, scale);
 
     let snapshot = Snapshot {
         format: SNAPSHOT_FORMAT,
@@ -315,20 +341,35 @@ pub fn build_from_model(
         pca,
         kmeans: KmeansSummary {
             k: k_clusters,
-            inertia: model.inertia(),
+            inertia: model.inertia() * (scale * scale),
             sizes: model.sizes().to_vec(),
         },
         clusters,
         validation: Validation { naive_bayes },
         diagnostics,
         drift,
+        decay: decay_summary(engine),
     };
     (snapshot, assignments)
 }
 
+/// The snapshot's `decay` field: `None` without a half-life.
+fn decay_summary(engine: &EngineView) -> Option<DecaySummary> {
+    let half_life = engine.params().half_life_seconds?;
+    let clock = engine.decay();
+    Some(DecaySummary {
+        half_life: crate::engine::decay::format_half_life(half_life),
+        half_life_seconds: half_life,
+        as_of_ts: clock.clock_ts,
+        scale: clock.scale(half_life),
+        effective_events: clock.effective_events(half_life),
+    })
+}
+
 /// The kept components of the model's PCA over `n` users, in scikit-learn's terms (sample
-/// variances, singular values of the centred data).
-fn pca_summary(model: &Model, n: u64) -> PcaSummary {
+/// variances, singular values of the centred data), for the model's values times `scale`.
+fn pca_summary(model: &Model, n: u64, scale: f64) -> PcaSummary {
+    let squared = scale * scale;
     let total = model.total_variance();
     let kept = model.components();
     let sample_scale = if n > 1 {
@@ -340,13 +381,16 @@ fn pca_summary(model: &Model, n: u64) -> PcaSummary {
     let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
     PcaSummary {
         n_components: kept,
-        explained_variance: eigen[..kept].iter().map(|v| v * sample_scale).collect(),
+        explained_variance: eigen[..kept]
+            .iter()
+            .map(|v| v * sample_scale * squared)
+            .collect(),
         explained_variance_ratio: eigen[..kept].iter().map(|&v| ratio(v)).collect(),
         singular_values: eigen[..kept]
             .iter()
-            .map(|v| (v.max(0.0) * n as f64).sqrt())
+            .map(|v| (v.max(0.0) * n as f64).sqrt() * scale)
             .collect(),
-        total_variance: total * sample_scale,
+        total_variance: total * sample_scale * squared,
         eigen_iterations: model.eigen_iterations(),
         converged: model.eigen_converged(),
     }
@@ -359,6 +403,7 @@ fn cluster_profiles(
     profiles: &Profiles,
     params: &SnapshotParams,
     titles: &FxHashMap<String, String>,
+    scale: f64,
 ) -> Vec<ClusterProfile> {
     let kept = model.components();
     let offset = model.projected_mean();
@@ -370,13 +415,13 @@ fn cluster_profiles(
                 id: c as u32,
                 size: model.sizes()[c],
                 centroid: (0..kept)
-                    .map(|i| centroids[c * kept + i] - offset[i])
+                    .map(|i| (centroids[c * kept + i] - offset[i]) * scale)
                     .collect(),
                 n_items: ranked.len() as u64,
                 top_items: ranked
                     .iter()
                     .take(params.profile_items)
-                    .map(|&j| top_item(engine, profiles, titles, c, j))
+                    .map(|&j| top_item(engine, profiles, titles, c, j, scale))
                     .collect(),
             }
         })
@@ -390,13 +435,14 @@ fn top_item(
     titles: &FxHashMap<String, String>,
     c: usize,
     j: usize,
+    scale: f64,
 ) -> TopItem {
     let item = engine.items().id(j as u32).to_string();
     TopItem {
         title: titles.get(&item).cloned(),
         item,
         score: profiles.score(c, j),
-        mean_rating: profiles.mean_rating(c, j),
+        mean_rating: profiles.mean_rating(c, j).map(|m| m * scale),
         raters: profiles.raters[c * profiles.d + j],
     }
 }
@@ -443,9 +489,10 @@ fn timed_diagnostics(
     engine: &EngineView,
     model: &Model,
     params: &SnapshotParams,
+    scale: f64,
 ) -> Option<Diagnostics> {
     let profiled = std::time::Instant::now();
-    let diagnostics = wanted.then(|| diagnostics(engine, model, params));
+    let diagnostics = wanted.then(|| diagnostics(engine, model, params, scale));
     tracing::debug!(
         diagnostics_seconds = profiled.elapsed().as_secs_f64(),
         "snapshot diagnostics timing"
@@ -541,8 +588,14 @@ fn sparse_lloyd_inertia(
 }
 
 /// The seed's two decision aids: the explained-variance-ratio curve, and K-Means inertia for a
-/// range of k on the projection and on the full vectors (of a seeded user sample).
-fn diagnostics(engine: &EngineView, model: &Model, params: &SnapshotParams) -> Diagnostics {
+/// range of k on the projection and on the full vectors (of a seeded user sample), the
+/// inertias for the stored values times `scale`.
+fn diagnostics(
+    engine: &EngineView,
+    model: &Model,
+    params: &SnapshotParams,
+    scale: f64,
+) -> Diagnostics {
     let total = model.total_variance();
     let curve = model
         .eigenvalues()
@@ -597,7 +650,8 @@ fn diagnostics(engine: &EngineView, model: &Model, params: &SnapshotParams) -> D
         };
         let best = kmeans::cluster(&projected, None, &settings);
         let full = sparse_lloyd_inertia(&rows, &norms, d, k, best.labels, FULL_DIAGNOSTIC_PASSES);
-        (best.inertia, full)
+        let squared = scale * scale;
+        (best.inertia * squared, full * squared)
     };
     let (projected_inertia, full_inertia): (Vec<f64>, Vec<f64>) =
         ks.iter().map(|&k| inertia_at(k)).unzip();

@@ -108,6 +108,8 @@ pub struct NaiveBayes {
     /// `k x d` log feature probabilities; `-inf` rows for classes absent from training.
     log_prob: Vec<f64>,
     log_prior: Vec<f64>,
+    /// The factor turning stored values into the true ones (see [`NaiveBayes::fit_scaled`]).
+    value_scale: f64,
 }
 
 impl NaiveBayes {
@@ -118,6 +120,23 @@ impl NaiveBayes {
         labels: &[u32],
         k: usize,
         d: usize,
+        train: impl Fn(usize) -> bool,
+    ) -> NaiveBayes {
+        Self::fit_scaled(vectors, labels, k, d, 1.0, train)
+    }
+
+    /// [`NaiveBayes::fit`] on the values of `vectors` times `value_scale`, which [`predict`]
+    /// applies too: a decaying engine stores its values scaled by one global factor, and unlike
+    /// PCA and K-Means, Naive Bayes (its smoothing, its prior against the evidence) depends on
+    /// the scale, so it must see the true decayed values.
+    ///
+    /// [`predict`]: NaiveBayes::predict
+    pub fn fit_scaled(
+        vectors: &CowVec<SparseVec>,
+        labels: &[u32],
+        k: usize,
+        d: usize,
+        value_scale: f64,
         train: impl Fn(usize) -> bool,
     ) -> NaiveBayes {
         let df = document_frequency(vectors, d);
@@ -131,7 +150,7 @@ impl NaiveBayes {
             let c = label as usize;
             class_counts[c] += 1.0;
             for (j, v) in x.iter() {
-                counts[c * d + j as usize] += v;
+                counts[c * d + j as usize] += v * value_scale;
             }
         }
         let total: f64 = class_counts.iter().sum();
@@ -160,6 +179,7 @@ impl NaiveBayes {
             d,
             log_prob,
             log_prior,
+            value_scale,
         }
     }
 
@@ -171,7 +191,10 @@ impl NaiveBayes {
                 continue;
             }
             let row = &self.log_prob[c * self.d..(c + 1) * self.d];
-            let jll = self.log_prior[c] + x.iter().map(|(j, v)| v * row[j as usize]).sum::<f64>();
+            let jll = self.log_prior[c]
+                + x.iter()
+                    .map(|(j, v)| v * self.value_scale * row[j as usize])
+                    .sum::<f64>();
             if jll > best.1 {
                 best = (c as u32, jll);
             }
@@ -194,16 +217,17 @@ pub struct NaiveBayesReport {
 }
 
 /// Fits NB on everyone (train agreement, confusion matrix) and on everyone but the held-out
-/// users (`holdout(u)` true) for the holdout agreement.
+/// users (`holdout(u)` true) for the holdout agreement, on the stored values times `value_scale`.
 pub fn naive_bayes_report(
     vectors: &CowVec<SparseVec>,
     labels: &[u32],
     k: usize,
     d: usize,
+    value_scale: f64,
     holdout: impl Fn(usize) -> bool,
 ) -> NaiveBayesReport {
     let labelled = |u: usize| labels[u] != NO_CLUSTER && vectors[u].nnz() > 0;
-    let full = NaiveBayes::fit(vectors, labels, k, d, |_| true);
+    let full = NaiveBayes::fit_scaled(vectors, labels, k, d, value_scale, |_| true);
     let mut confusion = vec![vec![0u64; k]; k];
     let mut agree = 0u64;
     let mut total = 0u64;
@@ -213,7 +237,7 @@ pub fn naive_bayes_report(
         total += 1;
         agree += u64::from(p == labels[u]);
     }
-    let partial = NaiveBayes::fit(vectors, labels, k, d, |u| !holdout(u));
+    let partial = NaiveBayes::fit_scaled(vectors, labels, k, d, value_scale, |u| !holdout(u));
     let held: Vec<usize> = (0..vectors.len())
         .filter(|&u| labelled(u) && holdout(u))
         .collect();
@@ -279,7 +303,7 @@ mod tests {
             sv(&[(3, 3.0)]),
         ];
         let labels = [0, 0, 1, 1];
-        let r = naive_bayes_report(&vectors.into(), &labels, 2, 4, |u| u == 3);
+        let r = naive_bayes_report(&vectors.into(), &labels, 2, 4, 1.0, |u| u == 3);
         assert_eq!(r.train_agreement, 1.0);
         assert_eq!(r.confusion_matrix, vec![vec![2, 0], vec![0, 2]]);
         assert_eq!(r.holdout_users, 1);

@@ -82,6 +82,16 @@ pub enum StoreError {
          has room: the state dir resumes at the last successful commit)"
     )]
     Failed,
+    #[error(
+        "state dir {path} was built with [events] half_life = {stored}, but the config says \
+         {configured}; its stored values are scaled by that half-life, so set events.half_life \
+         back to {stored} (SEGMENTER_EVENTS__HALF_LIFE) or use a new [state] dir"
+    )]
+    HalfLifeMismatch {
+        path: PathBuf,
+        stored: String,
+        configured: String,
+    },
 }
 
 /// The model settings that must not change under an existing state dir.
@@ -90,6 +100,10 @@ struct Identity {
     mode: Mode,
     components: usize,
     clusters: usize,
+    /// `[events] half_life` in seconds: the stored values are scaled by it. Absent (off) in
+    /// state dirs written before forgetting existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    half_life_seconds: Option<u64>,
 }
 
 /// The three stores of one state dir, opened together by [`open`].
@@ -234,6 +248,7 @@ impl Database {
             mode: params.mode,
             components: params.components,
             clusters: params.clusters,
+            half_life_seconds: params.half_life_seconds,
         };
         let Some(stored) = self.get_json::<Identity>("identity")? else {
             self.tree.insert(
@@ -269,6 +284,18 @@ impl Database {
                 stored.clusters.to_string(),
                 configured.clusters.to_string(),
             ));
+        }
+        if stored.half_life_seconds != configured.half_life_seconds {
+            let describe = |h: Option<u64>| {
+                h.map_or("off (unset)".to_string(), |h| {
+                    format!("\"{}\"", crate::engine::decay::format_half_life(h))
+                })
+            };
+            return Err(StoreError::HalfLifeMismatch {
+                path: self.path.clone(),
+                stored: describe(stored.half_life_seconds),
+                configured: describe(configured.half_life_seconds),
+            });
         }
         Ok(())
     }

@@ -136,6 +136,7 @@ impl StateStore {
             .db
             .get_json::<Counters>("counters")?
             .unwrap_or_default();
+        state.decay = self.db.get_json("decay")?.unwrap_or_default();
         if let Some(model) = self.load_model()? {
             state.model = model;
         }
@@ -349,6 +350,14 @@ impl StateStore {
             meta("counters"),
             serde_json::to_vec(&engine.counters()).unwrap_or_default(),
         );
+        if engine.params().half_life_seconds.is_some() {
+            // The scale of the stored values: with the cells in one batch, so a rebase (every
+            // cell rescaled) is durable together with the origin it moved.
+            batch.insert(
+                meta("decay"),
+                serde_json::to_vec(&engine.decay()).unwrap_or_default(),
+            );
+        }
         if let Some(offsets) = offsets {
             batch.insert(
                 meta("offsets"),
