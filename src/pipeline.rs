@@ -575,10 +575,11 @@ pub fn build_and_store_snapshot(
     {
         // Whatever builds it, a snapshot in a state dir the change feed publishes from is
         // published (by the next service run, for a replay's).
+        // In the decayed matrix's units, like every figure of the snapshot.
         let distances = config
             .kafka
             .change_feed_on()
-            .then(|| model.distances_to_centroids());
+            .then(|| model.distances_to_centroids(engine.value_scale()));
         let feed = distances
             .as_deref()
             .map(|distances| FeedRecord { distances });

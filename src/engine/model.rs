@@ -181,9 +181,10 @@ impl Model {
             .sum()
     }
 
-    /// Each user's distance to its cluster's centroid in the PCA space (NaN for users without
-    /// a cluster), by user index.
-    pub fn distances_to_centroids(&self) -> Vec<f32> {
+    /// Each user's distance to its cluster's centroid in the PCA space, times `scale` (the
+    /// factor from stored to decayed values, see `engine::decay`); NaN for users without a
+    /// cluster. By user index.
+    pub fn distances_to_centroids(&self, scale: f64) -> Vec<f32> {
         let k = self.components;
         self.labels
             .iter()
@@ -193,7 +194,7 @@ impl Model {
                     return f32::NAN;
                 }
                 let c = &self.means[l as usize * k..(l as usize + 1) * k];
-                squared_distance(&self.projections[u * k..(u + 1) * k], c).sqrt() as f32
+                (squared_distance(&self.projections[u * k..(u + 1) * k], c).sqrt() * scale) as f32
             })
             .collect()
     }
