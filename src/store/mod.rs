@@ -47,7 +47,8 @@ pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateSto
 /// checkpoints user vectors in 1024-user chunks (`v/`); format 3 writes chunks and cell-log
 /// records in a compact encoding (varints and one-byte values, see `cells`). Older dirs are
 /// read as they are (format 1: one `u/` key per user; 16-byte log cells and 12-byte chunk
-/// cells) and marked with this format on open, so an older build refuses them from then on.
+/// cells) and marked with this format by the first write, so an older build refuses them from
+/// then on (a dir only read stays the older build's).
 pub const STATE_FORMAT: u32 = 3;
 
 /// Formats this build reads.
@@ -122,12 +123,9 @@ pub fn open(path: &Path) -> Result<Stores, StoreError> {
             return Err(StoreError::Format { found: f });
         }
         Some(f) if f == STATE_FORMAT => {}
-        _ => {
-            database.tree.insert(
-                meta("format"),
-                serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
-            )?;
-        }
+        // Marked with the first write, not here: a dir only read (`snapshot list --state-dir`)
+        // stays readable by the build that wrote it.
+        _ => database.unmarked.store(true, Ordering::Relaxed),
     }
     let state = StateStore::new(database.clone())?;
     Ok(Stores {
@@ -146,6 +144,8 @@ struct Database {
     /// durable, and its flush on drop would wait for ever. Shared by the three stores, since
     /// they write to the same database.
     failed: AtomicBool,
+    /// The dir does not say this build's format yet: the next write says it.
+    unmarked: AtomicBool,
 }
 
 impl Drop for Database {
@@ -210,14 +210,22 @@ impl Database {
             tree,
             path: path.to_path_buf(),
             failed: AtomicBool::new(false),
+            unmarked: AtomicBool::new(false),
         })
     }
 
-    /// Applies `batch` atomically and flushes it to disk. A failure marks the database failed:
-    /// nothing more is written and dropping it does not block.
-    fn write(&self, batch: sled::Batch) -> Result<(), StoreError> {
+    /// Applies `batch` atomically and flushes it to disk; the first write also marks the dir
+    /// with this build's format. A failure marks the database failed: nothing more is written
+    /// and dropping it does not block.
+    fn write(&self, mut batch: sled::Batch) -> Result<(), StoreError> {
         if self.failed.load(Ordering::Relaxed) {
             return Err(StoreError::Failed);
+        }
+        if self.unmarked.swap(false, Ordering::Relaxed) {
+            batch.insert(
+                meta("format"),
+                serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
+            );
         }
         let written = self
             .tree

@@ -660,6 +660,13 @@ mod tests {
         }
         assert!(logged > 0, "the state dir holds log records");
         store.db.write(batch).unwrap();
+        // As the earlier build left it: marked format 2.
+        store
+            .db
+            .tree
+            .insert(super::super::meta("format"), b"2".to_vec())
+            .unwrap();
+        store.db.db.flush().unwrap();
         drop(engine);
         drop(store);
         let (store, mut engine, mut changes) = reopen(dir.path(), &params, None);
@@ -668,10 +675,21 @@ mod tests {
             reference.vectors(),
             "earlier records read"
         );
+        let format = || store.db.get_json::<u32>("format").unwrap();
+        assert_eq!(
+            format(),
+            Some(2),
+            "reading leaves the dir to the build that wrote it"
+        );
         let more: Vec<RatingEvent> = (9_000..12_000).map(event).collect();
         apply(&mut engine, &mut changes, &more);
         reference.apply(&more);
         store.commit(&engine, &mut changes, None).unwrap();
+        assert_eq!(
+            format(),
+            Some(super::super::STATE_FORMAT),
+            "marked by the first write"
+        );
         drop(engine);
         drop(store);
         let reopened = super::super::open(dir.path())
