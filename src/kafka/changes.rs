@@ -413,7 +413,8 @@ impl Feed {
     ) -> anyhow::Result<()> {
         for (id, change) in records {
             if let Some(topic) = &self.changes_topic {
-                send(producer, topic, id, Some(&serde_json::to_vec(change)?))?;
+                let json = serde_json::to_vec(change)?;
+                send(producer, (topic, None), id, Some(&json))?;
             }
             if let Some(topic) = &self.assignments_topic {
                 let value = change.to.map(|segment| AssignmentRecord {
@@ -422,7 +423,7 @@ impl Feed {
                     version,
                 });
                 let json = value.as_ref().map(serde_json::to_vec).transpose()?;
-                send(producer, topic, id, json.as_deref())?;
+                send(producer, (topic, None), id, json.as_deref())?;
             }
         }
         let publication = PublicationRecord {
@@ -430,19 +431,21 @@ impl Feed {
             previous,
             changes: records.len() as u64,
         };
+        // Always partition 0, where the read-back looks, however many the topic has.
         send(
             producer,
-            &self.publications_topic,
+            (&self.publications_topic, Some(0)),
             &self.transactional_id,
             Some(&serde_json::to_vec(&publication)?),
         )
     }
 }
 
-/// Queues one record (`None`: a tombstone), waiting while the producer's queue is full.
+/// Queues one record (`None`: a tombstone) to `(topic, partition)` (`None`: by key), waiting
+/// while the producer's queue is full.
 fn send(
     producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-    topic: &str,
+    (topic, partition): (&str, Option<i32>),
     key: &str,
     payload: Option<&[u8]>,
 ) -> anyhow::Result<()> {
@@ -450,6 +453,9 @@ fn send(
         let mut record = BaseRecord::<str, [u8]>::to(topic).key(key);
         if let Some(payload) = payload {
             record = record.payload(payload);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
         }
         match producer.send(record) {
             Ok(()) => return Ok(()),

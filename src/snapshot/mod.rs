@@ -45,7 +45,7 @@ pub struct Snapshot {
 /// time up to `as_of_ts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecaySummary {
-    /// `[events] half_life` as configured, e.g. `"30d"`.
+    /// `[events] half_life` in its largest whole unit, e.g. `"30d"` (`"7d"` reads `"1w"`).
     pub half_life: String,
     pub half_life_seconds: u64,
     /// The event time the weights are computed at: the largest `ts` applied (`null` before
