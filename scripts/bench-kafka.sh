@@ -8,25 +8,9 @@ cd "$(dirname "$0")/.."
 
 USERS="${USERS:-100000}"; ITEMS="${ITEMS:-5000}"; EVENTS="${EVENTS:-5000000}"
 PARTITIONS="${PARTITIONS:-4}"
-work="$(mktemp -d /tmp/segmenter-bench.XXXXXX)"
-cleanup() {
-  if [ -z "${BENCH_BROKERS:-}" ]; then KAFKA_PORT="$port" scripts/kafka.sh stop >/dev/null 2>&1 || true; fi
-  if [ -z "${KEEP:-}" ]; then rm -rf "$work"; else echo "kept $work"; fi
-}
-trap cleanup EXIT
-if [ -n "${BENCH_BROKERS:-}" ]; then
-  brokers="$BENCH_BROKERS"
-else
-  port="${BENCH_KAFKA_PORT:-49092}"
-  KAFKA_PORT="$port" scripts/kafka.sh start
-  brokers="127.0.0.1:$port"
-fi
-
-cargo build --release --quiet
-bin=target/release/segmenter
-topic="bench-$(date +%s)"
-"$bin" generate --users "$USERS" --items "$ITEMS" --events "$EVENTS" --segments 25 --out "$work/ratings.csv"
-"$bin" produce --brokers "$brokers" --topic "$topic" --partitions "$PARTITIONS" --ratings "$work/ratings.csv"
+BENCH_NAME=bench
+# shellcheck source=scripts/bench-topic.sh
+. scripts/bench-topic.sh
 
 export SEGMENTER_KAFKA__BROKERS="$brokers" SEGMENTER_KAFKA__TOPIC="$topic"
 export SEGMENTER_KAFKA__GROUP_ID="bench-$topic" SEGMENTER_STATE__DIR="$work/state"

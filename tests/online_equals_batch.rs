@@ -45,8 +45,9 @@ fn with_retractions(mut events: Vec<RatingEvent>) -> Vec<RatingEvent> {
     events
 }
 
-fn check_stats_equal_batch(mode: Mode) {
-    let mut events = generate(&GeneratorParams {
+/// The stream both parity checks replay: planted segments, and in explicit mode retractions.
+fn parity_stream(mode: Mode) -> Vec<RatingEvent> {
+    let events = generate(&GeneratorParams {
         users: 120,
         items: 60,
         events: 6_000,
@@ -56,9 +57,58 @@ fn check_stats_equal_batch(mode: Mode) {
         ..GeneratorParams::default()
     })
     .events;
-    if mode == Mode::Explicit {
-        events = with_retractions(events);
+    match mode {
+        Mode::Explicit => with_retractions(events),
+        Mode::Implicit => events,
     }
+}
+
+/// A batch matrix's user count, column sums and `XᵀX`, over the engine's item order.
+struct Moments {
+    n: u64,
+    sums: Vec<f64>,
+    m: Array2<f64>,
+}
+
+fn moments(cells: &BTreeMap<(String, String), f64>, engine: &Engine) -> Moments {
+    let d = engine.items().len();
+    let mut rows: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for ((user, item), v) in cells {
+        let j = engine.items().get(item).expect("item known") as usize;
+        rows.entry(user.as_str()).or_insert_with(|| vec![0.0; d])[j] = *v;
+    }
+    let mut sums = vec![0.0; d];
+    let mut m = Array2::<f64>::zeros((d, d));
+    for x in rows.values() {
+        for i in 0..d {
+            sums[i] += x[i];
+            for j in 0..d {
+                m[[i, j]] += x[i] * x[j];
+            }
+        }
+    }
+    Moments {
+        n: rows.len() as u64,
+        sums,
+        m,
+    }
+}
+
+/// The population covariance, batch-style, from [`Moments`].
+fn covariance(n: u64, sums: &[f64], m: &Array2<f64>) -> Array2<f64> {
+    let d = sums.len();
+    let nf = n as f64;
+    let mean: Vec<f64> = sums.iter().map(|s| s / nf).collect();
+    Array2::from_shape_fn((d, d), |(i, j)| m[[i, j]] / nf - mean[i] * mean[j])
+}
+
+/// A fixed block of 3 vectors to apply the covariance operator to.
+fn probe_block(d: usize) -> Array2<f64> {
+    Array2::from_shape_fn((3, d), |(r, j)| ((r * 31 + j * 7) % 13) as f64 - 6.0)
+}
+
+fn check_stats_equal_batch(mode: Mode) {
+    let events = parity_stream(mode);
     let mut engine = Engine::new(EngineParams {
         mode,
         max_value: 1e6,
@@ -76,22 +126,7 @@ fn check_stats_equal_batch(mode: Mode) {
         let cells = batch_matrix(&events[..applied], mode);
         // Independent statistics over the engine's item order.
         let d = engine.items().len();
-        let mut rows: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-        for ((user, item), v) in &cells {
-            let j = engine.items().get(item).expect("item known") as usize;
-            rows.entry(user.as_str()).or_insert_with(|| vec![0.0; d])[j] = *v;
-        }
-        let n = rows.len() as u64;
-        let mut sums = vec![0.0; d];
-        let mut m = Array2::<f64>::zeros((d, d));
-        for x in rows.values() {
-            for i in 0..d {
-                sums[i] += x[i];
-                for j in 0..d {
-                    m[[i, j]] += x[i] * x[j];
-                }
-            }
-        }
+        let Moments { n, sums, m } = moments(&cells, &engine);
         assert_eq!(
             engine.active_users(),
             n,
@@ -112,11 +147,9 @@ fn check_stats_equal_batch(mode: Mode) {
         }
 
         // Covariance and its spectrum, batch-style.
-        let nf = n as f64;
-        let mean: Vec<f64> = sums.iter().map(|s| s / nf).collect();
-        let cov = Array2::from_shape_fn((d, d), |(i, j)| m[[i, j]] / nf - mean[i] * mean[j]);
+        let cov = covariance(n, &sums, &m);
         // The covariance operator (no d x d matrix) equals the batch covariance on a block.
-        let block = Array2::from_shape_fn((3, d), |(r, j)| ((r * 31 + j * 7) % 13) as f64 - 6.0);
+        let block = probe_block(d);
         let online = engine
             .stats()
             .operator(engine.vectors(), d)
@@ -248,19 +281,7 @@ fn decay_params(mode: Mode, half_life_seconds: u64) -> EngineParams {
 /// its covariance operator times `c²` and its snapshot PCA equal those of the decayed batch
 /// matrix; at the end, its snapshot equals the one of a non-decaying engine fed that matrix.
 fn check_decay_equals_batch(mode: Mode, half_life_seconds: u64, diagnostics: bool) -> Engine {
-    let mut events = generate(&GeneratorParams {
-        users: 120,
-        items: 60,
-        events: 6_000,
-        segments: 4,
-        mode,
-        seed: 3,
-        ..GeneratorParams::default()
-    })
-    .events;
-    if mode == Mode::Explicit {
-        events = with_retractions(events);
-    }
+    let events = parity_stream(mode);
     let mut engine = Engine::new(decay_params(mode, half_life_seconds));
     let h = half_life_seconds as f64;
     let mut applied = 0;
@@ -270,24 +291,9 @@ fn check_decay_equals_batch(mode: Mode, half_life_seconds: u64, diagnostics: boo
         let cells = decayed_batch_matrix(&events[..applied], mode, h);
         let c = engine.value_scale();
         let d = engine.items().len();
-        let mut rows: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-        for ((user, item), v) in &cells {
-            let j = engine.items().get(item).expect("item known") as usize;
-            rows.entry(user.as_str()).or_insert_with(|| vec![0.0; d])[j] = *v;
-        }
-        let n = rows.len() as u64;
+        let Moments { n, sums, m } = moments(&cells, &engine);
         assert_eq!(engine.active_users(), n, "users after {applied} events");
         assert_eq!(engine.ratings(), cells.len() as u64);
-        let mut sums = vec![0.0; d];
-        let mut m = Array2::<f64>::zeros((d, d));
-        for x in rows.values() {
-            for i in 0..d {
-                sums[i] += x[i];
-                for j in 0..d {
-                    m[[i, j]] += x[i] * x[j];
-                }
-            }
-        }
         // Normwise, as the undecayed test (its floor is a rating of 1): a retraction leaves
         // the rounding of the larger values it cancels.
         let largest = |v: &mut dyn Iterator<Item = f64>| v.fold(0.0f64, |m, x| m.max(x.abs()));
@@ -307,10 +313,8 @@ fn check_decay_equals_batch(mode: Mode, half_life_seconds: u64, diagnostics: boo
                 a * c * c
             );
         }
-        let nf = n as f64;
-        let mean: Vec<f64> = sums.iter().map(|s| s / nf).collect();
-        let cov = Array2::from_shape_fn((d, d), |(i, j)| m[[i, j]] / nf - mean[i] * mean[j]);
-        let block = Array2::from_shape_fn((3, d), |(r, j)| ((r * 31 + j * 7) % 13) as f64 - 6.0);
+        let cov = covariance(n, &sums, &m);
+        let block = probe_block(d);
         let online = engine
             .stats()
             .operator(engine.vectors(), d)
