@@ -205,19 +205,26 @@ impl KafkaConfig {
         !self.changes_topic.is_empty() || !self.assignments_topic.is_empty()
     }
 
+    /// `publications_topic`, by default one per transactional id: the feed reads it back with
+    /// `read_committed`, which another producer's open transaction would hold back.
     pub fn publications_topic_name(&self) -> String {
         if self.publications_topic.is_empty() {
-            format!("{}-publications", self.group_id)
+            format!("{}-publications", self.transactional_id_name())
         } else {
             self.publications_topic.clone()
         }
     }
 
+    /// `transactional_id`, by default one per instance (`segmenter-<group_id>`, then
+    /// `-<instance_id>` when set): two instances sharing one would fence each other off.
     pub fn transactional_id_name(&self) -> String {
-        if self.transactional_id.is_empty() {
-            format!("segmenter-{}", self.group_id)
-        } else {
-            self.transactional_id.clone()
+        match (
+            self.transactional_id.is_empty(),
+            self.instance_id.is_empty(),
+        ) {
+            (false, _) => self.transactional_id.clone(),
+            (true, true) => format!("segmenter-{}", self.group_id),
+            (true, false) => format!("segmenter-{}-{}", self.group_id, self.instance_id),
         }
     }
 }
@@ -798,11 +805,23 @@ mod tests {
         }
         let feed = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__CHANGES_TOPIC", "c")]))
             .expect("a feed with the default names");
+        assert_eq!(feed.kafka.transactional_id_name(), "segmenter-segmenter");
         assert_eq!(
             feed.kafka.publications_topic_name(),
-            "segmenter-publications"
+            "segmenter-segmenter-publications"
         );
-        assert_eq!(feed.kafka.transactional_id_name(), "segmenter-segmenter");
+        let instance = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_KAFKA__CHANGES_TOPIC", "c"),
+                ("SEGMENTER_KAFKA__INSTANCE_ID", "pod-1"),
+            ]),
+        )
+        .expect("a feed per instance");
+        assert_eq!(
+            instance.kafka.transactional_id_name(),
+            "segmenter-segmenter-pod-1"
+        );
         let err = Config::load_with_env(
             None,
             env(&[("SEGMENTER_MODEL__SNAPSHOT_STICKINESS", "0.95")]),

@@ -130,8 +130,9 @@ struct Readers {
 }
 
 impl Readers {
-    /// Stops the HTTP API, then lets the change feed finish the version it is publishing (an
-    /// open transaction would hold back `read_committed` consumers until the next start).
+    /// Stops the HTTP API, then lets the change feed publish what is stored, the final snapshot
+    /// included, within its grace (an open transaction would hold back `read_committed`
+    /// consumers until the next start).
     async fn stop(self) {
         self.http.stop().await;
         if let Some(feed) = self.feed {
@@ -166,7 +167,6 @@ async fn start_readers(
             config,
             shared,
             snapshots.clone(),
-            shutdown.clone(),
         )?)
     } else {
         None

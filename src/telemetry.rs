@@ -40,6 +40,7 @@ pub struct Metrics {
     /// The change feed: the last snapshot version published, and the records it took.
     pub feed_version: IntGauge,
     pub feed_records: IntCounter,
+    pub feed_errors: IntCounter,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -305,6 +306,10 @@ impl Metrics {
                 "segmenter_feed_records_total",
                 "Users' segment changes published by the change feed (one per changed user and version).",
             ),
+            feed_errors: counter(
+                "segmenter_feed_errors_total",
+                "Change feed sessions that failed (each is retried with backoff; nothing is published twice).",
+            ),
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
         };
@@ -343,6 +348,7 @@ impl Metrics {
             Box::new(self.ready.clone()),
             Box::new(self.feed_version.clone()),
             Box::new(self.feed_records.clone()),
+            Box::new(self.feed_errors.clone()),
         ];
         for c in collectors {
             self.names

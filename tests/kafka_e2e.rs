@@ -897,6 +897,11 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
         last_version = version;
     }
     assert!(last_version >= final_version);
+    // Every stored version, none skipped, up to the last one stored (a stop publishes what is
+    // stored before the service exits).
+    let stored: Vec<u64> = store.snapshot_versions().unwrap();
+    let versions: Vec<u64> = published.iter().map(|&(v, _, _)| v).collect();
+    assert_eq!(versions, stored, "every stored version published, in order");
 
     // The change feed: each version's records are its diff from the previous publication,
     // one per user, and applied in order they rebuild the last published snapshot.

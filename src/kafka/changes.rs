@@ -31,6 +31,12 @@ const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(300);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long reading back the publications topic may take.
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// At shutdown, how long the feed may go on publishing the versions stored before it stopped
+/// (the final snapshot included); past it, a transaction in flight is aborted (the next start
+/// publishes it). Below Kubernetes' default 30 s grace together with the drain.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Longest wait between two sessions after repeated failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// One record of the change feed: `user` moved from segment `from` to `to` in snapshot
 /// `version` (`from` null for a user new to the feed, `to` null for a user who left).
@@ -124,35 +130,57 @@ struct Feed {
     assignments_topic: Option<String>,
     publications_topic: String,
     transactional_id: String,
+    stop_at: StopAt,
 }
 
-/// The feed's thread, stopped with [`RunningFeed::stop`] or the service's shutdown.
+/// When the feed must be done: unset while it runs, set once by [`RunningFeed::stop`].
+#[derive(Clone, Default)]
+struct StopAt(Arc<std::sync::OnceLock<Instant>>);
+
+impl StopAt {
+    fn requested(&self) -> bool {
+        self.0.get().is_some()
+    }
+    fn overdue(&self) -> bool {
+        self.0
+            .get()
+            .is_some_and(|deadline| Instant::now() >= *deadline)
+    }
+}
+
+/// The feed's thread, stopped with [`RunningFeed::stop`].
 pub struct RunningFeed {
-    stop: watch::Sender<bool>,
+    stop_at: StopAt,
+    wake: watch::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl RunningFeed {
-    /// Asks the feed to stop after the version it is publishing, and waits for it (at most
-    /// as long as a commit may take).
+    /// Lets the feed publish what is stored (the final snapshot included) for up to
+    /// [`STOP_GRACE`], aborting a transaction still open then, and waits for its thread a
+    /// little longer than that (a thread still busy is left to the process's exit).
     pub async fn stop(self) {
-        self.stop.send_replace(true);
-        let thread = self.thread;
-        let joined = tokio::task::spawn_blocking(move || thread.join());
-        if tokio::time::timeout(CALL_TIMEOUT, joined).await.is_err() {
-            tracing::warn!("the change feed did not stop in time");
+        let _ = self.stop_at.0.set(Instant::now() + STOP_GRACE);
+        self.wake.send_replace(());
+        let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(5);
+        while !self.thread.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::warn!("the change feed did not stop in time");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
-/// Starts the feed on a thread of its own (rdkafka's transactional calls block); it ends with
-/// `shutdown` or [`RunningFeed::stop`]. Topics are created when missing, retried while the
-/// broker is away.
+/// Starts the feed on a thread of its own (rdkafka's transactional calls block); it runs until
+/// [`RunningFeed::stop`] (the service calls it once its pipeline has finished, so the last
+/// snapshot is published too). Topics are created when missing, retried while the broker is
+/// away.
 pub fn spawn_feed(
     config: &Config,
     shared: &Shared,
     snapshots: SnapshotStore,
-    mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<RunningFeed> {
     let kafka = config.kafka.clone();
     let topic = |name: &str| (!name.is_empty()).then(|| name.to_string());
@@ -164,50 +192,62 @@ pub fn spawn_feed(
         kafka,
         snapshots,
         metrics: shared.metrics.clone(),
+        stop_at: StopAt::default(),
     };
-    let (stop, stopped) = watch::channel(false);
-    let forward = stop.clone();
-    tokio::spawn(async move {
-        if shutdown.wait_for(|stop| *stop).await.is_ok() {
-            forward.send_replace(true);
-        }
-    });
+    let stop_at = feed.stop_at.clone();
+    let (wake, woken) = watch::channel(());
     let notices = shared.published.subscribe();
     let runtime = Handle::current();
     let thread = std::thread::Builder::new()
         .name("segmenter-feed".into())
-        .spawn(move || feed.run(&runtime, notices, stopped))
+        .spawn(move || feed.run(&runtime, notices, woken))
         .context("cannot start the change feed thread")?;
-    Ok(RunningFeed { stop, thread })
+    Ok(RunningFeed {
+        stop_at,
+        wake,
+        thread,
+    })
 }
 
 impl Feed {
-    /// Sessions until shutdown: any failure ends the session (its open transaction is aborted
-    /// by the next one's `init_transactions`), and the next reads back where Kafka stands.
+    /// Sessions until stopped: any failure ends the session (its open transaction is aborted
+    /// by the next one's `init_transactions`), and the next, after a backoff that doubles while
+    /// sessions fail without publishing, reads back where Kafka stands.
     fn run(
         self,
         runtime: &Handle,
         mut notices: watch::Receiver<u64>,
-        mut shutdown: watch::Receiver<bool>,
+        mut woken: watch::Receiver<()>,
     ) {
+        let base = Duration::from_millis(self.kafka.retry_backoff_ms.max(100) * 4);
+        let mut backoff = base;
         loop {
-            match self.session(runtime, &mut notices, &mut shutdown) {
+            let mut published_any = false;
+            match self.session(runtime, &mut notices, &mut woken, &mut published_any) {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
-                    "change feed interrupted; retrying with backoff"
-                ),
+                Err(_) if self.stop_at.requested() => return,
+                Err(e) => {
+                    self.metrics.feed_errors.inc();
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        retry_in_seconds = backoff.as_secs_f64(),
+                        "change feed interrupted; retrying"
+                    );
+                }
             }
-            let backoff = Duration::from_millis(self.kafka.retry_backoff_ms.max(100) * 4);
+            if published_any {
+                backoff = base;
+            }
             let stopped = runtime.block_on(async {
                 tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => true,
+                    woke = woken.changed() => woke.is_err() || self.stop_at.requested(),
                     _ = tokio::time::sleep(backoff) => false,
                 }
             });
             if stopped {
                 return;
             }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -217,7 +257,8 @@ impl Feed {
         &self,
         runtime: &Handle,
         notices: &mut watch::Receiver<u64>,
-        shutdown: &mut watch::Receiver<bool>,
+        woken: &mut watch::Receiver<()>,
+        published_any: &mut bool,
     ) -> anyhow::Result<()> {
         runtime.block_on(self.ensure_topics())?;
         let producer: ThreadedProducer<_> = client_config(&self.kafka)
@@ -245,31 +286,41 @@ impl Feed {
             transactional_id = self.transactional_id,
             "change feed ready"
         );
+        let stored = self.snapshots.snapshot_versions()?;
+        if stored.last().is_some_and(|&latest| latest < published) {
+            tracing::warn!(
+                published,
+                "the change feed has published versions this state dir never stored: set a new \
+                 [kafka] transactional_id for a new state dir, or delete the feed's topics"
+            );
+        }
         loop {
-            let stored = self.snapshots.snapshot_versions()?;
-            if stored.last().is_some_and(|&latest| latest < published) {
-                tracing::warn!(
-                    published,
-                    "the change feed has published versions this state dir never stored: set a \
-                     new [kafka] transactional_id for a new state dir, or delete the feed's topics"
-                );
-            }
             let start = published;
-            for version in stored.into_iter().filter(|&v| v > start) {
-                if *shutdown.borrow() {
+            for version in self
+                .snapshots
+                .snapshot_versions()?
+                .into_iter()
+                .filter(|&v| v > start)
+            {
+                if self.stop_at.overdue() {
                     return Ok(());
                 }
                 self.publish(&producer, published, version)?;
+                *published_any = true;
                 published = version;
                 self.snapshots.set_feed_published(published)?;
             }
-            let stopped = runtime.block_on(async {
+            if self.stop_at.requested() {
+                return Ok(());
+            }
+            // Woken by a new snapshot, or by the stop (then one more pass catches up).
+            let alive = runtime.block_on(async {
                 tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => true,
-                    changed = notices.changed() => changed.is_err(),
+                    woke = woken.changed() => woke.is_ok(),
+                    notice = notices.changed() => notice.is_ok(),
                 }
             });
-            if stopped {
+            if !alive {
                 return Ok(());
             }
         }
@@ -418,10 +469,13 @@ impl Feed {
         previous: u64,
         version: u64,
     ) -> anyhow::Result<()> {
-        for (id, change) in records {
+        for (n, (id, change)) in records.iter().enumerate() {
+            if n % 1024 == 0 && self.stop_at.overdue() {
+                anyhow::bail!("stopping: the version is left to the next start");
+            }
             if let Some(topic) = &self.changes_topic {
                 let json = serde_json::to_vec(change)?;
-                send(producer, (topic, None), id, Some(&json))?;
+                send(producer, &self.stop_at, (topic, None), id, Some(&json))?;
             }
             if let Some(topic) = &self.assignments_topic {
                 let value = change.to.map(|segment| AssignmentRecord {
@@ -430,7 +484,7 @@ impl Feed {
                     version,
                 });
                 let json = value.as_ref().map(serde_json::to_vec).transpose()?;
-                send(producer, (topic, None), id, json.as_deref())?;
+                send(producer, &self.stop_at, (topic, None), id, json.as_deref())?;
             }
         }
         let publication = PublicationRecord {
@@ -441,6 +495,7 @@ impl Feed {
         // Always partition 0, where the read-back looks, however many the topic has.
         send(
             producer,
+            &self.stop_at,
             (&self.publications_topic, Some(0)),
             &self.transactional_id,
             Some(&serde_json::to_vec(&publication)?),
@@ -452,6 +507,7 @@ impl Feed {
 /// while the producer's queue is full.
 fn send(
     producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    stop_at: &StopAt,
     (topic, partition): (&str, Option<i32>),
     key: &str,
     payload: Option<&[u8]>,
@@ -467,6 +523,9 @@ fn send(
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                if stop_at.overdue() {
+                    anyhow::bail!("stopping: the version is left to the next start");
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(e).with_context(|| format!("cannot produce to {topic}")),
