@@ -36,16 +36,13 @@ pub fn spawn_publisher(
         .context("cannot create the snapshots producer")?;
     let mut notices = shared.published.subscribe();
     let shared = shared.clone();
+    // Read now, before the pipeline can store a newer one: the snapshot a crash may have kept
+    // from being published is the latest stored at start.
+    let latest = snapshots.latest_snapshot().ok().flatten();
     tokio::spawn(async move {
         if !topic_ready(&kafka, &topic, &mut shutdown).await {
             return;
         }
-        let stored = snapshots.clone();
-        let latest = tokio::task::spawn_blocking(move || stored.latest_snapshot())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
         if let Some(snapshot) = latest {
             let json = serde_json::to_vec(&snapshot).unwrap_or_default();
             publish(&producer, &topic, snapshot.version, &json).await;
