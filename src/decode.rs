@@ -760,6 +760,8 @@ mod tests {
             mode: crate::event::Mode::Explicit,
             min_value: 0.0,
             max_value: 5.0,
+            requires_ts: false,
+            future_tolerance_seconds: None,
         };
         let fields = JsonFields::default();
         let movielens = decode_ratings(
@@ -799,6 +801,8 @@ mod tests {
         mode: Mode::Explicit,
         min_value: 1.0,
         max_value: 5.0,
+        requires_ts: false,
+        future_tolerance_seconds: None,
     };
 
     #[test]
@@ -938,6 +942,8 @@ mod parts_tests {
             mode: Mode::Explicit,
             min_value: 1.0,
             max_value: 5.0,
+            requires_ts: false,
+            future_tolerance_seconds: None,
         };
         let fields = JsonFields::default();
         for format in [FileFormat::Csv, FileFormat::Movielens, FileFormat::Json] {
@@ -972,6 +978,8 @@ mod parts_tests {
                 mode: Mode::Explicit,
                 min_value: 1.0,
                 max_value: 5.0,
+                requires_ts: false,
+                future_tolerance_seconds: None,
             },
             4,
             || 0u64,

@@ -151,10 +151,13 @@ pub enum RejectReason {
     Empty,
     /// A new item would push the catalogue past `[model] max_items`.
     CatalogueFull,
+    /// With `[events] half_life` (events weighed by their time): no usable `ts`, none or zero
+    /// (1970), or one more than a day ahead of the machine's clock (milliseconds for seconds?).
+    BadTimestamp,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Malformed,
         RejectReason::MissingField,
         RejectReason::WrongType,
@@ -164,6 +167,7 @@ impl RejectReason {
         RejectReason::Oversized,
         RejectReason::Empty,
         RejectReason::CatalogueFull,
+        RejectReason::BadTimestamp,
     ];
 
     pub fn label(self) -> &'static str {
@@ -177,6 +181,7 @@ impl RejectReason {
             RejectReason::Oversized => "oversized",
             RejectReason::Empty => "empty",
             RejectReason::CatalogueFull => "catalogue_full",
+            RejectReason::BadTimestamp => "bad_timestamp",
         }
     }
 }
@@ -204,10 +209,62 @@ pub struct ValuePolicy {
     pub mode: Mode,
     pub min_value: f64,
     pub max_value: f64,
+    /// Events are weighed by their time (`[events] half_life`): a missing or zero `ts` (which
+    /// decoders default to 0 without a column or message timestamp) would weigh about nothing
+    /// and, in explicit mode, all but erase the rating it replaces.
+    #[serde(default)]
+    pub requires_ts: bool,
+    /// With `requires_ts`, sources also refuse a `ts` more than this many seconds past the wall
+    /// clock (a far-future event would decay every other rating to nothing). `None` in the
+    /// engine, which has no clock: the sources check before it.
+    #[serde(default)]
+    pub future_tolerance_seconds: Option<i64>,
 }
 
+/// How far past the wall clock a source accepts an event's `ts` when events are weighed by it.
+pub const FUTURE_TOLERANCE_SECONDS: i64 = 86_400;
+
 impl ValuePolicy {
+    /// The policy of a source (which has a clock) for an engine with this one.
+    pub fn for_source(self) -> ValuePolicy {
+        ValuePolicy {
+            future_tolerance_seconds: self.requires_ts.then_some(FUTURE_TOLERANCE_SECONDS),
+            ..self
+        }
+    }
+
+    fn check_ts(&self, ts: i64) -> Result<(), Rejection> {
+        if !self.requires_ts {
+            return Ok(());
+        }
+        if ts <= 0 {
+            return Err(Rejection::new(
+                RejectReason::BadTimestamp,
+                format!(
+                    "ts {ts}: [events] half_life weighs events by their time; give each event \
+                     its ts in seconds since the epoch"
+                ),
+            ));
+        }
+        if let Some(tolerance) = self.future_tolerance_seconds {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if ts > now.saturating_add(tolerance) {
+                return Err(Rejection::new(
+                    RejectReason::BadTimestamp,
+                    format!(
+                        "ts {ts} is more than {tolerance} s ahead of this machine's clock \
+                         ({now}); ts is in seconds, not milliseconds"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn check(&self, event: &impl Rating) -> Result<(), Rejection> {
+        self.check_ts(event.ts())?;
         if event.user().is_empty() {
             return Err(Rejection::new(RejectReason::MissingField, "empty user id"));
         }
@@ -247,11 +304,49 @@ mod tests {
     }
 
     #[test]
+    fn with_a_half_life_a_missing_or_far_future_ts_is_rejected() {
+        let engine = ValuePolicy {
+            mode: Mode::Explicit,
+            min_value: 0.0,
+            max_value: 5.0,
+            requires_ts: true,
+            future_tolerance_seconds: None,
+        };
+        let at = |ts: i64| RatingEvent {
+            ts,
+            ..event(Some(4.0))
+        };
+        let reason = |policy: &ValuePolicy, ts| policy.check(&at(ts)).map_err(|r| r.reason);
+        assert_eq!(reason(&engine, 0), Err(RejectReason::BadTimestamp));
+        assert_eq!(reason(&engine, -5), Err(RejectReason::BadTimestamp));
+        assert_eq!(reason(&engine, 1_700_000_000), Ok(()));
+        // The engine has no clock; a source does.
+        assert_eq!(reason(&engine, 1_700_000_000_000), Ok(()));
+        let source = engine.for_source();
+        assert_eq!(
+            reason(&source, 1_700_000_000_000),
+            Err(RejectReason::BadTimestamp),
+            "milliseconds"
+        );
+        assert_eq!(reason(&source, 1_700_000_000), Ok(()));
+        // Without a half-life nothing about ts is checked.
+        let plain = ValuePolicy {
+            requires_ts: false,
+            ..engine
+        }
+        .for_source();
+        assert_eq!(reason(&plain, 0), Ok(()));
+        assert_eq!(reason(&plain, 1_700_000_000_000), Ok(()));
+    }
+
+    #[test]
     fn policy_rejects_non_finite_out_of_range_and_implicit_retractions() {
         let explicit = ValuePolicy {
             mode: Mode::Explicit,
             min_value: 1.0,
             max_value: 5.0,
+            requires_ts: false,
+            future_tolerance_seconds: None,
         };
         assert!(explicit.check(&event(Some(3.0))).is_ok());
         assert!(explicit.check(&event(None)).is_ok());

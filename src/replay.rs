@@ -241,7 +241,7 @@ fn load_file(
         &bytes,
         options.format,
         &config.events.fields,
-        &config.engine_params().policy(),
+        &config.engine_params().policy().for_source(),
         threads,
         CompactEvents::default,
         CompactEvents::push,

@@ -300,7 +300,7 @@ impl Source {
             expected: read_offsets(&stored_offsets),
             stored_offsets,
             catalogue,
-            policy: config.engine_params().policy(),
+            policy: config.engine_params().policy().for_source(),
             pending: Batch {
                 events: Vec::with_capacity(kafka.batch_size),
                 offsets: Positions::new(),

@@ -17,6 +17,12 @@ use serde::{Deserialize, Serialize};
 /// from the f64 range even squared and summed over millions of users.
 pub const REBASE_HALF_LIVES: i64 = 64;
 
+/// At a rebase, a cell whose stored value would fall below `2^−FORGOTTEN_BELOW_EXPONENT` is
+/// retracted (its weight, against the newest events' 1 to 2^64, is beyond anything f64 figures
+/// can show); a user left with no cell leaves. It keeps every value and square a normal float,
+/// so rescaling by powers of two stays exact.
+pub const FORGOTTEN_BELOW_EXPONENT: i64 = 200;
+
 /// Where event time stands for a decaying engine; persisted with the state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct DecayClock {

@@ -311,6 +311,8 @@ impl EngineParams {
             mode: self.mode,
             min_value: self.min_value,
             max_value: self.max_value,
+            requires_ts: self.half_life_seconds.is_some(),
+            future_tolerance_seconds: None,
         }
     }
 
@@ -612,17 +614,20 @@ impl Engine {
     /// Moves the decay origin forward by `spans` rebase spans: every stored value, the
     /// statistics and the model's scale-carrying state are multiplied by the exact power of two
     /// `2^(−64·spans)`, so nothing but the scale changes (labels stay as they are). A cell the
-    /// factor would flush to zero is removed first, as a retraction would remove it. O(ratings),
+    /// factor would take below `2^−FORGOTTEN_BELOW_EXPONENT` (a weight no figure can see any
+    /// more) is removed first, as a retraction would remove it. O(ratings),
     /// once per 64 half-lives of event time; every cell is reported to `changes`.
     fn rebase_decay(&mut self, spans: i64, half_life: u64, changes: &mut impl ChangeSink) {
         let exponent = spans.saturating_mul(decay::REBASE_HALF_LIVES);
         let factor = decay::power_of_two(-exponent);
-        let square = decay::power_of_two(-exponent.saturating_mul(2));
+        // Cells that would fall below the floor are retracted first: the rest, and their
+        // squares, stay normal floating-point numbers, so the rescale stays exact.
+        let floor = decay::power_of_two(-decay::FORGOTTEN_BELOW_EXPONENT);
         let flushed: Vec<(u32, u32)> = (0..self.vectors.len() as u32)
             .flat_map(|u| {
                 let x = &self.vectors[u as usize];
                 x.iter()
-                    .filter(|&(_, v)| v * factor == 0.0)
+                    .filter(|&(_, v)| (v * factor).abs() < floor)
                     .map(move |(j, _)| (u, j))
                     .collect::<Vec<_>>()
             })
@@ -643,8 +648,8 @@ impl Engine {
                 changes.cell_changed(u as u32, j, v);
             }
         }
-        self.stats.rescale(factor, square);
-        self.model.rescale(factor, square);
+        self.stats.rescale(factor);
+        self.model.rescale(factor);
         self.decay.scaled_events *= factor;
         self.decay.advance(spans, half_life);
         changes.model_changed();
@@ -962,6 +967,46 @@ pub struct RestoredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jump_of_many_half_lives_forgets_the_old_cells_and_keeps_the_statistics_exact() {
+        use crate::event::RatingEvent;
+        let mut engine = Engine::new(EngineParams {
+            half_life_seconds: Some(1),
+            components: 2,
+            clusters: 2,
+            ..EngineParams::default()
+        });
+        let at = |user: usize, item: usize, ts: i64| RatingEvent {
+            user: format!("u{user}"),
+            item: format!("i{item}"),
+            value: Some(4.0),
+            ts,
+        };
+        let early: Vec<RatingEvent> = (0..200)
+            .map(|i| at(i % 20, i % 7, 1_000 + i as i64 / 4))
+            .collect();
+        engine.apply(&early);
+        assert_eq!(engine.active_users(), 20);
+        // 600 half-lives later (9 rebase spans): the early cells weigh 2^-550 or less.
+        let late = [at(99, 1, 1_650), at(98, 2, 1_650), at(98, 1, 1_651)];
+        engine.apply(&late);
+        assert_eq!(engine.active_users(), 2, "only the late users remain");
+        assert_eq!(engine.ratings(), 3);
+        let d = engine.items().len();
+        let rebuilt = CovarianceStats::from_vectors(engine.vectors().iter(), d);
+        assert_eq!(engine.stats().sums(), rebuilt.sums());
+        assert_eq!(engine.stats().squares(), rebuilt.squares());
+        assert!(engine.stats().squares().iter().any(|&s| s > 0.0));
+        assert!(
+            engine
+                .vectors()
+                .iter()
+                .flat_map(|x| x.val.iter())
+                .all(|v| v.is_normal()),
+            "every stored value a normal float"
+        );
+    }
 
     #[test]
     fn ids_short_and_long_intern_once_and_survive_a_rebuild() {

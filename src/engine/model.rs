@@ -360,9 +360,9 @@ impl Model {
 
     /// Every user vector was multiplied by `factor` (a power of two, so exactly; see
     /// `engine::decay`): projections, cluster sums, centroids and the mean scale by it, the
-    /// eigenvalues and the total variance by `square` (its square). Directions, labels and
-    /// every comparison between distances stay as they were.
-    pub(crate) fn rescale(&mut self, factor: f64, square: f64) {
+    /// eigenvalues and the total variance by its square (applied as two factors). Directions,
+    /// labels and every comparison between distances stay as they were.
+    pub(crate) fn rescale(&mut self, factor: f64) {
         for values in [
             &mut self.projections,
             &mut self.sums,
@@ -371,8 +371,10 @@ impl Model {
         ] {
             values.iter_mut().for_each(|v| *v *= factor);
         }
-        self.eigenvalues.iter_mut().for_each(|v| *v *= square);
-        self.total_variance *= square;
+        self.eigenvalues
+            .iter_mut()
+            .for_each(|v| *v = *v * factor * factor);
+        self.total_variance = self.total_variance * factor * factor;
     }
 
     /// Re-solves the PCA on the current statistics (warm-started from the current basis, signs

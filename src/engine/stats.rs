@@ -57,11 +57,14 @@ impl CovarianceStats {
         self.n = self.n.saturating_sub(1);
     }
 
-    /// Every stored value was multiplied by `factor` (a power of two, so exactly):
-    /// sums scale by it and sums of squares by `square` (its square).
-    pub fn rescale(&mut self, factor: f64, square: f64) {
+    /// Every stored value was multiplied by `factor` (a power of two, so exactly): sums scale
+    /// by it and sums of squares by its square, applied as two factors (the square alone may
+    /// underflow where each step does not).
+    pub fn rescale(&mut self, factor: f64) {
         self.sums.iter_mut().for_each(|s| *s *= factor);
-        self.squares.iter_mut().for_each(|s| *s *= square);
+        self.squares
+            .iter_mut()
+            .for_each(|s| *s = *s * factor * factor);
     }
 
     /// Trace of the population covariance, `Σ_j (Σ_u x_uj²)/n − μ_j²`, without building it.

@@ -113,6 +113,8 @@ pub async fn produce(config: &Config, options: &ProduceOptions) -> anyhow::Resul
         mode: Mode::Explicit,
         min_value: f64::NEG_INFINITY,
         max_value: f64::INFINITY,
+        requires_ts: false,
+        future_tolerance_seconds: None,
     };
     let mut decoded = decode::read_ratings_file(
         &options.ratings,

@@ -31,7 +31,7 @@ mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -51,8 +51,13 @@ pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateSto
 /// then on (a dir only read stays the older build's).
 pub const STATE_FORMAT: u32 = 3;
 
+/// The format of a state dir whose values are scaled by a half-life (`[events] half_life`):
+/// builds from before forgetting existed must refuse it rather than read scaled values as
+/// ratings.
+pub const DECAYING_STATE_FORMAT: u32 = 4;
+
 /// Formats this build reads.
-const READABLE_FORMATS: [u32; 3] = [1, 2, 3];
+const READABLE_FORMATS: [u32; 4] = [1, 2, 3, 4];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -75,7 +80,7 @@ pub enum StoreError {
         configured: String,
     },
     #[error(
-        "state dir format {found} is not supported (this build reads formats 1 to {STATE_FORMAT}); it was written by a newer segmenter"
+        "state dir format {found} is not supported (this build reads formats 1 to {DECAYING_STATE_FORMAT}); it was written by a newer segmenter"
     )]
     Format { found: u32 },
     #[error(
@@ -122,10 +127,10 @@ pub fn open(path: &Path) -> Result<Stores, StoreError> {
         Some(f) if !READABLE_FORMATS.contains(&f) => {
             return Err(StoreError::Format { found: f });
         }
-        Some(f) if f == STATE_FORMAT => {}
+        Some(f) if f >= STATE_FORMAT => {}
         // Marked with the first write, not here: a dir only read (`snapshot list --state-dir`)
         // stays readable by the build that wrote it.
-        _ => database.unmarked.store(true, Ordering::Relaxed),
+        _ => database.mark_format(STATE_FORMAT),
     }
     let state = StateStore::new(database.clone())?;
     Ok(Stores {
@@ -144,8 +149,8 @@ struct Database {
     /// durable, and its flush on drop would wait for ever. Shared by the three stores, since
     /// they write to the same database.
     failed: AtomicBool,
-    /// The dir does not say this build's format yet: the next write says it.
-    unmarked: AtomicBool,
+    /// The format the next write records (0: the dir says it already).
+    unmarked: AtomicU32,
 }
 
 impl Drop for Database {
@@ -179,6 +184,11 @@ fn corrupt(key: &[u8], detail: impl Into<String>) -> StoreError {
 }
 
 impl Database {
+    /// Has the next write record `format`, unless a higher one is already due.
+    fn mark_format(&self, format: u32) {
+        self.unmarked.fetch_max(format, Ordering::Relaxed);
+    }
+
     fn open(path: &Path) -> Result<Database, StoreError> {
         // sled releases its file lock from a background thread shortly after the previous
         // holder drops it; a lock held by a live process stays "busy" past the deadline.
@@ -210,7 +220,7 @@ impl Database {
             tree,
             path: path.to_path_buf(),
             failed: AtomicBool::new(false),
-            unmarked: AtomicBool::new(false),
+            unmarked: AtomicU32::new(0),
         })
     }
 
@@ -221,10 +231,11 @@ impl Database {
         if self.failed.load(Ordering::Relaxed) {
             return Err(StoreError::Failed);
         }
-        if self.unmarked.swap(false, Ordering::Relaxed) {
+        let format = self.unmarked.swap(0, Ordering::Relaxed);
+        if format != 0 {
             batch.insert(
                 meta("format"),
-                serde_json::to_vec(&STATE_FORMAT).unwrap_or_default(),
+                serde_json::to_vec(&format).unwrap_or_default(),
             );
         }
         let written = self
@@ -252,6 +263,11 @@ impl Database {
 
     /// Checks the stored model identity against the config (or records it on first use).
     fn check_identity(&self, params: &EngineParams) -> Result<(), StoreError> {
+        if params.half_life_seconds.is_some()
+            && self.get_json::<u32>("format")?.unwrap_or(0) < DECAYING_STATE_FORMAT
+        {
+            self.mark_format(DECAYING_STATE_FORMAT);
+        }
         let configured = Identity {
             mode: params.mode,
             components: params.components,

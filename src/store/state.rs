@@ -706,6 +706,51 @@ mod tests {
     }
 
     #[test]
+    fn a_decaying_state_dir_is_marked_so_builds_without_forgetting_refuse_it() {
+        use crate::event::RatingEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let params = EngineParams {
+            half_life_seconds: Some(86_400),
+            components: 2,
+            clusters: 2,
+            ..EngineParams::default()
+        };
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, None);
+        let events: Vec<RatingEvent> = (0..50)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 9),
+                item: format!("i{}", i % 5),
+                value: Some(3.0),
+                ts: 1_700_000_000 + i,
+            })
+            .collect();
+        apply(&mut engine, &mut changes, &events);
+        store.commit(&engine, &mut changes, None).unwrap();
+        assert_eq!(
+            store.db.get_json::<u32>("format").unwrap(),
+            Some(super::super::DECAYING_STATE_FORMAT)
+        );
+        drop(engine);
+        drop(store);
+        // This build reads it back (and never marks it down); one without the half-life refuses.
+        let (store, engine, _) = reopen(dir.path(), &params, None);
+        assert_eq!(engine.ratings(), 45);
+        drop(engine);
+        drop(store);
+        let plain = EngineParams {
+            half_life_seconds: None,
+            ..params
+        };
+        let refused = super::super::open(dir.path())
+            .unwrap()
+            .state
+            .load_engine(plain)
+            .err()
+            .expect("refused without the half-life");
+        assert!(refused.to_string().contains("half_life"), "{refused}");
+    }
+
+    #[test]
     fn vectors_round_trip_and_garbage_is_refused() {
         let x = SparseVec {
             idx: vec![1, 5, 9],
