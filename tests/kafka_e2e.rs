@@ -198,6 +198,31 @@ fn every_snapshot_is_published_to_the_snapshots_topic_under_its_version() {
     }
 }
 
+/// One round of a kill test: produces `part` to `topic` (bringing it to `produced` events),
+/// starts the service, waits until it has applied a seeded random number of events past what
+/// the state dir held, lets `linger` pick the moment after that, and SIGKILLs it. Returns the
+/// events the service reported committed.
+fn kill_round(
+    round: usize,
+    (topic, part, produced): (&str, &Path, u64),
+    env: &[(String, String)],
+    rng: &mut ChaCha8Rng,
+    linger: impl FnOnce(&mut Service, &mut ChaCha8Rng),
+) -> u64 {
+    produce(topic, 3, part);
+    let state = config_for(env).state.dir;
+    let before = persisted_position(&state);
+    assert!(before < produced, "round {round}: nothing left to consume");
+    let target = rng.random_range(before + 1..=produced);
+    let mut service = Service::start(env, &[]);
+    let logged = service.wait_for_applied(target, Duration::from_secs(120));
+    linger(&mut service, rng);
+    service.signal("-KILL");
+    let (code, _) = service.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, None, "round {round}: killed by a signal");
+    logged
+}
+
 /// The topic is produced in installments, one more before each round, so every kill lands
 /// while events remain to be consumed however late it comes on a busy machine; each round
 /// starts from what the previous one persisted (the state dir's offsets), not from a log line.
@@ -216,18 +241,11 @@ fn killed_at_random_moments_loses_nothing(mode: Mode, seed: u64) {
     let mut produced = 0;
     let (last, rounds) = parts.split_last().expect("installments");
     for (round, (part, count)) in rounds.iter().enumerate() {
-        produce(&topic, 3, part);
         produced += count;
-        let before = persisted_position(&state);
-        assert!(before < produced, "round {round}: nothing left to consume");
-        let target = rng.random_range(before + 1..=produced);
-        let mut service = Service::start(&env, &[]);
-        let logged = service.wait_for_applied(target, Duration::from_secs(120));
-        // A random extra delay inside the next batches (a moment, not a wait for a condition).
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
-        service.signal("-KILL");
-        let (code, _) = service.wait_exit(Duration::from_secs(30));
-        assert_eq!(code, None, "round {round}: killed by a signal");
+        let logged = kill_round(round, (&topic, part, produced), &env, &mut rng, |_, rng| {
+            // A random extra delay inside the next batches (a moment, not a wait for a condition).
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
+        });
         let after = persisted_position(&state);
         assert!(
             after >= logged,
@@ -842,22 +860,22 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
     let mut produced = 0;
     let (last, rounds) = parts.split_last().expect("installments");
     for (round, (part, count)) in rounds.iter().enumerate() {
-        produce(&topic, 3, part);
         produced += count;
-        let before = persisted_position(&state);
-        let target = rng.random_range(before + 1..=produced);
-        let mut service = Service::start(&env, &[]);
-        service.wait_for_applied(target, Duration::from_secs(120));
-        // Past a publication or into one, at a random moment.
-        if rng.random_bool(0.5) {
-            service.wait_for(Duration::from_secs(60), |v| {
-                v["fields"]["message"] == "segment changes published"
-            });
-        }
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
-        service.signal("-KILL");
-        let (code, _) = service.wait_exit(Duration::from_secs(30));
-        assert_eq!(code, None, "round {round}: killed by a signal");
+        kill_round(
+            round,
+            (&topic, part, produced),
+            &env,
+            &mut rng,
+            |service, rng| {
+                // Past a publication or into one, at a random moment.
+                if rng.random_bool(0.5) {
+                    service.wait_for(Duration::from_secs(60), |v| {
+                        v["fields"]["message"] == "segment changes published"
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+            },
+        );
     }
     produce(&topic, 3, &last.0);
     let mut service = Service::start(&env, &[]);

@@ -49,6 +49,11 @@ impl DecayClock {
         }
     }
 
+    /// [`DecayClock::scale`] for an engine with `half_life_seconds` (1 without one).
+    pub fn value_scale(&self, half_life_seconds: Option<u64>) -> f64 {
+        half_life_seconds.map_or(1.0, |h| self.scale(h))
+    }
+
     /// The number of applied events, each weighted by `2^(−age/h)`.
     pub fn effective_events(&self, half_life_seconds: u64) -> f64 {
         self.scaled_events * self.scale(half_life_seconds)

@@ -468,9 +468,7 @@ impl Engine {
     /// The factor turning stored values into decayed ones (1 without a half-life): the true
     /// matrix is this times the stored vectors, see [`decay`].
     pub fn value_scale(&self) -> f64 {
-        self.params
-            .half_life_seconds
-            .map_or(1.0, |h| self.decay.scale(h))
+        self.decay.value_scale(self.params.half_life_seconds)
     }
     /// Users with at least one rating.
     pub fn active_users(&self) -> u64 {
@@ -870,9 +868,7 @@ impl EngineView {
     }
     /// See [`Engine::value_scale`].
     pub fn value_scale(&self) -> f64 {
-        self.params
-            .half_life_seconds
-            .map_or(1.0, |h| self.decay.scale(h))
+        self.decay.value_scale(self.params.half_life_seconds)
     }
     pub fn params(&self) -> &EngineParams {
         &self.params

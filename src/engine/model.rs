@@ -167,35 +167,29 @@ impl Model {
         out
     }
 
-    /// Sum of squared distances of the clustered users to their centroids.
-    pub fn inertia(&self) -> f64 {
+    /// Each user's squared distance to its cluster's centroid (`None` without a cluster), in
+    /// user order.
+    fn own_squared_distances(&self) -> impl Iterator<Item = Option<f64>> + '_ {
         let k = self.components;
-        self.labels
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| **l != NO_CLUSTER)
-            .map(|(u, &l)| {
+        self.labels.iter().enumerate().map(move |(u, &l)| {
+            (l != NO_CLUSTER).then(|| {
                 let c = &self.means[l as usize * k..(l as usize + 1) * k];
                 squared_distance(&self.projections[u * k..(u + 1) * k], c)
             })
-            .sum()
+        })
+    }
+
+    /// Sum of squared distances of the clustered users to their centroids.
+    pub fn inertia(&self) -> f64 {
+        self.own_squared_distances().flatten().sum()
     }
 
     /// Each user's distance to its cluster's centroid in the PCA space, times `scale` (the
     /// factor from stored to decayed values, see `engine::decay`); NaN for users without a
     /// cluster. By user index.
     pub fn distances_to_centroids(&self, scale: f64) -> Vec<f32> {
-        let k = self.components;
-        self.labels
-            .iter()
-            .enumerate()
-            .map(|(u, &l)| {
-                if l == NO_CLUSTER {
-                    return f32::NAN;
-                }
-                let c = &self.means[l as usize * k..(l as usize + 1) * k];
-                (squared_distance(&self.projections[u * k..(u + 1) * k], c).sqrt() * scale) as f32
-            })
+        self.own_squared_distances()
+            .map(|d| d.map_or(f32::NAN, |d| (d.sqrt() * scale) as f32))
             .collect()
     }
 

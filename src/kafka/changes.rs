@@ -52,9 +52,9 @@ pub struct ChangeRecord {
 }
 
 /// One record of the assignments table (a user who left gets a tombstone instead).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AssignmentRecord {
-    pub user: String,
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AssignmentRecord<'a> {
+    pub user: &'a str,
     pub segment: u32,
     pub version: u64,
 }
@@ -414,11 +414,7 @@ impl Feed {
     /// `version`'s changes with their user ids and creation time, relative to `previous` when
     /// it is still stored, else to nothing (every assigned user is new: a resync). Returns the
     /// version they are relative to.
-    fn records(
-        &self,
-        previous: u64,
-        version: u64,
-    ) -> anyhow::Result<(Vec<(String, ChangeRecord)>, u64)> {
+    fn records(&self, previous: u64, version: u64) -> anyhow::Result<(Vec<ChangeRecord>, u64)> {
         let before = match previous {
             0 => Some(vec![]),
             v => self.snapshots.feed_rows(v)?,
@@ -447,16 +443,13 @@ impl Feed {
         let records = ids
             .into_iter()
             .zip(changes)
-            .map(|(id, c)| {
-                let record = ChangeRecord {
-                    user: id.clone(),
-                    from: c.from,
-                    to: c.to,
-                    version,
-                    created_at: created_at.clone(),
-                    distance: c.distance.filter(|d| d.is_finite()).map(f64::from),
-                };
-                (id, record)
+            .map(|(user, c)| ChangeRecord {
+                user,
+                from: c.from,
+                to: c.to,
+                version,
+                created_at: created_at.clone(),
+                distance: c.distance.filter(|d| d.is_finite()).map(f64::from),
             })
             .collect();
         Ok((records, base))
@@ -465,11 +458,12 @@ impl Feed {
     fn send_all(
         &self,
         producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-        records: &[(String, ChangeRecord)],
+        records: &[ChangeRecord],
         previous: u64,
         version: u64,
     ) -> anyhow::Result<()> {
-        for (n, (id, change)) in records.iter().enumerate() {
+        for (n, change) in records.iter().enumerate() {
+            let id = change.user.as_str();
             if n % 1024 == 0 && self.stop_at.overdue() {
                 anyhow::bail!("stopping: the version is left to the next start");
             }
@@ -479,7 +473,7 @@ impl Feed {
             }
             if let Some(topic) = &self.assignments_topic {
                 let value = change.to.map(|segment| AssignmentRecord {
-                    user: id.clone(),
+                    user: id,
                     segment,
                     version,
                 });

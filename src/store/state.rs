@@ -692,12 +692,7 @@ mod tests {
         );
         drop(engine);
         drop(store);
-        let reopened = super::super::open(dir.path())
-            .unwrap()
-            .state
-            .load_engine(params)
-            .unwrap()
-            .engine;
+        let (_, reopened, _) = reopen(dir.path(), &params, None);
         assert_eq!(
             reopened.vectors(),
             reference.vectors(),
@@ -824,12 +819,7 @@ mod tests {
         );
         drop(engine);
         drop(store);
-        let reopened = super::super::open(dir.path())
-            .unwrap()
-            .state
-            .load_engine(params)
-            .unwrap()
-            .engine;
+        let (_, reopened, _) = reopen(dir.path(), &params, None);
         assert_eq!(
             reopened.vectors(),
             reference.vectors(),
@@ -866,12 +856,7 @@ mod tests {
                 store.commit(&engine, &mut changes, None).unwrap();
             }
         }
-        let reopened = super::super::open(dir.path())
-            .unwrap()
-            .state
-            .load_engine(params)
-            .unwrap()
-            .engine;
+        let (_, reopened, _) = reopen(dir.path(), &params, None);
         assert_eq!(reopened.vectors(), reference.vectors());
         assert_eq!(reopened.users().ids(), reference.users().ids());
     }
