@@ -164,9 +164,13 @@ pub struct KafkaConfig {
     /// Where the feed records, in the same transactions, which snapshot version it published
     /// last (compacted; "" = `<group_id>-publications`).
     pub publications_topic: String,
-    /// The feed producer's `transactional.id` ("" = `segmenter-<group_id>`): a restarted
-    /// instance with the same id fences off and aborts what its predecessor left open.
+    /// The feed producer's `transactional.id` ("" = `segmenter-<group_id>-<instance_id>`): a
+    /// restarted instance with the same id fences off and aborts what its predecessor left open.
     pub transactional_id: String,
+    /// When the change feed's last published version is gone (its record lost from Kafka, or
+    /// the version from the state dir), publish the next version whole (every assigned user
+    /// as new) instead of stopping. Set for one start, then unset.
+    pub feed_resync: bool,
     pub batch_size: usize,
     pub batch_linger_ms: u64,
     pub max_message_bytes: usize,
@@ -189,6 +193,7 @@ impl Default for KafkaConfig {
             assignments_topic: String::new(),
             publications_topic: String::new(),
             transactional_id: String::new(),
+            feed_resync: false,
             batch_size: 5_000,
             batch_linger_ms: 100,
             max_message_bytes: 65_536,
@@ -647,6 +652,14 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::ServiceOwnedClientKey { key: key.clone() });
     }
     invalid_if(
+        k.change_feed_on() && k.instance_id.trim().is_empty() && k.transactional_id.is_empty(),
+        "[kafka] instance_id",
+        "is empty while the change feed is on (changes_topic or assignments_topic): instances \
+         without one would share the transactional id segmenter-<group_id> and fence each other",
+        "set [kafka] instance_id to a stable name of its own per instance (e.g. the pod name, \
+         SEGMENTER_KAFKA__INSTANCE_ID), or [kafka] transactional_id",
+    )?;
+    invalid_if(
         k.batch_size == 0 || k.max_message_bytes == 0,
         "[kafka] batch_size/max_message_bytes",
         "must be at least 1",
@@ -803,13 +816,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{err}");
         }
-        let feed = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__CHANGES_TOPIC", "c")]))
-            .expect("a feed with the default names");
-        assert_eq!(feed.kafka.transactional_id_name(), "segmenter-segmenter");
-        assert_eq!(
-            feed.kafka.publications_topic_name(),
-            "segmenter-segmenter-publications"
+        // Two instances without an identity would share one transactional id and fence each
+        // other: the feed needs one.
+        let err = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC", "t")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[kafka] instance_id") && err.contains("fence each other"),
+            "{err}"
         );
+        let named = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_KAFKA__CHANGES_TOPIC", "c"),
+                ("SEGMENTER_KAFKA__TRANSACTIONAL_ID", "feed-1"),
+            ]),
+        )
+        .expect("a feed with its own transactional id");
+        assert_eq!(named.kafka.transactional_id_name(), "feed-1");
+        assert_eq!(named.kafka.publications_topic_name(), "feed-1-publications");
         let instance = Config::load_with_env(
             None,
             env(&[

@@ -360,6 +360,18 @@ impl Source {
             if consumer.context().revoked.swap(false, Ordering::Relaxed) {
                 flush = true;
             }
+            if consumer
+                .context()
+                .foreign_assignment
+                .swap(false, Ordering::Relaxed)
+            {
+                // Unsubscribing leaves the group (a static member leaves only then, never on
+                // exit), so the join that follows gets an assignment of the configured topic.
+                consumer.unsubscribe();
+                consumer
+                    .subscribe(&[&self.config.kafka.topic])
+                    .with_context(|| format!("cannot subscribe to {}", self.config.kafka.topic))?;
+            }
             if flush && !self.pending.offsets.is_empty() {
                 let shutdown = shutdown.clone();
                 self.flush(move || *shutdown.borrow()).await?;
@@ -534,10 +546,13 @@ fn create_consumer(
     stored_offsets: &Arc<Mutex<Positions>>,
 ) -> anyhow::Result<StreamConsumer<ServiceContext>> {
     let kafka = &config.kafka;
+    shared.health.set_partitions_assigned(0);
     let context = ServiceContext {
+        topic: kafka.topic.clone(),
         stored_offsets: stored_offsets.clone(),
         health: shared.health.clone(),
         revoked: AtomicBool::new(false),
+        foreign_assignment: AtomicBool::new(false),
     };
     // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
     let mut consumer_config = client_config_with_defaults(
@@ -668,6 +683,13 @@ fn spawn_broker_probe(
                 let Ok(assignment) = consumer.assignment() else {
                     return;
                 };
+                shared.health.set_partitions_assigned(
+                    assignment
+                        .elements()
+                        .iter()
+                        .filter(|e| e.topic() == topic)
+                        .count(),
+                );
                 let offsets = read_offsets(&stored);
                 for elem in assignment.elements() {
                     if let Ok((low, high)) = consumer.fetch_watermarks(

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub feed_version: IntGauge,
     pub feed_records: IntCounter,
     pub feed_errors: IntCounter,
+    /// Stored snapshot versions the change feed has not published yet.
+    pub feed_unpublished: IntGauge,
+    /// 1 once the change feed stopped for good (fenced, or Kafka's record went backwards).
+    pub feed_stopped: IntGauge,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -296,7 +300,7 @@ impl Metrics {
             users_moved,
             ready: int_gauge(
                 "segmenter_ready",
-                "1 when the service is ready (state open, consuming, broker reachable).",
+                "1 when the service is ready (state open, consuming assigned partitions, broker reachable, dead letters and change feed keeping up).",
             ),
             feed_version: int_gauge(
                 "segmenter_feed_published_version",
@@ -309,6 +313,14 @@ impl Metrics {
             feed_errors: counter(
                 "segmenter_feed_errors_total",
                 "Change feed sessions that failed (each is retried with backoff; nothing is published twice).",
+            ),
+            feed_unpublished: int_gauge(
+                "segmenter_feed_unpublished_versions",
+                "Stored snapshot versions the change feed has not published yet (bounded by [snapshot] retention + 2).",
+            ),
+            feed_stopped: int_gauge(
+                "segmenter_feed_stopped",
+                "1 once the change feed stopped for good and needs an operator (fenced by another producer, or Kafka's record of what it published went backwards).",
             ),
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
@@ -349,6 +361,8 @@ impl Metrics {
             Box::new(self.feed_version.clone()),
             Box::new(self.feed_records.clone()),
             Box::new(self.feed_errors.clone()),
+            Box::new(self.feed_unpublished.clone()),
+            Box::new(self.feed_stopped.clone()),
         ];
         for c in collectors {
             self.names

@@ -273,6 +273,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "consuming": h.consuming.load(Relaxed),
         "broker_reachable": h.broker_reachable.load(Relaxed),
         "dead_letters_refused": h.dead_letters_refused.load(Relaxed),
+        "partitions_assigned": h.partitions_assigned(),
+        "feed_behind": h.feed_behind.load(Relaxed),
+        "feed_stopped": h.feed_stopped.load(Relaxed),
     });
     let status = if ready {
         StatusCode::OK

@@ -92,7 +92,7 @@ impl SnapshotStore {
             meta("latest_snapshot"),
             serde_json::to_vec(&snapshot.version).unwrap_or_default(),
         );
-        let mut keep_from_version = u64::MAX;
+        let mut pinned = [None, None];
         if let Some(feed) = feed {
             let distances: Vec<u8> = labels
                 .iter()
@@ -101,13 +101,15 @@ impl SnapshotStore {
                 .flat_map(|(_, d)| d.to_le_bytes())
                 .collect();
             batch.insert(key(b'd', &v), distances);
-            keep_from_version = self.feed_published()?;
         }
         let versions = self.snapshot_versions()?;
+        if feed.is_some() {
+            pinned = self.feed_pins(&versions)?;
+        }
         let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
         for &old in versions[..keep_from]
             .iter()
-            .filter(|&&old| old < keep_from_version)
+            .filter(|&&old| !pinned.contains(&Some(old)))
         {
             for prefix in [b's', b'a', b'h', b'd'] {
                 batch.remove(key(prefix, &old.to_be_bytes()));
@@ -115,6 +117,44 @@ impl SnapshotStore {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// The versions the change feed still needs whatever the retention: the last one it is
+    /// known to have published (it diffs the next against it), and the first stored after it
+    /// (Kafka's record may lead this hint by that one version: a crash between the feed's
+    /// commit and [`Self::set_feed_published`]). Everything else beyond the retention goes,
+    /// so a feed that cannot publish keeps at most `retention + 2` snapshots.
+    fn feed_pins(&self, versions: &[u64]) -> Result<[Option<u64>; 2], StoreError> {
+        let published = self.feed_published()?;
+        let next = versions.iter().copied().find(|&v| v > published);
+        Ok([(published > 0).then_some(published), next])
+    }
+
+    /// How many stored versions the change feed has not published yet (by its hint).
+    pub fn unpublished_versions(&self) -> Result<u64, StoreError> {
+        let published = self.feed_published()?;
+        Ok(self
+            .snapshot_versions()?
+            .into_iter()
+            .filter(|&v| v > published)
+            .count() as u64)
+    }
+
+    /// This state dir's name in the change feed's publication records, made once at random:
+    /// a record with another name was written from another state dir (another instance with
+    /// the same transactional id), so its version numbers are not this dir's.
+    pub fn feed_origin(&self) -> Result<String, StoreError> {
+        if let Some(origin) = self.db.get_json::<String>("feed_origin")? {
+            return Ok(origin);
+        }
+        let origin = format!("{:032x}", rand::random::<u128>());
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            meta("feed_origin"),
+            serde_json::to_vec(&origin).unwrap_or_default(),
+        );
+        self.db.write(batch)?;
+        Ok(origin)
     }
 
     /// The last snapshot version the change feed is known to have published (0: none). A hint
@@ -418,7 +458,7 @@ mod tests {
     }
 
     #[test]
-    fn versions_the_feed_has_not_published_outlive_the_retention_and_carry_distances() {
+    fn a_feed_that_cannot_publish_keeps_a_bounded_number_of_versions_with_distances() {
         use crate::engine::NO_CLUSTER;
         let dir = tempfile::tempdir().unwrap();
         let store = super::super::open(dir.path()).unwrap().snapshots;
@@ -431,17 +471,24 @@ mod tests {
                 .put_snapshot_with(&small_snapshot(v, false), labels, Some(feed), 2)
                 .unwrap();
         };
-        for v in 1..=4 {
+        for v in 1..=10 {
             put(v, &[0, NO_CLUSTER, 1]);
         }
-        // Nothing published yet: every version is kept, whatever the retention.
-        assert_eq!(store.snapshot_versions().unwrap(), vec![1, 2, 3, 4]);
-        store.set_feed_published(3).unwrap();
-        assert_eq!(store.feed_published().unwrap(), 3);
-        put(5, &[1, 0, NO_CLUSTER]);
-        // The last version published stays (the next diff starts from it) and so do newer ones.
-        assert_eq!(store.snapshot_versions().unwrap(), vec![3, 4, 5]);
-        let rows = store.feed_rows(5).unwrap().unwrap();
+        // Nothing published yet: the first version (Kafka's record may hold it already) and
+        // the newest `retention`, nothing in between.
+        assert_eq!(store.snapshot_versions().unwrap(), vec![1, 9, 10]);
+        assert_eq!(store.unpublished_versions().unwrap(), 3);
+        store.set_feed_published(9).unwrap();
+        assert_eq!(store.feed_published().unwrap(), 9);
+        assert_eq!(store.unpublished_versions().unwrap(), 1);
+        put(11, &[0, NO_CLUSTER, 1]);
+        put(12, &[0, NO_CLUSTER, 1]);
+        put(13, &[1, 0, NO_CLUSTER]);
+        // The last version published (the next diff starts from it), the one after it (Kafka
+        // may have it already), the newest `retention`: never more than `retention + 2`.
+        assert_eq!(store.snapshot_versions().unwrap(), vec![9, 10, 12, 13]);
+        assert_eq!(store.unpublished_versions().unwrap(), 3);
+        let rows = store.feed_rows(13).unwrap().unwrap();
         assert_eq!(
             rows,
             vec![
@@ -459,14 +506,14 @@ mod tests {
         );
         // A snapshot stored without the feed has no distances; the retention applies again.
         store
-            .put_snapshot(&small_snapshot(6, false), &[0, 0], 2)
+            .put_snapshot(&small_snapshot(14, false), &[0, 0], 2)
             .unwrap();
-        assert_eq!(store.snapshot_versions().unwrap(), vec![5, 6]);
+        assert_eq!(store.snapshot_versions().unwrap(), vec![13, 14]);
         assert!(
-            store.feed_rows(6).unwrap().unwrap()[0].distance.is_none(),
+            store.feed_rows(14).unwrap().unwrap()[0].distance.is_none(),
             "no distances stored"
         );
-        assert!(store.feed_rows(1).unwrap().is_none());
+        assert!(store.feed_rows(11).unwrap().is_none());
     }
 
     #[test]
