@@ -565,14 +565,27 @@ mod tests {
             snap.pca.explained_variance[1]
         );
 
+        // The model goes through the state dir as the state store writes it (`m/model`), and
+        // is read back after a reopen as it loads it.
         let model = PersistedModel {
             eigenvalues: vec![1.0, f64::NAN],
             total_variance: f64::INFINITY,
             mean: vec![f64::NEG_INFINITY],
             ..PersistedModel::default()
         };
-        let json = serde_json::to_vec(&model).unwrap();
-        let back: PersistedModel = serde_json::from_slice(&json).expect("readable");
+        store
+            .db
+            .tree
+            .insert(meta("model"), serde_json::to_vec(&model).unwrap())
+            .unwrap();
+        store.db.tree.flush().unwrap();
+        drop(store);
+        let reopened = super::super::open(dir.path()).unwrap().snapshots;
+        let back: PersistedModel = reopened
+            .db
+            .get_json("model")
+            .expect("readable")
+            .expect("stored");
         assert_eq!(back.eigenvalues[0], 1.0);
         assert!(
             back.eigenvalues[1].is_nan() && back.total_variance.is_nan() && back.mean[0].is_nan()

@@ -428,6 +428,15 @@ pub fn assert_same_model(a: &Snapshot, b: &Snapshot) {
     assert_eq!(a.counts.items, b.counts.items);
     assert_eq!(a.counts.ratings, b.counts.ratings);
     assert_eq!(a.counts.events_applied, b.counts.events_applied);
+    assert_eq!(
+        a.pca.explained_variance_ratio.len(),
+        b.pca.explained_variance_ratio.len(),
+        "as many components"
+    );
+    assert!(
+        !a.pca.explained_variance_ratio.is_empty(),
+        "a model to compare"
+    );
     for (x, y) in a
         .pca
         .explained_variance_ratio
