@@ -41,6 +41,8 @@ pub struct Metrics {
     pub feed_version: IntGauge,
     pub feed_records: IntCounter,
     pub feed_errors: IntCounter,
+    /// State dirs found holding fewer snapshot versions than had left the process.
+    pub state_rollbacks: IntCounter,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -310,6 +312,10 @@ impl Metrics {
                 "segmenter_feed_errors_total",
                 "Change feed sessions that failed (each is retried with backoff; nothing is published twice).",
             ),
+            state_rollbacks: counter(
+                "segmenter_state_rollbacks_total",
+                "Times the state dir was found rolled back (its database holds fewer snapshot versions than were served or published; new versions continue above them).",
+            ),
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
         };
@@ -349,6 +355,7 @@ impl Metrics {
             Box::new(self.feed_version.clone()),
             Box::new(self.feed_records.clone()),
             Box::new(self.feed_errors.clone()),
+            Box::new(self.state_rollbacks.clone()),
         ];
         for c in collectors {
             self.names
