@@ -124,3 +124,96 @@ fn a_replay_over_a_rolled_back_state_dir_continues_above_the_versions_already_gi
     );
     assert_eq!(snapshot.counts, two.snapshot.as_ref().unwrap().0.counts);
 }
+
+/// What reopening a damaged copy of a state dir came to.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Reopened {
+    /// Refused with this message.
+    Refused(String),
+    /// Loaded; the next snapshot version and whether a rollback was found.
+    Loaded { next: u64, rolled_back: bool },
+}
+
+#[test]
+fn byte_flips_in_a_written_state_dir_are_refused_as_corrupt_or_continue_above_the_versions_given_out()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate(&GeneratorParams {
+        users: 120,
+        items: 60,
+        events: 6_000,
+        segments: 4,
+        seed: 19,
+        ..GeneratorParams::default()
+    })
+    .events;
+    let (ratings, state) = (dir.path().join("part.csv"), dir.path().join("state"));
+    // Six replays: six commits of state and versions 1 to 6.
+    for part in events.chunks(1_000) {
+        write_csv(part, &mut std::fs::File::create(&ratings).unwrap()).unwrap();
+        replay(&config(&state), &options(&ratings)).unwrap();
+    }
+    let database = std::fs::read(state.join("db")).unwrap();
+    let mut outcomes = vec![];
+    for round in 0..60u64 {
+        let copy = dir.path().join(format!("copy{round}"));
+        copy_database(&state, &copy);
+        std::fs::copy(state.join(VERSION_MARK_FILE), copy.join(VERSION_MARK_FILE)).unwrap();
+        // Eight bytes flipped about one place, which moves through the file round by round.
+        let mut bytes = database.clone();
+        let len = bytes.len();
+        let at = (round * 2_654_435_761 % len as u64) as usize;
+        for k in 0..8 {
+            bytes[(at + k * 977) % len] ^= 0x5a;
+        }
+        std::fs::write(copy.join("db"), bytes).unwrap();
+        let config = config(&copy);
+        let reopened = config
+            .state
+            .open()
+            .and_then(|stores| {
+                let next = stores.snapshots.next_snapshot_version()?;
+                let rolled_back = stores.snapshots.rollback().is_some();
+                stores.state.load_engine(config.engine_params())?;
+                Ok(Reopened::Loaded { next, rolled_back })
+            })
+            .unwrap_or_else(|e| Reopened::Refused(e.to_string()));
+        outcomes.push((round, reopened));
+    }
+    for (round, outcome) in &outcomes {
+        match outcome {
+            Reopened::Refused(message) => {
+                assert!(message.contains("corrupt"), "round {round}: {message}");
+                assert!(
+                    message.contains("restore the state dir from a backup"),
+                    "round {round}: {message}"
+                );
+                for misleading in ["another", "disk", "writable"] {
+                    assert!(!message.contains(misleading), "round {round}: {message}");
+                }
+            }
+            Reopened::Loaded { next, .. } => {
+                assert_eq!(*next, 7, "round {round}: versions 1 to 6 were given out")
+            }
+        }
+    }
+    // The flips above reach both kinds of damage: data sled refuses to read, and data it reads
+    // back at an earlier commit (the later ones dropped without an error).
+    let refused = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Reopened::Refused(_)))
+        .count();
+    let rolled_back = outcomes
+        .iter()
+        .filter(|(_, o)| {
+            matches!(
+                o,
+                Reopened::Loaded {
+                    rolled_back: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(refused > 0 && rolled_back > 0, "{outcomes:?}");
+}
