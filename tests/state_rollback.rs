@@ -155,7 +155,7 @@ fn byte_flips_in_a_written_state_dir_are_refused_as_corrupt_or_continue_above_th
     }
     let database = std::fs::read(state.join("db")).unwrap();
     let mut outcomes = vec![];
-    for round in 0..60u64 {
+    for round in 0..200u64 {
         let copy = dir.path().join(format!("copy{round}"));
         copy_database(&state, &copy);
         std::fs::copy(state.join(VERSION_MARK_FILE), copy.join(VERSION_MARK_FILE)).unwrap();
@@ -197,7 +197,7 @@ fn byte_flips_in_a_written_state_dir_are_refused_as_corrupt_or_continue_above_th
             }
         }
     }
-    // The flips above reach both kinds of damage: data sled refuses to read, and data it reads
+    // 200 places: the flips reach both kinds of damage: data sled refuses to read, and data it reads
     // back at an earlier commit (the later ones dropped without an error).
     let refused = outcomes
         .iter()
