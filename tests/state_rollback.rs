@@ -197,8 +197,8 @@ fn byte_flips_in_a_written_state_dir_are_refused_as_corrupt_or_continue_above_th
             }
         }
     }
-    // 200 places: the flips reach both kinds of damage: data sled refuses to read, and data it reads
-    // back at an earlier commit (the later ones dropped without an error).
+    // Over 200 places the flips reach both kinds of damage: data sled refuses to read, and data
+    // it reads back at an earlier commit (the later ones dropped without an error).
     let refused = outcomes
         .iter()
         .filter(|(_, o)| matches!(o, Reopened::Refused(_)))
