@@ -224,6 +224,10 @@ impl Pipeline {
             catalogue,
         } = stores;
         let LoadedEngine { engine, changes } = loaded;
+        if snapshots.rollback().is_some() {
+            // Logged by the store; counted here, where the metrics are.
+            shared.metrics.state_rollbacks.inc();
+        }
         let state = Arc::new(state);
         let positions = state.offsets()?;
         let schedule = Schedule::new(config, &engine, &shared);

@@ -43,8 +43,10 @@ pub struct Metrics {
     pub feed_errors: IntCounter,
     /// Stored snapshot versions the change feed has not published yet.
     pub feed_unpublished: IntGauge,
-    /// 1 once the change feed stopped for good (fenced, or Kafka's record went backwards).
+    /// 1 once the change feed stopped for good (fenced, or its record lost or foreign).
     pub feed_stopped: IntGauge,
+    /// State dirs found holding fewer snapshot versions than had left the process.
+    pub state_rollbacks: IntCounter,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -320,7 +322,11 @@ impl Metrics {
             ),
             feed_stopped: int_gauge(
                 "segmenter_feed_stopped",
-                "1 once the change feed stopped for good and needs an operator (fenced by another producer, or Kafka's record of what it published went backwards).",
+                "1 once the change feed stopped for good and needs an operator (fenced by another producer, or its record of what it published lost or written from another state dir).",
+            ),
+            state_rollbacks: counter(
+                "segmenter_state_rollbacks_total",
+                "Times the state dir was found rolled back (its database holds fewer snapshot versions than were served or published; new versions continue above them).",
             ),
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
@@ -363,6 +369,7 @@ impl Metrics {
             Box::new(self.feed_errors.clone()),
             Box::new(self.feed_unpublished.clone()),
             Box::new(self.feed_stopped.clone()),
+            Box::new(self.state_rollbacks.clone()),
         ];
         for c in collectors {
             self.names

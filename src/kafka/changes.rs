@@ -359,6 +359,11 @@ impl Feed {
             ))
             .into());
         }
+        // A version that left through Kafka is never given to other content, whatever the
+        // state dir holds now (a dir rolled back, or restored from a backup).
+        if self.snapshots.raise_version_floor(published)?.is_some() {
+            self.metrics.state_rollbacks.inc();
+        }
         let stored = self.snapshots.snapshot_versions()?;
         if ours && (stored.contains(&published) || published == 0) {
             // Never report a version this state dir did not publish (another instance's).
@@ -370,11 +375,9 @@ impl Feed {
                  instance with this transactional id, or a new or rolled-back state dir)"
             );
         }
-        if !ours {
-            // A resync from another state dir's record: its versions are not this dir's, so
-            // nothing of this dir counts as published.
-            published = 0;
-        }
+        // What the next version is diffed against: after a resync from another state dir's
+        // record, nothing (its version numbers name none of this dir's snapshots).
+        let mut previous = if ours { published } else { 0 };
         self.snapshots.set_feed_published(published)?;
         tracing::info!(
             published,
@@ -394,9 +397,10 @@ impl Feed {
                 }
                 // A version pruned since the listing is skipped: the next one's diff against
                 // the last published covers its changes.
-                if self.publish(&producer, published, version)? {
+                if self.publish(&producer, previous, version)? {
                     *published_any = true;
                     published = version;
+                    previous = version;
                     self.snapshots.set_feed_published(published)?;
                 }
                 self.metrics

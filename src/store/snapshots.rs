@@ -1,5 +1,6 @@
 //! Versioned snapshots: each snapshot with its summary and assignments, stored atomically,
-//! listed, and dropped beyond the retention.
+//! listed, and dropped beyond the retention. Versions are never reused: the next one is above
+//! both what the database holds and the version mark beside it (see `versions`).
 
 use serde::{Deserialize, Serialize};
 
@@ -7,6 +8,7 @@ use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
 
 use std::sync::Arc;
 
+use super::versions::{Rollback, VersionMark};
 use super::{Database, StoreError, corrupt, index_u32, key, meta};
 
 /// Stored snapshots by version, with their summaries and assignments. A cheap handle: clones
@@ -14,6 +16,9 @@ use super::{Database, StoreError, corrupt, index_u32, key, meta};
 #[derive(Clone)]
 pub struct SnapshotStore {
     db: Arc<Database>,
+    versions: Arc<VersionMark>,
+    /// Found at open: the database holds fewer versions than had left the process.
+    rollback: Option<Rollback>,
 }
 
 /// What the change feed stores with a snapshot: every user's distance to its segment's centroid
@@ -43,8 +48,63 @@ pub struct SnapshotInfo {
 }
 
 impl SnapshotStore {
-    pub(super) fn new(db: Arc<Database>) -> SnapshotStore {
-        SnapshotStore { db }
+    /// The snapshots of `db`, with the version mark beside it; a database that holds fewer
+    /// versions than the mark is reported (logged here, see [`Self::rollback`]).
+    pub(super) fn open(db: Arc<Database>) -> Result<SnapshotStore, StoreError> {
+        let versions = Arc::new(VersionMark::open(&db.path)?);
+        let mut store = SnapshotStore {
+            db,
+            versions,
+            rollback: None,
+        };
+        store.rollback = store.rollback_below(store.versions.highest())?;
+        Ok(store)
+    }
+
+    /// A rollback if `marked` (a version that left the process) is above every version the
+    /// database holds, logged.
+    fn rollback_below(&self, marked: u64) -> Result<Option<Rollback>, StoreError> {
+        let stored = self.highest_stored_version()?;
+        if marked <= stored {
+            return Ok(None);
+        }
+        tracing::warn!(
+            state_dir = %self.db.path.display(),
+            stored,
+            marked,
+            next = marked + 1,
+            "state dir rolled back: it holds snapshot versions up to {stored}, but versions up \
+             to {marked} were already stored, served or published; new snapshots continue at \
+             {} so that no version is reused",
+            marked + 1
+        );
+        Ok(Some(Rollback { stored, marked }))
+    }
+
+    /// Whether the state dir was found rolled back at open: it held fewer snapshot versions
+    /// than the version mark says had left the process (sled reopened at an earlier commit, or
+    /// an older copy was restored). The next version continues above the mark regardless.
+    pub fn rollback(&self) -> Option<Rollback> {
+        self.rollback
+    }
+
+    /// Raises the floor of snapshot versions: `version` is known to have left the process (the
+    /// change feed reads the last one it published back from Kafka), so the next snapshot gets
+    /// a higher one. Durable before it returns. Returns the rollback it reveals (logged) when
+    /// the database holds no version that high.
+    pub fn raise_version_floor(&self, version: u64) -> Result<Option<Rollback>, StoreError> {
+        let before = self.versions.raise(version)?;
+        if version <= before {
+            return Ok(None);
+        }
+        self.rollback_below(version)
+    }
+
+    /// The highest version the database holds or last stored (retention may have dropped it).
+    fn highest_stored_version(&self) -> Result<u64, StoreError> {
+        let latest = self.db.get_json::<u64>("latest_snapshot")?.unwrap_or(0);
+        let listed = self.snapshot_versions()?.last().copied().unwrap_or(0);
+        Ok(latest.max(listed))
     }
 
     /// Stores a snapshot and its assignments atomically, then drops versions older than the
@@ -116,6 +176,10 @@ impl SnapshotStore {
             }
         }
         self.db.write(batch)?;
+        // Before the version is served or announced to the publishers, so that a database
+        // rolled back later cannot give it to other content. Not before the write: a crash in
+        // between would then read as a rollback.
+        self.versions.raise(snapshot.version)?;
         Ok(())
     }
 
@@ -233,12 +297,10 @@ impl SnapshotStore {
         Ok(out)
     }
 
-    /// The version the next snapshot gets (versions never repeat, even after retention).
+    /// The version the next snapshot gets: above every version stored (versions never repeat,
+    /// even after retention) and above the version mark (nor after a rollback of the database).
     pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .get_json::<u64>("latest_snapshot")?
-            .map_or(1, |v| v + 1))
+        Ok(self.highest_stored_version()?.max(self.versions.highest()) + 1)
     }
 
     pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
