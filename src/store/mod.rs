@@ -40,7 +40,9 @@ use crate::event::Mode;
 
 pub use catalogue::Catalogue;
 pub use changes::ChangeTracker;
-pub use snapshots::{FeedRecord, FeedRow, HistoryEntry, SnapshotInfo, SnapshotStore};
+pub use snapshots::{
+    AssignmentChunks, FeedRecord, FeedRow, HistoryEntry, SnapshotInfo, SnapshotStore,
+};
 pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateStore};
 
 /// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
