@@ -528,6 +528,65 @@ mod tests {
     }
 
     #[test]
+    fn a_recent_history_reads_only_the_newest_limit_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        for v in 1..=5 {
+            let labels: Vec<u32> = (0..4).map(|u| (u + v as u32) % 3).collect();
+            store
+                .put_snapshot(&small_snapshot(v, false), &labels, 10)
+                .unwrap();
+        }
+        // Snapshots 1 to 3 become unreadable: a history that touched them would fail.
+        for v in 1..=3u64 {
+            for prefix in [b'h', b's'] {
+                store
+                    .db
+                    .tree
+                    .insert(key(prefix, &v.to_be_bytes()), &b"not json"[..])
+                    .unwrap();
+            }
+        }
+        let recent = store.recent_user_history(2, 2).unwrap();
+        let clusters: Vec<(u64, Option<u32>)> =
+            recent.iter().map(|h| (h.version, h.cluster)).collect();
+        assert_eq!(clusters, vec![(4, Some(0)), (5, Some(1))]);
+        assert!(recent.iter().all(|h| !h.created_at.is_empty()));
+        assert!(
+            store.recent_user_history(2, 3).is_err(),
+            "a third snapshot is read, and it is corrupt"
+        );
+    }
+
+    #[test]
+    fn assignments_read_in_chunks_equal_the_whole_list() {
+        use crate::engine::NO_CLUSTER;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        let ids: Vec<String> = (0..1000).map(|u| format!("user-{u}")).collect();
+        store.put_user_ids_for_tests(&ids).unwrap();
+        // Every third user unassigned, so chunks start at scattered user indices.
+        let labels: Vec<u32> = (0..1000)
+            .map(|u| if u % 3 == 1 { NO_CLUSTER } else { u % 4 })
+            .collect();
+        store
+            .put_snapshot(&small_snapshot(1, false), &labels, 10)
+            .unwrap();
+        let whole = store.assignments(1).unwrap().unwrap();
+        let mut chunks = store.assignment_chunks(1).unwrap().unwrap();
+        assert_eq!(chunks.len(), whole.len());
+        let mut read = vec![];
+        while let Some(chunk) = chunks.next_chunk(97).unwrap() {
+            assert!(!chunk.is_empty() && chunk.len() <= 97);
+            read.extend(chunk);
+        }
+        assert_eq!(read, whole);
+        assert_eq!(read[1], ("user-2".to_string(), 2));
+        assert!(chunks.next_chunk(97).unwrap().is_none());
+        assert!(store.assignment_chunks(2).unwrap().is_none());
+    }
+
+    #[test]
     fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
         use crate::engine::PersistedModel;
         let dir = tempfile::tempdir().unwrap();
