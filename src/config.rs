@@ -239,6 +239,10 @@ impl KafkaConfig {
 pub struct HttpConfig {
     pub listen: String,
     pub token: String,
+    /// How long one request that reads stored snapshots may hold its turn, whole request
+    /// included (a streamed assignments download is cut off, the connection aborted, at this
+    /// deadline), in milliseconds.
+    pub stored_read_deadline_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -246,11 +250,22 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9464".into(),
             token: String::new(),
+            stored_read_deadline_ms: DEFAULT_STORED_READ_DEADLINE_MS,
         }
     }
 }
 
+/// Default of `[http] stored_read_deadline_ms`: 30 s.
+pub const DEFAULT_STORED_READ_DEADLINE_MS: u64 = 30_000;
+/// Bounds of `[http] stored_read_deadline_ms`: 100 ms to one hour.
+const STORED_READ_DEADLINE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+
 impl HttpConfig {
+    /// `[http] stored_read_deadline_ms` as a duration.
+    pub fn stored_read_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.stored_read_deadline_ms)
+    }
+
     pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
         self.listen.parse().map_err(|_| ConfigError::Invalid {
             field: "[http] listen",
@@ -390,7 +405,7 @@ impl Config {
         validate_model(&self.model)?;
         validate_snapshot(&self.snapshot)?;
         validate_kafka(&self.kafka)?;
-        self.http.listen_addr()?;
+        validate_http(&self.http)?;
         invalid_if(
             self.replay.batch_size == 0 || self.demo.batch_size == 0,
             "[replay]/[demo] batch_size",
@@ -587,6 +602,20 @@ fn validate_snapshot(s: &SnapshotConfig) -> Result<(), ConfigError> {
     )
 }
 
+fn validate_http(h: &HttpConfig) -> Result<(), ConfigError> {
+    h.listen_addr()?;
+    invalid_if(
+        !STORED_READ_DEADLINE_MS.contains(&h.stored_read_deadline_ms),
+        "[http] stored_read_deadline_ms",
+        format!(
+            "{} is outside 100..=3600000 (a zero deadline would cut every download, no deadline \
+             would let slow readers hold the stored-read turns)",
+            h.stored_read_deadline_ms
+        ),
+        "use 100 to 3600000 milliseconds, default 30000",
+    )
+}
+
 fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
     for (field, value) in [
         ("[kafka] brokers", &k.brokers),
@@ -762,6 +791,31 @@ mod tests {
         assert_eq!(c.model.clusters, 8);
         assert_eq!(c.state.dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.events.fields.user, "customer");
+    }
+
+    #[test]
+    fn a_stored_read_deadline_outside_its_range_names_the_field_and_fix() {
+        for bad in ["0", "99", "3600001"] {
+            let err = Config::load_with_env(
+                None,
+                env(&[("SEGMENTER_HTTP__STORED_READ_DEADLINE_MS", bad)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("[http] stored_read_deadline_ms") && err.contains("use 100 to"),
+                "{bad}: {err}"
+            );
+        }
+        let c = Config::load_with_env(
+            None,
+            env(&[("SEGMENTER_HTTP__STORED_READ_DEADLINE_MS", "2500")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.http.stored_read_deadline(),
+            std::time::Duration::from_millis(2500)
+        );
     }
 
     #[test]

@@ -43,7 +43,9 @@ use crate::event::Mode;
 
 pub use catalogue::Catalogue;
 pub use changes::ChangeTracker;
-pub use snapshots::{FeedRecord, FeedRow, HistoryEntry, SnapshotInfo, SnapshotStore};
+pub use snapshots::{
+    AssignmentChunks, FeedRecord, FeedRow, HistoryEntry, SnapshotInfo, SnapshotStore,
+};
 pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateStore};
 pub use versions::{Rollback, VERSION_MARK_FILE};
 

@@ -264,24 +264,7 @@ impl SnapshotStore {
 
     /// The ids of users by index (`indices` ascending), in one ordered scan of the stored ids.
     pub fn user_ids(&self, indices: &[u32]) -> Result<Vec<String>, StoreError> {
-        let mut ids = self.db.tree.scan_prefix(b"n/");
-        let mut out = Vec::with_capacity(indices.len());
-        for &u in indices {
-            let unknown = || corrupt(&key(b'n', &u.to_be_bytes()), "no stored id for this user");
-            let id = loop {
-                let (k, id) = ids.next().ok_or_else(unknown)??;
-                match index_u32(&k)
-                    .ok_or_else(|| corrupt(&k, "bad user key"))?
-                    .cmp(&u)
-                {
-                    std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => break id,
-                    std::cmp::Ordering::Greater => return Err(unknown()),
-                }
-            };
-            out.push(String::from_utf8_lossy(&id).into_owned());
-        }
-        Ok(out)
+        ids_in_order(self.db.tree.scan_prefix(b"n/"), indices)
     }
 
     /// Stored snapshot versions, ascending.
@@ -337,6 +320,37 @@ impl SnapshotStore {
         ))
     }
 
+    /// A stored snapshot's assignments to read a chunk of users at a time, in user order
+    /// (`None`: no such snapshot). A download holds one chunk of ids, not the whole list.
+    pub fn assignment_chunks(&self, version: u64) -> Result<Option<AssignmentChunks>, StoreError> {
+        let k = key(b'a', &version.to_be_bytes());
+        let Some(packed) = self.db.tree.get(&k)? else {
+            return Ok(None);
+        };
+        if packed.len() % 8 != 0 {
+            return Err(corrupt(
+                &k,
+                "assignments are not whole (user, cluster) pairs",
+            ));
+        }
+        Ok(Some(AssignmentChunks {
+            db: self.db.clone(),
+            packed,
+            next: 0,
+        }))
+    }
+
+    /// Stores user ids by index from 0, as the state's commits do: for tests of readers that
+    /// need many users without running an engine.
+    #[cfg(test)]
+    pub(crate) fn put_user_ids_for_tests(&self, ids: &[String]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (u, id) in ids.iter().enumerate() {
+            batch.insert(key(b'n', &(u as u32).to_be_bytes()), id.as_bytes());
+        }
+        self.db.write(batch)
+    }
+
     /// A stored snapshot's `(user index, cluster)` pairs.
     fn assignment_pairs(&self, version: u64) -> Result<Option<Vec<(u32, u32)>>, StoreError> {
         let Some(bytes) = self.db.tree.get(key(b'a', &version.to_be_bytes()))? else {
@@ -355,15 +369,29 @@ impl SnapshotStore {
         ))
     }
 
-    /// The segment of user `user` (an engine index) in every retained snapshot, oldest first:
-    /// a binary search in each snapshot's assignments (stored by ascending user index), so a
-    /// history costs O(snapshots · log users), not a read of every assignment.
+    /// The segment of user `user` (an engine index) in every retained snapshot, oldest first
+    /// (for tools reading a state dir; the service reads [`Self::recent_user_history`]).
     pub fn user_history(&self, user: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.recent_user_history(user, usize::MAX)
+    }
+
+    /// The segment of user `user` (an engine index) in the newest `limit` retained snapshots,
+    /// oldest first: a reverse scan of the assignment records that stops after `limit` of them
+    /// (older snapshots are not read at all), and a binary search in each (stored by ascending
+    /// user index), so a history costs O(limit · log users) searches over `limit` records.
+    pub fn recent_user_history(
+        &self,
+        user: u32,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut history = vec![];
-        for version in self.snapshot_versions()? {
-            let Some(packed) = self.db.tree.get(key(b'a', &version.to_be_bytes()))? else {
-                continue;
-            };
+        for record in self.db.tree.scan_prefix(b"a/").rev().take(limit) {
+            let (k, packed) = record?;
+            let version: [u8; 8] = k
+                .get(2..)
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| corrupt(&k, "bad assignments key"))?;
+            let version = u64::from_be_bytes(version);
             let Some(summary) = self.summary(version)? else {
                 continue;
             };
@@ -373,6 +401,7 @@ impl SnapshotStore {
                 cluster: cluster_of(&packed, user),
             });
         }
+        history.reverse();
         Ok(history)
     }
 
@@ -608,6 +637,65 @@ mod tests {
     }
 
     #[test]
+    fn a_recent_history_reads_only_the_newest_limit_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        for v in 1..=5 {
+            let labels: Vec<u32> = (0..4).map(|u| (u + v as u32) % 3).collect();
+            store
+                .put_snapshot(&small_snapshot(v, false), &labels, 10)
+                .unwrap();
+        }
+        // Snapshots 1 to 3 become unreadable: a history that touched them would fail.
+        for v in 1..=3u64 {
+            for prefix in [b'h', b's'] {
+                store
+                    .db
+                    .tree
+                    .insert(key(prefix, &v.to_be_bytes()), &b"not json"[..])
+                    .unwrap();
+            }
+        }
+        let recent = store.recent_user_history(2, 2).unwrap();
+        let clusters: Vec<(u64, Option<u32>)> =
+            recent.iter().map(|h| (h.version, h.cluster)).collect();
+        assert_eq!(clusters, vec![(4, Some(0)), (5, Some(1))]);
+        assert!(recent.iter().all(|h| !h.created_at.is_empty()));
+        assert!(
+            store.recent_user_history(2, 3).is_err(),
+            "a third snapshot is read, and it is corrupt"
+        );
+    }
+
+    #[test]
+    fn assignments_read_in_chunks_equal_the_whole_list() {
+        use crate::engine::NO_CLUSTER;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        let ids: Vec<String> = (0..1000).map(|u| format!("user-{u}")).collect();
+        store.put_user_ids_for_tests(&ids).unwrap();
+        // Every third user unassigned, so chunks start at scattered user indices.
+        let labels: Vec<u32> = (0..1000)
+            .map(|u| if u % 3 == 1 { NO_CLUSTER } else { u % 4 })
+            .collect();
+        store
+            .put_snapshot(&small_snapshot(1, false), &labels, 10)
+            .unwrap();
+        let whole = store.assignments(1).unwrap().unwrap();
+        let mut chunks = store.assignment_chunks(1).unwrap().unwrap();
+        assert_eq!(chunks.len(), whole.len());
+        let mut read = vec![];
+        while let Some(chunk) = chunks.next_chunk(97).unwrap() {
+            assert!(!chunk.is_empty() && chunk.len() <= 97);
+            read.extend(chunk);
+        }
+        assert_eq!(read, whole);
+        assert_eq!(read[1], ("user-2".to_string(), 2));
+        assert!(chunks.next_chunk(97).unwrap().is_none());
+        assert!(store.assignment_chunks(2).unwrap().is_none());
+    }
+
+    #[test]
     fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
         use crate::engine::PersistedModel;
         let dir = tempfile::tempdir().unwrap();
@@ -673,4 +761,76 @@ fn cluster_of(packed: &[u8], user: u32) -> Option<u32> {
         .ok()?;
     let p = pairs[at];
     Some(u32::from_le_bytes([p[4], p[5], p[6], p[7]]))
+}
+
+/// The ids of users by index (`indices` ascending) from `ids`, an ordered scan of the stored
+/// ids (`n/<u32>` entries) that starts at or before the first of them.
+fn ids_in_order(
+    mut ids: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    indices: &[u32],
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::with_capacity(indices.len());
+    for &u in indices {
+        let unknown = || corrupt(&key(b'n', &u.to_be_bytes()), "no stored id for this user");
+        let id = loop {
+            let (k, id) = ids.next().ok_or_else(unknown)??;
+            match index_u32(&k)
+                .ok_or_else(|| corrupt(&k, "bad user key"))?
+                .cmp(&u)
+            {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => break id,
+                std::cmp::Ordering::Greater => return Err(unknown()),
+            }
+        };
+        out.push(String::from_utf8_lossy(&id).into_owned());
+    }
+    Ok(out)
+}
+
+/// A stored snapshot's assignments read a chunk of users at a time ([`SnapshotStore::assignment_chunks`]):
+/// it holds the stored pairs record (8 bytes a user, the value sled keeps) and resolves the ids
+/// of one chunk per call, so a reader never holds the whole list of ids.
+pub struct AssignmentChunks {
+    db: Arc<Database>,
+    packed: sled::IVec,
+    /// The first pair not read yet.
+    next: usize,
+}
+
+impl AssignmentChunks {
+    /// Assigned users in the record.
+    pub fn len(&self) -> usize {
+        self.packed.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next up to `users` assignments (`user id`, `cluster`) in user order; `None` once
+    /// all are read. The ids come from one ordered scan that starts at the chunk's first user.
+    pub fn next_chunk(&mut self, users: usize) -> Result<Option<Vec<(String, u32)>>, StoreError> {
+        let (pairs, _) = self.packed.as_chunks::<8>();
+        let Some(chunk) = pairs.get(self.next..).filter(|rest| !rest.is_empty()) else {
+            return Ok(None);
+        };
+        let chunk = &chunk[..chunk.len().min(users.max(1))];
+        let indices: Vec<u32> = chunk
+            .iter()
+            .map(|p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]))
+            .collect();
+        let ids_from = key(b'n', &indices[0].to_be_bytes());
+        let ids = ids_in_order(
+            self.db.tree.range(ids_from..key(b'n', &[0xff; 5])),
+            &indices,
+        )?;
+        self.next += chunk.len();
+        Ok(Some(
+            ids.into_iter()
+                .zip(chunk)
+                .map(|(id, p)| (id, u32::from_le_bytes([p[4], p[5], p[6], p[7]])))
+                .collect(),
+        ))
+    }
 }
