@@ -49,8 +49,9 @@ async fn stored_read_turn() -> Result<tokio::sync::SemaphorePermit<'static>, Api
     }
 }
 
-/// Longest user id accepted in a path.
-const MAX_ID_BYTES: usize = 256;
+// Longest user id accepted in a path: the limit every source applies to ids, so every user
+// the engine holds can be looked up.
+use crate::event::MAX_ID_BYTES;
 /// Largest `limit` of a cluster profile request.
 const MAX_LIMIT: usize = 1000;
 
