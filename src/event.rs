@@ -514,7 +514,7 @@ mod tests {
         let (reason, detail) = with("u", &"é".repeat(129)).unwrap_err();
         assert_eq!(reason, RejectReason::BadId);
         assert!(detail.contains("item id of 258 bytes"), "{detail}");
-        for bad in ["u\01", "u\n", "\tu", "u\u{7f}", "u\u{85}x"] {
+        for bad in ["u\0x1", "u\n", "\tu", "u\u{7f}", "u\u{85}x"] {
             let (reason, detail) = with(bad, "i").unwrap_err();
             assert_eq!(reason, RejectReason::BadId, "{bad:?}");
             assert!(detail.contains("control character"), "{bad:?}: {detail}");
