@@ -180,9 +180,14 @@ impl IdMap {
 /// handing a batch over. It sees events in the order the engine applies them, so it admits
 /// exactly the items the engine will.
 #[derive(Debug, Clone)]
+///
+/// With a half-life it also follows the decay origin, so it refuses as the engine does an
+/// event too old to weigh ([`DecayClock::refuses`]) and such an event is dead-lettered.
 pub struct CatalogueGate {
     known: IdMap,
     max_items: usize,
+    decay: DecayClock,
+    half_life_seconds: Option<u64>,
 }
 
 impl CatalogueGate {
@@ -190,7 +195,32 @@ impl CatalogueGate {
         CatalogueGate {
             known: IdMap::from_ids(engine.items().ids().iter().cloned().collect()),
             max_items: engine.params().max_items,
+            decay: engine.decay(),
+            half_life_seconds: engine.params().half_life_seconds,
         }
+    }
+
+    /// Admits an event that passed the value policy as the engine will (refused when too old
+    /// for the decay clock, or for a new item past the cap), recording what it changes.
+    pub fn admit_event(&mut self, event: &impl Rating) -> Result<(), crate::event::Rejection> {
+        let Some(half_life) = self.half_life_seconds else {
+            return self.admit(event.item());
+        };
+        if let Some(rejection) = self.decay.refuses(event.ts(), event.value(), half_life) {
+            return Err(rejection);
+        }
+        self.admit(event.item())?;
+        // The origin moves as the engine's will when it applies the event.
+        let spans = self.decay.spans_due(event.ts(), half_life);
+        if spans > 0 {
+            self.decay.advance(spans, half_life);
+        }
+        self.decay.clock_ts = Some(
+            self.decay
+                .clock_ts
+                .map_or(event.ts(), |c| c.max(event.ts())),
+        );
+        Ok(())
     }
 
     /// Admits `item` (recording it when new), or refuses it with the reason's detail.
@@ -1138,6 +1168,54 @@ mod tests {
             );
             assert!(fingerprint(&engine) == before, "{mode}: nothing changed");
         }
+    }
+
+    #[test]
+    fn the_gate_refuses_exactly_the_events_the_engine_refuses_for_their_age() {
+        let half_life = 600;
+        let params = EngineParams {
+            half_life_seconds: Some(half_life),
+            max_items: 40,
+            components: 3,
+            clusters: 4,
+            ..EngineParams::default()
+        };
+        let mut engine = Engine::new(params.clone());
+        engine.apply(&events_before(1_700_000_000, 500, 5));
+        let first_origin = engine.decay().origin_ts;
+        let mut gate = CatalogueGate::new(&engine);
+        // Later events crossing two rebases, with re-sends far behind among them.
+        let mut stream = Vec::new();
+        for (n, mut e) in events_before(1_700_000_000, 3_000, 9)
+            .into_iter()
+            .enumerate()
+        {
+            e.ts += (n as i64) * 30;
+            if n % 7 == 0 {
+                e.ts -= 250 * half_life as i64;
+            }
+            stream.push(e);
+        }
+        let admitted: Vec<bool> = stream.iter().map(|e| gate.admit_event(e).is_ok()).collect();
+        let outcome = engine.apply(&stream);
+        let refused: Vec<bool> = {
+            let mut refused = vec![false; stream.len()];
+            outcome
+                .rejected
+                .iter()
+                .for_each(|&(i, _)| refused[i] = true);
+            refused
+        };
+        assert!(admitted.iter().any(|a| !a), "some events are refused");
+        let span = decay::REBASE_HALF_LIVES * half_life as i64;
+        assert!(
+            engine.decay().origin_ts >= first_origin.map(|o| o + 2 * span),
+            "two rebases"
+        );
+        for (i, (a, r)) in admitted.iter().zip(&refused).enumerate() {
+            assert_eq!(*a, !r, "event {i}: {:?}", stream[i]);
+        }
+        assert_eq!(gate.decay.origin_ts, engine.decay().origin_ts);
     }
 
     #[test]
