@@ -492,6 +492,26 @@ impl EventsConfig {
                     }
                 })
             })
+            .transpose()?
+            .map(|seconds| {
+                if seconds < crate::engine::decay::MIN_HALF_LIFE_SECONDS {
+                    return Err(ConfigError::Invalid {
+                        field: "[events] half_life",
+                        problem: format!(
+                            "{} is shorter than the {} minimum",
+                            crate::engine::decay::format_half_life(seconds),
+                            crate::engine::decay::format_half_life(
+                                crate::engine::decay::MIN_HALF_LIFE_SECONDS
+                            )
+                        ),
+                        fix: "set half_life = \"5m\" or longer (e.g. half_life = \"30d\"): events may \
+                              lead the clock by up to one half-life, so a shorter one would refuse \
+                              events from producers whose clocks run a little ahead, and every \
+                              64 half-lives all stored values are rescaled",
+                    });
+                }
+                Ok(seconds)
+            })
             .transpose()
     }
 }
@@ -938,6 +958,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("half_life"), "{err}");
+    }
+
+    #[test]
+    fn a_half_life_under_the_minimum_is_refused_naming_the_field_and_the_fix() {
+        for short in ["1s", "299s", "4m"] {
+            let err = Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", short)]))
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, ConfigError::Invalid { .. }),
+                "{short}: {text}"
+            );
+            assert!(
+                text.contains("[events] half_life")
+                    && text.contains("shorter than the 5m minimum")
+                    && text.contains("half_life = \"5m\" or longer"),
+                "{short}: {text}"
+            );
+        }
+        for fine in ["5m", "300s", "10m"] {
+            let c =
+                Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", fine)])).unwrap();
+            assert!(c.engine_params().half_life_seconds >= Some(300), "{fine}");
+        }
     }
 
     #[test]

@@ -349,6 +349,39 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reasons() {
             br#"{"user":"u1","item":"i1","rating":-2}"#.to_vec(),
         ),
         ("empty", b"".to_vec()),
+        (
+            "malformed",
+            br#"{"user":"u1","item":"i1","rating":1,"rating":5}"#.to_vec(),
+        ),
+        (
+            "malformed",
+            b"{\"user\":\"u1\",\"item\":\"i1\",\"rating\":1,\"note\":\"\xff\"}".to_vec(),
+        ),
+        (
+            "malformed",
+            format!(
+                r#"{{"user":"u1","item":"i1","rating":1,"x":{}0{}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            )
+            .into_bytes(),
+        ),
+        (
+            "bad_timestamp",
+            br#"{"user":"u1","item":"i1","rating":1,"ts":1e30}"#.to_vec(),
+        ),
+        (
+            "bad_timestamp",
+            br#"{"user":"u1","item":"i1","rating":1,"ts":-5}"#.to_vec(),
+        ),
+        (
+            "bad_id",
+            br#"{"user":"u\u0000","item":"i1","rating":1}"#.to_vec(),
+        ),
+        (
+            "bad_id",
+            format!(r#"{{"user":"{}","item":"i1","rating":1}}"#, "u".repeat(300)).into_bytes(),
+        ),
         ("oversized", oversized.into_bytes()),
     ];
     let mut good = 0u64;

@@ -38,8 +38,9 @@ const STORED_READS_IN_FLIGHT: usize = 4;
 /// `[http] stored_read_deadline_ms` too: every holder gives its turn up by then.
 const STORED_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Longest user id accepted in a path.
-const MAX_ID_BYTES: usize = 256;
+// Longest user id accepted in a path: the limit every source applies to ids, so every user
+// the engine holds can be looked up.
+use crate::event::MAX_ID_BYTES;
 /// Largest `limit` of a cluster profile request.
 const MAX_LIMIT: usize = 1000;
 
