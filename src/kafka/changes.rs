@@ -349,7 +349,8 @@ impl Feed {
             .into());
         }
         let seen = self.snapshots.feed_published()?;
-        if published < seen && !self.resync {
+        let went_back = published < seen;
+        if went_back && !self.resync {
             return Err(NeedsOperator(format!(
                 "Kafka's record of the last version published ({published}, in {}) is behind \
                  what this state dir saw published ({seen}): the publications record was lost \
@@ -375,9 +376,13 @@ impl Feed {
                  instance with this transactional id, or a new or rolled-back state dir)"
             );
         }
-        // What the next version is diffed against: after a resync from another state dir's
-        // record, nothing (its version numbers name none of this dir's snapshots).
-        let mut previous = if ours { published } else { 0 };
+        // What the next version is diffed against: after a resync, nothing (another state dir's
+        // version numbers name none of this dir's snapshots; a lost record names none at all).
+        let mut previous = if ours && !went_back { published } else { 0 };
+        if went_back {
+            // Resynced: versions this dir saw published are not published again.
+            published = seen;
+        }
         self.snapshots.set_feed_published(published)?;
         tracing::info!(
             published,
