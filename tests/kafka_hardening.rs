@@ -85,6 +85,19 @@ fn assignments_table(topic: &str) -> std::collections::BTreeMap<String, u64> {
     table
 }
 
+/// A stored snapshot's assignments (user → segment) in a state dir no process holds.
+fn stored_assignments(state: &Path, version: u64) -> std::collections::BTreeMap<String, u64> {
+    segmenter::store::open(state)
+        .expect("open state")
+        .snapshots
+        .assignments(version)
+        .expect("readable assignments")
+        .unwrap_or_else(|| panic!("snapshot {version} stored"))
+        .into_iter()
+        .map(|(user, segment)| (user, u64::from(segment)))
+        .collect()
+}
+
 /// The publication records of a feed, in order: (version, previous).
 fn publications(topic: &str) -> Vec<(u64, u64)> {
     read_to_end(topic, "read_committed")
@@ -168,14 +181,7 @@ fn a_feed_that_cannot_publish_keeps_snapshots_bounded_says_so_and_catches_up() {
         last = version;
     }
     assert_eq!(last, latest);
-    let store = segmenter::store::open(&state).unwrap().snapshots;
-    let expected: std::collections::BTreeMap<String, u64> = store
-        .assignments(latest)
-        .unwrap()
-        .expect("the latest version stored")
-        .into_iter()
-        .map(|(user, segment)| (user, u64::from(segment)))
-        .collect();
+    let expected = stored_assignments(&state, latest);
     assert_eq!(
         assignments_table(&format!("{topic}-assignments")),
         expected,
@@ -236,14 +242,7 @@ fn a_lost_publications_record_stops_the_feed_until_a_resync_is_asked_for() {
     assert_eq!(service.wait_exit(Duration::from_secs(60)).0, Some(0));
     let published = publications(&publications_topic);
     assert_eq!(published.first().map(|p| p.1), Some(0), "{published:?}");
-    let store = segmenter::store::open(&state).unwrap().snapshots;
-    let expected: std::collections::BTreeMap<String, u64> = store
-        .assignments(latest)
-        .unwrap()
-        .expect("the latest version stored")
-        .into_iter()
-        .map(|(user, segment)| (user, u64::from(segment)))
-        .collect();
+    let expected = stored_assignments(&state, latest);
     assert_eq!(assignments_table(&format!("{topic}-assignments")), expected);
 }
 

@@ -854,26 +854,7 @@ mod tests {
         assert!(encode_assignments(&[], true).is_empty());
     }
 
-    /// An engine of 20 users (`u0` .. `u19`, indices 0 .. 19) with enough data for snapshots.
-    fn small_engine() -> Engine {
-        use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
-        let mut engine = Engine::new(EngineParams {
-            components: 2,
-            clusters: 2,
-            ..EngineParams::default()
-        });
-        let events: Vec<RatingEvent> = (0..200)
-            .map(|i| RatingEvent {
-                user: format!("u{}", i % 20),
-                item: format!("i{}", (i * 7) % 13),
-                value: Some((i % 5 + 1) as f64),
-                ts: i,
-            })
-            .collect();
-        engine.apply(&events);
-        engine
-    }
+    use crate::snapshot::test_support::small_engine;
 
     /// Snapshot `version` of `engine` and the serving copy of it.
     fn snapshot_of(engine: &Engine, version: u64) -> (crate::snapshot::Snapshot, Serving) {

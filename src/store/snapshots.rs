@@ -481,37 +481,8 @@ impl SnapshotStore {
 
 #[cfg(test)]
 mod tests {
-    use rustc_hash::FxHashMap;
-
     use super::*;
-    use crate::engine::Engine;
-
-    /// A snapshot of a small engine (20 users), with or without diagnostics.
-    fn small_snapshot(version: u64, with_diagnostics: bool) -> Snapshot {
-        use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
-        let params = EngineParams {
-            components: 2,
-            clusters: 2,
-            ..EngineParams::default()
-        };
-        let mut engine = Engine::new(params);
-        let events: Vec<RatingEvent> = (0..200)
-            .map(|i| RatingEvent {
-                user: format!("u{}", i % 20),
-                item: format!("i{}", (i * 7) % 13),
-                value: Some((i % 5 + 1) as f64),
-                ts: i,
-            })
-            .collect();
-        engine.apply(&events);
-        let titles = FxHashMap::default();
-        let mut input = crate::snapshot::BuildInput::standalone(&titles, with_diagnostics);
-        input.version = version;
-        crate::snapshot::build(&engine, &Default::default(), input)
-            .expect("enough data for a snapshot")
-            .0
-    }
+    use crate::snapshot::test_support::small_snapshot;
 
     #[test]
     fn summaries_list_and_chart_without_whole_snapshots_and_follow_retention() {

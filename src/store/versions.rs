@@ -161,30 +161,8 @@ mod tests {
         assert!(VersionMark::open(dir.path()).is_err(), "trailing bytes");
     }
 
-    /// A snapshot of a small engine (20 users) under `version`.
     fn small_snapshot(version: u64) -> crate::snapshot::Snapshot {
-        use crate::engine::{Engine, EngineParams};
-        use crate::event::RatingEvent;
-        let mut engine = Engine::new(EngineParams {
-            components: 2,
-            clusters: 2,
-            ..EngineParams::default()
-        });
-        let events: Vec<RatingEvent> = (0..200)
-            .map(|i| RatingEvent {
-                user: format!("u{}", i % 20),
-                item: format!("i{}", (i * 7) % 13),
-                value: Some((i % 5 + 1) as f64),
-                ts: i,
-            })
-            .collect();
-        engine.apply(&events);
-        let titles = rustc_hash::FxHashMap::default();
-        let mut input = crate::snapshot::BuildInput::standalone(&titles, false);
-        input.version = version;
-        crate::snapshot::build(&engine, &Default::default(), input)
-            .expect("enough data for a snapshot")
-            .0
+        crate::snapshot::test_support::small_snapshot(version, false)
     }
 
     /// Copies sled's files of `from` (not the version mark) over `to`.
