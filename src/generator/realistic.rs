@@ -30,9 +30,9 @@ pub const POPULARITY_OFFSET: f64 = 30.0;
 /// Share of items that belong to a second taste (overlapping tastes).
 pub const SECOND_TASTE_SHARE: f64 = 0.5;
 /// How much more likely a user picks an item of a taste it fully has than the popularity
-/// baseline alone. A typical user (dominant share 0.6, 12 tastes) puts about 40% of its
-/// ratings on its dominant taste's items against 12.5% for a user without that taste:
-/// popularity still decides most of what everyone rates.
+/// baseline alone. Users put about 30% of their ratings on their dominant taste's items,
+/// against 13% that popularity alone would give that taste: popularity still decides most
+/// of what everyone rates.
 pub const TASTE_STRENGTH: f64 = 8.0;
 /// Share of a user's taste mixture held by its dominant taste: uniform in this range; the
 /// rest is split between two other tastes.
@@ -511,8 +511,9 @@ mod tests {
         }
         let share = on_dominant as f64 / data.events.len() as f64;
         let baseline = baseline / data.events.len() as f64;
-        assert!((0.25..=0.55).contains(&share), "share {share}");
-        assert!(share > 2.0 * baseline, "share {share}, baseline {baseline}");
+        // Measured: 0.294 against a baseline of 0.128.
+        assert!((0.2..=0.45).contains(&share), "share {share}");
+        assert!(share > 1.8 * baseline, "share {share}, baseline {baseline}");
     }
 
     #[test]
