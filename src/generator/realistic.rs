@@ -523,7 +523,7 @@ mod tests {
         assert_eq!(s.events, 100_000);
         assert_eq!(data.truth.len(), 943);
         assert!(data.events.iter().all(|e| matches!(e.value,
-            Some(v) if v >= 1.0 && v <= SESSION_MAX_PLAYS && v.fract() == 0.0)));
+            Some(v) if (1.0..=SESSION_MAX_PLAYS).contains(&v) && v.fract() == 0.0)));
         // Most sessions are a play or two, a few are long.
         assert!(s.star_shares[0] > 0.5, "{s}");
         assert!((0.01..=0.08).contains(&s.values_at_least_10), "{s}");
