@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineParams};
-use crate::generator::{GeneratorParams, generate};
+use crate::generator::{GeneratorParams, Profile, generate};
 use crate::snapshot::{self, BuildInput, SnapshotParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -15,6 +15,11 @@ pub enum Shape {
     Ml100k,
     /// 100,000 users, 5,000 items, 5,000,000 events.
     Large,
+    /// MovieLens 100K's size in the realistic profile (weak overlapping tastes, log-normal
+    /// activity, Zipf-Mandelbrot popularity).
+    Realistic,
+    /// The large shape in the realistic profile.
+    RealisticLarge,
 }
 
 impl Shape {
@@ -28,14 +33,22 @@ impl Shape {
                 segments: 25,
                 ..GeneratorParams::default()
             },
+            Shape::Realistic => GeneratorParams {
+                profile: Profile::Realistic,
+                ..Shape::Ml100k.generator()
+            },
+            Shape::RealisticLarge => GeneratorParams {
+                profile: Profile::Realistic,
+                ..Shape::Large.generator()
+            },
         }
     }
     /// Default periodic refresh interval: the configured default for the MovieLens shape; for
     /// the large one every 1M events (5 refreshes), as a service would set it for that volume.
     pub fn refresh_every(self) -> u64 {
         match self {
-            Shape::Ml100k => EngineParams::default().refresh_every_events,
-            Shape::Large => 1_000_000,
+            Shape::Ml100k | Shape::Realistic => EngineParams::default().refresh_every_events,
+            Shape::Large | Shape::RealisticLarge => 1_000_000,
         }
     }
 }
@@ -90,7 +103,8 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
     let diagnostics_seconds = (build(true) - snapshot_seconds).max(0.0);
     let events = data.events.len();
     BenchResult {
-        shape: format!("{shape:?}").to_lowercase(),
+        shape: clap::ValueEnum::to_possible_value(&shape)
+            .map_or_else(|| format!("{shape:?}"), |v| v.get_name().to_string()),
         users: generator.users,
         items: generator.items,
         events,

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::bench;
 use crate::config::{Config, ConfigError, LogFormat, StateConfig};
 use crate::decode::FileFormat;
 use crate::demo::DemoSummary;
 use crate::event::Mode;
-use crate::generator::{self, GeneratorParams};
+use crate::generator::{self, GeneratorParams, Profile};
 use crate::kafka::produce::ProduceOptions;
 use crate::pipeline::Shared;
 use crate::replay::{self, ReplayOptions};
@@ -54,7 +54,8 @@ pub enum Command {
     /// Write a self-contained HTML report (charts, figures, cluster profiles) of a snapshot,
     /// from a running service (--url) or a state dir; it opens offline.
     Report(ReportArgs),
-    /// Write a generated ratings file with planted segments (and its ground truth).
+    /// Write a generated ratings file with its ground truth: planted segments, or with
+    /// --profile realistic data shaped like MovieLens with weak overlapping tastes.
     Generate(GenerateArgs),
     /// Measure engine throughput and snapshot build time on generated streams.
     Bench(BenchArgs),
@@ -182,15 +183,26 @@ pub struct GenerateArgs {
     pub items: usize,
     #[arg(long, default_value_t = 100_000)]
     pub events: usize,
+    /// Planted segments, or latent tastes with --profile realistic.
     #[arg(long, default_value_t = 12)]
     pub segments: usize,
-    /// Probability that an event picks from the user's segment's items (separation).
-    #[arg(long, default_value_t = 0.8)]
-    pub affinity: f64,
+    /// Probability that an event picks from the user's segment's items (separation; planted
+    /// profile only). Default 0.8.
+    #[arg(long)]
+    pub affinity: Option<f64>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Mode::Explicit)]
     pub mode: Mode,
+    /// `planted`: clearly separated segments. `realistic`: shaped like MovieLens (Zipf
+    /// popularity, log-normal activity of at least 20 ratings a user, weak overlapping tastes,
+    /// user bias and item quality, MovieLens' star shares; implicit: heavy-tailed sessions).
+    #[arg(long, value_enum, default_value_t = Profile::Planted)]
+    pub profile: Profile,
+    /// Print the data set's statistics (ratings per user, item popularity, values) to stderr;
+    /// keeps every event in memory.
+    #[arg(long)]
+    pub stats: bool,
     /// Output ratings file; `.json`/`.jsonl` writes JSON lines, anything else CSV
     /// `user,item,rating,ts`.
     #[arg(long)]
@@ -265,6 +277,13 @@ fn init_tracing(config: &Config) {
 /// Parses arguments, loads the config and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Generate(args) = &cli.command
+        && let Err(problem) = args.params()
+    {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, problem)
+            .exit();
+    }
     let config = match Config::load(cli.config.as_deref())
         .and_then(|config| with_command_overrides(&cli.command, config))
     {
@@ -573,19 +592,50 @@ fn report_command(args: ReportArgs, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl GenerateArgs {
+    /// The generator's parameters, or why these options do not make a data set.
+    pub fn params(&self) -> Result<GeneratorParams, String> {
+        let defaults = GeneratorParams::default();
+        if self.profile == Profile::Realistic {
+            if self.affinity.is_some() {
+                return Err("--affinity shapes the planted profile only; the realistic \
+                            profile's tastes are calibrated (docs/generator.md): drop \
+                            --affinity or use --profile planted"
+                    .into());
+            }
+            let most = generator::realistic::max_events(self.users, self.items, self.mode);
+            if self.events > most {
+                return Err(format!(
+                    "--events {} is more than {} users can rate of {} items in the realistic \
+                     profile (each rates at most {:.0}% of the catalogue, once): raise --users \
+                     or --items, or lower --events to at most {most}",
+                    self.events,
+                    self.users,
+                    self.items,
+                    100.0 * generator::realistic::MAX_CATALOGUE_SHARE,
+                ));
+            }
+        }
+        Ok(GeneratorParams {
+            users: self.users,
+            items: self.items,
+            events: self.events,
+            segments: self.segments,
+            affinity: self.affinity.unwrap_or(defaults.affinity),
+            seed: self.seed,
+            mode: self.mode,
+            profile: self.profile,
+            ..defaults
+        })
+    }
+}
+
 fn generate_command(args: GenerateArgs) -> anyhow::Result<()> {
-    let params = GeneratorParams {
-        users: args.users,
-        items: args.items,
-        events: args.events,
-        segments: args.segments,
-        affinity: args.affinity,
-        seed: args.seed,
-        mode: args.mode,
-        ..GeneratorParams::default()
-    };
+    let params = args.params().map_err(anyhow::Error::msg)?;
+    let mut stats_events = Vec::new();
     let out = &args.out;
-    // Streamed to the file: a 100M-event file never sits in memory.
+    // Streamed to the file: a 100M-event planted file never sits in memory (the realistic
+    // profile sorts its draws by time first, 24 bytes an event; --stats keeps every event).
     let file =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = std::io::BufWriter::new(file);
@@ -606,7 +656,10 @@ fn generate_command(args: GenerateArgs) -> anyhow::Result<()> {
         };
         match result {
             Ok(()) => written += 1,
-            Err(e) => failure = Some(e),
+            Err(err) => failure = Some(err),
+        }
+        if args.stats {
+            stats_events.push(e);
         }
     });
     if let Some(e) = failure {
@@ -623,6 +676,9 @@ fn generate_command(args: GenerateArgs) -> anyhow::Result<()> {
         write_csv(path, ["item", "title"], rows)?;
     }
     eprintln!("wrote {written} events to {}", out.display());
+    if args.stats {
+        eprintln!("{}", generator::stats::DataStats::of(&stats_events));
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
-//! Generated rating streams with planted segments (the ground truth), deterministic from a
-//! seed: power-law item popularity, per-segment preferred items, heavy-tailed user activity and
-//! re-ratings. Used by the demo, the tests and the benchmarks; MovieLens is never committed.
+//! Generated rating streams with a ground truth, deterministic from a seed, in two profiles:
+//! `planted` (clearly separated segments: power-law item popularity, per-segment preferred
+//! items, heavy-tailed user activity and re-ratings) and `realistic` (shaped like public
+//! rating data sets, weak overlapping tastes; `realistic.rs`, calibrated in docs/generator.md).
+//! Used by the demo, the tests and the benchmarks; MovieLens is never committed.
 
 use std::io::Write;
 
@@ -9,6 +11,23 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Mode, RatingEvent};
+
+pub mod realistic;
+pub mod stats;
+
+/// Which kind of data set to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Clearly separated planted segments, each user in exactly one (the tests' and demo's
+    /// default: recovery should be near perfect).
+    #[default]
+    Planted,
+    /// Shaped like MovieLens: Zipf popularity, log-normal activity (at least 20 ratings a
+    /// user), weak overlapping tastes with a dominant one as the truth, user bias and item
+    /// quality, MovieLens' star shares, timestamps over seven months.
+    Realistic,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GeneratorParams {
@@ -36,6 +55,11 @@ pub struct GeneratorParams {
     /// half of a segment and half of the one before it). `truth` is the grouping at the end.
     #[serde(default)]
     pub taste_change_at: Option<usize>,
+    /// Which kind of data set. `realistic` uses `users`, `items`, `events`, `segments` (the
+    /// number of latent tastes), `mode`, `seed`, `start_ts` and `round`; the other knobs shape
+    /// the planted profile only.
+    #[serde(default)]
+    pub profile: Profile,
 }
 
 impl Default for GeneratorParams {
@@ -54,6 +78,7 @@ impl Default for GeneratorParams {
             start_ts: 874_724_710,
             round: 0,
             taste_change_at: None,
+            profile: Profile::Planted,
         }
     }
 }
@@ -121,13 +146,14 @@ pub fn generate_into(
     params: &GeneratorParams,
     mut sink: impl FnMut(RatingEvent),
 ) -> TruthAndCatalogue {
+    if params.profile == Profile::Realistic {
+        return realistic::generate_into(params, sink);
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let segments = params.segments.max(1);
     let world = World::plant(params, segments, &mut rng);
     if params.round > 0 {
-        rng = ChaCha8Rng::seed_from_u64(
-            params.seed ^ params.round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        rng = ChaCha8Rng::seed_from_u64(round_seed(params.seed, params.round));
     }
     let mut rated: Vec<Vec<u32>> = vec![vec![]; params.users];
     let mut ts = params.start_ts;
@@ -157,6 +183,11 @@ pub fn generate_into(
         })
         .collect();
     (truth, catalogue(params.items, segments))
+}
+
+/// The seed of a round's draws: the world stays that of `seed`, the events are fresh.
+fn round_seed(seed: u64, round: u64) -> u64 {
+    seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// What stays the same across the rounds of a stream: item popularity, the segments' preferred

@@ -407,3 +407,93 @@ fn a_full_disk_stops_the_demo_with_exit_1_and_the_cause_and_the_state_dir_resume
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
 }
+
+#[test]
+fn generate_realistic_writes_ratings_truth_and_statistics_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("ratings.csv");
+    let truth = dir.path().join("truth.csv");
+    let out = segmenter(&[
+        "generate",
+        "--profile",
+        "realistic",
+        "--seed",
+        "3",
+        "--stats",
+        "--out",
+        path(&ratings),
+        "--truth-out",
+        path(&truth),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("wrote 100000 events"), "{stderr}");
+    assert!(stderr.contains("943 users, 1682 items"), "{stderr}");
+    assert!(
+        stderr.contains("stars 1-5: 6.1% 11.4% 27.2% 34.2% 21.2%"),
+        "{stderr}"
+    );
+    let truth_rows = std::fs::read_to_string(&truth).unwrap();
+    assert_eq!(truth_rows.lines().next(), Some("user,segment"));
+    assert_eq!(truth_rows.lines().count(), 1 + 943);
+
+    let snapshot = dir.path().join("snapshot.json");
+    let out = segmenter(&[
+        "replay",
+        "--ratings",
+        path(&ratings),
+        "--clusters",
+        "12",
+        "--state-dir",
+        path(&dir.path().join("state")),
+        "--snapshot-out",
+        path(&snapshot),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&snapshot).unwrap()).unwrap();
+    assert_eq!(snap["counts"]["users"], 943);
+    assert_eq!(snap["counts"]["events_applied"], 100_000);
+}
+
+#[test]
+fn generate_realistic_refuses_planted_knobs_and_more_events_than_users_can_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = dir.path().join("ratings.csv");
+    let out = segmenter(&[
+        "generate",
+        "--profile",
+        "realistic",
+        "--affinity",
+        "0.5",
+        "--out",
+        path(&ratings),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--affinity shapes the planted profile only"),
+        "{stderr}"
+    );
+    let out = segmenter(&[
+        "generate",
+        "--profile",
+        "realistic",
+        "--users",
+        "10",
+        "--items",
+        "50",
+        "--events",
+        "1000",
+        "--out",
+        path(&ratings),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lower --events to at most 300"), "{stderr}");
+    assert!(!ratings.exists(), "nothing written for a refused data set");
+}
