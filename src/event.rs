@@ -151,13 +151,15 @@ pub enum RejectReason {
     Empty,
     /// A new item would push the catalogue past `[model] max_items`.
     CatalogueFull,
+    /// A new user would push the population past `[model] max_users`.
+    PopulationFull,
     /// With `[events] half_life` (events weighed by their time): no usable `ts`, none or zero
     /// (1970), or one more than a day ahead of the machine's clock (milliseconds for seconds?).
     BadTimestamp,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::Malformed,
         RejectReason::MissingField,
         RejectReason::WrongType,
@@ -167,6 +169,7 @@ impl RejectReason {
         RejectReason::Oversized,
         RejectReason::Empty,
         RejectReason::CatalogueFull,
+        RejectReason::PopulationFull,
         RejectReason::BadTimestamp,
     ];
 
@@ -181,6 +184,7 @@ impl RejectReason {
             RejectReason::Oversized => "oversized",
             RejectReason::Empty => "empty",
             RejectReason::CatalogueFull => "catalogue_full",
+            RejectReason::PopulationFull => "population_full",
             RejectReason::BadTimestamp => "bad_timestamp",
         }
     }

@@ -188,6 +188,7 @@ impl Pipeline {
         let state = Arc::new(state);
         let positions = state.offsets()?;
         let schedule = Schedule::new(config, &engine, &shared);
+        shared.metrics.user_ids.set(engine.users().len() as i64);
         Ok(Pipeline {
             config: config.clone(),
             writer: Writer::spawn(state.clone(), acks)?,
@@ -234,6 +235,7 @@ impl Pipeline {
                 .apply_with_source_ids(events, &mut self.source_ids, &mut self.changes);
         let metrics = &self.shared.metrics;
         metrics.events_applied.inc_by(outcome.applied);
+        metrics.user_ids.set(self.engine.users().len() as i64);
         for &(_, reason) in &outcome.rejected {
             metrics.rejected(reason, 1);
         }

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::decode;
-use crate::engine::CatalogueGate;
+use crate::engine::AdmissionGate;
 use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http;
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
@@ -93,7 +93,7 @@ pub async fn run(
         &stores.catalogue,
         &shared,
         stored_offsets,
-        CatalogueGate::new(&loaded.engine),
+        AdmissionGate::new(&loaded.engine),
         &shutdown,
         (batch_tx, ack_rx),
     )?;
@@ -240,8 +240,9 @@ struct Source {
     consumer: Arc<StreamConsumer<ServiceContext>>,
     dead_letters: FutureProducer,
     stored_offsets: Arc<Mutex<Positions>>,
-    /// Mirrors the engine's catalogue cap, so refused items are dead-lettered like bad messages.
-    catalogue: CatalogueGate,
+    /// Mirrors the engine's caps on items and users, so refused events are dead-lettered like
+    /// bad messages.
+    admission: AdmissionGate,
     policy: crate::event::ValuePolicy,
     /// Next offset expected per partition (earlier ones are duplicates after a rebalance).
     expected: Positions,
@@ -263,7 +264,7 @@ impl Source {
         titles: &Catalogue,
         shared: &Shared,
         stored_offsets: Arc<Mutex<Positions>>,
-        catalogue: CatalogueGate,
+        admission: AdmissionGate,
         shutdown: &watch::Receiver<bool>,
         (batches, acks): (
             mpsc::Sender<Batch>,
@@ -299,7 +300,7 @@ impl Source {
             dead_letters,
             expected: read_offsets(&stored_offsets),
             stored_offsets,
-            catalogue,
+            admission,
             policy: config.engine_params().policy().for_source(),
             pending: Batch {
                 events: Vec::with_capacity(kafka.batch_size),
@@ -391,7 +392,7 @@ impl Source {
         set_offset(&mut self.pending.offsets, key, m.offset() + 1);
         let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
         let decoded = decode_message(m.payload(), &self.config, &self.policy, default_ts)
-            .and_then(|event| self.catalogue.admit(&event.item).map(|()| event));
+            .and_then(|event| self.admission.admit(&event.user, &event.item).map(|()| event));
         match decoded {
             Ok(event) => self.pending.events.push(event),
             Err(rejection) => self.letters.push(DeadLetter {
