@@ -566,9 +566,9 @@ fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
         "raise max_items (default 100000)",
     )?;
     invalid_if(
-        m.max_users < m.clusters,
+        m.max_users == 0,
         "[model] max_users",
-        format!("{} is less than clusters", m.max_users),
+        "0 would refuse every event",
         "raise max_users (default 10000000)",
     )?;
     // User indices are u32 and u32::MAX marks "none".
@@ -845,7 +845,7 @@ mod tests {
     }
 
     #[test]
-    fn max_users_below_clusters_or_past_a_user_index_names_the_field_and_the_fix() {
+    fn max_users_of_zero_or_past_a_user_index_names_the_field_and_the_fix() {
         assert_eq!(
             Config::default().engine_params().max_users,
             crate::engine::DEFAULT_MAX_USERS
@@ -853,7 +853,7 @@ mod tests {
         let c = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__MAX_USERS", "1000000")]))
             .expect("a cap of a million users");
         assert_eq!(c.engine_params().max_users, 1_000_000);
-        for bad in ["3", "4294967295"] {
+        for bad in ["0", "4294967295"] {
             let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__MAX_USERS", bad)]))
                 .unwrap_err()
                 .to_string();
