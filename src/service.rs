@@ -540,11 +540,15 @@ fn create_consumer(
         health: shared.health.clone(),
         revoked: AtomicBool::new(false),
     };
-    // Throughput: keep a deep local prefetch so the poll loop never waits on a fetch.
+    // A local prefetch of about ten batches, so the poll loop rarely waits on a fetch, but
+    // bounded in messages as well as bytes: librdkafka's byte bound counts payloads only, and
+    // with 500,000 small messages queued per partition (the previous default) a 2M-event
+    // backlog took 6.7 GB of peak memory instead of 2.7 GB.
     let mut consumer_config = client_config_with_defaults(
         kafka,
         &[
-            ("queued.min.messages", "500000"),
+            ("queued.min.messages", "50000"),
+            ("queued.max.messages.kbytes", "16384"),
             ("max.partition.fetch.bytes", "8388608"),
             ("fetch.wait.max.ms", "100"),
         ],
