@@ -391,8 +391,12 @@ impl Source {
         set_offset(&mut self.expected, key, m.offset() + 1);
         set_offset(&mut self.pending.offsets, key, m.offset() + 1);
         let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
-        let decoded = decode_message(m.payload(), &self.config, &self.policy, default_ts)
-            .and_then(|event| self.admission.admit(&event.user, &event.item).map(|()| event));
+        let decoded =
+            decode_message(m.payload(), &self.config, &self.policy, default_ts).and_then(|event| {
+                self.admission
+                    .admit(&event.user, &event.item)
+                    .map(|()| event)
+            });
         match decoded {
             Ok(event) => self.pending.events.push(event),
             Err(rejection) => self.letters.push(DeadLetter {

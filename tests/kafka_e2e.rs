@@ -579,7 +579,11 @@ fn users_past_max_users_are_dead_lettered_as_population_full_and_known_users_sti
     let (status, metrics) = http_get(&format!("http://127.0.0.1:{http}/metrics"), None);
     assert_eq!(status, 200);
     assert_eq!(
-        metric_value(&metrics, "segmenter_events_rejected_total", Some("population_full")),
+        metric_value(
+            &metrics,
+            "segmenter_events_rejected_total",
+            Some("population_full")
+        ),
         fresh,
         "every stranger's event counted: {metrics}"
     );
@@ -592,7 +596,8 @@ fn users_past_max_users_are_dead_lettered_as_population_full_and_known_users_sti
     let (code, log) = service.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{}", log.join("\n"));
     assert!(
-        !log.iter().any(|l| l.contains("refused by the engine after the poll loop")),
+        !log.iter()
+            .any(|l| l.contains("refused by the engine after the poll loop")),
         "the poll loop's gate and the engine agree: {}",
         log.join("\n")
     );

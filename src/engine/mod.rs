@@ -201,7 +201,12 @@ impl AdmissionGate {
         AdmissionGate {
             items: IdMap::from_ids(engine.items().ids().iter().cloned().collect()),
             max_items: engine.params().max_items,
-            users: engine.users().ids().iter().map(|id| id_digest(id)).collect(),
+            users: engine
+                .users()
+                .ids()
+                .iter()
+                .map(|id| id_digest(id))
+                .collect(),
             max_users: engine.params().max_users,
         }
     }
