@@ -701,8 +701,11 @@ impl SnapshotSource {
 
     /// The snapshots of a state dir (only they are read).
     fn open(dir: &std::path::Path) -> anyhow::Result<SnapshotStore> {
-        let stores = crate::store::open(dir).map_err(|e| {
-            anyhow::anyhow!("{e}; if a service is running on this state dir, use --url instead")
+        let stores = crate::store::open(dir).map_err(|e| match e {
+            crate::store::StoreError::Locked { .. } => {
+                anyhow::anyhow!("{e}; if a service is running on this state dir, use --url instead")
+            }
+            e => anyhow::Error::new(e),
         })?;
         Ok(stores.snapshots)
     }

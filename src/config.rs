@@ -164,9 +164,13 @@ pub struct KafkaConfig {
     /// Where the feed records, in the same transactions, which snapshot version it published
     /// last (compacted; "" = `<group_id>-publications`).
     pub publications_topic: String,
-    /// The feed producer's `transactional.id` ("" = `segmenter-<group_id>`): a restarted
-    /// instance with the same id fences off and aborts what its predecessor left open.
+    /// The feed producer's `transactional.id` ("" = `segmenter-<group_id>-<instance_id>`): a
+    /// restarted instance with the same id fences off and aborts what its predecessor left open.
     pub transactional_id: String,
+    /// When the change feed's last published version is gone (its record lost from Kafka, or
+    /// the version from the state dir), publish the next version whole (every assigned user
+    /// as new) instead of stopping. Set for one start, then unset.
+    pub feed_resync: bool,
     pub batch_size: usize,
     pub batch_linger_ms: u64,
     pub max_message_bytes: usize,
@@ -189,6 +193,7 @@ impl Default for KafkaConfig {
             assignments_topic: String::new(),
             publications_topic: String::new(),
             transactional_id: String::new(),
+            feed_resync: false,
             batch_size: 5_000,
             batch_linger_ms: 100,
             max_message_bytes: 65_536,
@@ -234,6 +239,10 @@ impl KafkaConfig {
 pub struct HttpConfig {
     pub listen: String,
     pub token: String,
+    /// How long one request that reads stored snapshots may hold its turn, whole request
+    /// included (a streamed assignments download is cut off, the connection aborted, at this
+    /// deadline), in milliseconds.
+    pub stored_read_deadline_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -241,11 +250,22 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9464".into(),
             token: String::new(),
+            stored_read_deadline_ms: DEFAULT_STORED_READ_DEADLINE_MS,
         }
     }
 }
 
+/// Default of `[http] stored_read_deadline_ms`: 30 s.
+pub const DEFAULT_STORED_READ_DEADLINE_MS: u64 = 30_000;
+/// Bounds of `[http] stored_read_deadline_ms`: 100 ms to one hour.
+const STORED_READ_DEADLINE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+
 impl HttpConfig {
+    /// `[http] stored_read_deadline_ms` as a duration.
+    pub fn stored_read_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.stored_read_deadline_ms)
+    }
+
     pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
         self.listen.parse().map_err(|_| ConfigError::Invalid {
             field: "[http] listen",
@@ -385,7 +405,7 @@ impl Config {
         validate_model(&self.model)?;
         validate_snapshot(&self.snapshot)?;
         validate_kafka(&self.kafka)?;
-        self.http.listen_addr()?;
+        validate_http(&self.http)?;
         invalid_if(
             self.replay.batch_size == 0 || self.demo.batch_size == 0,
             "[replay]/[demo] batch_size",
@@ -471,6 +491,26 @@ impl EventsConfig {
                               (e.g. half_life = \"30d\"), or remove it to keep every rating at full weight",
                     }
                 })
+            })
+            .transpose()?
+            .map(|seconds| {
+                if seconds < crate::engine::decay::MIN_HALF_LIFE_SECONDS {
+                    return Err(ConfigError::Invalid {
+                        field: "[events] half_life",
+                        problem: format!(
+                            "{} is shorter than the {} minimum",
+                            crate::engine::decay::format_half_life(seconds),
+                            crate::engine::decay::format_half_life(
+                                crate::engine::decay::MIN_HALF_LIFE_SECONDS
+                            )
+                        ),
+                        fix: "set half_life = \"5m\" or longer (e.g. half_life = \"30d\"): events may \
+                              lead the clock by up to one half-life, so a shorter one would refuse \
+                              events from producers whose clocks run a little ahead, and every \
+                              64 half-lives all stored values are rescaled",
+                    });
+                }
+                Ok(seconds)
             })
             .transpose()
     }
@@ -595,6 +635,20 @@ fn validate_snapshot(s: &SnapshotConfig) -> Result<(), ConfigError> {
     )
 }
 
+fn validate_http(h: &HttpConfig) -> Result<(), ConfigError> {
+    h.listen_addr()?;
+    invalid_if(
+        !STORED_READ_DEADLINE_MS.contains(&h.stored_read_deadline_ms),
+        "[http] stored_read_deadline_ms",
+        format!(
+            "{} is outside 100..=3600000 (a zero deadline would cut every download, no deadline \
+             would let slow readers hold the stored-read turns)",
+            h.stored_read_deadline_ms
+        ),
+        "use 100 to 3600000 milliseconds, default 30000",
+    )
+}
+
 fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
     for (field, value) in [
         ("[kafka] brokers", &k.brokers),
@@ -659,6 +713,14 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
     {
         return Err(ConfigError::ServiceOwnedClientKey { key: key.clone() });
     }
+    invalid_if(
+        k.change_feed_on() && k.instance_id.trim().is_empty() && k.transactional_id.is_empty(),
+        "[kafka] instance_id",
+        "is empty while the change feed is on (changes_topic or assignments_topic): instances \
+         without one would share the transactional id segmenter-<group_id> and fence each other",
+        "set [kafka] instance_id to a stable name of its own per instance (e.g. the pod name, \
+         SEGMENTER_KAFKA__INSTANCE_ID), or [kafka] transactional_id",
+    )?;
     invalid_if(
         k.batch_size == 0 || k.max_message_bytes == 0,
         "[kafka] batch_size/max_message_bytes",
@@ -765,6 +827,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_read_deadline_outside_its_range_names_the_field_and_fix() {
+        for bad in ["0", "99", "3600001"] {
+            let err = Config::load_with_env(
+                None,
+                env(&[("SEGMENTER_HTTP__STORED_READ_DEADLINE_MS", bad)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("[http] stored_read_deadline_ms") && err.contains("use 100 to"),
+                "{bad}: {err}"
+            );
+        }
+        let c = Config::load_with_env(
+            None,
+            env(&[("SEGMENTER_HTTP__STORED_READ_DEADLINE_MS", "2500")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.http.stored_read_deadline(),
+            std::time::Duration::from_millis(2500)
+        );
+    }
+
+    #[test]
     fn unknown_fields_and_bad_values_name_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
@@ -816,13 +903,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{err}");
         }
-        let feed = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__CHANGES_TOPIC", "c")]))
-            .expect("a feed with the default names");
-        assert_eq!(feed.kafka.transactional_id_name(), "segmenter-segmenter");
-        assert_eq!(
-            feed.kafka.publications_topic_name(),
-            "segmenter-segmenter-publications"
+        // Two instances without an identity would share one transactional id and fence each
+        // other: the feed needs one.
+        let err = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC", "t")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[kafka] instance_id") && err.contains("fence each other"),
+            "{err}"
         );
+        let named = Config::load_with_env(
+            None,
+            env(&[
+                ("SEGMENTER_KAFKA__CHANGES_TOPIC", "c"),
+                ("SEGMENTER_KAFKA__TRANSACTIONAL_ID", "feed-1"),
+            ]),
+        )
+        .expect("a feed with its own transactional id");
+        assert_eq!(named.kafka.transactional_id_name(), "feed-1");
+        assert_eq!(named.kafka.publications_topic_name(), "feed-1-publications");
         let instance = Config::load_with_env(
             None,
             env(&[
@@ -892,6 +991,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("half_life"), "{err}");
+    }
+
+    #[test]
+    fn a_half_life_under_the_minimum_is_refused_naming_the_field_and_the_fix() {
+        for short in ["1s", "299s", "4m"] {
+            let err = Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", short)]))
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, ConfigError::Invalid { .. }),
+                "{short}: {text}"
+            );
+            assert!(
+                text.contains("[events] half_life")
+                    && text.contains("shorter than the 5m minimum")
+                    && text.contains("half_life = \"5m\" or longer"),
+                "{short}: {text}"
+            );
+        }
+        for fine in ["5m", "300s", "10m"] {
+            let c =
+                Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", fine)])).unwrap();
+            assert!(c.engine_params().half_life_seconds >= Some(300), "{fine}");
+        }
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::borrow::Cow;
 
-use crate::event::{DecodedRef, RatingEvent, RejectReason, Rejection, ValuePolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{DecodedRef, MAX_TS, RatingEvent, RejectReason, Rejection, ValuePolicy};
 
 /// The field names a JSON event uses. Defaults match `{"user":..,"item":..,"rating":..,"ts":..}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,8 +37,17 @@ impl Default for JsonFields {
     }
 }
 
+/// Deepest nesting of arrays and objects accepted anywhere in a JSON event, its own object
+/// counting 1: an event is flat, and a parser walking a deeper one (even in a field nobody
+/// reads) spends stack and time on what no producer of events means to send.
+pub const MAX_JSON_DEPTH: usize = 16;
+
 /// Decodes one JSON object into an event. `default_ts` is used when the object has no time
 /// field (for Kafka, the message timestamp). The value policy is *not* applied here.
+///
+/// The whole message must be well-formed, not just the fields read: valid UTF-8, no key twice
+/// in an object (which one would count?), nesting at most [`MAX_JSON_DEPTH`] deep; otherwise
+/// it is [`RejectReason::Malformed`].
 pub fn decode_json(
     bytes: &[u8],
     fields: &JsonFields,
@@ -46,7 +56,16 @@ pub fn decode_json(
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Rejection::new(RejectReason::Empty, "empty message"));
     }
-    let object = pick_fields(bytes, fields)?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Rejection::new(
+            RejectReason::Malformed,
+            format!(
+                "message is not valid UTF-8 (bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    let object = pick_fields(text, fields)?;
     let user = json_id(&object, &fields.user)?;
     let item = json_id(&object, &fields.item)?;
     let value = json_rating(&object, &fields.rating)?;
@@ -60,87 +79,263 @@ pub fn decode_json(
 }
 
 /// A user or item id: a non-empty string, or an integer (kept as its decimal text).
-fn json_id(object: &PickedFields<'_>, name: &str) -> Result<String, Rejection> {
+fn json_id(object: &PickedFields<'_, '_>, name: &str) -> Result<String, Rejection> {
     match object.get(name) {
-        None | Some(Value::Null) => Err(Rejection::new(
+        None | Some(Picked::Null) => Err(Rejection::new(
             RejectReason::MissingField,
             format!("missing field `{name}`"),
         )),
-        Some(Value::String(s)) if s.is_empty() => Err(Rejection::new(
+        Some(Picked::Str(s)) if s.is_empty() => Err(Rejection::new(
             RejectReason::MissingField,
             format!("empty field `{name}`"),
         )),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+        Some(Picked::Str(s)) => Ok(s.to_string()),
+        Some(Picked::Int(n)) => Ok(n.to_string()),
+        Some(Picked::UInt(n)) => Ok(n.to_string()),
         Some(other) => Err(Rejection::new(
             RejectReason::WrongType,
             format!(
                 "field `{name}` must be a string or an integer, got {}",
-                json_type(other)
+                other.type_name()
             ),
         )),
     }
 }
 
 /// The value: a number, or null (a retraction). The field itself must be present.
-fn json_rating(object: &PickedFields<'_>, name: &str) -> Result<Option<f64>, Rejection> {
+fn json_rating(object: &PickedFields<'_, '_>, name: &str) -> Result<Option<f64>, Rejection> {
     match object.get(name) {
         None => Err(Rejection::new(
             RejectReason::MissingField,
             format!("missing field `{name}`"),
         )),
-        Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(v) => Ok(Some(v)),
-            None => Err(Rejection::new(
-                RejectReason::WrongType,
-                format!("field `{name}` is not representable as a float"),
-            )),
-        },
+        Some(Picked::Null) => Ok(None),
+        Some(Picked::Int(n)) => Ok(Some(*n as f64)),
+        Some(Picked::UInt(n)) => Ok(Some(*n as f64)),
+        Some(Picked::Float(v)) => Ok(Some(*v)),
         // JSON has no NaN; producers that write "NaN"/"Infinity" as strings get a precise reason.
-        Some(Value::String(s)) if is_non_finite_word(s) => Ok(Some(f64::NAN)),
+        Some(Picked::Str(s)) if is_non_finite_word(s) => Ok(Some(f64::NAN)),
         Some(other) => Err(Rejection::new(
             RejectReason::WrongType,
             format!(
                 "field `{name}` must be a number or null, got {}",
-                json_type(other)
+                other.type_name()
             ),
         )),
     }
 }
 
-/// The event time in whole seconds; `default_ts` when the field is absent or null.
-fn json_ts(object: &PickedFields<'_>, name: &str, default_ts: i64) -> Result<i64, Rejection> {
+/// The event time in whole seconds; `default_ts` when the field is absent or null. A number
+/// beyond [`MAX_TS`] or below 0 is no time (`bad_timestamp`), never one clamped to fit.
+fn json_ts(object: &PickedFields<'_, '_>, name: &str, default_ts: i64) -> Result<i64, Rejection> {
+    let no_time = |shown: String| {
+        Rejection::new(
+            RejectReason::BadTimestamp,
+            format!(
+                "field `{name}` = {shown} is no time: give seconds since 1970, from 0 to {MAX_TS}"
+            ),
+        )
+    };
     match object.get(name) {
-        None | Some(Value::Null) => Ok(default_ts),
-        Some(Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
-            (Some(t), _) => Ok(t),
-            (None, Some(t)) if t.is_finite() => Ok(t as i64),
-            _ => Err(Rejection::new(
-                RejectReason::WrongType,
-                format!("field `{name}` is not a valid timestamp"),
-            )),
-        },
+        None | Some(Picked::Null) => Ok(default_ts),
+        // The range of integers is the value policy's to check, for every source alike.
+        Some(Picked::Int(t)) => Ok(*t),
+        Some(Picked::UInt(t)) => i64::try_from(*t).map_err(|_| no_time(t.to_string())),
+        Some(Picked::Float(t)) if (0.0..=MAX_TS as f64).contains(t) => Ok(*t as i64),
+        Some(Picked::Float(t)) => Err(no_time(t.to_string())),
         Some(other) => Err(Rejection::new(
             RejectReason::WrongType,
-            format!("field `{name}` must be a number, got {}", json_type(other)),
+            format!("field `{name}` must be a number, got {}", other.type_name()),
         )),
     }
 }
 
-/// The four configured fields of a JSON object, parsed without building the whole object
-/// (other fields are skipped unparsed into values): the hot path of the Kafka consumer.
-struct PickedFields<'f> {
-    names: [&'f str; 4],
-    values: [Option<Value>; 4],
+/// A field's value as the decoders read it: scalars kept (strings borrowed from the message
+/// when they hold no escapes), arrays and objects checked and skipped.
+enum Picked<'de> {
+    Null,
+    Bool,
+    Str(Cow<'de, str>),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Array,
+    Object,
 }
 
-impl PickedFields<'_> {
-    fn get(&self, name: &str) -> Option<&Value> {
+impl Picked<'_> {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Picked::Null => "null",
+            Picked::Bool => "a boolean",
+            Picked::Int(_) | Picked::UInt(_) | Picked::Float(_) => "a number",
+            Picked::Str(_) => "a string",
+            Picked::Array => "an array",
+            Picked::Object => "an object",
+        }
+    }
+}
+
+/// The four configured fields of a JSON object, parsed without building the whole object
+/// (other fields are walked, checked and dropped): the hot path of the Kafka consumer.
+struct PickedFields<'f, 'de> {
+    names: [&'f str; 4],
+    values: [Option<Picked<'de>>; 4],
+}
+
+impl<'de> PickedFields<'_, 'de> {
+    fn get(&self, name: &str) -> Option<&Picked<'de>> {
         self.names
             .iter()
             .position(|n| *n == name)
             .and_then(|i| self.values[i].as_ref())
+    }
+}
+
+/// The error of an object holding `key` twice.
+fn duplicate_key<E: serde::de::Error>(keys: &mut [Cow<'_, str>]) -> Result<(), E> {
+    keys.sort_unstable();
+    match keys.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(E::custom(format_args!("duplicate key `{}`", pair[0]))),
+        None => Ok(()),
+    }
+}
+
+fn too_deep<E: serde::de::Error>(depth: usize) -> Result<(), E> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(E::custom(format_args!(
+            "nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    Ok(())
+}
+
+/// An object key, borrowed from the message unless it holds escapes.
+struct KeySeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s))
+    }
+}
+
+/// Walks any value whose arrays and objects, if it is one, sit at nesting `depth`: checks the
+/// depth, duplicate keys and (through the parser) string escapes, and keeps nothing.
+#[derive(Clone, Copy)]
+struct Skip {
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Skip {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Skip {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        too_deep(self.depth)?;
+        let inner = Skip {
+            depth: self.depth + 1,
+        };
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        too_deep(self.depth)?;
+        let inner = Skip {
+            depth: self.depth + 1,
+        };
+        let mut keys = Vec::new();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            keys.push(key);
+            map.next_value_seed(inner)?;
+        }
+        duplicate_key(&mut keys)
+    }
+}
+
+/// A top-level field's value: scalars kept, arrays and objects walked like [`Skip`].
+struct FieldSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldSeed {
+    type Value = Picked<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldSeed {
+    type Value = Picked<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Picked::Bool)
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(Picked::Int(n))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(Picked::UInt(n))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Picked::Float(v))
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Picked::Str(Cow::Borrowed(s)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Picked::Str(Cow::Owned(s.to_owned())))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Picked::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Skip { depth: 2 }.visit_seq(seq).map(|()| Picked::Array)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Skip { depth: 2 }.visit_map(map).map(|()| Picked::Object)
     }
 }
 
@@ -149,22 +344,24 @@ struct PickVisitor<'f> {
 }
 
 impl<'de, 'f> serde::de::Visitor<'de> for PickVisitor<'f> {
-    type Value = Option<PickedFields<'f>>;
+    type Value = Option<PickedFields<'f, 'de>>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut values: [Option<Value>; 4] = Default::default();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        let mut values: [Option<Picked<'de>>; 4] = Default::default();
+        let mut keys = Vec::with_capacity(8);
+        let other = Skip { depth: 2 };
+        while let Some(key) = map.next_key_seed(KeySeed)? {
             match self.names.iter().position(|n| *n == key) {
-                Some(i) => values[i] = Some(map.next_value()?),
-                None => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
+                Some(i) => values[i] = Some(map.next_value_seed(FieldSeed)?),
+                None => map.next_value_seed(other)?,
             }
+            keys.push(key);
         }
+        duplicate_key(&mut keys)?;
         Ok(Some(PickedFields {
             names: self.names,
             values,
@@ -190,13 +387,15 @@ impl<'de, 'f> serde::de::Visitor<'de> for PickVisitor<'f> {
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
         Ok(None)
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(None)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Skip { depth: 1 }.visit_seq(seq).map(|()| None)
     }
 }
 
-fn pick_fields<'f>(bytes: &[u8], fields: &'f JsonFields) -> Result<PickedFields<'f>, Rejection> {
+fn pick_fields<'f, 'de>(
+    text: &'de str,
+    fields: &'f JsonFields,
+) -> Result<PickedFields<'f, 'de>, Rejection> {
     use serde::Deserializer;
     let names = [
         fields.user.as_str(),
@@ -204,23 +403,12 @@ fn pick_fields<'f>(bytes: &[u8], fields: &'f JsonFields) -> Result<PickedFields<
         fields.rating.as_str(),
         fields.ts.as_str(),
     ];
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut de = serde_json::Deserializer::from_str(text);
     let picked = de
         .deserialize_any(PickVisitor { names })
         .and_then(|p| de.end().map(|()| p))
         .map_err(|e| Rejection::new(RejectReason::Malformed, format!("invalid JSON: {e}")))?;
     picked.ok_or_else(|| Rejection::new(RejectReason::WrongType, "expected a JSON object"))
-}
-
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn is_non_finite_word(s: &str) -> bool {
@@ -546,21 +734,25 @@ fn event_from_columns<'a>(
     };
     let ts = match ts.map(str::trim) {
         None | Some("") => 0,
-        Some(t) => t
-            .parse::<i64>()
-            .or_else(|_| {
-                t.parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite())
-                    .map(|f| f as i64)
-                    .ok_or(())
-            })
-            .map_err(|()| {
-                Rejection::new(
+        Some(t) => match (t.parse::<i64>(), t.parse::<f64>()) {
+            (Ok(ts), _) => ts,
+            (Err(_), Ok(f)) if (0.0..=MAX_TS as f64).contains(&f) => f as i64,
+            // Too large for an integer, or out of range: no time, rather than one clamped.
+            (Err(_), Ok(f)) if !f.is_nan() => {
+                return Err(Rejection::new(
+                    RejectReason::BadTimestamp,
+                    format!(
+                        "timestamp `{t}` is no time: give seconds since 1970, from 0 to {MAX_TS}"
+                    ),
+                ));
+            }
+            _ => {
+                return Err(Rejection::new(
                     RejectReason::WrongType,
                     format!("timestamp `{t}` is not a number"),
-                )
-            })?,
+                ));
+            }
+        },
     };
     Ok(DecodedRef {
         user,
@@ -630,6 +822,17 @@ fn decode_csv(
                         Err(Rejection::new(
                             RejectReason::Malformed,
                             format!("expected {width} columns, found {}", record.len()),
+                        )),
+                    );
+                    continue;
+                }
+                // Every column, read or not: a record with broken bytes is not a record.
+                if std::str::from_utf8(record.as_slice()).is_err() {
+                    accept(
+                        line,
+                        Err(Rejection::new(
+                            RejectReason::Malformed,
+                            "record is not valid UTF-8",
                         )),
                     );
                     continue;
@@ -760,7 +963,7 @@ mod tests {
             mode: crate::event::Mode::Explicit,
             min_value: 0.0,
             max_value: 5.0,
-            requires_ts: false,
+            half_life_seconds: None,
             future_tolerance_seconds: None,
         };
         let fields = JsonFields::default();
@@ -801,7 +1004,7 @@ mod tests {
         mode: Mode::Explicit,
         min_value: 1.0,
         max_value: 5.0,
-        requires_ts: false,
+        half_life_seconds: None,
         future_tolerance_seconds: None,
     };
 
@@ -852,6 +1055,143 @@ mod tests {
             POLICY.check(&nan).unwrap_err().reason,
             RejectReason::NotFinite
         );
+    }
+
+    #[test]
+    fn a_json_event_with_a_key_twice_is_malformed_and_the_detail_names_the_key() {
+        let f = JsonFields::default();
+        for (bytes, key) in [
+            (
+                &br#"{"user":"a","item":"b","rating":1,"rating":5}"#[..],
+                "rating",
+            ),
+            (br#"{"user":"a","user":"z","item":"b","rating":1}"#, "user"),
+            (br#"{"user":"a","item":"b","rating":1,"x":1,"x":2}"#, "x"),
+            (
+                br#"{"user":"a","item":"b","rating":1,"m":[{"k":1,"k":1}]}"#,
+                "k",
+            ),
+            (
+                br#"{"user":"a","item":"b","rating":1,"\u0072ating":2}"#,
+                "rating",
+            ),
+        ] {
+            let rejection = decode_json(bytes, &f, 0).unwrap_err();
+            assert_eq!(rejection.reason, RejectReason::Malformed, "{rejection}");
+            assert!(
+                rejection.detail.contains(&format!("duplicate key `{key}`")),
+                "{rejection}"
+            );
+        }
+        // The same name in different objects is no duplicate.
+        let ok = br#"{"user":"a","item":"b","rating":1,"m":{"user":1,"n":{"user":2}}}"#;
+        assert_eq!(decode_json(ok, &f, 0).unwrap().user, "a");
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_in_a_record_is_malformed_even_in_a_field_nobody_reads() {
+        let f = JsonFields::default();
+        let mut json = br#"{"user":"a","item":"b","rating":1,"note":"caf"#.to_vec();
+        json.extend_from_slice(b"\xE9\"}");
+        let rejection = decode_json(&json, &f, 0).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::Malformed);
+        assert!(rejection.detail.contains("UTF-8"), "{rejection}");
+        let mut csv = b"user,item,rating,note\nu1,i1,4,ok\nu2,i1,4,caf".to_vec();
+        csv.extend_from_slice(b"\xE9\n");
+        let out = decode_ratings(&csv, FileFormat::Csv, &f, &POLICY);
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.rejected.by_reason[&RejectReason::Malformed], 1);
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_anywhere_is_malformed() {
+        let f = JsonFields::default();
+        let nested = |levels: usize| {
+            format!(
+                r#"{{"user":"a","item":"b","rating":1,"extra":{}0{}}}"#,
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )
+        };
+        // The event's own object is the first level.
+        assert!(decode_json(nested(MAX_JSON_DEPTH - 1).as_bytes(), &f, 0).is_ok());
+        for levels in [MAX_JSON_DEPTH, 200, 5_000] {
+            let rejection = decode_json(nested(levels).as_bytes(), &f, 0).unwrap_err();
+            assert_eq!(rejection.reason, RejectReason::Malformed, "{levels}");
+            assert!(rejection.detail.contains("nested deeper"), "{rejection}");
+        }
+        let deep_objects = format!(
+            r#"{{"user":"a","item":"b","rating":1,"m":{}1{}}}"#,
+            r#"{"k":"#.repeat(40),
+            "}".repeat(40)
+        );
+        let rejection = decode_json(deep_objects.as_bytes(), &f, 0).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::Malformed);
+        // In a field that is read, too: the detail says why, not "wrong type".
+        let in_user = format!(
+            r#"{{"user":{}1{},"item":"b","rating":1}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(
+            decode_json(in_user.as_bytes(), &f, 0).unwrap_err().reason,
+            RejectReason::Malformed
+        );
+    }
+
+    #[test]
+    fn a_ts_that_is_no_time_is_rejected_as_bad_timestamp_without_a_half_life() {
+        let f = JsonFields::default();
+        let json = b"{\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":1e30}\n\
+            {\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":99999999999999999999999}\n\
+            {\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":-5}\n\
+            {\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":-1.5e300}\n\
+            {\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":18446744073709551615}\n\
+            {\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":881250949}\n\
+            {\"user\":\"a\",\"item\":\"b\",\"rating\":1,\"ts\":881250949.5}\n";
+        let out = decode_ratings(json, FileFormat::Json, &f, &POLICY);
+        assert_eq!(out.rejected.by_reason[&RejectReason::BadTimestamp], 5);
+        assert_eq!(out.rejected.total, 5);
+        assert_eq!(
+            out.events.iter().map(|e| e.ts).collect::<Vec<_>>(),
+            [881250949, 881250949]
+        );
+        assert!(
+            out.rejected.examples[0]
+                .1
+                .contains("1000000000000000000000000000000")
+        );
+        let csv = b"user,item,rating,ts\na,b,1,1e30\na,b,1,99999999999999999999999\na,b,1,-5\na,b,1,inf\na,b,1,881250949\n";
+        let out = decode_ratings(csv, FileFormat::Csv, &f, &POLICY);
+        assert_eq!(out.rejected.by_reason[&RejectReason::BadTimestamp], 4);
+        assert_eq!(out.events.len(), 1);
+        let movielens = b"1\t2\t3\t-5\n1\t2\t3\t1e30\n1\t2\t3\t881250949\n";
+        let out = decode_ratings(movielens, FileFormat::Movielens, &f, &POLICY);
+        assert_eq!(out.rejected.by_reason[&RejectReason::BadTimestamp], 2);
+        assert_eq!(out.events.len(), 1);
+    }
+
+    #[test]
+    fn ids_with_a_nul_byte_or_past_the_length_limit_are_rejected_as_bad_id_in_every_format() {
+        let f = JsonFields::default();
+        let long = "u".repeat(300);
+        let json = format!(
+            "{{\"user\":\"a\\u0000b\",\"item\":\"i\",\"rating\":1}}\n\
+             {{\"user\":\"{long}\",\"item\":\"i\",\"rating\":1}}\n\
+             {{\"user\":\"u\",\"item\":\"{long}\",\"rating\":1}}\n\
+             {{\"user\":\"u\",\"item\":\"i\",\"rating\":1}}\n"
+        );
+        let out = decode_ratings(json.as_bytes(), FileFormat::Json, &f, &POLICY);
+        assert_eq!(out.rejected.by_reason[&RejectReason::BadId], 3);
+        assert_eq!(out.events.len(), 1);
+        let csv = format!("user,item,rating\na\0b,i,1\n{long},i,1\nu,i,1\n");
+        let out = decode_ratings(csv.as_bytes(), FileFormat::Csv, &f, &POLICY);
+        assert_eq!(out.rejected.by_reason[&RejectReason::BadId], 2);
+        assert_eq!(out.events.len(), 1);
+        let movielens = format!("a\x01b\ti\t1\t5\n{long}\ti\t1\t5\nu\ti\t1\t5\n");
+        let out = decode_ratings(movielens.as_bytes(), FileFormat::Movielens, &f, &POLICY);
+        assert_eq!(out.rejected.by_reason[&RejectReason::BadId], 2);
+        assert_eq!(out.events.len(), 1);
     }
 
     #[test]
@@ -942,7 +1282,7 @@ mod parts_tests {
             mode: Mode::Explicit,
             min_value: 1.0,
             max_value: 5.0,
-            requires_ts: false,
+            half_life_seconds: None,
             future_tolerance_seconds: None,
         };
         let fields = JsonFields::default();
@@ -978,7 +1318,7 @@ mod parts_tests {
                 mode: Mode::Explicit,
                 min_value: 1.0,
                 max_value: 5.0,
-                requires_ts: false,
+                half_life_seconds: None,
                 future_tolerance_seconds: None,
             },
             4,

@@ -39,6 +39,14 @@ pub struct Health {
     /// The dead-letter topic refuses the current batch's letters: consumption waits (a bad
     /// event is never dropped) and the service is not ready until they are delivered.
     pub dead_letters_refused: AtomicBool,
+    /// Kafka partitions of the configured topic this instance has assigned, when Kafka is the
+    /// source (`None` for the demo and replay): an instance with none consumes nothing.
+    pub partitions_assigned: std::sync::Mutex<Option<usize>>,
+    /// The change feed failed its last attempt and stored snapshots wait to be published.
+    pub feed_behind: AtomicBool,
+    /// The change feed stopped for good and needs an operator: fenced by another producer
+    /// with its transactional id, or Kafka's record of what it published went backwards.
+    pub feed_stopped: AtomicBool,
 }
 
 impl Health {
@@ -47,6 +55,32 @@ impl Health {
             && self.consuming.load(Ordering::Relaxed)
             && self.broker_reachable.load(Ordering::Relaxed)
             && !self.dead_letters_refused.load(Ordering::Relaxed)
+            && self.partitions_assigned().is_none_or(|n| n > 0)
+            && !self.feed_behind.load(Ordering::Relaxed)
+            && !self.feed_stopped.load(Ordering::Relaxed)
+    }
+
+    pub fn partitions_assigned(&self) -> Option<usize> {
+        *self
+            .partitions_assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set_partitions_assigned(&self, partitions: usize) {
+        *self
+            .partitions_assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(partitions);
+    }
+
+    pub fn set_feed_behind(&self, behind: bool) {
+        let was = self.feed_behind.swap(behind, Ordering::Relaxed);
+        if !was && behind {
+            tracing::warn!("the change feed is behind: snapshots wait to be published; not ready");
+        } else if was && !behind {
+            tracing::info!("the change feed caught up");
+        }
     }
 
     pub fn set_dead_letters_refused(&self, refused: bool) {
@@ -122,6 +156,11 @@ impl Shared {
         };
         let version = built.snapshot.version;
         self.metrics.on_snapshot(&built.snapshot);
+        if config.kafka.change_feed_on() {
+            self.metrics
+                .feed_unpublished
+                .set(snapshots.unpublished_versions()? as i64);
+        }
         self.metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -185,6 +224,10 @@ impl Pipeline {
             catalogue,
         } = stores;
         let LoadedEngine { engine, changes } = loaded;
+        if snapshots.rollback().is_some() {
+            // Logged by the store; counted here, where the metrics are.
+            shared.metrics.state_rollbacks.inc();
+        }
         let state = Arc::new(state);
         let positions = state.offsets()?;
         let schedule = Schedule::new(config, &engine, &shared);

@@ -361,6 +361,18 @@ impl Source {
             if consumer.context().revoked.swap(false, Ordering::Relaxed) {
                 flush = true;
             }
+            if consumer
+                .context()
+                .foreign_assignment
+                .swap(false, Ordering::Relaxed)
+            {
+                // Unsubscribing leaves the group (a static member leaves only then, never on
+                // exit), so the join that follows gets an assignment of the configured topic.
+                consumer.unsubscribe();
+                consumer
+                    .subscribe(&[&self.config.kafka.topic])
+                    .with_context(|| format!("cannot subscribe to {}", self.config.kafka.topic))?;
+            }
             if flush && !self.pending.offsets.is_empty() {
                 let shutdown = shutdown.clone();
                 self.flush(move || *shutdown.borrow()).await?;
@@ -391,12 +403,8 @@ impl Source {
         set_offset(&mut self.expected, key, m.offset() + 1);
         set_offset(&mut self.pending.offsets, key, m.offset() + 1);
         let default_ts = m.timestamp().to_millis().unwrap_or(0) / 1000;
-        let decoded =
-            decode_message(m.payload(), &self.config, &self.policy, default_ts).and_then(|event| {
-                self.admission
-                    .admit(&event.user, &event.item)
-                    .map(|()| event)
-            });
+        let decoded = decode_message(m.payload(), &self.config, &self.policy, default_ts)
+            .and_then(|event| self.admission.admit_event(&event).map(|()| event));
         match decoded {
             Ok(event) => self.pending.events.push(event),
             Err(rejection) => self.letters.push(DeadLetter {
@@ -539,10 +547,13 @@ fn create_consumer(
     stored_offsets: &Arc<Mutex<Positions>>,
 ) -> anyhow::Result<StreamConsumer<ServiceContext>> {
     let kafka = &config.kafka;
+    shared.health.set_partitions_assigned(0);
     let context = ServiceContext {
+        topic: kafka.topic.clone(),
         stored_offsets: stored_offsets.clone(),
         health: shared.health.clone(),
         revoked: AtomicBool::new(false),
+        foreign_assignment: AtomicBool::new(false),
     };
     // A local prefetch of about ten batches, so the poll loop rarely waits on a fetch, but
     // bounded in messages as well as bytes: librdkafka's byte bound counts payloads only, and
@@ -677,6 +688,13 @@ fn spawn_broker_probe(
                 let Ok(assignment) = consumer.assignment() else {
                     return;
                 };
+                shared.health.set_partitions_assigned(
+                    assignment
+                        .elements()
+                        .iter()
+                        .filter(|e| e.topic() == topic)
+                        .count(),
+                );
                 let offsets = read_offsets(&stored);
                 for elem in assignment.elements() {
                     if let Ok((low, high)) = consumer.fetch_watermarks(

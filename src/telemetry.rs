@@ -43,6 +43,12 @@ pub struct Metrics {
     pub feed_version: IntGauge,
     pub feed_records: IntCounter,
     pub feed_errors: IntCounter,
+    /// Stored snapshot versions the change feed has not published yet.
+    pub feed_unpublished: IntGauge,
+    /// 1 once the change feed stopped for good (fenced, or its record lost or foreign).
+    pub feed_stopped: IntGauge,
+    /// State dirs found holding fewer snapshot versions than had left the process.
+    pub state_rollbacks: IntCounter,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -302,7 +308,7 @@ impl Metrics {
             ),
             ready: int_gauge(
                 "segmenter_ready",
-                "1 when the service is ready (state open, consuming, broker reachable).",
+                "1 when the service is ready (state open, consuming assigned partitions, broker reachable, dead letters and change feed keeping up).",
             ),
             feed_version: int_gauge(
                 "segmenter_feed_published_version",
@@ -315,6 +321,18 @@ impl Metrics {
             feed_errors: counter(
                 "segmenter_feed_errors_total",
                 "Change feed sessions that failed (each is retried with backoff; nothing is published twice).",
+            ),
+            feed_unpublished: int_gauge(
+                "segmenter_feed_unpublished_versions",
+                "Stored snapshot versions the change feed has not published yet (bounded by [snapshot] retention + 2).",
+            ),
+            feed_stopped: int_gauge(
+                "segmenter_feed_stopped",
+                "1 once the change feed stopped for good and needs an operator (fenced by another producer, or its record of what it published lost or written from another state dir).",
+            ),
+            state_rollbacks: counter(
+                "segmenter_state_rollbacks_total",
+                "Times the state dir was found rolled back (its database holds fewer snapshot versions than were served or published; new versions continue above them).",
             ),
             snapshot_created_unix: AtomicU64::new(0),
             names: vec![],
@@ -356,6 +374,9 @@ impl Metrics {
             Box::new(self.feed_version.clone()),
             Box::new(self.feed_records.clone()),
             Box::new(self.feed_errors.clone()),
+            Box::new(self.feed_unpublished.clone()),
+            Box::new(self.feed_stopped.clone()),
+            Box::new(self.state_rollbacks.clone()),
         ];
         for c in collectors {
             self.names

@@ -349,6 +349,39 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reasons() {
             br#"{"user":"u1","item":"i1","rating":-2}"#.to_vec(),
         ),
         ("empty", b"".to_vec()),
+        (
+            "malformed",
+            br#"{"user":"u1","item":"i1","rating":1,"rating":5}"#.to_vec(),
+        ),
+        (
+            "malformed",
+            b"{\"user\":\"u1\",\"item\":\"i1\",\"rating\":1,\"note\":\"\xff\"}".to_vec(),
+        ),
+        (
+            "malformed",
+            format!(
+                r#"{{"user":"u1","item":"i1","rating":1,"x":{}0{}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            )
+            .into_bytes(),
+        ),
+        (
+            "bad_timestamp",
+            br#"{"user":"u1","item":"i1","rating":1,"ts":1e30}"#.to_vec(),
+        ),
+        (
+            "bad_timestamp",
+            br#"{"user":"u1","item":"i1","rating":1,"ts":-5}"#.to_vec(),
+        ),
+        (
+            "bad_id",
+            br#"{"user":"u\u0000","item":"i1","rating":1}"#.to_vec(),
+        ),
+        (
+            "bad_id",
+            format!(r#"{{"user":"{}","item":"i1","rating":1}}"#, "u".repeat(300)).into_bytes(),
+        ),
         ("oversized", oversized.into_bytes()),
     ];
     let mut good = 0u64;
@@ -857,40 +890,6 @@ fn read_committed(topic: &str) -> Vec<(String, Option<serde_json::Value>)> {
     read_to_end(topic, "read_committed")
 }
 
-fn read_to_end(topic: &str, isolation: &str) -> Vec<(String, Option<serde_json::Value>)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::error::KafkaError;
-    use rdkafka::message::Message;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("check-{topic}-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", isolation)
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("consumer");
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    partitions
-        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
-        .expect("partition");
-    consumer.assign(&partitions).expect("assign");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut records = vec![];
-    while std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Err(KafkaError::PartitionEOF(_))) => return records,
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            Some(Ok(m)) => records.push((
-                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                m.payload()
-                    .map(|p| serde_json::from_slice(p).expect("JSON record")),
-            )),
-            None => {}
-        }
-    }
-    panic!("{topic} not read to its end within 60 s");
-}
-
 /// A file retracting every rating of the first `users` users of `ratings` (they leave).
 fn retract_users(ratings: &Path, users: usize) -> (PathBuf, u64, Vec<String>) {
     let text = std::fs::read_to_string(ratings).expect("read ratings");
@@ -922,17 +921,27 @@ fn retract_users(ratings: &Path, users: usize) -> (PathBuf, u64, Vec<String>) {
     (path, cells.len() as u64, leavers)
 }
 
-/// A stored snapshot's assignments as a map.
+/// A stored snapshot's assignments as a map (`None`: no longer stored).
 fn stored_table(
     store: &segmenter::store::SnapshotStore,
     version: u64,
-) -> std::collections::BTreeMap<String, u32> {
-    store
-        .assignments(version)
-        .unwrap()
-        .unwrap_or_else(|| panic!("snapshot {version} stored"))
-        .into_iter()
-        .collect()
+) -> Option<std::collections::BTreeMap<String, u32>> {
+    Some(store.assignments(version).unwrap()?.into_iter().collect())
+}
+
+/// Applies one version's change records to a table of user → segment.
+fn apply_changes(
+    table: &mut std::collections::BTreeMap<String, u32>,
+    records: &[serde_json::Value],
+) {
+    for r in records {
+        assert_eq!(r["distance"].is_null(), r["to"].is_null(), "{r}");
+        let user = r["user"].as_str().unwrap().to_string();
+        match r["to"].as_u64() {
+            Some(to) => table.insert(user, to as u32),
+            None => table.remove(&user),
+        };
+    }
 }
 
 /// The change feed and the assignments table, consumed from the beginning, end at exactly the
@@ -962,7 +971,8 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
         ("SEGMENTER_KAFKA__PUBLICATIONS_TOPIC", publications.as_str()),
         ("SEGMENTER_KAFKA__BATCH_SIZE", "300"),
         ("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200"),
-        ("SEGMENTER_SNAPSHOT__RETENTION", "100000"),
+        // Small: versions are pruned behind the feed, as in production.
+        ("SEGMENTER_SNAPSHOT__RETENTION", "4"),
     ] {
         env.push((key.into(), value.into()));
     }
@@ -1026,11 +1036,18 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
         last_version = version;
     }
     assert!(last_version >= final_version);
-    // Every stored version, none skipped, up to the last one stored (a stop publishes what is
-    // stored before the service exits).
+    // Every version still stored was published, up to the last one stored (a stop publishes
+    // what is stored before the service exits); retention pruned the older ones.
     let stored: Vec<u64> = store.snapshot_versions().unwrap();
     let versions: Vec<u64> = published.iter().map(|&(v, _, _)| v).collect();
-    assert_eq!(versions, stored, "every stored version published, in order");
+    assert!(
+        stored.iter().all(|v| versions.contains(v)),
+        "every stored version published: stored {stored:?}, published {versions:?}"
+    );
+    assert!(
+        stored.len() <= 4 + 2 && stored.len() < versions.len(),
+        "pruned behind the feed: stored {stored:?}, published {versions:?}"
+    );
 
     // The change feed: each version's records are its diff from the previous publication,
     // one per user, and applied in order they rebuild the last published snapshot.
@@ -1060,12 +1077,16 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
             count,
             "v{version}: no change lost or repeated"
         );
-        let before = if previous == 0 {
-            Default::default()
-        } else {
-            stored_table(&store, previous)
+        // Versions pruned since: their records still chain, checked below through the table.
+        let (Some(before), Some(after)) = (
+            (previous == 0)
+                .then(Default::default)
+                .or_else(|| stored_table(&store, previous)),
+            stored_table(&store, version),
+        ) else {
+            apply_changes(&mut table, &records);
+            continue;
         };
-        let after = stored_table(&store, version);
         let mut expected: Vec<(String, Option<u32>, Option<u32>)> = before
             .iter()
             .filter(|(u, s)| after.get(*u) != Some(s))
@@ -1091,20 +1112,14 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
             .collect();
         got.sort();
         assert_eq!(got, expected, "v{version}'s changes against v{previous}");
-        for r in &records {
-            assert_eq!(r["distance"].is_null(), r["to"].is_null(), "{r}");
-            let user = r["user"].as_str().unwrap().to_string();
-            match r["to"].as_u64() {
-                Some(to) => table.insert(user, to as u32),
-                None => table.remove(&user),
-            };
-        }
+        apply_changes(&mut table, &records);
+        assert_eq!(table, after, "the feed rebuilds v{version}");
     }
     assert!(
         by_version.is_empty(),
         "records outside a publication: {by_version:?}"
     );
-    let expected = stored_table(&store, last_version);
+    let expected = stored_table(&store, last_version).expect("the last version published stored");
     assert_eq!(table, expected, "the change feed rebuilds v{last_version}");
     for leaver in &leavers {
         assert!(!expected.contains_key(leaver), "{leaver} left");

@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::{RejectReason, Rejection};
+
 /// Scaled values stay within `2^REBASE_HALF_LIVES` of the values given (about 1.8e19): far
 /// from the f64 range even squared and summed over millions of users.
 pub const REBASE_HALF_LIVES: i64 = 64;
@@ -22,6 +24,12 @@ pub const REBASE_HALF_LIVES: i64 = 64;
 /// can show); a user left with no cell leaves. It keeps every value and square a normal float,
 /// so rescaling by powers of two stays exact.
 pub const FORGOTTEN_BELOW_EXPONENT: i64 = 200;
+
+/// The shortest `[events] half_life` the config accepts (5 minutes). Sources accept an event
+/// up to one half-life ahead of their clock (`event::future_tolerance`), which must cover
+/// producers' clock skew; and all stored values are rescaled every [`REBASE_HALF_LIVES`]
+/// half-lives of event time, an O(ratings) pass that should stay rare.
+pub const MIN_HALF_LIFE_SECONDS: u64 = 300;
 
 /// Where event time stands for a decaying engine; persisted with the state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -66,6 +74,42 @@ impl DecayClock {
         let span = span_seconds(half_life_seconds);
         let ahead = ts.saturating_sub(origin);
         if ahead > span { ahead / span } else { 0 }
+    }
+
+    /// Why an event at `ts` with `value` cannot be weighed, decided before anything changes:
+    /// its weight `2^((ts − origin)/h)` would be below `2^−FORGOTTEN_BELOW_EXPONENT` (or take
+    /// the value to 0 or a subnormal). Stored, such a value is one the next rebase drops; in
+    /// explicit mode it would replace the user's rating with nothing, a deletion nobody sent.
+    /// Only events older than the origin are weighed below 1, so only they cost an `exp2` here.
+    pub fn refuses(
+        &self,
+        ts: i64,
+        value: Option<f64>,
+        half_life_seconds: u64,
+    ) -> Option<Rejection> {
+        let origin = self.origin_ts?;
+        if ts >= origin {
+            return None;
+        }
+        let half_lives_behind = (origin as f64 - ts as f64) / half_life_seconds as f64;
+        let weight = (-half_lives_behind).exp2();
+        let floor = power_of_two(-FORGOTTEN_BELOW_EXPONENT);
+        let vanishes = half_lives_behind > FORGOTTEN_BELOW_EXPONENT as f64
+            || weight < floor
+            || value.is_some_and(|v| v != 0.0 && !(v * weight).is_normal());
+        vanishes.then(|| {
+            let newest = self.clock_ts.unwrap_or(origin);
+            Rejection::new(
+                RejectReason::BadTimestamp,
+                format!(
+                    "ts {ts} is {:.0} half-lives older than the newest event ({newest}): its \
+                     weight, about 2^-{half_lives_behind:.0}, would round its value away and \
+                     erase the rating it replaces; ratings older than {FORGOTTEN_BELOW_EXPONENT} \
+                     half-lives are forgotten",
+                    (newest as f64 - ts as f64) / half_life_seconds as f64
+                ),
+            )
+        })
     }
 
     /// Moves the origin forward by `spans` spans (the caller rescales the stored values).
@@ -194,6 +238,42 @@ mod tests {
         }
         assert_eq!(power_of_two(-1075), 0.0);
         assert_eq!(power_of_two(1024), f64::INFINITY);
+    }
+
+    #[test]
+    fn an_event_whose_weight_would_vanish_is_refused_before_it_is_weighed() {
+        let h = 600;
+        let mut clock = DecayClock::default();
+        assert!(
+            clock.refuses(1, Some(4.0), h).is_none(),
+            "the first event sets the origin"
+        );
+        let now = 1_700_000_000;
+        clock.weigh(now, h);
+        let before = clock;
+        let behind = |half_lives: i64| now - half_lives * h as i64;
+        assert!(clock.refuses(behind(199), Some(4.0), h).is_none());
+        assert!(
+            clock
+                .refuses(behind(FORGOTTEN_BELOW_EXPONENT), Some(4.0), h)
+                .is_none()
+        );
+        for old in [behind(FORGOTTEN_BELOW_EXPONENT + 1), behind(3_000), 1] {
+            let rejection = clock.refuses(old, Some(4.0), h).expect("refused");
+            assert_eq!(rejection.reason, RejectReason::BadTimestamp);
+        }
+        assert!(
+            clock
+                .refuses(behind(3_000), Some(4.0), h)
+                .is_some_and(|r| r.detail.contains("3000 half-lives older")),
+        );
+        // A tiny value that a still-visible weight would take to a subnormal or 0.
+        assert!(clock.refuses(behind(150), Some(1e-270), h).is_some());
+        assert!(clock.refuses(behind(150), Some(0.0), h).is_none());
+        assert!(clock.refuses(behind(150), None, h).is_none());
+        // Newer than the origin: weighed 1 or more, nothing to check.
+        assert!(clock.refuses(now + 60, Some(1e-300), h).is_none());
+        assert_eq!(clock, before, "deciding changes nothing");
     }
 
     #[test]

@@ -186,6 +186,9 @@ impl IdMap {
 /// engine applies them and checks them in the engine's order (item, then user, nothing
 /// recorded for a refused event), so it admits exactly the events the engine will.
 #[derive(Debug, Clone)]
+///
+/// With a half-life it also follows the decay origin, so it refuses as the engine does an
+/// event too old to weigh ([`DecayClock::refuses`]) and such an event is dead-lettered.
 pub struct AdmissionGate {
     items: IdMap,
     max_items: usize,
@@ -194,6 +197,8 @@ pub struct AdmissionGate {
     /// digest with a probability of about n²/2¹²⁹ (10⁻²⁵ for ten million users).
     users: rustc_hash::FxHashSet<u128>,
     max_users: usize,
+    decay: DecayClock,
+    half_life_seconds: Option<u64>,
 }
 
 impl AdmissionGate {
@@ -208,7 +213,33 @@ impl AdmissionGate {
                 .map(|id| id_digest(id))
                 .collect(),
             max_users: engine.params().max_users,
+            decay: engine.decay(),
+            half_life_seconds: engine.params().half_life_seconds,
         }
+    }
+
+    /// Admits an event that passed the value policy as the engine will (refused when too old
+    /// for the decay clock, for a new item past the item cap, or for a new user past the user
+    /// cap, in that order), recording what it changes.
+    pub fn admit_event(&mut self, event: &impl Rating) -> Result<(), crate::event::Rejection> {
+        let Some(half_life) = self.half_life_seconds else {
+            return self.admit(event.user(), event.item());
+        };
+        if let Some(rejection) = self.decay.refuses(event.ts(), event.value(), half_life) {
+            return Err(rejection);
+        }
+        self.admit(event.user(), event.item())?;
+        // The origin moves as the engine's will when it applies the event.
+        let spans = self.decay.spans_due(event.ts(), half_life);
+        if spans > 0 {
+            self.decay.advance(spans, half_life);
+        }
+        self.decay.clock_ts = Some(
+            self.decay
+                .clock_ts
+                .map_or(event.ts(), |c| c.max(event.ts())),
+        );
+        Ok(())
     }
 
     /// Admits an event of `user` for `item` (recording both when new), or refuses it with the
@@ -365,7 +396,7 @@ impl EngineParams {
             mode: self.mode,
             min_value: self.min_value,
             max_value: self.max_value,
-            requires_ts: self.half_life_seconds.is_some(),
+            half_life_seconds: self.half_life_seconds,
             future_tolerance_seconds: None,
         }
     }
@@ -566,6 +597,12 @@ impl Engine {
                 self.prefetch_user(u);
             }
             if let Err(rejection) = self.policy.check(event) {
+                outcome.rejected.push((i, rejection.reason));
+                continue;
+            }
+            if let Some(half_life) = self.params.half_life_seconds
+                && let Some(rejection) = self.decay.refuses(event.ts(), event.value(), half_life)
+            {
                 outcome.rejected.push((i, rejection.reason));
                 continue;
             }
@@ -1066,6 +1103,184 @@ mod tests {
                 .all(|v| v.is_normal()),
             "every stored value a normal float"
         );
+    }
+
+    /// `count` events over the hour before `now` (seeded), for 300 users and 50 items.
+    fn events_before(now: i64, count: usize, seed: u64) -> Vec<RatingEvent> {
+        use rand::{Rng, SeedableRng};
+        use rand_chacha::ChaCha8Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut events: Vec<RatingEvent> = (0..count)
+            .map(|_| RatingEvent {
+                user: format!("u{}", rng.random_range(0..300)),
+                item: format!("i{}", rng.random_range(0..50)),
+                value: Some(rng.random_range(1..=5) as f64),
+                ts: now - rng.random_range(0..3_600),
+            })
+            .collect();
+        events.sort_by_key(|e| e.ts);
+        events
+    }
+
+    /// What a source does: its value checks (with its clock), then the engine.
+    fn as_a_source_hands_them(engine: &mut Engine, events: &[RatingEvent]) -> Vec<RejectReason> {
+        let source = engine.params().policy().for_source();
+        let (good, bad): (Vec<_>, Vec<_>) = events
+            .iter()
+            .cloned()
+            .partition(|e| source.check(e).is_ok());
+        let mut reasons: Vec<RejectReason> = bad
+            .iter()
+            .map(|e| source.check(e).map_err(|r| r.reason).unwrap_err())
+            .collect();
+        let outcome = engine.apply(&good);
+        reasons.extend(outcome.rejected.iter().map(|&(_, reason)| reason));
+        reasons
+    }
+
+    /// Everything an event could change, as bits.
+    fn fingerprint(engine: &Engine) -> (Vec<u64>, Vec<u64>, DecayClock, u64, u64, Vec<SparseVec>) {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (
+            bits(engine.stats().sums()),
+            bits(engine.stats().squares()),
+            engine.decay(),
+            engine.active_users(),
+            engine.ratings(),
+            engine.vectors().iter().cloned().collect(),
+        )
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    }
+
+    #[test]
+    fn an_event_far_ahead_of_the_decay_clock_is_rejected_and_changes_nothing() {
+        let half_life = 600;
+        let mut engine = Engine::new(EngineParams {
+            half_life_seconds: Some(half_life),
+            components: 3,
+            clusters: 4,
+            refresh_every_events: 2_000,
+            ..EngineParams::default()
+        });
+        let now = now();
+        let around_now = events_before(now, 10_000, 7);
+        assert_eq!(as_a_source_hands_them(&mut engine, &around_now), []);
+        let before = fingerprint(&engine);
+        let effective = engine.decay().effective_events(half_life);
+        assert!(effective > 100.0, "{effective}");
+        // 20 h ahead: inside a day, but 120 half-lives; it would weigh 2^120 times the rest.
+        let ahead = RatingEvent {
+            user: "u1".into(),
+            item: "i1".into(),
+            value: Some(5.0),
+            ts: now + 20 * 3_600,
+        };
+        assert_eq!(
+            as_a_source_hands_them(&mut engine, &[ahead]),
+            [RejectReason::BadTimestamp]
+        );
+        assert!(
+            fingerprint(&engine) == before,
+            "the statistics are unchanged"
+        );
+        assert_eq!(engine.decay().effective_events(half_life), effective);
+    }
+
+    #[test]
+    fn ratings_re_sent_thousands_of_half_lives_late_are_rejected_and_the_user_kept() {
+        for mode in [Mode::Explicit, Mode::Implicit] {
+            let half_life = 600;
+            let mut engine = Engine::new(EngineParams {
+                mode,
+                half_life_seconds: Some(half_life),
+                components: 3,
+                clusters: 4,
+                ..EngineParams::default()
+            });
+            let now = 1_700_000_000;
+            let events = events_before(now, 2_000, 3);
+            assert_eq!(engine.apply(&events).applied, 2_000);
+            let before = fingerprint(&engine);
+            let user = engine.users().get("u7").expect("u7 rated");
+            // The same user's ratings again, 3,000 half-lives back: weighed 2^-3000, that is 0.
+            let re_sent: Vec<RatingEvent> = events
+                .iter()
+                .filter(|e| e.user == "u7")
+                .map(|e| RatingEvent {
+                    ts: e.ts - 3_000 * half_life as i64,
+                    ..e.clone()
+                })
+                .collect();
+            let outcome = engine.apply(&re_sent);
+            assert_eq!(outcome.applied, 0, "{mode}");
+            assert!(
+                outcome
+                    .rejected
+                    .iter()
+                    .all(|&(_, r)| r == RejectReason::BadTimestamp)
+                    && outcome.rejected.len() == re_sent.len(),
+                "{mode}: {:?}",
+                outcome.rejected
+            );
+            assert!(
+                !engine.vector(user).idx.is_empty(),
+                "{mode}: the user is kept"
+            );
+            assert!(fingerprint(&engine) == before, "{mode}: nothing changed");
+        }
+    }
+
+    #[test]
+    fn the_gate_refuses_exactly_the_events_the_engine_refuses_for_their_age() {
+        let half_life = 600;
+        let params = EngineParams {
+            half_life_seconds: Some(half_life),
+            max_items: 40,
+            components: 3,
+            clusters: 4,
+            ..EngineParams::default()
+        };
+        let mut engine = Engine::new(params.clone());
+        engine.apply(&events_before(1_700_000_000, 500, 5));
+        let first_origin = engine.decay().origin_ts;
+        let mut gate = AdmissionGate::new(&engine);
+        // Later events crossing two rebases, with re-sends far behind among them.
+        let mut stream = Vec::new();
+        for (n, mut e) in events_before(1_700_000_000, 3_000, 9)
+            .into_iter()
+            .enumerate()
+        {
+            e.ts += (n as i64) * 30;
+            if n % 7 == 0 {
+                e.ts -= 250 * half_life as i64;
+            }
+            stream.push(e);
+        }
+        let admitted: Vec<bool> = stream.iter().map(|e| gate.admit_event(e).is_ok()).collect();
+        let outcome = engine.apply(&stream);
+        let refused: Vec<bool> = {
+            let mut refused = vec![false; stream.len()];
+            outcome
+                .rejected
+                .iter()
+                .for_each(|&(i, _)| refused[i] = true);
+            refused
+        };
+        assert!(admitted.iter().any(|a| !a), "some events are refused");
+        let span = decay::REBASE_HALF_LIVES * half_life as i64;
+        assert!(
+            engine.decay().origin_ts >= first_origin.map(|o| o + 2 * span),
+            "two rebases"
+        );
+        for (i, (a, r)) in admitted.iter().zip(&refused).enumerate() {
+            assert_eq!(*a, !r, "event {i}: {:?}", stream[i]);
+        }
+        assert_eq!(gate.decay.origin_ts, engine.decay().origin_ts);
     }
 
     #[test]

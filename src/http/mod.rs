@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::pipeline::Health;
-use crate::store::SnapshotStore;
+use crate::store::{AssignmentChunks, SnapshotStore};
 use crate::telemetry::Metrics;
 use serving::Serving;
 
@@ -30,27 +30,17 @@ const PAGE: &str = include_str!("page.html");
 /// Snapshots shown by the charts over time.
 const CHART_HISTORY: usize = 20;
 
-/// Requests that read stored snapshots (charts, the snapshot list, an old version) run at most
-/// this many at once; the others wait their turn, so memory stays flat under any load.
+/// Requests that read stored snapshots (charts, the snapshot list, an old version, histories,
+/// assignments downloads) run at most this many at once; the others wait their turn, so memory
+/// stays flat under any load.
 const STORED_READS_IN_FLIGHT: usize = 4;
-/// How long such a request waits for its turn before it is answered 503.
+/// The shortest wait for a turn before a request is answered 503. A request waits at least
+/// `[http] stored_read_deadline_ms` too: every holder gives its turn up by then.
 const STORED_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-static STORED_READS: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(STORED_READS_IN_FLIGHT);
 
-/// A turn to read stored snapshots, or the documented 503 when none comes in time.
-async fn stored_read_turn() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
-    match tokio::time::timeout(STORED_READ_WAIT, STORED_READS.acquire()).await {
-        Ok(Ok(permit)) => Ok(permit),
-        _ => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests for stored snapshots in flight; retry shortly",
-        )),
-    }
-}
-
-/// Longest user id accepted in a path.
-const MAX_ID_BYTES: usize = 256;
+// Longest user id accepted in a path: the limit every source applies to ids, so every user
+// the engine holds can be looked up.
+use crate::event::MAX_ID_BYTES;
 /// Largest `limit` of a cluster profile request.
 const MAX_LIMIT: usize = 1000;
 
@@ -60,9 +50,30 @@ pub struct AppState {
     pub serving: Arc<RwLock<Option<Arc<Serving>>>>,
     pub snapshots: SnapshotStore,
     pub token: Option<String>,
+    /// The turns of requests that read stored snapshots ([`STORED_READS_IN_FLIGHT`]).
+    pub stored_reads: Arc<tokio::sync::Semaphore>,
+    /// `[http] stored_read_deadline_ms`: the longest a request holds its turn.
+    pub stored_read_deadline: std::time::Duration,
 }
 
 impl AppState {
+    /// The turns for reading stored snapshots, all free.
+    pub fn stored_read_turns() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(STORED_READS_IN_FLIGHT))
+    }
+
+    /// A turn to read stored snapshots, or the documented 503 when none comes in time.
+    async fn stored_read_turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let wait = STORED_READ_WAIT.max(self.stored_read_deadline);
+        match tokio::time::timeout(wait, self.stored_reads.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests for stored snapshots in flight; retry shortly",
+            )),
+        }
+    }
+
     fn latest(&self) -> Option<Arc<Serving>> {
         self.serving.read().ok().and_then(|s| s.clone())
     }
@@ -203,6 +214,8 @@ pub async fn start(
         serving: shared.serving.clone(),
         snapshots: snapshots.clone(),
         token: config.http.token(),
+        stored_reads: AppState::stored_read_turns(),
+        stored_read_deadline: config.http.stored_read_deadline(),
     });
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = serve(config.http.listen_addr()?, state, async move {
@@ -225,15 +238,24 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} ([http] listen): {e}"))?;
     tracing::info!(%listen, "HTTP API listening");
+    Ok(serve_on(listener, state, shutdown))
+}
+
+/// Serves on a bound `listener` until `shutdown` resolves.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     let app = router(state);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::error!(%e, "HTTP server failed");
         }
-    }))
+    })
 }
 
 async fn require_token(
@@ -273,6 +295,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "consuming": h.consuming.load(Relaxed),
         "broker_reachable": h.broker_reachable.load(Relaxed),
         "dead_letters_refused": h.dead_letters_refused.load(Relaxed),
+        "partitions_assigned": h.partitions_assigned(),
+        "feed_behind": h.feed_behind.load(Relaxed),
+        "feed_stopped": h.feed_stopped.load(Relaxed),
     });
     let status = if ready {
         StatusCode::OK
@@ -349,7 +374,7 @@ async fn chart(
         (None, Some(l)) => l.snapshot.version,
         (None, None) => return Err(ApiError::new(StatusCode::NOT_FOUND, "no snapshot yet")),
     };
-    let _turn = stored_read_turn().await?;
+    let _turn = state.stored_read_turn().await?;
     let snapshots = state.snapshots.clone();
     // Summaries for the charts over time: at most two whole snapshots are parsed.
     let inputs = tokio::task::spawn_blocking(move || {
@@ -381,7 +406,7 @@ async fn openapi() -> Response {
 }
 
 async fn list_snapshots(State(state): State<Arc<AppState>>) -> ApiResult {
-    let _turn = stored_read_turn().await?;
+    let _turn = state.stored_read_turn().await?;
     let snapshots = state.snapshots.clone();
     let infos = tokio::task::spawn_blocking(move || snapshots.snapshot_infos())
         .await
@@ -402,7 +427,7 @@ async fn snapshot_by_version(
     if let Some(s) = state.latest().filter(|s| s.snapshot.version == version) {
         return Ok(json_bytes(s.snapshot_json.clone()));
     }
-    let _turn = stored_read_turn().await?;
+    let _turn = state.stored_read_turn().await?;
     let snapshots = state.snapshots.clone();
     let found = tokio::task::spawn_blocking(move || snapshots.snapshot(version))
         .await
@@ -422,13 +447,14 @@ struct AssignmentsQuery {
     format: Option<String>,
 }
 
-/// Assignments go out in pieces of about this many bytes.
-const ASSIGNMENT_CHUNK_BYTES: usize = 64 * 1024;
-/// How long a client may stop reading assignments before the response is dropped.
-const ASSIGNMENT_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Users read from the store, resolved and encoded per piece of an assignments download: the
+/// memory a download holds beyond the stored pairs record (8 bytes a user).
+const ASSIGNMENT_CHUNK_USERS: usize = 2048;
 
 /// A snapshot's assignments (`user`, `cluster`), in user order, streamed as NDJSON (default) or
-/// CSV. `version` may be `latest`.
+/// CSV. `version` may be `latest`. The rows are read from the store a chunk of users at a time
+/// as the client takes them; a download not finished by `[http] stored_read_deadline_ms` is cut
+/// off with the connection aborted, so the client sees an error rather than a clean end.
 async fn snapshot_assignments(
     State(state): State<Arc<AppState>>,
     ApiPath(version): ApiPath<String>,
@@ -448,34 +474,19 @@ async fn snapshot_assignments(
         "latest" => state.require_latest()?.snapshot.version,
         v => parse_version(v)?,
     };
-    let turn = stored_read_turn().await?;
+    let turn = state.stored_read_turn().await?;
+    let deadline = tokio::time::Instant::now() + state.stored_read_deadline;
     let snapshots = state.snapshots.clone();
-    let found = tokio::task::spawn_blocking(move || snapshots.assignments(version))
+    let found = tokio::task::spawn_blocking(move || snapshots.assignment_chunks(version))
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "assignments read failed"))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let assignments = found.ok_or_else(|| {
+    let chunks = found.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no snapshot {version} (it may have been removed by [snapshot] retention)"),
         )
     })?;
-    let (pieces, received) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::spawn(async move {
-        // The turn is held until the last piece is handed over, or until the client stops
-        // reading for ASSIGNMENT_SEND_WAIT: a stalled download must not hold it for ever.
-        let _turn = turn;
-        for rows in encode_assignments(&assignments, csv) {
-            match tokio::time::timeout(ASSIGNMENT_SEND_WAIT, pieces.send(Ok(rows))).await {
-                Ok(Ok(())) => {}
-                _ => return, // the client went away or stalled: the response ends cut short
-            }
-        }
-    });
-    let body = axum::body::Body::from_stream(futures_util::stream::unfold(
-        received,
-        |mut received| async move { received.recv().await.map(|piece| (piece, received)) },
-    ));
     let content_type = if csv {
         "text/csv; charset=utf-8"
     } else {
@@ -483,9 +494,105 @@ async fn snapshot_assignments(
     };
     Ok((
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        body,
+        assignments_body(chunks, csv, turn, deadline),
     )
         .into_response())
+}
+
+/// What an assignments download keeps between pieces.
+struct Download {
+    /// The stored assignments still to send; emptied at the deadline, so a connection the
+    /// client stopped reading holds no stored data past it.
+    rows: Arc<std::sync::Mutex<Option<AssignmentChunks>>>,
+    header: Option<Vec<u8>>,
+    csv: bool,
+    deadline: tokio::time::Instant,
+    /// Dropped with the download (finished, failed or abandoned): the turn is given back then.
+    _finished: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The error that ends a body cut short: hyper then aborts the connection without the
+/// chunked terminator, so the client sees the download fail instead of a clean, short end.
+fn cut_short(why: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("assignments download cut short: {why}"))
+}
+
+/// The body of an assignments download: pieces read from `rows` as the client takes them, ended
+/// by an error (the connection aborted) at `deadline`. The `turn` is held until the download
+/// ends or the deadline passes, whichever is first, even if the client never reads again (the
+/// server then stops asking for pieces, so the body alone could not notice).
+fn assignments_body(
+    rows: AssignmentChunks,
+    csv: bool,
+    turn: tokio::sync::OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+) -> axum::body::Body {
+    let rows = Arc::new(std::sync::Mutex::new(Some(rows)));
+    let (finished, until_finished) = tokio::sync::oneshot::channel::<()>();
+    let expiring = rows.clone();
+    tokio::spawn(async move {
+        let _turn = turn;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                if let Ok(mut rows) = expiring.lock() {
+                    rows.take();
+                }
+            }
+            _ = until_finished => {}
+        }
+    });
+    let download = Download {
+        rows,
+        header: csv.then(|| b"user,cluster\n".to_vec()),
+        csv,
+        deadline,
+        _finished: finished,
+    };
+    axum::body::Body::from_stream(futures_util::stream::unfold(
+        Some(download),
+        |download| async move {
+            let mut download = download?;
+            if tokio::time::Instant::now() >= download.deadline {
+                return Some((
+                    Err(cut_short("[http] stored_read_deadline_ms passed")),
+                    None,
+                ));
+            }
+            if let Some(header) = download.header.take() {
+                return Some((Ok(header), Some(download)));
+            }
+            let taken = download.rows.lock().ok().and_then(|mut rows| rows.take());
+            let Some(mut rows) = taken else {
+                return Some((
+                    Err(cut_short("[http] stored_read_deadline_ms passed")),
+                    None,
+                ));
+            };
+            let csv = download.csv;
+            let read = tokio::task::spawn_blocking(move || {
+                let piece = rows
+                    .next_chunk(ASSIGNMENT_CHUNK_USERS)
+                    .map(|chunk| chunk.map(|chunk| encode_assignments(&chunk, csv)));
+                (rows, piece)
+            })
+            .await;
+            match read {
+                Ok((rows, Ok(Some(piece)))) => {
+                    // Put back only before the deadline, under the lock the expiry takes too:
+                    // past it the rows are dropped here, not kept by a stalled connection.
+                    if let Ok(mut slot) = download.rows.lock()
+                        && tokio::time::Instant::now() < download.deadline
+                    {
+                        *slot = Some(rows);
+                    }
+                    Some((Ok(piece), Some(download)))
+                }
+                Ok((_, Ok(None))) => None,
+                Ok((_, Err(e))) => Some((Err(cut_short(e)), None)),
+                Err(e) => Some((Err(cut_short(e)), None)),
+            }
+        },
+    ))
 }
 
 /// `field` as one CSV field: quoted (quotes doubled) when it holds a comma, a quote or a line
@@ -500,33 +607,20 @@ fn push_csv_field(out: &mut Vec<u8>, field: &str) {
     }
 }
 
-/// Assignments as NDJSON lines or CSV rows (with a header), in pieces of about
-/// [`ASSIGNMENT_CHUNK_BYTES`].
-fn encode_assignments(
-    assignments: &[(String, u32)],
-    csv: bool,
-) -> impl Iterator<Item = Vec<u8>> + '_ {
-    let header = csv.then(|| b"user,cluster\n".to_vec());
-    let mut rows = assignments.iter().peekable();
-    let pieces = std::iter::from_fn(move || {
-        rows.peek()?;
-        let mut piece = Vec::with_capacity(ASSIGNMENT_CHUNK_BYTES + 512);
-        while piece.len() < ASSIGNMENT_CHUNK_BYTES {
-            let Some((user, cluster)) = rows.next() else {
-                break;
-            };
-            if csv {
-                push_csv_field(&mut piece, user);
-                let _ = writeln!(piece, ",{cluster}");
-            } else {
-                let line = json!({"user": user, "cluster": cluster});
-                let _ = serde_json::to_writer(&mut piece, &line);
-                piece.push(b'\n');
-            }
+/// Assignments as NDJSON lines or CSV rows (the CSV header is sent first, apart).
+fn encode_assignments(assignments: &[(String, u32)], csv: bool) -> Vec<u8> {
+    let mut piece = Vec::with_capacity(assignments.len() * 32);
+    for (user, cluster) in assignments {
+        if csv {
+            push_csv_field(&mut piece, user);
+            let _ = writeln!(piece, ",{cluster}");
+        } else {
+            let line = json!({"user": user, "cluster": cluster});
+            let _ = serde_json::to_writer(&mut piece, &line);
+            piece.push(b'\n');
         }
-        Some(piece)
-    });
-    header.into_iter().chain(pieces)
+    }
+    piece
 }
 
 #[derive(Debug, Deserialize)]
@@ -649,12 +743,34 @@ struct UserQuery {
     items: Option<String>,
 }
 
-/// The user's segment in every retained snapshot, oldest first.
+/// Snapshots a history covers unless `limit` says otherwise.
+const HISTORY_DEFAULT: usize = 20;
+/// Largest `limit` of a history: each snapshot it covers is one stored assignments record read.
+const MAX_HISTORY: usize = 100;
+
+/// The user's segment in the newest `limit` retained snapshots, oldest first. Older snapshots
+/// are not read: the work is bounded by `limit`, whatever the retention.
 async fn user_history(
     State(state): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<LimitQuery>,
 ) -> ApiResult {
     check_user_id(&id)?;
+    let limit = match query.limit.as_deref() {
+        None => HISTORY_DEFAULT,
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=MAX_HISTORY).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "limit must be an integer from 1 to {MAX_HISTORY}, got `{}`",
+                        truncate(raw)
+                    ),
+                ));
+            }
+        },
+    };
     let latest = state.require_latest()?;
     let index = latest.engine_index(&id).ok_or_else(|| {
         ApiError::new(
@@ -666,9 +782,9 @@ async fn user_history(
             ),
         )
     })?;
-    let _turn = stored_read_turn().await?;
+    let _turn = state.stored_read_turn().await?;
     let snapshots = state.snapshots.clone();
-    let history = tokio::task::spawn_blocking(move || snapshots.user_history(index))
+    let history = tokio::task::spawn_blocking(move || snapshots.recent_user_history(index, limit))
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "history read failed"))?
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
@@ -708,35 +824,312 @@ async fn user(
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
     use super::*;
+    use crate::engine::Engine;
 
     #[test]
-    fn assignments_encode_as_ndjson_or_csv_in_pieces() {
-        let assignments: Vec<(String, u32)> = (0..20_000)
+    fn assignments_encode_as_ndjson_or_csv() {
+        let assignments: Vec<(String, u32)> = (0..2_000)
             .map(|i| (format!("u{i}"), i % 7))
             .chain([("a,b \"c\"".to_string(), 3)])
             .collect();
-        let ndjson: Vec<Vec<u8>> = encode_assignments(&assignments, false).collect();
-        assert!(ndjson.len() > 1, "several pieces");
-        let text = String::from_utf8(ndjson.concat()).unwrap();
+        let text = String::from_utf8(encode_assignments(&assignments, false)).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), assignments.len());
         assert_eq!(lines[5], json!({"user": "u5", "cluster": 5}));
-        assert_eq!(lines[20_000]["user"], "a,b \"c\"");
+        assert_eq!(lines[2_000]["user"], "a,b \"c\"");
 
-        let csv = String::from_utf8(
-            encode_assignments(&assignments, true)
-                .collect::<Vec<_>>()
-                .concat(),
-        )
-        .unwrap();
-        let mut reader = ::csv::Reader::from_reader(csv.as_bytes());
+        let mut csv = b"user,cluster\n".to_vec();
+        csv.extend(encode_assignments(&assignments, true));
+        let mut reader = ::csv::Reader::from_reader(csv.as_slice());
         let rows: Vec<(String, u32)> = reader.deserialize().map(|r| r.unwrap()).collect();
         assert_eq!(rows, assignments);
-        assert_eq!(encode_assignments(&[], true).count(), 1, "a header only");
-        assert_eq!(encode_assignments(&[], false).count(), 0);
+        assert!(encode_assignments(&[], true).is_empty());
+    }
+
+    use crate::snapshot::test_support::small_engine;
+
+    /// Snapshot `version` of `engine` and the serving copy of it.
+    fn snapshot_of(engine: &Engine, version: u64) -> (crate::snapshot::Snapshot, Serving) {
+        let titles = rustc_hash::FxHashMap::default();
+        let mut input = crate::snapshot::BuildInput::standalone(&titles, false);
+        input.version = version;
+        let view = engine.view();
+        let built = crate::snapshot::build_with_model(&view, &Default::default(), input)
+            .expect("enough data for a snapshot");
+        let snapshot = built.snapshot.clone();
+        let serving = Serving::new(&view, &built.model, built.snapshot, titles);
+        (snapshot, serving)
+    }
+
+    /// The API over a store of its own, on a runtime of its own.
+    struct Served {
+        state: Arc<AppState>,
+        addr: SocketAddr,
+        _runtime: tokio::runtime::Runtime,
+        _stores: crate::store::Stores,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Serves a store whose snapshot 1 assigns `users` users with ids of about `id_bytes`
+    /// bytes (user `u` in cluster `u % 5`), stored reads cut at `deadline`.
+    fn serve_assignments(users: usize, id_bytes: usize, deadline: Duration) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = crate::store::open(dir.path()).unwrap();
+        let ids: Vec<String> = (0..users)
+            .map(|u| format!("{u:08}-{}", "x".repeat(id_bytes)))
+            .collect();
+        stores.snapshots.put_user_ids_for_tests(&ids).unwrap();
+        let labels: Vec<u32> = (0..users).map(|u| (u % 5) as u32).collect();
+        let (snapshot, _) = snapshot_of(&small_engine(), 1);
+        stores
+            .snapshots
+            .put_snapshot(&snapshot, &labels, 10)
+            .unwrap();
+        serve(stores, dir, None, deadline)
+    }
+
+    fn serve(
+        stores: crate::store::Stores,
+        dir: tempfile::TempDir,
+        latest: Option<Serving>,
+        deadline: Duration,
+    ) -> Served {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = Arc::new(AppState {
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+            serving: Arc::new(RwLock::new(latest.map(Arc::new))),
+            snapshots: stores.snapshots.clone(),
+            token: None,
+            stored_reads: AppState::stored_read_turns(),
+            stored_read_deadline: deadline,
+        });
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _guard = runtime.enter();
+        serve_on(listener, state.clone(), std::future::pending());
+        Served {
+            state,
+            addr,
+            _runtime: runtime,
+            _stores: stores,
+            _dir: dir,
+        }
+    }
+
+    /// Polls `condition` until it holds; panics naming `what` after a minute.
+    fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while !condition() {
+            assert!(Instant::now() < give_up, "waited a minute for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A raw GET of `path` whose response head has been read (the rest is left unread): the
+    /// head and what came with it.
+    fn start_download(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut got = vec![];
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed before the response head");
+            got.extend_from_slice(&buf[..n]);
+        }
+        (stream, got)
+    }
+
+    /// The rest of a response until the server closes the connection (an abort included).
+    fn read_rest(mut stream: TcpStream, mut got: Vec<u8>) -> Vec<u8> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// The end of a complete chunked body.
+    const CHUNKED_END: &[u8] = b"\r\n0\r\n\r\n";
+
+    fn ndjson_lines(response: &[u8]) -> usize {
+        response
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"{") && l.ends_with(b"}"))
+            .count()
+    }
+
+    #[test]
+    fn a_download_read_promptly_is_complete_and_in_user_order() {
+        let served = serve_assignments(5_000, 20, Duration::from_secs(60));
+        let (stream, head) = start_download(served.addr, "/snapshots/1/assignments");
+        assert!(head.starts_with(b"HTTP/1.1 200"));
+        let response = read_rest(stream, head);
+        assert!(response.ends_with(CHUNKED_END), "a clean end");
+        assert_eq!(ndjson_lines(&response), 5_000);
+        let (stream, head) = start_download(served.addr, "/snapshots/1/assignments?format=csv");
+        let response = String::from_utf8(read_rest(stream, head)).unwrap();
+        let rows: Vec<&str> = response.lines().filter(|l| l.contains("-xxx")).collect();
+        assert_eq!(rows.len(), 5_000);
+        assert!(rows[0].starts_with("00000000-") && rows[0].ends_with(",0"));
+        assert!(rows[4_999].starts_with("00004999-") && rows[4_999].ends_with(",4"));
+        wait_until("every turn given back", || {
+            served.state.stored_reads.available_permits() == STORED_READS_IN_FLIGHT
+        });
+    }
+
+    #[test]
+    fn a_download_stalled_past_the_deadline_is_aborted_never_ended_cleanly() {
+        // About 14 MB of NDJSON: more than the socket buffers hold while the client waits.
+        let users = 60_000;
+        let served = serve_assignments(users, 200, Duration::from_secs(1));
+        let (stream, head) = start_download(served.addr, "/snapshots/1/assignments");
+        assert!(head.starts_with(b"HTTP/1.1 200"));
+        // The client stops reading; the server gives the turn back at the deadline...
+        wait_until("the stalled download's turn given back", || {
+            served.state.stored_reads.available_permits() == STORED_READS_IN_FLIGHT
+        });
+        // ...and a client that reads on finds the download cut off, not ended.
+        let response = read_rest(stream, head);
+        assert!(
+            !response.ends_with(CHUNKED_END),
+            "the body must not end cleanly"
+        );
+        assert!(ndjson_lines(&response) < users);
+    }
+
+    #[test]
+    fn slow_readers_holding_every_turn_keep_others_out_only_until_the_deadline() {
+        let served = serve_assignments(60_000, 200, Duration::from_secs(1));
+        let stalled: Vec<(TcpStream, Vec<u8>)> = (0..STORED_READS_IN_FLIGHT)
+            .map(|_| start_download(served.addr, "/snapshots/1/assignments"))
+            .collect();
+        assert_eq!(
+            served.state.stored_reads.available_permits(),
+            0,
+            "the stalled downloads hold every turn"
+        );
+        let (status, body) = match ureq::get(&format!("http://{}/snapshots", served.addr)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET /snapshots: {e}"),
+        };
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["snapshots"][0]["version"],
+            1
+        );
+        for (stream, head) in stalled {
+            assert!(!read_rest(stream, head).ends_with(CHUNKED_END));
+        }
+    }
+
+    #[test]
+    fn a_download_streams_rows_before_the_whole_list_is_read() {
+        // The last user's id is missing from the store: a list built whole before the first
+        // byte fails outright; a stream sends the rows before it, then aborts where it breaks.
+        let users = 10_000;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = crate::store::open(dir.path()).unwrap();
+        let ids: Vec<String> = (0..users - 1).map(|u| format!("user{u}")).collect();
+        stores.snapshots.put_user_ids_for_tests(&ids).unwrap();
+        let (snapshot, _) = snapshot_of(&small_engine(), 1);
+        stores
+            .snapshots
+            .put_snapshot(&snapshot, &vec![1; users], 10)
+            .unwrap();
+        let served = serve(stores, dir, None, Duration::from_secs(60));
+        let (stream, head) = start_download(served.addr, "/snapshots/1/assignments");
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let response = read_rest(stream, head);
+        assert!(!response.ends_with(CHUNKED_END), "cut short, not ended");
+        let sent = ndjson_lines(&response);
+        assert!(
+            sent >= ASSIGNMENT_CHUNK_USERS && sent < users,
+            "{sent} rows"
+        );
+    }
+
+    #[test]
+    fn a_history_covers_the_newest_limit_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = crate::store::open(dir.path()).unwrap();
+        let engine = small_engine();
+        let mut latest = None;
+        for v in 1..=5 {
+            let (snapshot, serving) = snapshot_of(&engine, v);
+            // User 3 (`u3`) is in cluster v % 2 in snapshot v.
+            let labels: Vec<u32> = (0..20).map(|u| (u + v as u32 % 2) % 2).collect();
+            stores
+                .snapshots
+                .put_snapshot(&snapshot, &labels, 50)
+                .unwrap();
+            latest = Some(serving);
+        }
+        let served = serve(stores, dir, latest, Duration::from_secs(60));
+        let get = |path: &str| -> (u16, String) {
+            let url = format!("http://{}{path}", served.addr);
+            match ureq::get(&url).call() {
+                Ok(r) => (r.status(), r.into_string().unwrap()),
+                Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+                Err(e) => panic!("GET {path}: {e}"),
+            }
+        };
+        let get = |path: &str| {
+            let (status, body) = get(path);
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            )
+        };
+        let versions = |history: &serde_json::Value| -> Vec<(u64, u64)> {
+            history["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| {
+                    (
+                        h["version"].as_u64().unwrap(),
+                        h["cluster"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let (status, body) = get("/users/u3/history?limit=2");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(versions(&body), vec![(4, 1), (5, 0)]);
+        let (status, body) = get("/users/u3/history");
+        assert_eq!(status, 200);
+        assert_eq!(versions(&body).len(), 5, "the default covers all 5");
+        for bad in ["0", "101", "x", "-1"] {
+            let (status, body) = get(&format!("/users/u3/history?limit={bad}"));
+            assert_eq!(status, 400, "limit={bad}: {body}");
+            assert!(body["error"].as_str().unwrap().contains("limit"));
+        }
     }
 }

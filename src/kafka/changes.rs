@@ -18,8 +18,8 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::config::{Config, KafkaConfig};
-use crate::kafka::{client_config, ensure_topic_with};
-use crate::pipeline::Shared;
+use crate::kafka::{client_config, ensure_topic_with, topic_config};
+use crate::pipeline::{Health, Shared};
 use crate::store::{FeedRow, SnapshotStore};
 use crate::telemetry::Metrics;
 
@@ -37,6 +37,30 @@ const READ_BACK_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Longest wait between two sessions after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A failure that retrying cannot mend: the feed stops, the service reports itself not ready
+/// (`feed_stopped`) and the message says what the operator must do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NeedsOperator(String);
+
+/// Whether `error` says another producer with this transactional id took over (it fenced
+/// this one off): retrying would fence that one in turn, so the two would take turns forever.
+fn is_fenced(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<KafkaError>()
+            .and_then(KafkaError::rdkafka_error_code)
+            .is_some_and(|code| {
+                matches!(
+                    code,
+                    RDKafkaErrorCode::Fenced
+                        | RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                )
+            })
+    })
+}
 
 /// One record of the change feed: `user` moved from segment `from` to `to` in snapshot
 /// `version` (`from` null for a user new to the feed, `to` null for a user who left).
@@ -66,6 +90,10 @@ pub struct PublicationRecord {
     /// The version this one's changes are relative to (0: none, every user is new).
     pub previous: u64,
     pub changes: u64,
+    /// The state dir that published it ([`SnapshotStore::feed_origin`]; absent in records of
+    /// older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A user whose segment differs between two stored snapshots.
@@ -126,10 +154,16 @@ struct Feed {
     kafka: KafkaConfig,
     snapshots: SnapshotStore,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// `[kafka] feed_resync`: when the last version published is gone (from Kafka or from the
+    /// state dir), publish the next one whole instead of stopping.
+    resync: bool,
     changes_topic: Option<String>,
     assignments_topic: Option<String>,
     publications_topic: String,
     transactional_id: String,
+    /// This state dir's name in publication records.
+    origin: String,
     stop_at: StopAt,
 }
 
@@ -189,9 +223,12 @@ pub fn spawn_feed(
         assignments_topic: topic(&kafka.assignments_topic),
         publications_topic: kafka.publications_topic_name(),
         transactional_id: kafka.transactional_id_name(),
+        resync: kafka.feed_resync,
+        origin: snapshots.feed_origin()?,
         kafka,
         snapshots,
         metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
         stop_at: StopAt::default(),
     };
     let stop_at = feed.stop_at.clone();
@@ -226,7 +263,27 @@ impl Feed {
             match self.session(runtime, &mut notices, &mut woken, &mut published_any) {
                 Ok(()) => return,
                 Err(_) if self.stop_at.requested() => return,
+                Err(e) if is_fenced(&e) || e.downcast_ref::<NeedsOperator>().is_some() => {
+                    self.metrics.feed_errors.inc();
+                    self.metrics.feed_stopped.set(1);
+                    self.health
+                        .feed_stopped
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    let why = if is_fenced(&e) {
+                        format!(
+                            "another producer with transactional id {} fenced this one off: \
+                             give each instance its own [kafka] instance_id (or \
+                             transactional_id), then restart this one ({e:#})",
+                            self.transactional_id
+                        )
+                    } else {
+                        format!("{e:#}")
+                    };
+                    tracing::error!(error = why, "change feed stopped: not ready");
+                    return;
+                }
                 Err(e) => {
+                    self.health.set_feed_behind(true);
                     self.metrics.feed_errors.inc();
                     tracing::warn!(
                         error = format!("{e:#}"),
@@ -278,22 +335,60 @@ impl Feed {
         producer
             .init_transactions(CALL_TIMEOUT)
             .context("cannot initialise the change feed's transactions")?;
-        let mut published = self.read_back()?;
+        let (mut published, origin) = self.read_back()?;
+        let ours = origin.is_none_or(|o| o == self.origin);
+        if !ours && !self.resync {
+            return Err(NeedsOperator(format!(
+                "the last version published under transactional id {}, {published}, was \
+                 published from another state dir: another instance uses this transactional \
+                 id. Give each instance its own [kafka] instance_id (or transactional_id); to \
+                 take the feed over from this state dir, start once with [kafka] feed_resync = \
+                 true",
+                self.transactional_id
+            ))
+            .into());
+        }
+        let seen = self.snapshots.feed_published()?;
+        let went_back = published < seen;
+        if went_back && !self.resync {
+            return Err(NeedsOperator(format!(
+                "Kafka's record of the last version published ({published}, in {}) is behind \
+                 what this state dir saw published ({seen}): the publications record was lost \
+                 (topic deleted or truncated); publishing from there would repeat versions. \
+                 Start once with [kafka] feed_resync = true to publish the next version whole",
+                self.publications_topic
+            ))
+            .into());
+        }
+        // A version that left through Kafka is never given to other content, whatever the
+        // state dir holds now (a dir rolled back, or restored from a backup).
+        if self.snapshots.raise_version_floor(published)?.is_some() {
+            self.metrics.state_rollbacks.inc();
+        }
+        let stored = self.snapshots.snapshot_versions()?;
+        if ours && (stored.contains(&published) || published == 0) {
+            // Never report a version this state dir did not publish (another instance's).
+            self.metrics.feed_version.set(published as i64);
+        } else {
+            tracing::warn!(
+                published,
+                "Kafka's record names a version this state dir does not hold (another \
+                 instance with this transactional id, or a new or rolled-back state dir)"
+            );
+        }
+        // What the next version is diffed against: after a resync, nothing (another state dir's
+        // version numbers name none of this dir's snapshots; a lost record names none at all).
+        let mut previous = if ours && !went_back { published } else { 0 };
+        if went_back {
+            // Resynced: versions this dir saw published are not published again.
+            published = seen;
+        }
         self.snapshots.set_feed_published(published)?;
-        self.metrics.feed_version.set(published as i64);
         tracing::info!(
             published,
             transactional_id = self.transactional_id,
             "change feed ready"
         );
-        let stored = self.snapshots.snapshot_versions()?;
-        if stored.last().is_some_and(|&latest| latest < published) {
-            tracing::warn!(
-                published,
-                "the change feed has published versions this state dir never stored: set a new \
-                 [kafka] transactional_id for a new state dir, or delete the feed's topics"
-            );
-        }
         loop {
             let start = published;
             for version in self
@@ -305,13 +400,23 @@ impl Feed {
                 if self.stop_at.overdue() {
                     return Ok(());
                 }
-                self.publish(&producer, published, version)?;
-                *published_any = true;
-                published = version;
-                self.snapshots.set_feed_published(published)?;
+                // A version pruned since the listing is skipped: the next one's diff against
+                // the last published covers its changes.
+                if self.publish(&producer, previous, version)? {
+                    *published_any = true;
+                    published = version;
+                    previous = version;
+                    self.snapshots.set_feed_published(published)?;
+                }
+                self.metrics
+                    .feed_unpublished
+                    .set(self.snapshots.unpublished_versions()? as i64);
             }
             if self.stop_at.requested() {
                 return Ok(());
+            }
+            if self.snapshots.snapshot_versions()?.last() <= Some(&published) {
+                self.health.set_feed_behind(false);
             }
             // Woken by a new snapshot, or by the stop (then one more pass catches up).
             let alive = runtime.block_on(async {
@@ -334,12 +439,28 @@ impl Feed {
         if let Some(topic) = &self.assignments_topic {
             ensure_topic_with(&self.kafka, topic, 1, &compacted).await?;
         }
-        ensure_topic_with(&self.kafka, &self.publications_topic, 1, &compacted).await
+        ensure_topic_with(&self.kafka, &self.publications_topic, 1, &compacted).await?;
+        // An existing topic keeps its own policy: under `delete`, retention would one day drop
+        // the record of the last version published, and the feed would start from nothing.
+        let policy = topic_config(&self.kafka, &self.publications_topic, "cleanup.policy")
+            .await?
+            .unwrap_or_default();
+        if !policy.split(',').any(|p| p.trim() == "compact") {
+            anyhow::bail!(
+                "the publications topic {} has cleanup.policy={policy:?}: retention would delete \
+                 the feed's record of what it published; make it compacted (kafka-configs.sh \
+                 --alter --entity-type topics --entity-name {} --add-config \
+                 cleanup.policy=compact) or name another [kafka] publications_topic",
+                self.publications_topic,
+                self.publications_topic
+            );
+        }
+        Ok(())
     }
 
-    /// The last version this transactional id published, from the publications topic read to
-    /// its end with committed records only (0: none yet).
-    fn read_back(&self) -> anyhow::Result<u64> {
+    /// The last version this transactional id published and the state dir it came from, from
+    /// the publications topic read to its end with committed records only (0: none yet).
+    fn read_back(&self) -> anyhow::Result<(u64, Option<String>)> {
         let consumer: BaseConsumer = client_config(&self.kafka)
             .set("group.id", format!("{}-read-back", self.transactional_id))
             .set("enable.auto.commit", "false")
@@ -351,7 +472,7 @@ impl Feed {
         partitions.add_partition_offset(&self.publications_topic, 0, Offset::Beginning)?;
         consumer.assign(&partitions)?;
         let deadline = Instant::now() + READ_BACK_TIMEOUT;
-        let mut published = 0;
+        let mut published = (0, None);
         while Instant::now() < deadline {
             match consumer.poll(Duration::from_millis(200)) {
                 None => continue,
@@ -365,7 +486,7 @@ impl Feed {
                         serde_json::from_slice(m.payload().unwrap_or_default()).with_context(
                             || format!("unreadable record in {} at {}", m.topic(), m.offset()),
                         )?;
-                    published = record.version;
+                    published = (record.version, record.origin);
                 }
             }
         }
@@ -376,15 +497,17 @@ impl Feed {
     }
 
     /// Publishes `version`'s changes relative to `previous` (the last version published) in one
-    /// transaction with its publication record.
+    /// transaction with its publication record. `false`: `version` is no longer stored.
     fn publish(
         &self,
         producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
         previous: u64,
         version: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let started = Instant::now();
-        let (records, base) = self.records(previous, version)?;
+        let Some((records, base)) = self.records(previous, version)? else {
+            return Ok(false);
+        };
         let prepared = started.elapsed();
         producer.begin_transaction()?;
         let sent = self.send_all(producer, &records, base, version);
@@ -408,30 +531,44 @@ impl Feed {
             commit_seconds = seconds - queued.as_secs_f64(),
             "segment changes published"
         );
-        Ok(())
+        Ok(true)
     }
 
-    /// `version`'s changes with their user ids and creation time, relative to `previous` when
-    /// it is still stored, else to nothing (every assigned user is new: a resync). Returns the
-    /// version they are relative to.
-    fn records(&self, previous: u64, version: u64) -> anyhow::Result<(Vec<ChangeRecord>, u64)> {
+    /// `version`'s changes with their user ids and creation time, relative to `previous`, and
+    /// the version they are relative to (`None`: `version` is no longer stored). When
+    /// `previous` is gone too, the feed stops unless a resync is asked for (then every
+    /// assigned user of `version` is new, relative to version 0).
+    fn records(
+        &self,
+        previous: u64,
+        version: u64,
+    ) -> anyhow::Result<Option<(Vec<ChangeRecord>, u64)>> {
         let before = match previous {
             0 => Some(vec![]),
             v => self.snapshots.feed_rows(v)?,
         };
         let base = if before.is_some() { previous } else { 0 };
         if before.is_none() {
+            if !self.resync {
+                return Err(NeedsOperator(format!(
+                    "the last version published, {previous}, is not in this state dir, so \
+                     version {version} cannot be published as a diff from it (a state dir \
+                     restored from a backup or rolled back, or another instance with this \
+                     transactional id). Start once with [kafka] feed_resync = true to publish \
+                     version {version} whole: every assigned user as new"
+                ))
+                .into());
+            }
             tracing::warn!(
                 previous,
                 version,
-                "the last version published is no longer stored: publishing every assigned \
+                "resync: the last version published is not stored; publishing every assigned \
                  user of this version as new"
             );
         }
-        let after = self
-            .snapshots
-            .feed_rows(version)?
-            .with_context(|| format!("snapshot {version} is no longer stored"))?;
+        let Some(after) = self.snapshots.feed_rows(version)? else {
+            return Ok(None);
+        };
         let created_at = self
             .snapshots
             .summary(version)?
@@ -452,7 +589,7 @@ impl Feed {
                 distance: c.distance.filter(|d| d.is_finite()).map(f64::from),
             })
             .collect();
-        Ok((records, base))
+        Ok(Some((records, base)))
     }
 
     fn send_all(
@@ -485,6 +622,7 @@ impl Feed {
             version,
             previous,
             changes: records.len() as u64,
+            origin: Some(self.origin.clone()),
         };
         // Always partition 0, where the read-back looks, however many the topic has.
         send(

@@ -82,13 +82,42 @@ pub async fn ensure_topic_with(
     Ok(())
 }
 
+/// The value of one of `topic`'s configs as the broker reports it (`None`: not reported).
+pub async fn topic_config(
+    kafka: &KafkaConfig,
+    topic: &str,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
+    let results = admin
+        .describe_configs(
+            [&ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
+    for result in results {
+        let resource =
+            result.map_err(|code| anyhow::anyhow!("cannot describe topic {topic}: {code}"))?;
+        if let Some(entry) = resource.get(name) {
+            return Ok(entry.value.clone());
+        }
+    }
+    Ok(None)
+}
+
 /// Consumer context: partitions are assigned at the next offsets stored in the state dir (the
 /// source of truth), never at Kafka's committed offsets; revocations are flagged so the
 /// service flushes its batch.
 pub struct ServiceContext {
+    /// `[kafka] topic`: partitions of any other topic are never consumed.
+    pub topic: String,
     pub stored_offsets: Arc<Mutex<BTreeMap<String, i64>>>,
     pub health: Arc<crate::pipeline::Health>,
     pub revoked: AtomicBool,
+    /// Partitions of another topic were handed to this member: the poll loop leaves the group
+    /// and subscribes again, so the coordinator forgets the stale assignment.
+    pub foreign_assignment: AtomicBool,
 }
 
 impl ClientContext for ServiceContext {
@@ -119,30 +148,51 @@ impl ConsumerContext for ServiceContext {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
                 let mut assigned = vec![];
+                let mut foreign = vec![];
                 for elem in tpl.elements() {
+                    if elem.topic() != self.topic {
+                        foreign.push(offset_key(elem.topic(), elem.partition()));
+                        continue;
+                    }
                     let key = offset_key(elem.topic(), elem.partition());
                     let offset = stored
                         .get(&key)
                         .map_or(Offset::Beginning, |&o| Offset::Offset(o));
                     assigned.push((elem.topic().to_string(), elem.partition(), offset));
                 }
+                if !foreign.is_empty() {
+                    // A static member restarted within the session timeout with another topic
+                    // gets its previous assignment back from the coordinator.
+                    tracing::warn!(
+                        partitions = ?foreign,
+                        topic = self.topic,
+                        "the group coordinator assigned partitions of another topic (a static \
+                         member's previous assignment): not consuming them, not ready; leaving \
+                         the group to join it again"
+                    );
+                    self.foreign_assignment.store(true, Ordering::Relaxed);
+                }
+                let mut own = TopicPartitionList::new();
                 for (topic, partition, offset) in &assigned {
-                    if let Err(e) = tpl.set_partition_offset(topic, *partition, *offset) {
+                    if let Err(e) = own.add_partition_offset(topic, *partition, *offset) {
                         tracing::error!(%e, topic, partition, "cannot set the assigned offset");
                     }
                 }
-                if let Err(e) = base_consumer.assign(tpl) {
+                self.health.set_partitions_assigned(assigned.len());
+                if let Err(e) = base_consumer.assign(&own) {
                     tracing::error!(%e, "partition assignment failed");
                 }
                 tracing::info!(partitions = ?assigned, "partitions assigned at the offsets stored in the state dir");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.revoked.store(true, Ordering::Relaxed);
+                self.health.set_partitions_assigned(0);
                 let _ = base_consumer.unassign();
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
             }
             other => {
                 tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                self.health.set_partitions_assigned(0);
                 let _ = base_consumer.unassign();
             }
         }

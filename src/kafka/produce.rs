@@ -113,7 +113,7 @@ pub async fn produce(config: &Config, options: &ProduceOptions) -> anyhow::Resul
         mode: Mode::Explicit,
         min_value: f64::NEG_INFINITY,
         max_value: f64::INFINITY,
-        requires_ts: false,
+        half_life_seconds: None,
         future_tolerance_seconds: None,
     };
     let mut decoded = decode::read_ratings_file(

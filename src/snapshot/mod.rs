@@ -670,3 +670,39 @@ fn diagnostics(
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
+
+/// A small engine (20 users, 13 items, 2 components, 2 clusters) and its snapshots, for the
+/// tests of readers (store, HTTP) that need real snapshots without a workload of their own.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::engine::{Engine, EngineParams};
+    use crate::event::RatingEvent;
+
+    pub(crate) fn small_engine() -> Engine {
+        let mut engine = Engine::new(EngineParams {
+            components: 2,
+            clusters: 2,
+            ..EngineParams::default()
+        });
+        let events: Vec<RatingEvent> = (0..200)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 20),
+                item: format!("i{}", (i * 7) % 13),
+                value: Some((i % 5 + 1) as f64),
+                ts: i,
+            })
+            .collect();
+        engine.apply(&events);
+        engine
+    }
+
+    /// [`small_engine`]'s snapshot as version `version`, with or without diagnostics.
+    pub(crate) fn small_snapshot(version: u64, with_diagnostics: bool) -> super::Snapshot {
+        let titles = rustc_hash::FxHashMap::default();
+        let mut input = super::BuildInput::standalone(&titles, with_diagnostics);
+        input.version = version;
+        super::build(&small_engine(), &Default::default(), input)
+            .expect("enough data for a snapshot")
+            .0
+    }
+}

@@ -20,7 +20,9 @@
 //!   replays the log over the checkpoint. What changed since the last commit is kept by a
 //!   [`ChangeTracker`] that the engine reports to, not by the engine.
 //! - [`SnapshotStore`]: `s/<u64>` snapshot JSON, `h/<u64>` its summary, `a/<u64>` its
-//!   assignments (read with the user ids of `n/`), `m/latest_snapshot`.
+//!   assignments (read with the user ids of `n/`), `m/latest_snapshot`; beside sled's files,
+//!   the file `snapshot-versions`: the highest version that ever left the process, which a
+//!   sled reopened at an earlier commit cannot take back (see `versions`).
 //! - [`Catalogue`]: `c/<item>` titles.
 
 mod catalogue;
@@ -28,6 +30,7 @@ mod cells;
 mod changes;
 mod snapshots;
 mod state;
+mod versions;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,8 +43,11 @@ use crate::event::Mode;
 
 pub use catalogue::Catalogue;
 pub use changes::ChangeTracker;
-pub use snapshots::{FeedRecord, FeedRow, HistoryEntry, SnapshotInfo, SnapshotStore};
+pub use snapshots::{
+    AssignmentChunks, FeedRecord, FeedRow, HistoryEntry, SnapshotInfo, SnapshotStore,
+};
 pub use state::{DEFAULT_CHECKPOINT_CELLS, LoadedEngine, PreparedCommit, StateStore};
+pub use versions::{Rollback, VERSION_MARK_FILE};
 
 /// Version of the on-disk layout; a state dir written by a newer version is refused. Format 2
 /// checkpoints user vectors in 1024-user chunks (`v/`); format 3 writes chunks and cell-log
@@ -59,16 +65,43 @@ pub const DECAYING_STATE_FORMAT: u32 = 4;
 /// Formats this build reads.
 const READABLE_FORMATS: [u32; 4] = [1, 2, 3, 4];
 
+/// What to do about a state dir whose data cannot be read back (named by the errors below).
+const CORRUPT_FIX: &str = "restore the state dir from a backup (keep its newer snapshot-versions \
+     file), or move it aside and replay the events into a new one";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot open state dir {path}: {source} (check that the directory is writable and not used by another segmenter process)"
+        "state dir {path} is in use by another process (it holds the dir's lock); stop that \
+         process or give this one another [state] dir"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "cannot open state dir {path}: {source} (check that the directory exists and is writable)"
     )]
     Open { path: PathBuf, source: sled::Error },
+    #[error("state dir {path} is corrupt and cannot be opened: {source}; {CORRUPT_FIX}")]
+    Unreadable { path: PathBuf, source: sled::Error },
     #[error("state dir I/O failed: {0} (is the disk full or read-only?)")]
-    Io(#[from] sled::Error),
-    #[error("state dir holds corrupt data under key {key}: {detail}")]
+    Io(sled::Error),
+    #[error("state dir holds corrupt data ({0}); {CORRUPT_FIX}")]
+    Damaged(sled::Error),
+    #[error("state dir holds corrupt data under key {key}: {detail}; {CORRUPT_FIX}")]
     Corrupt { key: String, detail: String },
+    #[error(
+        "the snapshot version mark {path} is corrupt: {detail}. It holds the highest snapshot \
+         version ever served or published from this dir, so that no version is reused: write \
+         `version <n>` with n at least the last version readers saw, or delete the file if none \
+         beyond what the dir holds was"
+    )]
+    CorruptVersionMark { path: PathBuf, detail: String },
+    #[error(
+        "cannot read or write the snapshot version mark {path}: {source} (is the disk full or read-only?)"
+    )]
+    VersionMarkIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "state dir {path} was built with {field} = {stored}, but the config says {configured}; \
          use a new [state] dir or set {field} back to {stored}"
@@ -84,8 +117,8 @@ pub enum StoreError {
     )]
     Format { found: u32 },
     #[error(
-        "an earlier write to the state dir failed; nothing more is written (restart once the disk \
-         has room: the state dir resumes at the last successful commit)"
+        "an earlier write to the state dir failed (its error was reported then); nothing more is \
+         written: restart once its cause is fixed, the state dir resumes at the last successful commit"
     )]
     Failed,
     #[error(
@@ -98,6 +131,16 @@ pub enum StoreError {
         stored: String,
         configured: String,
     },
+}
+
+impl From<sled::Error> for StoreError {
+    /// sled's own corruption reports name corrupt data, not a failing disk.
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Damaged(e),
+            e => StoreError::Io(e),
+        }
+    }
 }
 
 /// The model settings that must not change under an existing state dir.
@@ -135,7 +178,7 @@ pub fn open(path: &Path) -> Result<Stores, StoreError> {
     let state = StateStore::new(database.clone())?;
     Ok(Stores {
         state,
-        snapshots: SnapshotStore::new(database.clone()),
+        snapshots: SnapshotStore::open(database.clone())?,
         catalogue: Catalogue::new(database),
     })
 }
@@ -206,15 +249,15 @@ impl Database {
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(source) => {
-                    return Err(StoreError::Open {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::Locked {
                         path: path.to_path_buf(),
-                        source,
                     });
                 }
+                Err(source) => return Err(open_error(path, source)),
             }
         };
-        let tree = db.open_tree("state")?;
+        let tree = db.open_tree("state").map_err(|e| open_error(path, e))?;
         Ok(Database {
             db,
             tree,
@@ -325,6 +368,69 @@ impl Database {
     }
 }
 
+/// Why sled could not open `path`: what it found corrupt is named as such, not as a permission
+/// or disk problem.
+fn open_error(path: &Path, source: sled::Error) -> StoreError {
+    let path = path.to_path_buf();
+    let unreadable = match &source {
+        sled::Error::Corruption { .. } => true,
+        // A truncated or garbled file reads as an unexpected end or invalid data.
+        sled::Error::Io(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+        ),
+        _ => false,
+    };
+    if unreadable {
+        StoreError::Unreadable { path, source }
+    } else {
+        StoreError::Open { path, source }
+    }
+}
+
 fn index_u32(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(k.get(2..6)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corruption_sled_reports_is_named_corruption_not_a_disk_or_another_process() {
+        let corruption = || sled::Error::Corruption { at: None, bt: () };
+        for error in [
+            StoreError::from(corruption()),
+            open_error(Path::new("/data/state"), corruption()),
+            open_error(
+                Path::new("/data/state"),
+                sled::Error::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            ),
+        ] {
+            let message = error.to_string();
+            assert!(message.contains("corrupt"), "{message}");
+            assert!(
+                message.contains("restore the state dir from a backup"),
+                "{message}"
+            );
+            for misleading in ["disk", "another", "writable"] {
+                assert!(!message.contains(misleading), "{misleading}: {message}");
+            }
+        }
+        // What is a disk problem still says so.
+        let io = StoreError::from(sled::Error::Io(std::io::ErrorKind::StorageFull.into()));
+        assert!(io.to_string().contains("disk full"), "{io}");
+    }
+
+    #[test]
+    fn a_dir_held_by_another_holder_is_named_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = open(dir.path()).unwrap();
+        let error = open(dir.path()).err().expect("the lock is held");
+        assert!(matches!(error, StoreError::Locked { .. }), "{error}");
+        assert!(
+            error.to_string().contains("in use by another process"),
+            "{error}"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! Versioned snapshots: each snapshot with its summary and assignments, stored atomically,
-//! listed, and dropped beyond the retention.
+//! listed, and dropped beyond the retention. Versions are never reused: the next one is above
+//! both what the database holds and the version mark beside it (see `versions`).
 
 use serde::{Deserialize, Serialize};
 
@@ -7,6 +8,7 @@ use crate::snapshot::{Assignments, Snapshot, SnapshotSummary};
 
 use std::sync::Arc;
 
+use super::versions::{Rollback, VersionMark};
 use super::{Database, StoreError, corrupt, index_u32, key, meta};
 
 /// Stored snapshots by version, with their summaries and assignments. A cheap handle: clones
@@ -14,6 +16,9 @@ use super::{Database, StoreError, corrupt, index_u32, key, meta};
 #[derive(Clone)]
 pub struct SnapshotStore {
     db: Arc<Database>,
+    versions: Arc<VersionMark>,
+    /// Found at open: the database holds fewer versions than had left the process.
+    rollback: Option<Rollback>,
 }
 
 /// What the change feed stores with a snapshot: every user's distance to its segment's centroid
@@ -43,8 +48,63 @@ pub struct SnapshotInfo {
 }
 
 impl SnapshotStore {
-    pub(super) fn new(db: Arc<Database>) -> SnapshotStore {
-        SnapshotStore { db }
+    /// The snapshots of `db`, with the version mark beside it; a database that holds fewer
+    /// versions than the mark is reported (logged here, see [`Self::rollback`]).
+    pub(super) fn open(db: Arc<Database>) -> Result<SnapshotStore, StoreError> {
+        let versions = Arc::new(VersionMark::open(&db.path)?);
+        let mut store = SnapshotStore {
+            db,
+            versions,
+            rollback: None,
+        };
+        store.rollback = store.rollback_below(store.versions.highest())?;
+        Ok(store)
+    }
+
+    /// A rollback if `marked` (a version that left the process) is above every version the
+    /// database holds, logged.
+    fn rollback_below(&self, marked: u64) -> Result<Option<Rollback>, StoreError> {
+        let stored = self.highest_stored_version()?;
+        if marked <= stored {
+            return Ok(None);
+        }
+        tracing::warn!(
+            state_dir = %self.db.path.display(),
+            stored,
+            marked,
+            next = marked + 1,
+            "state dir rolled back: it holds snapshot versions up to {stored}, but versions up \
+             to {marked} were already stored, served or published; new snapshots continue at \
+             {} so that no version is reused",
+            marked + 1
+        );
+        Ok(Some(Rollback { stored, marked }))
+    }
+
+    /// Whether the state dir was found rolled back at open: it held fewer snapshot versions
+    /// than the version mark says had left the process (sled reopened at an earlier commit, or
+    /// an older copy was restored). The next version continues above the mark regardless.
+    pub fn rollback(&self) -> Option<Rollback> {
+        self.rollback
+    }
+
+    /// Raises the floor of snapshot versions: `version` is known to have left the process (the
+    /// change feed reads the last one it published back from Kafka), so the next snapshot gets
+    /// a higher one. Durable before it returns. Returns the rollback it reveals (logged) when
+    /// the database holds no version that high.
+    pub fn raise_version_floor(&self, version: u64) -> Result<Option<Rollback>, StoreError> {
+        let before = self.versions.raise(version)?;
+        if version <= before {
+            return Ok(None);
+        }
+        self.rollback_below(version)
+    }
+
+    /// The highest version the database holds or last stored (retention may have dropped it).
+    fn highest_stored_version(&self) -> Result<u64, StoreError> {
+        let latest = self.db.get_json::<u64>("latest_snapshot")?.unwrap_or(0);
+        let listed = self.snapshot_versions()?.last().copied().unwrap_or(0);
+        Ok(latest.max(listed))
     }
 
     /// Stores a snapshot and its assignments atomically, then drops versions older than the
@@ -92,7 +152,7 @@ impl SnapshotStore {
             meta("latest_snapshot"),
             serde_json::to_vec(&snapshot.version).unwrap_or_default(),
         );
-        let mut keep_from_version = u64::MAX;
+        let mut pinned = [None, None];
         if let Some(feed) = feed {
             let distances: Vec<u8> = labels
                 .iter()
@@ -101,20 +161,64 @@ impl SnapshotStore {
                 .flat_map(|(_, d)| d.to_le_bytes())
                 .collect();
             batch.insert(key(b'd', &v), distances);
-            keep_from_version = self.feed_published()?;
         }
         let versions = self.snapshot_versions()?;
+        if feed.is_some() {
+            pinned = self.feed_pins(&versions)?;
+        }
         let keep_from = versions.len().saturating_sub(retention.saturating_sub(1));
         for &old in versions[..keep_from]
             .iter()
-            .filter(|&&old| old < keep_from_version)
+            .filter(|&&old| !pinned.contains(&Some(old)))
         {
             for prefix in [b's', b'a', b'h', b'd'] {
                 batch.remove(key(prefix, &old.to_be_bytes()));
             }
         }
         self.db.write(batch)?;
+        // Before the version is served or announced to the publishers, so that a database
+        // rolled back later cannot give it to other content. Not before the write: a crash in
+        // between would then read as a rollback.
+        self.versions.raise(snapshot.version)?;
         Ok(())
+    }
+
+    /// The versions the change feed still needs whatever the retention: the last one it is
+    /// known to have published (it diffs the next against it), and the first stored after it
+    /// (Kafka's record may lead this hint by that one version: a crash between the feed's
+    /// commit and [`Self::set_feed_published`]). Everything else beyond the retention goes,
+    /// so a feed that cannot publish keeps at most `retention + 2` snapshots.
+    fn feed_pins(&self, versions: &[u64]) -> Result<[Option<u64>; 2], StoreError> {
+        let published = self.feed_published()?;
+        let next = versions.iter().copied().find(|&v| v > published);
+        Ok([(published > 0).then_some(published), next])
+    }
+
+    /// How many stored versions the change feed has not published yet (by its hint).
+    pub fn unpublished_versions(&self) -> Result<u64, StoreError> {
+        let published = self.feed_published()?;
+        Ok(self
+            .snapshot_versions()?
+            .into_iter()
+            .filter(|&v| v > published)
+            .count() as u64)
+    }
+
+    /// This state dir's name in the change feed's publication records, made once at random:
+    /// a record with another name was written from another state dir (another instance with
+    /// the same transactional id), so its version numbers are not this dir's.
+    pub fn feed_origin(&self) -> Result<String, StoreError> {
+        if let Some(origin) = self.db.get_json::<String>("feed_origin")? {
+            return Ok(origin);
+        }
+        let origin = format!("{:032x}", rand::random::<u128>());
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            meta("feed_origin"),
+            serde_json::to_vec(&origin).unwrap_or_default(),
+        );
+        self.db.write(batch)?;
+        Ok(origin)
     }
 
     /// The last snapshot version the change feed is known to have published (0: none). A hint
@@ -160,24 +264,7 @@ impl SnapshotStore {
 
     /// The ids of users by index (`indices` ascending), in one ordered scan of the stored ids.
     pub fn user_ids(&self, indices: &[u32]) -> Result<Vec<String>, StoreError> {
-        let mut ids = self.db.tree.scan_prefix(b"n/");
-        let mut out = Vec::with_capacity(indices.len());
-        for &u in indices {
-            let unknown = || corrupt(&key(b'n', &u.to_be_bytes()), "no stored id for this user");
-            let id = loop {
-                let (k, id) = ids.next().ok_or_else(unknown)??;
-                match index_u32(&k)
-                    .ok_or_else(|| corrupt(&k, "bad user key"))?
-                    .cmp(&u)
-                {
-                    std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => break id,
-                    std::cmp::Ordering::Greater => return Err(unknown()),
-                }
-            };
-            out.push(String::from_utf8_lossy(&id).into_owned());
-        }
-        Ok(out)
+        ids_in_order(self.db.tree.scan_prefix(b"n/"), indices)
     }
 
     /// Stored snapshot versions, ascending.
@@ -193,12 +280,10 @@ impl SnapshotStore {
         Ok(out)
     }
 
-    /// The version the next snapshot gets (versions never repeat, even after retention).
+    /// The version the next snapshot gets: above every version stored (versions never repeat,
+    /// even after retention) and above the version mark (nor after a rollback of the database).
     pub fn next_snapshot_version(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .get_json::<u64>("latest_snapshot")?
-            .map_or(1, |v| v + 1))
+        Ok(self.highest_stored_version()?.max(self.versions.highest()) + 1)
     }
 
     pub fn snapshot(&self, version: u64) -> Result<Option<Snapshot>, StoreError> {
@@ -235,6 +320,37 @@ impl SnapshotStore {
         ))
     }
 
+    /// A stored snapshot's assignments to read a chunk of users at a time, in user order
+    /// (`None`: no such snapshot). A download holds one chunk of ids, not the whole list.
+    pub fn assignment_chunks(&self, version: u64) -> Result<Option<AssignmentChunks>, StoreError> {
+        let k = key(b'a', &version.to_be_bytes());
+        let Some(packed) = self.db.tree.get(&k)? else {
+            return Ok(None);
+        };
+        if packed.len() % 8 != 0 {
+            return Err(corrupt(
+                &k,
+                "assignments are not whole (user, cluster) pairs",
+            ));
+        }
+        Ok(Some(AssignmentChunks {
+            db: self.db.clone(),
+            packed,
+            next: 0,
+        }))
+    }
+
+    /// Stores user ids by index from 0, as the state's commits do: for tests of readers that
+    /// need many users without running an engine.
+    #[cfg(test)]
+    pub(crate) fn put_user_ids_for_tests(&self, ids: &[String]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (u, id) in ids.iter().enumerate() {
+            batch.insert(key(b'n', &(u as u32).to_be_bytes()), id.as_bytes());
+        }
+        self.db.write(batch)
+    }
+
     /// A stored snapshot's `(user index, cluster)` pairs.
     fn assignment_pairs(&self, version: u64) -> Result<Option<Vec<(u32, u32)>>, StoreError> {
         let Some(bytes) = self.db.tree.get(key(b'a', &version.to_be_bytes()))? else {
@@ -253,15 +369,29 @@ impl SnapshotStore {
         ))
     }
 
-    /// The segment of user `user` (an engine index) in every retained snapshot, oldest first:
-    /// a binary search in each snapshot's assignments (stored by ascending user index), so a
-    /// history costs O(snapshots · log users), not a read of every assignment.
+    /// The segment of user `user` (an engine index) in every retained snapshot, oldest first
+    /// (for tools reading a state dir; the service reads [`Self::recent_user_history`]).
     pub fn user_history(&self, user: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.recent_user_history(user, usize::MAX)
+    }
+
+    /// The segment of user `user` (an engine index) in the newest `limit` retained snapshots,
+    /// oldest first: a reverse scan of the assignment records that stops after `limit` of them
+    /// (older snapshots are not read at all), and a binary search in each (stored by ascending
+    /// user index), so a history costs O(limit · log users) searches over `limit` records.
+    pub fn recent_user_history(
+        &self,
+        user: u32,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut history = vec![];
-        for version in self.snapshot_versions()? {
-            let Some(packed) = self.db.tree.get(key(b'a', &version.to_be_bytes()))? else {
-                continue;
-            };
+        for record in self.db.tree.scan_prefix(b"a/").rev().take(limit) {
+            let (k, packed) = record?;
+            let version: [u8; 8] = k
+                .get(2..)
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| corrupt(&k, "bad assignments key"))?;
+            let version = u64::from_be_bytes(version);
             let Some(summary) = self.summary(version)? else {
                 continue;
             };
@@ -271,6 +401,7 @@ impl SnapshotStore {
                 cluster: cluster_of(&packed, user),
             });
         }
+        history.reverse();
         Ok(history)
     }
 
@@ -350,37 +481,8 @@ impl SnapshotStore {
 
 #[cfg(test)]
 mod tests {
-    use rustc_hash::FxHashMap;
-
     use super::*;
-    use crate::engine::Engine;
-
-    /// A snapshot of a small engine (20 users), with or without diagnostics.
-    fn small_snapshot(version: u64, with_diagnostics: bool) -> Snapshot {
-        use crate::engine::EngineParams;
-        use crate::event::RatingEvent;
-        let params = EngineParams {
-            components: 2,
-            clusters: 2,
-            ..EngineParams::default()
-        };
-        let mut engine = Engine::new(params);
-        let events: Vec<RatingEvent> = (0..200)
-            .map(|i| RatingEvent {
-                user: format!("u{}", i % 20),
-                item: format!("i{}", (i * 7) % 13),
-                value: Some((i % 5 + 1) as f64),
-                ts: i,
-            })
-            .collect();
-        engine.apply(&events);
-        let titles = FxHashMap::default();
-        let mut input = crate::snapshot::BuildInput::standalone(&titles, with_diagnostics);
-        input.version = version;
-        crate::snapshot::build(&engine, &Default::default(), input)
-            .expect("enough data for a snapshot")
-            .0
-    }
+    use crate::snapshot::test_support::small_snapshot;
 
     #[test]
     fn summaries_list_and_chart_without_whole_snapshots_and_follow_retention() {
@@ -418,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn versions_the_feed_has_not_published_outlive_the_retention_and_carry_distances() {
+    fn a_feed_that_cannot_publish_keeps_a_bounded_number_of_versions_with_distances() {
         use crate::engine::NO_CLUSTER;
         let dir = tempfile::tempdir().unwrap();
         let store = super::super::open(dir.path()).unwrap().snapshots;
@@ -431,17 +533,24 @@ mod tests {
                 .put_snapshot_with(&small_snapshot(v, false), labels, Some(feed), 2)
                 .unwrap();
         };
-        for v in 1..=4 {
+        for v in 1..=10 {
             put(v, &[0, NO_CLUSTER, 1]);
         }
-        // Nothing published yet: every version is kept, whatever the retention.
-        assert_eq!(store.snapshot_versions().unwrap(), vec![1, 2, 3, 4]);
-        store.set_feed_published(3).unwrap();
-        assert_eq!(store.feed_published().unwrap(), 3);
-        put(5, &[1, 0, NO_CLUSTER]);
-        // The last version published stays (the next diff starts from it) and so do newer ones.
-        assert_eq!(store.snapshot_versions().unwrap(), vec![3, 4, 5]);
-        let rows = store.feed_rows(5).unwrap().unwrap();
+        // Nothing published yet: the first version (Kafka's record may hold it already) and
+        // the newest `retention`, nothing in between.
+        assert_eq!(store.snapshot_versions().unwrap(), vec![1, 9, 10]);
+        assert_eq!(store.unpublished_versions().unwrap(), 3);
+        store.set_feed_published(9).unwrap();
+        assert_eq!(store.feed_published().unwrap(), 9);
+        assert_eq!(store.unpublished_versions().unwrap(), 1);
+        put(11, &[0, NO_CLUSTER, 1]);
+        put(12, &[0, NO_CLUSTER, 1]);
+        put(13, &[1, 0, NO_CLUSTER]);
+        // The last version published (the next diff starts from it), the one after it (Kafka
+        // may have it already), the newest `retention`: never more than `retention + 2`.
+        assert_eq!(store.snapshot_versions().unwrap(), vec![9, 10, 12, 13]);
+        assert_eq!(store.unpublished_versions().unwrap(), 3);
+        let rows = store.feed_rows(13).unwrap().unwrap();
         assert_eq!(
             rows,
             vec![
@@ -459,14 +568,14 @@ mod tests {
         );
         // A snapshot stored without the feed has no distances; the retention applies again.
         store
-            .put_snapshot(&small_snapshot(6, false), &[0, 0], 2)
+            .put_snapshot(&small_snapshot(14, false), &[0, 0], 2)
             .unwrap();
-        assert_eq!(store.snapshot_versions().unwrap(), vec![5, 6]);
+        assert_eq!(store.snapshot_versions().unwrap(), vec![13, 14]);
         assert!(
-            store.feed_rows(6).unwrap().unwrap()[0].distance.is_none(),
+            store.feed_rows(14).unwrap().unwrap()[0].distance.is_none(),
             "no distances stored"
         );
-        assert!(store.feed_rows(1).unwrap().is_none());
+        assert!(store.feed_rows(11).unwrap().is_none());
     }
 
     #[test]
@@ -499,6 +608,65 @@ mod tests {
     }
 
     #[test]
+    fn a_recent_history_reads_only_the_newest_limit_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        for v in 1..=5 {
+            let labels: Vec<u32> = (0..4).map(|u| (u + v as u32) % 3).collect();
+            store
+                .put_snapshot(&small_snapshot(v, false), &labels, 10)
+                .unwrap();
+        }
+        // Snapshots 1 to 3 become unreadable: a history that touched them would fail.
+        for v in 1..=3u64 {
+            for prefix in [b'h', b's'] {
+                store
+                    .db
+                    .tree
+                    .insert(key(prefix, &v.to_be_bytes()), &b"not json"[..])
+                    .unwrap();
+            }
+        }
+        let recent = store.recent_user_history(2, 2).unwrap();
+        let clusters: Vec<(u64, Option<u32>)> =
+            recent.iter().map(|h| (h.version, h.cluster)).collect();
+        assert_eq!(clusters, vec![(4, Some(0)), (5, Some(1))]);
+        assert!(recent.iter().all(|h| !h.created_at.is_empty()));
+        assert!(
+            store.recent_user_history(2, 3).is_err(),
+            "a third snapshot is read, and it is corrupt"
+        );
+    }
+
+    #[test]
+    fn assignments_read_in_chunks_equal_the_whole_list() {
+        use crate::engine::NO_CLUSTER;
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::open(dir.path()).unwrap().snapshots;
+        let ids: Vec<String> = (0..1000).map(|u| format!("user-{u}")).collect();
+        store.put_user_ids_for_tests(&ids).unwrap();
+        // Every third user unassigned, so chunks start at scattered user indices.
+        let labels: Vec<u32> = (0..1000)
+            .map(|u| if u % 3 == 1 { NO_CLUSTER } else { u % 4 })
+            .collect();
+        store
+            .put_snapshot(&small_snapshot(1, false), &labels, 10)
+            .unwrap();
+        let whole = store.assignments(1).unwrap().unwrap();
+        let mut chunks = store.assignment_chunks(1).unwrap().unwrap();
+        assert_eq!(chunks.len(), whole.len());
+        let mut read = vec![];
+        while let Some(chunk) = chunks.next_chunk(97).unwrap() {
+            assert!(!chunk.is_empty() && chunk.len() <= 97);
+            read.extend(chunk);
+        }
+        assert_eq!(read, whole);
+        assert_eq!(read[1], ("user-2".to_string(), 2));
+        assert!(chunks.next_chunk(97).unwrap().is_none());
+        assert!(store.assignment_chunks(2).unwrap().is_none());
+    }
+
+    #[test]
     fn non_finite_floats_in_a_stored_snapshot_or_model_leave_it_readable() {
         use crate::engine::PersistedModel;
         let dir = tempfile::tempdir().unwrap();
@@ -518,14 +686,27 @@ mod tests {
             snap.pca.explained_variance[1]
         );
 
+        // The model goes through the state dir as the state store writes it (`m/model`), and
+        // is read back after a reopen as it loads it.
         let model = PersistedModel {
             eigenvalues: vec![1.0, f64::NAN],
             total_variance: f64::INFINITY,
             mean: vec![f64::NEG_INFINITY],
             ..PersistedModel::default()
         };
-        let json = serde_json::to_vec(&model).unwrap();
-        let back: PersistedModel = serde_json::from_slice(&json).expect("readable");
+        store
+            .db
+            .tree
+            .insert(meta("model"), serde_json::to_vec(&model).unwrap())
+            .unwrap();
+        store.db.tree.flush().unwrap();
+        drop(store);
+        let reopened = super::super::open(dir.path()).unwrap().snapshots;
+        let back: PersistedModel = reopened
+            .db
+            .get_json("model")
+            .expect("readable")
+            .expect("stored");
         assert_eq!(back.eigenvalues[0], 1.0);
         assert!(
             back.eigenvalues[1].is_nan() && back.total_variance.is_nan() && back.mean[0].is_nan()
@@ -551,4 +732,76 @@ fn cluster_of(packed: &[u8], user: u32) -> Option<u32> {
         .ok()?;
     let p = pairs[at];
     Some(u32::from_le_bytes([p[4], p[5], p[6], p[7]]))
+}
+
+/// The ids of users by index (`indices` ascending) from `ids`, an ordered scan of the stored
+/// ids (`n/<u32>` entries) that starts at or before the first of them.
+fn ids_in_order(
+    mut ids: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    indices: &[u32],
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::with_capacity(indices.len());
+    for &u in indices {
+        let unknown = || corrupt(&key(b'n', &u.to_be_bytes()), "no stored id for this user");
+        let id = loop {
+            let (k, id) = ids.next().ok_or_else(unknown)??;
+            match index_u32(&k)
+                .ok_or_else(|| corrupt(&k, "bad user key"))?
+                .cmp(&u)
+            {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => break id,
+                std::cmp::Ordering::Greater => return Err(unknown()),
+            }
+        };
+        out.push(String::from_utf8_lossy(&id).into_owned());
+    }
+    Ok(out)
+}
+
+/// A stored snapshot's assignments read a chunk of users at a time ([`SnapshotStore::assignment_chunks`]):
+/// it holds the stored pairs record (8 bytes a user, the value sled keeps) and resolves the ids
+/// of one chunk per call, so a reader never holds the whole list of ids.
+pub struct AssignmentChunks {
+    db: Arc<Database>,
+    packed: sled::IVec,
+    /// The first pair not read yet.
+    next: usize,
+}
+
+impl AssignmentChunks {
+    /// Assigned users in the record.
+    pub fn len(&self) -> usize {
+        self.packed.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next up to `users` assignments (`user id`, `cluster`) in user order; `None` once
+    /// all are read. The ids come from one ordered scan that starts at the chunk's first user.
+    pub fn next_chunk(&mut self, users: usize) -> Result<Option<Vec<(String, u32)>>, StoreError> {
+        let (pairs, _) = self.packed.as_chunks::<8>();
+        let Some(chunk) = pairs.get(self.next..).filter(|rest| !rest.is_empty()) else {
+            return Ok(None);
+        };
+        let chunk = &chunk[..chunk.len().min(users.max(1))];
+        let indices: Vec<u32> = chunk
+            .iter()
+            .map(|p| u32::from_le_bytes([p[0], p[1], p[2], p[3]]))
+            .collect();
+        let ids_from = key(b'n', &indices[0].to_be_bytes());
+        let ids = ids_in_order(
+            self.db.tree.range(ids_from..key(b'n', &[0xff; 5])),
+            &indices,
+        )?;
+        self.next += chunk.len();
+        Ok(Some(
+            ids.into_iter()
+                .zip(chunk)
+                .map(|(id, p)| (id, u32::from_le_bytes([p[4], p[5], p[6], p[7]])))
+                .collect(),
+        ))
+    }
 }

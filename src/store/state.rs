@@ -131,13 +131,13 @@ impl StateStore {
         }
         self.restore_chunked_vectors(&mut state)?;
         self.replay_cell_log(&mut state, &mut stale)?;
-        self.restore_labels(&mut state)?;
+        self.restore_labels(&mut state, params.clusters)?;
         state.counters = self
             .db
             .get_json::<Counters>("counters")?
             .unwrap_or_default();
-        state.decay = self.db.get_json("decay")?.unwrap_or_default();
-        if let Some(model) = self.load_model()? {
+        state.decay = self.load_decay()?;
+        if let Some(model) = self.load_model(params.components, state.items.len())? {
             state.model = model;
         }
         let engine = Engine::restore(params, state);
@@ -230,25 +230,49 @@ impl StateStore {
         Ok(())
     }
 
-    /// Restores the label array (`m/labels`) and applies the label log (`k/…`) over it.
-    fn restore_labels(&self, state: &mut RestoredState) -> Result<(), StoreError> {
-        if let Some(bytes) = self.db.tree.get(meta("labels"))? {
-            state.labels = bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+    /// Restores the label array (`m/labels`) and applies the label log (`k/…`) over it. Every
+    /// label must name one of `clusters` segments (or none): an index past them would only
+    /// fail later, deep in the model.
+    fn restore_labels(&self, state: &mut RestoredState, clusters: usize) -> Result<(), StoreError> {
+        let valid = |label: u32| label == crate::engine::NO_CLUSTER || (label as usize) < clusters;
+        let k = meta("labels");
+        if let Some(bytes) = self.db.tree.get(&k)? {
+            let (labels, rest) = bytes.as_chunks::<4>();
+            if !rest.is_empty() {
+                return Err(corrupt(&k, "trailing bytes after the last label"));
+            }
+            if labels.len() > state.users.len() {
+                return Err(corrupt(&k, "labels of unknown users"));
+            }
+            state.labels = labels.iter().map(|&b| u32::from_le_bytes(b)).collect();
+            if let Some(u) = state.labels.iter().position(|&l| !valid(l)) {
+                return Err(corrupt(
+                    &k,
+                    format!(
+                        "user {u} has label {}, but there are {clusters} segments",
+                        state.labels[u]
+                    ),
+                ));
+            }
         }
         // Changed labels since the array was written, oldest first.
         for entry in self.db.tree.scan_prefix(b"k/") {
             let (k, v) = entry?;
-            if v.len() % 8 != 0 {
+            let (pairs, rest) = v.as_chunks::<8>();
+            if !rest.is_empty() {
                 return Err(corrupt(&k, "bad label log record"));
             }
-            for pair in v.chunks_exact(8) {
+            for pair in pairs {
                 let u = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]) as usize;
                 let label = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
                 if u >= state.users.len() {
                     return Err(corrupt(&k, "label log names an unknown user"));
+                }
+                if !valid(label) {
+                    return Err(corrupt(
+                        &k,
+                        format!("user {u} has label {label}, but there are {clusters} segments"),
+                    ));
                 }
                 if state.labels.len() <= u {
                     state.labels.resize(u + 1, crate::engine::NO_CLUSTER);
@@ -259,29 +283,94 @@ impl StateStore {
         Ok(())
     }
 
-    /// The persisted model (`m/model`) with its basis and warm block (stored as raw floats).
-    fn load_model(&self) -> Result<Option<PersistedModel>, StoreError> {
+    /// The persisted model (`m/model`) with its basis and warm block (stored as raw floats),
+    /// checked against the shape it claims: `components` rows over at most `items` items.
+    fn load_model(
+        &self,
+        components: usize,
+        items: usize,
+    ) -> Result<Option<PersistedModel>, StoreError> {
         let Some(mut model) = self.db.get_json::<PersistedModel>("model")? else {
             return Ok(None);
         };
-        let floats = |bytes: sled::IVec| -> Vec<f64> {
-            bytes
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect()
+        let floats = |name: &str| -> Result<Vec<f64>, StoreError> {
+            let k = meta(name);
+            let Some(bytes) = self.db.tree.get(&k)? else {
+                return Ok(vec![]);
+            };
+            let (values, rest) = bytes.as_chunks::<8>();
+            if !rest.is_empty() {
+                return Err(corrupt(&k, "trailing bytes after the last value"));
+            }
+            let values: Vec<f64> = values.iter().map(|&b| f64::from_le_bytes(b)).collect();
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(corrupt(&k, "a non-finite value"));
+            }
+            Ok(values)
         };
-        if let Some(bytes) = self.db.tree.get(meta("basis"))? {
-            model.basis = floats(bytes);
+        model.basis = floats("basis")?;
+        model.warm_block = floats("warm_block")?;
+        let misshapen = |name: &str, detail: String| Err(corrupt(&meta(name), detail));
+        if model.basis_items > items || model.mean.len() > items {
+            return misshapen(
+                "model",
+                format!(
+                    "a model over {} items (mean over {}), but the state has {items}",
+                    model.basis_items,
+                    model.mean.len()
+                ),
+            );
         }
-        if let Some(bytes) = self.db.tree.get(meta("warm_block"))? {
-            model.warm_block = floats(bytes);
+        if !model.basis.is_empty() && model.basis.len() != components * model.basis_items {
+            return misshapen(
+                "basis",
+                format!(
+                    "{} values for {components} components over {} items",
+                    model.basis.len(),
+                    model.basis_items
+                ),
+            );
+        }
+        if !model.warm_block.is_empty()
+            && model.warm_block.len() != model.warm_rows * model.basis_items
+        {
+            return misshapen(
+                "warm_block",
+                format!(
+                    "{} values for {} rows over {} items",
+                    model.warm_block.len(),
+                    model.warm_rows,
+                    model.basis_items
+                ),
+            );
         }
         Ok(Some(model))
     }
 
+    /// Where event time stands (`m/decay`); its event weight scales every figure, so it must
+    /// be a finite, non-negative number.
+    fn load_decay(&self) -> Result<crate::engine::decay::DecayClock, StoreError> {
+        let decay: crate::engine::decay::DecayClock =
+            self.db.get_json("decay")?.unwrap_or_default();
+        if !(decay.scaled_events.is_finite() && decay.scaled_events >= 0.0) {
+            return Err(corrupt(
+                &meta("decay"),
+                format!("event weight {}", decay.scaled_events),
+            ));
+        }
+        Ok(decay)
+    }
+
     /// Source offsets (`topic/partition` → next offset) of the last commit.
     pub fn offsets(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        Ok(self.db.get_json("offsets")?.unwrap_or_default())
+        let offsets: BTreeMap<String, i64> = self.db.get_json("offsets")?.unwrap_or_default();
+        if let Some((source, offset)) = offsets.iter().find(|(_, offset)| **offset < 0) {
+            return Err(corrupt(
+                &meta("offsets"),
+                format!("negative position {offset} for {source}"),
+            ));
+        }
+        Ok(offsets)
     }
 
     /// Persists everything `engine` reported to `tracker` since the last commit, plus
@@ -859,5 +948,137 @@ mod tests {
         let (_, reopened, _) = reopen(dir.path(), &params, None);
         assert_eq!(reopened.vectors(), reference.vectors());
         assert_eq!(reopened.users().ids(), reference.users().ids());
+    }
+
+    /// A state dir with a few users and a clustered model (2 segments), closed.
+    fn written_state(dir: &std::path::Path) -> EngineParams {
+        let params = EngineParams {
+            components: 2,
+            clusters: 2,
+            refresh_every_events: 100,
+            ..EngineParams::default()
+        };
+        let (store, mut engine, mut changes) = reopen(dir, &params, None);
+        let events: Vec<RatingEvent> = (0..300)
+            .map(|i| RatingEvent {
+                user: format!("u{}", i % 12),
+                item: format!("i{}", (i * 7) % 9),
+                value: Some((i % 5 + 1) as f64),
+                ts: i,
+            })
+            .collect();
+        apply(&mut engine, &mut changes, &events);
+        store.commit(&engine, &mut changes, None).unwrap();
+        assert!(
+            engine.model().labels().iter().any(|&l| l < 2),
+            "the model clustered the users"
+        );
+        params
+    }
+
+    /// Reopens `dir` after `damage` changed its database, and returns the load's error.
+    fn load_error_after(
+        dir: &std::path::Path,
+        params: &EngineParams,
+        damage: impl FnOnce(&sled::Tree),
+    ) -> StoreError {
+        {
+            let stores = super::super::open(dir).unwrap();
+            damage(&stores.state.db.tree);
+            stores.state.db.db.flush().unwrap();
+        }
+        super::super::open(dir)
+            .and_then(|stores| stores.state.load_engine(params.clone()).map(|_| ()))
+            .expect_err("damage refused")
+    }
+
+    #[test]
+    fn a_label_past_the_segments_is_refused_as_corruption_not_a_later_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = written_state(dir.path());
+        // In the label array.
+        let error = load_error_after(dir.path(), &params, |tree| {
+            let mut labels = tree.get(meta("labels")).unwrap().unwrap().to_vec();
+            labels[..4].copy_from_slice(&7u32.to_le_bytes());
+            tree.insert(meta("labels"), labels).unwrap();
+        });
+        let message = error.to_string();
+        assert!(
+            matches!(error, StoreError::Corrupt { .. })
+                && message.contains("m/labels")
+                && message.contains("label 7, but there are 2 segments")
+                && message.contains("restore the state dir from a backup"),
+            "{message}"
+        );
+        // In the label log (the array itself repaired).
+        let dir = tempfile::tempdir().unwrap();
+        let params = written_state(dir.path());
+        let error = load_error_after(dir.path(), &params, |tree| {
+            let mut record = 3u32.to_le_bytes().to_vec();
+            record.extend_from_slice(&2u32.to_le_bytes());
+            tree.insert(key(b'k', &0u64.to_be_bytes()), record).unwrap();
+        });
+        assert!(error.to_string().contains("user 3 has label 2"), "{error}");
+    }
+
+    #[test]
+    fn trailing_bytes_after_labels_or_model_floats_are_refused() {
+        for name in ["labels", "basis", "warm_block"] {
+            let dir = tempfile::tempdir().unwrap();
+            let params = written_state(dir.path());
+            let error = load_error_after(dir.path(), &params, |tree| {
+                let mut bytes = tree.get(meta(name)).unwrap().unwrap_or_default().to_vec();
+                bytes.push(0);
+                tree.insert(meta(name), bytes).unwrap();
+            });
+            assert!(
+                error.to_string().contains(&format!("m/{name}"))
+                    && error.to_string().contains("trailing bytes"),
+                "{name}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_model_whose_shape_or_values_do_not_fit_the_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = written_state(dir.path());
+        // Eight bytes short: a whole value missing.
+        let error = load_error_after(dir.path(), &params, |tree| {
+            let bytes = tree.get(meta("basis")).unwrap().unwrap().to_vec();
+            tree.insert(meta("basis"), &bytes[8..]).unwrap();
+        });
+        assert!(
+            error.to_string().contains("values for 2 components"),
+            "{error}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let params = written_state(dir.path());
+        let error = load_error_after(dir.path(), &params, |tree| {
+            let mut bytes = tree.get(meta("basis")).unwrap().unwrap().to_vec();
+            bytes[..8].copy_from_slice(&f64::NAN.to_le_bytes());
+            tree.insert(meta("basis"), bytes).unwrap();
+        });
+        assert!(error.to_string().contains("non-finite"), "{error}");
+    }
+
+    #[test]
+    fn a_negative_source_position_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        written_state(dir.path());
+        let stores = super::super::open(dir.path()).unwrap();
+        stores
+            .state
+            .db
+            .tree
+            .insert(meta("offsets"), br#"{"ratings/0":-5}"#.to_vec())
+            .unwrap();
+        let error = stores.state.offsets().expect_err("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("negative position -5 for ratings/0"),
+            "{error}"
+        );
     }
 }

@@ -428,6 +428,15 @@ pub fn assert_same_model(a: &Snapshot, b: &Snapshot) {
     assert_eq!(a.counts.items, b.counts.items);
     assert_eq!(a.counts.ratings, b.counts.ratings);
     assert_eq!(a.counts.events_applied, b.counts.events_applied);
+    assert_eq!(
+        a.pca.explained_variance_ratio.len(),
+        b.pca.explained_variance_ratio.len(),
+        "as many components"
+    );
+    assert!(
+        !a.pca.explained_variance_ratio.is_empty(),
+        "a model to compare"
+    );
     for (x, y) in a
         .pca
         .explained_variance_ratio
@@ -549,4 +558,83 @@ pub fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
         Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
         Err(e) => panic!("GET {url}: {e}"),
     }
+}
+
+/// Deletes `topic`; panics unless the broker deletes it.
+pub fn delete_topic(topic: &str) {
+    use rdkafka::admin::AdminOptions;
+    let (client, runtime) = admin();
+    let deleted = runtime
+        .block_on(client.delete_topics(&[topic], &AdminOptions::new()))
+        .expect("delete topics");
+    assert!(deleted.iter().all(|r| r.is_ok()), "{deleted:?}");
+}
+
+/// GET without a token: (status, body), `None` while nothing listens yet.
+pub fn try_http_get(url: &str) -> Option<(u16, String)> {
+    match ureq::get(url).call() {
+        Ok(r) => Some((r.status(), r.into_string().unwrap_or_default())),
+        Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().unwrap_or_default())),
+        Err(_) => None,
+    }
+}
+
+/// One unlabelled sample of `/metrics` at `base` (`None`: not exported, or not listening yet).
+pub fn metric(base: &str, name: &str) -> Option<f64> {
+    let (_, text) = try_http_get(&format!("{base}/metrics"))?;
+    text.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `/readyz` at `base`: its status and body (0 and null while nothing listens yet).
+pub fn readyz(base: &str) -> (u16, serde_json::Value) {
+    let (status, body) = try_http_get(&format!("{base}/readyz")).unwrap_or_default();
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+/// Polls `condition` every 50 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `topic`'s partition 0 read to its end with `isolation` (`read_committed` or
+/// `read_uncommitted`): (key, JSON value or `None` for a tombstone).
+pub fn read_to_end(topic: &str, isolation: &str) -> Vec<(String, Option<serde_json::Value>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("check-{topic}-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&partitions).expect("assign");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut records = vec![];
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Err(KafkaError::PartitionEOF(_))) => return records,
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => records.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                m.payload()
+                    .map(|p| serde_json::from_slice(p).expect("JSON record")),
+            )),
+            None => {}
+        }
+    }
+    panic!("{topic} not read to its end within 60 s");
 }
