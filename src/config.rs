@@ -604,6 +604,19 @@ fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
         "[model] max_items",
         format!("{} is less than components", m.max_items),
         "raise max_items (default 100000)",
+    )?;
+    invalid_if(
+        m.max_users == 0,
+        "[model] max_users",
+        "0 would refuse every event",
+        "raise max_users (default 10000000)",
+    )?;
+    // User indices are u32 and u32::MAX marks "none".
+    invalid_if(
+        m.max_users >= u32::MAX as usize,
+        "[model] max_users",
+        format!("{} does not fit a user index", m.max_users),
+        "use at most 4294967294 (default 10000000)",
     )
 }
 
@@ -928,6 +941,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("[model] snapshot_stickiness"), "{err}");
+    }
+
+    #[test]
+    fn max_users_of_zero_or_past_a_user_index_names_the_field_and_the_fix() {
+        assert_eq!(
+            Config::default().engine_params().max_users,
+            crate::engine::DEFAULT_MAX_USERS
+        );
+        let c = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__MAX_USERS", "1000000")]))
+            .expect("a cap of a million users");
+        assert_eq!(c.engine_params().max_users, 1_000_000);
+        for bad in ["0", "4294967295"] {
+            let err = Config::load_with_env(None, env(&[("SEGMENTER_MODEL__MAX_USERS", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("[model] max_users") && err.contains("default 10000000"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

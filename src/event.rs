@@ -151,6 +151,8 @@ pub enum RejectReason {
     Empty,
     /// A new item would push the catalogue past `[model] max_items`.
     CatalogueFull,
+    /// A new user would push the population past `[model] max_users`.
+    PopulationFull,
     /// A `ts` that is no time: before 1970 or past [`MAX_TS`]. With `[events] half_life`
     /// (events weighed by their time) also none or zero, more than [`future_tolerance`] ahead of
     /// the machine's clock (milliseconds for seconds?), or so far behind the decay clock that
@@ -162,7 +164,7 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::Malformed,
         RejectReason::MissingField,
         RejectReason::WrongType,
@@ -172,6 +174,7 @@ impl RejectReason {
         RejectReason::Oversized,
         RejectReason::Empty,
         RejectReason::CatalogueFull,
+        RejectReason::PopulationFull,
         RejectReason::BadTimestamp,
         RejectReason::BadId,
     ];
@@ -187,6 +190,7 @@ impl RejectReason {
             RejectReason::Oversized => "oversized",
             RejectReason::Empty => "empty",
             RejectReason::CatalogueFull => "catalogue_full",
+            RejectReason::PopulationFull => "population_full",
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::BadId => "bad_id",
         }

@@ -296,6 +296,9 @@ fn apply_file(
                 RejectReason::CatalogueFull => {
                     crate::engine::catalogue_full(batch[i].item, config.model.max_items)
                 }
+                RejectReason::PopulationFull => {
+                    crate::engine::population_full(batch[i].user, config.model.max_users)
+                }
                 other => Rejection::new(other, other.label()),
             };
             // Numbered by position in time order (the file is replayed sorted by timestamp).

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub nb_train_agreement: Gauge,
     pub nb_holdout_agreement: Gauge,
     pub users_moved: IntGauge,
+    /// User ids the engine holds now (what `[model] max_users` caps), updated per batch.
+    pub user_ids: IntGauge,
     pub ready: IntGauge,
     /// The change feed: the last snapshot version published, and the records it took.
     pub feed_version: IntGauge,
@@ -300,6 +302,10 @@ impl Metrics {
             nb_train_agreement,
             nb_holdout_agreement,
             users_moved,
+            user_ids: int_gauge(
+                "segmenter_user_ids",
+                "User ids the engine holds now (capped by [model] max_users; a user whose ratings were all retracted keeps its id).",
+            ),
             ready: int_gauge(
                 "segmenter_ready",
                 "1 when the service is ready (state open, consuming assigned partitions, broker reachable, dead letters and change feed keeping up).",
@@ -363,6 +369,7 @@ impl Metrics {
             Box::new(self.nb_train_agreement.clone()),
             Box::new(self.nb_holdout_agreement.clone()),
             Box::new(self.users_moved.clone()),
+            Box::new(self.user_ids.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.feed_version.clone()),
             Box::new(self.feed_records.clone()),

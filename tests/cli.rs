@@ -275,6 +275,55 @@ fn replay_past_max_items_rejects_new_items_as_catalogue_full_and_keeps_the_rest(
 }
 
 #[test]
+fn replay_past_max_users_rejects_new_users_as_population_full_and_keeps_known_users() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ten users, in time order u0..u9, each rating three items; then the first users rate
+    // again after the cap was reached.
+    let mut csv = String::from("user,item,rating,ts\n");
+    let mut ts = 1_700_000_000;
+    for u in 0..10 {
+        for j in 0..3 {
+            ts += 1;
+            csv.push_str(&format!("u{u},i{},{},{ts}\n", (u + j) % 7, 1 + (u + j) % 5));
+        }
+    }
+    for u in 0..6 {
+        ts += 1;
+        csv.push_str(&format!("u{u},i6,5,{ts}\n"));
+    }
+    let ratings = dir.path().join("ratings.csv");
+    std::fs::write(&ratings, csv).unwrap();
+    let snapshot = dir.path().join("snapshot.json");
+    let out = Command::new(BIN)
+        .args(["replay", "--ratings", path(&ratings), "--clusters", "2"])
+        .args(["--components", "2", "--snapshot-out", path(&snapshot)])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("SEGMENTER_CONFIG")
+        .env("SEGMENTER_MODEL__MAX_USERS", "6")
+        .output()
+        .expect("run segmenter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = format!("{}{stderr}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        text.contains("12 rejected (population_full: 12)"),
+        "the report counts the reason: {text}"
+    );
+    assert!(
+        text.contains("user `u6` is new") && text.contains("max_users = 6"),
+        "the report names the user and the cap: {text}"
+    );
+    let snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&snapshot).unwrap()).unwrap();
+    assert_eq!(snap["counts"]["users"], 6, "population capped at max_users");
+    assert_eq!(
+        snap["counts"]["events_applied"], 24,
+        "every event of the six known users applied, their late ones included"
+    );
+}
+
+#[test]
 fn replay_with_more_clusters_than_users_says_so_instead_of_blaming_the_demo() {
     let dir = tempfile::tempdir().unwrap();
     let ratings = generate_ratings(dir.path(), 200, 100, 3000);

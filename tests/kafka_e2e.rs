@@ -547,6 +547,116 @@ fn items_past_max_items_are_dead_lettered_as_catalogue_full_and_memory_stays_fla
     );
 }
 
+/// The value of an unlabelled or `reason`-labelled sample in a metrics page (0 when absent).
+fn metric_value(metrics: &str, name: &str, label: Option<&str>) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.split(['{', ' ']).next() == Some(name)
+                && label.is_none_or(|label| l.contains(&format!("reason=\"{label}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[test]
+fn users_past_max_users_are_dead_lettered_as_population_full_and_known_users_still_apply() {
+    const MAX_USERS: u64 = 50;
+    const GOOD: u64 = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique_topic("population");
+    let dlq = format!("{topic}-dlq");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("queue.buffering.max.messages", "100000")
+        .create()
+        .unwrap();
+    // The good events come from exactly MAX_USERS users, each first seen before any stranger;
+    // after that, two events of never-seen users precede every good one. One key, so one
+    // partition and one order: once every good event is applied, every stranger's event before
+    // it has been dead-lettered and counted.
+    let send = |payload: &str| {
+        producer
+            .send(BaseRecord::to(&topic).key("one-partition").payload(payload))
+            .unwrap();
+    };
+    let mut fresh = 0u64;
+    for n in 0..GOOD {
+        if n >= MAX_USERS {
+            for _ in 0..2 {
+                send(&format!(
+                    r#"{{"user":"new-{fresh}","item":"i{}","rating":3}}"#,
+                    n % 30
+                ));
+                fresh += 1;
+            }
+        }
+        send(&format!(
+            r#"{{"user":"u{}","item":"i{}","rating":{}}}"#,
+            n % MAX_USERS,
+            n % 30,
+            1 + n % 5
+        ));
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+
+    let http = free_port();
+    let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
+    env.push(("SEGMENTER_MODEL__MAX_USERS".into(), MAX_USERS.to_string()));
+    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for_applied(GOOD, Duration::from_secs(180));
+    let (status, metrics) = http_get(&format!("http://127.0.0.1:{http}/metrics"), None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "segmenter_events_rejected_total",
+            Some("population_full")
+        ),
+        fresh,
+        "every stranger's event counted: {metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "segmenter_user_ids", None),
+        MAX_USERS,
+        "{metrics}"
+    );
+    service.signal("-TERM");
+    let (code, log) = service.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("refused by the engine after the poll loop")),
+        "the poll loop's gate and the engine agree: {}",
+        log.join("\n")
+    );
+    let engine = segmenter::store::open(&dir.path().join("state"))
+        .unwrap()
+        .state
+        .load_engine(config_for(&env).engine_params())
+        .unwrap()
+        .engine;
+    assert_eq!(engine.counters().events_applied, GOOD);
+    assert_eq!(engine.users().len() as u64, MAX_USERS, "population capped");
+    assert_eq!(engine.users().get("new-0"), None);
+
+    let letters = read_dead_letters(&dlq, fresh as usize, Duration::from_secs(60));
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.header("segmenter.reason") == Some("population_full"))
+    );
+    assert!(
+        letters.len() as u64 >= fresh,
+        "{} of {fresh} strangers' events dead-lettered",
+        letters.len()
+    );
+}
+
 #[test]
 fn a_message_too_big_to_dead_letter_whole_is_cut_and_never_stalls_consumption() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,11 @@ use stats::CovarianceStats;
 /// O(ratings + items·components), see the README's memory model).
 pub const DEFAULT_MAX_ITEMS: usize = 100_000;
 
+/// Default `[model] max_users`: measured with 2M users of one rating each, a user costs about
+/// 730 bytes of memory at rest and 1.3 KB while a snapshot is built (plus its ratings), so ten
+/// million users fit a 24 GB machine.
+pub const DEFAULT_MAX_USERS: usize = 10_000_000;
+
 /// Fresh k-means++ starts competing with the online clustering at each periodic refresh.
 const REFRESH_STARTS: usize = 2;
 
@@ -175,41 +180,55 @@ impl IdMap {
     }
 }
 
-/// The engine's catalogue rule ([`Engine::admits_item`]) ahead of the engine: a source that
-/// must route refused events elsewhere (the Kafka consumer's dead-letter topic) decides before
-/// handing a batch over. It sees events in the order the engine applies them, so it admits
-/// exactly the items the engine will.
+/// The engine's admission rules ([`Engine::admits_item`], [`Engine::admits_user`]) ahead of
+/// the engine: a source that must route refused events elsewhere (the Kafka consumer's
+/// dead-letter topic) decides before handing a batch over. It sees events in the order the
+/// engine applies them and checks them in the engine's order (item, then user, nothing
+/// recorded for a refused event), so it admits exactly the events the engine will.
 #[derive(Debug, Clone)]
 ///
 /// With a half-life it also follows the decay origin, so it refuses as the engine does an
 /// event too old to weigh ([`DecayClock::refuses`]) and such an event is dead-lettered.
-pub struct CatalogueGate {
-    known: IdMap,
+pub struct AdmissionGate {
+    items: IdMap,
     max_items: usize,
+    /// The users known, by a 128-bit digest of their id rather than a second copy of every id
+    /// string: the gate must know every user, and users outnumber items by far. Two ids share a
+    /// digest with a probability of about n²/2¹²⁹ (10⁻²⁵ for ten million users).
+    users: rustc_hash::FxHashSet<u128>,
+    max_users: usize,
     decay: DecayClock,
     half_life_seconds: Option<u64>,
 }
 
-impl CatalogueGate {
+impl AdmissionGate {
     pub fn new(engine: &Engine) -> Self {
-        CatalogueGate {
-            known: IdMap::from_ids(engine.items().ids().iter().cloned().collect()),
+        AdmissionGate {
+            items: IdMap::from_ids(engine.items().ids().iter().cloned().collect()),
             max_items: engine.params().max_items,
+            users: engine
+                .users()
+                .ids()
+                .iter()
+                .map(|id| id_digest(id))
+                .collect(),
+            max_users: engine.params().max_users,
             decay: engine.decay(),
             half_life_seconds: engine.params().half_life_seconds,
         }
     }
 
     /// Admits an event that passed the value policy as the engine will (refused when too old
-    /// for the decay clock, or for a new item past the cap), recording what it changes.
+    /// for the decay clock, for a new item past the item cap, or for a new user past the user
+    /// cap, in that order), recording what it changes.
     pub fn admit_event(&mut self, event: &impl Rating) -> Result<(), crate::event::Rejection> {
         let Some(half_life) = self.half_life_seconds else {
-            return self.admit(event.item());
+            return self.admit(event.user(), event.item());
         };
         if let Some(rejection) = self.decay.refuses(event.ts(), event.value(), half_life) {
             return Err(rejection);
         }
-        self.admit(event.item())?;
+        self.admit(event.user(), event.item())?;
         // The origin moves as the engine's will when it applies the event.
         let spans = self.decay.spans_due(event.ts(), half_life);
         if spans > 0 {
@@ -223,17 +242,38 @@ impl CatalogueGate {
         Ok(())
     }
 
-    /// Admits `item` (recording it when new), or refuses it with the reason's detail.
-    pub fn admit(&mut self, item: &str) -> Result<(), crate::event::Rejection> {
-        if self.known.get(item).is_some() {
-            return Ok(());
+    /// Admits an event of `user` for `item` (recording both when new), or refuses it with the
+    /// reason's detail.
+    pub fn admit(&mut self, user: &str, item: &str) -> Result<(), crate::event::Rejection> {
+        let new_item = self.items.get(item).is_none();
+        if new_item && self.items.len() >= self.max_items {
+            return Err(catalogue_full(item, self.max_items));
         }
-        if self.known.len() < self.max_items {
-            self.known.intern(item);
-            return Ok(());
+        let digest = id_digest(user);
+        if !self.users.contains(&digest) {
+            if self.users.len() >= self.max_users {
+                return Err(population_full(user, self.max_users));
+            }
+            self.users.insert(digest);
         }
-        Err(catalogue_full(item, self.max_items))
+        if new_item {
+            self.items.intern(item);
+        }
+        Ok(())
     }
+}
+
+/// A 128-bit digest of an id: two SipHash passes over differently salted input. Digests live
+/// in memory only, so `DefaultHasher`'s fixed keys (the same for every instance) suffice.
+fn id_digest(id: &str) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        id.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
 /// The rejection of an event for a new `item` once the catalogue holds `max_items` items.
@@ -242,6 +282,16 @@ pub fn catalogue_full(item: &str, max_items: usize) -> crate::event::Rejection {
         RejectReason::CatalogueFull,
         format!(
             "item `{item}` is new and the catalogue already holds [model] max_items = {max_items} items"
+        ),
+    )
+}
+
+/// The rejection of an event of a new `user` once the engine holds `max_users` users.
+pub fn population_full(user: &str, max_users: usize) -> crate::event::Rejection {
+    crate::event::Rejection::new(
+        RejectReason::PopulationFull,
+        format!(
+            "user `{user}` is new and the engine already holds [model] max_users = {max_users} users"
         ),
     )
 }
@@ -300,6 +350,10 @@ pub struct EngineParams {
     /// Distinct items at most: an event for a new item past the cap is rejected
     /// ([`RejectReason::CatalogueFull`]), so memory stays bounded whatever producers send.
     pub max_items: usize,
+    /// Distinct users at most: an event of a new user past the cap is rejected
+    /// ([`RejectReason::PopulationFull`]) while known users' events still apply, so memory stays
+    /// bounded whatever ids producers send.
+    pub max_users: usize,
     /// Also refresh when this many milliseconds passed since the last refresh (0 = by event
     /// count only). The engine has no clock: the service applies it, replays ignore it.
     pub refresh_interval_ms: u64,
@@ -329,6 +383,7 @@ impl Default for EngineParams {
             refresh_max_iterations: 10,
             eigen_oversample: 10,
             max_items: DEFAULT_MAX_ITEMS,
+            max_users: DEFAULT_MAX_USERS,
             refresh_interval_ms: 0,
             seed: 42,
         }
@@ -558,7 +613,12 @@ impl Engine {
                 continue;
             }
             let known_user = known_users[i]
-                .or_else(|| keys.and_then(|(user, _)| SourceIds::lookup(&ids.users, user)));
+                .or_else(|| keys.and_then(|(user, _)| SourceIds::lookup(&ids.users, user)))
+                .or_else(|| self.users.get(event.user()));
+            if known_user.is_none() && self.users.len() >= self.params.max_users {
+                outcome.rejected.push((i, RejectReason::PopulationFull));
+                continue;
+            }
             let user = match known_user {
                 Some(u) => u,
                 None => {
@@ -607,6 +667,11 @@ impl Engine {
     /// Whether an event for `item` fits the catalogue: a known item, or room for a new one.
     pub fn admits_item(&self, item: &str) -> bool {
         self.items.len() < self.params.max_items || self.items.get(item).is_some()
+    }
+
+    /// Whether an event of `user` fits the population: a known user, or room for a new one.
+    pub fn admits_user(&self, user: &str) -> bool {
+        self.users.len() < self.params.max_users || self.users.get(user).is_some()
     }
 
     /// Hints the CPU to load what applying an event for user `u` reads: the vector's ratings
@@ -1183,7 +1248,7 @@ mod tests {
         let mut engine = Engine::new(params.clone());
         engine.apply(&events_before(1_700_000_000, 500, 5));
         let first_origin = engine.decay().origin_ts;
-        let mut gate = CatalogueGate::new(&engine);
+        let mut gate = AdmissionGate::new(&engine);
         // Later events crossing two rebases, with re-sends far behind among them.
         let mut stream = Vec::new();
         for (n, mut e) in events_before(1_700_000_000, 3_000, 9)
@@ -1302,13 +1367,75 @@ mod tests {
         assert_eq!(out.rejected, vec![(2, RejectReason::CatalogueFull)]);
         assert_eq!(e.items().len(), 2);
         assert_eq!(e.ratings(), 3);
-        let mut gate = CatalogueGate::new(&Engine::new(EngineParams {
+        let mut gate = AdmissionGate::new(&Engine::new(EngineParams {
             max_items: 1,
             ..EngineParams::default()
         }));
-        assert!(gate.admit("x").is_ok() && gate.admit("x").is_ok());
+        assert!(gate.admit("a", "x").is_ok() && gate.admit("b", "x").is_ok());
         assert_eq!(
-            gate.admit("y").map_err(|r| r.reason),
+            gate.admit("a", "y").map_err(|r| r.reason),
+            Err(RejectReason::CatalogueFull)
+        );
+    }
+
+    #[test]
+    fn users_past_max_users_are_refused_and_known_users_still_apply() {
+        let params = EngineParams {
+            max_users: 2,
+            max_items: 3,
+            ..EngineParams::default()
+        };
+        let events = [
+            ev("a", "x", Some(3.0)),
+            ev("b", "y", Some(4.0)),
+            // A new user past the cap, with a new item: neither is taken in.
+            ev("c", "z", Some(5.0)),
+            ev("a", "y", Some(1.0)),
+            ev("c", "x", Some(2.0)),
+            // A known user with a new item still applies.
+            ev("b", "w", Some(2.0)),
+        ];
+        let mut e = Engine::new(params.clone());
+        let out = e.apply(&events);
+        assert_eq!(out.applied, 4);
+        assert_eq!(
+            out.rejected,
+            vec![
+                (2, RejectReason::PopulationFull),
+                (4, RejectReason::PopulationFull)
+            ]
+        );
+        assert_eq!(e.users().len(), 2);
+        assert_eq!(e.users().get("c"), None);
+        assert_eq!(e.items().get("z"), None, "a refused event interns nothing");
+        assert_eq!(e.items().len(), 3);
+        assert_eq!(e.ratings(), 4);
+        assert!(e.admits_user("a") && !e.admits_user("c"));
+
+        // The gate decides as the engine does, event by event, starting from a loaded engine.
+        let mut gate = AdmissionGate::new(&Engine::new(params.clone()));
+        let decided: Vec<Option<RejectReason>> = events
+            .iter()
+            .map(|x| gate.admit(&x.user, &x.item).err().map(|r| r.reason))
+            .collect();
+        let mut refused = vec![None; events.len()];
+        for &(i, reason) in &out.rejected {
+            refused[i] = Some(reason);
+        }
+        assert_eq!(decided, refused);
+        let mut reloaded = AdmissionGate::new(&e);
+        assert!(reloaded.admit("b", "x").is_ok());
+        let refusal = reloaded.admit("d", "x").unwrap_err();
+        assert_eq!(refusal.reason, RejectReason::PopulationFull);
+        assert!(
+            refusal.detail.contains("`d`") && refusal.detail.contains("max_users = 2"),
+            "{}",
+            refusal.detail
+        );
+        // Full catalogue and full population: the item is checked first, as the engine does.
+        let mut full = AdmissionGate::new(&e);
+        assert_eq!(
+            full.admit("d", "v").map_err(|r| r.reason),
             Err(RejectReason::CatalogueFull)
         );
     }
