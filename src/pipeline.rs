@@ -424,7 +424,6 @@ impl Pipeline {
     }
 }
 
-/// When the next refresh and snapshot are due, and the snapshot thread.
 /// How often the thread that applies hands freed memory back to the system.
 const RELEASE_EVERY: Duration = Duration::from_secs(10);
 
@@ -453,6 +452,7 @@ fn release_free_memory() {
     }
 }
 
+/// When the next refresh and snapshot are due, and the snapshot thread.
 struct Schedule {
     snapshot_every: Duration,
     refresh_every: Option<Duration>,
