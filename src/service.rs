@@ -555,15 +555,16 @@ fn create_consumer(
         revoked: AtomicBool::new(false),
         foreign_assignment: AtomicBool::new(false),
     };
-    // A local prefetch of about ten batches, so the poll loop rarely waits on a fetch, but
-    // bounded in messages as well as bytes: librdkafka's byte bound counts payloads only, and
-    // with 500,000 small messages queued per partition (the previous default) a 2M-event
-    // backlog took 6.7 GB of peak memory instead of 2.7 GB.
+    // A local prefetch deep enough that the poll loop rarely waits on a fetch, bounded in
+    // messages as well as bytes: librdkafka's byte bound counts payloads only, so a backlog of
+    // small messages filled the queue with 500,000 per partition (each with its own fetch
+    // operation). At 50,000 consumption of a 5M-event topic took 1.4x as long; 200,000 keeps
+    // it within the noise of 500,000 (scripts/bench-kafka.sh).
     let mut consumer_config = client_config_with_defaults(
         kafka,
         &[
-            ("queued.min.messages", "50000"),
-            ("queued.max.messages.kbytes", "16384"),
+            ("queued.min.messages", "200000"),
+            ("queued.max.messages.kbytes", "65536"),
             ("max.partition.fetch.bytes", "8388608"),
             ("fetch.wait.max.ms", "100"),
         ],
