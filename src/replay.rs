@@ -28,6 +28,20 @@ pub struct ReplayOptions {
     pub progress: bool,
 }
 
+impl ReplayOptions {
+    /// A CSV ratings file alone: no catalogue, no outputs, no progress bar.
+    pub fn csv(ratings: &std::path::Path) -> ReplayOptions {
+        ReplayOptions {
+            ratings: ratings.to_path_buf(),
+            items: None,
+            format: FileFormat::Csv,
+            snapshot_out: None,
+            assignments_out: None,
+            progress: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReplayOutcome {
     /// Events applied in this run (after any resume skip).

@@ -25,14 +25,7 @@ fn config(state: &Path, mode: Mode) -> Config {
 }
 
 fn options(ratings: &Path) -> ReplayOptions {
-    ReplayOptions {
-        ratings: ratings.to_path_buf(),
-        items: None,
-        format: FileFormat::Csv,
-        snapshot_out: None,
-        assignments_out: None,
-        progress: false,
-    }
+    ReplayOptions::csv(ratings)
 }
 
 fn write_events(path: &Path, events: &[segmenter::event::RatingEvent]) {

@@ -7,7 +7,6 @@
 use std::path::Path;
 
 use segmenter::config::Config;
-use segmenter::decode::FileFormat;
 use segmenter::generator::{GeneratorParams, generate, write_csv};
 use segmenter::pipeline::{Pipeline, Shared};
 use segmenter::replay::{ReplayOptions, replay};
@@ -22,14 +21,7 @@ fn config(state: &Path) -> Config {
 }
 
 fn options(ratings: &Path) -> ReplayOptions {
-    ReplayOptions {
-        ratings: ratings.to_path_buf(),
-        items: None,
-        format: FileFormat::Csv,
-        snapshot_out: None,
-        assignments_out: None,
-        progress: false,
-    }
+    ReplayOptions::csv(ratings)
 }
 
 /// Copies the database's files of `from` into `to` (the version mark stays where it is).
@@ -65,10 +57,9 @@ fn roll_back(state: &Path, earlier: &Path) {
     copy_database(earlier, state);
 }
 
-#[test]
-fn a_replay_over_a_rolled_back_state_dir_continues_above_the_versions_already_given_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let events = generate(&GeneratorParams {
+/// The events both tests replay: 120 users, 6,000 events, seeded.
+fn stream() -> Vec<segmenter::event::RatingEvent> {
+    generate(&GeneratorParams {
         users: 120,
         items: 60,
         events: 6_000,
@@ -76,7 +67,13 @@ fn a_replay_over_a_rolled_back_state_dir_continues_above_the_versions_already_gi
         seed: 19,
         ..GeneratorParams::default()
     })
-    .events;
+    .events
+}
+
+#[test]
+fn a_replay_over_a_rolled_back_state_dir_continues_above_the_versions_already_given_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = stream();
     let (first, second) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
     for (path, part) in [(&first, &events[..3_000]), (&second, &events[3_000..])] {
         write_csv(part, &mut std::fs::File::create(path).unwrap()).unwrap();
@@ -138,15 +135,7 @@ enum Reopened {
 fn byte_flips_in_a_written_state_dir_are_refused_as_corrupt_or_continue_above_the_versions_given_out()
  {
     let dir = tempfile::tempdir().unwrap();
-    let events = generate(&GeneratorParams {
-        users: 120,
-        items: 60,
-        events: 6_000,
-        segments: 4,
-        seed: 19,
-        ..GeneratorParams::default()
-    })
-    .events;
+    let events = stream();
     let (ratings, state) = (dir.path().join("part.csv"), dir.path().join("state"));
     // Six replays: six commits of state and versions 1 to 6.
     for part in events.chunks(1_000) {
