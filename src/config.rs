@@ -591,13 +591,19 @@ fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
         !(0.0..0.5).contains(&m.snapshot_stability_margin),
         "[model] snapshot_stability_margin",
         format!("{} is out of range", m.snapshot_stability_margin),
-        "use a share in [0, 0.5), default 0.1 (0 = always the lowest inertia found)",
+        "use a share in [0, 0.5), default 0.01 (0 = always the lowest inertia found)",
     )?;
     invalid_if(
         !(0.0..0.9).contains(&m.snapshot_stickiness),
         "[model] snapshot_stickiness",
         format!("{} is out of range", m.snapshot_stickiness),
-        "use a share in [0, 0.9), default 0.3 (0 = users always join the nearest centroid)",
+        "use a share in [0, 0.9), default 0.2 (0 = users always join the nearest centroid)",
+    )?;
+    invalid_if(
+        !(0.0..0.1).contains(&m.snapshot_stickiness_budget),
+        "[model] snapshot_stickiness_budget",
+        format!("{} is out of range", m.snapshot_stickiness_budget),
+        "use a share in [0, 0.1), default 0.01 (0 = stickiness only where it costs nothing)",
     )?;
     invalid_if(
         m.max_items < m.components,

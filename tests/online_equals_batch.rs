@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ndarray::Array2;
 use segmenter::engine::eigen::{SymmetricOperator, jacobi_eigen};
-use segmenter::engine::{Engine, EngineParams};
+use segmenter::engine::{Engine, EngineParams, PreviousSegments};
 use segmenter::event::{Mode, RatingEvent};
 use segmenter::generator::{GeneratorParams, generate};
 use segmenter::snapshot::{self, BuildInput, SnapshotParams};
@@ -175,7 +175,9 @@ fn check_stats_equal_batch(mode: Mode) {
             }
             refreshes_checked += 1;
         }
-        let model = engine.snapshot_model(true, None).expect("model");
+        let model = engine
+            .snapshot_model(true, PreviousSegments::None)
+            .expect("model");
         for i in 0..5 {
             let got = model.eigenvalues()[i];
             assert!(
@@ -338,7 +340,9 @@ fn check_decay_equals_batch_on(
             "covariance operator differs by {worst} (of {scale}) after {applied} events"
         );
         let (exact, _) = jacobi_eigen(&cov);
-        let model = engine.snapshot_model(false, None).expect("model");
+        let model = engine
+            .snapshot_model(false, PreviousSegments::None)
+            .expect("model");
         for i in 0..5 {
             let got = model.eigenvalues()[i] * c * c;
             assert!(

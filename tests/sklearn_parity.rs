@@ -5,7 +5,7 @@
 
 use ndarray::Array2;
 use segmenter::engine::eigen::jacobi_eigen;
-use segmenter::engine::{Engine, EngineParams, NO_CLUSTER};
+use segmenter::engine::{Engine, EngineParams, NO_CLUSTER, PreviousSegments};
 use segmenter::generator::{GeneratorParams, generate};
 use segmenter::snapshot::validation::{NaiveBayes, tfidf_profiles};
 use segmenter::snapshot::{self, BuildInput, SnapshotParams};
@@ -119,7 +119,7 @@ fn online_engine_matches_scikit_learn_on_the_golden_set() {
             theirs[[c, col]] = v;
         }
     }
-    let model = engine.snapshot_model(true, None).unwrap();
+    let model = engine.snapshot_model(true, PreviousSegments::None).unwrap();
     let mut mine = Array2::<f64>::zeros((10, d));
     for (col, item) in items.iter().enumerate() {
         let j = engine.items().get(item.as_str().unwrap()).unwrap() as usize;

@@ -354,19 +354,10 @@ fn centroid_shifts(before: &[f64], after: &[f64], dim: usize, k: usize) -> Vec<f
         .collect()
 }
 
-/// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned; centroids start
-/// as the member means), with hysteresis: an assigned point moves only to a centroid closer than
-/// `(1 − stickiness)` times its squared distance to its own. Points near a boundary between two
-/// equally good sub-clusters then stay where they were instead of flipping with every small
-/// change of their vectors; every move still lowers the inertia, so the passes converge. With no
-/// point assigned at all, it is plain Lloyd from a seeded k-means++ start.
-pub fn lloyd_sticky<P: Points>(
-    points: &P,
-    k: usize,
-    mut labels: Vec<u32>,
-    max_passes: usize,
-    stickiness: f64,
-) -> Clustering {
+/// The member means of an assignment (`labels`, any value `>= k` = unassigned), after the
+/// unassigned points join the nearest of them; clusters left empty are re-seeded from the
+/// worst-fit points. `None` when no point is assigned.
+fn centroids_of_labels<P: Points>(points: &P, k: usize, labels: &mut [u32]) -> Option<Vec<f64>> {
     let dim = points.dim();
     // Start from the member means of the assigned points; unassigned ones join the nearest of
     // those (clusters left empty are re-seeded from the worst-fit points, as in every pass).
@@ -387,11 +378,7 @@ pub fn lloyd_sticky<P: Points>(
     }
     let filled: Vec<usize> = (0..k).filter(|&c| sizes[c] > 0).collect();
     if filled.is_empty() {
-        return lloyd(
-            points,
-            kmeans_plus_plus(points, k, &mut ChaCha8Rng::seed_from_u64(0)),
-            max_passes,
-        );
+        return None;
     }
     let norms = centroid_norms(&centroids, dim);
     for (i, l) in labels.iter_mut().enumerate() {
@@ -408,7 +395,42 @@ pub fn lloyd_sticky<P: Points>(
             *l = c as u32;
         }
     }
-    update_centroids(points, &mut labels, k, &mut centroids);
+    update_centroids(points, labels, k, &mut centroids);
+    Some(centroids)
+}
+
+/// An assignment kept as it is (unassigned points at the nearest member mean), with its
+/// member-mean centroids and inertia: what a snapshot holding its previous segments serves.
+pub fn keep<P: Points>(points: &P, k: usize, mut labels: Vec<u32>) -> Option<Clustering> {
+    let centroids = centroids_of_labels(points, k, &mut labels)?;
+    Some(finish(points, labels, centroids, 0))
+}
+
+/// Lloyd passes from a given assignment (`labels`, any value `>= k` = unassigned; centroids start
+/// as the member means), with hysteresis: an assigned point moves only to a centroid closer than
+/// `(1 − stickiness)` times its squared distance to its own. Points near a boundary between two
+/// equally good sub-clusters then stay where they were instead of flipping with every small
+/// change of their vectors; every move still lowers the inertia, so the passes converge. With no
+/// point assigned at all, it is plain Lloyd from a seeded k-means++ start.
+pub fn lloyd_sticky<P: Points>(
+    points: &P,
+    k: usize,
+    mut labels: Vec<u32>,
+    max_passes: usize,
+    stickiness: f64,
+) -> Clustering {
+    let Some(mut centroids) = centroids_of_labels(points, k, &mut labels) else {
+        return lloyd(
+            points,
+            kmeans_plus_plus(points, k, &mut ChaCha8Rng::seed_from_u64(0)),
+            max_passes,
+        );
+    };
+    let dim = points.dim();
+    if stickiness <= 0.0 {
+        // Plain Lloyd from the member means: the bounded passes find the same assignments.
+        return lloyd(points, centroids, max_passes);
+    }
     let keep = 1.0 - stickiness;
     let mut passes = 0;
     while passes < max_passes.max(1) {

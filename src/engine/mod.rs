@@ -21,7 +21,7 @@ pub use decay::DecayClock;
 use eigen::EigenParams;
 use kmeans::ClusteringParams;
 use model::{Continuation, DataView};
-pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome};
+pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome, Segmentation};
 use stats::CovarianceStats;
 
 /// Default `[model] max_items`: a 60k-item catalogue and more within a 2 GB budget (memory is
@@ -328,16 +328,24 @@ pub struct EngineParams {
     pub refresh_changed_share: f64,
     /// Lloyd passes over all users at each periodic refresh.
     pub polish_passes: usize,
-    /// K-Means starts per snapshot (the current clustering plus fresh k-means++ starts).
+    /// Fresh k-means++ starts of a cold snapshot (the first one, a replay's).
     pub snapshot_kmeans_starts: usize,
+    /// Fresh k-means++ starts of a snapshot that continues the previous one: a rotating budget
+    /// (each snapshot draws new ones) that challenges the continued segments.
+    pub snapshot_fresh_starts: usize,
     /// Lloyd passes at most per start at snapshot time.
     pub snapshot_max_passes: usize,
-    /// A snapshot continues the previous snapshot's segments unless another clustering (the
-    /// online one or a fresh start) has an inertia lower by more than this share.
+    /// A snapshot continues the previous snapshot's segments (Lloyd to convergence from them)
+    /// unless another clustering (the online one or a fresh start) has an inertia lower by
+    /// more than this share; then it re-segments openly (`kmeans.segmentation`).
     pub snapshot_stability_margin: f64,
     /// When a snapshot continues the previous one, a user changes segment only for a centroid
-    /// closer than `1 − snapshot_stickiness` times its squared distance to its own segment's.
+    /// closer than `1 − snapshot_stickiness` times its squared distance to its own segment's
+    /// (0: plain Lloyd, a true local optimum) ...
     pub snapshot_stickiness: f64,
+    /// ... as long as that keeps the inertia within this share of the local optimum Lloyd
+    /// reaches from the same segments; past it the optimum is published.
+    pub snapshot_stickiness_budget: f64,
     /// Eigensolver tolerance at snapshot time (exact parity with batch PCA).
     pub eigen_tolerance: f64,
     /// Eigensolver tolerance of the periodic refresh (the online model only needs a good basis).
@@ -374,9 +382,11 @@ impl Default for EngineParams {
             refresh_changed_share: 0.25,
             polish_passes: 3,
             snapshot_kmeans_starts: 25,
+            snapshot_fresh_starts: 4,
             snapshot_max_passes: 300,
-            snapshot_stability_margin: 0.1,
-            snapshot_stickiness: 0.3,
+            snapshot_stability_margin: 0.01,
+            snapshot_stickiness: 0.2,
+            snapshot_stickiness_budget: 0.01,
             eigen_tolerance: 1e-9,
             refresh_eigen_tolerance: 1e-4,
             eigen_max_iterations: 500,
@@ -888,7 +898,11 @@ impl Engine {
     }
 
     /// See [`EngineView::snapshot_model`].
-    pub fn snapshot_model(&self, with_curve: bool, previous: Option<&[u32]>) -> Option<Model> {
+    pub fn snapshot_model(
+        &self,
+        with_curve: bool,
+        previous: PreviousSegments<'_>,
+    ) -> Option<Model> {
         self.view().snapshot_model(with_curve, previous)
     }
 
@@ -1002,14 +1016,20 @@ impl EngineView {
     }
 
     /// A copy of the model with the PCA re-solved to `eigen_tolerance` on the current data and
-    /// a clustering polished by Lloyd to convergence: the `previous` snapshot's (clusters by
-    /// user index), else the online one, replaced only by a clearly better one of the online
-    /// clustering and `snapshot_kmeans_starts` fresh k-means++ starts (run on a sample,
-    /// polished on everyone); ids matched to the clustering it continues. The engine itself is
-    /// not changed, so when snapshots are taken never alters the online trajectory. `with_curve` also settles
-    /// the diagnostics curve's further eigenvalues (`curve_components`), which costs most of
-    /// the solve on a flat spectrum tail: only snapshots that report diagnostics ask for it.
-    pub fn snapshot_model(&self, with_curve: bool, previous: Option<&[u32]>) -> Option<Model> {
+    /// the users clustered, as `previous` says: continuing the previous snapshot's segments
+    /// (Lloyd to convergence from them, replaced only by a clustering better by more than
+    /// `snapshot_stability_margin`: the online one or one of `snapshot_fresh_starts` fresh
+    /// k-means++ starts), or solved cold (`snapshot_kmeans_starts` fresh starts on a sample,
+    /// polished on everyone) with ids matched to the previous segments when given. The engine
+    /// itself is not changed, so when snapshots are taken never alters the online trajectory.
+    /// `with_curve` also settles the diagnostics curve's further eigenvalues
+    /// (`curve_components`), which costs most of the solve on a flat spectrum tail: only
+    /// snapshots that report diagnostics ask for it.
+    pub fn snapshot_model(
+        &self,
+        with_curve: bool,
+        previous: PreviousSegments<'_>,
+    ) -> Option<Model> {
         if self.items.len() < self.params.components || self.stats.users() < 2 {
             return None;
         }
@@ -1026,6 +1046,15 @@ impl EngineView {
             canonical_order: &order,
             items: self.items.len(),
         };
+        let (labels, continuing) = match previous {
+            PreviousSegments::None => (None, false),
+            PreviousSegments::MatchIds(labels) => (Some(labels), false),
+            PreviousSegments::Continue(labels) => (Some(labels), true),
+        };
+        if !continuing {
+            // A cold solve depends on today's data only, not on the online clustering.
+            model.forget_clustering();
+        }
         model.refresh(
             &data,
             // Warm from the online basis: the solve converges to `eigen_tolerance` whatever it
@@ -1035,18 +1064,36 @@ impl EngineView {
             &ClusteringParams {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,
-                restarts: self.params.snapshot_kmeans_starts,
+                restarts: if continuing {
+                    self.params.snapshot_fresh_starts
+                } else {
+                    self.params.snapshot_kmeans_starts
+                },
                 keep_current: true,
                 seed,
             },
-            previous.map(|labels| Continuation {
+            labels.map(|labels| Continuation {
                 labels,
-                margin: self.params.snapshot_stability_margin,
+                margin: continuing.then_some(self.params.snapshot_stability_margin),
                 stickiness: self.params.snapshot_stickiness,
+                stickiness_budget: self.params.snapshot_stickiness_budget,
             }),
         );
         Some(model)
     }
+}
+
+/// The segments a snapshot is built against (labels by user index, as stored with the
+/// previous snapshot).
+#[derive(Debug, Clone, Copy)]
+pub enum PreviousSegments<'a> {
+    /// None: a first snapshot.
+    None,
+    /// Solve cold, then renumber the segments to overlap most with these (a replay into a
+    /// state dir that already has snapshots keeps their ids).
+    MatchIds(&'a [u32]),
+    /// Continue these segments (the service's snapshots).
+    Continue(&'a [u32]),
 }
 
 /// Everything needed to rebuild an [`Engine`] after a restart.
@@ -1475,8 +1522,12 @@ mod tests {
         assert!(view.vectors() == frozen.vectors());
         assert!(view.users() == frozen.users().ids());
         assert_eq!(view.ratings(), frozen.ratings());
-        let from_view = view.snapshot_model(false, None).expect("a model");
-        let from_frozen = frozen.snapshot_model(false, None).expect("a model");
+        let from_view = view
+            .snapshot_model(false, PreviousSegments::None)
+            .expect("a model");
+        let from_frozen = frozen
+            .snapshot_model(false, PreviousSegments::None)
+            .expect("a model");
         assert_eq!(from_view.labels(), from_frozen.labels());
         assert_eq!(from_view.eigenvalues(), from_frozen.eigenvalues());
     }

@@ -58,6 +58,23 @@ pub struct Model {
     counts: Vec<u64>,
     means: Vec<f64>,
     initialised: bool,
+    /// How the last recluster relates to the segments it was given to continue.
+    segmentation: Segmentation,
+}
+
+/// How a snapshot's clustering relates to the previous snapshot's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Segmentation {
+    /// Solved without segments to continue (the first snapshot, a replay's cold solve): ids
+    /// are still matched to the previous snapshot's when there is one.
+    #[default]
+    Fresh,
+    /// The previous segments, followed by Lloyd to convergence on today's data.
+    Continued,
+    /// Another clustering was better than continuing by more than the stability margin and
+    /// replaced it (ids matched by overlap): many users may change segment at once.
+    Resegmented,
 }
 
 /// What a refresh did, for logs and metrics.
@@ -92,6 +109,7 @@ impl Model {
             counts: vec![0; clusters],
             means: vec![0.0; clusters * components],
             initialised: false,
+            segmentation: Segmentation::Fresh,
         }
     }
 
@@ -103,6 +121,10 @@ impl Model {
     }
     pub fn has_basis(&self) -> bool {
         self.basis.nrows() > 0
+    }
+    /// How the last recluster relates to the segments it was asked to continue.
+    pub fn segmentation(&self) -> Segmentation {
+        self.segmentation
     }
     pub fn is_clustered(&self) -> bool {
         self.initialised
@@ -512,37 +534,94 @@ impl Model {
             data: &data,
             dim: k,
         };
-        let previous: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
-        let sticky_from = |labels: Vec<u32>, stickiness: f64| {
-            kmeans::lloyd_sticky(
-                &points,
-                self.clusters,
-                labels,
-                params.max_passes,
-                stickiness,
-            )
-        };
+        let online: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
         let prior_labels: Option<Vec<u32>> = prior.as_ref().map(|p| {
             active
                 .iter()
                 .map(|&u| p.labels.get(u).copied().unwrap_or(NO_CLUSTER))
                 .collect()
         });
-        let continued = prior
-            .as_ref()
-            .zip(prior_labels.clone())
-            .map(|(p, labels)| sticky_from(labels, p.stickiness));
-        let current = (self.initialised && params.keep_current)
-            .then(|| sticky_from(previous.clone(), STICKINESS));
-        let fresh =
-            (params.restarts > 0 || current.is_none()).then(|| fresh_clustering(&points, params));
-        let continued_margin = prior.map_or(STABILITY_MARGIN, |p| p.margin.max(STABILITY_MARGIN));
-        let Some(result) = choose_clustering(continued, current, fresh, continued_margin) else {
-            return 0;
+        let current_labels = (self.initialised && params.keep_current).then_some(online);
+        let continuing = prior.as_ref().and_then(|p| {
+            p.margin
+                .map(|margin| (margin, p.stickiness, p.stickiness_budget))
+        });
+        let (result, segmentation) = match (continuing, prior_labels.clone()) {
+            (Some((margin, stickiness, stickiness_budget)), Some(labels)) => {
+                // The previous snapshot's segments followed by Lloyd to a local optimum of
+                // today's data. With stickiness, users near a boundary stay put, but only
+                // while that costs at most `stickiness_budget` of the optimum's inertia. The
+                // optimum is challenged by the online clustering and fresh starts (each also
+                // run to convergence): a clearly better one replaces the segments, openly.
+                let followed = kmeans::lloyd_sticky(
+                    &points,
+                    self.clusters,
+                    labels.clone(),
+                    params.max_passes,
+                    0.0,
+                );
+                let sticky = (stickiness > 0.0).then(|| {
+                    kmeans::lloyd_sticky(
+                        &points,
+                        self.clusters,
+                        labels,
+                        params.max_passes,
+                        stickiness,
+                    )
+                });
+                let reference_inertia = followed.inertia;
+                let continued = match sticky {
+                    Some(sticky)
+                        if sticky.inertia <= followed.inertia * (1.0 + stickiness_budget) =>
+                    {
+                        sticky
+                    }
+                    _ => followed,
+                };
+                let online = current_labels.map(|labels| {
+                    kmeans::lloyd_sticky(&points, self.clusters, labels, params.max_passes, 0.0)
+                });
+                let fresh = (params.restarts > 0).then(|| fresh_clustering(&points, params));
+                let challenger = [online, fresh]
+                    .into_iter()
+                    .flatten()
+                    .min_by(|a, b| a.inertia.total_cmp(&b.inertia));
+                match challenger {
+                    Some(c) if c.inertia < reference_inertia * (1.0 - margin) => {
+                        (c, Segmentation::Resegmented)
+                    }
+                    _ => (continued, Segmentation::Continued),
+                }
+            }
+            _ => {
+                let current = current_labels.map(|labels| {
+                    kmeans::lloyd_sticky(
+                        &points,
+                        self.clusters,
+                        labels,
+                        params.max_passes,
+                        STICKINESS,
+                    )
+                });
+                let fresh = (params.restarts > 0 || current.is_none())
+                    .then(|| fresh_clustering(&points, params));
+                let Some(result) = choose_clustering(current, fresh) else {
+                    return 0;
+                };
+                (result, Segmentation::Fresh)
+            }
         };
-        let reference = prior_labels.unwrap_or(previous);
+        let reference =
+            prior_labels.unwrap_or_else(|| active.iter().map(|&u| self.labels[u]).collect());
         self.adopt_labels(&active, &result.labels, &reference);
+        self.segmentation = segmentation;
         result.passes
+    }
+
+    /// Drops the clustering (every user unassigned), keeping the basis: what is clustered next
+    /// is solved from the data alone.
+    pub(crate) fn forget_clustering(&mut self) {
+        self.unassign_all();
     }
 
     /// Leaves every user unassigned and the model uninitialised.
@@ -565,7 +644,7 @@ impl Model {
     /// Makes `labels` (one per `active` user) the clustering, its cluster ids renumbered to
     /// overlap most with `reference` (the clustering it replaces) once the model is initialised.
     fn adopt_labels(&mut self, active: &[usize], labels: &[u32], reference: &[u32]) {
-        let mapping = if self.initialised {
+        let mapping = if reference.iter().any(|&l| (l as usize) < self.clusters) {
             match_labels(labels, reference, self.clusters)
         } else {
             (0..self.clusters as u32).collect()
@@ -734,43 +813,41 @@ fn fresh_clustering(points: &DensePoints<'_>, params: &ClusteringParams) -> kmea
     kmeans::lloyd(points, sampled.centroids, params.max_passes)
 }
 
-/// The previous snapshot's segments, for a snapshot that continues them: `labels` by user
-/// index; a user moves only to a centroid closer than `1 − stickiness` times its squared
-/// distance to its own; another clustering replaces them only with an inertia lower by more
-/// than `margin`.
+/// The previous snapshot's segments (`labels` by user index). A snapshot that continues them
+/// (`margin` set) follows them with Lloyd to convergence on today's data, and replaces them
+/// only with a clustering whose inertia is lower than that optimum's by more than `margin`,
+/// reported as [`Segmentation::Resegmented`]. With `stickiness` > 0 a user moves only to a
+/// centroid closer than `1 − stickiness` times its squared distance to its own, as long as the
+/// inertia stays within `stickiness_budget` of the optimum (else the optimum is taken): the
+/// published clustering is then at most `(1 + stickiness_budget) / (1 − margin)` times the best
+/// candidate's inertia. Without `margin` the clustering is solved cold and only its ids are
+/// matched to these segments.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Continuation<'a> {
     pub labels: &'a [u32],
-    pub margin: f64,
+    pub margin: Option<f64>,
     pub stickiness: f64,
+    /// The sticky continuation is kept only while its inertia is within this share of the
+    /// plain Lloyd optimum from the same segments.
+    pub stickiness_budget: f64,
 }
 
-/// Picks among the candidate clusterings of a recluster. The clustering being continued stays
-/// unless another is clearly better: segments must not hop between equally good local optima
-/// from one refresh or snapshot to the next. The previous snapshot's segments (`continued`,
-/// when given) hold against a wider margin, `continued_margin`.
+/// Picks between the online clustering (polished) and fresh starts at a refresh or a cold
+/// solve: the current one stays unless a fresh one is better by more than
+/// [`STABILITY_MARGIN`], so equally good local optima do not make segments hop.
 fn choose_clustering(
-    continued: Option<kmeans::Clustering>,
     current: Option<kmeans::Clustering>,
-    mut fresh: Option<kmeans::Clustering>,
-    continued_margin: f64,
+    fresh: Option<kmeans::Clustering>,
 ) -> Option<kmeans::Clustering> {
-    let (mut result, margin) = match (continued, current) {
-        (Some(continued), Some(current))
-            if current.inertia < continued.inertia * (1.0 - continued_margin) =>
+    match (current, fresh) {
+        (Some(current), Some(fresh))
+            if fresh.inertia < current.inertia * (1.0 - STABILITY_MARGIN) =>
         {
-            (current, STABILITY_MARGIN)
+            Some(fresh)
         }
-        (Some(continued), _) => (continued, continued_margin),
-        (None, Some(current)) => (current, STABILITY_MARGIN),
-        (None, None) => (fresh.take()?, 0.0),
-    };
-    if let Some(fresh) = fresh
-        && fresh.inertia < result.inertia * (1.0 - margin)
-    {
-        result = fresh;
+        (Some(current), _) => Some(current),
+        (None, fresh) => fresh,
     }
-    Some(result)
 }
 
 pub fn squared_distance(a: &[f64], b: &[f64]) -> f64 {

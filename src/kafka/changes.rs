@@ -73,6 +73,10 @@ pub struct ChangeRecord {
     pub created_at: String,
     /// Distance to the new segment's centroid in the PCA space (null when `to` is).
     pub distance: Option<f64>,
+    /// The version re-segmented (replaced its previous segments by a clearly better
+    /// clustering): this move is part of a wholesale change, not of this user's own drift.
+    #[serde(default)]
+    pub resegmented: bool,
 }
 
 /// One record of the assignments table (a user who left gets a tombstone instead).
@@ -90,6 +94,9 @@ pub struct PublicationRecord {
     /// The version this one's changes are relative to (0: none, every user is new).
     pub previous: u64,
     pub changes: u64,
+    /// The version re-segmented (see [`ChangeRecord::resegmented`]).
+    #[serde(default)]
+    pub resegmented: bool,
     /// The state dir that published it ([`SnapshotStore::feed_origin`]; absent in records of
     /// older builds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -566,11 +573,12 @@ impl Feed {
         let Some(after) = self.snapshots.feed_rows(version)? else {
             return Ok(None);
         };
-        let created_at = self
-            .snapshots
-            .summary(version)?
-            .map(|s| s.created_at)
-            .unwrap_or_default();
+        let summary = self.snapshots.summary(version)?;
+        let resegmented = summary
+            .as_ref()
+            .and_then(|s| s.drift.as_ref())
+            .is_some_and(|d| d.resegmented);
+        let created_at = summary.map(|s| s.created_at).unwrap_or_default();
         let changes = segment_changes(&before.unwrap_or_default(), &after);
         let users: Vec<u32> = changes.iter().map(|c| c.user).collect();
         let ids = self.snapshots.user_ids(&users)?;
@@ -584,6 +592,7 @@ impl Feed {
                 version,
                 created_at: created_at.clone(),
                 distance: c.distance.filter(|d| d.is_finite()).map(f64::from),
+                resegmented,
             })
             .collect();
         Ok(Some((records, base)))
@@ -619,6 +628,7 @@ impl Feed {
             version,
             previous,
             changes: records.len() as u64,
+            resegmented: records.first().is_some_and(|r| r.resegmented),
             origin: Some(self.origin.clone()),
         };
         // Always partition 0, where the read-back looks, however many the topic has.

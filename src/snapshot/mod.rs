@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
-use crate::engine::{Engine, EngineView, Model, NO_CLUSTER, SparseVec};
+use crate::engine::{
+    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec,
+};
 use crate::event::Mode;
 use validation::{NaiveBayesReport, Profiles, naive_bayes_report, stable_hash, tfidf_profiles};
 
@@ -89,6 +91,11 @@ pub struct KmeansSummary {
     #[serde(deserialize_with = "crate::nullable::float")]
     pub inertia: f64,
     pub sizes: Vec<u64>,
+    /// `fresh` (solved without segments to continue), `continued` (the previous snapshot's
+    /// segments followed to convergence) or `resegmented` (replaced by a clearly better
+    /// clustering: many users may have moved at once). Absent in snapshots of older builds.
+    #[serde(default)]
+    pub segmentation: Segmentation,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +162,10 @@ pub struct Drift {
     /// where (`from == to`: stayed). Empty in snapshots stored before flows were kept.
     #[serde(default)]
     pub flows: Vec<Flow>,
+    /// This snapshot replaced the previous segments by a clearly better clustering instead of
+    /// continuing them (see `kmeans.segmentation`).
+    #[serde(default)]
+    pub resegmented: bool,
 }
 
 /// Users that were in cluster `from` at the previous snapshot and are in `to` now.
@@ -279,11 +290,12 @@ pub fn build_with_model(
     params: &SnapshotParams,
     input: BuildInput<'_>,
 ) -> Option<Built> {
-    let continued = input
-        .previous
-        .filter(|_| input.continue_previous)
-        .map(|(_, labels)| labels);
-    let model = engine.snapshot_model(input.with_diagnostics, continued)?;
+    let previous = match input.previous {
+        None => PreviousSegments::None,
+        Some((_, labels)) if input.continue_previous => PreviousSegments::Continue(labels),
+        Some((_, labels)) => PreviousSegments::MatchIds(labels),
+    };
+    let model = engine.snapshot_model(input.with_diagnostics, previous)?;
     if !model.is_clustered() {
         return None;
     }
@@ -321,9 +333,11 @@ pub fn build_from_model(
     };
     let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, scale, holdout);
     let assignments = user_assignments(engine, labels);
-    let drift = input
-        .previous
-        .map(|(previous_version, previous)| drift_from(previous_version, previous, labels));
+    let segmentation = model.segmentation();
+    let drift = input.previous.map(|(previous_version, previous)| Drift {
+        resegmented: segmentation == Segmentation::Resegmented,
+        ..drift_from(previous_version, previous, labels)
+    });
     let diagnostics = timed_diagnostics(input.with_diagnostics, engine, model, params, scale);
 
     let snapshot = Snapshot {
@@ -343,6 +357,7 @@ pub fn build_from_model(
             k: k_clusters,
             inertia: model.inertia() * (scale * scale),
             sizes: model.sizes().to_vec(),
+            segmentation,
         },
         clusters,
         validation: Validation { naive_bayes },
@@ -480,6 +495,7 @@ pub(crate) fn drift_from(previous_version: u64, previous: &[u32], labels: &[u32]
             .into_iter()
             .map(|((from, to), users)| Flow { from, to, users })
             .collect(),
+        resegmented: false,
     }
 }
 
