@@ -463,6 +463,80 @@ pub fn lloyd_sticky<P: Points>(
     finish(points, labels, centroids, passes)
 }
 
+/// A segment smaller than this share of the mean segment size is degenerate: what a continued
+/// clustering keeps of a centroid that the data left behind (a cold solve's smallest segments
+/// are several times larger on every set measured).
+pub const DEGENERATE_SHARE: f64 = 0.1;
+
+/// Re-seeds the degenerate clusters of `clustering` (fewer members than
+/// [`DEGENERATE_SHARE`] of the mean size) as k-means++ would: the centroid moves to a point
+/// drawn with probability proportional to its squared distance from its own centroid, out of
+/// the cluster with the largest squared error, and Lloyd runs to convergence. A re-seeding is
+/// kept unless it raises the inertia by more than `tolerance` (a share): a segment of one
+/// outlying user can be a local optimum, but not one a cold solve finds.
+pub fn reseed_degenerate<P: Points>(
+    points: &P,
+    mut clustering: Clustering,
+    max_passes: usize,
+    tolerance: f64,
+    seed: u64,
+) -> Clustering {
+    let dim = points.dim();
+    let k = clustering.k();
+    if k < 2 || points.len() < k {
+        return clustering;
+    }
+    let min_size = (DEGENERATE_SHARE * points.len() as f64 / k as f64).ceil() as u64;
+    let mut tried = vec![false; k];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for _ in 0..k {
+        let Some(small) = (0..k)
+            .filter(|&c| !tried[c] && clustering.sizes[c] < min_size)
+            .min_by_key(|&c| (clustering.sizes[c], c))
+        else {
+            break;
+        };
+        tried[small] = true;
+        let norms = centroid_norms(&clustering.centroids, dim);
+        let fit = |i: usize, c: usize| {
+            points.distance2(i, &clustering.centroids[c * dim..(c + 1) * dim], norms[c])
+        };
+        let mut errors = vec![0.0; k];
+        for (i, &l) in clustering.labels.iter().enumerate() {
+            errors[l as usize] += fit(i, l as usize);
+        }
+        let Some(donor) = (0..k)
+            .filter(|&c| c != small)
+            .max_by(|&a, &b| errors[a].total_cmp(&errors[b]))
+        else {
+            break;
+        };
+        let mut target = rng.random::<f64>() * errors[donor];
+        let mut chosen = None;
+        for (i, &l) in clustering.labels.iter().enumerate() {
+            if l as usize == donor {
+                chosen = Some(i);
+                target -= fit(i, donor);
+                if target <= 0.0 {
+                    break;
+                }
+            }
+        }
+        let Some(chosen) = chosen else {
+            continue;
+        };
+        let mut centroids = clustering.centroids.clone();
+        let seat = &mut centroids[small * dim..(small + 1) * dim];
+        seat.iter_mut().for_each(|x| *x = 0.0);
+        points.add_to(chosen, seat);
+        let candidate = lloyd(points, centroids, max_passes);
+        if candidate.inertia <= clustering.inertia * (1.0 + tolerance) {
+            clustering = candidate;
+        }
+    }
+    clustering
+}
+
 /// Labels, sizes and inertia of `labels` with their exact member-mean centroids.
 pub fn finish<P: Points>(
     points: &P,
@@ -592,5 +666,42 @@ mod tests {
         let start = vec![5.0, 5.0, 1000.0, 1000.0, -1000.0, -1000.0, 2000.0, 0.0];
         let c = lloyd(&points, start, 100);
         assert!(c.sizes.iter().all(|&s| s > 0), "sizes {:?}", c.sizes);
+    }
+
+    #[test]
+    fn a_segment_the_data_left_behind_is_reseeded_where_a_cold_solve_puts_one() {
+        let (mut data, truth) = blobs(3);
+        // One stray point far from the blobs: a continued clustering kept a centroid on it
+        // while two blobs share one centroid (a local optimum a cold solve does not reach).
+        data.extend_from_slice(&[30.0, 30.0]);
+        let points = DensePoints {
+            data: &data,
+            dim: 2,
+        };
+        let mut labels: Vec<u32> = truth.iter().map(|&t| t.min(2)).collect();
+        labels.push(3);
+        let stuck = keep(&points, 4, labels).expect("an assignment");
+        let stuck = lloyd(&points, stuck.centroids, 100);
+        assert_eq!(
+            stuck.sizes.iter().min(),
+            Some(&1),
+            "sizes {:?}",
+            stuck.sizes
+        );
+        let reseeded = reseed_degenerate(&points, stuck.clone(), 100, 0.0, 7);
+        assert!(
+            reseeded.inertia < stuck.inertia * 0.5,
+            "inertia {} from {}",
+            reseeded.inertia,
+            stuck.inertia
+        );
+        assert!(
+            reseeded.sizes.iter().all(|&s| s >= 99),
+            "sizes {:?}",
+            reseeded.sizes
+        );
+        // Nothing degenerate: nothing changes.
+        let again = reseed_degenerate(&points, reseeded.clone(), 100, 0.0, 7);
+        assert_eq!(again.labels, reseeded.labels);
     }
 }

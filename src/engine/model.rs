@@ -569,15 +569,21 @@ impl Model {
                         stickiness,
                     )
                 });
-                let reference_inertia = followed.inertia;
+                let optimum = followed.inertia;
                 let continued = match sticky {
-                    Some(sticky)
-                        if sticky.inertia <= followed.inertia * (1.0 + stickiness_budget) =>
-                    {
-                        sticky
-                    }
+                    Some(sticky) if sticky.inertia <= optimum * (1.0 + stickiness_budget) => sticky,
                     _ => followed,
                 };
+                // Segments the data left behind (a handful of users around an old centroid)
+                // are re-seeded where a cold solve would put them, at a bounded cost.
+                let continued = kmeans::reseed_degenerate(
+                    &points,
+                    continued,
+                    params.max_passes,
+                    stickiness_budget,
+                    params.seed,
+                );
+                let reference_inertia = optimum.min(continued.inertia);
                 let online = current_labels.map(|labels| {
                     kmeans::lloyd_sticky(&points, self.clusters, labels, params.max_passes, 0.0)
                 });
