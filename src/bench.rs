@@ -69,6 +69,9 @@ pub struct BenchResult {
     pub events_per_second_between_refreshes: f64,
     pub snapshot_seconds: f64,
     pub diagnostics_seconds: f64,
+    /// A snapshot that continues the previous one after a delta of 1% of the events (the
+    /// service's case), without diagnostics.
+    pub delta_snapshot_seconds: f64,
 }
 
 pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> BenchResult {
@@ -82,13 +85,44 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
     let mut refreshes = 0;
     let mut refresh_seconds = 0.0;
     let started = Instant::now();
-    for batch in data.events.chunks(batch_size.max(1)) {
+    let delta_from = data.events.len() - data.events.len() / 100;
+    let (before, delta) = data.events.split_at(delta_from);
+    for batch in before.chunks(batch_size.max(1)) {
         let outcome = engine.apply(batch);
         refreshes += outcome.refreshes.len();
         refresh_seconds += outcome.refreshes.iter().map(|r| r.seconds).sum::<f64>();
     }
-    let apply_seconds = started.elapsed().as_secs_f64();
+    let mut apply_seconds = started.elapsed().as_secs_f64();
     let titles = Default::default();
+    let previous = snapshot::build_with_model(
+        &engine.view(),
+        &SnapshotParams::default(),
+        BuildInput::standalone(&titles, false),
+    )
+    .map(|built| built.model.labels().to_vec());
+    let resumed = Instant::now();
+    for batch in delta.chunks(batch_size.max(1)) {
+        let outcome = engine.apply(batch);
+        refreshes += outcome.refreshes.len();
+        refresh_seconds += outcome.refreshes.iter().map(|r| r.seconds).sum::<f64>();
+    }
+    apply_seconds += resumed.elapsed().as_secs_f64();
+    let delta_snapshot_seconds = {
+        let t = Instant::now();
+        let _span = tracing::info_span!("delta snapshot").entered();
+        let built = snapshot::build_with_model(
+            &engine.view(),
+            &SnapshotParams::default(),
+            BuildInput {
+                version: 2,
+                previous: previous.as_deref().map(|labels| (1, labels)),
+                continue_previous: true,
+                ..BuildInput::standalone(&titles, false)
+            },
+        );
+        assert!(built.is_some(), "bench data too small for a snapshot");
+        t.elapsed().as_secs_f64()
+    };
     let build = |with_diagnostics| {
         let t = Instant::now();
         let built = snapshot::build(
@@ -118,6 +152,7 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
             / (apply_seconds - refresh_seconds).max(1e-9),
         snapshot_seconds,
         diagnostics_seconds,
+        delta_snapshot_seconds,
     }
 }
 
@@ -126,7 +161,8 @@ pub fn print(result: &BenchResult) {
         "{shape}: {users} users x {items} items x {events} events, batches of {batch}\n  \
          engine: {eps:.0} events/s overall ({apply:.2} s, {refreshes} refreshes every {every} events taking {refresh:.2} s)\n  \
          engine between refreshes: {eps_between:.0} events/s\n  \
-         snapshot build: {snap:.3} s (+ {diag:.3} s diagnostics)",
+         snapshot build: {snap:.3} s (+ {diag:.3} s diagnostics)\n  \
+         snapshot after a 1% delta, continuing the previous one: {delta:.3} s",
         shape = result.shape,
         users = result.users,
         items = result.items,
@@ -140,5 +176,6 @@ pub fn print(result: &BenchResult) {
         eps_between = result.events_per_second_between_refreshes,
         snap = result.snapshot_seconds,
         diag = result.diagnostics_seconds,
+        delta = result.delta_snapshot_seconds,
     );
 }

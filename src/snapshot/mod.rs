@@ -323,8 +323,10 @@ pub fn build_from_model(
     // figure in rating units is scaled back, squared ones by its square.
     let scale = engine.value_scale();
 
+    let started = std::time::Instant::now();
     let pca = pca_summary(model, n, scale);
     let profiles = tfidf_profiles(vectors, labels, k_clusters, d);
+    let profiles_seconds = started.elapsed().as_secs_f64();
     let clusters = cluster_profiles(engine, model, &profiles, params, input.titles, scale);
 
     let user_ids = engine.users();
@@ -332,7 +334,15 @@ pub fn build_from_model(
         stable_hash(user_ids.id(u as u32).as_bytes(), seed) % 100 < params.holdout_percent
     };
     let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, scale, holdout);
+    let naive_bayes_seconds = started.elapsed().as_secs_f64() - profiles_seconds;
     let assignments = user_assignments(engine, labels);
+    tracing::debug!(
+        profiles_seconds,
+        naive_bayes_seconds,
+        assignments_seconds =
+            started.elapsed().as_secs_f64() - profiles_seconds - naive_bayes_seconds,
+        "snapshot build timing"
+    );
     let segmentation = model.segmentation();
     let drift = input.previous.map(|(previous_version, previous)| Drift {
         resegmented: segmentation == Segmentation::Resegmented,
