@@ -99,7 +99,7 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
         &SnapshotParams::default(),
         BuildInput::standalone(&titles, false),
     )
-    .map(|built| built.model.labels().to_vec());
+    .map(|built| (built.model.labels().to_vec(), built.model));
     let resumed = Instant::now();
     for batch in delta.chunks(batch_size.max(1)) {
         let outcome = engine.apply(batch);
@@ -110,12 +110,16 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
     let delta_snapshot_seconds = {
         let t = Instant::now();
         let _span = tracing::info_span!("delta snapshot").entered();
+        let mut view = engine.view();
+        if let Some((_, model)) = &previous {
+            view.warm_start_from(model);
+        }
         let built = snapshot::build_with_model(
-            &engine.view(),
+            &view,
             &SnapshotParams::default(),
             BuildInput {
                 version: 2,
-                previous: previous.as_deref().map(|labels| (1, labels)),
+                previous: previous.as_ref().map(|(labels, _)| (1, labels.as_slice())),
                 continue_previous: true,
                 ..BuildInput::standalone(&titles, false)
             },

@@ -463,32 +463,31 @@ pub fn lloyd_sticky<P: Points>(
     finish(points, labels, centroids, passes)
 }
 
-/// A segment smaller than this share of the mean segment size is degenerate: what a continued
-/// clustering keeps of a centroid that the data left behind (a cold solve's smallest segments
-/// are several times larger on every set measured).
-pub const DEGENERATE_SHARE: f64 = 0.1;
-
-/// Re-seeds the degenerate clusters of `clustering` (fewer members than
-/// [`DEGENERATE_SHARE`] of the mean size) as k-means++ would: the centroid moves to a point
+/// Re-seeds the degenerate clusters of `clustering` (fewer than `min_size` members: what a
+/// continued clustering keeps of a centroid the data left behind) as k-means++ would: the
+/// centroid moves to a point
 /// drawn with probability proportional to its squared distance from its own centroid, out of
-/// the cluster with the largest squared error, and Lloyd runs to convergence. A re-seeding is
-/// kept unless it raises the inertia by more than `tolerance` (a share): a segment of one
-/// outlying user can be a local optimum, but not one a cold solve finds.
+/// the cluster with the largest squared error, and Lloyd runs to convergence. Re-seedings are
+/// kept while the inertia stays within `tolerance` (a share) of the input's: a segment of one
+/// outlying user can be a local optimum, but not one a cold solve finds. Also says whether
+/// any re-seeding was kept (many users may have moved then).
 pub fn reseed_degenerate<P: Points>(
     points: &P,
     mut clustering: Clustering,
+    min_size: u64,
     max_passes: usize,
     tolerance: f64,
     seed: u64,
-) -> Clustering {
+) -> (Clustering, bool) {
     let dim = points.dim();
     let k = clustering.k();
     if k < 2 || points.len() < k {
-        return clustering;
+        return (clustering, false);
     }
-    let min_size = (DEGENERATE_SHARE * points.len() as f64 / k as f64).ceil() as u64;
+    let mut reseeded = false;
     let mut tried = vec![false; k];
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let bound = clustering.inertia * (1.0 + tolerance);
     for _ in 0..k {
         let Some(small) = (0..k)
             .filter(|&c| !tried[c] && clustering.sizes[c] < min_size)
@@ -530,11 +529,12 @@ pub fn reseed_degenerate<P: Points>(
         seat.iter_mut().for_each(|x| *x = 0.0);
         points.add_to(chosen, seat);
         let candidate = lloyd(points, centroids, max_passes);
-        if candidate.inertia <= clustering.inertia * (1.0 + tolerance) {
+        if candidate.inertia <= bound.min(clustering.inertia * (1.0 + tolerance)) {
             clustering = candidate;
+            reseeded = true;
         }
     }
-    clustering
+    (clustering, reseeded)
 }
 
 /// Labels, sizes and inertia of `labels` with their exact member-mean centroids.
@@ -688,7 +688,8 @@ mod tests {
             "sizes {:?}",
             stuck.sizes
         );
-        let reseeded = reseed_degenerate(&points, stuck.clone(), 100, 0.0, 7);
+        let (reseeded, changed) = reseed_degenerate(&points, stuck.clone(), 10, 100, 0.0, 7);
+        assert!(changed);
         assert!(
             reseeded.inertia < stuck.inertia * 0.5,
             "inertia {} from {}",
@@ -701,7 +702,8 @@ mod tests {
             reseeded.sizes
         );
         // Nothing degenerate: nothing changes.
-        let again = reseed_degenerate(&points, reseeded.clone(), 100, 0.0, 7);
+        let (again, changed) = reseed_degenerate(&points, reseeded.clone(), 10, 100, 0.0, 7);
+        assert!(!changed);
         assert_eq!(again.labels, reseeded.labels);
     }
 }

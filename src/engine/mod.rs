@@ -1000,6 +1000,11 @@ impl EngineView {
     pub fn model(&self) -> &Model {
         &self.model
     }
+    /// Starts the snapshot's PCA solve from `previous` (the last snapshot's model) rather than
+    /// from the online basis: after a small delta it is the closer start.
+    pub fn warm_start_from(&mut self, previous: &Model) {
+        self.model.warm_start_from(previous);
+    }
     pub fn counters(&self) -> Counters {
         self.counters
     }

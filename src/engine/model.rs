@@ -73,7 +73,8 @@ pub enum Segmentation {
     /// The previous segments, followed by Lloyd to convergence on today's data.
     Continued,
     /// Another clustering was better than continuing by more than the stability margin and
-    /// replaced it (ids matched by overlap): many users may change segment at once.
+    /// replaced it (ids matched by overlap), or segments the data left behind were re-seeded:
+    /// many users may change segment at once.
     Resegmented,
 }
 
@@ -553,6 +554,7 @@ impl Model {
                 // while that costs at most `stickiness_budget` of the optimum's inertia. The
                 // optimum is challenged by the online clustering and fresh starts (each also
                 // run to convergence): a clearly better one replaces the segments, openly.
+                let t = std::time::Instant::now();
                 let followed = kmeans::lloyd_sticky(
                     &points,
                     self.clusters,
@@ -560,7 +562,9 @@ impl Model {
                     params.max_passes,
                     0.0,
                 );
-                let sticky = (stickiness > 0.0).then(|| {
+                let followed_seconds = t.elapsed().as_secs_f64();
+                let optimum = followed.inertia;
+                let held = (stickiness > 0.0).then(|| {
                     kmeans::lloyd_sticky(
                         &points,
                         self.clusters,
@@ -569,25 +573,41 @@ impl Model {
                         stickiness,
                     )
                 });
-                let optimum = followed.inertia;
-                let continued = match sticky {
-                    Some(sticky) if sticky.inertia <= optimum * (1.0 + stickiness_budget) => sticky,
+                let held_seconds = t.elapsed().as_secs_f64();
+                let continued = match held {
+                    Some(held) if held.inertia <= optimum * (1.0 + stickiness_budget) => held,
                     _ => followed,
                 };
-                // Segments the data left behind (a handful of users around an old centroid)
-                // are re-seeded where a cold solve would put them, at a bounded cost.
-                let continued = kmeans::reseed_degenerate(
-                    &points,
-                    continued,
-                    params.max_passes,
-                    stickiness_budget,
-                    params.seed,
-                );
-                let reference_inertia = optimum.min(continued.inertia);
+                // The challengers: the online clustering (itself challenged by fresh starts
+                // at every refresh: the candidate kept between snapshots) and this snapshot's
+                // budget of fresh starts, each run to convergence.
                 let online = current_labels.map(|labels| {
                     kmeans::lloyd_sticky(&points, self.clusters, labels, params.max_passes, 0.0)
                 });
                 let fresh = (params.restarts > 0).then(|| fresh_clustering(&points, params));
+                let fresh_seconds = t.elapsed().as_secs_f64();
+                // Segments the data left behind (a handful of users around an old centroid,
+                // under half the size of a fresh solve's smallest) are re-seeded where a cold
+                // solve would put them, at a bounded cost, and said so.
+                let (continued, reseeded) = match &fresh {
+                    Some(fresh) => kmeans::reseed_degenerate(
+                        &points,
+                        continued,
+                        fresh.sizes.iter().min().map_or(0, |&s| s.div_ceil(2)),
+                        params.max_passes,
+                        stickiness_budget,
+                        params.seed,
+                    ),
+                    None => (continued, false),
+                };
+                let reference_inertia = optimum.min(continued.inertia);
+                tracing::debug!(
+                    followed_seconds,
+                    held_seconds,
+                    fresh_seconds,
+                    reseed_seconds = t.elapsed().as_secs_f64(),
+                    "continued clustering timing"
+                );
                 let challenger = [online, fresh]
                     .into_iter()
                     .flatten()
@@ -596,6 +616,7 @@ impl Model {
                     Some(c) if c.inertia < reference_inertia * (1.0 - margin) => {
                         (c, Segmentation::Resegmented)
                     }
+                    _ if reseeded => (continued, Segmentation::Resegmented),
                     _ => (continued, Segmentation::Continued),
                 }
             }
@@ -622,6 +643,15 @@ impl Model {
         self.adopt_labels(&active, &result.labels, &reference);
         self.segmentation = segmentation;
         result.passes
+    }
+
+    /// Starts the next solve from `other`'s basis and Ritz block (a previous snapshot's,
+    /// converged on nearly the same data): fewer iterations than from the online basis.
+    pub fn warm_start_from(&mut self, other: &Model) {
+        if other.has_basis() && other.components == self.components {
+            self.basis = other.basis.clone();
+            self.warm_block = other.warm_block.clone();
+        }
     }
 
     /// Drops the clustering (every user unassigned), keeping the basis: what is clustered next
