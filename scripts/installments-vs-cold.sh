@@ -7,7 +7,7 @@
 #
 # Usage: BROKERS=127.0.0.1:9092 scripts/installments-vs-cold.sh [BIN]
 # Environment: PROFILE (realistic|planted), USERS (943), ITEMS (1682), EVENTS (100000),
-#   SEGMENTS (12), PARTS (10), SEED (1), PORT (9479), INTERVAL_MS (500).
+#   SEGMENTS (12), PARTS (10), SEED (1), PORT (9479), INTERVAL_MS (500), STALENESS_MS (500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +33,7 @@ latest() { curl -s "127.0.0.1:$port/snapshots/latest" | python3 -c "import json,
 
 SEGMENTER_KAFKA__BROKERS=$brokers SEGMENTER_KAFKA__TOPIC=$topic SEGMENTER_KAFKA__GROUP_ID=$topic \
   SEGMENTER_KAFKA__DEAD_LETTER_TOPIC="$topic-dlq" SEGMENTER_STATE__DIR="$work/state" \
-  SEGMENTER_SNAPSHOT__INTERVAL_MS="${INTERVAL_MS:-500}" SEGMENTER_HTTP__LISTEN="127.0.0.1:$port" \
+  SEGMENTER_SNAPSHOT__INTERVAL_MS="${INTERVAL_MS:-500}" SEGMENTER_SNAPSHOT__MAX_STALENESS_MS="${STALENESS_MS:-500}" SEGMENTER_HTTP__LISTEN="127.0.0.1:$port" \
   SEGMENTER_MODEL__CLUSTERS="${CLUSTERS:-25}" RUST_LOG=segmenter=warn "$bin" run >"$work/log" 2>&1 &
 pid=$!
 

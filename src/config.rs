@@ -95,7 +95,11 @@ impl Default for EventsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnapshotConfig {
+    /// Least time between the starts of two snapshots: bounds their cost under constant load.
     pub interval_ms: u64,
+    /// A snapshot is served at most about this long after the first applied event that the
+    /// served snapshot does not cover (when builds take less than `interval_ms`).
+    pub max_staleness_ms: u64,
     pub retention: usize,
     pub profile_items: usize,
     pub holdout_percent: u64,
@@ -109,7 +113,8 @@ impl Default for SnapshotConfig {
     fn default() -> Self {
         let s = SnapshotParams::default();
         SnapshotConfig {
-            interval_ms: 10_000,
+            interval_ms: 1_000,
+            max_staleness_ms: 1_000,
             retention: 50,
             profile_items: s.profile_items,
             holdout_percent: s.holdout_percent,
@@ -627,6 +632,12 @@ fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
 }
 
 fn validate_snapshot(s: &SnapshotConfig) -> Result<(), ConfigError> {
+    invalid_if(
+        s.max_staleness_ms == 0,
+        "[snapshot] max_staleness_ms",
+        "must be at least 1",
+        "set max_staleness_ms = 1000 (a snapshot at most about 1 s after the first event it lacks)",
+    )?;
     invalid_if(
         s.retention == 0,
         "[snapshot] retention",

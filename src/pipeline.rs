@@ -285,6 +285,9 @@ impl Pipeline {
         if !outcome.refreshes.is_empty() {
             self.schedule.last_refresh = Instant::now();
         }
+        if outcome.applied > 0 && self.schedule.first_uncovered.is_none() {
+            self.schedule.first_uncovered = Some(applied_at);
+        }
         for r in &outcome.refreshes {
             metrics.refresh_seconds.observe(r.seconds);
         }
@@ -310,9 +313,10 @@ impl Pipeline {
         self.writer.send(commit, committed)
     }
 
-    /// The timers: a refresh when `[model] refresh_interval_ms` has passed, a snapshot on a
-    /// background thread when one is due and the data or the catalogue changed. Sources call
-    /// it after each batch and when idle.
+    /// The timers: a refresh when `[model] refresh_interval_ms` has passed, and a snapshot on
+    /// a background thread when the staleness bound says so (see [`snapshot_due_at`]); no
+    /// snapshot while every applied event is covered. Sources call it after each batch and
+    /// at least every [`TICK_EVERY`] when idle.
     pub fn tick(&mut self) -> anyhow::Result<()> {
         if self.schedule.refresh_due() {
             let _span = tracing::info_span!("refresh").entered();
@@ -330,8 +334,20 @@ impl Pipeline {
             release_free_memory();
             self.schedule.last_release = Instant::now();
         }
+        self.schedule.reap_snapshot()?;
         let catalogue = self.shared.catalogue_version.load(Ordering::Relaxed);
-        if self.schedule.snapshot_due(&self.engine, catalogue) {
+        let now = Instant::now();
+        self.schedule.note_uncovered(&self.engine, catalogue, now);
+        let oldest = self
+            .schedule
+            .building
+            .and_then(|(_, covered)| covered)
+            .or(self.schedule.first_uncovered);
+        self.shared
+            .metrics
+            .snapshot_staleness_seconds
+            .set(oldest.map_or(0.0, |t| now.duration_since(t).as_secs_f64()));
+        if self.schedule.snapshot_due(now) {
             self.spawn_snapshot()?;
         }
         Ok(())
@@ -356,6 +372,7 @@ impl Pipeline {
         let engine = self.engine.view();
         let positions = self.positions.clone();
         let shared = self.shared.clone();
+        let covered_since = self.schedule.first_uncovered;
         self.schedule.thread = Some(
             std::thread::Builder::new()
                 .name("segmenter-snapshot".into())
@@ -363,6 +380,12 @@ impl Pipeline {
                     let _span = tracing::info_span!("snapshot").entered();
                     let version =
                         shared.snapshot(&config, &snapshots, &catalogue, &engine, positions);
+                    if let (Ok(Some(_)), Some(since)) = (&version, covered_since) {
+                        shared
+                            .metrics
+                            .snapshot_freshness_seconds
+                            .observe(since.elapsed().as_secs_f64());
+                    }
                     // What the build freed (gigabytes for millions of users) goes back to the
                     // system now, not whenever the allocator gets round to it.
                     drop(engine);
@@ -424,6 +447,10 @@ impl Pipeline {
     }
 }
 
+/// How often a source calls [`Pipeline::tick`] at least: the granularity of the staleness
+/// bound.
+pub const TICK_EVERY: Duration = Duration::from_millis(100);
+
 /// How often the thread that applies hands freed memory back to the system.
 const RELEASE_EVERY: Duration = Duration::from_secs(10);
 
@@ -454,9 +481,20 @@ fn release_free_memory() {
 
 /// When the next refresh and snapshot are due, and the snapshot thread.
 struct Schedule {
+    /// `[snapshot] interval_ms`: the least time between two snapshot starts.
     snapshot_every: Duration,
+    /// `[snapshot] max_staleness_ms`.
+    max_staleness: Duration,
     refresh_every: Option<Duration>,
     last_snapshot: Instant,
+    /// When the first event (or catalogue change) that no served or building snapshot covers
+    /// was applied; `None` when everything applied is covered.
+    first_uncovered: Option<Instant>,
+    /// How long the last snapshot took to build and store: a snapshot starts this much before
+    /// its staleness bound.
+    last_build: Duration,
+    /// The running build's start and the first uncovered event it covers.
+    building: Option<(Instant, Option<Instant>)>,
     last_refresh: Instant,
     /// When freed memory was last handed back to the system ([`release_free_memory`]).
     last_release: Instant,
@@ -473,6 +511,10 @@ impl Schedule {
     fn new(config: &Config, engine: &Engine, shared: &Shared) -> Self {
         Schedule {
             snapshot_every: Duration::from_millis(config.snapshot.interval_ms.max(1)),
+            max_staleness: Duration::from_millis(config.snapshot.max_staleness_ms.max(1)),
+            first_uncovered: None,
+            last_build: Duration::ZERO,
+            building: None,
             refresh_every: (config.model.refresh_interval_ms > 0)
                 .then(|| Duration::from_millis(config.model.refresh_interval_ms)),
             last_snapshot: Instant::now(),
@@ -491,15 +533,31 @@ impl Schedule {
             .is_some_and(|every| self.last_refresh.elapsed() >= every)
     }
 
-    fn snapshot_due(&self, engine: &Engine, catalogue: u64) -> bool {
-        let idle = self.thread.as_ref().is_none_or(|t| t.is_finished());
+    /// Notes what is not covered yet: events applied, or a catalogue change (profiles show
+    /// titles) while there are users.
+    fn note_uncovered(&mut self, engine: &Engine, catalogue: u64, now: Instant) {
         let changed = engine.counters().events_applied != self.snapshotted_events
             || (catalogue != self.snapshotted_catalogue && engine.active_users() > 0);
-        idle && changed && self.last_snapshot.elapsed() >= self.snapshot_every
+        if changed && self.first_uncovered.is_none() {
+            self.first_uncovered = Some(now);
+        }
+    }
+
+    fn snapshot_due(&self, now: Instant) -> bool {
+        let idle = self.thread.as_ref().is_none_or(|t| t.is_finished());
+        idle && snapshot_due_at(
+            self.first_uncovered,
+            self.last_snapshot,
+            self.last_build,
+            self.max_staleness,
+            self.snapshot_every,
+        )
+        .is_some_and(|due| now >= due)
     }
 
     fn taken(&mut self, engine: &Engine, shared: &Shared) {
         self.last_snapshot = Instant::now();
+        self.building = Some((self.last_snapshot, self.first_uncovered.take()));
         self.snapshotted_events = engine.counters().events_applied;
         self.snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
     }
@@ -514,12 +572,39 @@ impl Schedule {
         Ok(())
     }
 
+    /// Joins a finished build (its duration becomes the next estimate), without waiting.
+    fn reap_snapshot(&mut self) -> anyhow::Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            if let Some((started, _)) = self.building.take() {
+                self.last_build = started.elapsed();
+            }
+            self.join_snapshot()?;
+        }
+        Ok(())
+    }
+
     fn count(&mut self, version: Option<u64>) {
         if let Some(v) = version {
             self.snapshots += 1;
             self.last_version = Some(v);
         }
     }
+}
+
+/// When the next snapshot is due: `max_staleness` after the first uncovered event less the
+/// expected build time (so it is served within the bound), but not before `min_interval`
+/// after the last start (bounding the cost under constant load). `None` while everything
+/// applied is covered: an idle service builds no snapshot.
+fn snapshot_due_at(
+    first_uncovered: Option<Instant>,
+    last_start: Instant,
+    expected_build: Duration,
+    max_staleness: Duration,
+    min_interval: Duration,
+) -> Option<Instant> {
+    let first = first_uncovered?;
+    let by_staleness = first + max_staleness.saturating_sub(expected_build);
+    Some(by_staleness.max(last_start + min_interval))
 }
 
 enum WriterJob {
@@ -689,4 +774,49 @@ pub fn log_snapshot_built(snap: &Snapshot) {
         moved = snap.drift.as_ref().map_or(0, |d| d.users_moved),
         "snapshot built"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_idle_service_has_no_snapshot_due() {
+        let long_ago = Instant::now();
+        assert_eq!(
+            snapshot_due_at(None, long_ago, 200 * MS, SECOND, SECOND),
+            None
+        );
+    }
+
+    #[test]
+    fn a_burst_is_served_within_the_staleness_bound_in_one_build() {
+        let last_start = Instant::now();
+        let first = last_start + 60 * SECOND;
+        // Due early enough that a build as long as the last one ends within the bound, and
+        // late enough to gather the rest of the burst.
+        assert_eq!(
+            snapshot_due_at(Some(first), last_start, 200 * MS, SECOND, SECOND),
+            Some(first + 800 * MS)
+        );
+        // A build longer than the bound starts at once.
+        assert_eq!(
+            snapshot_due_at(Some(first), last_start, 3 * SECOND, SECOND, SECOND),
+            Some(first)
+        );
+    }
+
+    #[test]
+    fn under_constant_load_snapshots_start_at_most_once_an_interval() {
+        let last_start = Instant::now();
+        // An event right after the last start: the floor holds it back.
+        let first = last_start + 10 * MS;
+        assert_eq!(
+            snapshot_due_at(Some(first), last_start, 100 * MS, SECOND, 2 * SECOND),
+            Some(last_start + 2 * SECOND)
+        );
+    }
 }

@@ -326,7 +326,7 @@ impl Source {
         let linger = Duration::from_millis(self.config.kafka.batch_linger_ms.max(1));
         // Wakes the engine thread when no batch comes, so due snapshots and timed refreshes
         // still happen.
-        let mut engine_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut engine_tick = tokio::time::interval(crate::pipeline::TICK_EVERY);
         engine_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.shared.health.consuming.store(true, Ordering::Relaxed);
         let consumer = self.consumer.clone();

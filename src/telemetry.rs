@@ -38,6 +38,11 @@ pub struct Metrics {
     pub users_moved: IntGauge,
     /// User ids the engine holds now (what `[model] max_users` caps), updated per batch.
     pub user_ids: IntGauge,
+    /// Age of the oldest applied event no served or building snapshot covers (0: none).
+    pub snapshot_staleness_seconds: Gauge,
+    /// From the first applied event a snapshot covers that the previous one did not, to that
+    /// snapshot being served.
+    pub snapshot_freshness_seconds: Histogram,
     pub ready: IntGauge,
     /// The change feed: the last snapshot version published, and the records it took.
     pub feed_version: IntGauge,
@@ -302,6 +307,15 @@ impl Metrics {
             nb_train_agreement,
             nb_holdout_agreement,
             users_moved,
+            snapshot_staleness_seconds: gauge(
+                "segmenter_snapshot_staleness_seconds",
+                "Age of the oldest applied event that no served or building snapshot covers (0 when every applied event is covered); bounded by [snapshot] max_staleness_ms plus a build.",
+            ),
+            snapshot_freshness_seconds: histogram(
+                "segmenter_snapshot_freshness_seconds",
+                "For each snapshot served: time from the first applied event it covers that the previous one did not, to its being served.",
+                prometheus::exponential_buckets(0.01, 2.0, 14).expect("buckets"),
+            ),
             user_ids: int_gauge(
                 "segmenter_user_ids",
                 "User ids the engine holds now (capped by [model] max_users; a user whose ratings were all retracted keeps its id).",
@@ -370,6 +384,8 @@ impl Metrics {
             Box::new(self.nb_holdout_agreement.clone()),
             Box::new(self.users_moved.clone()),
             Box::new(self.user_ids.clone()),
+            Box::new(self.snapshot_staleness_seconds.clone()),
+            Box::new(self.snapshot_freshness_seconds.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.feed_version.clone()),
             Box::new(self.feed_records.clone()),

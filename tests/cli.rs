@@ -208,6 +208,7 @@ fn demo_runs_takes_snapshots_and_stops_cleanly_on_ctrl_c() {
     let mut child = Command::new(BIN)
         .args(["run", "--demo", "--state-dir", path(dir.path())])
         .env("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200")
+        .env("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS", "200")
         .env("SEGMENTER_HTTP__LISTEN", "127.0.0.1:0")
         .env("SEGMENTER_DEMO__EVENTS_PER_SECOND", "50000")
         .env("SEGMENTER_LOG__FORMAT", "json")

@@ -391,7 +391,10 @@ fn four_hundred_concurrent_chart_requests_keep_memory_flat() {
     let dir = tempfile::tempdir().unwrap();
     let (mut service, base) = start_demo(
         &dir.path().join("state"),
-        &[("SEGMENTER_SNAPSHOT__INTERVAL_MS", "100")],
+        &[
+            ("SEGMENTER_SNAPSHOT__INTERVAL_MS", "100"),
+            ("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS", "100"),
+        ],
         &[],
     );
     // Charts read up to 20 stored snapshots each: have that many.

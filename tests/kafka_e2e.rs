@@ -54,6 +54,7 @@ fn a_burst_then_silence_still_gets_a_snapshot() {
     produce(&topic, 2, &ratings);
     let mut env = service_env(&topic, &dir.path().join("state"), Mode::Explicit);
     env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "1500".into()));
+    env.push(("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS".into(), "1500".into()));
     let mut service = Service::start(&env, &[]);
     service.wait_for_applied(6_000, Duration::from_secs(60));
     // No more events arrive; the snapshot timer must still cover the burst.
@@ -110,6 +111,7 @@ fn every_snapshot_is_published_to_the_snapshots_topic_under_its_version() {
         snapshots_topic.clone(),
     ));
     env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "1000".into()));
+    env.push(("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS".into(), "1000".into()));
     let mut service = Service::start(&env, &[]);
     service.wait_for_applied(6_000, Duration::from_secs(60));
     let built = service.wait_for(Duration::from_secs(30), |v| {
@@ -828,6 +830,7 @@ fn titles_arriving_after_the_events_reach_the_cluster_profiles() {
     env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{http}")));
     env.push(("SEGMENTER_KAFKA__ITEMS_TOPIC".into(), items_topic.clone()));
     env.push(("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "300".into()));
+    env.push(("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS".into(), "300".into()));
     env.push(("SEGMENTER_MODEL__CLUSTERS".into(), "4".into()));
     let mut service = Service::start(&env, &[]);
     service.wait_for(Duration::from_secs(120), |v| {
@@ -971,6 +974,7 @@ fn change_feed_and_assignments_table_end_at_the_snapshot_across_sigkills() {
         ("SEGMENTER_KAFKA__PUBLICATIONS_TOPIC", publications.as_str()),
         ("SEGMENTER_KAFKA__BATCH_SIZE", "300"),
         ("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200"),
+        ("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS", "200"),
         // Small: versions are pruned behind the feed, as in production.
         ("SEGMENTER_SNAPSHOT__RETENTION", "4"),
     ] {

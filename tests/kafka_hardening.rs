@@ -30,6 +30,7 @@ fn feed_env(topic: &str, state: &Path, retention: usize) -> (Vec<(String, String
         ("SEGMENTER_KAFKA__BATCH_SIZE", "200".into()),
         ("SEGMENTER_KAFKA__RETRY_BACKOFF_MS", "100".into()),
         ("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200".into()),
+        ("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS", "200".into()),
         ("SEGMENTER_SNAPSHOT__RETENTION", retention.to_string()),
         ("SEGMENTER_HTTP__LISTEN", format!("127.0.0.1:{http}")),
     ] {

@@ -529,6 +529,7 @@ pub fn start_demo(state: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> (S
     let mut env: Vec<(String, String)> = vec![
         ("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
         ("SEGMENTER_SNAPSHOT__INTERVAL_MS".into(), "300".into()),
+        ("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS".into(), "300".into()),
         ("SEGMENTER_DEMO__EVENTS_PER_SECOND".into(), "40000".into()),
         ("SEGMENTER_LOG__FORMAT".into(), "json".into()),
         ("RUST_LOG".into(), "segmenter=info".into()),
