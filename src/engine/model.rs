@@ -587,13 +587,20 @@ impl Model {
                 let fresh = (params.restarts > 0).then(|| fresh_clustering(&points, params));
                 let fresh_seconds = t.elapsed().as_secs_f64();
                 // Segments the data left behind (a handful of users around an old centroid,
-                // under half the size of a fresh solve's smallest) are re-seeded where a cold
+                // under half the size of a fresh solve's smallest, or a single user) are
+                // re-seeded where a cold
                 // solve would put them, at a bounded cost, and said so.
                 let (continued, reseeded) = match &fresh {
                     Some(fresh) => kmeans::reseed_degenerate(
                         &points,
                         continued,
-                        fresh.sizes.iter().min().map_or(0, |&s| s.div_ceil(2)),
+                        // A segment of one user is never one a business can use.
+                        fresh
+                            .sizes
+                            .iter()
+                            .min()
+                            .map_or(0, |&s| s.div_ceil(2))
+                            .max(2),
                         params.max_passes,
                         stickiness_budget,
                         params.seed,
