@@ -49,7 +49,14 @@ pub fn run_demo(
         state_dir = %stores.state.path().display(),
         "demo stream started; stop with Ctrl-C"
     );
-    let mut pipeline = Pipeline::new(config, stores, loaded, shared.clone(), None)?;
+    let mut pipeline = Pipeline::new(
+        config,
+        crate::pipeline::SnapshotPolicy::service(config),
+        stores,
+        loaded,
+        shared.clone(),
+        None,
+    )?;
     pipeline.publish_current()?;
     let streamed = stream.run(&mut pipeline, max_events, shutdown);
     let finished = pipeline.finish(streamed.is_ok());

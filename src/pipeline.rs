@@ -105,6 +105,68 @@ impl Health {
 /// The latest snapshot as served over HTTP, replaced whenever a new one is built.
 pub type ServingSlot = Arc<RwLock<Option<Arc<Serving>>>>;
 
+/// How a source keeps its model and makes its snapshots: the one place where the file replay
+/// and the service differ, handed to [`Pipeline::new`] by each source.
+///
+/// | | replay ([`SnapshotPolicy::replay`]) | service and demo ([`SnapshotPolicy::service`]) |
+/// |---|---|---|
+/// | online model | none: nobody sees a file's intermediate models | refreshed every `[model] refresh_every_events` |
+/// | segments | solved cold, ids matched to stored snapshots | the previous snapshot's continued, re-segmented openly |
+/// | diagnostics | every snapshot | every `[snapshot] diagnostics_every`-th |
+/// | when | one snapshot at the end | `[snapshot] max_staleness_ms` after the first uncovered event, `interval_ms` apart |
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SnapshotPolicy {
+    pub online_model: bool,
+    pub segments: SegmentPolicy,
+    /// Diagnostics on every n-th version (1: every snapshot).
+    pub diagnostics_every: u64,
+    pub cadence: Cadence,
+}
+
+/// Whether a snapshot continues the previous one's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentPolicy {
+    Continue,
+    /// Solve from the data alone; ids still matched to the stored snapshots.
+    Cold,
+}
+
+/// When snapshots are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cadence {
+    /// At most `max_staleness` after the first applied event the served one does not cover,
+    /// starts at least `min_interval` apart.
+    Staleness {
+        max_staleness: Duration,
+        min_interval: Duration,
+    },
+    /// Only when the source asks ([`Pipeline::final_snapshot`], [`Pipeline::finish`]).
+    AtEnd,
+}
+
+impl SnapshotPolicy {
+    pub fn service(config: &Config) -> Self {
+        SnapshotPolicy {
+            online_model: true,
+            segments: SegmentPolicy::Continue,
+            diagnostics_every: config.snapshot.diagnostics_every.max(1),
+            cadence: Cadence::Staleness {
+                max_staleness: Duration::from_millis(config.snapshot.max_staleness_ms.max(1)),
+                min_interval: Duration::from_millis(config.snapshot.interval_ms.max(1)),
+            },
+        }
+    }
+
+    pub fn replay() -> Self {
+        SnapshotPolicy {
+            online_model: false,
+            segments: SegmentPolicy::Cold,
+            diagnostics_every: 1,
+            cadence: Cadence::AtEnd,
+        }
+    }
+}
+
 /// What the pipeline shares with its readers (the HTTP API, tests): metrics, health and the
 /// latest snapshot ready for lookups.
 #[derive(Clone, Default)]
@@ -137,11 +199,13 @@ impl SnapshotNotices {
 }
 
 impl Shared {
-    /// Builds and stores a periodic snapshot of `engine`, then publishes it: metrics, and the
-    /// serving copy for lookups. Returns its version (`None` while there is too little data).
+    /// Builds and stores a snapshot of `engine` as `policy` says, then publishes it: metrics,
+    /// and the serving copy for lookups. Returns its version (`None` while there is too little
+    /// data).
     pub fn snapshot(
         &self,
         config: &Config,
+        policy: &SnapshotPolicy,
         snapshots: &SnapshotStore,
         catalogue: &Catalogue,
         engine: &EngineView,
@@ -150,7 +214,7 @@ impl Shared {
         let started = Instant::now();
         let titles = catalogue.titles()?;
         let Some(built) =
-            build_and_store_snapshot(config, snapshots, engine, &titles, positions, true)?
+            build_and_store_snapshot(config, policy, snapshots, engine, &titles, positions)?
         else {
             return Ok(None);
         };
@@ -206,6 +270,7 @@ pub struct Pipeline {
     shared: Shared,
     writer: Writer,
     schedule: Schedule,
+    policy: SnapshotPolicy,
 }
 
 impl Pipeline {
@@ -213,6 +278,7 @@ impl Pipeline {
     /// holds. Commits are reported to `acks` once durable.
     pub fn new(
         config: &Config,
+        policy: SnapshotPolicy,
         stores: Stores,
         loaded: LoadedEngine,
         shared: Shared,
@@ -230,7 +296,7 @@ impl Pipeline {
         }
         let state = Arc::new(state);
         let positions = state.offsets()?;
-        let schedule = Schedule::new(config, &engine, &shared);
+        let schedule = Schedule::new(config, &policy, &engine, &shared);
         shared.metrics.user_ids.set(engine.users().len() as i64);
         Ok(Pipeline {
             config: config.clone(),
@@ -244,6 +310,7 @@ impl Pipeline {
             positions,
             shared,
             schedule,
+            policy,
         })
     }
 
@@ -373,13 +440,14 @@ impl Pipeline {
         let positions = self.positions.clone();
         let shared = self.shared.clone();
         let covered_since = self.schedule.first_uncovered;
+        let policy = self.policy;
         self.schedule.thread = Some(
             std::thread::Builder::new()
                 .name("segmenter-snapshot".into())
                 .spawn(move || {
                     let _span = tracing::info_span!("snapshot").entered();
-                    let version =
-                        shared.snapshot(&config, &snapshots, &catalogue, &engine, positions);
+                    let version = shared
+                        .snapshot(&config, &policy, &snapshots, &catalogue, &engine, positions);
                     if let (Ok(Some(_)), Some(since)) = (&version, covered_since) {
                         shared
                             .metrics
@@ -404,11 +472,11 @@ impl Pipeline {
         let titles = self.catalogue.titles()?;
         let built = build_and_store_snapshot(
             &self.config,
+            &self.policy,
             &self.snapshots,
             &self.engine.view(),
             &titles,
             BTreeMap::new(),
-            false,
         )?;
         let Some(built) = built else {
             return Ok(None);
@@ -430,13 +498,20 @@ impl Pipeline {
             shared,
             writer,
             mut schedule,
+            policy,
             ..
         } = self;
         writer.finish()?;
         schedule.join_snapshot()?;
         if final_snapshot {
-            let version =
-                shared.snapshot(&config, &snapshots, &catalogue, &engine.view(), positions)?;
+            let version = shared.snapshot(
+                &config,
+                &policy,
+                &snapshots,
+                &catalogue,
+                &engine.view(),
+                positions,
+            )?;
             schedule.count(version);
         }
         Ok(PipelineSummary {
@@ -483,8 +558,8 @@ fn release_free_memory() {
 struct Schedule {
     /// `[snapshot] interval_ms`: the least time between two snapshot starts.
     snapshot_every: Duration,
-    /// `[snapshot] max_staleness_ms`.
-    max_staleness: Duration,
+    /// `[snapshot] max_staleness_ms`; `None`: snapshots only when the source asks.
+    max_staleness: Option<Duration>,
     refresh_every: Option<Duration>,
     last_snapshot: Instant,
     /// When the first event (or catalogue change) that no served or building snapshot covers
@@ -508,10 +583,17 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn new(config: &Config, engine: &Engine, shared: &Shared) -> Self {
+    fn new(config: &Config, policy: &SnapshotPolicy, engine: &Engine, shared: &Shared) -> Self {
+        let (max_staleness, snapshot_every) = match policy.cadence {
+            Cadence::Staleness {
+                max_staleness,
+                min_interval,
+            } => (Some(max_staleness), min_interval),
+            Cadence::AtEnd => (None, Duration::MAX),
+        };
         Schedule {
-            snapshot_every: Duration::from_millis(config.snapshot.interval_ms.max(1)),
-            max_staleness: Duration::from_millis(config.snapshot.max_staleness_ms.max(1)),
+            snapshot_every,
+            max_staleness,
             first_uncovered: None,
             last_build: Duration::ZERO,
             building: None,
@@ -544,12 +626,15 @@ impl Schedule {
     }
 
     fn snapshot_due(&self, now: Instant) -> bool {
+        let Some(max_staleness) = self.max_staleness else {
+            return false;
+        };
         let idle = self.thread.as_ref().is_none_or(|t| t.is_finished());
         idle && snapshot_due_at(
             self.first_uncovered,
             self.last_snapshot,
             self.last_build,
-            self.max_staleness,
+            max_staleness,
             self.snapshot_every,
         )
         .is_some_and(|due| now >= due)
@@ -706,16 +791,14 @@ fn write_commits(
 
 /// Builds a snapshot of the engine (the next version, drift against the latest stored one),
 /// stores it with the configured retention and returns it. `None` while there is too little data.
-/// A `periodic` snapshot (the service's) continues the previous snapshot's segments and carries
-/// diagnostics every `diagnostics_every` versions; a replay's final one takes the lowest inertia
-/// found and always carries diagnostics.
+/// The segments and diagnostics are as `policy` says.
 pub fn build_and_store_snapshot(
     config: &Config,
+    policy: &SnapshotPolicy,
     snapshots: &SnapshotStore,
     engine: &EngineView,
     titles: &FxHashMap<String, String>,
     offsets: Positions,
-    periodic: bool,
 ) -> anyhow::Result<Option<Built>> {
     let version = snapshots.next_snapshot_version()?;
     let previous_version = snapshots.snapshot_versions()?.last().copied();
@@ -723,8 +806,7 @@ pub fn build_and_store_snapshot(
         Some(v) => snapshots.assignment_labels(v)?.map(|a| (v, a)),
         None => None,
     };
-    let with_diagnostics =
-        !periodic || (version - 1) % config.snapshot.diagnostics_every.max(1) == 0;
+    let with_diagnostics = (version - 1) % policy.diagnostics_every.max(1) == 0;
     let built = snapshot::build_with_model(
         engine,
         &config.snapshot_params(),
@@ -734,7 +816,7 @@ pub fn build_and_store_snapshot(
             titles,
             offsets,
             previous: previous.as_ref().map(|(v, a)| (*v, a.as_slice())),
-            continue_previous: periodic,
+            continue_previous: policy.segments == SegmentPolicy::Continue,
             with_diagnostics,
         },
     );

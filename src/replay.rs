@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::decode::{self, FileFormat, RejectTally};
 use crate::engine::IdMap;
 use crate::event::{RatingRef, RejectReason, Rejection};
-use crate::pipeline::{Pipeline, Positions, Shared, log_snapshot_built};
+use crate::pipeline::{Pipeline, Positions, Shared, SnapshotPolicy, log_snapshot_built};
 use crate::snapshot::validation::stable_hash;
 use crate::snapshot::{Assignments, Snapshot};
 
@@ -218,18 +218,23 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
 /// final snapshot is computed from the data alone, however the file was split or the state dir
 /// came to be. The final snapshot's model becomes the online one.
 fn open_pipeline(config: &Config, options: &ReplayOptions) -> anyhow::Result<(Pipeline, u64)> {
+    let policy = SnapshotPolicy::replay();
     let stores = config.state.open()?;
     let mut params = config.engine_params();
-    params.refresh_every_events = u64::MAX;
+    if !policy.online_model {
+        params.refresh_every_events = u64::MAX;
+    }
     let mut loaded = stores.state.load_engine(params)?;
-    loaded.engine.forget_model(&mut loaded.changes);
+    if !policy.online_model {
+        loaded.engine.forget_model(&mut loaded.changes);
+    }
     let mut catalogue_bad_lines = 0;
     if let Some(items) = &options.items {
         let (titles, bad) = decode::read_catalogue_file(items)?;
         stores.catalogue.put_titles(&titles)?;
         catalogue_bad_lines = bad;
     }
-    let pipeline = Pipeline::new(config, stores, loaded, Shared::default(), None)?;
+    let pipeline = Pipeline::new(config, policy, stores, loaded, Shared::default(), None)?;
     Ok((pipeline, catalogue_bad_lines))
 }
 

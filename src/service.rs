@@ -76,7 +76,14 @@ pub async fn run(
             events_applied = initial_events_applied,
             "target already reached: final snapshot only"
         );
-        let pipeline = Pipeline::new(&config, stores, loaded, shared.clone(), None)?;
+        let pipeline = Pipeline::new(
+            &config,
+            crate::pipeline::SnapshotPolicy::service(&config),
+            stores,
+            loaded,
+            shared.clone(),
+            None,
+        )?;
         // Off the async runtime, which keeps serving HTTP meanwhile.
         tokio::task::spawn_blocking(move || pipeline.finish(true)).await??;
         readers.stop().await;
@@ -99,6 +106,7 @@ pub async fn run(
     )?;
     let pipeline = Pipeline::new(
         &config,
+        crate::pipeline::SnapshotPolicy::service(&config),
         stores,
         loaded,
         shared.clone(),

@@ -226,11 +226,11 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     }
     let first = segmenter::pipeline::build_and_store_snapshot(
         &config,
+        &segmenter::pipeline::SnapshotPolicy::service(&config),
         &snapshots,
         &engine.view(),
         &titles,
         Default::default(),
-        true,
     )
     .unwrap()
     .expect("a first snapshot");
@@ -256,11 +256,11 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
     let view = engine.view();
     let second = segmenter::pipeline::build_and_store_snapshot(
         &config,
+        &segmenter::pipeline::SnapshotPolicy::service(&config),
         &snapshots,
         &view,
         &titles,
         Default::default(),
-        true,
     )
     .unwrap()
     .expect("a second snapshot");

@@ -97,7 +97,15 @@ fn a_replay_over_a_rolled_back_state_dir_continues_above_the_versions_already_gi
         let stores = config.state.open().unwrap();
         let loaded = stores.state.load_engine(config.engine_params()).unwrap();
         let shared = Shared::default();
-        let pipeline = Pipeline::new(&config, stores, loaded, shared.clone(), None).unwrap();
+        let pipeline = Pipeline::new(
+            &config,
+            segmenter::pipeline::SnapshotPolicy::service(&config),
+            stores,
+            loaded,
+            shared.clone(),
+            None,
+        )
+        .unwrap();
         assert_eq!(shared.metrics.state_rollbacks.get(), 1);
         assert!(
             shared
