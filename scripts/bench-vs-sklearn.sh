@@ -9,6 +9,8 @@
 #           large   100,000 x 5,000 x 5,000,000, 12 segments, k=12
 #           ml25m   162,000 x 59,000 x 25,000,000, 20 segments, k=25
 #           huge    1,000,000 x 50,000 x 100,000,000, 20 segments, k=25
+#           realistic        ml100k's size in the realistic profile (docs/generator.md), k=25
+#           realistic-large  large's size in the realistic profile, 25 tastes, k=25
 #   env     REPEATS (default 3), COMPONENTS (default 10), MODE (explicit|implicit, default explicit),
 #           SKIP_BUILD=1 to use target/release/segmenter as it is; PY_THREADS=N caps the python
 #           side's BLAS/OpenMP threads (default: all cores, as segmenter's covariance operator
@@ -52,12 +54,14 @@ py_threads=()
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin segmenter
 seg="$PWD/target/release/segmenter"
 
-shape_params() { # users items events segments k
+shape_params() { # users items events segments k profile
   case "$1" in
-    ml100k) echo 943 1682 100000 12 25 ;;
-    large) echo 100000 5000 5000000 12 12 ;;
-    ml25m) echo 162000 59000 25000000 20 25 ;;
-    huge) echo 1000000 50000 100000000 20 25 ;;
+    ml100k) echo 943 1682 100000 12 25 planted ;;
+    large) echo 100000 5000 5000000 12 12 planted ;;
+    ml25m) echo 162000 59000 25000000 20 25 planted ;;
+    huge) echo 1000000 50000 100000000 20 25 planted ;;
+    realistic) echo 943 1682 100000 12 25 realistic ;;
+    realistic-large) echo 100000 5000 5000000 25 25 realistic ;;
     *) return 1 ;;
   esac
 }
@@ -65,9 +69,9 @@ shape_params() { # users items events segments k
 json_lines=()
 
 bench_shape() {
-  local shape="$1" users items events segments k
-  read -r users items events segments k < <(shape_params "$shape") || {
-    echo "unknown shape $shape (ml100k, large, ml25m, huge)" >&2
+  local shape="$1" users items events segments k profile
+  read -r users items events segments k profile < <(shape_params "$shape") || {
+    echo "unknown shape $shape (ml100k, large, ml25m, huge, realistic, realistic-large)" >&2
     return 1
   }
   local data="target/bench-data/$shape"
@@ -79,8 +83,8 @@ bench_shape() {
   if [ ! -s "$data/ratings.csv" ] || [ ! -s "$data/truth.csv" ]; then
     echo "generating $data ..."
     mkdir -p "$data"
-    "$seg" generate --users "$users" --items "$items" --events "$events" --segments "$segments" \
-      --seed 42 --mode "$mode" --out "$data/ratings.tmp.csv" --truth-out "$data/truth.tmp.csv" ||
+    "$seg" generate --profile "$profile" --users "$users" --items "$items" --events "$events" \
+      --segments "$segments" --seed 42 --mode "$mode" --out "$data/ratings.tmp.csv" --truth-out "$data/truth.tmp.csv" ||
       { echo "generate failed for $shape" >&2; return 1; }
     mv "$data/truth.tmp.csv" "$data/truth.csv"
     mv "$data/ratings.tmp.csv" "$data/ratings.csv"
