@@ -23,7 +23,7 @@ use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http;
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
-use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared};
+use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared, SnapshotPolicy};
 use crate::store::{Catalogue, LoadedEngine, Stores};
 
 #[derive(Debug, Clone, Default)]
@@ -68,6 +68,7 @@ pub async fn run(
         offsets = ?read_offsets(&stored_offsets),
         "state opened"
     );
+    let policy = SnapshotPolicy::service(&config);
     if options
         .exit_at_events
         .is_some_and(|n| initial_events_applied >= n)
@@ -76,14 +77,7 @@ pub async fn run(
             events_applied = initial_events_applied,
             "target already reached: final snapshot only"
         );
-        let pipeline = Pipeline::new(
-            &config,
-            crate::pipeline::SnapshotPolicy::service(&config),
-            stores,
-            loaded,
-            shared.clone(),
-            None,
-        )?;
+        let pipeline = Pipeline::new(&config, policy, stores, loaded, shared.clone(), None)?;
         // Off the async runtime, which keeps serving HTTP meanwhile.
         tokio::task::spawn_blocking(move || pipeline.finish(true)).await??;
         readers.stop().await;
@@ -106,7 +100,7 @@ pub async fn run(
     )?;
     let pipeline = Pipeline::new(
         &config,
-        crate::pipeline::SnapshotPolicy::service(&config),
+        policy,
         stores,
         loaded,
         shared.clone(),
