@@ -580,11 +580,12 @@ impl Model {
                 };
                 // The challengers: the online clustering (itself challenged by fresh starts
                 // at every refresh: the candidate kept between snapshots) and this snapshot's
-                // budget of fresh starts, each run to convergence.
-                let online = current_labels.map(|labels| {
-                    kmeans::lloyd_sticky(&points, self.clusters, labels, params.max_passes, 0.0)
-                });
-                let fresh = (params.restarts > 0).then(|| fresh_clustering(&points, params));
+                // budget of fresh starts, run on the sample, the best polished on everyone.
+                let online = current_labels
+                    .and_then(|labels| kmeans::keep(&points, self.clusters, labels))
+                    .map(|kept| kept.centroids);
+                let fresh = (params.restarts > 0 || online.is_some())
+                    .then(|| fresh_clustering(&points, params, online));
                 let fresh_seconds = t.elapsed().as_secs_f64();
                 // Segments the data left behind (a handful of users around an old centroid,
                 // under half the size of a fresh solve's smallest, or a single user) are
@@ -615,11 +616,7 @@ impl Model {
                     reseed_seconds = t.elapsed().as_secs_f64(),
                     "continued clustering timing"
                 );
-                let challenger = [online, fresh]
-                    .into_iter()
-                    .flatten()
-                    .min_by(|a, b| a.inertia.total_cmp(&b.inertia));
-                match challenger {
+                match fresh {
                     Some(c) if c.inertia < reference_inertia * (1.0 - margin) => {
                         (c, Segmentation::Resegmented)
                     }
@@ -638,7 +635,7 @@ impl Model {
                     )
                 });
                 let fresh = (params.restarts > 0 || current.is_none())
-                    .then(|| fresh_clustering(&points, params));
+                    .then(|| fresh_clustering(&points, params, None));
                 let Some(result) = choose_clustering(current, fresh) else {
                     return 0;
                 };
@@ -835,7 +832,11 @@ fn rated_users(vectors: &CowVec<SparseVec>, canonical_order: &[u32]) -> Vec<usiz
 
 /// Best of fresh k-means++ starts, polished on every point. The starts converge on an evenly
 /// spread sample (canonical order, so the same users whatever the arrival order).
-fn fresh_clustering(points: &DensePoints<'_>, params: &ClusteringParams) -> kmeans::Clustering {
+fn fresh_clustering(
+    points: &DensePoints<'_>,
+    params: &ClusteringParams,
+    initial: Option<Vec<f64>>,
+) -> kmeans::Clustering {
     let k = points.dim;
     let stride = points.len().div_ceil(CLUSTERING_SAMPLE_USERS).max(1);
     let mut sample = Vec::with_capacity(points.len() / stride * k + k);
@@ -847,7 +848,7 @@ fn fresh_clustering(points: &DensePoints<'_>, params: &ClusteringParams) -> kmea
             data: &sample,
             dim: k,
         },
-        None,
+        initial,
         &ClusteringParams {
             restarts: params.restarts.max(1),
             ..*params
