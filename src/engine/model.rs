@@ -552,8 +552,8 @@ impl Model {
                 // The previous snapshot's segments followed by Lloyd to a local optimum of
                 // today's data. With stickiness, users near a boundary stay put, but only
                 // while that costs at most `stickiness_budget` of the optimum's inertia. The
-                // optimum is challenged by the online clustering and fresh starts (each also
-                // run to convergence): a clearly better one replaces the segments, openly.
+                // optimum is challenged by the online clustering and fresh starts (each run to
+                // convergence): a clearly better one replaces the segments, openly.
                 let t = std::time::Instant::now();
                 let followed = kmeans::lloyd_sticky(
                     &points,
@@ -589,8 +589,7 @@ impl Model {
                 let fresh_seconds = t.elapsed().as_secs_f64();
                 // Segments the data left behind (a handful of users around an old centroid,
                 // under half the size of a fresh solve's smallest, or a single user) are
-                // re-seeded where a cold
-                // solve would put them, at a bounded cost, and said so.
+                // re-seeded where a cold solve would put them, at a bounded cost, and said so.
                 let (continued, reseeded) = match &fresh {
                     Some(fresh) => kmeans::reseed_degenerate(
                         &points,
