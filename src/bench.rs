@@ -112,7 +112,7 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
         let _span = tracing::info_span!("delta snapshot").entered();
         let mut view = engine.view();
         if let Some((_, model)) = &previous {
-            view.warm_start_from(model);
+            view.warm_start_from(&model.warm_start());
         }
         let built = snapshot::build_with_model(
             &view,

@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::Config;
-use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds};
+use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds, WarmStart};
 use crate::event::Rating;
 use crate::http::serving::Serving;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
@@ -180,6 +180,8 @@ pub struct Shared {
     /// The version of the latest snapshot served, announced as it is (the Kafka snapshots
     /// topic publisher waits on it).
     pub published: SnapshotNotices,
+    /// The latest snapshot's solved basis: the next snapshot's solve starts from it.
+    pub warm_start: Arc<std::sync::Mutex<Option<WarmStart>>>,
 }
 
 /// Announces each snapshot version as it is served.
@@ -228,6 +230,9 @@ impl Shared {
         self.metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
+        if let Ok(mut warm) = self.warm_start.lock() {
+            *warm = Some(built.model.warm_start());
+        }
         let serving = Arc::new(Serving::new(engine, &built.model, built.snapshot, titles));
         if let Ok(mut slot) = self.serving.write() {
             *slot = Some(serving.clone());
@@ -436,7 +441,10 @@ impl Pipeline {
         let config = self.config.clone();
         let (snapshots, catalogue) = (self.snapshots.clone(), self.catalogue.clone());
         // A copy-on-write view: the source goes on applying while the snapshot reads it.
-        let engine = self.engine.view();
+        let mut engine = self.engine.view();
+        if let Some(warm) = self.shared.warm_start.lock().ok().and_then(|w| w.clone()) {
+            engine.warm_start_from(&warm);
+        }
         let positions = self.positions.clone();
         let shared = self.shared.clone();
         let covered_since = self.schedule.first_uncovered;

@@ -25,7 +25,7 @@ pub use decay::DecayClock;
 pub use ids::{IdMap, Ids, SourceIds, SparseVec};
 use kmeans::ClusteringParams;
 use model::DataView;
-pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome, Segmentation};
+pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome, Segmentation, WarmStart};
 pub use params::{DEFAULT_MAX_ITEMS, DEFAULT_MAX_USERS, EngineParams};
 use stats::CovarianceStats;
 pub use view::{EngineView, PreviousSegments};

@@ -17,6 +17,11 @@ use super::{ChangeSink, CowVec, SparseVec};
 /// the winner is then polished on everyone.
 pub const CLUSTERING_SAMPLE_USERS: usize = 20_000;
 
+/// The sample of a continued snapshot's challengers: they only need to show that a clearly
+/// better clustering exists (the winner is still polished on everyone), and a snapshot after a
+/// small delta must stay cheap.
+pub const CHALLENGER_SAMPLE_USERS: usize = 5_000;
+
 /// A fresh clustering replaces the current one only when its inertia is lower by more than
 /// this share: equally good local optima must not make segments hop.
 pub const STABILITY_MARGIN: f64 = 0.005;
@@ -76,6 +81,14 @@ pub enum Segmentation {
     /// replaced it (ids matched by overlap), or segments the data left behind were re-seeded:
     /// many users may change segment at once.
     Resegmented,
+}
+
+/// A solved basis and its Ritz block, kept to start the next snapshot's solve from.
+#[derive(Debug, Clone)]
+pub struct WarmStart {
+    components: usize,
+    basis: Array2<f64>,
+    block: Array2<f64>,
 }
 
 /// What a refresh did, for logs and metrics.
@@ -585,7 +598,7 @@ impl Model {
                     .and_then(|labels| kmeans::keep(&points, self.clusters, labels))
                     .map(|kept| kept.centroids);
                 let fresh = (params.restarts > 0 || online.is_some())
-                    .then(|| fresh_clustering(&points, params, online));
+                    .then(|| fresh_clustering(&points, params, online, CHALLENGER_SAMPLE_USERS));
                 let fresh_seconds = t.elapsed().as_secs_f64();
                 // Segments the data left behind (a handful of users around an old centroid,
                 // under half the size of a fresh solve's smallest, or a single user) are
@@ -634,7 +647,7 @@ impl Model {
                     )
                 });
                 let fresh = (params.restarts > 0 || current.is_none())
-                    .then(|| fresh_clustering(&points, params, None));
+                    .then(|| fresh_clustering(&points, params, None, CLUSTERING_SAMPLE_USERS));
                 let Some(result) = choose_clustering(current, fresh) else {
                     return 0;
                 };
@@ -648,12 +661,22 @@ impl Model {
         result.passes
     }
 
-    /// Starts the next solve from `other`'s basis and Ritz block (a previous snapshot's,
-    /// converged on nearly the same data): fewer iterations than from the online basis.
-    pub fn warm_start_from(&mut self, other: &Model) {
-        if other.has_basis() && other.components == self.components {
-            self.basis = other.basis.clone();
-            self.warm_block = other.warm_block.clone();
+    /// What the next solve can start from: this model's basis and last Ritz block (O(items ·
+    /// block), not the users' projections).
+    pub fn warm_start(&self) -> WarmStart {
+        WarmStart {
+            components: self.components,
+            basis: self.basis.clone(),
+            block: self.warm_block.clone(),
+        }
+    }
+
+    /// Starts the next solve from `warm` (a previous snapshot's, converged on nearly the same
+    /// data: fewer iterations than from the online basis, and signs kept from that snapshot).
+    pub fn warm_start_from(&mut self, warm: &WarmStart) {
+        if warm.basis.nrows() > 0 && warm.components == self.components {
+            self.basis = warm.basis.clone();
+            self.warm_block = warm.block.clone();
         }
     }
 
@@ -829,15 +852,17 @@ fn rated_users(vectors: &CowVec<SparseVec>, canonical_order: &[u32]) -> Vec<usiz
         .collect()
 }
 
-/// Best of fresh k-means++ starts, polished on every point. The starts converge on an evenly
-/// spread sample (canonical order, so the same users whatever the arrival order).
+/// Best of fresh k-means++ starts (and Lloyd from `initial` centroids, when given), polished on
+/// every point. The starts converge on an evenly spread sample of about `sample_users` users
+/// (canonical order, so the same users whatever the arrival order).
 fn fresh_clustering(
     points: &DensePoints<'_>,
     params: &ClusteringParams,
     initial: Option<Vec<f64>>,
+    sample_users: usize,
 ) -> kmeans::Clustering {
     let k = points.dim;
-    let stride = points.len().div_ceil(CLUSTERING_SAMPLE_USERS).max(1);
+    let stride = points.len().div_ceil(sample_users.max(1)).max(1);
     let mut sample = Vec::with_capacity(points.len() / stride * k + k);
     for point in points.data.chunks_exact(k).step_by(stride) {
         sample.extend_from_slice(point);

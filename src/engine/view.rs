@@ -5,7 +5,7 @@
 use super::kmeans::ClusteringParams;
 use super::model::{Continuation, DataView};
 use super::stats::CovarianceStats;
-use super::{Counters, CowVec, DecayClock, EngineParams, Ids, Model, SparseVec};
+use super::{Counters, CowVec, DecayClock, EngineParams, Ids, Model, SparseVec, WarmStart};
 
 /// What a snapshot reads: the engine's data and model at one moment (see [`Engine::view`]).
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl EngineView {
     }
     /// Starts the snapshot's PCA solve from `previous` (the last snapshot's model) rather than
     /// from the online basis: after a small delta it is the closer start.
-    pub fn warm_start_from(&mut self, previous: &Model) {
+    pub fn warm_start_from(&mut self, previous: &WarmStart) {
         self.model.warm_start_from(previous);
     }
     pub fn counters(&self) -> Counters {
