@@ -4,10 +4,16 @@
 # produced to Kafka minus its last DELTAS x 1% of events; once a snapshot covers that base, each
 # 1% delta is produced in turn and timed from the end of its produce to a served snapshot that
 # covers it (polling /snapshots/latest), with that snapshot's build time (the build histogram's
-# last observation). Default staleness bound and floor (1 s each) unless set.
+# last observation). Then a steady stream: STEADY_RATE events/s for STEADY_SECONDS (re-ratings
+# taken from the head of the file), the served snapshot's staleness (the age of the oldest
+# applied event it does not cover, segmenter_snapshot_staleness_seconds) sampled every 50 ms.
+# Last, in the same run on the same file, the sparse scikit-learn pipeline recomputes everything
+# (scripts/bench_sklearn.py, SK_REPEATS times) and each delta build is reported as a share of it.
+# Default staleness bound and floor (1 s each) unless set.
 #
 # Usage: BROKERS=127.0.0.1:9092 scripts/delta-freshness.sh [BIN]
 # Environment: RATINGS (target/bench-data/realistic-large/ratings.csv), DELTAS (5), PORT (9483),
+#   STEADY_RATE (50000), STEADY_SECONDS (20; 0 skips), SK_REPEATS (3; 0 skips),
 #   LOG (segmenter=warn; segmenter=debug prints each snapshot's timings at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +39,7 @@ for i in $(seq 1 "$deltas"); do
 done
 topic="delta-$$-$(date +%s)"
 
+metric() { curl -s "127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 latest() { curl -s "127.0.0.1:$port/snapshots/latest" | python3 -c "import json,sys; s=json.load(sys.stdin); print(s['counts']['events_applied'])" 2>/dev/null || echo 0; }
 build_stats() { curl -s "127.0.0.1:$port/metrics" | awk '/^segmenter_snapshot_build_duration_seconds_sum/{s=$2} /^segmenter_snapshot_build_duration_seconds_count/{c=$2} END{print s, c}'; }
 wait_covered() {
@@ -53,6 +60,8 @@ wait_covered "$base"
 printf 'base: %d events consumed and served in %.1f s\n' "$base" "$(echo "$(date +%s.%N) - $started" | bc)"
 printf 'delta\tevents\tserved_after_produce_s\tbuild_s\n'
 done_events=$base
+builds=()
+served_after=()
 for i in $(seq 1 "$deltas"); do
   read -r sum0 count0 < <(build_stats)
   "$bin" produce --brokers "$brokers" --topic "$topic" --partitions 2 --ratings "$work/delta-$i.csv" >/dev/null 2>&1
@@ -63,5 +72,61 @@ for i in $(seq 1 "$deltas"); do
   read -r sum1 count1 < <(build_stats)
   build=$(echo "($sum1 - $sum0) / (($count1 - $count0) + ($count1 == $count0))" | bc -l)
   printf '%d\t%d\t%.2f\t%.3f (%d builds)\n' "$i" "$delta" "$(echo "$served - $produced" | bc)" "$build" "$((${count1%.*} - ${count0%.*}))"
+  builds+=("$build")
+  served_after+=("$(echo "$served - $produced" | bc)")
 done
+served_sorted=$(printf '%s\n' "${served_after[@]}" | sort -g)
+printf 'served after produce: median %.2f s, worst %.2f s over %d deltas\n' \
+  "$(echo "$served_sorted" | sed -n "$(((${#served_after[@]} + 1) / 2))p")" "$(echo "$served_sorted" | tail -n 1)" "${#served_after[@]}"
+
+steady_rate=${STEADY_RATE:-50000}
+steady_seconds=${STEADY_SECONDS:-20}
+if [ "$steady_seconds" -gt 0 ]; then
+  steady=$((steady_rate * steady_seconds))
+  head -n $((steady + 1)) "$ratings" >"$work/steady.csv"
+  read -r sum0 count0 < <(build_stats)
+  "$bin" produce --brokers "$brokers" --topic "$topic" --partitions 2 --rate "$steady_rate" \
+    --ratings "$work/steady.csv" >/dev/null 2>&1 &
+  producer=$!
+  max_stale=0
+  samples=0
+  while kill -0 "$producer" 2>/dev/null; do
+    stale=$(metric segmenter_snapshot_staleness_seconds)
+    max_stale=$(echo "if (${stale:-0} > $max_stale) ${stale:-0} else $max_stale" | bc -l)
+    samples=$((samples + 1))
+    sleep 0.05
+  done
+  wait "$producer"
+  read -r sum1 count1 < <(build_stats)
+  printf 'steady: %d events at %d/s: served snapshot at most %.2f s stale (%d samples), %d builds of %.3f s mean\n' \
+    "$steady" "$steady_rate" "$max_stale" "$samples" "$((${count1%.*} - ${count0%.*}))" \
+    "$(echo "($sum1 - $sum0) / (($count1 - $count0) + ($count1 == $count0))" | bc -l)"
+fi
+
+sk_repeats=${SK_REPEATS:-3}
+if [ "$sk_repeats" -gt 0 ]; then
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=
+  venv=target/bench-venv
+  if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/requirements-bench.txt "$venv/requirements-bench.txt"; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q -r scripts/requirements-bench.txt
+    cp scripts/requirements-bench.txt "$venv/requirements-bench.txt"
+  fi
+  times=()
+  for r in $(seq 1 "$sk_repeats"); do
+    /usr/bin/time -f '%e' -o "$work/sk.time" "$venv/bin/python" scripts/bench_sklearn.py \
+      --ratings "$ratings" --components 10 --clusters 25 --json >/dev/null 2>"$work/sk.err" ||
+      { tail -n 5 "$work/sk.err" >&2; exit 1; }
+    times+=("$(tail -n 1 "$work/sk.time")")
+  done
+  sk_min=$(printf '%s\n' "${times[@]}" | sort -g | head -n 1)
+  sk_median=$(printf '%s\n' "${times[@]}" | sort -g | sed -n "$(((sk_repeats + 1) / 2))p")
+  build_sorted=$(printf '%s\n' "${builds[@]}" | sort -g)
+  build_median=$(echo "$build_sorted" | sed -n "$(((${#builds[@]} + 1) / 2))p")
+  build_worst=$(echo "$build_sorted" | tail -n 1)
+  printf 'scikit-learn recompute of all %d events (whole process, %d runs): min %.2f s, median %.2f s\n' \
+    "$total" "$sk_repeats" "$sk_min" "$sk_median"
+  printf 'delta build: median %.3f s = %.3fx the scikit-learn min, worst %.3f s = %.3fx\n' \
+    "$build_median" "$(echo "$build_median / $sk_min" | bc -l)" "$build_worst" "$(echo "$build_worst / $sk_min" | bc -l)"
+fi
 [ "${LOG:-}" = "" ] || grep -E "timing|snapshot built" "$work/log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 40

@@ -100,6 +100,14 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
         BuildInput::standalone(&titles, false),
     )
     .map(|built| (built.model.labels().to_vec(), built.model));
+    // As the service does: the engine tracks the sums under the served segments, and the
+    // served snapshot is challenged after it is served (neither is timed here).
+    if let Some((labels, _)) = &previous {
+        engine.track_segments(labels, SnapshotParams::default().holdout_percent);
+    }
+    let challenge = previous
+        .as_ref()
+        .and_then(|(_, model)| engine.view().challenge(model, 1));
     let resumed = Instant::now();
     for batch in delta.chunks(batch_size.max(1)) {
         let outcome = engine.apply(batch);
@@ -113,6 +121,9 @@ pub fn run(shape: Shape, batch_size: usize, refresh_every: Option<u64>) -> Bench
         let mut view = engine.view();
         if let Some((_, model)) = &previous {
             view.warm_start_from(&model.warm_start());
+        }
+        if let Some(challenge) = challenge.clone() {
+            view.set_challenge(challenge);
         }
         let built = snapshot::build_with_model(
             &view,

@@ -130,6 +130,10 @@ pub struct ProduceArgs {
     pub items: Option<PathBuf>,
     #[arg(long)]
     pub items_topic: Option<String>,
+    /// Send at most this many events per second (a steady stream for load tests; default: as
+    /// fast as the broker takes them).
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Create missing topics with this many partitions (catalogue: 1).
     #[arg(long)]
     pub partitions: Option<i32>,
@@ -492,6 +496,7 @@ fn produce_command(args: ProduceArgs, config: &Config) -> anyhow::Result<()> {
         items_topic: args.items_topic,
         partitions: args.partitions,
         progress: stderr_is_terminal(),
+        rate: args.rate,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

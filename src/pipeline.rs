@@ -16,7 +16,9 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::Config;
-use crate::engine::{ApplyOutcome, Engine, EngineView, SourceIds, WarmStart};
+use crate::engine::{
+    ApplyOutcome, Challenge, Engine, EngineParams, EngineView, Model, SourceIds, WarmStart,
+};
 use crate::event::Rating;
 use crate::http::serving::Serving;
 use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
@@ -182,6 +184,14 @@ pub struct Shared {
     pub published: SnapshotNotices,
     /// The latest snapshot's solved basis: the next snapshot's solve starts from it.
     pub warm_start: Arc<std::sync::Mutex<Option<WarmStart>>>,
+    /// What challenging the latest snapshot found (the next one compares itself with it), and
+    /// whether a challenge is running.
+    pub challenge: Arc<std::sync::Mutex<Option<Challenge>>>,
+    challenge_request: Arc<std::sync::Mutex<Option<ChallengeRequest>>>,
+    challenging: Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped when a challenge beat the served segments: a reason for a new snapshot (which
+    /// re-segments) even when no event came.
+    pub challenges_won: Arc<AtomicU64>,
 }
 
 /// Announces each snapshot version as it is served.
@@ -212,7 +222,7 @@ impl Shared {
         catalogue: &Catalogue,
         engine: &EngineView,
         positions: Positions,
-    ) -> anyhow::Result<Option<u64>> {
+    ) -> anyhow::Result<Option<Taken>> {
         let started = Instant::now();
         let titles = catalogue.titles()?;
         let Some(built) =
@@ -234,13 +244,106 @@ impl Shared {
             *warm = Some(built.model.warm_start());
         }
         let serving = Arc::new(Serving::new(engine, &built.model, built.snapshot, titles));
+        let labels = built.model.labels().to_vec();
         if let Ok(mut slot) = self.serving.write() {
             *slot = Some(serving.clone());
         }
         log_snapshot_built(&serving.snapshot);
         self.published.0.send_replace(version);
-        Ok(Some(version))
+        if policy.segments == SegmentPolicy::Continue {
+            self.request_challenge(engine, built.model, version);
+        }
+        Ok(Some(Taken { version, labels }))
     }
+
+    /// Asks for snapshot `version` to be challenged on a thread of its own, after it is
+    /// served (see [`Challenge`]). One challenge runs at a time; a request made meanwhile
+    /// replaces any older one waiting, so the latest snapshot is always challenged in the end.
+    fn request_challenge(&self, engine: &EngineView, served: Model, version: u64) {
+        let request = ChallengeRequest {
+            params: engine.params().clone(),
+            order: engine.canonical_user_order(),
+            online: engine.model().labels().to_vec(),
+            served,
+            version,
+        };
+        if let Ok(mut slot) = self.challenge_request.lock() {
+            *slot = Some(request);
+        }
+        if self.challenging.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("segmenter-challenge".into())
+            .spawn(move || shared.run_challenges());
+        if spawned.is_err() {
+            self.challenging.store(false, Ordering::Release);
+        }
+    }
+
+    /// The challenger thread: runs the waiting request until there is none.
+    fn run_challenges(&self) {
+        loop {
+            let request = self.challenge_request.lock().ok().and_then(|mut r| r.take());
+            let Some(request) = request else {
+                self.challenging.store(false, Ordering::Release);
+                // A request that came between the take and the store has no thread yet.
+                let waiting = self
+                    .challenge_request
+                    .lock()
+                    .is_ok_and(|r| r.is_some());
+                if waiting && !self.challenging.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                return;
+            };
+            let started = Instant::now();
+            let ChallengeRequest {
+                params,
+                served,
+                version,
+                order,
+                online,
+            } = request;
+            let Some(challenge) =
+                EngineView::challenge_with(&params, &served, version, &order, &online)
+            else {
+                continue;
+            };
+            // Operators and tests read from this line whether the served segments held.
+            tracing::info!(
+                version,
+                ratio = challenge.ratio,
+                better = challenge.better.is_some(),
+                seconds = started.elapsed().as_secs_f64(),
+                "snapshot challenged"
+            );
+            if challenge.better.is_some() {
+                self.challenges_won.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Ok(mut slot) = self.challenge.lock() {
+                *slot = Some(challenge);
+            }
+        }
+    }
+}
+
+/// A served snapshot to challenge, with what the challenge needs of the view it was built from.
+struct ChallengeRequest {
+    params: EngineParams,
+    served: Model,
+    version: u64,
+    order: Vec<u32>,
+    online: Vec<u32>,
+}
+
+/// A snapshot built and served: its version and its segments by user index (the engine's
+/// tracked sums follow them).
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub version: u64,
+    pub labels: Vec<u32>,
 }
 
 /// What the writer reports after each durable commit.
@@ -303,6 +406,17 @@ impl Pipeline {
         let positions = state.offsets()?;
         let schedule = Schedule::new(config, &policy, &engine, &shared);
         shared.metrics.user_ids.set(engine.users().len() as i64);
+        let mut engine = engine;
+        if policy.segments == SegmentPolicy::Continue {
+            // Snapshots continue the latest one: keep the sums under its segments in step
+            // with every event, so the next snapshot pays only for what changed.
+            let latest = snapshots.snapshot_versions()?.last().copied();
+            let labels = match latest {
+                Some(v) => snapshots.assignment_labels(v)?.unwrap_or_default(),
+                None => vec![],
+            };
+            engine.track_segments(&labels, config.snapshot.holdout_percent);
+        }
         Ok(Pipeline {
             config: config.clone(),
             writer: Writer::spawn(state.clone(), acks)?,
@@ -357,8 +471,11 @@ impl Pipeline {
         if !outcome.refreshes.is_empty() {
             self.schedule.last_refresh = Instant::now();
         }
-        if outcome.applied > 0 && self.schedule.first_uncovered.is_none() {
-            self.schedule.first_uncovered = Some(applied_at);
+        if outcome.applied > 0 {
+            self.schedule.last_applied = Some(applied_at);
+            if self.schedule.first_uncovered.is_none() {
+                self.schedule.first_uncovered = Some(applied_at);
+            }
         }
         for r in &outcome.refreshes {
             metrics.refresh_seconds.observe(r.seconds);
@@ -406,10 +523,14 @@ impl Pipeline {
             release_free_memory();
             self.schedule.last_release = Instant::now();
         }
-        self.schedule.reap_snapshot()?;
+        if let Some(taken) = self.schedule.reap_snapshot()? {
+            self.engine.adopt_segments(&taken.labels);
+        }
         let catalogue = self.shared.catalogue_version.load(Ordering::Relaxed);
         let now = Instant::now();
-        self.schedule.note_uncovered(&self.engine, catalogue, now);
+        let challenges = self.shared.challenges_won.load(Ordering::Relaxed);
+        self.schedule
+            .note_uncovered(&self.engine, catalogue, challenges, now);
         let oldest = self
             .schedule
             .building
@@ -435,7 +556,9 @@ impl Pipeline {
     }
 
     fn spawn_snapshot(&mut self) -> anyhow::Result<()> {
-        self.schedule.join_snapshot()?;
+        if let Some(taken) = self.schedule.join_snapshot()? {
+            self.engine.adopt_segments(&taken.labels);
+        }
         // A snapshot never shows what the state dir does not hold yet.
         self.writer.flush()?;
         let config = self.config.clone();
@@ -444,6 +567,9 @@ impl Pipeline {
         let mut engine = self.engine.view();
         if let Some(warm) = self.shared.warm_start.lock().ok().and_then(|w| w.clone()) {
             engine.warm_start_from(&warm);
+        }
+        if let Some(challenge) = self.shared.challenge.lock().ok().and_then(|c| c.clone()) {
+            engine.set_challenge(challenge);
         }
         let positions = self.positions.clone();
         let shared = self.shared.clone();
@@ -454,9 +580,9 @@ impl Pipeline {
                 .name("segmenter-snapshot".into())
                 .spawn(move || {
                     let _span = tracing::info_span!("snapshot").entered();
-                    let version = shared
+                    let taken = shared
                         .snapshot(&config, &policy, &snapshots, &catalogue, &engine, positions);
-                    if let (Ok(Some(_)), Some(since)) = (&version, covered_since) {
+                    if let (Ok(Some(_)), Some(since)) = (&taken, covered_since) {
                         shared
                             .metrics
                             .snapshot_freshness_seconds
@@ -466,7 +592,7 @@ impl Pipeline {
                     // system now, not whenever the allocator gets round to it.
                     drop(engine);
                     release_free_memory();
-                    version
+                    taken
                 })?,
         );
         self.schedule.taken(&self.engine, &self.shared);
@@ -512,7 +638,7 @@ impl Pipeline {
         writer.finish()?;
         schedule.join_snapshot()?;
         if final_snapshot {
-            let version = shared.snapshot(
+            let taken = shared.snapshot(
                 &config,
                 &policy,
                 &snapshots,
@@ -520,7 +646,7 @@ impl Pipeline {
                 &engine.view(),
                 positions,
             )?;
-            schedule.count(version);
+            schedule.count(taken.as_ref());
         }
         Ok(PipelineSummary {
             events_applied: engine.counters().events_applied,
@@ -573,6 +699,8 @@ struct Schedule {
     /// When the first event (or catalogue change) that no served or building snapshot covers
     /// was applied; `None` when everything applied is covered.
     first_uncovered: Option<Instant>,
+    /// When the source last applied an event (a quiet input starts a snapshot early).
+    last_applied: Option<Instant>,
     /// How long the last snapshot took to build and store: a snapshot starts this much before
     /// its staleness bound.
     last_build: Duration,
@@ -585,7 +713,9 @@ struct Schedule {
     /// without new data.
     snapshotted_events: u64,
     snapshotted_catalogue: u64,
-    thread: Option<JoinHandle<anyhow::Result<Option<u64>>>>,
+    /// Challenges won when the last snapshot was taken (a won challenge asks for a snapshot).
+    snapshotted_challenges: u64,
+    thread: Option<JoinHandle<anyhow::Result<Option<Taken>>>>,
     snapshots: u64,
     last_version: Option<u64>,
 }
@@ -603,6 +733,7 @@ impl Schedule {
             snapshot_every,
             max_staleness,
             first_uncovered: None,
+            last_applied: None,
             last_build: Duration::ZERO,
             building: None,
             refresh_every: (config.model.refresh_interval_ms > 0)
@@ -612,6 +743,7 @@ impl Schedule {
             last_release: Instant::now(),
             snapshotted_events: engine.counters().events_applied,
             snapshotted_catalogue: shared.catalogue_version.load(Ordering::Relaxed),
+            snapshotted_challenges: shared.challenges_won.load(Ordering::Relaxed),
             thread: None,
             snapshots: 0,
             last_version: None,
@@ -625,9 +757,10 @@ impl Schedule {
 
     /// Notes what is not covered yet: events applied, or a catalogue change (profiles show
     /// titles) while there are users.
-    fn note_uncovered(&mut self, engine: &Engine, catalogue: u64, now: Instant) {
+    fn note_uncovered(&mut self, engine: &Engine, catalogue: u64, challenges: u64, now: Instant) {
         let changed = engine.counters().events_applied != self.snapshotted_events
-            || (catalogue != self.snapshotted_catalogue && engine.active_users() > 0);
+            || (catalogue != self.snapshotted_catalogue && engine.active_users() > 0)
+            || challenges != self.snapshotted_challenges;
         if changed && self.first_uncovered.is_none() {
             self.first_uncovered = Some(now);
         }
@@ -640,6 +773,7 @@ impl Schedule {
         let idle = self.thread.as_ref().is_none_or(|t| t.is_finished());
         idle && snapshot_due_at(
             self.first_uncovered,
+            self.last_applied,
             self.last_snapshot,
             self.last_build,
             max_staleness,
@@ -653,43 +787,54 @@ impl Schedule {
         self.building = Some((self.last_snapshot, self.first_uncovered.take()));
         self.snapshotted_events = engine.counters().events_applied;
         self.snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
+        self.snapshotted_challenges = shared.challenges_won.load(Ordering::Relaxed);
     }
 
-    fn join_snapshot(&mut self) -> anyhow::Result<()> {
-        if let Some(t) = self.thread.take() {
-            let version = t
-                .join()
-                .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
-            self.count(version);
-        }
-        Ok(())
+    /// Waits for the running build, if any: what it took.
+    fn join_snapshot(&mut self) -> anyhow::Result<Option<Taken>> {
+        let Some(t) = self.thread.take() else {
+            return Ok(None);
+        };
+        let taken = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("snapshot thread panicked"))??;
+        self.count(taken.as_ref());
+        Ok(taken)
     }
 
     /// Joins a finished build (its duration becomes the next estimate), without waiting.
-    fn reap_snapshot(&mut self) -> anyhow::Result<()> {
-        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-            if let Some((started, _)) = self.building.take() {
-                self.last_build = started.elapsed();
-            }
-            self.join_snapshot()?;
+    fn reap_snapshot(&mut self) -> anyhow::Result<Option<Taken>> {
+        if !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return Ok(None);
         }
-        Ok(())
+        if let Some((started, _)) = self.building.take() {
+            self.last_build = started.elapsed();
+        }
+        self.join_snapshot()
     }
 
-    fn count(&mut self, version: Option<u64>) {
-        if let Some(v) = version {
+    fn count(&mut self, taken: Option<&Taken>) {
+        if let Some(taken) = taken {
             self.snapshots += 1;
-            self.last_version = Some(v);
+            self.last_version = Some(taken.version);
         }
     }
 }
 
-/// When the next snapshot is due: `max_staleness` after the first uncovered event less the
-/// expected build time (so it is served within the bound), but not before `min_interval`
-/// after the last start (bounding the cost under constant load). `None` while everything
-/// applied is covered: an idle service builds no snapshot.
+/// How long the input must be quiet (nothing applied) before a snapshot starts ahead of its
+/// staleness bound: a burst of events is gathered into one snapshot served as soon as it is
+/// in, instead of a snapshot of its first part and another of the rest.
+pub const QUIET_BEFORE_SNAPSHOT: Duration = Duration::from_millis(50);
+
+/// When the next snapshot is due: once the input has been quiet for
+/// [`QUIET_BEFORE_SNAPSHOT`] since the last applied event, and at the latest `max_staleness`
+/// after the first uncovered event less the expected build time (so it is served within the
+/// bound under a steady stream); but not before `min_interval` after the last start (bounding
+/// the cost under constant load). `None` while everything applied is covered: an idle
+/// service builds no snapshot.
 fn snapshot_due_at(
     first_uncovered: Option<Instant>,
+    last_applied: Option<Instant>,
     last_start: Instant,
     expected_build: Duration,
     max_staleness: Duration,
@@ -697,7 +842,9 @@ fn snapshot_due_at(
 ) -> Option<Instant> {
     let first = first_uncovered?;
     let by_staleness = first + max_staleness.saturating_sub(expected_build);
-    Some(by_staleness.max(last_start + min_interval))
+    let quiet_from = last_applied.map_or(first, |applied| applied.max(first));
+    let by_quiet = quiet_from + QUIET_BEFORE_SNAPSHOT;
+    Some(by_staleness.min(by_quiet).max(last_start + min_interval))
 }
 
 enum WriterJob {
@@ -877,24 +1024,42 @@ mod tests {
     fn an_idle_service_has_no_snapshot_due() {
         let long_ago = Instant::now();
         assert_eq!(
-            snapshot_due_at(None, long_ago, 200 * MS, SECOND, SECOND),
+            snapshot_due_at(None, Some(long_ago), long_ago, 200 * MS, SECOND, SECOND),
             None
         );
     }
 
     #[test]
-    fn a_burst_is_served_within_the_staleness_bound_in_one_build() {
+    fn a_burst_is_served_as_soon_as_the_input_is_quiet() {
         let last_start = Instant::now();
         let first = last_start + 60 * SECOND;
-        // Due early enough that a build as long as the last one ends within the bound, and
-        // late enough to gather the rest of the burst.
+        let last = first + 300 * MS;
+        // The burst's last event, then quiet: one snapshot of all of it, at once.
         assert_eq!(
-            snapshot_due_at(Some(first), last_start, 200 * MS, SECOND, SECOND),
+            snapshot_due_at(Some(first), Some(last), last_start, 200 * MS, SECOND, 100 * MS),
+            Some(last + QUIET_BEFORE_SNAPSHOT)
+        );
+        // A catalogue change with no event since the last snapshot is quiet from the start.
+        assert_eq!(
+            snapshot_due_at(Some(first), Some(last_start), last_start, 0 * MS, SECOND, 100 * MS),
+            Some(first + QUIET_BEFORE_SNAPSHOT)
+        );
+    }
+
+    #[test]
+    fn a_steady_stream_is_served_within_the_staleness_bound() {
+        let last_start = Instant::now();
+        let first = last_start + 60 * SECOND;
+        // Events keep coming (never quiet): due early enough that a build as long as the last
+        // one ends within the bound.
+        let busy = Some(first + 10 * SECOND);
+        assert_eq!(
+            snapshot_due_at(Some(first), busy, last_start, 200 * MS, SECOND, SECOND),
             Some(first + 800 * MS)
         );
         // A build longer than the bound starts at once.
         assert_eq!(
-            snapshot_due_at(Some(first), last_start, 3 * SECOND, SECOND, SECOND),
+            snapshot_due_at(Some(first), busy, last_start, 3 * SECOND, SECOND, SECOND),
             Some(first)
         );
     }
@@ -905,7 +1070,7 @@ mod tests {
         // An event right after the last start: the floor holds it back.
         let first = last_start + 10 * MS;
         assert_eq!(
-            snapshot_due_at(Some(first), last_start, 100 * MS, SECOND, 2 * SECOND),
+            snapshot_due_at(Some(first), Some(first), last_start, 100 * MS, SECOND, 2 * SECOND),
             Some(last_start + 2 * SECOND)
         );
     }

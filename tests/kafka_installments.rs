@@ -70,6 +70,22 @@ fn thirty_installments_with_kills_end_as_good_as_a_cold_solve() {
             service = Service::start(&env, &[]);
         }
     }
+    // Settled: the latest snapshot was challenged and its segments held (a challenge that
+    // wins brings a re-segmenting snapshot, challenged in turn).
+    let mut latest = versions.last().copied().unwrap_or(0);
+    loop {
+        let line = service.wait_for(Duration::from_secs(120), |v| {
+            v["fields"]["message"] == "snapshot built"
+                || v["fields"]["message"] == "snapshot challenged"
+        });
+        let fields = &line["fields"];
+        let version = fields["version"].as_u64().unwrap_or(0);
+        if fields["message"] == "snapshot built" {
+            latest = latest.max(version);
+        } else if version == latest && fields["better"] == false {
+            break;
+        }
+    }
     service.signal("-TERM");
     let (code, log) = service.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{}", log.join("\n"));

@@ -143,3 +143,17 @@ impl IdMap {
         map
     }
 }
+
+/// A stable 64-bit FNV-1a hash (deterministic across runs and platforms), for hold-out splits
+/// and samples.
+pub fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Final avalanche so that nearby ids spread over the range.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}

@@ -13,6 +13,7 @@ pub mod kmeans;
 pub mod matching;
 pub mod model;
 mod params;
+pub mod segment_sums;
 pub mod stats;
 mod view;
 
@@ -22,11 +23,14 @@ use crate::event::{Mode, Rating, RejectReason, ValuePolicy};
 pub use admission::{AdmissionGate, catalogue_full, population_full};
 pub use cow::CowVec;
 pub use decay::DecayClock;
-pub use ids::{IdMap, Ids, SourceIds, SparseVec};
+pub use ids::{IdMap, Ids, SourceIds, SparseVec, stable_hash};
 use kmeans::ClusteringParams;
 use model::DataView;
-pub use model::{Model, NO_CLUSTER, PersistedModel, RefreshOutcome, Segmentation, WarmStart};
+pub use model::{
+    Challenge, Model, NO_CLUSTER, PersistedModel, RefreshOutcome, Segmentation, WarmStart,
+};
 pub use params::{DEFAULT_MAX_ITEMS, DEFAULT_MAX_USERS, EngineParams};
+pub use segment_sums::SegmentSums;
 use stats::CovarianceStats;
 pub use view::{EngineView, PreviousSegments};
 
@@ -95,6 +99,25 @@ pub struct Engine {
     /// User indices sorted by id, as of the last refresh (users are only ever appended, so
     /// later ones are merged in rather than everything sorted again).
     sorted_users: Vec<u32>,
+    /// The last snapshot's segments and the sums under them, kept in step with every change
+    /// so the next snapshot pays only for what changed (the service; `None` for a replay,
+    /// whose one snapshot computes them from scratch).
+    segments: Option<TrackedSegments>,
+}
+
+/// Segments by user index and the [`SegmentSums`] of their members under them.
+#[derive(Debug, Clone)]
+pub struct TrackedSegments {
+    pub labels: Vec<u32>,
+    /// `[snapshot] holdout_percent`: who is held out of the Naive Bayes fit.
+    pub holdout_percent: u64,
+    pub sums: SegmentSums,
+}
+
+/// Whether the user with id `id` is held out of the Naive Bayes fit (`percent` of the users,
+/// chosen by a seeded hash of the id: the same users in every snapshot and on every instance).
+pub fn held_out(id: &str, seed: u64, percent: u64) -> bool {
+    stable_hash(id.as_bytes(), seed) % 100 < percent
 }
 
 impl Engine {
@@ -111,7 +134,51 @@ impl Engine {
             counters: Counters::default(),
             decay: DecayClock::default(),
             sorted_users: Vec::new(),
+            segments: None,
         }
+    }
+
+    /// Keeps the sums of the segments `labels` (by user index; users past it in none) from now
+    /// on, updated by every change and moved by [`Engine::adopt_segments`]. O(ratings), once.
+    pub fn track_segments(&mut self, labels: &[u32], holdout_percent: u64) {
+        let mut labels = labels.to_vec();
+        labels.resize(self.vectors.len(), NO_CLUSTER);
+        let (users, seed) = (&self.users, self.params.seed);
+        let sums = SegmentSums::from_scratch(
+            &self.vectors,
+            &labels,
+            self.params.clusters,
+            self.items.len(),
+            |u| held_out(users.id(u as u32), seed, holdout_percent),
+        );
+        self.segments = Some(TrackedSegments {
+            labels,
+            holdout_percent,
+            sums,
+        });
+    }
+
+    /// A new snapshot's segments replace the tracked ones: only the users whose segment
+    /// changed are moved, O(their ratings). Nothing without [`Engine::track_segments`].
+    pub fn adopt_segments(&mut self, labels: &[u32]) {
+        let Some(tracked) = &mut self.segments else {
+            return;
+        };
+        let seed = self.params.seed;
+        tracked.labels.resize(self.vectors.len(), NO_CLUSTER);
+        for (u, slot) in tracked.labels.iter_mut().enumerate() {
+            let to = labels.get(u).copied().unwrap_or(NO_CLUSTER);
+            if *slot != to {
+                let held = held_out(self.users.id(u as u32), seed, tracked.holdout_percent);
+                tracked.sums.move_user(*slot, to, &self.vectors[u], held);
+                *slot = to;
+            }
+        }
+    }
+
+    /// The tracked segments, if any.
+    pub fn tracked_segments(&self) -> Option<&TrackedSegments> {
+        self.segments.as_ref()
     }
 
     /// Rebuilds an engine from persisted state: statistics and projections are recomputed
@@ -361,6 +428,9 @@ impl Engine {
         }
         self.stats.rescale(factor);
         self.model.rescale(factor);
+        if let Some(tracked) = &mut self.segments {
+            tracked.sums.rescale(factor);
+        }
         self.decay.scaled_events *= factor;
         self.decay.advance(spans, half_life);
         changes.model_changed();
@@ -427,6 +497,19 @@ impl Engine {
         if !now_active {
             self.stats.user_left();
         }
+        if let Some(tracked) = &mut self.segments {
+            let label = tracked
+                .labels
+                .get(u as usize)
+                .copied()
+                .unwrap_or(NO_CLUSTER);
+            if label != NO_CLUSTER {
+                let held = held_out(self.users.id(u), self.params.seed, tracked.holdout_percent);
+                tracked
+                    .sums
+                    .cell_changed(label, held, j, old, new, was_active, now_active);
+            }
+        }
         self.model.on_change(
             u as usize, j as usize, delta, was_active, now_active, changes,
         );
@@ -443,7 +526,7 @@ impl Engine {
         }
         self.counters.refreshes += 1;
         let seed = self.params.seed ^ self.counters.refreshes.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let eigen = self.params.eigen(seed, false, false);
+        let eigen = self.params.eigen(seed, params::EigenSolve::Refresh, false);
         let first = !self.model.is_clustered();
         let clustering = ClusteringParams {
             k: self.params.clusters,
@@ -559,6 +642,8 @@ impl Engine {
             decay: self.decay,
             model: self.model.clone(),
             sorted_users: self.canonical_user_order(),
+            segments: self.segments.clone(),
+            challenge: None,
         }
     }
 }
@@ -617,6 +702,98 @@ mod tests {
                 .all(|v| v.is_normal()),
             "every stored value a normal float"
         );
+    }
+
+    /// The tracked segment sums after random ratings, re-ratings, retractions, decay rebases
+    /// (each a rescale by 2^-64) and segment changes, against the sums from scratch.
+    fn tracked_sums_stay_exact(mode: Mode, half_life: Option<u64>, seed: u64) {
+        use rand::{Rng, SeedableRng};
+        use rand_chacha::ChaCha8Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut engine = Engine::new(EngineParams {
+            mode,
+            half_life_seconds: half_life,
+            components: 3,
+            clusters: 4,
+            refresh_every_events: 700,
+            ..EngineParams::default()
+        });
+        let random_labels = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| {
+                    if rng.random_bool(0.05) {
+                        NO_CLUSTER
+                    } else {
+                        rng.random_range(0..4)
+                    }
+                })
+                .collect()
+        };
+        let mut ts = 1_000;
+        let mut rebases = 0;
+        for round in 0..12 {
+            let events: Vec<RatingEvent> = (0..400)
+                .map(|_| {
+                    ts += rng.random_range(0..3);
+                    RatingEvent {
+                        user: format!("u{}", rng.random_range(0..120)),
+                        item: format!("i{}", rng.random_range(0..40)),
+                        value: (!rng.random_bool(0.15)).then(|| rng.random_range(1..=5) as f64),
+                        ts,
+                    }
+                })
+                .collect();
+            engine.apply(&events);
+            if round == 0 {
+                let labels = random_labels(&mut rng, engine.users().len());
+                engine.track_segments(&labels, 20);
+            } else if round % 3 == 0 {
+                let labels = random_labels(&mut rng, engine.users().len());
+                engine.adopt_segments(&labels);
+            }
+            if round % 4 == 3 && half_life.is_some() {
+                // Past a rebase span: every stored value and the sums are rescaled.
+                ts += 70 * half_life.unwrap_or(1) as i64;
+                rebases += 1;
+            }
+        }
+        let tracked = engine.tracked_segments().expect("tracking");
+        let seed = engine.params().seed;
+        let fresh = SegmentSums::from_scratch(
+            engine.vectors(),
+            &tracked.labels,
+            4,
+            engine.items().len(),
+            |u| held_out(engine.users().id(u as u32), seed, 20),
+        );
+        assert!(fresh.sizes().iter().sum::<u64>() > 0);
+        assert!(
+            fresh.held_sizes().iter().sum::<u64>() > 0,
+            "some users held out"
+        );
+        let difference = tracked.sums.max_relative_difference(&fresh);
+        assert!(
+            difference <= 1e-9,
+            "{mode:?}, half-life {half_life:?}, {rebases} rebases: {difference}"
+        );
+        // And the view's sums for new segments (moved from the tracked ones) are exact too.
+        let labels = random_labels(&mut rng, engine.users().len());
+        let moved = engine.view().segment_sums(&labels, 20);
+        let fresh =
+            SegmentSums::from_scratch(engine.vectors(), &labels, 4, engine.items().len(), |u| {
+                held_out(engine.users().id(u as u32), seed, 20)
+            });
+        assert!(moved.max_relative_difference(&fresh) <= 1e-9);
+    }
+
+    #[test]
+    fn tracked_segment_sums_equal_their_values_from_scratch() {
+        for seed in [1, 2, 3] {
+            tracked_sums_stay_exact(Mode::Explicit, None, seed);
+            tracked_sums_stay_exact(Mode::Implicit, None, seed);
+            tracked_sums_stay_exact(Mode::Explicit, Some(1), seed);
+            tracked_sums_stay_exact(Mode::Implicit, Some(1), seed);
+        }
     }
 
     /// `count` events over the hour before `now` (seeded), for 300 users and 50 items.

@@ -592,34 +592,45 @@ impl Model {
                     _ => followed,
                 };
                 // The challengers: the online clustering (itself challenged by fresh starts
-                // at every refresh: the candidate kept between snapshots) and this snapshot's
-                // budget of fresh starts, run on the sample, the best polished on everyone.
-                let online = current_labels
-                    .and_then(|labels| kmeans::keep(&points, self.clusters, labels))
-                    .map(|kept| kept.centroids);
-                let fresh = (params.restarts > 0 || online.is_some())
-                    .then(|| fresh_clustering(&points, params, online, CHALLENGER_SAMPLE_USERS));
+                // at every refresh) and a budget of fresh starts, run on the sample, the best
+                // polished on everyone. A service runs them after each snapshot is served
+                // (`prior.challenge`): here only a candidate that already won is followed to
+                // convergence on today's data.
+                let (fresh, smallest) = match prior.as_ref().and_then(|p| p.challenge) {
+                    Some(challenge) => (
+                        challenge
+                            .better
+                            .clone()
+                            .map(|centroids| kmeans::lloyd(&points, centroids, params.max_passes)),
+                        challenge.smallest,
+                    ),
+                    None => {
+                        let online = current_labels
+                            .and_then(|labels| kmeans::keep(&points, self.clusters, labels))
+                            .map(|kept| kept.centroids);
+                        let fresh = (params.restarts > 0 || online.is_some()).then(|| {
+                            fresh_clustering(&points, params, online, CHALLENGER_SAMPLE_USERS)
+                        });
+                        let smallest = fresh
+                            .as_ref()
+                            .and_then(|f| f.sizes.iter().min().copied())
+                            .unwrap_or(0);
+                        (fresh, smallest)
+                    }
+                };
                 let fresh_seconds = t.elapsed().as_secs_f64();
                 // Segments the data left behind (a handful of users around an old centroid,
                 // under half the size of a fresh solve's smallest, or a single user) are
                 // re-seeded where a cold solve would put them, at a bounded cost, and said so.
-                let (continued, reseeded) = match &fresh {
-                    Some(fresh) => kmeans::reseed_degenerate(
-                        &points,
-                        continued,
-                        // A segment of one user is never one a business can use.
-                        fresh
-                            .sizes
-                            .iter()
-                            .min()
-                            .map_or(0, |&s| s.div_ceil(2))
-                            .max(2),
-                        params.max_passes,
-                        stickiness_budget,
-                        params.seed,
-                    ),
-                    None => (continued, false),
-                };
+                let (continued, reseeded) = kmeans::reseed_degenerate(
+                    &points,
+                    continued,
+                    // A segment of one user is never one a business can use.
+                    smallest.div_ceil(2).max(2),
+                    params.max_passes,
+                    stickiness_budget,
+                    params.seed,
+                );
                 let reference_inertia = optimum.min(continued.inertia);
                 tracing::debug!(
                     followed_seconds,
@@ -659,6 +670,50 @@ impl Model {
         self.adopt_labels(&active, &result.labels, &reference);
         self.segmentation = segmentation;
         result.passes
+    }
+
+    /// Challenges this (served) clustering: the online clustering `online` (labels by user
+    /// index) and `params.restarts` fresh starts on a sample, the best polished on everyone;
+    /// a candidate whose inertia beats this one's by more than `margin` is kept.
+    pub(crate) fn challenge(
+        &self,
+        version: u64,
+        canonical_order: &[u32],
+        online: &[u32],
+        params: &ClusteringParams,
+        margin: f64,
+    ) -> Option<Challenge> {
+        let active: Vec<usize> = canonical_order
+            .iter()
+            .map(|&u| u as usize)
+            .filter(|&u| self.labels.get(u).is_some_and(|&l| l != NO_CLUSTER))
+            .collect();
+        if !self.initialised || active.len() < self.clusters {
+            return None;
+        }
+        let data = self.gather_projections(&active);
+        let points = DensePoints {
+            data: &data,
+            dim: self.components,
+        };
+        let online_labels: Vec<u32> = active
+            .iter()
+            .map(|&u| online.get(u).copied().unwrap_or(NO_CLUSTER))
+            .collect();
+        let online = kmeans::keep(&points, self.clusters, online_labels).map(|kept| kept.centroids);
+        let fresh = fresh_clustering(&points, params, online, CHALLENGER_SAMPLE_USERS);
+        let served = self.inertia();
+        let ratio = if served > 0.0 {
+            fresh.inertia / served
+        } else {
+            1.0
+        };
+        Some(Challenge {
+            version,
+            smallest: fresh.sizes.iter().min().copied().unwrap_or(0),
+            better: (fresh.inertia < served * (1.0 - margin)).then_some(fresh.centroids),
+            ratio,
+        })
     }
 
     /// What the next solve can start from: this model's basis and last Ritz block (O(items ·
@@ -898,6 +953,29 @@ pub(crate) struct Continuation<'a> {
     /// The sticky continuation is kept only while its inertia is within this share of the
     /// plain Lloyd optimum from the same segments.
     pub stickiness_budget: f64,
+    /// What the challenge of a previous snapshot found: with it, no fresh start runs while
+    /// the snapshot is built; without it (the first snapshot a process continues), they run
+    /// inline.
+    pub challenge: Option<&'a Challenge>,
+}
+
+/// What challenging a served snapshot found: the online clustering and a budget of fresh
+/// k-means++ starts (on a sample, the best polished on everyone), run *after* the snapshot is
+/// served, so they never delay one. The next snapshot that continues the segments compares
+/// itself with the kept candidate instead of running starts of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Challenge {
+    /// The snapshot version challenged.
+    pub version: u64,
+    /// The smallest segment of the best candidate: segments under half of it (or of one user)
+    /// are degenerate and re-seeded.
+    pub smallest: u64,
+    /// The best candidate's centroids (`clusters x components`, in the challenged snapshot's
+    /// projection space) when its inertia beat the served snapshot's by more than the
+    /// stability margin; `None` when the served segments held.
+    pub better: Option<Vec<f64>>,
+    /// The candidate's inertia over the served snapshot's.
+    pub ratio: f64,
 }
 
 /// Picks between the online clustering (polished) and fresh starts at a refresh or a cold

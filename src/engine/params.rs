@@ -67,6 +67,10 @@ pub struct EngineParams {
     pub snapshot_stickiness_budget: f64,
     /// Eigensolver tolerance at snapshot time (exact parity with batch PCA).
     pub eigen_tolerance: f64,
+    /// Eigensolver tolerance of a snapshot that continues the previous one (warm from its
+    /// basis). Eigenvalues converge as the square of the residual, so explained variance
+    /// still agrees with a cold solve to about `tolerance²`; the components to `tolerance`.
+    pub continued_eigen_tolerance: f64,
     /// Eigensolver tolerance of the periodic refresh (the online model only needs a good basis).
     pub refresh_eigen_tolerance: f64,
     pub eigen_max_iterations: usize,
@@ -107,6 +111,7 @@ impl Default for EngineParams {
             snapshot_stickiness: 0.2,
             snapshot_stickiness_budget: 0.01,
             eigen_tolerance: 1e-9,
+            continued_eigen_tolerance: 1e-6,
             refresh_eigen_tolerance: 1e-4,
             eigen_max_iterations: 500,
             refresh_max_iterations: 10,
@@ -130,9 +135,16 @@ impl EngineParams {
         }
     }
 
-    /// Eigen solve settings: a snapshot's (to `eigen_tolerance`, with the diagnostics curve's
-    /// eigenvalues when `with_curve`) or a periodic refresh's (`refresh_eigen_tolerance`).
-    pub(super) fn eigen(&self, seed: u64, snapshot: bool, with_curve: bool) -> EigenParams {
+    /// Eigen solve settings: a snapshot's (to `eigen_tolerance`, or `continued_eigen_tolerance`
+    /// when it continues the previous one; with the diagnostics curve's eigenvalues when
+    /// `with_curve`) or a periodic refresh's (`refresh_eigen_tolerance`).
+    pub(super) fn eigen(
+        &self,
+        seed: u64,
+        solve: EigenSolve,
+        with_curve: bool,
+    ) -> EigenParams {
+        let snapshot = solve != EigenSolve::Refresh;
         EigenParams {
             vectors: self.components,
             values: if with_curve {
@@ -141,10 +153,10 @@ impl EngineParams {
                 self.components
             },
             oversample: self.eigen_oversample,
-            tolerance: if snapshot {
-                self.eigen_tolerance
-            } else {
-                self.refresh_eigen_tolerance
+            tolerance: match solve {
+                EigenSolve::Cold => self.eigen_tolerance,
+                EigenSolve::Continued => self.continued_eigen_tolerance,
+                EigenSolve::Refresh => self.refresh_eigen_tolerance,
             },
             max_iterations: if snapshot {
                 self.eigen_max_iterations
@@ -154,4 +166,15 @@ impl EngineParams {
             seed,
         }
     }
+}
+
+/// Which solve an eigen problem is for (see [`EngineParams::eigen`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EigenSolve {
+    /// A snapshot solved from the data alone (a replay's, the first one).
+    Cold,
+    /// A snapshot continuing the previous one, warm from its basis.
+    Continued,
+    /// The online model's periodic refresh.
+    Refresh,
 }

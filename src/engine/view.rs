@@ -3,9 +3,13 @@
 //! continued or solved cold).
 
 use super::kmeans::ClusteringParams;
-use super::model::{Continuation, DataView};
+use super::model::{Challenge, Continuation, DataView};
+use super::params::EigenSolve;
 use super::stats::CovarianceStats;
-use super::{Counters, CowVec, DecayClock, EngineParams, Ids, Model, SparseVec, WarmStart};
+use super::{
+    Counters, CowVec, DecayClock, EngineParams, Ids, Model, NO_CLUSTER, SegmentSums, SparseVec,
+    WarmStart, held_out,
+};
 
 /// What a snapshot reads: the engine's data and model at one moment (see [`Engine::view`]).
 #[derive(Debug, Clone)]
@@ -20,6 +24,9 @@ pub struct EngineView {
     pub(super) decay: DecayClock,
     pub(super) model: Model,
     pub(super) sorted_users: Vec<u32>,
+    pub(super) segments: Option<super::TrackedSegments>,
+    /// What challenging the previous snapshot found (see [`Challenge`]).
+    pub(super) challenge: Option<Challenge>,
 }
 
 impl EngineView {
@@ -62,6 +69,75 @@ impl EngineView {
     pub fn ratings(&self) -> u64 {
         self.ratings
     }
+    /// The [`SegmentSums`] of segments `labels` (by user index), held out as
+    /// `holdout_percent` says. From the tracked sums when the engine keeps them: only users
+    /// whose segment differs from the tracked one are moved, O(their ratings + users);
+    /// otherwise from scratch, O(ratings).
+    pub fn segment_sums(&self, labels: &[u32], holdout_percent: u64) -> SegmentSums {
+        let seed = self.params.seed;
+        let held = |u: usize| held_out(self.users.id(u as u32), seed, holdout_percent);
+        match &self.segments {
+            Some(tracked)
+                if tracked.holdout_percent == holdout_percent
+                    && tracked.sums.k() == self.params.clusters =>
+            {
+                let mut sums = tracked.sums.clone();
+                for (u, x) in self.vectors.iter().enumerate() {
+                    let from = tracked.labels.get(u).copied().unwrap_or(NO_CLUSTER);
+                    let to = labels.get(u).copied().unwrap_or(NO_CLUSTER);
+                    if from != to {
+                        sums.move_user(from, to, x, held(u));
+                    }
+                }
+                sums
+            }
+            _ => SegmentSums::from_scratch(
+                &self.vectors,
+                labels,
+                self.params.clusters,
+                self.items.len(),
+                held,
+            ),
+        }
+    }
+
+    /// The next snapshot compares itself with what challenging a previous one found, instead
+    /// of running fresh starts while it is built.
+    pub fn set_challenge(&mut self, challenge: Challenge) {
+        self.challenge = Some(challenge);
+    }
+
+    /// Challenges `served`, the snapshot model built from this view as `version` (see
+    /// [`Challenge`]): O(users · components · starts), meant to run after it is served.
+    pub fn challenge(&self, served: &Model, version: u64) -> Option<Challenge> {
+        let order = self.canonical_user_order();
+        Self::challenge_with(&self.params, served, version, &order, self.model.labels())
+    }
+
+    /// [`EngineView::challenge`] from what it needs of a view: the parameters, the canonical
+    /// user order and the online clustering's labels.
+    pub fn challenge_with(
+        params: &EngineParams,
+        served: &Model,
+        version: u64,
+        canonical_order: &[u32],
+        online: &[u32],
+    ) -> Option<Challenge> {
+        served.challenge(
+            version,
+            canonical_order,
+            online,
+            &ClusteringParams {
+                k: params.clusters,
+                max_passes: params.snapshot_max_passes,
+                restarts: params.snapshot_fresh_starts,
+                keep_current: true,
+                seed: params.seed ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            },
+            params.snapshot_stability_margin,
+        )
+    }
+
     pub fn canonical_user_order(&self) -> Vec<u32> {
         self.sorted_users.clone()
     }
@@ -111,7 +187,15 @@ impl EngineView {
             // Warm from the online basis: the solve converges to `eigen_tolerance` whatever it
             // starts from, so the result depends on today's data only, and starts close.
             true,
-            &self.params.eigen(self.params.seed, true, with_curve),
+            &self.params.eigen(
+                self.params.seed,
+                if continuing {
+                    EigenSolve::Continued
+                } else {
+                    EigenSolve::Cold
+                },
+                with_curve,
+            ),
             &ClusteringParams {
                 k: self.params.clusters,
                 max_passes: self.params.snapshot_max_passes,
@@ -128,6 +212,7 @@ impl EngineView {
                 margin: continuing.then_some(self.params.snapshot_stability_margin),
                 stickiness: self.params.snapshot_stickiness,
                 stickiness_budget: self.params.snapshot_stickiness_budget,
+                challenge: self.challenge.as_ref(),
             }),
         );
         Some(model)

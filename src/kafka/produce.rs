@@ -25,6 +25,9 @@ pub struct ProduceOptions {
     /// Create the topics with this many partitions if they do not exist.
     pub partitions: Option<i32>,
     pub progress: bool,
+    /// Send at most this many rating events per second (a steady stream for load tests);
+    /// `None`: as fast as the broker takes them.
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -37,15 +40,27 @@ pub struct ProduceOutcome {
 /// Deliveries awaited together; bounds memory while keeping the producer busy.
 const IN_FLIGHT: usize = 20_000;
 
+/// Records paced at `rate` per second are sent in slices of this length.
+const PACING_SLICE: Duration = Duration::from_millis(10);
+
 async fn send_all(
     producer: &FutureProducer,
     topic: &str,
     records: impl Iterator<Item = (String, Vec<u8>)>,
     bar: &ProgressBar,
+    rate: Option<f64>,
 ) -> anyhow::Result<u64> {
     let mut inflight: Vec<DeliveryFuture> = Vec::with_capacity(IN_FLIGHT);
     let mut sent = 0u64;
-    for (key, payload) in records {
+    let started = tokio::time::Instant::now();
+    for (i, (key, payload)) in records.enumerate() {
+        if let Some(rate) = rate.filter(|r| *r > 0.0) {
+            // Record i is due at i / rate: sleep in slices rather than per record.
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if due > tokio::time::Instant::now() + PACING_SLICE {
+                tokio::time::sleep_until(due).await;
+            }
+        }
         let future = loop {
             match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
                 Ok(f) => break f,
@@ -105,7 +120,7 @@ pub async fn produce(config: &Config, options: &ProduceOptions) -> anyhow::Resul
             (item, payload)
         });
         outcome.items_produced =
-            send_all(&producer, topic, records, &ProgressBar::hidden()).await?;
+            send_all(&producer, topic, records, &ProgressBar::hidden(), None).await?;
     }
     // Only undecodable lines and NaN/infinite values (JSON cannot carry them) are skipped here:
     // range and mode checks belong to the consuming service, which dead-letters violations.
@@ -141,7 +156,7 @@ pub async fn produce(config: &Config, options: &ProduceOptions) -> anyhow::Resul
         object.insert(f.ts.clone(), e.ts.into());
         (e.user, serde_json::to_vec(&object).unwrap_or_default())
     });
-    outcome.produced = send_all(&producer, &options.topic, records, &bar).await?;
+    outcome.produced = send_all(&producer, &options.topic, records, &bar, options.rate).await?;
     bar.finish_and_clear();
     Ok(outcome)
 }

@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
 use crate::engine::{
-    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec,
+    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec, held_out,
 };
 use crate::event::Mode;
-use validation::{NaiveBayesReport, Profiles, naive_bayes_report, stable_hash, tfidf_profiles};
+use validation::{
+    NaiveBayesReport, Profiles, naive_bayes_from_sums, stable_hash, tfidf_profiles_from_sums,
+};
 
 /// Version of the snapshot JSON layout; bumped on any incompatible change.
 pub const SNAPSHOT_FORMAT: u32 = 1;
@@ -325,22 +327,25 @@ pub fn build_from_model(
 
     let started = std::time::Instant::now();
     let pca = pca_summary(model, n, scale);
-    let profiles = tfidf_profiles(vectors, labels, k_clusters, d);
-    let profiles_seconds = started.elapsed().as_secs_f64();
+    // The segments' sums: moved from the previous snapshot's (kept in step by the engine) for
+    // the users that changed segment, or summed from scratch.
+    let sums = engine.segment_sums(labels, params.holdout_percent);
+    let sums_seconds = started.elapsed().as_secs_f64();
+    let profiles = tfidf_profiles_from_sums(vectors, labels, &sums, d);
+    let profiles_seconds = started.elapsed().as_secs_f64() - sums_seconds;
     let clusters = cluster_profiles(engine, model, &profiles, params, input.titles, scale);
 
     let user_ids = engine.users();
-    let holdout = |u: usize| {
-        stable_hash(user_ids.id(u as u32).as_bytes(), seed) % 100 < params.holdout_percent
-    };
-    let naive_bayes = naive_bayes_report(vectors, labels, k_clusters, d, scale, holdout);
-    let naive_bayes_seconds = started.elapsed().as_secs_f64() - profiles_seconds;
+    let holdout = |u: usize| held_out(user_ids.id(u as u32), seed, params.holdout_percent);
+    let naive_bayes = naive_bayes_from_sums(vectors, labels, &sums, d, scale, holdout);
+    let naive_bayes_seconds = started.elapsed().as_secs_f64() - profiles_seconds - sums_seconds;
     let assignments = user_assignments(engine, labels);
     tracing::debug!(
+        sums_seconds,
         profiles_seconds,
         naive_bayes_seconds,
         assignments_seconds =
-            started.elapsed().as_secs_f64() - profiles_seconds - naive_bayes_seconds,
+            started.elapsed().as_secs_f64() - sums_seconds - profiles_seconds - naive_bayes_seconds,
         "snapshot build timing"
     );
     let segmentation = model.segmentation();

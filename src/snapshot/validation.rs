@@ -4,7 +4,7 @@
 //! Pure functions of user vectors and labels, so they can be checked against scikit-learn
 //! with scikit-learn's own labels.
 
-use crate::engine::{CowVec, NO_CLUSTER, SparseVec};
+use crate::engine::{CowVec, NO_CLUSTER, SegmentSums, SparseVec};
 
 /// Document frequency of every item (users with a non-zero value), over `d` items.
 pub fn document_frequency(vectors: &CowVec<SparseVec>, d: usize) -> Vec<u64> {
@@ -51,42 +51,59 @@ impl Profiles {
 }
 
 pub fn tfidf_profiles(vectors: &CowVec<SparseVec>, labels: &[u32], k: usize, d: usize) -> Profiles {
-    let df = document_frequency(vectors, d);
-    let n = vectors.iter().filter(|x| x.nnz() > 0).count() as f64;
+    let sums = SegmentSums::from_scratch(vectors, labels, k, d, |_| false);
+    tfidf_profiles_from_sums(vectors, labels, &sums, d)
+}
+
+/// [`tfidf_profiles`] from the segments' sums (rating sums, raters, sizes and document
+/// frequencies come from them); the l2 norm of each member's tf-idf row depends on every idf,
+/// so the scores still take one pass over the members' ratings.
+pub fn tfidf_profiles_from_sums(
+    vectors: &CowVec<SparseVec>,
+    labels: &[u32],
+    sums: &SegmentSums,
+    d: usize,
+) -> Profiles {
+    let k = sums.k();
+    let df = sums.document_frequency(d);
+    let n = sums.sizes().iter().sum::<u64>() as f64;
     let idf: Vec<f64> = df
         .iter()
         .map(|&f| ((1.0 + n) / (1.0 + f as f64)).ln() + 1.0)
         .collect();
     let mut scores = vec![0.0; k * d];
-    let mut rating_sums = vec![0.0; k * d];
-    let mut raters = vec![0u32; k * d];
-    let mut sizes = vec![0u64; k];
     for (x, &label) in vectors.iter().zip(labels) {
         if label == NO_CLUSTER || x.nnz() == 0 || label as usize >= k {
             continue;
         }
         let c = label as usize;
-        sizes[c] += 1;
         let norm = x
             .iter()
             .map(|(j, v)| (v * idf[j as usize]).powi(2))
             .sum::<f64>()
             .sqrt();
-        for (j, v) in x.iter() {
-            let j = j as usize;
-            if norm > 0.0 {
+        if norm > 0.0 {
+            for (j, v) in x.iter() {
+                let j = j as usize;
                 scores[c * d + j] += v * idf[j] / norm;
             }
-            rating_sums[c * d + j] += v;
-            raters[c * d + j] += 1;
         }
     }
+    let sizes = sums.sizes().to_vec();
     for c in 0..k {
         if sizes[c] > 0 {
             let inv = 1.0 / sizes[c] as f64;
             scores[c * d..(c + 1) * d]
                 .iter_mut()
                 .for_each(|s| *s *= inv);
+        }
+    }
+    let mut rating_sums = vec![0.0; k * d];
+    let mut raters = vec![0u32; k * d];
+    for c in 0..k {
+        for j in 0..d {
+            rating_sums[c * d + j] = sums.value(c, j);
+            raters[c * d + j] = sums.raters(c, j);
         }
     }
     Profiles {
@@ -104,12 +121,19 @@ pub fn tfidf_profiles(vectors: &CowVec<SparseVec>, labels: &[u32], k: usize, d: 
 /// A fitted multinomial Naive Bayes over the items with at least one rating.
 pub struct NaiveBayes {
     k: usize,
-    d: usize,
-    /// `k x d` log feature probabilities; `-inf` rows for classes absent from training.
+    /// `d x k` (item-major) log feature probabilities; `-inf` for classes absent from training.
     log_prob: Vec<f64>,
     log_prior: Vec<f64>,
-    /// The factor turning stored values into the true ones (see [`NaiveBayes::fit_scaled`]).
+    /// The factor turning stored values into the true ones (see [`NaiveBayes::fit_sums`]).
     value_scale: f64,
+}
+
+/// Whom a Naive Bayes fit trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Training {
+    Everyone,
+    /// Everyone but the held-out users.
+    NotHeldOut,
 }
 
 impl NaiveBayes {
@@ -122,37 +146,33 @@ impl NaiveBayes {
         d: usize,
         train: impl Fn(usize) -> bool,
     ) -> NaiveBayes {
-        Self::fit_scaled(vectors, labels, k, d, 1.0, train)
+        let sums = SegmentSums::from_scratch(vectors, labels, k, d, |u| !train(u));
+        Self::fit_sums(&sums, d, 1.0, Training::NotHeldOut)
     }
 
-    /// [`NaiveBayes::fit`] on the values of `vectors` times `value_scale`, which [`predict`]
-    /// applies too: a decaying engine stores its values scaled by one global factor, and unlike
-    /// PCA and K-Means, Naive Bayes (its smoothing, its prior against the evidence) depends on
-    /// the scale, so it must see the true decayed values.
+    /// Fits on the segments' sums, O(segments x items), on the stored values times
+    /// `value_scale`, which [`predict`] applies too: a decaying engine stores its values
+    /// scaled by one global factor, and unlike PCA and K-Means, Naive Bayes (its smoothing,
+    /// its prior against the evidence) depends on the scale, so it must see the true decayed
+    /// values. Features are the items some member rates.
     ///
     /// [`predict`]: NaiveBayes::predict
-    pub fn fit_scaled(
-        vectors: &CowVec<SparseVec>,
-        labels: &[u32],
-        k: usize,
-        d: usize,
-        value_scale: f64,
-        train: impl Fn(usize) -> bool,
-    ) -> NaiveBayes {
-        let df = document_frequency(vectors, d);
+    pub fn fit_sums(sums: &SegmentSums, d: usize, value_scale: f64, training: Training) -> Self {
+        let k = sums.k();
+        let df = sums.document_frequency(d);
         let features = df.iter().filter(|&&f| f > 0).count() as f64;
-        let mut counts = vec![0.0; k * d];
-        let mut class_counts = vec![0.0; k];
-        for (u, (x, &label)) in vectors.iter().zip(labels).enumerate() {
-            if label == NO_CLUSTER || x.nnz() == 0 || label as usize >= k || !train(u) {
-                continue;
-            }
-            let c = label as usize;
-            class_counts[c] += 1.0;
-            for (j, v) in x.iter() {
-                counts[c * d + j as usize] += v * value_scale;
-            }
-        }
+        let held = training == Training::NotHeldOut;
+        let count = |c: usize, j: usize| {
+            let v = if held {
+                sums.value(c, j) - sums.held_value(c, j)
+            } else {
+                sums.value(c, j)
+            };
+            v * value_scale
+        };
+        let class_counts: Vec<f64> = (0..k)
+            .map(|c| (sums.sizes()[c] - if held { sums.held_sizes()[c] } else { 0 }) as f64)
+            .collect();
         let total: f64 = class_counts.iter().sum();
         let mut log_prob = vec![f64::NEG_INFINITY; k * d];
         let mut log_prior = vec![f64::NEG_INFINITY; k];
@@ -163,20 +183,19 @@ impl NaiveBayes {
             log_prior[c] = class_counts[c].ln() - total.ln();
             let row_total: f64 = (0..d)
                 .filter(|&j| df[j] > 0)
-                .map(|j| counts[c * d + j] + 1.0)
+                .map(|j| count(c, j) + 1.0)
                 .sum();
             debug_assert!(
-                (row_total - (counts[c * d..(c + 1) * d].iter().sum::<f64>() + features)).abs()
+                (row_total - ((0..d).map(|j| count(c, j)).sum::<f64>() + features)).abs()
                     < 1e-6 * row_total
             );
             let log_total = row_total.ln();
             for j in 0..d {
-                log_prob[c * d + j] = (counts[c * d + j] + 1.0).ln() - log_total;
+                log_prob[j * k + c] = (count(c, j) + 1.0).ln() - log_total;
             }
         }
         NaiveBayes {
             k,
-            d,
             log_prob,
             log_prior,
             value_scale,
@@ -185,18 +204,23 @@ impl NaiveBayes {
 
     /// The most likely class (the first on ties, like scikit-learn's argmax).
     pub fn predict(&self, x: &SparseVec) -> u32 {
+        let k = self.k;
+        let mut jll = vec![0.0; k];
+        for (j, v) in x.iter() {
+            let w = v * self.value_scale;
+            let row = &self.log_prob[j as usize * k..(j as usize + 1) * k];
+            for (s, &l) in jll.iter_mut().zip(row) {
+                *s += w * l;
+            }
+        }
         let mut best = (0u32, f64::NEG_INFINITY);
-        for c in 0..self.k {
-            if self.log_prior[c] == f64::NEG_INFINITY {
+        for (c, (&prior, &evidence)) in self.log_prior.iter().zip(&jll).enumerate() {
+            if prior == f64::NEG_INFINITY {
                 continue;
             }
-            let row = &self.log_prob[c * self.d..(c + 1) * self.d];
-            let jll = self.log_prior[c]
-                + x.iter()
-                    .map(|(j, v)| v * self.value_scale * row[j as usize])
-                    .sum::<f64>();
-            if jll > best.1 {
-                best = (c as u32, jll);
+            let score = prior + evidence;
+            if score > best.1 {
+                best = (c as u32, score);
             }
         }
         best.0
@@ -224,52 +248,105 @@ pub fn naive_bayes_report(
     k: usize,
     d: usize,
     value_scale: f64,
-    holdout: impl Fn(usize) -> bool,
+    holdout: impl Fn(usize) -> bool + Sync,
 ) -> NaiveBayesReport {
-    let labelled = |u: usize| labels[u] != NO_CLUSTER && vectors[u].nnz() > 0;
-    let full = NaiveBayes::fit_scaled(vectors, labels, k, d, value_scale, |_| true);
-    let mut confusion = vec![vec![0u64; k]; k];
-    let mut agree = 0u64;
-    let mut total = 0u64;
-    for u in (0..vectors.len()).filter(|&u| labelled(u)) {
-        let p = full.predict(&vectors[u]);
-        confusion[labels[u] as usize][p as usize] += 1;
-        total += 1;
-        agree += u64::from(p == labels[u]);
+    let sums = SegmentSums::from_scratch(vectors, labels, k, d, &holdout);
+    naive_bayes_from_sums(vectors, labels, &sums, d, value_scale, holdout)
+}
+
+/// [`naive_bayes_report`] with both fits from the segments' sums (O(segments x items)); the
+/// predictions score every member, O(ratings x segments), on all cores.
+pub fn naive_bayes_from_sums(
+    vectors: &CowVec<SparseVec>,
+    labels: &[u32],
+    sums: &SegmentSums,
+    d: usize,
+    value_scale: f64,
+    holdout: impl Fn(usize) -> bool + Sync,
+) -> NaiveBayesReport {
+    let k = sums.k();
+    let full = NaiveBayes::fit_sums(sums, d, value_scale, Training::Everyone);
+    let partial = NaiveBayes::fit_sums(sums, d, value_scale, Training::NotHeldOut);
+    let labelled = |u: usize| {
+        labels
+            .get(u)
+            .is_some_and(|&l| l != NO_CLUSTER && (l as usize) < k)
+            && vectors[u].nnz() > 0
+    };
+    #[derive(Default)]
+    struct Tally {
+        confusion: Vec<Vec<u64>>,
+        agree: u64,
+        total: u64,
+        held: u64,
+        held_agree: u64,
     }
-    let partial = NaiveBayes::fit_scaled(vectors, labels, k, d, value_scale, |u| !holdout(u));
-    let held: Vec<usize> = (0..vectors.len())
-        .filter(|&u| labelled(u) && holdout(u))
-        .collect();
-    let held_agree = held
-        .iter()
-        .filter(|&&u| partial.predict(&vectors[u]) == labels[u])
-        .count();
+    let tally = |users: std::ops::Range<usize>| {
+        let mut t = Tally {
+            confusion: vec![vec![0u64; k]; k],
+            ..Tally::default()
+        };
+        for u in users.filter(|&u| labelled(u)) {
+            let label = labels[u];
+            let p = full.predict(&vectors[u]);
+            t.confusion[label as usize][p as usize] += 1;
+            t.total += 1;
+            t.agree += u64::from(p == label);
+            if holdout(u) {
+                t.held += 1;
+                t.held_agree += u64::from(partial.predict(&vectors[u]) == label);
+            }
+        }
+        t
+    };
+    let n = vectors.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .clamp(1, 8);
+    let chunk = n.div_ceil(threads).max(1);
+    let parts: Vec<Tally> = if threads == 1 || n < 20_000 {
+        vec![tally(0..n)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .step_by(chunk)
+                .map(|start| {
+                    let tally = &tally;
+                    scope.spawn(move || tally(start..(start + chunk).min(n)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    };
+    let mut confusion = vec![vec![0u64; k]; k];
+    let (mut agree, mut total, mut held, mut held_agree) = (0, 0, 0, 0);
+    for part in parts {
+        for (row, part_row) in confusion.iter_mut().zip(&part.confusion) {
+            for (a, b) in row.iter_mut().zip(part_row) {
+                *a += b;
+            }
+        }
+        agree += part.agree;
+        total += part.total;
+        held += part.held;
+        held_agree += part.held_agree;
+    }
     NaiveBayesReport {
         train_agreement: if total > 0 {
             agree as f64 / total as f64
         } else {
             0.0
         },
-        holdout_agreement: (!held.is_empty()).then(|| held_agree as f64 / held.len() as f64),
-        holdout_users: held.len() as u64,
+        holdout_agreement: (held > 0).then(|| held_agree as f64 / held as f64),
+        holdout_users: held,
         confusion_matrix: confusion,
     }
 }
 
-/// A stable 64-bit FNV-1a hash (deterministic across runs and platforms), for hold-out splits
-/// and samples.
-pub fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    // Final avalanche so that nearby ids spread over the range.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
-}
+pub use crate::engine::stable_hash;
 
 #[cfg(test)]
 mod tests {
