@@ -5,7 +5,7 @@
 # 1% delta is produced in turn and timed from the end of its produce to a served snapshot that
 # covers it (polling /snapshots/latest), with that snapshot's build time (the build histogram's
 # last observation). Then a steady stream: STEADY_RATE events/s for STEADY_SECONDS (re-ratings
-# taken from the head of the file), the served snapshot's staleness (the age of the oldest
+# of the file's first events, each moved by one star), the served snapshot's staleness (the age of the oldest
 # applied event it does not cover, segmenter_snapshot_staleness_seconds) sampled every 50 ms.
 # Last, in the same run on the same file, the sparse scikit-learn pipeline recomputes everything
 # (scripts/bench_sklearn.py, SK_REPEATS times) and each delta build is reported as a share of it.
@@ -83,7 +83,9 @@ steady_rate=${STEADY_RATE:-50000}
 steady_seconds=${STEADY_SECONDS:-20}
 if [ "$steady_seconds" -gt 0 ]; then
   steady=$((steady_rate * steady_seconds))
-  head -n $((steady + 1)) "$ratings" >"$work/steady.csv"
+  # Re-ratings of the file's first events, each moved by one star: every event changes a cell.
+  head -n $((steady + 1)) "$ratings" |
+    awk -F, -v OFS=, 'NR == 1 { print; next } { $3 = ($3 % 5) + 1; print }' >"$work/steady.csv"
   read -r sum0 count0 < <(build_stats)
   "$bin" produce --brokers "$brokers" --topic "$topic" --partitions 2 --rate "$steady_rate" \
     --ratings "$work/steady.csv" >/dev/null 2>&1 &

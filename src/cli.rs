@@ -90,6 +90,9 @@ pub struct ReplayArgs {
     /// Items printed per cluster in the report.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Leave the diagnostics (explained-variance curve, inertia by k) out of the snapshot.
+    #[arg(long)]
+    pub no_diagnostics: bool,
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +373,7 @@ fn replay_command(args: ReplayArgs, config: &Config) -> anyhow::Result<()> {
             snapshot_out: args.snapshot_out,
             assignments_out: args.assignments_out,
             progress: stderr_is_terminal(),
+            diagnostics: !args.no_diagnostics,
         },
     )?;
     eprintln!(

@@ -581,6 +581,12 @@ fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
         "use a value in (0, 0.01), default 1e-9",
     )?;
     invalid_if(
+        !(m.continued_eigen_tolerance > 0.0 && m.continued_eigen_tolerance < 1e-2),
+        "[model] continued_eigen_tolerance",
+        format!("{} is out of range", m.continued_eigen_tolerance),
+        "use a value in (0, 0.01), default 1e-6",
+    )?;
+    invalid_if(
         !(m.refresh_eigen_tolerance > 0.0 && m.refresh_eigen_tolerance < 1e-2),
         "[model] refresh_eigen_tolerance",
         format!("{} is out of range", m.refresh_eigen_tolerance),

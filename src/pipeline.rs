@@ -120,7 +120,7 @@ pub type ServingSlot = Arc<RwLock<Option<Arc<Serving>>>>;
 pub struct SnapshotPolicy {
     pub online_model: bool,
     pub segments: SegmentPolicy,
-    /// Diagnostics on every n-th version (1: every snapshot).
+    /// Diagnostics on every n-th version (1: every snapshot, 0: none).
     pub diagnostics_every: u64,
     pub cadence: Cadence,
 }
@@ -159,11 +159,12 @@ impl SnapshotPolicy {
         }
     }
 
-    pub fn replay() -> Self {
+    /// A replay's: `diagnostics` false leaves them out of its snapshot.
+    pub fn replay(diagnostics: bool) -> Self {
         SnapshotPolicy {
             online_model: false,
             segments: SegmentPolicy::Cold,
-            diagnostics_every: 1,
+            diagnostics_every: u64::from(diagnostics),
             cadence: Cadence::AtEnd,
         }
     }
@@ -701,6 +702,9 @@ struct Schedule {
     first_uncovered: Option<Instant>,
     /// When the source last applied an event (a quiet input starts a snapshot early).
     last_applied: Option<Instant>,
+    /// Whether events were still coming when the last snapshot started (a steady stream, not a
+    /// burst gathered whole).
+    steady: bool,
     /// How long the last snapshot took to build and store: a snapshot starts this much before
     /// its staleness bound.
     last_build: Duration,
@@ -734,6 +738,7 @@ impl Schedule {
             max_staleness,
             first_uncovered: None,
             last_applied: None,
+            steady: false,
             last_build: Duration::ZERO,
             building: None,
             refresh_every: (config.model.refresh_interval_ms > 0)
@@ -771,11 +776,19 @@ impl Schedule {
             return false;
         };
         let idle = self.thread.as_ref().is_none_or(|t| t.is_finished());
+        // Under a steady stream a snapshot starts a build's length before the bound, so it is
+        // served within it; bursts are gathered whole (the last snapshot started on a quiet
+        // input), as starting early would only split them into two builds.
+        let expected_build = if self.steady {
+            self.last_build
+        } else {
+            Duration::ZERO
+        };
         idle && snapshot_due_at(
             self.first_uncovered,
             self.last_applied,
             self.last_snapshot,
-            self.last_build,
+            expected_build,
             max_staleness,
             self.snapshot_every,
         )
@@ -784,6 +797,9 @@ impl Schedule {
 
     fn taken(&mut self, engine: &Engine, shared: &Shared) {
         self.last_snapshot = Instant::now();
+        self.steady = self
+            .last_applied
+            .is_some_and(|applied| self.last_snapshot.duration_since(applied) < QUIET_BEFORE_SNAPSHOT);
         self.building = Some((self.last_snapshot, self.first_uncovered.take()));
         self.snapshotted_events = engine.counters().events_applied;
         self.snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
@@ -828,8 +844,8 @@ pub const QUIET_BEFORE_SNAPSHOT: Duration = Duration::from_millis(50);
 
 /// When the next snapshot is due: once the input has been quiet for
 /// [`QUIET_BEFORE_SNAPSHOT`] since the last applied event, and at the latest `max_staleness`
-/// after the first uncovered event less the expected build time (so it is served within the
-/// bound under a steady stream); but not before `min_interval` after the last start (bounding
+/// after the first uncovered event less the expected build time (the last build's under a
+/// steady stream, so it is served within the bound; zero after a burst); but not before `min_interval` after the last start (bounding
 /// the cost under constant load). `None` while everything applied is covered: an idle
 /// service builds no snapshot.
 fn snapshot_due_at(
@@ -961,7 +977,8 @@ pub fn build_and_store_snapshot(
         Some(v) => snapshots.assignment_labels(v)?.map(|a| (v, a)),
         None => None,
     };
-    let with_diagnostics = (version - 1) % policy.diagnostics_every.max(1) == 0;
+    let with_diagnostics =
+        policy.diagnostics_every > 0 && (version - 1) % policy.diagnostics_every == 0;
     let built = snapshot::build_with_model(
         engine,
         &config.snapshot_params(),

@@ -26,6 +26,8 @@ pub struct ReplayOptions {
     pub assignments_out: Option<PathBuf>,
     /// Draw a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Compute the snapshot's diagnostics (the explained-variance curve, the inertia by k).
+    pub diagnostics: bool,
 }
 
 impl ReplayOptions {
@@ -38,6 +40,7 @@ impl ReplayOptions {
             snapshot_out: None,
             assignments_out: None,
             progress: false,
+            diagnostics: true,
         }
     }
 }
@@ -218,7 +221,7 @@ pub fn replay(config: &Config, options: &ReplayOptions) -> anyhow::Result<Replay
 /// final snapshot is computed from the data alone, however the file was split or the state dir
 /// came to be. The final snapshot's model becomes the online one.
 fn open_pipeline(config: &Config, options: &ReplayOptions) -> anyhow::Result<(Pipeline, u64)> {
-    let policy = SnapshotPolicy::replay();
+    let policy = SnapshotPolicy::replay(options.diagnostics);
     let stores = config.state.open()?;
     let mut params = config.engine_params();
     if !policy.online_model {
