@@ -286,14 +286,15 @@ impl Shared {
     /// The challenger thread: runs the waiting request until there is none.
     fn run_challenges(&self) {
         loop {
-            let request = self.challenge_request.lock().ok().and_then(|mut r| r.take());
+            let request = self
+                .challenge_request
+                .lock()
+                .ok()
+                .and_then(|mut r| r.take());
             let Some(request) = request else {
                 self.challenging.store(false, Ordering::Release);
                 // A request that came between the take and the store has no thread yet.
-                let waiting = self
-                    .challenge_request
-                    .lock()
-                    .is_ok_and(|r| r.is_some());
+                let waiting = self.challenge_request.lock().is_ok_and(|r| r.is_some());
                 if waiting && !self.challenging.swap(true, Ordering::AcqRel) {
                     continue;
                 }
@@ -797,9 +798,9 @@ impl Schedule {
 
     fn taken(&mut self, engine: &Engine, shared: &Shared) {
         self.last_snapshot = Instant::now();
-        self.steady = self
-            .last_applied
-            .is_some_and(|applied| self.last_snapshot.duration_since(applied) < QUIET_BEFORE_SNAPSHOT);
+        self.steady = self.last_applied.is_some_and(|applied| {
+            self.last_snapshot.duration_since(applied) < QUIET_BEFORE_SNAPSHOT
+        });
         self.building = Some((self.last_snapshot, self.first_uncovered.take()));
         self.snapshotted_events = engine.counters().events_applied;
         self.snapshotted_catalogue = shared.catalogue_version.load(Ordering::Relaxed);
@@ -840,7 +841,7 @@ impl Schedule {
 /// How long the input must be quiet (nothing applied) before a snapshot starts ahead of its
 /// staleness bound: a burst of events is gathered into one snapshot served as soon as it is
 /// in, instead of a snapshot of its first part and another of the rest.
-pub const QUIET_BEFORE_SNAPSHOT: Duration = Duration::from_millis(50);
+pub const QUIET_BEFORE_SNAPSHOT: Duration = Duration::from_millis(150);
 
 /// When the next snapshot is due: once the input has been quiet for
 /// [`QUIET_BEFORE_SNAPSHOT`] since the last applied event, and at the latest `max_staleness`
@@ -1053,12 +1054,26 @@ mod tests {
         let last = first + 300 * MS;
         // The burst's last event, then quiet: one snapshot of all of it, at once.
         assert_eq!(
-            snapshot_due_at(Some(first), Some(last), last_start, 200 * MS, SECOND, 100 * MS),
+            snapshot_due_at(
+                Some(first),
+                Some(last),
+                last_start,
+                200 * MS,
+                SECOND,
+                100 * MS
+            ),
             Some(last + QUIET_BEFORE_SNAPSHOT)
         );
         // A catalogue change with no event since the last snapshot is quiet from the start.
         assert_eq!(
-            snapshot_due_at(Some(first), Some(last_start), last_start, 0 * MS, SECOND, 100 * MS),
+            snapshot_due_at(
+                Some(first),
+                Some(last_start),
+                last_start,
+                0 * MS,
+                SECOND,
+                100 * MS
+            ),
             Some(first + QUIET_BEFORE_SNAPSHOT)
         );
     }
@@ -1087,7 +1102,14 @@ mod tests {
         // An event right after the last start: the floor holds it back.
         let first = last_start + 10 * MS;
         assert_eq!(
-            snapshot_due_at(Some(first), Some(first), last_start, 100 * MS, SECOND, 2 * SECOND),
+            snapshot_due_at(
+                Some(first),
+                Some(first),
+                last_start,
+                100 * MS,
+                SECOND,
+                2 * SECOND
+            ),
             Some(last_start + 2 * SECOND)
         );
     }

@@ -138,12 +138,7 @@ impl EngineParams {
     /// Eigen solve settings: a snapshot's (to `eigen_tolerance`, or `continued_eigen_tolerance`
     /// when it continues the previous one; with the diagnostics curve's eigenvalues when
     /// `with_curve`) or a periodic refresh's (`refresh_eigen_tolerance`).
-    pub(super) fn eigen(
-        &self,
-        seed: u64,
-        solve: EigenSolve,
-        with_curve: bool,
-    ) -> EigenParams {
+    pub(super) fn eigen(&self, seed: u64, solve: EigenSolve, with_curve: bool) -> EigenParams {
         let snapshot = solve != EigenSolve::Refresh;
         EigenParams {
             vectors: self.components,
