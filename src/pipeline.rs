@@ -1070,7 +1070,7 @@ mod tests {
                 Some(first),
                 Some(last_start),
                 last_start,
-                0 * MS,
+                Duration::ZERO,
                 SECOND,
                 100 * MS
             ),
