@@ -21,7 +21,9 @@ use crate::engine::{
 };
 use crate::event::Rating;
 use crate::http::serving::Serving;
-use crate::snapshot::{self, Assignments, BuildInput, Built, Snapshot};
+use crate::snapshot::{
+    self, Assignments, BuildInput, Built, Diagnostics, Snapshot, SnapshotParams,
+};
 use crate::store::{
     Catalogue, ChangeTracker, FeedRecord, LoadedEngine, PreparedCommit, SnapshotStore, StateStore,
     Stores,
@@ -114,7 +116,7 @@ pub type ServingSlot = Arc<RwLock<Option<Arc<Serving>>>>;
 /// |---|---|---|
 /// | online model | none: nobody sees a file's intermediate models | refreshed every `[model] refresh_every_events` |
 /// | segments | solved cold, ids matched to stored snapshots | the previous snapshot's continued, re-segmented openly |
-/// | diagnostics | every snapshot | every `[snapshot] diagnostics_every`-th |
+/// | diagnostics | every snapshot | every `[snapshot] diagnostics_every`-th version, after it is served |
 /// | when | one snapshot at the end | `[snapshot] max_staleness_ms` after the first uncovered event, `interval_ms` apart |
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SnapshotPolicy {
@@ -122,6 +124,9 @@ pub struct SnapshotPolicy {
     pub segments: SegmentPolicy,
     /// Diagnostics on every n-th version (1: every snapshot, 0: none).
     pub diagnostics_every: u64,
+    /// Compute them after the snapshot is served, carried into the following ones, rather
+    /// than while it is built (the first snapshot a process builds still computes them inline).
+    pub background_diagnostics: bool,
     pub cadence: Cadence,
 }
 
@@ -152,6 +157,7 @@ impl SnapshotPolicy {
             online_model: true,
             segments: SegmentPolicy::Continue,
             diagnostics_every: config.snapshot.diagnostics_every.max(1),
+            background_diagnostics: true,
             cadence: Cadence::Staleness {
                 max_staleness: Duration::from_millis(config.snapshot.max_staleness_ms.max(1)),
                 min_interval: Duration::from_millis(config.snapshot.interval_ms.max(1)),
@@ -165,6 +171,7 @@ impl SnapshotPolicy {
             online_model: false,
             segments: SegmentPolicy::Cold,
             diagnostics_every: u64::from(diagnostics),
+            background_diagnostics: false,
             cadence: Cadence::AtEnd,
         }
     }
@@ -189,6 +196,8 @@ pub struct Shared {
     /// whether a challenge is running.
     pub challenge: Arc<std::sync::Mutex<Option<Challenge>>>,
     challenge_request: Arc<std::sync::Mutex<Option<ChallengeRequest>>>,
+    /// The latest diagnostics computed after a snapshot was served, carried into the next ones.
+    pub diagnostics: Arc<std::sync::Mutex<Option<Diagnostics>>>,
     challenging: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped when a challenge beat the served segments: a reason for a new snapshot (which
     /// re-segments) even when no event came.
@@ -226,8 +235,11 @@ impl Shared {
     ) -> anyhow::Result<Option<Taken>> {
         let started = Instant::now();
         let titles = catalogue.titles()?;
-        let Some(built) =
-            build_and_store_snapshot(config, policy, snapshots, engine, &titles, positions)?
+        let carried = self.diagnostics.lock().ok().and_then(|d| d.clone());
+        let computed_inline = carried.is_none();
+        let Some(built) = build_and_store_snapshot(
+            config, policy, snapshots, engine, &titles, positions, carried,
+        )?
         else {
             return Ok(None);
         };
@@ -252,7 +264,14 @@ impl Shared {
         log_snapshot_built(&serving.snapshot);
         self.published.0.send_replace(version);
         if policy.segments == SegmentPolicy::Continue {
-            self.request_challenge(engine, built.model, version);
+            let diagnose = (policy.background_diagnostics
+                && diagnostics_due(policy, version)
+                && !(computed_inline && serving.snapshot.diagnostics.is_some()))
+            .then(|| Diagnose {
+                view: engine.clone(),
+                params: config.snapshot_params(),
+            });
+            self.request_challenge(engine, built.model, version, diagnose);
         }
         Ok(Some(Taken { version, labels }))
     }
@@ -260,16 +279,31 @@ impl Shared {
     /// Asks for snapshot `version` to be challenged on a thread of its own, after it is
     /// served (see [`Challenge`]). One challenge runs at a time; a request made meanwhile
     /// replaces any older one waiting, so the latest snapshot is always challenged in the end.
-    fn request_challenge(&self, engine: &EngineView, served: Model, version: u64) {
-        let request = ChallengeRequest {
-            params: engine.params().clone(),
-            order: engine.canonical_user_order(),
-            online: engine.model().labels().to_vec(),
-            served,
-            version,
-        };
+    fn request_challenge(
+        &self,
+        engine: &EngineView,
+        served: Model,
+        version: u64,
+        diagnose: Option<Diagnose>,
+    ) {
         if let Ok(mut slot) = self.challenge_request.lock() {
-            *slot = Some(request);
+            // Diagnostics still owed by a request not yet taken are owed by this one too.
+            let diagnose = diagnose.or_else(|| {
+                slot.as_ref()
+                    .and_then(|old| old.diagnose.as_ref())
+                    .map(|old| Diagnose {
+                        view: engine.clone(),
+                        params: old.params.clone(),
+                    })
+            });
+            *slot = Some(ChallengeRequest {
+                params: engine.params().clone(),
+                order: engine.canonical_user_order(),
+                online: engine.model().labels().to_vec(),
+                served,
+                version,
+                diagnose,
+            });
         }
         if self.challenging.swap(true, Ordering::AcqRel) {
             return;
@@ -283,9 +317,13 @@ impl Shared {
         }
     }
 
-    /// The challenger thread: runs the waiting request until there is none.
+    /// The challenger thread: runs the waiting request until there is none, resting twice as
+    /// long as each one took before the next, so that challenges and diagnostics take at
+    /// most a third of a core from the snapshots and the stream they compete with.
     fn run_challenges(&self) {
+        let mut rest = Duration::ZERO;
         loop {
+            std::thread::sleep(rest);
             let request = self
                 .challenge_request
                 .lock()
@@ -300,14 +338,33 @@ impl Shared {
                 }
                 return;
             };
-            let started = Instant::now();
+            let job_started = Instant::now();
             let ChallengeRequest {
                 params,
                 served,
                 version,
                 order,
                 online,
+                diagnose,
             } = request;
+            if let Some(Diagnose { view, params }) = diagnose {
+                let started = Instant::now();
+                let with_curve = view.with_curve(&served);
+                let diagnostics =
+                    snapshot::diagnostics(&view, &with_curve, &params, view.value_scale());
+                tracing::info!(
+                    version,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "snapshot diagnosed"
+                );
+                if let Ok(mut slot) = self.diagnostics.lock() {
+                    *slot = Some(Diagnostics {
+                        as_of_version: Some(version),
+                        ..diagnostics
+                    });
+                }
+            }
+            let started = Instant::now();
             let Some(challenge) =
                 EngineView::challenge_with(&params, &served, version, &order, &online)
             else {
@@ -327,9 +384,13 @@ impl Shared {
             if let Ok(mut slot) = self.challenge.lock() {
                 *slot = Some(challenge);
             }
+            rest = job_started.elapsed() * CHALLENGE_REST_FACTOR;
         }
     }
 }
+
+/// How long the challenger rests after a job, in multiples of the job's duration.
+const CHALLENGE_REST_FACTOR: u32 = 2;
 
 /// A served snapshot to challenge, with what the challenge needs of the view it was built from.
 struct ChallengeRequest {
@@ -338,6 +399,14 @@ struct ChallengeRequest {
     version: u64,
     order: Vec<u32>,
     online: Vec<u32>,
+    /// Its diagnostics are due too.
+    diagnose: Option<Diagnose>,
+}
+
+/// What diagnostics computed after a snapshot is served need: the view it was built from.
+struct Diagnose {
+    view: EngineView,
+    params: SnapshotParams,
 }
 
 /// A snapshot built and served: its version and its segments by user index (the engine's
@@ -613,6 +682,7 @@ impl Pipeline {
             &self.engine.view(),
             &titles,
             BTreeMap::new(),
+            None,
         )?;
         let Some(built) = built else {
             return Ok(None);
@@ -660,7 +730,7 @@ impl Pipeline {
 
 /// How often a source calls [`Pipeline::tick`] at least: the granularity of the staleness
 /// bound.
-pub const TICK_EVERY: Duration = Duration::from_millis(100);
+pub const TICK_EVERY: Duration = Duration::from_millis(25);
 
 /// How often the thread that applies hands freed memory back to the system.
 const RELEASE_EVERY: Duration = Duration::from_secs(10);
@@ -964,6 +1034,11 @@ fn write_commits(
 /// Builds a snapshot of the engine (the next version, drift against the latest stored one),
 /// stores it with the configured retention and returns it. `None` while there is too little data.
 /// The segments and diagnostics are as `policy` says.
+/// Whether version `version` is one whose diagnostics are computed.
+fn diagnostics_due(policy: &SnapshotPolicy, version: u64) -> bool {
+    policy.diagnostics_every > 0 && (version - 1).is_multiple_of(policy.diagnostics_every)
+}
+
 pub fn build_and_store_snapshot(
     config: &Config,
     policy: &SnapshotPolicy,
@@ -971,6 +1046,7 @@ pub fn build_and_store_snapshot(
     engine: &EngineView,
     titles: &FxHashMap<String, String>,
     offsets: Positions,
+    carried_diagnostics: Option<Diagnostics>,
 ) -> anyhow::Result<Option<Built>> {
     let version = snapshots.next_snapshot_version()?;
     let previous_version = snapshots.snapshot_versions()?.last().copied();
@@ -978,8 +1054,8 @@ pub fn build_and_store_snapshot(
         Some(v) => snapshots.assignment_labels(v)?.map(|a| (v, a)),
         None => None,
     };
-    let with_diagnostics =
-        policy.diagnostics_every > 0 && (version - 1) % policy.diagnostics_every == 0;
+    let with_diagnostics = diagnostics_due(policy, version)
+        && !(policy.background_diagnostics && carried_diagnostics.is_some());
     let built = snapshot::build_with_model(
         engine,
         &config.snapshot_params(),
@@ -991,6 +1067,7 @@ pub fn build_and_store_snapshot(
             previous: previous.as_ref().map(|(v, a)| (*v, a.as_slice())),
             continue_previous: policy.segments == SegmentPolicy::Continue,
             with_diagnostics,
+            carried_diagnostics,
         },
     );
     if let Some(Built {

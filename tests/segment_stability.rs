@@ -231,6 +231,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
         &engine.view(),
         &titles,
         Default::default(),
+        None,
     )
     .unwrap()
     .expect("a first snapshot");
@@ -261,6 +262,7 @@ fn a_periodic_snapshot_continues_the_stored_previous_one() {
         &view,
         &titles,
         Default::default(),
+        None,
     )
     .unwrap()
     .expect("a second snapshot");

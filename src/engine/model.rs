@@ -716,6 +716,20 @@ impl Model {
         })
     }
 
+    /// Replaces the eigenvalues with `params.values` of them (the diagnostics curve) solved on
+    /// `data`, warm from this basis; the basis, projections and clustering stay as they are.
+    pub(crate) fn solve_curve(
+        &mut self,
+        stats: &CovarianceStats,
+        vectors: &CowVec<SparseVec>,
+        d: usize,
+        params: &EigenParams,
+    ) {
+        let warm = self.has_basis().then(|| self.basis.view());
+        let result = top_eigenpairs(&stats.operator(vectors, d), warm, params);
+        self.eigenvalues = result.eigenvalues;
+    }
+
     /// What the next solve can start from: this model's basis and last Ritz block (O(items ·
     /// block), not the users' projections).
     pub fn warm_start(&self) -> WarmStart {

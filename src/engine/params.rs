@@ -49,8 +49,8 @@ pub struct EngineParams {
     pub polish_passes: usize,
     /// Fresh k-means++ starts of a cold snapshot (the first one, a replay's).
     pub snapshot_kmeans_starts: usize,
-    /// Fresh k-means++ starts of a snapshot that continues the previous one: a rotating budget
-    /// (each snapshot draws new ones) that challenges the continued segments.
+    /// Fresh k-means++ starts that challenge each served snapshot, after it is served (each
+    /// snapshot draws new ones): a rotating budget off the snapshots' critical path.
     pub snapshot_fresh_starts: usize,
     /// Lloyd passes at most per start at snapshot time.
     pub snapshot_max_passes: usize,
@@ -105,7 +105,7 @@ impl Default for EngineParams {
             refresh_changed_share: 0.25,
             polish_passes: 3,
             snapshot_kmeans_starts: 25,
-            snapshot_fresh_starts: 4,
+            snapshot_fresh_starts: 10,
             snapshot_max_passes: 300,
             snapshot_stability_margin: 0.01,
             snapshot_stickiness: 0.2,

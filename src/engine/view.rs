@@ -101,6 +101,22 @@ impl EngineView {
         }
     }
 
+    /// `served` (a snapshot model built from this view) with the diagnostics curve's
+    /// `curve_components` eigenvalues, solved on this view's data warm from its basis: what
+    /// diagnostics computed after the snapshot is served need.
+    pub fn with_curve(&self, served: &Model) -> Model {
+        let mut model = served.clone();
+        model.solve_curve(
+            &self.stats,
+            &self.vectors,
+            self.items.len(),
+            &self
+                .params
+                .eigen(self.params.seed, EigenSolve::Continued, true),
+        );
+        model
+    }
+
     /// The next snapshot compares itself with what challenging a previous one found, instead
     /// of running fresh starts while it is built.
     pub fn set_challenge(&mut self, challenge: Challenge) {

@@ -132,6 +132,11 @@ pub struct Validation {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Diagnostics {
+    /// The snapshot version whose data these diagnostics describe: the service computes them
+    /// in the background after a snapshot is served and carries the latest into the following
+    /// snapshots (`None` in snapshots stored before this field existed).
+    #[serde(default)]
+    pub as_of_version: Option<u64>,
     /// Explained-variance ratio of the first `curve_components` components.
     #[serde(deserialize_with = "crate::nullable::floats")]
     pub explained_variance_ratio_curve: Vec<f64>,
@@ -253,6 +258,9 @@ pub struct BuildInput<'a> {
     /// than take the lowest inertia found (a replay's final snapshot, whatever came before).
     pub continue_previous: bool,
     pub with_diagnostics: bool,
+    /// Without `with_diagnostics`: the latest diagnostics computed in the background, carried
+    /// into this snapshot as they are (their `as_of_version` says which data they describe).
+    pub carried_diagnostics: Option<Diagnostics>,
 }
 
 impl<'a> BuildInput<'a> {
@@ -266,6 +274,7 @@ impl<'a> BuildInput<'a> {
             previous: None,
             continue_previous: false,
             with_diagnostics,
+            carried_diagnostics: None,
         }
     }
 }
@@ -353,7 +362,12 @@ pub fn build_from_model(
         resegmented: segmentation == Segmentation::Resegmented,
         ..drift_from(previous_version, previous, labels)
     });
-    let diagnostics = timed_diagnostics(input.with_diagnostics, engine, model, params, scale);
+    let diagnostics = timed_diagnostics(input.with_diagnostics, engine, model, params, scale)
+        .map(|d| Diagnostics {
+            as_of_version: Some(input.version),
+            ..d
+        })
+        .or(input.carried_diagnostics);
 
     let snapshot = Snapshot {
         format: SNAPSHOT_FORMAT,
@@ -621,7 +635,7 @@ fn sparse_lloyd_inertia(
 /// The seed's two decision aids: the explained-variance-ratio curve, and K-Means inertia for a
 /// range of k on the projection and on the full vectors (of a seeded user sample), the
 /// inertias for the stored values times `scale`.
-fn diagnostics(
+pub fn diagnostics(
     engine: &EngineView,
     model: &Model,
     params: &SnapshotParams,
@@ -687,6 +701,7 @@ fn diagnostics(
     let (projected_inertia, full_inertia): (Vec<f64>, Vec<f64>) =
         ks.iter().map(|&k| inertia_at(k)).unzip();
     Diagnostics {
+        as_of_version: None,
         explained_variance_ratio_curve: curve,
         inertia_by_k: InertiaByK {
             k: ks,
