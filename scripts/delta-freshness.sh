@@ -131,4 +131,4 @@ if [ "$sk_repeats" -gt 0 ]; then
   printf 'delta build: median %.3f s = %.3fx the scikit-learn min, worst %.3f s = %.3fx\n' \
     "$build_median" "$(echo "$build_median / $sk_min" | bc -l)" "$build_worst" "$(echo "$build_worst / $sk_min" | bc -l)"
 fi
-[ "${LOG:-}" = "" ] || grep -E "timing|snapshot built" "$work/log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 40
+[ "${LOG:-}" = "" ] || grep -E "timing|snapshot built|challenged|diagnosed" "$work/log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n "${LOG_LINES:-40}"

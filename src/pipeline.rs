@@ -244,6 +244,12 @@ impl Shared {
             return Ok(None);
         };
         let version = built.snapshot.version;
+        if computed_inline && built.snapshot.diagnostics.is_some() {
+            // Computed while this one was built (none to carry yet): the next ones carry them.
+            if let Ok(mut slot) = self.diagnostics.lock() {
+                slot.clone_from(&built.snapshot.diagnostics);
+            }
+        }
         self.metrics.on_snapshot(&built.snapshot);
         if config.kafka.change_feed_on() {
             self.metrics
@@ -321,6 +327,7 @@ impl Shared {
     /// long as each one took before the next, so that challenges and diagnostics take at
     /// most a third of a core from the snapshots and the stream they compete with.
     fn run_challenges(&self) {
+        lower_this_threads_priority();
         let mut rest = Duration::ZERO;
         loop {
             std::thread::sleep(rest);
@@ -385,6 +392,30 @@ impl Shared {
                 *slot = Some(challenge);
             }
             rest = job_started.elapsed() * CHALLENGE_REST_FACTOR;
+        }
+    }
+}
+
+/// Makes the calling thread (and the threads it starts) yield the CPU to every other thread of
+/// the service: challenges and diagnostics are background work, snapshots and the stream come
+/// first (nice 19, Linux; elsewhere nothing).
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        unsafe extern "C" {
+            fn setpriority(
+                which: std::ffi::c_int,
+                who: std::ffi::c_uint,
+                prio: std::ffi::c_int,
+            ) -> std::ffi::c_int;
+            fn gettid() -> std::ffi::c_int;
+        }
+        const PRIO_PROCESS: std::ffi::c_int = 0;
+        // SAFETY: both calls take plain integers; on Linux `setpriority` with a thread id sets
+        // that thread's nice value only.
+        let failed = unsafe { setpriority(PRIO_PROCESS, gettid() as std::ffi::c_uint, 19) } != 0;
+        if failed {
+            tracing::debug!("could not lower the challenger thread's priority");
         }
     }
 }
