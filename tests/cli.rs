@@ -547,3 +547,47 @@ fn generate_realistic_refuses_planted_knobs_and_more_events_than_users_can_rate(
     assert!(stderr.contains("lower --events to at most 300"), "{stderr}");
     assert!(!ratings.exists(), "nothing written for a refused data set");
 }
+
+#[test]
+fn replay_without_diagnostics_leaves_them_out_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate_ratings(dir.path(), 200, 150, 8_000);
+    let run = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let snapshot = dir.path().join(format!("{name}.json"));
+        let state = dir.path().join(name);
+        let mut args = vec![
+            "replay",
+            "--ratings",
+            path(&ratings),
+            "--clusters",
+            "4",
+            "--components",
+            "3",
+            "--state-dir",
+            path(&state),
+            "--snapshot-out",
+            path(&snapshot),
+        ];
+        args.extend_from_slice(extra);
+        let out = segmenter(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&std::fs::read_to_string(&snapshot).unwrap()).unwrap()
+    };
+    let with = run("with", &[]);
+    let without = run("without", &["--no-diagnostics"]);
+    assert_eq!(with["diagnostics"]["as_of_version"], 1);
+    assert!(with["diagnostics"]["explained_variance_ratio_curve"].is_array());
+    assert!(
+        without["diagnostics"].is_null(),
+        "{}",
+        without["diagnostics"]
+    );
+    // The rest of the snapshot does not depend on the diagnostics.
+    assert_eq!(with["counts"], without["counts"]);
+    assert_eq!(with["kmeans"]["sizes"], without["kmeans"]["sizes"]);
+    assert_eq!(with["validation"], without["validation"]);
+}
