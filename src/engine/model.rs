@@ -577,20 +577,27 @@ impl Model {
                 );
                 let followed_seconds = t.elapsed().as_secs_f64();
                 let optimum = followed.inertia;
-                let held = (stickiness > 0.0).then(|| {
-                    kmeans::lloyd_sticky(
-                        &points,
-                        self.clusters,
-                        labels,
-                        params.max_passes,
-                        stickiness,
-                    )
-                });
+                // The stickiest clustering within the budget: the full stickiness first, then
+                // halved (twice) before falling back to the optimum, so a budget overrun on a
+                // few boundary users does not release every one of them.
+                let within_budget =
+                    |c: &kmeans::Clustering| c.inertia <= optimum * (1.0 + stickiness_budget);
+                let held = [1.0, 0.5, 0.25]
+                    .into_iter()
+                    .map(|share| stickiness * share)
+                    .filter(|&s| s > 0.0)
+                    .map(|s| {
+                        kmeans::lloyd_sticky(
+                            &points,
+                            self.clusters,
+                            labels.clone(),
+                            params.max_passes,
+                            s,
+                        )
+                    })
+                    .find(|held| within_budget(held));
                 let held_seconds = t.elapsed().as_secs_f64();
-                let continued = match held {
-                    Some(held) if held.inertia <= optimum * (1.0 + stickiness_budget) => held,
-                    _ => followed,
-                };
+                let continued = held.unwrap_or(followed);
                 // The challengers: the online clustering (itself challenged by fresh starts
                 // at every refresh) and a budget of fresh starts, run on the sample, the best
                 // polished on everyone. A service runs them after each snapshot is served
