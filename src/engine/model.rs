@@ -632,8 +632,13 @@ impl Model {
                 let (continued, reseeded) = kmeans::reseed_degenerate(
                     &points,
                     continued,
-                    // A segment of one user is never one a business can use.
-                    smallest.div_ceil(2).max(2),
+                    // A segment of one user is never one a business can use, nor one under an
+                    // eighth of the mean segment (what a challenger's smallest, a single draw of
+                    // starts, can miss); re-seeding is kept only within the budget anyway.
+                    smallest
+                        .div_ceil(2)
+                        .max((points.len() as u64).div_ceil(8 * self.clusters as u64))
+                        .max(2),
                     params.max_passes,
                     stickiness_budget,
                     params.seed,
