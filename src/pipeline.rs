@@ -192,9 +192,9 @@ pub struct Shared {
     pub published: SnapshotNotices,
     /// The latest snapshot's solved basis: the next snapshot's solve starts from it.
     pub warm_start: Arc<std::sync::Mutex<Option<WarmStart>>>,
-    /// What challenging the latest snapshot found (the next one compares itself with it), and
-    /// whether a challenge is running.
+    /// What challenging the latest snapshot found (the next one compares itself with it).
     pub challenge: Arc<std::sync::Mutex<Option<Challenge>>>,
+    /// The snapshot waiting to be challenged next, and whether the challenger thread runs.
     challenge_request: Arc<std::sync::Mutex<Option<ChallengeRequest>>>,
     /// The latest diagnostics computed after a snapshot was served, carried into the next ones.
     pub diagnostics: Arc<std::sync::Mutex<Option<Diagnostics>>>,
