@@ -34,11 +34,19 @@ fn write_events(path: &Path, events: &[segmenter::event::RatingEvent]) {
 }
 
 /// The snapshot as JSON without the fields that legitimately differ between two histories:
-/// version, creation time, drift (which compares against a previous snapshot) and the
-/// eigensolver's iteration count (its warm start is not persisted; the result is).
+/// version (and the diagnostics', a replay's own), creation time, drift (which compares against
+/// a previous snapshot) and the eigensolver's iteration count (its warm start is not persisted;
+/// the result is).
 fn comparable(snapshot: &Snapshot) -> Value {
     let mut v = serde_json::to_value(snapshot).unwrap();
     let o = v.as_object_mut().unwrap();
+    if let Some(diagnostics) = o["diagnostics"].as_object_mut() {
+        assert_eq!(
+            diagnostics.remove("as_of_version"),
+            Some(Value::from(snapshot.version)),
+            "a replay computes its snapshot's own diagnostics"
+        );
+    }
     for field in ["version", "created_at", "drift"] {
         o.remove(field);
     }
