@@ -164,16 +164,14 @@ impl Engine {
         let Some(tracked) = &mut self.segments else {
             return;
         };
-        let seed = self.params.seed;
+        let (users, seed, percent) = (&self.users, self.params.seed, tracked.holdout_percent);
+        tracked
+            .sums
+            .follow(&tracked.labels, labels, &self.vectors, |u| {
+                held_out(users.id(u as u32), seed, percent)
+            });
+        tracked.labels = labels.to_vec();
         tracked.labels.resize(self.vectors.len(), NO_CLUSTER);
-        for (u, slot) in tracked.labels.iter_mut().enumerate() {
-            let to = labels.get(u).copied().unwrap_or(NO_CLUSTER);
-            if *slot != to {
-                let held = held_out(self.users.id(u as u32), seed, tracked.holdout_percent);
-                tracked.sums.move_user(*slot, to, &self.vectors[u], held);
-                *slot = to;
-            }
-        }
     }
 
     /// The tracked segments, if any.

@@ -612,12 +612,8 @@ impl Model {
                         challenge.smallest,
                     ),
                     None => {
-                        let online = current_labels
-                            .and_then(|labels| kmeans::keep(&points, self.clusters, labels))
-                            .map(|kept| kept.centroids);
-                        let fresh = (params.restarts > 0 || online.is_some()).then(|| {
-                            fresh_clustering(&points, params, online, CHALLENGER_SAMPLE_USERS)
-                        });
+                        let fresh = (params.restarts > 0 || current_labels.is_some())
+                            .then(|| best_challenger(&points, params, current_labels));
                         let smallest = fresh
                             .as_ref()
                             .and_then(|f| f.sizes.iter().min().copied())
@@ -712,8 +708,7 @@ impl Model {
             .iter()
             .map(|&u| online.get(u).copied().unwrap_or(NO_CLUSTER))
             .collect();
-        let online = kmeans::keep(&points, self.clusters, online_labels).map(|kept| kept.centroids);
-        let fresh = fresh_clustering(&points, params, online, CHALLENGER_SAMPLE_USERS);
+        let fresh = best_challenger(&points, params, Some(online_labels));
         let served = self.inertia();
         let ratio = if served > 0.0 {
             fresh.inertia / served
@@ -936,6 +931,20 @@ fn rated_users(vectors: &CowVec<SparseVec>, canonical_order: &[u32]) -> Vec<usiz
 /// Best of fresh k-means++ starts (and Lloyd from `initial` centroids, when given), polished on
 /// every point. The starts converge on an evenly spread sample of about `sample_users` users
 /// (canonical order, so the same users whatever the arrival order).
+/// The best challenger of a continued clustering: the online clustering (`online`, labels of
+/// the points, when there is one) and `params.restarts` fresh starts on a sample, the best
+/// polished on everyone.
+fn best_challenger(
+    points: &DensePoints<'_>,
+    params: &ClusteringParams,
+    online: Option<Vec<u32>>,
+) -> kmeans::Clustering {
+    let online = online
+        .and_then(|labels| kmeans::keep(points, params.k, labels))
+        .map(|kept| kept.centroids);
+    fresh_clustering(points, params, online, CHALLENGER_SAMPLE_USERS)
+}
+
 fn fresh_clustering(
     points: &DensePoints<'_>,
     params: &ClusteringParams,

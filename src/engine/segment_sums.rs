@@ -126,6 +126,24 @@ impl SegmentSums {
         }
     }
 
+    /// The segments change from `from` to `to` (labels by user index; missing ones are no
+    /// segment): every user of `vectors` whose segment differs is moved, O(their ratings).
+    pub fn follow(
+        &mut self,
+        from: &[u32],
+        to: &[u32],
+        vectors: &CowVec<SparseVec>,
+        held: impl Fn(usize) -> bool,
+    ) {
+        for (u, x) in vectors.iter().enumerate() {
+            let before = from.get(u).copied().unwrap_or(NO_CLUSTER);
+            let after = to.get(u).copied().unwrap_or(NO_CLUSTER);
+            if before != after {
+                self.move_user(before, after, x, held(u));
+            }
+        }
+    }
+
     /// Cell `j` of a user in segment `label` went from `old` to `new`; the user's vector was
     /// non-empty before (`was_active`) and is after (`now_active`).
     #[allow(clippy::too_many_arguments)]

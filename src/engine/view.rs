@@ -7,8 +7,8 @@ use super::model::{Challenge, Continuation, DataView};
 use super::params::EigenSolve;
 use super::stats::CovarianceStats;
 use super::{
-    Counters, CowVec, DecayClock, EngineParams, Ids, Model, NO_CLUSTER, SegmentSums, SparseVec,
-    WarmStart, held_out,
+    Counters, CowVec, DecayClock, EngineParams, Ids, Model, SegmentSums, SparseVec, WarmStart,
+    held_out,
 };
 
 /// What a snapshot reads: the engine's data and model at one moment (see [`Engine::view`]).
@@ -82,13 +82,7 @@ impl EngineView {
                     && tracked.sums.k() == self.params.clusters =>
             {
                 let mut sums = tracked.sums.clone();
-                for (u, x) in self.vectors.iter().enumerate() {
-                    let from = tracked.labels.get(u).copied().unwrap_or(NO_CLUSTER);
-                    let to = labels.get(u).copied().unwrap_or(NO_CLUSTER);
-                    if from != to {
-                        sums.move_user(from, to, x, held(u));
-                    }
-                }
+                sums.follow(&tracked.labels, labels, &self.vectors, held);
                 sums
             }
             _ => SegmentSums::from_scratch(
