@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::JsonFields;
-use crate::engine::EngineParams;
+use crate::engine::{EngineParams, ValueTransform};
 use crate::event::Mode;
 use crate::snapshot::SnapshotParams;
 
@@ -77,6 +77,12 @@ pub struct EventsConfig {
     /// s, m, h, d, w). Unset: ratings never fade.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub half_life: Option<String>,
+    /// What the recipe segments, computed from the summed values: a per-cell transform
+    /// (`binary`, `sqrt`, `log1p`) and/or unit-l2 user rows (`"sqrt+l2"`). Unset: the mode's
+    /// default (`none` for explicit ratings; for implicit counts `binary+l2`, or `sqrt+l2`
+    /// with a half-life).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transform: Option<ValueTransform>,
     pub fields: JsonFields,
 }
 
@@ -87,6 +93,7 @@ impl Default for EventsConfig {
             min_value: 0.0,
             max_value: 5.0,
             half_life: None,
+            transform: None,
             fields: JsonFields::default(),
         }
     }
@@ -449,6 +456,7 @@ impl Config {
             max_value: self.events.max_value,
             // Checked by `validate`: a config that loaded has a valid half-life or none.
             half_life_seconds: self.events.half_life_seconds().ok().flatten(),
+            transform: self.events.transform(),
             ..self.model.clone()
         }
     }
@@ -483,6 +491,12 @@ fn invalid_if(
 }
 
 impl EventsConfig {
+    /// `transform`, or the mode's default when unset.
+    pub fn transform(&self) -> ValueTransform {
+        self.transform
+            .unwrap_or_else(|| ValueTransform::default_for(self.mode, self.half_life.is_some()))
+    }
+
     /// `half_life` in seconds (`None` when unset), or the error naming the field and the fix.
     pub fn half_life_seconds(&self) -> Result<Option<u64>, ConfigError> {
         self.half_life
@@ -537,6 +551,18 @@ fn validate_events(e: &EventsConfig) -> Result<(), ConfigError> {
         "[events] min_value",
         format!("{} is negative", e.min_value),
         "Naive Bayes and TF-IDF need non-negative values: set min_value = 0 or more",
+    )?;
+    let transform = e.transform();
+    invalid_if(
+        e.half_life.is_some() && transform.degree().is_none(),
+        "[events] transform/half_life",
+        format!(
+            "transform = \"{transform}\" with a half_life: a half-life scales every stored value \
+             by one factor, and log1p does not turn that into one factor of the transformed \
+             values, so the model could not stay exact"
+        ),
+        "use transform = \"sqrt+l2\" (or binary, sqrt, l2, binary+l2), which compose with a \
+         half-life, or remove half_life to keep log1p",
     )
 }
 

@@ -15,6 +15,7 @@ pub mod model;
 mod params;
 pub mod segment_sums;
 pub mod stats;
+pub mod transform;
 mod view;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,7 @@ pub use model::{
 pub use params::{DEFAULT_MAX_ITEMS, DEFAULT_MAX_USERS, EngineParams};
 pub use segment_sums::SegmentSums;
 use stats::CovarianceStats;
+pub use transform::{CellTransform, ValueTransform};
 pub use view::{EngineView, PreviousSegments};
 
 /// Fresh k-means++ starts competing with the online clustering at each periodic refresh.
@@ -89,7 +91,15 @@ pub struct Engine {
     policy: ValuePolicy,
     users: IdMap,
     items: IdMap,
+    /// The rows the recipe segments: the stored values transformed by `[events] transform`
+    /// (the stored values themselves without one).
     vectors: CowVec<SparseVec>,
+    /// The stored values (what events accumulate into and the store persists) when a
+    /// transform is set; empty without one, where `vectors` holds them.
+    raw: CowVec<SparseVec>,
+    /// Users whose stored row changed since their transformed row was last computed (l2 rows
+    /// only: one row rewrite per user per batch, not per event).
+    unsettled: Vec<u32>,
     stats: CovarianceStats,
     ratings: u64,
     counters: Counters,
@@ -129,6 +139,8 @@ impl Engine {
             users: IdMap::default(),
             items: IdMap::default(),
             vectors: CowVec::default(),
+            raw: CowVec::default(),
+            unsettled: Vec::new(),
             stats: CovarianceStats::default(),
             ratings: 0,
             counters: Counters::default(),
@@ -184,11 +196,19 @@ impl Engine {
     pub fn restore(params: EngineParams, state: RestoredState) -> Self {
         let mut engine = Engine::new(params);
         let d = state.items.len();
-        engine.stats = CovarianceStats::from_vectors(&state.vectors, d);
-        engine.ratings = state.vectors.iter().map(|v| v.nnz() as u64).sum();
+        let transform = engine.params.transform;
+        let vectors = if transform.is_identity() {
+            state.vectors
+        } else {
+            let rows = state.vectors.iter().map(|x| transform.row(x)).collect();
+            engine.raw = state.vectors.into();
+            rows
+        };
+        engine.stats = CovarianceStats::from_vectors(&vectors, d);
+        engine.ratings = vectors.iter().map(|v| v.nnz() as u64).sum();
         engine.users = IdMap::from_ids(state.users);
         engine.items = IdMap::from_ids(state.items);
-        engine.vectors = state.vectors.into();
+        engine.vectors = vectors.into();
         engine.counters = state.counters;
         engine.decay = state.decay;
         let mut model = state.model;
@@ -207,8 +227,26 @@ impl Engine {
     pub fn items(&self) -> &IdMap {
         &self.items
     }
+    /// The rows the recipe segments (transformed, see [`transform`]).
     pub fn vectors(&self) -> &CowVec<SparseVec> {
         &self.vectors
+    }
+    /// `user`'s stored values, as events left them and the store persists them (before any
+    /// transform).
+    pub fn stored_vector(&self, user: u32) -> &SparseVec {
+        if self.params.transform.is_identity() {
+            &self.vectors[user as usize]
+        } else {
+            &self.raw[user as usize]
+        }
+    }
+    /// Every user's stored values (see [`Engine::stored_vector`]).
+    pub fn stored_vectors(&self) -> &CowVec<SparseVec> {
+        if self.params.transform.is_identity() {
+            &self.vectors
+        } else {
+            &self.raw
+        }
     }
     pub fn vector(&self, user: u32) -> &SparseVec {
         &self.vectors[user as usize]
@@ -230,7 +268,9 @@ impl Engine {
     /// The factor turning stored values into decayed ones (1 without a half-life): the true
     /// matrix is this times the stored vectors, see [`decay`].
     pub fn value_scale(&self) -> f64 {
-        self.decay.value_scale(self.params.half_life_seconds)
+        self.params
+            .transform
+            .scale_of(self.decay.value_scale(self.params.half_life_seconds))
     }
     /// Users with at least one rating.
     pub fn active_users(&self) -> u64 {
@@ -324,12 +364,14 @@ impl Engine {
             outcome.applied += 1;
             self.counters.events_applied += 1;
             self.counters.events_since_refresh += 1;
-            if self.refresh_due()
-                && let Some(r) = self.refresh(changes)
-            {
-                outcome.refreshes.push(r);
+            if self.refresh_due() {
+                self.settle_rows(changes);
+                if let Some(r) = self.refresh(changes) {
+                    outcome.refreshes.push(r);
+                }
             }
         }
+        self.settle_rows(changes);
         outcome
     }
 
@@ -372,6 +414,9 @@ impl Engine {
         let (u, new_user) = self.users.intern(id);
         if new_user {
             self.vectors.push(SparseVec::default());
+            if !self.params.transform.is_identity() {
+                self.raw.push(SparseVec::default());
+            }
             self.model.add_user_slot();
         }
         u
@@ -399,9 +444,10 @@ impl Engine {
         // Cells that would fall below the floor are retracted first: the rest, and their
         // squares, stay normal floating-point numbers, so the rescale stays exact.
         let floor = decay::power_of_two(-decay::FORGOTTEN_BELOW_EXPONENT);
-        let flushed: Vec<(u32, u32)> = (0..self.vectors.len() as u32)
+        let stored = self.stored_vectors();
+        let flushed: Vec<(u32, u32)> = (0..stored.len() as u32)
             .flat_map(|u| {
-                let x = &self.vectors[u as usize];
+                let x = &stored[u as usize];
                 x.iter()
                     .filter(|&(_, v)| (v * factor).abs() < floor)
                     .map(move |(j, _)| (u, j))
@@ -409,25 +455,42 @@ impl Engine {
             })
             .collect();
         for (u, j) in flushed {
-            let x = &self.vectors[u as usize];
-            let pos = x.idx.binary_search(&j);
-            let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
-            self.write_cell(u, j, pos, old, 0.0, changes);
+            self.store_cell(u, j, |_| 0.0, changes);
         }
-        for u in 0..self.vectors.len() {
-            if self.vectors[u].idx.is_empty() {
+        self.settle_rows(changes);
+        let identity = self.params.transform.is_identity();
+        let stored = if identity {
+            &mut self.vectors
+        } else {
+            &mut self.raw
+        };
+        for u in 0..stored.len() {
+            if stored[u].idx.is_empty() {
                 continue;
             }
-            let x = &mut self.vectors[u];
+            let x = &mut stored[u];
             x.val.iter_mut().for_each(|v| *v *= factor);
             for (j, v) in x.iter() {
                 changes.cell_changed(u as u32, j, v);
             }
         }
-        self.stats.rescale(factor);
-        self.model.rescale(factor);
-        if let Some(tracked) = &mut self.segments {
-            tracked.sums.rescale(factor);
+        // A homogeneous transform of degree a turns the factor into factor^a (exactly: the
+        // factor is an even power of two); log1p is refused with a half-life by the config.
+        let transformed = self.params.transform.scale_of(factor);
+        if !identity && transformed != 1.0 {
+            for u in 0..self.vectors.len() {
+                if !self.vectors[u].idx.is_empty() {
+                    let x = &mut self.vectors[u];
+                    x.val.iter_mut().for_each(|v| *v *= transformed);
+                }
+            }
+        }
+        if transformed != 1.0 {
+            self.stats.rescale(transformed);
+            self.model.rescale(transformed);
+            if let Some(tracked) = &mut self.segments {
+                tracked.sums.rescale(transformed);
+            }
         }
         self.decay.scaled_events *= factor;
         self.decay.advance(spans, half_life);
@@ -442,21 +505,114 @@ impl Engine {
         weight: f64,
         changes: &mut impl ChangeSink,
     ) {
-        let x = &self.vectors[u as usize];
-        let pos = x.idx.binary_search(&j);
-        let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+        let mode = self.params.mode;
         // Without a half-life the weight is 1 and `v * 1.0` is `v` exactly.
-        let new = match (self.params.mode, value) {
-            (Mode::Explicit, Some(v)) => v * weight,
-            (Mode::Explicit, None) => 0.0,
-            (Mode::Implicit, Some(v)) => old + v * weight,
-            (Mode::Implicit, None) => old,
-        };
-        self.write_cell(u, j, pos, old, new, changes);
+        self.store_cell(
+            u,
+            j,
+            |old| match (mode, value) {
+                (Mode::Explicit, Some(v)) => v * weight,
+                (Mode::Explicit, None) => 0.0,
+                (Mode::Implicit, Some(v)) => old + v * weight,
+                (Mode::Implicit, None) => old,
+            },
+            changes,
+        );
     }
 
-    /// Sets cell `(u, j)` (at `pos` in the user's row, holding `old`) to `new`, keeping the
-    /// statistics, the rating count and the online model in step.
+    /// Sets the stored value of `(u, j)` to `new(old)` and reports it to `changes`; the
+    /// transformed cell follows at once, or the whole row at the next
+    /// [`Engine::settle_rows`] when rows are normalised.
+    #[inline]
+    fn store_cell(
+        &mut self,
+        u: u32,
+        j: u32,
+        new: impl FnOnce(f64) -> f64,
+        changes: &mut impl ChangeSink,
+    ) {
+        let transform = self.params.transform;
+        if transform.is_identity() {
+            let x = &self.vectors[u as usize];
+            let pos = x.idx.binary_search(&j);
+            let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+            let new = new(old);
+            if new != old {
+                self.write_cell(u, j, pos, old, new, changes);
+                changes.cell_changed(u, j, new);
+            }
+            return;
+        }
+        let x = &mut self.raw[u as usize];
+        let pos = x.idx.binary_search(&j);
+        let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+        let new = new(old);
+        if new == old {
+            return;
+        }
+        match pos {
+            Ok(p) if new == 0.0 => {
+                x.idx.remove(p);
+                x.val.remove(p);
+            }
+            Ok(p) => x.val[p] = new,
+            Err(p) => {
+                x.idx.insert(p, j);
+                x.val.insert(p, new);
+            }
+        }
+        changes.cell_changed(u, j, new);
+        if transform.l2_rows {
+            self.unsettled.push(u);
+        } else {
+            // The transformed row has the stored row's items, so `pos` is the cell's
+            // position there too.
+            let old = pos.map(|p| self.vectors[u as usize].val[p]).unwrap_or(0.0);
+            self.write_cell(u, j, pos, old, transform.cell_value(new), changes);
+        }
+    }
+
+    /// Rewrites the transformed rows of the users whose stored rows changed since the last
+    /// call (l2 rows: a row's norm moves every cell of it), each once: O(their ratings).
+    fn settle_rows(&mut self, changes: &mut impl ChangeSink) {
+        if self.unsettled.is_empty() {
+            return;
+        }
+        let mut users = std::mem::take(&mut self.unsettled);
+        users.sort_unstable();
+        users.dedup();
+        let transform = self.params.transform;
+        let mut row = SparseVec::default();
+        for &u in &users {
+            transform.row_into(&self.raw[u as usize], &mut row);
+            // Cells that stay or arrive first, then those that left: the user stays active
+            // throughout unless the row emptied.
+            for (j, new) in row.iter() {
+                let x = &self.vectors[u as usize];
+                let pos = x.idx.binary_search(&j);
+                let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+                self.write_cell(u, j, pos, old, new, changes);
+            }
+            let gone: Vec<u32> = self.vectors[u as usize]
+                .idx
+                .iter()
+                .copied()
+                .filter(|j| row.idx.binary_search(j).is_err())
+                .collect();
+            for j in gone {
+                let x = &self.vectors[u as usize];
+                let pos = x.idx.binary_search(&j);
+                let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
+                self.write_cell(u, j, pos, old, 0.0, changes);
+            }
+        }
+        users.clear();
+        self.unsettled = users;
+    }
+
+    /// Sets the transformed cell `(u, j)` (at `pos` in the user's row, holding `old`) to
+    /// `new`, keeping the statistics, the rating count, the tracked segments and the online
+    /// model in step. The stored value is the caller's to report.
     #[inline]
     fn write_cell(
         &mut self,
@@ -511,7 +667,6 @@ impl Engine {
         self.model.on_change(
             u as usize, j as usize, delta, was_active, now_active, changes,
         );
-        changes.cell_changed(u, j, new);
     }
 
     /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service

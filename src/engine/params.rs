@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::eigen::EigenParams;
+use super::transform::ValueTransform;
 use crate::event::{Mode, ValuePolicy};
 
 /// Default `[model] max_items`: a 60k-item catalogue and more within a 2 GB budget (memory is
@@ -33,6 +34,10 @@ pub struct EngineParams {
     /// age measured in event time. `None`: no forgetting.
     #[serde(skip)]
     pub half_life_seconds: Option<u64>,
+    /// `[events] transform`: what the recipe segments, computed from the stored values
+    /// (resolved to the mode's default when unset).
+    #[serde(skip)]
+    pub transform: ValueTransform,
     /// PCA components kept.
     pub components: usize,
     /// K-Means clusters.
@@ -98,6 +103,7 @@ impl Default for EngineParams {
             min_value: 0.0,
             max_value: 5.0,
             half_life_seconds: None,
+            transform: ValueTransform::NONE,
             components: 10,
             clusters: 25,
             curve_components: 30,

@@ -36,7 +36,9 @@ impl EngineView {
     }
     /// See [`Engine::value_scale`].
     pub fn value_scale(&self) -> f64 {
-        self.decay.value_scale(self.params.half_life_seconds)
+        self.params
+            .transform
+            .scale_of(self.decay.value_scale(self.params.half_life_seconds))
     }
     pub fn params(&self) -> &EngineParams {
         &self.params

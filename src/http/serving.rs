@@ -5,7 +5,7 @@
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::engine::{CowVec, EngineView, Model, NO_CLUSTER, SparseVec};
+use crate::engine::{CowVec, EngineView, Model, NO_CLUSTER, SparseVec, ValueTransform};
 use crate::snapshot::Snapshot;
 
 pub struct Serving {
@@ -44,6 +44,8 @@ pub struct UserSegment {
     pub next_cluster: Option<u32>,
     pub next_distance: Option<f64>,
     pub ratings: usize,
+    /// `[events] transform`: `pulling_items` values are transformed values.
+    pub transform: ValueTransform,
     /// The user's rated items that pull it most towards its cluster rather than the next one.
     pub pulling_items: Vec<PullingItem>,
 }
@@ -177,6 +179,7 @@ impl Serving {
             next_cluster: next.map(|n| n.0 as u32),
             next_distance: next.map(|n| n.1),
             ratings: x.nnz(),
+            transform: self.snapshot.transform,
             pulling_items: pulling,
         })
     }

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
 use crate::engine::{
-    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec, held_out,
+    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec, ValueTransform,
+    held_out,
 };
 use crate::event::Mode;
 use validation::{
@@ -30,6 +31,10 @@ pub struct Snapshot {
     pub version: u64,
     pub created_at: String,
     pub mode: Mode,
+    /// `[events] transform`: every figure below is one of the transformed matrix (`"none"`:
+    /// the values as summed; snapshots from before transforms existed read `"none"`).
+    #[serde(default)]
+    pub transform: ValueTransform,
     pub counts: Counts,
     /// Next offset per `topic/partition` this snapshot reflects (empty for file replays).
     pub offsets: BTreeMap<String, i64>,
@@ -374,6 +379,7 @@ pub fn build_from_model(
         version: input.version,
         created_at: input.created_at,
         mode: engine.params().mode,
+        transform: engine.params().transform,
         counts: Counts {
             users: n,
             items: profiles.rated_items,

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::EngineParams;
+use crate::engine::{EngineParams, ValueTransform};
 use crate::event::Mode;
 
 pub use catalogue::Catalogue;
@@ -131,6 +131,18 @@ pub enum StoreError {
         stored: String,
         configured: String,
     },
+    #[error(
+        "state dir {path} was built with [events] transform = \"{stored}\", but the config says \
+         \"{configured}\"; its model, segments and snapshots are of the \"{stored}\" values \
+         (an unset transform is the mode's default), so set events.transform = \"{stored}\" \
+         (SEGMENTER_EVENTS__TRANSFORM) or use a new [state] dir (replay the events into it to \
+         segment them with \"{configured}\")"
+    )]
+    TransformMismatch {
+        path: PathBuf,
+        stored: ValueTransform,
+        configured: ValueTransform,
+    },
 }
 
 impl From<sled::Error> for StoreError {
@@ -153,6 +165,10 @@ struct Identity {
     /// state dirs written before forgetting existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     half_life_seconds: Option<u64>,
+    /// `[events] transform`: the model, labels and snapshots were computed on the values it
+    /// gives. Absent (none) in state dirs written before transforms existed.
+    #[serde(default, skip_serializing_if = "ValueTransform::is_identity")]
+    transform: ValueTransform,
 }
 
 /// The three stores of one state dir, opened together by [`open`].
@@ -316,6 +332,7 @@ impl Database {
             components: params.components,
             clusters: params.clusters,
             half_life_seconds: params.half_life_seconds,
+            transform: params.transform,
         };
         let Some(stored) = self.get_json::<Identity>("identity")? else {
             self.tree.insert(
@@ -362,6 +379,13 @@ impl Database {
                 path: self.path.clone(),
                 stored: describe(stored.half_life_seconds),
                 configured: describe(configured.half_life_seconds),
+            });
+        }
+        if stored.transform != configured.transform {
+            return Err(StoreError::TransformMismatch {
+                path: self.path.clone(),
+                stored: stored.transform,
+                configured: configured.transform,
             });
         }
         Ok(())

@@ -476,7 +476,10 @@ impl StateStore {
         for chunk in chunks {
             let first = chunk * CHECKPOINT_CHUNK_USERS;
             let end = (first + CHECKPOINT_CHUNK_USERS).min(users);
-            encode_chunk((first..end).map(|u| engine.vector(u as u32)), &mut record);
+            encode_chunk(
+                (first..end).map(|u| engine.stored_vector(u as u32)),
+                &mut record,
+            );
             batch.insert(key(b'v', &(chunk as u32).to_be_bytes()), record.as_slice());
         }
         // Vectors of a state dir written before chunks: superseded by the chunks above
