@@ -1013,6 +1013,43 @@ mod tests {
     }
 
     #[test]
+    fn transform_defaults_by_mode_and_bad_ones_name_the_field_and_the_fix() {
+        assert!(Config::default().engine_params().transform.is_identity());
+        let implicit = |more: &[(&str, &str)]| {
+            let mut vars = vec![("SEGMENTER_EVENTS__MODE", "implicit")];
+            vars.extend_from_slice(more);
+            Config::load_with_env(None, env(&vars))
+        };
+        let t = |c: Config| c.engine_params().transform.to_string();
+        assert_eq!(t(implicit(&[]).unwrap()), "binary+l2");
+        assert_eq!(
+            t(implicit(&[("SEGMENTER_EVENTS__HALF_LIFE", "30d")]).unwrap()),
+            "sqrt+l2"
+        );
+        assert_eq!(
+            t(implicit(&[("SEGMENTER_EVENTS__TRANSFORM", "log1p")]).unwrap()),
+            "log1p"
+        );
+        let err = implicit(&[("SEGMENTER_EVENTS__TRANSFORM", "sqrt+l1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("transform") && err.contains("binary+l2, sqrt+l2 or log1p+l2"),
+            "{err}"
+        );
+        let err = implicit(&[
+            ("SEGMENTER_EVENTS__TRANSFORM", "log1p+l2"),
+            ("SEGMENTER_EVENTS__HALF_LIFE", "30d"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[events] transform/half_life") && err.contains("remove half_life"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn half_life_parses_with_units_and_bad_ones_name_the_field_and_the_fix() {
         assert_eq!(Config::default().engine_params().half_life_seconds, None);
         let c =

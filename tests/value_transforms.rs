@@ -199,6 +199,15 @@ fn check(events: &[RatingEvent], p: EngineParams, name: &str, half_life: Option<
         assert!(worst <= 1e-9 * scale, "{what}: covariance operator {worst}");
         last = (n, sums, cov);
     }
+    if let Some(h) = half_life {
+        // The origin moved by whole rebase spans: the stored values were rescaled.
+        let decay = engine.decay();
+        let (first, origin) = (events[0].ts, decay.origin_ts.expect("origin"));
+        assert!(
+            (origin - first) as f64 >= 64.0 * h,
+            "{mode:?} {name}: no rebase (origin {origin}, first event {first})"
+        );
+    }
     let (_, _, cov) = last;
     let c = engine.value_scale();
     let (exact, _) = jacobi_eigen(&cov);

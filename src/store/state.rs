@@ -793,6 +793,70 @@ mod tests {
     }
 
     #[test]
+    fn a_transformed_state_dir_keeps_the_summed_values_and_refuses_another_transform() {
+        use crate::engine::{EngineParams, ValueTransform};
+        use crate::event::Mode;
+        let dir = tempfile::tempdir().unwrap();
+        let params = EngineParams {
+            mode: Mode::Implicit,
+            max_value: 100.0,
+            transform: ValueTransform::parse("sqrt+l2").unwrap(),
+            components: 2,
+            clusters: 2,
+            ..EngineParams::default()
+        };
+        let event = |i: usize| RatingEvent {
+            user: format!("u{}", i % 300),
+            item: format!("i{}", (i * 7) % 40),
+            value: Some([1.0, 2.0, 7.0, 3.0][i % 4]),
+            ts: i as i64,
+        };
+        let mut reference = Engine::new(params.clone());
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, Some(1));
+        let events: Vec<RatingEvent> = (0..6_000).map(event).collect();
+        for (i, batch) in events.chunks(1_000).enumerate() {
+            apply(&mut engine, &mut changes, batch);
+            reference.apply(batch);
+            // Checkpoints (whole rows) and log records (cells) both.
+            store.set_checkpoint_cells(if i % 2 == 0 { 1 } else { u64::MAX });
+            store.commit(&engine, &mut changes, None).unwrap();
+        }
+        drop(engine);
+        drop(store);
+        let (store, mut engine, mut changes) = reopen(dir.path(), &params, None);
+        assert_eq!(engine.vectors(), reference.vectors(), "transformed rows");
+        assert_eq!(
+            engine.stored_vectors(),
+            reference.stored_vectors(),
+            "summed plays, not their transform, are stored"
+        );
+        assert!(engine.stored_vector(0).val.iter().any(|&v| v > 1.0));
+        // Plays keep adding up on the stored sums after the restart.
+        let more: Vec<RatingEvent> = (6_000..9_000).map(event).collect();
+        apply(&mut engine, &mut changes, &more);
+        reference.apply(&more);
+        assert_eq!(engine.vectors(), reference.vectors(), "continued");
+        store.commit(&engine, &mut changes, None).unwrap();
+        drop(engine);
+        drop(store);
+        let other = EngineParams {
+            transform: ValueTransform::parse("log1p+l2").unwrap(),
+            ..params
+        };
+        let refused = super::super::open(dir.path())
+            .unwrap()
+            .state
+            .load_engine(other)
+            .err()
+            .expect("refused under another transform");
+        let text = refused.to_string();
+        assert!(
+            text.contains("[events] transform = \"sqrt+l2\"") && text.contains("\"log1p+l2\""),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_decaying_state_dir_is_marked_so_builds_without_forgetting_refuse_it() {
         use crate::event::RatingEvent;
         let dir = tempfile::tempdir().unwrap();
