@@ -12,8 +12,8 @@ Regenerate a golden file with (from the repository root):
 
     pip install -r scripts/requirements-golden.txt
     python3 scripts/sklearn_golden.py --ratings FILE.csv --out GOLDEN.json \
-        [--mode explicit|implicit] [--components 10] [--clusters 25] \
-        [--curve-components 30] [--seed 0] [--top 100]
+        [--mode explicit|implicit] [--transform none|binary|sqrt|log1p|l2|binary+l2|...] \
+        [--components 10] [--clusters 25] [--curve-components 30] [--seed 0] [--top 100]
 
 Input CSV: header `user,item,rating,ts`.  Ids are strings (never parsed as
 numbers), rating is a float, ts an integer.  The matrix is built as follows:
@@ -26,7 +26,12 @@ numbers), rating is a float, ts an integer.  The matrix is built as follows:
 * cells whose final value is exactly 0.0 are dropped; rows are the users and
   columns the items that keep at least one non-zero cell, each sorted by id
   string (code-point order, which equals UTF-8 byte order, i.e. Rust's
-  `String` ordering).
+  `String` ordering);
+* `--transform` (segmenter's `[events] transform`) then replaces the matrix by
+  its transform: each value by 1 (binary), its square root (sqrt) or
+  `log1p`, then with `+l2` (or `l2` alone) each row divided by its l2 norm
+  (`sklearn.preprocessing.normalize`).  Every later step sees only the
+  transformed matrix.
 
 Every float in the output is written with full (round-trip) precision.  Numeric
 libraries are limited to one thread while fitting so that the golden values do
@@ -50,6 +55,7 @@ from sklearn.decomposition import PCA
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.metrics import confusion_matrix
 from sklearn.naive_bayes import MultinomialNB
+from sklearn.preprocessing import normalize
 from threadpoolctl import threadpool_limits
 
 INERTIA_KS = [2, 5, 10, 15, 20, 25, 30]
@@ -63,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--ratings", required=True, help="input CSV with header user,item,rating,ts")
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--mode", choices=["explicit", "implicit"], default="explicit")
+    p.add_argument(
+        "--transform",
+        choices=["none", "binary", "sqrt", "log1p", "l2", "binary+l2", "sqrt+l2", "log1p+l2"],
+        default="none",
+    )
     p.add_argument("--components", type=int, default=10)
     p.add_argument("--clusters", type=int, default=25)
     p.add_argument("--curve-components", type=int, default=30)
@@ -147,6 +158,26 @@ def build_matrix(cells):
     return X, users, items
 
 
+def transform(X, name):
+    """segmenter's `[events] transform` of X (non-negative values)."""
+    X = X.copy()
+    cell, l2 = name, False
+    if name == "l2":
+        cell, l2 = "none", True
+    elif name.endswith("+l2"):
+        cell, l2 = name[: -len("+l2")], True
+    if cell == "binary":
+        X.data = np.ones_like(X.data)
+    elif cell == "sqrt":
+        X.data = np.sqrt(X.data)
+    elif cell == "log1p":
+        X.data = np.log1p(X.data)
+    if l2:
+        X = normalize(X, norm="l2", axis=1).tocsr()
+        X.sort_indices()
+    return X
+
+
 def floats(a):
     return [float(x) for x in np.asarray(a, dtype=np.float64).ravel()]
 
@@ -178,6 +209,7 @@ def main(argv=None):
     if not cells:
         raise SystemExit(f"{args.ratings}: no non-zero cells remain")
     X, users, items = build_matrix(cells)
+    X = transform(X, args.transform)
     D = X.toarray()
     n_users, n_items = X.shape
 
@@ -228,6 +260,7 @@ def main(argv=None):
         "numpy_version": np.__version__,
         "params": {
             "mode": args.mode,
+            "transform": args.transform,
             "components": args.components,
             "clusters": args.clusters,
             "curve_components": args.curve_components,

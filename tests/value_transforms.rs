@@ -15,7 +15,13 @@ use segmenter::generator::{GeneratorParams, Profile, generate};
 use segmenter::snapshot::{self, BuildInput, SnapshotParams};
 
 const TRANSFORMS: [&str; 7] = [
-    "binary", "sqrt", "log1p", "l2", "binary+l2", "sqrt+l2", "log1p+l2",
+    "binary",
+    "sqrt",
+    "log1p",
+    "l2",
+    "binary+l2",
+    "sqrt+l2",
+    "log1p+l2",
 ];
 
 /// The transforms that compose with a half-life (homogeneous ones).
@@ -152,7 +158,11 @@ fn check(events: &[RatingEvent], p: EngineParams, name: &str, half_life: Option<
     let mut last = (0, vec![], Array2::zeros((0, 0)));
     for batch in events.chunks(640) {
         let outcome = engine.apply(batch);
-        assert!(outcome.rejected.is_empty(), "{name}: {:?}", outcome.rejected);
+        assert!(
+            outcome.rejected.is_empty(),
+            "{name}: {:?}",
+            outcome.rejected
+        );
         applied += batch.len();
         let prefix = &events[..applied];
         let now = prefix.iter().map(|e| e.ts).max().unwrap_or(0);

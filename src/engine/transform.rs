@@ -34,8 +34,7 @@ pub struct ValueTransform {
 }
 
 /// The names `[events] transform` accepts, for error messages and docs.
-pub const TRANSFORM_NAMES: &str =
-    "none, binary, sqrt, log1p, l2, binary+l2, sqrt+l2 or log1p+l2";
+pub const TRANSFORM_NAMES: &str = "none, binary, sqrt, log1p, l2, binary+l2, sqrt+l2 or log1p+l2";
 
 impl ValueTransform {
     /// The raw values, as they are (explicit mode's default: the seed recipe's matrix).

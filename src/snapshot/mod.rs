@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
 use crate::engine::matching::adjusted_rand_index;
 use crate::engine::{
-    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec, ValueTransform,
-    held_out,
+    Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec,
+    ValueTransform, held_out,
 };
 use crate::event::Mode;
 use validation::{
