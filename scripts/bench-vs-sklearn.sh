@@ -12,6 +12,8 @@
 #           realistic        ml100k's size in the realistic profile (docs/generator.md), k=25
 #           realistic-large  large's size in the realistic profile, 25 tastes, k=25
 #   env     REPEATS (default 3), COMPONENTS (default 10), MODE (explicit|implicit, default explicit),
+#           TRANSFORM ([events] transform for both sides; default the mode's: none for explicit,
+#           binary+l2 for implicit),
 #           SKIP_BUILD=1 to use target/release/segmenter as it is; PY_THREADS=N caps the python
 #           side's BLAS/OpenMP threads (default: all cores, as segmenter's covariance operator
 #           and k-means starts use all cores). SEGMENTER_* variables reach the replay as usual.
@@ -39,6 +41,12 @@ shapes=("$@")
 max_value=5
 [ "$mode" = implicit ] && max_value=1000000
 export SEGMENTER_EVENTS__MODE="$mode" SEGMENTER_EVENTS__MAX_VALUE="$max_value"
+transform="${TRANSFORM:-}"
+if [ -z "$transform" ]; then
+  transform=none
+  [ "$mode" = implicit ] && transform=binary+l2
+fi
+export SEGMENTER_EVENTS__TRANSFORM="$transform"
 
 # Python side, pinned, in a venv of its own (reinstalled when the requirements change).
 venv=target/bench-venv
@@ -76,10 +84,10 @@ bench_shape() {
   }
   local data="target/bench-data/$shape"
   [ "$mode" = explicit ] || data="$data-$mode"
-  local runs="target/bench-runs/$shape-$mode"
+  local runs="target/bench-runs/$shape-$mode-$transform"
   echo
   echo "== $shape: $users users x $items items x $events events, $segments segments, k=$k," \
-    "$components components, $mode, $repeats repeat(s)"
+    "$components components, $mode, transform $transform, $repeats repeat(s)"
   if [ ! -s "$data/ratings.csv" ] || [ ! -s "$data/truth.csv" ]; then
     echo "generating $data ..."
     mkdir -p "$data"
@@ -116,7 +124,7 @@ bench_shape() {
         last_assign="$runs/assign-$r.csv"
       else
         if ! /usr/bin/time -f '%e %M' -o "$runs/py-$r.time" \
-          "$py" scripts/bench_sklearn.py --ratings "$data/ratings.csv" --mode "$mode" \
+          "$py" scripts/bench_sklearn.py --ratings "$data/ratings.csv" --mode "$mode" --transform "$transform" \
           --max-value "$max_value" --components "$components" --clusters "$k" --json "${py_threads[@]}" \
           > "$runs/py-$r.json" 2> "$runs/py-$r.err"; then
           echo "bench_sklearn.py failed on $shape (repeat $r):" >&2
@@ -128,7 +136,7 @@ bench_shape() {
   done
 
   # Untimed scoring run: ARI of both pipelines against the planted segments.
-  "$py" scripts/bench_sklearn.py --ratings "$data/ratings.csv" --mode "$mode" \
+  "$py" scripts/bench_sklearn.py --ratings "$data/ratings.csv" --mode "$mode" --transform "$transform" \
     --max-value "$max_value" --components "$components" --clusters "$k" --json "${py_threads[@]}" \
     --truth "$data/truth.csv" --assignments "$last_assign" --score-seeds "${SCORE_SEEDS:-4}" > "$runs/score.json" 2> "$runs/score.err" ||
     { echo "scoring run failed on $shape:" >&2; tail -n 5 "$runs/score.err" >&2; return 1; }
@@ -151,7 +159,8 @@ snap, py = snaps[-1], pys[-1]
 med = st.median
 def mm(xs): return {"min": round(min(xs), 3), "median": round(med(xs), 3)}
 out = {
-    "shape": shape, "mode": mode, "k": k, "components": comps, "repeats": repeats,
+    "shape": shape, "mode": mode, "transform": __import__("os").environ.get("SEGMENTER_EVENTS__TRANSFORM"),
+    "k": k, "components": comps, "repeats": repeats,
     "replay_wall_s": mm([w for w, _ in rp]),
     "python_wall_s": mm([w for w, _ in pp]),
     "python_inprocess_wall_s": mm([p["wall_s"] for p in pys]),

@@ -14,7 +14,10 @@ Matrix semantics are the engine's (`segmenter replay`):
     skipped when the file is already in time order, as generated files are);
   * explicit: the last value per (user, item) wins, an empty rating removes the cell;
     implicit: values per (user, item) add up;
-  * cells equal to 0 are dropped; users and items without a remaining cell are dropped.
+  * cells equal to 0 are dropped; users and items without a remaining cell are dropped;
+  * --transform (segmenter's `[events] transform`) then replaces the matrix by its
+    transform: binary / sqrt / log1p per value, then with `+l2` (or `l2` alone) each row
+    scaled to unit l2 norm; every later stage sees the transformed matrix (stage `transform`).
 
 Timing: `wall_s` is in-process wall time from just before the CSV is read to the end of the
 recipe (profiles); scoring against --truth/--assignments is reported as stage `score` and is
@@ -40,6 +43,7 @@ from sklearn.decomposition import PCA
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.metrics import adjusted_rand_score
 from sklearn.naive_bayes import MultinomialNB
+from sklearn.preprocessing import normalize
 
 SEED = 0
 
@@ -48,6 +52,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratings", required=True, help="CSV with header user,item,rating,ts")
     p.add_argument("--mode", choices=["explicit", "implicit"], default="explicit")
+    p.add_argument(
+        "--transform",
+        choices=["none", "binary", "sqrt", "log1p", "l2", "binary+l2", "sqrt+l2", "log1p+l2"],
+        default="none",
+        help="as [events] transform (segmenter's implicit default is binary+l2)",
+    )
     p.add_argument("--components", type=int, default=10)
     p.add_argument("--clusters", type=int, default=25)
     p.add_argument("--min-value", type=float, default=0.0, help="as [events] min_value")
@@ -148,6 +158,27 @@ def seed_spread(P, users, truth, args, labels, inertia):
     return runs
 
 
+def transform(X, name):
+    """segmenter's `[events] transform` of X (non-negative values)."""
+    if name == "none":
+        return X
+    cell, l2 = name, False
+    if name == "l2":
+        cell, l2 = "none", True
+    elif name.endswith("+l2"):
+        cell, l2 = name[: -len("+l2")], True
+    X = X.copy()
+    if cell == "binary":
+        X.data = np.ones_like(X.data)
+    elif cell == "sqrt":
+        np.sqrt(X.data, out=X.data)
+    elif cell == "log1p":
+        np.log1p(X.data, out=X.data)
+    if l2:
+        X = normalize(X, norm="l2", axis=1, copy=False)
+    return X
+
+
 def run(args):
     stages = {}
     t0 = time.perf_counter()
@@ -165,6 +196,8 @@ def run(args):
     events = len(df)
     del df
     lap("matrix")
+    X = transform(X, args.transform)
+    lap("transform")
     n_users, n_items = X.shape
     if args.clusters > n_users or args.components >= min(X.shape):
         raise SystemExit(f"matrix {X.shape} too small for {args.components} components / {args.clusters} clusters")
