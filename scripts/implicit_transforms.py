@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""How well each value transform segments an implicit (play-count) set, with scikit-learn.
+"""How well each value transform segments an implicit (play-count) set: scikit-learn beside
+segmenter.
 
-The scikit-learn side of scripts/implicit-transforms.sh: for a generated implicit ratings
-file and its planted truth, fold the events into the user x item matrix (values add up),
-transform it (binary, sqrt, log1p and/or l2 rows, as segmenter's `[events] transform`),
-run PCA + KMeans and print the adjusted Rand index of the clusters against the truth, one
-JSON line per transform.
+The scoring side of scripts/implicit-transforms.sh: for a generated implicit ratings file and
+its planted truth, fold the events into the user x item matrix (values add up), transform it
+(binary, sqrt, log1p and/or l2 rows, as segmenter's `[events] transform`), run PCA + KMeans
+(n_init=10) and print the adjusted Rand index of the clusters against the truth, one JSON line
+per transform; with --assignments-dir, also the ARI of segmenter's assignments for that
+transform (`<dir>/<transform>.csv`, as `segmenter replay --assignments-out` writes them).
 
     python3 scripts/implicit_transforms.py --ratings F.csv --truth T.csv \
-        [--components 10] [--clusters K] [--seed 0] [--transforms none,sqrt+l2,...]
+        [--components 10] [--clusters K] [--seed 0] [--transforms none,sqrt+l2,...] \
+        [--assignments-dir DIR]
 """
 
 import argparse
@@ -55,6 +58,7 @@ def main():
     p.add_argument("--clusters", type=int, default=0, help="default: the truth's segments")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transforms", default=",".join(ALL))
+    p.add_argument("--assignments-dir", help="segmenter's assignments, <dir>/<transform>.csv")
     args = p.parse_args()
 
     cells = {}
@@ -86,11 +90,22 @@ def main():
         projected = PCA(n_components=args.components, svd_solver="full").fit_transform(T)
         labels = KMeans(n_clusters=k, n_init=10, random_state=args.seed).fit(projected).labels_
         ari = adjusted_rand_score(planted, labels)
+        segmenter = None
+        if args.assignments_dir:
+            found = {}
+            with open(f"{args.assignments_dir}/{name}.csv", newline="") as f:
+                reader = csv.reader(f)
+                next(reader)
+                for user, cluster in reader:
+                    found[user] = int(cluster)
+            scored = [u for u in users if u in found]
+            segmenter = adjusted_rand_score([truth[u] for u in scored], [found[u] for u in scored])
         print(
             json.dumps(
                 {
                     "transform": name,
                     "ari": round(float(ari), 4),
+                    "segmenter_ari": None if segmenter is None else round(float(segmenter), 4),
                     "users": len(users),
                     "items": len(items),
                     "clusters": k,

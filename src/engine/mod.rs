@@ -563,7 +563,10 @@ impl Engine {
         }
         changes.cell_changed(u, j, new);
         if transform.l2_rows {
-            self.unsettled.push(u);
+            // A replay of an item already played changes no binary value, so no row.
+            if transform.cell_value(new) != transform.cell_value(old) {
+                self.unsettled.push(u);
+            }
         } else {
             // The transformed row has the stored row's items, so `pos` is the cell's
             // position there too.
@@ -583,28 +586,11 @@ impl Engine {
         users.dedup();
         let transform = self.params.transform;
         let mut row = SparseVec::default();
+        let mut deltas: Vec<(u32, f64)> = Vec::new();
+        let mut cells: Vec<(u32, f64, f64)> = Vec::new();
         for &u in &users {
             transform.row_into(&self.raw[u as usize], &mut row);
-            // Cells that stay or arrive first, then those that left: the user stays active
-            // throughout unless the row emptied.
-            for (j, new) in row.iter() {
-                let x = &self.vectors[u as usize];
-                let pos = x.idx.binary_search(&j);
-                let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
-                self.write_cell(u, j, pos, old, new, changes);
-            }
-            let gone: Vec<u32> = self.vectors[u as usize]
-                .idx
-                .iter()
-                .copied()
-                .filter(|j| row.idx.binary_search(j).is_err())
-                .collect();
-            for j in gone {
-                let x = &self.vectors[u as usize];
-                let pos = x.idx.binary_search(&j);
-                let old = pos.map(|p| x.val[p]).unwrap_or(0.0);
-                self.write_cell(u, j, pos, old, 0.0, changes);
-            }
+            self.settle_row(u, &row, &mut cells, &mut deltas, changes);
         }
         users.clear();
         self.unsettled = users;
@@ -623,10 +609,114 @@ impl Engine {
         new: f64,
         changes: &mut impl ChangeSink,
     ) {
+        let mut held = None;
+        if let Some((was_active, now_active)) = self.set_cell(u, j, pos, old, new, &mut held) {
+            self.model.shift(u as usize, j as usize, new - old);
+            self.model
+                .reassign(u as usize, was_active, now_active, changes);
+        }
+    }
+
+    /// Replaces `u`'s transformed row by `row`: one merge of the two rows finds the cells that
+    /// changed, then the statistics, the tracked segments and the online model move for those
+    /// (the model once for the whole row). `cells` and `deltas` are scratch space.
+    fn settle_row(
+        &mut self,
+        u: u32,
+        row: &SparseVec,
+        cells: &mut Vec<(u32, f64, f64)>,
+        deltas: &mut Vec<(u32, f64)>,
+        changes: &mut impl ChangeSink,
+    ) {
+        cells.clear();
+        deltas.clear();
+        let x = &self.vectors[u as usize];
+        let (mut a, mut b) = (0, 0);
+        while a < x.idx.len() || b < row.idx.len() {
+            let (ja, jb) = (
+                x.idx.get(a).copied().unwrap_or(u32::MAX),
+                row.idx.get(b).copied().unwrap_or(u32::MAX),
+            );
+            let (j, old, new) = match ja.cmp(&jb) {
+                std::cmp::Ordering::Less => {
+                    a += 1;
+                    (ja, x.val[a - 1], 0.0)
+                }
+                std::cmp::Ordering::Greater => {
+                    b += 1;
+                    (jb, 0.0, row.val[b - 1])
+                }
+                std::cmp::Ordering::Equal => {
+                    a += 1;
+                    b += 1;
+                    (ja, x.val[a - 1], row.val[b - 1])
+                }
+            };
+            if old != new {
+                cells.push((j, old, new));
+                deltas.push((j, new - old));
+            }
+        }
+        if cells.is_empty() {
+            return;
+        }
+        let (was_active, now_active) = (!x.idx.is_empty(), !row.idx.is_empty());
+        self.ratings = self.ratings - x.nnz() as u64 + row.nnz() as u64;
+        let x = &mut self.vectors[u as usize];
+        if x.idx != row.idx {
+            x.idx.clone_from(&row.idx);
+        }
+        x.val.clone_from(&row.val);
+        if !was_active {
+            self.stats.user_entered();
+        }
+        for &(j, old, new) in cells.iter() {
+            self.stats.apply_change(j as usize, old, new);
+        }
+        if !now_active {
+            self.stats.user_left();
+        }
+        if let Some(tracked) = &mut self.segments {
+            let label = tracked
+                .labels
+                .get(u as usize)
+                .copied()
+                .unwrap_or(NO_CLUSTER);
+            if label != NO_CLUSTER {
+                let held = held_out(self.users.id(u), self.params.seed, tracked.holdout_percent);
+                // The user enters (or leaves) the segment with the first (or last) cell.
+                let last = cells.len() - 1;
+                for (i, &(j, old, new)) in cells.iter().enumerate() {
+                    let before = i > 0 || was_active;
+                    let after = i < last || now_active;
+                    tracked
+                        .sums
+                        .cell_changed(label, held, j, old, new, before, after);
+                }
+            }
+        }
+        self.model.shift_row(u as usize, deltas);
+        self.model
+            .reassign(u as usize, was_active, now_active, changes);
+    }
+
+    /// [`Engine::write_cell`] but for the online model, which the caller moves once the
+    /// user's row is complete. Whether the user had ratings before and has now; `None` when
+    /// nothing changed. `held` caches whether the user is held out (computed on first need).
+    #[inline]
+    fn set_cell(
+        &mut self,
+        u: u32,
+        j: u32,
+        pos: Result<usize, usize>,
+        old: f64,
+        new: f64,
+        held: &mut Option<bool>,
+    ) -> Option<(bool, bool)> {
         let x = &self.vectors[u as usize];
         let delta = new - old;
         if delta == 0.0 {
-            return;
+            return None;
         }
         let was_active = !x.idx.is_empty();
         if !was_active {
@@ -658,15 +748,15 @@ impl Engine {
                 .copied()
                 .unwrap_or(NO_CLUSTER);
             if label != NO_CLUSTER {
-                let held = held_out(self.users.id(u), self.params.seed, tracked.holdout_percent);
+                let (users, seed) = (&self.users, self.params.seed);
+                let held = *held
+                    .get_or_insert_with(|| held_out(users.id(u), seed, tracked.holdout_percent));
                 tracked
                     .sums
                     .cell_changed(label, held, j, old, new, was_active, now_active);
             }
         }
-        self.model.on_change(
-            u as usize, j as usize, delta, was_active, now_active, changes,
-        );
+        Some((was_active, now_active))
     }
 
     /// Refreshes the PCA and polishes the clustering now (the periodic refresh; the service
@@ -859,13 +949,14 @@ mod tests {
 
     /// The tracked segment sums after random ratings, re-ratings, retractions, decay rebases
     /// (each a rescale by 2^-64) and segment changes, against the sums from scratch.
-    fn tracked_sums_stay_exact(mode: Mode, half_life: Option<u64>, seed: u64) {
+    fn tracked_sums_stay_exact(mode: Mode, half_life: Option<u64>, seed: u64, transform: &str) {
         use rand::{Rng, SeedableRng};
         use rand_chacha::ChaCha8Rng;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut engine = Engine::new(EngineParams {
             mode,
             half_life_seconds: half_life,
+            transform: ValueTransform::parse(transform).expect("transform"),
             components: 3,
             clusters: 4,
             refresh_every_events: 700,
@@ -927,7 +1018,7 @@ mod tests {
         let difference = tracked.sums.max_relative_difference(&fresh);
         assert!(
             difference <= 1e-9,
-            "{mode:?}, half-life {half_life:?}, {rebases} rebases: {difference}"
+            "{mode:?}, {transform}, half-life {half_life:?}, {rebases} rebases: {difference}"
         );
         // And the view's sums for new segments (moved from the tracked ones) are exact too.
         let labels = random_labels(&mut rng, engine.users().len());
@@ -942,10 +1033,13 @@ mod tests {
     #[test]
     fn tracked_segment_sums_equal_their_values_from_scratch() {
         for seed in [1, 2, 3] {
-            tracked_sums_stay_exact(Mode::Explicit, None, seed);
-            tracked_sums_stay_exact(Mode::Implicit, None, seed);
-            tracked_sums_stay_exact(Mode::Explicit, Some(1), seed);
-            tracked_sums_stay_exact(Mode::Implicit, Some(1), seed);
+            for transform in ["none", "sqrt+l2", "binary"] {
+                tracked_sums_stay_exact(Mode::Explicit, None, seed, transform);
+                tracked_sums_stay_exact(Mode::Implicit, None, seed, transform);
+                tracked_sums_stay_exact(Mode::Explicit, Some(1), seed, transform);
+                tracked_sums_stay_exact(Mode::Implicit, Some(1), seed, transform);
+            }
+            tracked_sums_stay_exact(Mode::Implicit, None, seed, "log1p+l2");
         }
     }
 

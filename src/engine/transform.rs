@@ -108,8 +108,8 @@ impl ValueTransform {
     /// engine's values are in units of `scale`; see `decay`).
     pub fn scale_of(self, scale: f64) -> f64 {
         match self.degree() {
-            Some(a) if a == 1.0 => scale,
-            Some(a) if a == 0.0 => 1.0,
+            Some(1.0) => scale,
+            Some(0.0) => 1.0,
             Some(a) => scale.powf(a),
             None => scale,
         }
