@@ -100,7 +100,7 @@ fn check_parity(g: &Value, engine: &Engine, components: usize, clusters: usize) 
 
     let titles = Default::default();
     let (snap, _) = snapshot::build(
-        &engine,
+        engine,
         &SnapshotParams::default(),
         BuildInput::standalone(&titles, true),
     )
@@ -177,7 +177,7 @@ fn check_parity(g: &Value, engine: &Engine, components: usize, clusters: usize) 
 
     // TF-IDF profiles for scikit-learn's own labels: scores within 1e-9.
     let users = g["users"].as_array().unwrap();
-    let labels = labels_by_engine_index(&engine, users, g["kmeans"]["labels"].as_array().unwrap());
+    let labels = labels_by_engine_index(engine, users, g["kmeans"]["labels"].as_array().unwrap());
     let d_engine = engine.items().len();
     let profiles = tfidf_profiles(engine.vectors(), &labels, clusters, d_engine);
     let idf = floats(&g["tfidf"]["idf"]);
