@@ -31,7 +31,7 @@ shapes=(
   "2000 3000 300000 12 5"
 )
 export SEGMENTER_EVENTS__MODE=implicit SEGMENTER_EVENTS__MAX_VALUE=1000000
-printf '%-32s %-10s %10s %10s\n' "shape (users items sessions tastes seed)" transform segmenter scikit-learn
+printf '%-40s %-10s %10s %12s\n' "shape (users items sessions tastes seed)" transform segmenter scikit-learn
 for shape in "${shapes[@]}"; do
   read -r users items sessions tastes seed <<< "$shape"
   dir="target/implicit-transforms/$users-$items-$sessions-$tastes-$seed"
@@ -52,6 +52,6 @@ for shape in "${shapes[@]}"; do
   "$py" scripts/implicit_transforms.py --ratings "$dir/ratings.csv" --truth "$dir/truth.csv" \
     --assignments-dir "$dir/assignments" | while read -r line; do
     echo "JSON {\"shape\": \"$shape\", ${line#\{}"
-    "$py" -c 'import json,sys; r=json.loads(sys.argv[2]); print(f"{sys.argv[1]:<32} {r[\"transform\"]:<10} {r[\"segmenter_ari\"]:>10.3f} {r[\"ari\"]:>10.3f}")' "$shape" "$line"
+    "$py" -c 'import json, sys; r = json.loads(sys.argv[2]); print("{:<40} {:<10} {:>10.3f} {:>12.3f}".format(sys.argv[1], r["transform"], r["segmenter_ari"], r["ari"]))' "$shape" "$line"
   done
 done
