@@ -21,10 +21,11 @@ pub fn html_report(charts: &ChartInputs, top: usize) -> String {
     let explained: f64 = snapshot.pca.explained_variance_ratio.iter().sum();
     let _ = write!(
         html,
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>segmenter report: snapshot v{v}</title><style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}.charts{{display:flex;flex-wrap:wrap;gap:16px}}.figures td:last-child{{text-align:right}}</style></head><body><h1>Customer segments: snapshot v{v}</h1><p>Built {created} ({mode} mode).</p><table class="figures"><tr><td>users</td><td>{users}</td></tr><tr><td>items</td><td>{items}</td></tr><tr><td>ratings</td><td>{ratings}</td></tr><tr><td>events applied</td><td>{events}</td></tr><tr><td>PCA components (variance explained)</td><td>{k} ({explained:.2}%)</td></tr><tr><td>clusters (inertia)</td><td>{clusters} ({inertia:.4})</td></tr><tr><td>Naive Bayes agreement: train / holdout</td><td>{train:.4} / {holdout}</td></tr></table><h2>Charts</h2><div class="charts">"#,
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>segmenter report: snapshot v{v}</title><style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}.charts{{display:flex;flex-wrap:wrap;gap:16px}}.figures td:last-child{{text-align:right}}</style></head><body><h1>Customer segments: snapshot v{v}</h1><p>Built {created} ({mode} mode, values: {transform}).</p><table class="figures"><tr><td>users</td><td>{users}</td></tr><tr><td>items</td><td>{items}</td></tr><tr><td>ratings</td><td>{ratings}</td></tr><tr><td>events applied</td><td>{events}</td></tr><tr><td>PCA components (variance explained)</td><td>{k} ({explained:.2}%)</td></tr><tr><td>clusters (inertia)</td><td>{clusters} ({inertia:.4})</td></tr><tr><td>Naive Bayes agreement: train / holdout</td><td>{train:.4} / {holdout}</td></tr></table><h2>Charts</h2><div class="charts">"#,
         v = snapshot.version,
         created = escape(&snapshot.created_at),
         mode = snapshot.mode,
+        transform = snapshot.transform,
         users = c.users,
         items = c.items,
         ratings = c.ratings,

@@ -12,10 +12,11 @@ pub fn seed_report(snapshot: &Snapshot, top: usize) -> String {
     let nb = &snapshot.validation.naive_bayes;
     let _ = writeln!(
         out,
-        "snapshot v{} ({}, {} mode): {} users, {} items, {} ratings, {} events applied",
+        "snapshot v{} ({}, {} mode, values {}): {} users, {} items, {} ratings, {} events applied",
         snapshot.version,
         snapshot.created_at,
         snapshot.mode,
+        snapshot.transform,
         c.users,
         c.items,
         c.ratings,
