@@ -13,7 +13,8 @@
 #           realistic-large  large's size in the realistic profile, 25 tastes, k=25
 #   env     REPEATS (default 3), COMPONENTS (default 10), MODE (explicit|implicit, default explicit),
 #           TRANSFORM ([events] transform for both sides; default the mode's: none for explicit,
-#           binary+l2 for implicit),
+#           binary+l2 for implicit), REPLAY_ARGS (extra `segmenter replay` arguments, e.g.
+#           --no-diagnostics),
 #           SKIP_BUILD=1 to use target/release/segmenter as it is; PY_THREADS=N caps the python
 #           side's BLAS/OpenMP threads (default: all cores, as segmenter's covariance operator
 #           and k-means starts use all cores). SEGMENTER_* variables reach the replay as usual.
@@ -113,7 +114,7 @@ bench_shape() {
         if ! /usr/bin/time -f '%e %M' -o "$runs/replay-$r.time" \
           "$seg" replay --ratings "$data/ratings.csv" --clusters "$k" --components "$components" \
           --state-dir "$runs/state" --snapshot-out "$runs/snap-$r.json" \
-          --assignments-out "$runs/assign-$r.csv" > "$runs/replay-$r.out" 2> "$runs/replay-$r.err"; then
+          --assignments-out "$runs/assign-$r.csv" ${REPLAY_ARGS:-} > "$runs/replay-$r.out" 2> "$runs/replay-$r.err"; then
           echo "segmenter replay failed on $shape (repeat $r):" >&2
           tail -n 5 "$runs/replay-$r.err" >&2
           rm -rf "$runs/state"
