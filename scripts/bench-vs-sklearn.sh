@@ -49,14 +49,8 @@ if [ -z "$transform" ]; then
 fi
 export SEGMENTER_EVENTS__TRANSFORM="$transform"
 
-# Python side, pinned, in a venv of its own (reinstalled when the requirements change).
-venv=target/bench-venv
-if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/requirements-bench.txt "$venv/requirements-bench.txt"; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q -r scripts/requirements-bench.txt
-  cp scripts/requirements-bench.txt "$venv/requirements-bench.txt"
-fi
-py="$PWD/$venv/bin/python"
+# Python side, pinned, in a venv of its own (sets py).
+source scripts/bench-venv.sh
 py_threads=()
 [ -z "${PY_THREADS:-}" ] || py_threads=(--threads "$PY_THREADS")
 

@@ -30,7 +30,6 @@ Usage:
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
@@ -43,7 +42,8 @@ from sklearn.decomposition import PCA
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.metrics import adjusted_rand_score
 from sklearn.naive_bayes import MultinomialNB
-from sklearn.preprocessing import normalize
+
+from value_transform import NAMES as TRANSFORMS, transform
 
 SEED = 0
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["explicit", "implicit"], default="explicit")
     p.add_argument(
         "--transform",
-        choices=["none", "binary", "sqrt", "log1p", "l2", "binary+l2", "sqrt+l2", "log1p+l2"],
+        choices=TRANSFORMS,
         default="none",
         help="as [events] transform (segmenter's implicit default is binary+l2)",
     )
@@ -156,27 +156,6 @@ def seed_spread(P, users, truth, args, labels, inertia):
         s = pd.Series(km.labels_, index=pd.Index(users, name="user"))
         runs.append({"random_state": seed, "inertia": float(km.inertia_), "ari_truth": ari(s, truth)[0]})
     return runs
-
-
-def transform(X, name):
-    """segmenter's `[events] transform` of X (non-negative values)."""
-    if name == "none":
-        return X
-    cell, l2 = name, False
-    if name == "l2":
-        cell, l2 = "none", True
-    elif name.endswith("+l2"):
-        cell, l2 = name[: -len("+l2")], True
-    X = X.copy()
-    if cell == "binary":
-        X.data = np.ones_like(X.data)
-    elif cell == "sqrt":
-        np.sqrt(X.data, out=X.data)
-    elif cell == "log1p":
-        np.log1p(X.data, out=X.data)
-    if l2:
-        X = normalize(X, norm="l2", axis=1, copy=False)
-    return X
 
 
 def run(args):

@@ -108,15 +108,10 @@ fi
 sk_repeats=${SK_REPEATS:-3}
 if [ "$sk_repeats" -gt 0 ]; then
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=
-  venv=target/bench-venv
-  if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/requirements-bench.txt "$venv/requirements-bench.txt"; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q -r scripts/requirements-bench.txt
-    cp scripts/requirements-bench.txt "$venv/requirements-bench.txt"
-  fi
+  source scripts/bench-venv.sh
   times=()
   for r in $(seq 1 "$sk_repeats"); do
-    /usr/bin/time -f '%e' -o "$work/sk.time" "$venv/bin/python" scripts/bench_sklearn.py \
+    /usr/bin/time -f '%e' -o "$work/sk.time" "$py" scripts/bench_sklearn.py \
       --ratings "$ratings" --components 10 --clusters 25 --json >/dev/null 2>"$work/sk.err" ||
       { tail -n 5 "$work/sk.err" >&2; exit 1; }
     times+=("$(tail -n 1 "$work/sk.time")")

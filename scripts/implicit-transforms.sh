@@ -10,13 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=target/bench-venv
-if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/requirements-bench.txt "$venv/requirements-bench.txt"; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q -r scripts/requirements-bench.txt
-  cp scripts/requirements-bench.txt "$venv/requirements-bench.txt"
-fi
-py="$PWD/$venv/bin/python"
+# Python side, pinned, in a venv of its own (sets py).
+source scripts/bench-venv.sh
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin segmenter
 seg="$PWD/target/release/segmenter"
 transforms=(none binary sqrt log1p l2 binary+l2 sqrt+l2 log1p+l2)

@@ -24,30 +24,8 @@ import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
-from sklearn.preprocessing import normalize
 
-ALL = ["none", "binary", "sqrt", "log1p", "l2", "binary+l2", "sqrt+l2", "log1p+l2"]
-
-
-def transform(X, name):
-    """segmenter's transform `name` of the matrix X (values >= 0)."""
-    X = X.copy().astype(np.float64)
-    cell, l2 = name, False
-    if name == "l2":
-        cell, l2 = "none", True
-    elif name.endswith("+l2"):
-        cell, l2 = name[: -len("+l2")], True
-    if cell == "binary":
-        X.data = np.ones_like(X.data)
-    elif cell == "sqrt":
-        X.data = np.sqrt(X.data)
-    elif cell == "log1p":
-        X.data = np.log1p(X.data)
-    elif cell != "none":
-        raise SystemExit(f"unknown transform {name}")
-    if l2:
-        X = normalize(X, norm="l2", axis=1)
-    return X
+from value_transform import NAMES as TRANSFORMS, transform
 
 
 def main():
@@ -57,7 +35,7 @@ def main():
     p.add_argument("--components", type=int, default=10)
     p.add_argument("--clusters", type=int, default=0, help="default: the truth's segments")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--transforms", default=",".join(ALL))
+    p.add_argument("--transforms", default=",".join(TRANSFORMS))
     p.add_argument("--assignments-dir", help="segmenter's assignments, <dir>/<transform>.csv")
     args = p.parse_args()
 

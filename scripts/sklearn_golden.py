@@ -55,8 +55,10 @@ from sklearn.decomposition import PCA
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.metrics import confusion_matrix
 from sklearn.naive_bayes import MultinomialNB
-from sklearn.preprocessing import normalize
+
 from threadpoolctl import threadpool_limits
+
+from value_transform import NAMES as TRANSFORMS, transform
 
 INERTIA_KS = [2, 5, 10, 15, 20, 25, 30]
 HEADER = ["user", "item", "rating", "ts"]
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["explicit", "implicit"], default="explicit")
     p.add_argument(
         "--transform",
-        choices=["none", "binary", "sqrt", "log1p", "l2", "binary+l2", "sqrt+l2", "log1p+l2"],
+        choices=TRANSFORMS,
         default="none",
     )
     p.add_argument("--components", type=int, default=10)
@@ -156,26 +158,6 @@ def build_matrix(cells):
     X.sort_indices()
     assert X.nnz == n, "duplicate cells after folding"
     return X, users, items
-
-
-def transform(X, name):
-    """segmenter's `[events] transform` of X (non-negative values)."""
-    X = X.copy()
-    cell, l2 = name, False
-    if name == "l2":
-        cell, l2 = "none", True
-    elif name.endswith("+l2"):
-        cell, l2 = name[: -len("+l2")], True
-    if cell == "binary":
-        X.data = np.ones_like(X.data)
-    elif cell == "sqrt":
-        X.data = np.sqrt(X.data)
-    elif cell == "log1p":
-        X.data = np.log1p(X.data)
-    if l2:
-        X = normalize(X, norm="l2", axis=1).tocsr()
-        X.sort_indices()
-    return X
 
 
 def floats(a):

@@ -12,38 +12,14 @@ use segmenter::event::{Mode, RatingEvent};
 use segmenter::generator::{GeneratorParams, generate};
 use segmenter::snapshot::{self, BuildInput, SnapshotParams};
 
+mod common;
+
 /// The batch recipe's matrix, built directly from an event prefix.
 fn batch_matrix(events: &[RatingEvent], mode: Mode) -> BTreeMap<(String, String), f64> {
-    let mut cells = BTreeMap::new();
-    for e in events {
-        let key = (e.user.clone(), e.item.clone());
-        match (mode, e.value) {
-            (Mode::Explicit, Some(v)) => {
-                cells.insert(key, v);
-            }
-            (Mode::Explicit, None) => {
-                cells.remove(&key);
-            }
-            (Mode::Implicit, Some(v)) => *cells.entry(key).or_insert(0.0) += v,
-            (Mode::Implicit, None) => {}
-        }
-    }
-    cells.retain(|_, v| *v != 0.0);
-    cells
+    common::weighted_batch_matrix(events, mode, |_| 1.0)
 }
 
-fn with_retractions(mut events: Vec<RatingEvent>) -> Vec<RatingEvent> {
-    // Every 7th event retracts an earlier rating instead (explicit mode's null value).
-    for i in (7..events.len()).step_by(7) {
-        let earlier = events[i - 5].clone();
-        events[i] = RatingEvent {
-            value: None,
-            ts: events[i].ts,
-            ..earlier
-        };
-    }
-    events
-}
+use common::with_retractions;
 
 /// The stream both parity checks replay: planted segments, and in explicit mode retractions.
 fn parity_stream(mode: Mode) -> Vec<RatingEvent> {
@@ -71,27 +47,8 @@ struct Moments {
 }
 
 fn moments(cells: &BTreeMap<(String, String), f64>, engine: &Engine) -> Moments {
-    let d = engine.items().len();
-    let mut rows: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for ((user, item), v) in cells {
-        let j = engine.items().get(item).expect("item known") as usize;
-        rows.entry(user.as_str()).or_insert_with(|| vec![0.0; d])[j] = *v;
-    }
-    let mut sums = vec![0.0; d];
-    let mut m = Array2::<f64>::zeros((d, d));
-    for x in rows.values() {
-        for i in 0..d {
-            sums[i] += x[i];
-            for j in 0..d {
-                m[[i, j]] += x[i] * x[j];
-            }
-        }
-    }
-    Moments {
-        n: rows.len() as u64,
-        sums,
-        m,
-    }
+    let (n, sums, m) = common::moments(cells, engine);
+    Moments { n, sums, m }
 }
 
 /// The population covariance, batch-style, from [`Moments`].
@@ -240,23 +197,7 @@ fn decayed_batch_matrix(
     half_life: f64,
 ) -> BTreeMap<(String, String), f64> {
     let now = events.iter().map(|e| e.ts).max().unwrap_or(0);
-    let weight = |ts: i64| (-((now - ts) as f64) / half_life).exp2();
-    let mut cells = BTreeMap::new();
-    for e in events {
-        let key = (e.user.clone(), e.item.clone());
-        match (mode, e.value) {
-            (Mode::Explicit, Some(v)) => {
-                cells.insert(key, v * weight(e.ts));
-            }
-            (Mode::Explicit, None) => {
-                cells.remove(&key);
-            }
-            (Mode::Implicit, Some(v)) => *cells.entry(key).or_insert(0.0) += v * weight(e.ts),
-            (Mode::Implicit, None) => {}
-        }
-    }
-    cells.retain(|_, v| *v != 0.0);
-    cells
+    common::weighted_batch_matrix(events, mode, |ts| (-((now - ts) as f64) / half_life).exp2())
 }
 
 fn assert_close(a: f64, b: f64, relative: f64, what: &str) {
@@ -301,44 +242,7 @@ fn check_decay_equals_batch_on(
         let cells = decayed_batch_matrix(&events[..applied], mode, h);
         let c = engine.value_scale();
         let d = engine.items().len();
-        let Moments { n, sums, m } = moments(&cells, &engine);
-        assert_eq!(engine.active_users(), n, "users after {applied} events");
-        assert_eq!(engine.ratings(), cells.len() as u64);
-        // Normwise, as the undecayed test (its floor is a rating of 1): a retraction leaves
-        // the rounding of the larger values it cancels.
-        let largest = |v: &mut dyn Iterator<Item = f64>| v.fold(0.0f64, |m, x| m.max(x.abs()));
-        let sums_scale = largest(&mut sums.iter().copied());
-        for (j, (a, b)) in engine.stats().sums().iter().zip(&sums).enumerate() {
-            assert!(
-                (a * c - b).abs() <= 1e-9 * sums_scale,
-                "column sum {j} after {applied}: {} vs {b}",
-                a * c
-            );
-        }
-        let squares_scale = largest(&mut m.diag().iter().copied());
-        for (j, (a, b)) in engine.stats().squares().iter().zip(m.diag()).enumerate() {
-            assert!(
-                (a * c * c - b).abs() <= 1e-9 * squares_scale,
-                "sum of squares {j} after {applied}: {} vs {b}",
-                a * c * c
-            );
-        }
-        let cov = covariance(n, &sums, &m);
-        let block = probe_block(d);
-        let online = engine
-            .stats()
-            .operator(engine.vectors(), d)
-            .apply_rows(&block)
-            * (c * c);
-        let batch = block.dot(&cov);
-        let worst = (&online - &batch)
-            .iter()
-            .fold(0.0f64, |w, x| w.max(x.abs()));
-        let scale = batch.iter().fold(0.0f64, |w, x| w.max(x.abs()));
-        assert!(
-            worst <= 1e-9 * scale,
-            "covariance operator differs by {worst} (of {scale}) after {applied} events"
-        );
+        let cov = common::assert_statistics_equal(&engine, &cells, &format!("after {applied}"));
         let (exact, _) = jacobi_eigen(&cov);
         let model = engine
             .snapshot_model(false, PreviousSegments::None)

@@ -124,6 +124,13 @@ pub struct TrackedSegments {
     pub sums: SegmentSums,
 }
 
+impl TrackedSegments {
+    /// User `u`'s segment ([`NO_CLUSTER`] when in none, or past the labels).
+    fn segment_of(&self, u: u32) -> u32 {
+        self.labels.get(u as usize).copied().unwrap_or(NO_CLUSTER)
+    }
+}
+
 /// Whether the user with id `id` is held out of the Naive Bayes fit (`percent` of the users,
 /// chosen by a seeded hash of the id: the same users in every snapshot and on every instance).
 pub fn held_out(id: &str, seed: u64, percent: u64) -> bool {
@@ -677,11 +684,7 @@ impl Engine {
             self.stats.user_left();
         }
         if let Some(tracked) = &mut self.segments {
-            let label = tracked
-                .labels
-                .get(u as usize)
-                .copied()
-                .unwrap_or(NO_CLUSTER);
+            let label = tracked.segment_of(u);
             if label != NO_CLUSTER {
                 let held = held_out(self.users.id(u), self.params.seed, tracked.holdout_percent);
                 // The user enters (or leaves) the segment with the first (or last) cell.
@@ -742,11 +745,7 @@ impl Engine {
             self.stats.user_left();
         }
         if let Some(tracked) = &mut self.segments {
-            let label = tracked
-                .labels
-                .get(u as usize)
-                .copied()
-                .unwrap_or(NO_CLUSTER);
+            let label = tracked.segment_of(u);
             if label != NO_CLUSTER {
                 let (users, seed) = (&self.users, self.params.seed);
                 let held = *held

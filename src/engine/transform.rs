@@ -85,6 +85,21 @@ impl ValueTransform {
         Ok(ValueTransform { cell, l2_rows })
     }
 
+    /// Every transform, `none` first, in the order of [`TRANSFORM_NAMES`].
+    pub fn all() -> impl Iterator<Item = ValueTransform> {
+        let cells = [
+            CellTransform::None,
+            CellTransform::Binary,
+            CellTransform::Sqrt,
+            CellTransform::Log1p,
+        ];
+        [false, true].into_iter().flat_map(move |l2_rows| {
+            cells
+                .into_iter()
+                .map(move |cell| ValueTransform { cell, l2_rows })
+        })
+    }
+
     pub fn is_identity(&self) -> bool {
         *self == ValueTransform::NONE
     }
@@ -185,9 +200,11 @@ mod tests {
 
     #[test]
     fn every_name_parses_and_prints_back() {
-        for name in TRANSFORM_NAMES.replace(" or ", ", ").split(", ") {
+        let names: Vec<String> = ValueTransform::all().map(|t| t.to_string()).collect();
+        assert_eq!(names.join(", "), TRANSFORM_NAMES.replace(" or ", ", "));
+        for name in &names {
             let t = ValueTransform::parse(name).unwrap();
-            assert_eq!(t.to_string(), name);
+            assert_eq!(&t.to_string(), name);
         }
         assert!(ValueTransform::parse("none+l2").is_err());
         assert!(ValueTransform::parse("sqrt+l1").is_err());

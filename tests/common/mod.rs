@@ -639,3 +639,126 @@ pub fn read_to_end(topic: &str, isolation: &str) -> Vec<(String, Option<serde_js
     }
     panic!("{topic} not read to its end within 60 s");
 }
+
+/// A batch matrix: `(user, item)` to value.
+pub type Cells = BTreeMap<(String, String), f64>;
+
+/// The batch recipe's matrix of `events`, built directly from them (independently of the
+/// engine): explicit values replace and null retracts, implicit values add up, each times
+/// `weight(ts)`; cells left at 0 are dropped.
+pub fn weighted_batch_matrix(
+    events: &[segmenter::event::RatingEvent],
+    mode: Mode,
+    weight: impl Fn(i64) -> f64,
+) -> Cells {
+    let mut cells = BTreeMap::new();
+    for e in events {
+        let key = (e.user.clone(), e.item.clone());
+        match (mode, e.value) {
+            (Mode::Explicit, Some(v)) => {
+                cells.insert(key, v * weight(e.ts));
+            }
+            (Mode::Explicit, None) => {
+                cells.remove(&key);
+            }
+            (Mode::Implicit, Some(v)) => *cells.entry(key).or_insert(0.0) += v * weight(e.ts),
+            (Mode::Implicit, None) => {}
+        }
+    }
+    cells.retain(|_, v| *v != 0.0);
+    cells
+}
+
+/// Every 7th event retracts an earlier rating instead (explicit mode's null value).
+pub fn with_retractions(
+    mut events: Vec<segmenter::event::RatingEvent>,
+) -> Vec<segmenter::event::RatingEvent> {
+    for i in (7..events.len()).step_by(7) {
+        let earlier = events[i - 5].clone();
+        events[i] = segmenter::event::RatingEvent {
+            value: None,
+            ts: events[i].ts,
+            ..earlier
+        };
+    }
+    events
+}
+
+/// A batch matrix's user count, column sums and `XᵀX`, over `engine`'s item order.
+pub fn moments(
+    cells: &Cells,
+    engine: &segmenter::engine::Engine,
+) -> (u64, Vec<f64>, ndarray::Array2<f64>) {
+    let d = engine.items().len();
+    let mut rows: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for ((user, item), v) in cells {
+        let j = engine.items().get(item).expect("item known") as usize;
+        rows.entry(user.as_str()).or_insert_with(|| vec![0.0; d])[j] = *v;
+    }
+    let mut sums = vec![0.0; d];
+    let mut m = ndarray::Array2::<f64>::zeros((d, d));
+    for x in rows.values() {
+        for i in 0..d {
+            sums[i] += x[i];
+            for j in 0..d {
+                m[[i, j]] += x[i] * x[j];
+            }
+        }
+    }
+    (rows.len() as u64, sums, m)
+}
+
+/// Asserts that `engine`'s counts, column sums, sums of squares and covariance operator, times
+/// its value scale (`c`, squares `c²`), equal those of the batch matrix `cells` (1e-9,
+/// normwise: a retraction leaves the rounding of the larger values it cancels). Returns the
+/// batch covariance over the engine's item order.
+pub fn assert_statistics_equal(
+    engine: &segmenter::engine::Engine,
+    cells: &Cells,
+    what: &str,
+) -> ndarray::Array2<f64> {
+    use ndarray::Array2;
+    use segmenter::engine::eigen::SymmetricOperator;
+    let d = engine.items().len();
+    let (n, sums, m) = moments(cells, engine);
+    assert_eq!(engine.active_users(), n, "{what}: users");
+    assert_eq!(engine.ratings(), cells.len() as u64, "{what}: ratings");
+    let c = engine.value_scale();
+    let largest = |v: &mut dyn Iterator<Item = f64>| v.fold(0.0f64, |m, x| m.max(x.abs()));
+    let sums_scale = largest(&mut sums.iter().copied());
+    for (j, (a, b)) in engine.stats().sums().iter().zip(&sums).enumerate() {
+        assert!(
+            (a * c - b).abs() <= 1e-9 * sums_scale,
+            "{what}: column sum {j}: {} vs {b}",
+            a * c
+        );
+    }
+    let squares_scale = largest(&mut m.diag().iter().copied());
+    for (j, (a, b)) in engine.stats().squares().iter().zip(m.diag()).enumerate() {
+        assert!(
+            (a * c * c - b).abs() <= 1e-9 * squares_scale,
+            "{what}: sum of squares {j}: {} vs {b}",
+            a * c * c
+        );
+    }
+    let nf = n as f64;
+    let cov = Array2::from_shape_fn((d, d), |(i, j)| {
+        m[[i, j]] / nf - sums[i] / nf * (sums[j] / nf)
+    });
+    let block = Array2::from_shape_fn((3, d), |(r, j)| ((r * 31 + j * 7) % 13) as f64 - 6.0);
+    let online = engine
+        .stats()
+        .operator(engine.vectors(), d)
+        .apply_rows(&block)
+        * (c * c);
+    let batch = block.dot(&cov);
+    let worst = (&online - &batch)
+        .iter()
+        .fold(0.0f64, |w, x| w.max(x.abs()));
+    let scale = batch.iter().fold(0.0f64, |w, x| w.max(x.abs()));
+    assert!(
+        worst <= 1e-9 * scale,
+        "{what}: covariance operator differs by {worst} (of {scale})"
+    );
+    cov
+}
