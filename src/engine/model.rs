@@ -13,9 +13,15 @@ use super::matching::match_labels;
 use super::stats::CovarianceStats;
 use super::{ChangeSink, CowVec, SparseVec};
 
-/// Users the fresh k-means++ starts run on (an evenly spread sample of the canonical order);
-/// the winner is then polished on everyone.
-pub const CLUSTERING_SAMPLE_USERS: usize = 20_000;
+/// Users the fresh k-means++ starts of a cold solve or a refresh run on (an evenly spread
+/// sample of the canonical order; the winner is then polished on everyone): 200 a cluster, at
+/// least 5,000. Measured on the 5M-rating realistic sets (k = 25) against a 20,000-user sample:
+/// half the clustering time (0.58 s against 1.43 s explicit, 0.63 against 1.27 implicit), the
+/// inertia 0.05% higher explicit and 0.16% lower implicit, within the spread of the starts'
+/// seeds either way.
+pub fn clustering_sample_users(clusters: usize) -> usize {
+    clusters.saturating_mul(200).max(5_000)
+}
 
 /// The sample of a continued snapshot's challengers: they only need to show that a clearly
 /// better clustering exists (the winner is still polished on everyone), and a snapshot after a
@@ -708,8 +714,9 @@ impl Model {
                         STICKINESS,
                     )
                 });
-                let fresh = (params.restarts > 0 || current.is_none())
-                    .then(|| fresh_clustering(&points, params, None, CLUSTERING_SAMPLE_USERS));
+                let fresh = (params.restarts > 0 || current.is_none()).then(|| {
+                    fresh_clustering(&points, params, None, clustering_sample_users(params.k))
+                });
                 let Some(result) = choose_clustering(current, fresh) else {
                     return 0;
                 };
