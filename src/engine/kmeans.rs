@@ -478,7 +478,6 @@ pub fn reseed_degenerate<P: Points>(
     max_passes: usize,
     tolerance: f64,
     seed: u64,
-    skip: impl Fn(usize, u64) -> bool,
 ) -> (Clustering, bool) {
     let dim = points.dim();
     let k = clustering.k();
@@ -486,9 +485,7 @@ pub fn reseed_degenerate<P: Points>(
         return (clustering, false);
     }
     let mut reseeded = false;
-    // Segments `skip` names (re-seeding them was refused already at about their size) are not
-    // tried again: each try is a Lloyd run over every point.
-    let mut tried: Vec<bool> = (0..k).map(|c| skip(c, clustering.sizes[c])).collect();
+    let mut tried = vec![false; k];
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let bound = clustering.inertia * (1.0 + tolerance);
     for _ in 0..k {
@@ -691,13 +688,7 @@ mod tests {
             "sizes {:?}",
             stuck.sizes
         );
-        // A segment whose re-seeding was refused before is not tried again.
-        let (skipped, changed) =
-            reseed_degenerate(&points, stuck.clone(), 10, 100, 0.0, 7, |_, _| true);
-        assert!(!changed);
-        assert_eq!(skipped.labels, stuck.labels);
-        let (reseeded, changed) =
-            reseed_degenerate(&points, stuck.clone(), 10, 100, 0.0, 7, |_, _| false);
+        let (reseeded, changed) = reseed_degenerate(&points, stuck.clone(), 10, 100, 0.0, 7);
         assert!(changed);
         assert!(
             reseeded.inertia < stuck.inertia * 0.5,
@@ -711,8 +702,7 @@ mod tests {
             reseeded.sizes
         );
         // Nothing degenerate: nothing changes.
-        let (again, changed) =
-            reseed_degenerate(&points, reseeded.clone(), 10, 100, 0.0, 7, |_, _| false);
+        let (again, changed) = reseed_degenerate(&points, reseeded.clone(), 10, 100, 0.0, 7);
         assert!(!changed);
         assert_eq!(again.labels, reseeded.labels);
     }

@@ -674,19 +674,19 @@ impl Model {
                 // Segments the data left behind (a handful of users around an old centroid,
                 // under half the size of a fresh solve's smallest, or a single user) are
                 // re-seeded where a cold solve would put them, at a bounded cost, and said so.
-                let refused = prior
-                    .as_ref()
-                    .and_then(|p| p.challenge)
-                    .map(|c| c.kept_small.as_slice())
-                    .unwrap_or_default();
                 let (continued, reseeded) = kmeans::reseed_degenerate(
                     &points,
                     continued,
-                    degenerate_below(smallest, points.len(), self.clusters),
+                    // A segment of one user is never one a business can use, nor one under an
+                    // eighth of the mean segment (what a challenger's smallest, a single draw of
+                    // starts, can miss); re-seeding is kept only within the budget anyway.
+                    smallest
+                        .div_ceil(2)
+                        .max((points.len() as u64).div_ceil(8 * self.clusters as u64))
+                        .max(2),
                     params.max_passes,
                     stickiness_budget,
                     params.seed,
-                    |c, size| refused_again(refused, c, size),
                 );
                 let reference_inertia = optimum.min(continued.inertia);
                 tracing::debug!(
@@ -740,7 +740,6 @@ impl Model {
         online: &[u32],
         params: &ClusteringParams,
         margin: f64,
-        stickiness_budget: f64,
     ) -> Option<Challenge> {
         let active: Vec<usize> = canonical_order
             .iter()
@@ -766,39 +765,11 @@ impl Model {
         } else {
             1.0
         };
-        let smallest = fresh.sizes.iter().min().copied().unwrap_or(0);
-        // The served segments' degenerate ones, tried here as the next snapshot would: those
-        // that re-seeding cannot improve within the budget are remembered, so the snapshots
-        // that follow do not pay for trying again (a Lloyd run over everyone each).
-        let served_labels: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
-        let floor = degenerate_below(smallest, points.len(), self.clusters);
-        let kept_small = kmeans::keep(&points, self.clusters, served_labels)
-            .filter(|kept| kept.sizes.iter().any(|&size| size < floor))
-            .map(|kept| {
-                let (after, reseeded) = kmeans::reseed_degenerate(
-                    &points,
-                    kept,
-                    floor,
-                    params.max_passes,
-                    stickiness_budget,
-                    params.seed,
-                    |_, _| false,
-                );
-                if reseeded {
-                    return vec![];
-                }
-                (0..self.clusters)
-                    .filter(|&c| after.sizes[c] < floor)
-                    .map(|c| (c as u32, after.sizes[c]))
-                    .collect()
-            })
-            .unwrap_or_default();
         Some(Challenge {
             version,
-            smallest,
+            smallest: fresh.sizes.iter().min().copied().unwrap_or(0),
             better: (fresh.inertia < served * (1.0 - margin)).then_some(fresh.centroids),
             ratio,
-            kept_small,
         })
     }
 
@@ -1090,30 +1061,6 @@ pub struct Challenge {
     pub better: Option<Vec<f64>>,
     /// The candidate's inertia over the served snapshot's.
     pub ratio: f64,
-    /// The served snapshot's degenerate segments (see [`degenerate_below`]) that re-seeding
-    /// could not improve within the stickiness budget, with their sizes: later snapshots do
-    /// not try them again until they shrink to half that size.
-    pub kept_small: Vec<(u32, u64)>,
-}
-
-/// The size under which a continued snapshot's segment is degenerate, re-seeded as a cold
-/// solve would: a segment of one user is never one a business can use, nor one under half the
-/// smallest of a fresh solve (`smallest`) or under an eighth of the mean segment (what a
-/// challenger's smallest, a single draw of starts, can miss); re-seeding is kept only within
-/// the budget anyway.
-fn degenerate_below(smallest: u64, users: usize, clusters: usize) -> u64 {
-    smallest
-        .div_ceil(2)
-        .max((users as u64).div_ceil(8 * clusters as u64))
-        .max(2)
-}
-
-/// Whether segment `c`, now of `size` users, was found not worth re-seeding (`refused`, from
-/// the last challenge) and has not shrunk to half its size since.
-fn refused_again(refused: &[(u32, u64)], c: usize, size: u64) -> bool {
-    refused
-        .iter()
-        .any(|&(segment, then)| segment as usize == c && 2 * size >= then)
 }
 
 /// Picks between the online clustering (polished) and fresh starts at a refresh or a cold
@@ -1136,20 +1083,4 @@ fn choose_clustering(
 
 pub fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::refused_again;
-
-    #[test]
-    fn a_refused_reseeding_is_tried_again_only_once_the_segment_halves() {
-        let refused = [(3u32, 40u64)];
-        assert!(refused_again(&refused, 3, 40));
-        assert!(refused_again(&refused, 3, 55));
-        assert!(refused_again(&refused, 3, 20));
-        assert!(!refused_again(&refused, 3, 19));
-        assert!(!refused_again(&refused, 2, 40));
-        assert!(!refused_again(&[], 3, 40));
-    }
 }
