@@ -241,11 +241,7 @@ impl Engine {
     /// `user`'s stored values, as events left them and the store persists them (before any
     /// transform).
     pub fn stored_vector(&self, user: u32) -> &SparseVec {
-        if self.params.transform.is_identity() {
-            &self.vectors[user as usize]
-        } else {
-            &self.raw[user as usize]
-        }
+        &self.stored_vectors()[user as usize]
     }
     /// Every user's stored values (see [`Engine::stored_vector`]).
     pub fn stored_vectors(&self) -> &CowVec<SparseVec> {
@@ -618,7 +614,7 @@ impl Engine {
     ) {
         let mut held = None;
         if let Some((was_active, now_active)) = self.set_cell(u, j, pos, old, new, &mut held) {
-            self.model.shift(u as usize, j as usize, new - old);
+            self.model.shift(u as usize, &[(j, new - old)]);
             self.model
                 .reassign(u as usize, was_active, now_active, changes);
         }
@@ -698,7 +694,7 @@ impl Engine {
                 }
             }
         }
-        self.model.shift_row(u as usize, deltas);
+        self.model.shift(u as usize, deltas);
         self.model
             .reassign(u as usize, was_active, now_active, changes);
     }

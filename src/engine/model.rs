@@ -241,13 +241,18 @@ impl Model {
         self.labels.push(NO_CLUSTER);
     }
 
-    /// The user's value of item `j` changed by `delta`: re-projects the user and keeps its
-    /// cluster's sum and mean in step. [`Model::reassign`] then moves it, once per change of
-    /// its row (a normalised row changes all its cells at once).
-    pub(crate) fn shift(&mut self, user: usize, j: usize, delta: f64) {
+    /// The user's values changed by `deltas` (`(item, delta)`): re-projects the user and keeps
+    /// its cluster's sum and mean in step, the mean once for the whole row (a normalised row
+    /// changes all its cells at once). [`Model::reassign`] then moves the user.
+    pub(crate) fn shift(&mut self, user: usize, deltas: &[(u32, f64)]) {
         let k = self.components;
         let label = self.labels[user];
-        if j < self.basis.ncols() {
+        let mut moved = false;
+        for &(j, delta) in deltas {
+            let j = j as usize;
+            if j >= self.basis.ncols() {
+                continue;
+            }
             let row = &self.loadings[j * k..(j + 1) * k];
             let z = &mut self.projections[user * k..(user + 1) * k];
             for (zi, &l) in z.iter_mut().zip(row) {
@@ -258,45 +263,11 @@ impl Model {
                 for (si, &l) in s.iter_mut().zip(row) {
                     *si += delta * l;
                 }
-                self.update_mean(label as usize);
+                moved = true;
             }
         }
-    }
-
-    /// [`Model::shift`] for a whole row's changes `(item, delta)` at once: the projection,
-    /// the cluster sum and its mean move once.
-    pub(crate) fn shift_row(&mut self, user: usize, deltas: &[(u32, f64)]) {
-        let k = self.components;
-        let d = self.basis.ncols();
-        let mut dz = [0.0f64; 64];
-        if k > dz.len() {
-            for &(j, delta) in deltas {
-                self.shift(user, j as usize, delta);
-            }
-            return;
-        }
-        let dz = &mut dz[..k];
-        for &(j, delta) in deltas {
-            let j = j as usize;
-            if j < d {
-                for (zi, &l) in dz.iter_mut().zip(&self.loadings[j * k..(j + 1) * k]) {
-                    *zi += delta * l;
-                }
-            }
-        }
-        for (zi, d) in self.projections[user * k..(user + 1) * k]
-            .iter_mut()
-            .zip(&*dz)
-        {
-            *zi += d;
-        }
-        let label = self.labels[user];
-        if label != NO_CLUSTER {
-            let c = label as usize;
-            for (si, d) in self.sums[c * k..(c + 1) * k].iter_mut().zip(&*dz) {
-                *si += d;
-            }
-            self.update_mean(c);
+        if moved {
+            self.update_mean(label as usize);
         }
     }
 
