@@ -634,7 +634,7 @@ fn validate_model(m: &EngineParams) -> Result<(), ConfigError> {
         !(0.0..0.9).contains(&m.snapshot_stickiness),
         "[model] snapshot_stickiness",
         format!("{} is out of range", m.snapshot_stickiness),
-        "use a share in [0, 0.9), default 0.2 (0 = users always join the nearest centroid)",
+        "use a share in [0, 0.9), default 0.75 (0 = users always join the nearest centroid)",
     )?;
     invalid_if(
         !(0.0..0.1).contains(&m.snapshot_stickiness_budget),

@@ -382,6 +382,7 @@ impl Shared {
                 version,
                 ratio = challenge.ratio,
                 better = challenge.better.is_some(),
+                reseeded = challenge.reseeded.is_some(),
                 seconds = started.elapsed().as_secs_f64(),
                 "snapshot challenged"
             );

@@ -106,36 +106,59 @@ fn swap_tastes(events: &mut [RatingEvent], segment_of: &HashMap<String, u32>, a:
     }
 }
 
+/// (ARI with the previous snapshot, how the snapshot relates to it) for 6 snapshots of seed
+/// `seed`'s stationary stream after the warm-up.
+fn consecutive_agreements(seed: u64) -> Vec<(f64, Segmentation)> {
+    let mut engine = Engine::new(EngineParams::default());
+    for round in 0..WARM_UP_ROUNDS {
+        engine.apply(&generate(&seeded_stream(seed, round)).events);
+    }
+    let (mut previous, mut previous_labels) = snapshot_labels(&engine, None);
+    let everyone: Vec<String> = previous.keys().cloned().collect();
+    let mut agreements = vec![];
+    for round in WARM_UP_ROUNDS..WARM_UP_ROUNDS + 6 {
+        engine.apply(&generate(&seeded_stream(seed, round)).events);
+        let (current, labels, segmentation) = snapshot(&engine, Some(&previous_labels));
+        let (ari, _) = compare(&previous, &current, &everyone);
+        agreements.push((ari, segmentation));
+        previous = current;
+        previous_labels = labels;
+    }
+    eprintln!("seed {seed}: (ARI, segmentation) between consecutive snapshots {agreements:?}");
+    agreements
+}
+
 #[test]
-fn consecutive_snapshots_agree_on_the_stationary_streams_of_several_seeds() {
-    let mut medians = vec![];
-    for seed in [42u64, 1234, 7, 2024] {
-        let mut engine = Engine::new(EngineParams::default());
-        for round in 0..WARM_UP_ROUNDS {
-            engine.apply(&generate(&seeded_stream(seed, round)).events);
+fn every_pair_of_consecutive_snapshots_agrees_on_the_stationary_streams_of_several_seeds() {
+    // Re-segmentations included: a better clustering is adopted with the users it would move
+    // for next to nothing held where they were.
+    for seed in [42u64, 1234, 7, 2024, 1, 99, 8] {
+        for (i, (ari, segmentation)) in consecutive_agreements(seed).iter().enumerate() {
+            assert!(
+                *ari >= 0.95,
+                "seed {seed}, snapshot {i} ({segmentation:?}): ARI {ari} vs the previous one"
+            );
         }
-        let (mut previous, mut previous_labels) = snapshot_labels(&engine, None);
-        let everyone: Vec<String> = previous.keys().cloned().collect();
-        let mut agreements = vec![];
-        for round in WARM_UP_ROUNDS..WARM_UP_ROUNDS + 6 {
-            engine.apply(&generate(&seeded_stream(seed, round)).events);
-            let (current, labels, segmentation) = snapshot(&engine, Some(&previous_labels));
-            let (ari, _) = compare(&previous, &current, &everyone);
-            agreements.push((ari, segmentation));
-            previous = current;
-            previous_labels = labels;
-        }
-        eprintln!("seed {seed}: (ARI, segmentation) between consecutive snapshots {agreements:?}");
+    }
+}
+
+#[test]
+fn most_pairs_agree_on_the_streams_of_seeds_where_some_do_not() {
+    // Seeds where some pair falls under 0.95 (measured: 5, 11, 123, 2026 and 31337; see the
+    // README): a flagged re-segmentation early on, when a challenger beats the first cold
+    // solve by more than the margin, or a continued snapshot whose optimum moved more users
+    // than the stickiness budget can hold. Segments still mostly stay put.
+    for seed in [5u64, 11, 123, 2026, 31337] {
+        let agreements = consecutive_agreements(seed);
         let mut aris: Vec<f64> = agreements.iter().map(|(ari, _)| *ari).collect();
         aris.sort_by(f64::total_cmp);
-        medians.push((seed, aris[aris.len() / 2]));
+        let median = aris[aris.len() / 2];
+        assert!(median >= 0.95, "seed {seed}: median ARI {median}");
         for (i, (ari, segmentation)) in agreements.iter().enumerate() {
-            // A flagged re-segmentation may move many users at once; a continued snapshot
-            // moves only the users the data moved.
             if *segmentation == Segmentation::Continued {
                 assert!(
                     *ari >= 0.92,
-                    "seed {seed}, snapshot {i}: ARI {ari} vs the previous one on a stationary stream"
+                    "seed {seed}, snapshot {i}: ARI {ari} vs the previous one"
                 );
             }
         }
@@ -144,13 +167,9 @@ fn consecutive_snapshots_agree_on_the_stationary_streams_of_several_seeds() {
             .filter(|(_, s)| *s == Segmentation::Resegmented)
             .count();
         assert!(
-            resegmented <= 1,
+            resegmented <= 2,
             "seed {seed}: {resegmented} re-segmentations in 6 snapshots of a stationary stream"
         );
-    }
-    eprintln!("median ARI by seed: {medians:?}");
-    for (seed, median) in medians {
-        assert!(median >= 0.95, "seed {seed}: median ARI {median}");
     }
 }
 

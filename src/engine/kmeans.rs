@@ -463,14 +463,83 @@ pub fn lloyd_sticky<P: Points>(
     finish(points, labels, centroids, passes)
 }
 
+/// `optimum` (a Lloyd optimum reached from `previous`, the labels it continues) with as many
+/// users as possible kept in their `previous` cluster: a user whose own centroid is within the
+/// hysteresis (`(1 − stickiness)` times its squared distance to its previous centroid no more
+/// than to its new one) goes back there, cheapest first, while the added squared error stays
+/// within `budget` (a share of the optimum's inertia); then the centroids are the member means
+/// again, which only lowers the inertia. One pass over the points: the inertia is at most
+/// `(1 + budget)` times the optimum's, and no clustering within that bound that moves users
+/// only back to their previous clusters keeps more of them where they were.
+pub fn hold_within_budget<P: Points>(
+    points: &P,
+    optimum: Clustering,
+    previous: &[u32],
+    stickiness: f64,
+    budget: f64,
+) -> Clustering {
+    let dim = points.dim();
+    let k = optimum.k();
+    if stickiness <= 0.0 || budget <= 0.0 || previous.len() != optimum.labels.len() {
+        return optimum;
+    }
+    let norms = centroid_norms(&optimum.centroids, dim);
+    let distance = |i: usize, c: usize| {
+        points.distance2(i, &optimum.centroids[c * dim..(c + 1) * dim], norms[c])
+    };
+    let mut costs: Vec<(f64, usize)> = previous
+        .iter()
+        .zip(&optimum.labels)
+        .enumerate()
+        .filter(|(_, (p, l))| (**p as usize) < k && p != l)
+        .filter_map(|(i, (&p, &l))| {
+            let (back, now) = (distance(i, p as usize), distance(i, l as usize));
+            ((1.0 - stickiness) * back <= now).then_some(((back - now).max(0.0), i))
+        })
+        .collect();
+    if costs.is_empty() {
+        return optimum;
+    }
+    costs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut allowance = budget * optimum.inertia;
+    let mut labels = optimum.labels.clone();
+    let mut sizes = optimum.sizes.clone();
+    let mut held = 0usize;
+    for (cost, i) in costs {
+        if cost > allowance {
+            break;
+        }
+        let (from, to) = (labels[i] as usize, previous[i] as usize);
+        if sizes[from] <= 1 {
+            continue;
+        }
+        allowance -= cost;
+        sizes[from] -= 1;
+        sizes[to] += 1;
+        labels[i] = previous[i];
+        held += 1;
+    }
+    if held == 0 {
+        return optimum;
+    }
+    let passes = optimum.passes;
+    match keep(points, k, labels) {
+        Some(kept) if kept.inertia <= optimum.inertia * (1.0 + budget) => {
+            Clustering { passes, ..kept }
+        }
+        _ => optimum,
+    }
+}
+
 /// Re-seeds the degenerate clusters of `clustering` (fewer than `min_size` members: what a
 /// continued clustering keeps of a centroid the data left behind) as k-means++ would: the
 /// centroid moves to a point
 /// drawn with probability proportional to its squared distance from its own centroid, out of
 /// the cluster with the largest squared error, and Lloyd runs to convergence. Re-seedings are
-/// kept while the inertia stays within `tolerance` (a share) of the input's: a segment of one
-/// outlying user can be a local optimum, but not one a cold solve finds. Also says whether
-/// any re-seeding was kept (many users may have moved then).
+/// kept while the inertia stays within `tolerance` (a share) of the input's and the re-seeded
+/// segment no longer is degenerate: a segment of one outlying user can be a local optimum, but
+/// not one a cold solve finds. Also says whether any re-seeding was kept (many users may have
+/// moved then).
 pub fn reseed_degenerate<P: Points>(
     points: &P,
     mut clustering: Clustering,
@@ -529,7 +598,14 @@ pub fn reseed_degenerate<P: Points>(
         seat.iter_mut().for_each(|x| *x = 0.0);
         points.add_to(chosen, seat);
         let candidate = lloyd(points, centroids, max_passes);
-        if candidate.inertia <= bound.min(clustering.inertia * (1.0 + tolerance)) {
+        // Kept only when it helps: fewer degenerate segments than before (or the smallest
+        // at least twice as large). A re-seeding that lands as small again would be repeated at
+        // every snapshot, each time a Lloyd run over everyone and a flagged re-segmentation.
+        let degenerate = |c: &Clustering| c.sizes.iter().filter(|&&s| s < min_size).count();
+        let smallest = |c: &Clustering| c.sizes.iter().copied().min().unwrap_or(0);
+        let helps = degenerate(&candidate) < degenerate(&clustering)
+            || smallest(&candidate) >= 2 * smallest(&clustering).max(1);
+        if helps && candidate.inertia <= bound.min(clustering.inertia * (1.0 + tolerance)) {
             clustering = candidate;
             reseeded = true;
         }
@@ -705,5 +781,46 @@ mod tests {
         let (again, changed) = reseed_degenerate(&points, reseeded.clone(), 10, 100, 0.0, 7);
         assert!(!changed);
         assert_eq!(again.labels, reseeded.labels);
+    }
+
+    #[test]
+    fn a_kept_reseeding_always_leaves_fewer_degenerate_segments() {
+        // Heavy-tailed points (a few far out): natural small clusters that a re-seeding cannot
+        // fix. Whatever is kept must have fixed something; what is refused leaves the input.
+        for seed in 0..12u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let data: Vec<f64> = (0..600)
+                .map(|_| {
+                    let u: f64 = rng.random::<f64>().max(1e-9);
+                    let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+                    sign * u.powf(-0.7)
+                })
+                .collect();
+            let points = DensePoints {
+                data: &data,
+                dim: 2,
+            };
+            let start = lloyd(
+                &points,
+                kmeans_plus_plus(&points, 8, &mut ChaCha8Rng::seed_from_u64(seed)),
+                100,
+            );
+            let min_size = 30;
+            let degenerate = |c: &Clustering| c.sizes.iter().filter(|&&s| s < min_size).count();
+            let smallest = |c: &Clustering| c.sizes.iter().copied().min().unwrap_or(0);
+            let (after, changed) =
+                reseed_degenerate(&points, start.clone(), min_size, 100, 0.5, seed);
+            if changed {
+                assert!(
+                    degenerate(&after) < degenerate(&start)
+                        || smallest(&after) >= 2 * smallest(&start).max(1),
+                    "seed {seed}: sizes {:?} -> {:?}",
+                    start.sizes,
+                    after.sizes
+                );
+            } else {
+                assert_eq!(after.labels, start.labels, "seed {seed}");
+            }
+        }
     }
 }

@@ -597,27 +597,17 @@ impl Model {
                 );
                 let followed_seconds = t.elapsed().as_secs_f64();
                 let optimum = followed.inertia;
-                // The stickiest clustering within the budget: the full stickiness first, then
-                // halved (twice) before falling back to the optimum, so a budget overrun on a
-                // few boundary users does not release every one of them.
-                let within_budget =
-                    |c: &kmeans::Clustering| c.inertia <= optimum * (1.0 + stickiness_budget);
-                let held = [1.0, 0.5, 0.25]
-                    .into_iter()
-                    .map(|share| stickiness * share)
-                    .filter(|&s| s > 0.0)
-                    .map(|s| {
-                        kmeans::lloyd_sticky(
-                            &points,
-                            self.clusters,
-                            labels.clone(),
-                            params.max_passes,
-                            s,
-                        )
-                    })
-                    .find(|held| within_budget(held));
+                // Users near a boundary go back to their previous segment, cheapest first,
+                // while that costs at most the budget of the optimum's inertia: the most users
+                // kept in place at that cost, in one pass.
+                let continued = kmeans::hold_within_budget(
+                    &points,
+                    followed,
+                    &labels,
+                    stickiness,
+                    stickiness_budget,
+                );
                 let held_seconds = t.elapsed().as_secs_f64();
-                let continued = held.unwrap_or(followed);
                 // The challengers: the online clustering (itself challenged by fresh starts
                 // at every refresh) and a budget of fresh starts, run on the sample, the best
                 // polished on everyone. A service runs them after each snapshot is served
@@ -645,20 +635,37 @@ impl Model {
                 // Segments the data left behind (a handful of users around an old centroid,
                 // under half the size of a fresh solve's smallest, or a single user) are
                 // re-seeded where a cold solve would put them, at a bounded cost, and said so.
-                let (continued, reseeded) = kmeans::reseed_degenerate(
-                    &points,
-                    continued,
-                    // A segment of one user is never one a business can use, nor one under an
-                    // eighth of the mean segment (what a challenger's smallest, a single draw of
-                    // starts, can miss); re-seeding is kept only within the budget anyway.
-                    smallest
-                        .div_ceil(2)
-                        .max((points.len() as u64).div_ceil(8 * self.clusters as u64))
-                        .max(2),
-                    params.max_passes,
-                    stickiness_budget,
-                    params.seed,
-                );
+                // With a challenge, the challenger thread tried that already (off the critical
+                // path) and hands over its result: only a re-seeding that helped is followed.
+                let min_size = degenerate_floor(smallest, points.len(), self.clusters);
+                let (continued, reseeded) = match prior.as_ref().and_then(|p| p.challenge) {
+                    Some(challenge) => match &challenge.reseeded {
+                        Some(centroids) => {
+                            let candidate =
+                                kmeans::lloyd(&points, centroids.clone(), params.max_passes);
+                            let degenerate = |c: &kmeans::Clustering| {
+                                c.sizes.iter().filter(|&&s| s < min_size).count()
+                            };
+                            if degenerate(&candidate) < degenerate(&continued)
+                                && candidate.inertia
+                                    <= continued.inertia * (1.0 + stickiness_budget)
+                            {
+                                (candidate, true)
+                            } else {
+                                (continued, false)
+                            }
+                        }
+                        None => (continued, false),
+                    },
+                    None => kmeans::reseed_degenerate(
+                        &points,
+                        continued,
+                        min_size,
+                        params.max_passes,
+                        stickiness_budget,
+                        params.seed,
+                    ),
+                };
                 let reference_inertia = optimum.min(continued.inertia);
                 tracing::debug!(
                     followed_seconds,
@@ -667,9 +674,31 @@ impl Model {
                     reseed_seconds = t.elapsed().as_secs_f64(),
                     "continued clustering timing"
                 );
+
                 match fresh {
                     Some(c) if c.inertia < reference_inertia * (1.0 - margin) => {
-                        (c, Segmentation::Resegmented)
+                        // The better clustering, with the users it would move for next to
+                        // nothing held where they were (within the same budget), so that a
+                        // re-segmentation moves only the users it is for.
+                        let to_fresh = match_labels(&c.labels, &labels, self.clusters);
+                        let mut from_previous = vec![NO_CLUSTER; self.clusters];
+                        for (fresh_id, &previous_id) in to_fresh.iter().enumerate() {
+                            if let Some(slot) = from_previous.get_mut(previous_id as usize) {
+                                *slot = fresh_id as u32;
+                            }
+                        }
+                        let previous_in_fresh: Vec<u32> = labels
+                            .iter()
+                            .map(|&l| from_previous.get(l as usize).copied().unwrap_or(NO_CLUSTER))
+                            .collect();
+                        let held = kmeans::hold_within_budget(
+                            &points,
+                            c,
+                            &previous_in_fresh,
+                            stickiness,
+                            (1.0 + stickiness_budget) / (1.0 - margin) - 1.0,
+                        );
+                        (held, Segmentation::Resegmented)
                     }
                     _ if reseeded => (continued, Segmentation::Resegmented),
                     _ => (continued, Segmentation::Continued),
@@ -688,6 +717,7 @@ impl Model {
                 let fresh = (params.restarts > 0 || current.is_none()).then(|| {
                     fresh_clustering(&points, params, None, clustering_sample_users(params.k))
                 });
+
                 let Some(result) = choose_clustering(current, fresh) else {
                     return 0;
                 };
@@ -711,6 +741,7 @@ impl Model {
         online: &[u32],
         params: &ClusteringParams,
         margin: f64,
+        stickiness_budget: f64,
     ) -> Option<Challenge> {
         let active: Vec<usize> = canonical_order
             .iter()
@@ -730,6 +761,24 @@ impl Model {
             .map(|&u| online.get(u).copied().unwrap_or(NO_CLUSTER))
             .collect();
         let fresh = best_challenger(&points, params, Some(online_labels));
+        let smallest = fresh.sizes.iter().min().copied().unwrap_or(0);
+        // The served segments the data left behind, re-seeded here rather than while the next
+        // snapshot is built: each try is a Lloyd run over everyone.
+        let served_labels: Vec<u32> = active.iter().map(|&u| self.labels[u]).collect();
+        let min_size = degenerate_floor(smallest, points.len(), self.clusters);
+        let reseeded = kmeans::keep(&points, self.clusters, served_labels)
+            .filter(|served| served.sizes.iter().any(|&s| s < min_size))
+            .and_then(|served| {
+                let (reseeded, changed) = kmeans::reseed_degenerate(
+                    &points,
+                    served,
+                    min_size,
+                    params.max_passes,
+                    stickiness_budget,
+                    params.seed,
+                );
+                changed.then_some(reseeded.centroids)
+            });
         let served = self.inertia();
         let ratio = if served > 0.0 {
             fresh.inertia / served
@@ -738,7 +787,8 @@ impl Model {
         };
         Some(Challenge {
             version,
-            smallest: fresh.sizes.iter().min().copied().unwrap_or(0),
+            smallest,
+            reseeded,
             better: (fresh.inertia < served * (1.0 - margin)).then_some(fresh.centroids),
             ratio,
         })
@@ -1032,6 +1082,19 @@ pub struct Challenge {
     pub better: Option<Vec<f64>>,
     /// The candidate's inertia over the served snapshot's.
     pub ratio: f64,
+    /// The served segments with their degenerate ones re-seeded (centroids, as `better`),
+    /// when that left fewer degenerate segments within the stickiness budget.
+    pub reseeded: Option<Vec<f64>>,
+}
+
+/// Segments under this many users are degenerate: under half of a fresh solve's smallest
+/// (`smallest`), or under an eighth of the mean segment (what a single draw of starts can
+/// miss), or of one user, which is never a segment a business can use.
+fn degenerate_floor(smallest: u64, users: usize, clusters: usize) -> u64 {
+    smallest
+        .div_ceil(2)
+        .max((users as u64).div_ceil(8 * clusters.max(1) as u64))
+        .max(2)
 }
 
 /// Picks between the online clustering (polished) and fresh starts at a refresh or a cold

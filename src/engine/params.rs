@@ -63,12 +63,13 @@ pub struct EngineParams {
     /// unless another clustering (the online one or a fresh start) has an inertia lower by
     /// more than this share; then it re-segments openly (`kmeans.segmentation`).
     pub snapshot_stability_margin: f64,
-    /// When a snapshot continues the previous one, a user changes segment only for a centroid
-    /// closer than `1 − snapshot_stickiness` times its squared distance to its own segment's
-    /// (0: plain Lloyd, a true local optimum) ...
+    /// When a snapshot continues the previous one, a user the Lloyd optimum moves may be held in
+    /// its previous segment if that segment's centroid is within `1 / (1 − snapshot_stickiness)`
+    /// times its squared distance to its new one (0: plain Lloyd, a true local optimum) ...
     pub snapshot_stickiness: f64,
-    /// ... as long as that keeps the inertia within this share of the local optimum Lloyd
-    /// reaches from the same segments; past it the optimum is published.
+    /// ... cheapest first, while the held users add at most this share to the optimum's
+    /// inertia (a re-segmentation: up to `(1 + this) / (1 − margin)` of the better
+    /// clustering's, the same bound a continued snapshot has).
     pub snapshot_stickiness_budget: f64,
     /// Eigensolver tolerance at snapshot time (exact parity with batch PCA).
     pub eigen_tolerance: f64,
@@ -114,7 +115,7 @@ impl Default for EngineParams {
             snapshot_fresh_starts: 10,
             snapshot_max_passes: 300,
             snapshot_stability_margin: 0.01,
-            snapshot_stickiness: 0.2,
+            snapshot_stickiness: 0.75,
             snapshot_stickiness_budget: 0.01,
             eigen_tolerance: 1e-9,
             continued_eigen_tolerance: 1e-6,

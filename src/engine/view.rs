@@ -147,6 +147,7 @@ impl EngineView {
                 seed: params.seed ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             },
             params.snapshot_stability_margin,
+            params.snapshot_stickiness_budget,
         )
     }
 
