@@ -29,6 +29,8 @@ pub struct Metrics {
     pub items: IntGauge,
     pub ratings: IntGauge,
     pub snapshot_version: IntGauge,
+    /// Events applied that the latest snapshot covers (`counts.events_applied`).
+    pub snapshot_events_applied: IntGauge,
     pub snapshot_age_seconds: Gauge,
     pub cluster_size: IntGaugeVec,
     pub inertia: Gauge,
@@ -174,6 +176,7 @@ struct DataMetrics {
     items: IntGauge,
     ratings: IntGauge,
     snapshot_version: IntGauge,
+    snapshot_events_applied: IntGauge,
     snapshot_age_seconds: Gauge,
 }
 
@@ -195,6 +198,11 @@ impl DataMetrics {
             snapshot_version: int_gauge(
                 "segmenter_snapshot_version",
                 "Version of the latest snapshot.",
+            ),
+            snapshot_events_applied: int_gauge(
+                "segmenter_snapshot_events_applied",
+                "Events applied that the latest snapshot covers (its counts.events_applied): \
+                 segmenter_events_applied_total minus this is what the next snapshot will add.",
             ),
             snapshot_age_seconds: gauge(
                 "segmenter_snapshot_age_seconds",
@@ -274,6 +282,7 @@ impl Metrics {
             items,
             ratings,
             snapshot_version,
+            snapshot_events_applied,
             snapshot_age_seconds,
         } = DataMetrics::new();
         let ModelMetrics {
@@ -300,6 +309,7 @@ impl Metrics {
             items,
             ratings,
             snapshot_version,
+            snapshot_events_applied,
             snapshot_age_seconds,
             cluster_size,
             inertia,
@@ -376,6 +386,7 @@ impl Metrics {
             Box::new(self.items.clone()),
             Box::new(self.ratings.clone()),
             Box::new(self.snapshot_version.clone()),
+            Box::new(self.snapshot_events_applied.clone()),
             Box::new(self.snapshot_age_seconds.clone()),
             Box::new(self.cluster_size.clone()),
             Box::new(self.inertia.clone()),
@@ -413,6 +424,8 @@ impl Metrics {
         self.items.set(snapshot.counts.items as i64);
         self.ratings.set(snapshot.counts.ratings as i64);
         self.snapshot_version.set(snapshot.version as i64);
+        self.snapshot_events_applied
+            .set(snapshot.counts.events_applied as i64);
         self.inertia.set(snapshot.kmeans.inertia);
         self.cluster_size.reset();
         for (c, size) in snapshot.kmeans.sizes.iter().enumerate() {

@@ -214,18 +214,67 @@ pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) 
     let k = centroids.len() / dim.max(1);
     let mut labels = vec![u32::MAX; n];
     let mut bounds = HamerlyBounds::new(n, k);
+    // Member sums and counts kept in step with the moves: a pass that moves few points (the
+    // long tail of a run from nearly converged segments) costs O(points) for the bounds, not
+    // O(points x dim) for the means.
+    let mut sums = vec![0.0; k * dim];
+    let mut sizes = vec![0u64; k];
+    let mut moves = Vec::new();
+    let mut point = vec![0.0; dim];
     let mut passes = 0;
     while passes < max_passes.max(1) {
         passes += 1;
-        if !bounds.assign(points, &centroids, &mut labels) {
+        moves.clear();
+        bounds.assign(points, &centroids, &mut labels, &mut moves);
+        if moves.is_empty() {
             break;
         }
+        for &(i, from) in &moves {
+            point.iter_mut().for_each(|x| *x = 0.0);
+            points.add_to(i, &mut point);
+            if (from as usize) < k {
+                let f = from as usize;
+                sizes[f] -= 1;
+                for (sum, x) in sums[f * dim..(f + 1) * dim].iter_mut().zip(&point) {
+                    *sum -= x;
+                }
+            }
+            let to = labels[i] as usize;
+            sizes[to] += 1;
+            for (sum, x) in sums[to * dim..(to + 1) * dim].iter_mut().zip(&point) {
+                *sum += x;
+            }
+        }
         let before = centroids.clone();
-        let labels_before = labels.clone();
-        update_centroids(points, &mut labels, k, &mut centroids);
-        let moved = centroid_shifts(&before, &centroids, dim, k);
-        bounds.loosen(&labels, &labels_before, &moved);
+        if sizes.contains(&0) {
+            // An empty cluster is re-seeded from the worst-fit points: the full update, then
+            // the sums again from the labels it leaves.
+            let labels_before = labels.clone();
+            update_centroids(points, &mut labels, k, &mut centroids);
+            let moved = centroid_shifts(&before, &centroids, dim, k);
+            bounds.loosen(&labels, Some(&labels_before), &moved);
+            sums.iter_mut().for_each(|x| *x = 0.0);
+            sizes.iter_mut().for_each(|x| *x = 0);
+            for (i, &l) in labels.iter().enumerate() {
+                let l = l as usize;
+                points.add_to(i, &mut sums[l * dim..(l + 1) * dim]);
+                sizes[l] += 1;
+            }
+        } else {
+            for c in 0..k {
+                let size = sizes[c] as f64;
+                for x in 0..dim {
+                    centroids[c * dim + x] = sums[c * dim + x] / size;
+                }
+            }
+            let moved = centroid_shifts(&before, &centroids, dim, k);
+            bounds.loosen(&labels, None, &moved);
+        }
         bounds.update_half_gaps(&centroids, dim);
+    }
+    if passes > 1 {
+        // The exact member means (the running sums carry the rounding of every move).
+        update_centroids(points, &mut labels, k, &mut centroids);
     }
     finish(points, labels, centroids, passes)
 }
@@ -251,12 +300,18 @@ impl HamerlyBounds {
     }
 
     /// One assignment pass: each point whose bounds do not prove it stays goes to its nearest
-    /// centroid, and its bounds are made exact. Returns whether any label changed.
-    fn assign<P: Points>(&mut self, points: &P, centroids: &[f64], labels: &mut [u32]) -> bool {
+    /// centroid, and its bounds are made exact. Each point that changed label is pushed to
+    /// `moves` with its previous label.
+    fn assign<P: Points>(
+        &mut self,
+        points: &P,
+        centroids: &[f64],
+        labels: &mut [u32],
+        moves: &mut Vec<(usize, u32)>,
+    ) {
         let dim = points.dim();
         let k = self.half_gap.len();
         let norms = centroid_norms(centroids, dim);
-        let mut changed = false;
         for (i, label) in labels.iter_mut().enumerate() {
             let own = *label as usize;
             if own < k {
@@ -273,20 +328,20 @@ impl HamerlyBounds {
             }
             let (best, best_d, second_d) = nearest_two(points, i, centroids, &norms);
             if *label != best {
+                moves.push((i, *label));
                 *label = best;
-                changed = true;
             }
             self.upper[i] = best_d.sqrt();
             self.lower[i] = second_d.sqrt();
         }
-        changed
     }
 
-    /// Keeps the bounds valid after the centroids moved by `moved` (per cluster).
-    fn loosen(&mut self, labels: &[u32], labels_before: &[u32], moved: &[f64]) {
+    /// Keeps the bounds valid after the centroids moved by `moved` (per cluster);
+    /// `labels_before` when the update may have re-seeded points into empty clusters.
+    fn loosen(&mut self, labels: &[u32], labels_before: Option<&[u32]>, moved: &[f64]) {
         let max_moved = moved.iter().copied().fold(0.0f64, f64::max);
         for i in 0..labels.len() {
-            if labels[i] != labels_before[i] {
+            if labels_before.is_some_and(|before| labels[i] != before[i]) {
                 // Re-seeded into an empty cluster: no bound holds any more.
                 self.upper[i] = f64::INFINITY;
                 self.lower[i] = 0.0;
