@@ -38,6 +38,10 @@ pub const STABILITY_MARGIN: f64 = 0.005;
 /// flip back and forth as their vectors change.
 pub const STICKINESS: f64 = 0.05;
 
+/// Users from which re-projecting everyone is spread over the cores (below, a thread costs
+/// more than it saves).
+const PARALLEL_REPROJECT_USERS: usize = 20_000;
+
 /// No cluster: the user has no ratings, or the model is not initialised yet.
 pub const NO_CLUSTER: u32 = u32::MAX;
 
@@ -516,16 +520,32 @@ impl Model {
         let d = self.basis.ncols();
         self.projections.clear();
         self.projections.resize(vectors.len() * k, 0.0);
-        for (u, x) in vectors.iter().enumerate() {
-            let z = &mut self.projections[u * k..(u + 1) * k];
-            for (&j, &v) in x.idx.iter().zip(&x.val) {
-                let j = j as usize;
-                if j < d {
-                    for (zi, &l) in z.iter_mut().zip(&self.loadings[j * k..(j + 1) * k]) {
-                        *zi += v * l;
+        let loadings = &self.loadings;
+        let project = |first_user: usize, out: &mut [f64]| {
+            for (offset, z) in out.chunks_exact_mut(k.max(1)).enumerate() {
+                let x = &vectors[first_user + offset];
+                for (&j, &v) in x.idx.iter().zip(&x.val) {
+                    let j = j as usize;
+                    if j < d {
+                        for (zi, &l) in z.iter_mut().zip(&loadings[j * k..(j + 1) * k]) {
+                            *zi += v * l;
+                        }
                     }
                 }
             }
+        };
+        // Users are independent: one contiguous range per core (O(ratings x components)).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = vectors.len().div_ceil(threads.max(1)).max(1);
+        if threads > 1 && vectors.len() >= PARALLEL_REPROJECT_USERS && k > 0 {
+            std::thread::scope(|scope| {
+                for (t, out) in self.projections.chunks_mut(per_thread * k).enumerate() {
+                    let project = &project;
+                    scope.spawn(move || project(t * per_thread, out));
+                }
+            });
+        } else if k > 0 {
+            project(0, &mut self.projections);
         }
         self.labels.resize(vectors.len(), NO_CLUSTER);
     }
