@@ -22,9 +22,23 @@
 #     scripts/kafka.sh tool org.apache.kafka.tools.TopicCommand \
 #         --bootstrap-server 127.0.0.1:9092 --create --topic t --partitions 3
 #   scripts/kafka.sh logs [N]   print the last N (default 100) broker log lines
+#                               (of node KAFKA_NODE, default 1, in a cluster)
+#   scripts/kafka.sh kill-node I   SIGKILL node I of a cluster (KAFKA_NODES > 1),
+#                               as a machine failure would; its data stays
+#   scripts/kafka.sh start-node I  start node I again, keeping its data, and wait
+#                               until it answers
+#
+# A cluster: KAFKA_NODES=3 scripts/kafka.sh start runs 3 nodes, each a broker and
+# a voter of a static KRaft controller quorum; node I (1-based) listens on
+# KAFKA_PORT + 2(I-1) (its controller on the port after), keeps its data in
+# $SEGMENTER_KAFKA_DIR/node-I, and every topic is replicated on min(3, nodes)
+# of them with min.insync.replicas one less (scripts/kafka/server.properties.cluster.template).
+# start, restart, stop and status then act on every node; set KAFKA_NODES for
+# every command on that cluster.
 #
 # Environment:
-#   KAFKA_PORT              client (PLAINTEXT) port, default 9092
+#   KAFKA_NODES             nodes of a local cluster, default 1 (a single broker)
+#   KAFKA_PORT              client (PLAINTEXT) port, default 9092 (node 1's)
 #   KAFKA_CONTROLLER_PORT   KRaft controller port, default KAFKA_PORT+1
 #   KAFKA_VERSION           Kafka version fetched from Maven Central, default 4.4.0
 #   SEGMENTER_KAFKA_CACHE   jar cache, default
@@ -66,14 +80,42 @@ DATA="${SEGMENTER_KAFKA_DIR:-/tmp/segmenter-kafka-$PORT}"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
+NODES="${KAFKA_NODES:-1}"
+if ! [[ $NODES =~ ^[1-9]$ ]]; then
+  echo "kafka.sh: invalid KAFKA_NODES '$NODES' (use 1 to 9)" >&2
+  exit 2
+fi
+ROOT_PORT=$PORT
+ROOT_DATA=$DATA
+NODE_ID=1
+if ((NODES > 1 && ROOT_PORT + 2 * NODES > 65535)); then
+  echo "kafka.sh: KAFKA_PORT $ROOT_PORT leaves no room for $NODES nodes" >&2
+  exit 2
+fi
 
-PIDFILE="$DATA/kafka.pid"
-LOGDIR="$DATA/logs"
-SERVER_LOG="$LOGDIR/server.log"
-OUT_LOG="$LOGDIR/kafka.out"
-PROPS="$DATA/server.properties"
-MARKER="$DATA/.segmenter-kafka"
 COMPLETE="$CACHE/.complete"
+
+# Point the per-broker globals at $DATA.
+set_paths() {
+  PIDFILE="$DATA/kafka.pid"
+  LOGDIR="$DATA/logs"
+  SERVER_LOG="$LOGDIR/server.log"
+  OUT_LOG="$LOGDIR/kafka.out"
+  PROPS="$DATA/server.properties"
+  MARKER="$DATA/.segmenter-kafka"
+}
+set_paths
+
+# In a cluster, point the per-broker globals at node $1.
+use_node() {
+  ((NODES > 1)) || return 0
+  [[ $1 =~ ^[1-9]$ ]] && (($1 <= NODES)) || die "no node '$1' in a cluster of $NODES"
+  NODE_ID=$1
+  PORT=$((ROOT_PORT + 2 * (NODE_ID - 1)))
+  CONTROLLER_PORT=$((PORT + 1))
+  DATA="$ROOT_DATA/node-$NODE_ID"
+  set_paths
+}
 
 if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then
   JAVA="$JAVA_HOME/bin/java"
@@ -203,7 +245,19 @@ fresh_data_dir() {
 
 write_properties() {
   local tmpl
-  tmpl=$(<"$CONF_DIR/server.properties.template")
+  if ((NODES > 1)); then
+    local voters="" i replication=$((NODES < 3 ? NODES : 3))
+    for i in $(seq 1 "$NODES"); do
+      voters+="${voters:+,}$i@127.0.0.1:$((ROOT_PORT + 2 * (i - 1) + 1))"
+    done
+    tmpl=$(<"$CONF_DIR/server.properties.cluster.template")
+    tmpl=${tmpl//@NODE_ID@/$NODE_ID}
+    tmpl=${tmpl//@VOTERS@/$voters}
+    tmpl=${tmpl//@REPLICATION@/$replication}
+    tmpl=${tmpl//@MIN_ISR@/$((replication > 1 ? replication - 1 : 1))}
+  else
+    tmpl=$(<"$CONF_DIR/server.properties.template")
+  fi
   tmpl=${tmpl//@PORT@/$PORT}
   tmpl=${tmpl//@CONTROLLER_PORT@/$CONTROLLER_PORT}
   tmpl=${tmpl//@DATA_DIR@/$DATA}
@@ -227,9 +281,11 @@ random_cluster_id() {
 }
 
 format_storage() {
-  local cid
-  cid=$(random_cluster_id)
-  if ! run_class kafka.tools.StorageTool format --standalone \
+  local cid=${CLUSTER_ID:-} quorum=(--standalone)
+  [[ -n $cid ]] || cid=$(random_cluster_id)
+  # A cluster's static quorum (controller.quorum.voters) needs no bootstrap flag.
+  ((NODES > 1)) && quorum=()
+  if ! run_class kafka.tools.StorageTool format "${quorum[@]}" \
     --cluster-id "$cid" --config "$PROPS" >"$LOGDIR/format.log" 2>&1; then
     cat "$LOGDIR/format.log" >&2
     die "formatting the KRaft storage in $DATA failed"
@@ -261,12 +317,10 @@ cmd_stop() {
   log "stopped"
 }
 
-cmd_start() {
-  local keep=${1:-${KAFKA_RESTART_KEEP_DATA:-0}} pid deadline start=$SECONDS
-  [[ $keep == 1 || $keep == true || $keep == yes ]] && keep=1 || keep=0
-
-  ensure_jars
-
+# Start the broker of the current globals in the background (fresh data unless
+# $1 = 1); sets LAUNCHED_PID and LOG_OFFSET for await_broker.
+launch_broker() {
+  local keep=$1 pid
   if pid=$(broker_pid); then
     if ((keep)); then
       log "restarting broker pid $pid, keeping $DATA"
@@ -293,8 +347,8 @@ cmd_start() {
   rm -f "$PIDFILE"
   echo "===== $(date '+%Y-%m-%d %H:%M:%S') start =====" >>"$OUT_LOG"
   # server.log is appended to across restarts: only look at what this run logs.
-  local log_offset=0
-  [[ -f $SERVER_LOG ]] && log_offset=$(wc -c <"$SERVER_LOG")
+  LOG_OFFSET=0
+  [[ -f $SERVER_LOG ]] && LOG_OFFSET=$(wc -c <"$SERVER_LOG")
   # HEAP_OPTS is a list of JVM options; the bash -c script expands its own args.
   # shellcheck disable=SC2086,SC2016
   (
@@ -307,7 +361,6 @@ cmd_start() {
       -cp "$CACHE/*" kafka.Kafka "$PROPS"
   ) >>"$OUT_LOG" 2>&1 </dev/null &
 
-  deadline=$((SECONDS + START_TIMEOUT))
   local pid_deadline=$((SECONDS + 15))
   while [[ ! -s $PIDFILE ]]; do
     if ((SECONDS >= pid_deadline)); then
@@ -316,7 +369,13 @@ cmd_start() {
     fi
     sleep 0.1
   done
-  pid=$(<"$PIDFILE")
+  LAUNCHED_PID=$(<"$PIDFILE")
+}
+
+# Wait until the broker of the current globals (pid $1, logging from offset $2)
+# answers Kafka requests; started at $3 (SECONDS) for the message.
+await_broker() {
+  local pid=$1 log_offset=$2 start=$3 deadline=$((SECONDS + START_TIMEOUT))
 
   # Ready = the broker logged "Kafka Server started" AND answers ApiVersions.
   while :; do
@@ -340,8 +399,87 @@ cmd_start() {
   log "broker ready on 127.0.0.1:$PORT (pid $pid, controller port $CONTROLLER_PORT, data $DATA) in $((SECONDS - start))s"
 }
 
+cmd_start() {
+  local keep=${1:-${KAFKA_RESTART_KEEP_DATA:-0}} start=$SECONDS i
+  [[ $keep == 1 || $keep == true || $keep == yes ]] && keep=1 || keep=0
+  ensure_jars
+  if ((NODES == 1)); then
+    launch_broker "$keep"
+    await_broker "$LAUNCHED_PID" "$LOG_OFFSET" "$start"
+    return
+  fi
+  # Every node is launched before any is awaited: none is ready before a quorum of
+  # controllers is up.
+  if ! ((keep)); then
+    for i in $(seq 1 "$NODES"); do
+      use_node "$i"
+      cmd_stop
+    done
+    DATA=$ROOT_DATA
+    set_paths
+    fresh_data_dir
+    CLUSTER_ID=$(random_cluster_id)
+  fi
+  local pids=() offsets=()
+  for i in $(seq 1 "$NODES"); do
+    use_node "$i"
+    launch_broker "$keep"
+    pids+=("$LAUNCHED_PID")
+    offsets+=("$LOG_OFFSET")
+  done
+  for i in $(seq 1 "$NODES"); do
+    use_node "$i"
+    await_broker "${pids[$((i - 1))]}" "${offsets[$((i - 1))]}" "$start"
+  done
+  log "cluster of $NODES nodes ready: bootstrap $(bootstrap_servers)"
+}
+
+bootstrap_servers() {
+  local i out=""
+  for i in $(seq 1 "$NODES"); do
+    out+="${out:+,}127.0.0.1:$((ROOT_PORT + 2 * (i - 1)))"
+  done
+  echo "$out"
+}
+
+# SIGKILL one node of a cluster (a machine failure: no shutdown, data kept).
+cmd_kill_node() {
+  ((NODES > 1)) || die "kill-node needs a cluster (KAFKA_NODES > 1)"
+  use_node "${1:-}"
+  local pid
+  pid=$(broker_pid) || die "node $NODE_ID is not running"
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  rm -f "$PIDFILE"
+  log "killed node $NODE_ID (pid $pid, port $PORT)"
+}
+
+# Start one node of a cluster again, keeping its data, and wait until it answers.
+cmd_start_node() {
+  ((NODES > 1)) || die "start-node needs a cluster (KAFKA_NODES > 1)"
+  use_node "${1:-}"
+  local start=$SECONDS
+  ensure_jars
+  launch_broker 1
+  await_broker "$LAUNCHED_PID" "$LOG_OFFSET" "$start"
+}
+
 cmd_status() {
   local pid
+  if ((NODES > 1)); then
+    local i down=0
+    for i in $(seq 1 "$NODES"); do
+      use_node "$i"
+      if pid=$(broker_pid); then
+        echo "kafka node $i running: pid $pid, port $PORT, controller port $CONTROLLER_PORT, data $DATA"
+      else
+        echo "kafka node $i not running (port $PORT)"
+        down=$((down + 1))
+      fi
+    done
+    ((down == 0)) || return 3
+    return 0
+  fi
   if pid=$(broker_pid); then
     echo "kafka running: pid $pid, port $PORT, controller port $CONTROLLER_PORT, data $DATA"
     return 0
@@ -360,7 +498,15 @@ main() {
   case $cmd in
     start) cmd_start ;;
     restart) cmd_start 1 ;;
-    stop) cmd_stop ;;
+    stop)
+      local i
+      for i in $(seq 1 "$NODES"); do
+        use_node "$i"
+        cmd_stop
+      done
+      ;;
+    kill-node) cmd_kill_node "$@" ;;
+    start-node) cmd_start_node "$@" ;;
     status) cmd_status ;;
     fetch) ensure_jars ;;
     classpath)
@@ -373,6 +519,7 @@ main() {
       run_class "$@"
       ;;
     logs)
+      use_node "${KAFKA_NODE:-1}"
       [[ -f $SERVER_LOG ]] || die "no log at $SERVER_LOG"
       tail -n "${1:-100}" "$SERVER_LOG"
       ;;

@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run calls this): formatting, lints, then every unit
 # and end-to-end test in release mode. It installs and starts by itself every real component
 # the tests need:
-#   - a single-node Apache Kafka broker (KRaft; jars from Maven Central via scripts/kafka.sh),
+#   - a single-node Apache Kafka broker (KRaft; jars from Maven Central via scripts/kafka.sh)
+#     and a 3-node cluster (every topic replicated 3 times) for the broker-failure test, both
 #     stopped again on exit;
 #   - Debian's prometheus (server and promtool) and chromium, with apt-get when missing;
 #   - Python tools from PyPI (schemathesis, kubernetes-validate) in target/test-venv.
@@ -12,6 +13,9 @@ cd "$(dirname "$0")/.."
 export KAFKA_PORT="${SEGMENTER_TEST_KAFKA_PORT:-39092}"
 export SEGMENTER_TEST_KAFKA_PORT="$KAFKA_PORT"
 export SEGMENTER_TEST_BROKERS="127.0.0.1:$KAFKA_PORT"
+cluster_port="${SEGMENTER_TEST_CLUSTER_PORT:-39192}"
+export SEGMENTER_TEST_CLUSTER_PORT="$cluster_port"
+export SEGMENTER_TEST_CLUSTER_BROKERS="127.0.0.1:$cluster_port,127.0.0.1:$((cluster_port + 2)),127.0.0.1:$((cluster_port + 4))"
 
 # Debian packages the tests drive for real.
 missing=()
@@ -40,7 +44,12 @@ cargo clippy --all-targets --release -- -D warnings
 # Build everything before the broker starts, so its start-up timeout never races a compile.
 cargo test --release --no-run
 
+stop_brokers() {
+  scripts/kafka.sh stop >/dev/null 2>&1 || true
+  KAFKA_NODES=3 KAFKA_PORT="$cluster_port" scripts/kafka.sh stop >/dev/null 2>&1 || true
+}
+trap stop_brokers EXIT
 scripts/kafka.sh start
-trap 'scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+KAFKA_NODES=3 KAFKA_PORT="$cluster_port" KAFKA_HEAP_OPTS="-Xms64m -Xmx384m" scripts/kafka.sh start
 
 cargo test --release

@@ -188,6 +188,10 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     pub drain_timeout_ms: u64,
     pub retry_backoff_ms: u64,
+    /// Replication factor of the topics segmenter creates (the ratings topic by `segmenter
+    /// produce`, the snapshots topic, the change feed's); -1 = the brokers'
+    /// `default.replication.factor`.
+    pub topic_replication_factor: i32,
     pub client: std::collections::BTreeMap<String, String>,
 }
 
@@ -211,6 +215,7 @@ impl Default for KafkaConfig {
             max_message_bytes: 65_536,
             drain_timeout_ms: 10_000,
             retry_backoff_ms: 500,
+            topic_replication_factor: -1,
             client: Default::default(),
         }
     }
@@ -775,6 +780,15 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         "[kafka] batch_size/max_message_bytes",
         "must be at least 1",
         "use the defaults 5000 and 65536",
+    )?;
+    invalid_if(
+        k.topic_replication_factor == 0
+            || k.topic_replication_factor < -1
+            || k.topic_replication_factor > i32::from(i16::MAX),
+        "[kafka] topic_replication_factor",
+        format!("{} is not a replication factor", k.topic_replication_factor),
+        "use -1 (the brokers' default.replication.factor, the default) or the number of \
+         brokers that keep a copy of each partition, e.g. 3",
     )
 }
 

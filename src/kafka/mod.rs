@@ -63,7 +63,11 @@ pub async fn ensure_topic_with(
     configs: &[(&str, &str)],
 ) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let mut new = NewTopic::new(
+        topic,
+        partitions,
+        TopicReplication::Fixed(kafka.topic_replication_factor),
+    );
     for (k, v) in configs {
         new = new.set(k, v);
     }
