@@ -279,6 +279,76 @@ pub fn lloyd<P: Points>(points: &P, mut centroids: Vec<f64>, max_passes: usize) 
     finish(points, labels, centroids, passes)
 }
 
+/// One instance's share of a Lloyd pass over points it holds: each point assigned to the
+/// nearest of the broadcast centroids, with the per-cluster sums, counts and squared error of
+/// that assignment. Shares over disjoint points add up ([`LloydPartial::merge`]); the merged
+/// one gives the next centroids, so a coordinator runs Lloyd over every instance's users
+/// without gathering them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LloydPartial {
+    /// `k x dim`, row-major.
+    pub sums: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub inertia: f64,
+    /// Points whose nearest centroid is not the one `previous` gave them.
+    pub moved: u64,
+}
+
+impl LloydPartial {
+    /// Assigns `points` to the nearest of `centroids` (`k x dim`); `labels` holds each point's
+    /// previous label (any value `>= k` = none) and receives the new one.
+    pub fn assign<P: Points>(points: &P, centroids: &[f64], labels: &mut [u32]) -> LloydPartial {
+        let dim = points.dim();
+        let k = centroids.len() / dim.max(1);
+        let norms = centroid_norms(centroids, dim);
+        let mut partial = LloydPartial {
+            sums: vec![0.0; k * dim],
+            counts: vec![0; k],
+            inertia: 0.0,
+            moved: 0,
+        };
+        for (i, label) in labels.iter_mut().enumerate().take(points.len()) {
+            let (best, best_d, _) = nearest_two(points, i, centroids, &norms);
+            if *label != best {
+                partial.moved += 1;
+                *label = best;
+            }
+            let c = best as usize;
+            points.add_to(i, &mut partial.sums[c * dim..(c + 1) * dim]);
+            partial.counts[c] += 1;
+            partial.inertia += best_d;
+        }
+        partial
+    }
+
+    /// Adds the share of other points.
+    pub fn merge(&mut self, other: &LloydPartial) {
+        for (s, o) in self.sums.iter_mut().zip(&other.sums) {
+            *s += o;
+        }
+        for (c, o) in self.counts.iter_mut().zip(&other.counts) {
+            *c += o;
+        }
+        self.inertia += other.inertia;
+        self.moved += other.moved;
+    }
+
+    /// The member means (a cluster left empty keeps its centroid from `previous`).
+    pub fn centroids(&self, previous: &[f64]) -> Vec<f64> {
+        let k = self.counts.len();
+        let dim = self.sums.len() / k.max(1);
+        let mut centroids = previous.to_vec();
+        for c in 0..k {
+            if self.counts[c] > 0 {
+                for x in 0..dim {
+                    centroids[c * dim + x] = self.sums[c * dim + x] / self.counts[c] as f64;
+                }
+            }
+        }
+        centroids
+    }
+}
+
 /// Hamerly's per-point distance bounds (see [`lloyd`]), valid for the current centroids.
 struct HamerlyBounds {
     /// Per point, an upper bound on the distance to its own centroid.
@@ -876,6 +946,70 @@ mod tests {
             } else {
                 assert_eq!(after.labels, start.labels, "seed {seed}");
             }
+        }
+    }
+
+    #[test]
+    fn lloyd_over_shards_of_the_points_equals_lloyd_over_all_of_them() {
+        let (data, _) = blobs(5);
+        let points = DensePoints {
+            data: &data,
+            dim: 2,
+        };
+        let start = kmeans_plus_plus(&points, 5, &mut ChaCha8Rng::seed_from_u64(3));
+        let whole = lloyd(&points, start.clone(), 100);
+        // Three instances, each holding every third point.
+        let shards: Vec<Vec<f64>> = (0..3)
+            .map(|s| {
+                data.chunks_exact(2)
+                    .skip(s)
+                    .step_by(3)
+                    .flatten()
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let mut labels: Vec<Vec<u32>> =
+            shards.iter().map(|s| vec![u32::MAX; s.len() / 2]).collect();
+        let mut centroids = start;
+        let mut inertia = f64::NAN;
+        for _ in 0..100 {
+            let mut merged: Option<LloydPartial> = None;
+            for (shard, labels) in shards.iter().zip(labels.iter_mut()) {
+                let part = LloydPartial::assign(
+                    &DensePoints {
+                        data: shard,
+                        dim: 2,
+                    },
+                    &centroids,
+                    labels,
+                );
+                match merged.as_mut() {
+                    Some(m) => m.merge(&part),
+                    None => merged = Some(part),
+                }
+            }
+            let merged = merged.expect("three shares");
+            inertia = merged.inertia;
+            if merged.moved == 0 {
+                break;
+            }
+            centroids = merged.centroids(&centroids);
+        }
+        let sharded: Vec<u32> = (0..whole.labels.len())
+            .map(|i| labels[i % 3][i / 3])
+            .collect();
+        assert_eq!(sharded, whole.labels);
+        assert!(
+            (inertia - whole.inertia).abs() <= 1e-9 * whole.inertia,
+            "{inertia} vs {}",
+            whole.inertia
+        );
+        for (a, b) in centroids.iter().zip(&whole.centroids) {
+            assert!(
+                (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                "centroid {a} vs {b}"
+            );
         }
     }
 }

@@ -98,6 +98,35 @@ impl CovarianceStats {
         }
     }
 
+    /// Adds `other`, the statistics of users disjoint from these (another instance's share):
+    /// counts and sums add up, so partials merged in any grouping give the whole.
+    pub fn merge(&mut self, other: &CovarianceStats) {
+        self.ensure_items(other.sums.len());
+        self.n += other.n;
+        for (s, o) in self.sums.iter_mut().zip(&other.sums) {
+            *s += o;
+        }
+        for (s, o) in self.squares.iter_mut().zip(&other.squares) {
+            *s += o;
+        }
+    }
+
+    /// The population covariance of users spread over `shards` (each one instance's user rows,
+    /// disjoint; these statistics their merged ones) as one operator: each application sums
+    /// the shards' [`partial_gram`] products, what a coordinator does with the partials every
+    /// instance sends back for the block it broadcast.
+    pub fn sharded_operator<'a>(
+        &self,
+        shards: Vec<&'a CowVec<SparseVec>>,
+        d: usize,
+    ) -> ShardedCovarianceOperator<'a> {
+        ShardedCovarianceOperator {
+            shards,
+            mean: self.mean(d),
+            users: self.n,
+        }
+    }
+
     /// Statistics recomputed from scratch from user vectors (restart, tests).
     pub fn from_vectors<'a>(vectors: impl IntoIterator<Item = &'a SparseVec>, d: usize) -> Self {
         let mut stats = CovarianceStats::default();
@@ -134,61 +163,110 @@ impl SymmetricOperator for CovarianceOperator<'_> {
     }
 
     fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
+        covariance_from_gram(&partial_gram(self.vectors, q), q, &self.mean, self.users)
+    }
+}
+
+/// [`CovarianceOperator`] over users held by several instances (see
+/// [`CovarianceStats::sharded_operator`]).
+pub struct ShardedCovarianceOperator<'a> {
+    shards: Vec<&'a CowVec<SparseVec>>,
+    mean: Vec<f64>,
+    users: u64,
+}
+
+impl SymmetricOperator for ShardedCovarianceOperator<'_> {
+    fn dim(&self) -> usize {
+        self.mean.len()
+    }
+
+    fn row_work(&self) -> usize {
+        let ratings: usize = self
+            .shards
+            .iter()
+            .flat_map(|shard| shard.iter())
+            .map(|x| x.nnz())
+            .sum();
+        2 * ratings + 2 * self.mean.len()
+    }
+
+    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
         let (b, d) = q.dim();
-        // Item-major copy of the block: each rating reads one contiguous row of b values.
-        let qt = q.t().as_standard_layout().into_owned();
-        let qt = qt.as_slice().unwrap_or(&[]);
-        // A fixed number of user ranges, summed in a fixed order: the result is the same on
-        // any machine, however many of the ranges run at once.
-        let n = self.vectors.len();
-        let chunk = n.div_ceil(OPERATOR_PARTS).max(1);
-        let ranges: Vec<Vec<&[SparseVec]>> = (0..n)
-            .step_by(chunk)
-            .map(|start| self.vectors.slices(start, start + chunk))
-            .collect();
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(ranges.len())
-            .max(1);
-        let partials: Vec<Vec<f64>> = if threads == 1 {
-            ranges
-                .iter()
-                .map(|r| gram_times_block(r, qt, b, d))
-                .collect()
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let ranges = &ranges;
-                        scope.spawn(move || {
-                            (t..ranges.len())
-                                .step_by(threads)
-                                .map(|i| (i, gram_times_block(&ranges[i], qt, b, d)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                let mut all: Vec<(usize, Vec<f64>)> = handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect();
-                all.sort_by_key(|(i, _)| *i);
-                all.into_iter().map(|(_, p)| p).collect()
-            })
-        };
-        let mut parts = partials.into_iter();
-        let mut yt = parts.next().unwrap_or_else(|| vec![0.0; d * b]);
-        for part in parts {
-            for (y, p) in yt.iter_mut().zip(&part) {
-                *y += p;
+        let mut gram = vec![0.0; d * b];
+        for shard in &self.shards {
+            for (g, p) in gram.iter_mut().zip(partial_gram(shard, q)) {
+                *g += p;
             }
         }
-        let inv = 1.0 / self.users.max(1) as f64;
-        let q_mean = q.dot(&ndarray::ArrayView1::from(&self.mean[..]));
-        Array2::from_shape_fn((b, d), |(r, j)| {
-            yt[j * b + r] * inv - q_mean[r] * self.mean[j]
-        })
+        covariance_from_gram(&gram, q, &self.mean, self.users)
     }
+}
+
+/// `C Qᵀ` (as `b x d` rows) from `Σ Xᵀ(X Qᵀ)` over every user (item-major `d x b`), the
+/// user count and the column means: `XᵀX Q/n − μ(μᵀQ)`.
+fn covariance_from_gram(gram: &[f64], q: &Array2<f64>, mean: &[f64], users: u64) -> Array2<f64> {
+    let (b, d) = q.dim();
+    let inv = 1.0 / users.max(1) as f64;
+    let q_mean = q.dot(&ndarray::ArrayView1::from(mean));
+    Array2::from_shape_fn((b, d), |(r, j)| {
+        gram.get(j * b + r).copied().unwrap_or(0.0) * inv - q_mean[r] * mean[j]
+    })
+}
+
+/// One instance's share of a covariance application: `Xᵀ(X Qᵀ)` over the users it holds,
+/// item-major (`d x b`) for the block `q` (`b x d`). Shares over disjoint users add up to the
+/// whole product; rows index items `< d` only.
+pub fn partial_gram(vectors: &CowVec<SparseVec>, q: &Array2<f64>) -> Vec<f64> {
+    let (b, d) = q.dim();
+    // Item-major copy of the block: each rating reads one contiguous row of b values.
+    let qt = q.t().as_standard_layout().into_owned();
+    let qt = qt.as_slice().unwrap_or(&[]);
+    // A fixed number of user ranges, summed in a fixed order: the result is the same on
+    // any machine, however many of the ranges run at once.
+    let n = vectors.len();
+    let chunk = n.div_ceil(OPERATOR_PARTS).max(1);
+    let ranges: Vec<Vec<&[SparseVec]>> = (0..n)
+        .step_by(chunk)
+        .map(|start| vectors.slices(start, start + chunk))
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(ranges.len())
+        .max(1);
+    let partials: Vec<Vec<f64>> = if threads == 1 {
+        ranges
+            .iter()
+            .map(|r| gram_times_block(r, qt, b, d))
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let ranges = &ranges;
+                    scope.spawn(move || {
+                        (t..ranges.len())
+                            .step_by(threads)
+                            .map(|i| (i, gram_times_block(&ranges[i], qt, b, d)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut all: Vec<(usize, Vec<f64>)> = handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect();
+            all.sort_by_key(|(i, _)| *i);
+            all.into_iter().map(|(_, p)| p).collect()
+        })
+    };
+    let mut parts = partials.into_iter();
+    let mut yt = parts.next().unwrap_or_else(|| vec![0.0; d * b]);
+    for part in parts {
+        for (y, p) in yt.iter_mut().zip(&part) {
+            *y += p;
+        }
+    }
+    yt
 }
 
 /// User ranges the operator splits its work into (see `apply_rows`).
@@ -317,6 +395,71 @@ mod tests {
                 fixed.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                 "block {b}"
             );
+        }
+    }
+
+    #[test]
+    fn statistics_and_the_operator_over_shards_of_the_users_equal_the_whole() {
+        use super::super::eigen::{EigenParams, top_eigenpairs};
+        let d = 60;
+        let users: Vec<SparseVec> = (0..300u32)
+            .map(|u| {
+                let idx: Vec<u32> = (0..d as u32)
+                    .filter(|j| (u * 13 + j * 7) % 11 < 3)
+                    .collect();
+                let val = idx
+                    .iter()
+                    .map(|&j| ((u * 3 + j * 5) % 7) as f64 + 1.0 + (u % 4) as f64 * 0.25)
+                    .collect();
+                SparseVec { idx, val }
+            })
+            .collect();
+        let all: CowVec<SparseVec> = users.iter().cloned().collect();
+        // Three instances, each holding every third user (as partitions by user would).
+        let shards: Vec<CowVec<SparseVec>> = (0..3)
+            .map(|s| users.iter().skip(s).step_by(3).cloned().collect())
+            .collect();
+        let whole = CovarianceStats::from_vectors(all.iter(), d);
+        let mut merged = CovarianceStats::default();
+        for shard in &shards {
+            merged.merge(&CovarianceStats::from_vectors(shard.iter(), d));
+        }
+        assert_eq!(merged.users(), whole.users());
+        for (a, b) in merged.sums().iter().zip(whole.sums()) {
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "sum {a} vs {b}");
+        }
+        for (a, b) in merged.squares().iter().zip(whole.squares()) {
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "square {a} vs {b}"
+            );
+        }
+        let params = EigenParams {
+            vectors: 5,
+            values: 5,
+            oversample: 5,
+            tolerance: 1e-10,
+            max_iterations: 300,
+            seed: 9,
+        };
+        let single = top_eigenpairs(&whole.operator(&all, d), None, &params);
+        let sharded = top_eigenpairs(
+            &merged.sharded_operator(shards.iter().collect(), d),
+            None,
+            &params,
+        );
+        assert!(single.converged && sharded.converged);
+        for (a, b) in sharded.eigenvalues.iter().zip(&single.eigenvalues) {
+            assert!((a - b).abs() <= 1e-9 * b.abs(), "eigenvalue {a} vs {b}");
+        }
+        for (a, b) in sharded
+            .eigenvectors
+            .rows()
+            .into_iter()
+            .zip(single.eigenvectors.rows())
+        {
+            let cosine: f64 = a.iter().zip(b.iter()).map(|(x, y)| x * y).sum();
+            assert!(cosine.abs() >= 1.0 - 1e-9, "component cosine {cosine}");
         }
     }
 }
