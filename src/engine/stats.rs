@@ -91,11 +91,7 @@ impl CovarianceStats {
 
     /// The population covariance over `d` items as an operator on the user rows.
     pub fn operator<'a>(&self, vectors: &'a CowVec<SparseVec>, d: usize) -> CovarianceOperator<'a> {
-        CovarianceOperator {
-            vectors,
-            mean: self.mean(d),
-            users: self.n,
-        }
+        self.sharded_operator(vec![vectors], d)
     }
 
     /// Adds `other`, the statistics of users disjoint from these (another instance's share):
@@ -119,8 +115,8 @@ impl CovarianceStats {
         &self,
         shards: Vec<&'a CowVec<SparseVec>>,
         d: usize,
-    ) -> ShardedCovarianceOperator<'a> {
-        ShardedCovarianceOperator {
+    ) -> CovarianceOperator<'a> {
+        CovarianceOperator {
             shards,
             mean: self.mean(d),
             users: self.n,
@@ -145,37 +141,16 @@ impl CovarianceStats {
 }
 
 /// The population covariance `XᵀX/n − μμᵀ` applied through the sparse user rows: exact, and
-/// O(nnz·r) time and O(d·r) memory for a block of r vectors, whatever the catalogue size.
+/// O(nnz·r) time and O(d·r) memory for a block of r vectors, whatever the catalogue size. The
+/// rows may be spread over several instances' shares (one share for a single instance): each
+/// application sums the shares' [`partial_gram`] products.
 pub struct CovarianceOperator<'a> {
-    vectors: &'a CowVec<SparseVec>,
-    mean: Vec<f64>,
-    users: u64,
-}
-
-impl SymmetricOperator for CovarianceOperator<'_> {
-    fn dim(&self) -> usize {
-        self.mean.len()
-    }
-
-    fn row_work(&self) -> usize {
-        let ratings: usize = self.vectors.iter().map(|x| x.nnz()).sum();
-        2 * ratings + 2 * self.mean.len()
-    }
-
-    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
-        covariance_from_gram(&partial_gram(self.vectors, q), q, &self.mean, self.users)
-    }
-}
-
-/// [`CovarianceOperator`] over users held by several instances (see
-/// [`CovarianceStats::sharded_operator`]).
-pub struct ShardedCovarianceOperator<'a> {
     shards: Vec<&'a CowVec<SparseVec>>,
     mean: Vec<f64>,
     users: u64,
 }
 
-impl SymmetricOperator for ShardedCovarianceOperator<'_> {
+impl SymmetricOperator for CovarianceOperator<'_> {
     fn dim(&self) -> usize {
         self.mean.len()
     }
@@ -191,10 +166,11 @@ impl SymmetricOperator for ShardedCovarianceOperator<'_> {
     }
 
     fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
+        let mut shares = self.shards.iter().map(|shard| partial_gram(shard, q));
         let (b, d) = q.dim();
-        let mut gram = vec![0.0; d * b];
-        for shard in &self.shards {
-            for (g, p) in gram.iter_mut().zip(partial_gram(shard, q)) {
+        let mut gram = shares.next().unwrap_or_else(|| vec![0.0; d * b]);
+        for share in shares {
+            for (g, p) in gram.iter_mut().zip(share) {
                 *g += p;
             }
         }
