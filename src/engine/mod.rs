@@ -5,6 +5,7 @@
 //! [`ChangeSink`] and keeps no record of what was persisted.
 
 mod admission;
+pub mod cluster;
 pub mod cow;
 pub mod decay;
 pub mod eigen;

@@ -180,7 +180,12 @@ impl SymmetricOperator for CovarianceOperator<'_> {
 
 /// `C Qᵀ` (as `b x d` rows) from `Σ Xᵀ(X Qᵀ)` over every user (item-major `d x b`), the
 /// user count and the column means: `XᵀX Q/n − μ(μᵀQ)`.
-fn covariance_from_gram(gram: &[f64], q: &Array2<f64>, mean: &[f64], users: u64) -> Array2<f64> {
+pub(crate) fn covariance_from_gram(
+    gram: &[f64],
+    q: &Array2<f64>,
+    mean: &[f64],
+    users: u64,
+) -> Array2<f64> {
     let (b, d) = q.dim();
     let inv = 1.0 / users.max(1) as f64;
     let q_mean = q.dot(&ndarray::ArrayView1::from(mean));

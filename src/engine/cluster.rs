@@ -1,0 +1,407 @@
+//! One model over several instances' users: the coordinator's side of the rounds in
+//! docs/cluster.md, without a transport. Each round broadcasts something small (a block of
+//! vectors, centroids) and every [`Participant`] answers from the users it holds with a partial
+//! that adds up; a cluster of one is one participant, the same code path. Kafka topics will carry
+//! the rounds; here a participant is called directly.
+
+use std::cell::Cell;
+
+use ndarray::Array2;
+
+use super::eigen::{EigenParams, SymmetricOperator, top_eigenpairs};
+use super::ids::stable_hash;
+use super::kmeans::{self, ClusteringParams, DensePoints, LloydPartial};
+use super::stats::{CovarianceStats, covariance_from_gram, partial_gram};
+use super::{CowVec, SparseVec};
+
+/// What one instance answers, each from the users it holds.
+pub trait Participant {
+    /// The statistics round: its users' count, column sums and sums of squares over `items`.
+    fn statistics(&self, items: usize) -> CovarianceStats;
+    /// Its users' ratings (the eigensolver picks its method by the operator's cost).
+    fn ratings(&self) -> usize;
+    /// An eigensolver round: `Xᵢᵀ(Xᵢ Qᵀ)` over its users, item-major (`d x b`).
+    fn gram(&self, block: &Array2<f64>) -> Vec<f64>;
+    /// The basis (`components x items`) is broadcast: each user's projection, kept for the
+    /// rounds that follow.
+    fn project(&mut self, basis: &Array2<f64>);
+    /// Its users in the clustering sample, `(hash of the id, projection)`: those whose
+    /// `stable_hash(id, seed)` is below `share` of the hash range, so the sample does not depend
+    /// on which instance holds whom.
+    fn sample(&self, share: f64, seed: u64) -> Vec<(u64, Vec<f64>)>;
+    /// A Lloyd round: its users assigned to the broadcast centroids (the labels kept).
+    fn lloyd(&mut self, centroids: &[f64]) -> LloydPartial;
+    /// `(user id, segment)` for each of its users with a rating.
+    fn labels(&self) -> Vec<(String, u32)>;
+}
+
+/// A participant over rows it holds in memory (a test's shard, or the one instance there is).
+pub struct LocalParticipant {
+    ids: Vec<String>,
+    vectors: CowVec<SparseVec>,
+    components: usize,
+    projections: Vec<f64>,
+    labels: Vec<u32>,
+}
+
+impl LocalParticipant {
+    /// `ids[i]` holds row `vectors[i]`.
+    pub fn new(ids: Vec<String>, vectors: Vec<SparseVec>) -> Self {
+        let n = vectors.len();
+        LocalParticipant {
+            ids,
+            vectors: vectors.into(),
+            components: 0,
+            projections: vec![],
+            labels: vec![u32::MAX; n],
+        }
+    }
+
+    fn rated(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.vectors.len()).filter(|&u| self.vectors[u].nnz() > 0)
+    }
+}
+
+impl Participant for LocalParticipant {
+    fn statistics(&self, items: usize) -> CovarianceStats {
+        CovarianceStats::from_vectors(self.vectors.iter(), items)
+    }
+
+    fn ratings(&self) -> usize {
+        self.vectors.iter().map(|x| x.nnz()).sum()
+    }
+
+    fn gram(&self, block: &Array2<f64>) -> Vec<f64> {
+        partial_gram(&self.vectors, block)
+    }
+
+    fn project(&mut self, basis: &Array2<f64>) {
+        let (k, d) = basis.dim();
+        self.components = k;
+        self.projections = vec![0.0; self.vectors.len() * k];
+        for (u, x) in self.vectors.iter().enumerate() {
+            let z = &mut self.projections[u * k..(u + 1) * k];
+            for (&j, &v) in x.idx.iter().zip(&x.val) {
+                let j = j as usize;
+                if j < d {
+                    for (c, zc) in z.iter_mut().enumerate() {
+                        *zc += v * basis[[c, j]];
+                    }
+                }
+            }
+        }
+    }
+
+    fn sample(&self, share: f64, seed: u64) -> Vec<(u64, Vec<f64>)> {
+        let k = self.components;
+        let below = (share.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+        self.rated()
+            .map(|u| (stable_hash(self.ids[u].as_bytes(), seed), u))
+            .filter(|&(h, _)| h <= below)
+            .map(|(h, u)| (h, self.projections[u * k..(u + 1) * k].to_vec()))
+            .collect()
+    }
+
+    fn lloyd(&mut self, centroids: &[f64]) -> LloydPartial {
+        let k = self.components;
+        let rated: Vec<usize> = self.rated().collect();
+        let mut data = Vec::with_capacity(rated.len() * k);
+        let mut labels = Vec::with_capacity(rated.len());
+        for &u in &rated {
+            data.extend_from_slice(&self.projections[u * k..(u + 1) * k]);
+            labels.push(self.labels[u]);
+        }
+        let partial = LloydPartial::assign(
+            &DensePoints {
+                data: &data,
+                dim: k,
+            },
+            centroids,
+            &mut labels,
+        );
+        for (&u, &l) in rated.iter().zip(&labels) {
+            self.labels[u] = l;
+        }
+        partial
+    }
+
+    fn labels(&self) -> Vec<(String, u32)> {
+        self.rated()
+            .map(|u| (self.ids[u].clone(), self.labels[u]))
+            .collect()
+    }
+}
+
+/// What the coordinator solved, and the rounds it took.
+#[derive(Debug, Clone)]
+pub struct ClusterModel {
+    pub users: u64,
+    pub eigenvalues: Vec<f64>,
+    /// `components x items`.
+    pub basis: Array2<f64>,
+    /// `clusters x components`.
+    pub centroids: Vec<f64>,
+    pub sizes: Vec<u64>,
+    pub inertia: f64,
+    pub rounds: Rounds,
+}
+
+/// Rounds of each kind one solve took: each is one broadcast and one partial per participant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rounds {
+    pub statistics: usize,
+    pub eigen: usize,
+    pub sample: usize,
+    pub lloyd: usize,
+}
+
+impl Rounds {
+    pub fn total(&self) -> usize {
+        self.statistics + self.eigen + self.sample + self.lloyd
+    }
+}
+
+pub struct ClusterParams {
+    pub eigen: EigenParams,
+    pub clustering: ClusteringParams,
+    /// Share of the users (by hash of the id) the k-means++ starts run on.
+    pub sample_share: f64,
+}
+
+/// The covariance over every participant's users, one round per application.
+struct RoundsOperator<'a, P> {
+    participants: &'a [P],
+    mean: Vec<f64>,
+    users: u64,
+    ratings: usize,
+    rounds: Cell<usize>,
+}
+
+impl<P: Participant> SymmetricOperator for RoundsOperator<'_, P> {
+    fn dim(&self) -> usize {
+        self.mean.len()
+    }
+
+    fn row_work(&self) -> usize {
+        2 * self.ratings + 2 * self.mean.len()
+    }
+
+    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
+        self.rounds.set(self.rounds.get() + 1);
+        let (b, d) = q.dim();
+        let mut gram = vec![0.0; d * b];
+        for participant in self.participants {
+            for (g, p) in gram.iter_mut().zip(participant.gram(q)) {
+                *g += p;
+            }
+        }
+        covariance_from_gram(&gram, q, &self.mean, self.users)
+    }
+}
+
+/// PCA and k-means over every participant's users, cold: the statistics round, one round per
+/// eigensolver application, the basis broadcast, one sample round for the k-means++ starts (run
+/// here on the sample, ordered by hash so the result does not depend on who holds whom), then
+/// Lloyd rounds over everyone until no user moves. `None` with fewer users than clusters.
+pub fn solve<P: Participant>(
+    participants: &mut [P],
+    items: usize,
+    params: &ClusterParams,
+) -> Option<ClusterModel> {
+    let mut rounds = Rounds {
+        statistics: 1,
+        ..Rounds::default()
+    };
+    let mut stats = CovarianceStats::default();
+    let mut ratings = 0;
+    for participant in participants.iter() {
+        stats.merge(&participant.statistics(items));
+        ratings += participant.ratings();
+    }
+    let k = params.clustering.k;
+    if stats.users() < k as u64 || items == 0 {
+        return None;
+    }
+    let operator = RoundsOperator {
+        participants: &*participants,
+        mean: stats.mean(items),
+        users: stats.users(),
+        ratings,
+        rounds: Cell::new(0),
+    };
+    let solved = top_eigenpairs(&operator, None, &params.eigen);
+    rounds.eigen = operator.rounds.get();
+    let basis = solved.eigenvectors;
+    let components = basis.nrows();
+    for participant in participants.iter_mut() {
+        participant.project(&basis);
+    }
+
+    rounds.sample = 1;
+    let mut sample: Vec<(u64, Vec<f64>)> = participants
+        .iter()
+        .flat_map(|p| p.sample(params.sample_share, params.clustering.seed))
+        .collect();
+    sample.sort_by_key(|(hash, _)| *hash);
+    let data: Vec<f64> = sample.into_iter().flat_map(|(_, z)| z).collect();
+    if data.len() < k * components {
+        return None;
+    }
+    let started = kmeans::cluster(
+        &DensePoints {
+            data: &data,
+            dim: components,
+        },
+        None,
+        &params.clustering,
+    );
+
+    let mut centroids = started.centroids;
+    let mut merged = None;
+    for _ in 0..params.clustering.max_passes.max(1) {
+        rounds.lloyd += 1;
+        let mut pass: Option<LloydPartial> = None;
+        for participant in participants.iter_mut() {
+            let part = participant.lloyd(&centroids);
+            match pass.as_mut() {
+                Some(m) => m.merge(&part),
+                None => pass = Some(part),
+            }
+        }
+        let pass = pass?;
+        let settled = pass.moved == 0;
+        if !settled {
+            centroids = pass.centroids(&centroids);
+        }
+        merged = Some(pass);
+        if settled {
+            break;
+        }
+    }
+    let merged = merged?;
+    Some(ClusterModel {
+        users: stats.users(),
+        eigenvalues: solved.eigenvalues,
+        basis,
+        centroids,
+        sizes: merged.counts,
+        inertia: merged.inertia,
+        rounds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, EngineParams, PreviousSegments};
+    use crate::generator::{GeneratorParams, generate};
+
+    fn params(engine: &EngineParams) -> ClusterParams {
+        ClusterParams {
+            eigen: EigenParams {
+                vectors: engine.components,
+                values: engine.components,
+                oversample: engine.eigen_oversample,
+                tolerance: 1e-10,
+                max_iterations: 500,
+                seed: 5,
+            },
+            clustering: ClusteringParams {
+                k: engine.clusters,
+                max_passes: 300,
+                restarts: engine.snapshot_kmeans_starts,
+                keep_current: false,
+                seed: 5,
+            },
+            // The engine's cold solve samples 200 users a cluster, at least 5,000: all of
+            // these.
+            sample_share: 1.0,
+        }
+    }
+
+    /// The engine's users split over `instances` participants by the hash of their id (as
+    /// partitions by user key would).
+    fn shards(engine: &Engine, instances: u64) -> Vec<LocalParticipant> {
+        let mut parts: Vec<(Vec<String>, Vec<SparseVec>)> =
+            (0..instances).map(|_| (vec![], vec![])).collect();
+        for (u, x) in engine.vectors().iter().enumerate() {
+            let id = engine.users().id(u as u32).to_string();
+            let shard = stable_hash(id.as_bytes(), 77) % instances;
+            parts[shard as usize].0.push(id);
+            parts[shard as usize].1.push(x.clone());
+        }
+        parts
+            .into_iter()
+            .map(|(ids, rows)| LocalParticipant::new(ids, rows))
+            .collect()
+    }
+
+    #[test]
+    fn three_instances_solve_the_model_one_instance_solves() {
+        let data = generate(&GeneratorParams {
+            events: 30_000,
+            seed: 21,
+            ..GeneratorParams::default()
+        });
+        let mut engine = Engine::new(EngineParams::default());
+        engine.apply(&data.events);
+        let items = engine.items().len();
+        let params = params(engine.params());
+
+        let mut one = shards(&engine, 1);
+        let mut three = shards(&engine, 3);
+        assert!(
+            three.iter().all(|p| p.ratings() > 0),
+            "every instance holds users"
+        );
+        let alone = solve(&mut one, items, &params).expect("a model");
+        let together = solve(&mut three, items, &params).expect("a model");
+
+        // The PCA: as one instance, and as the engine's own snapshot solves it.
+        let snapshot = engine
+            .snapshot_model(false, PreviousSegments::None)
+            .expect("a snapshot");
+        for ((a, b), c) in together
+            .eigenvalues
+            .iter()
+            .zip(&alone.eigenvalues)
+            .zip(snapshot.eigenvalues())
+        {
+            assert!((a - b).abs() <= 1e-9 * b.abs(), "eigenvalue {a} vs {b}");
+            assert!(
+                (b - c).abs() <= 1e-9 * c.abs(),
+                "eigenvalue {b} vs the engine's {c}"
+            );
+        }
+        // The clustering: the same sample, starts and Lloyd rounds, so the same segments.
+        let by_id = |parts: &[LocalParticipant]| {
+            let mut labels: Vec<(String, u32)> = parts.iter().flat_map(|p| p.labels()).collect();
+            labels.sort();
+            labels
+        };
+        assert_eq!(by_id(&three), by_id(&one));
+        assert_eq!(together.sizes, alone.sizes);
+        assert!(
+            (together.inertia - alone.inertia).abs() <= 1e-9 * alone.inertia,
+            "inertia {} vs {}",
+            together.inertia,
+            alone.inertia
+        );
+        // As good as the engine's own cold solve of the same data.
+        let engine_inertia = snapshot.inertia();
+        assert!(
+            together.inertia <= 1.02 * engine_inertia,
+            "inertia {} vs the engine's {engine_inertia}",
+            together.inertia
+        );
+        // Rounds: one of statistics, one per eigensolver application, one sample, the passes.
+        assert_eq!(together.rounds, alone.rounds);
+        assert_eq!(together.rounds.statistics, 1);
+        assert!(together.rounds.eigen >= 2 && together.rounds.lloyd >= 1);
+        eprintln!(
+            "rounds {:?} ({} in all)",
+            together.rounds,
+            together.rounds.total()
+        );
+    }
+}
