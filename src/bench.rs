@@ -194,3 +194,129 @@ pub fn print(result: &BenchResult) {
         delta = result.delta_snapshot_seconds,
     );
 }
+
+/// A cold snapshot's coordination over several instances (`engine::cluster`, in process: the
+/// rounds and what each instance sends, not a transport's latency).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundsResult {
+    pub shape: String,
+    pub users: usize,
+    pub items: usize,
+    pub ratings: usize,
+    pub instances: usize,
+    pub rounds: crate::engine::cluster::Rounds,
+    pub rounds_total: usize,
+    /// Largest share of the users one instance holds.
+    pub largest_share: f64,
+    /// Bytes one instance sends for one round of each kind (8-byte numbers).
+    pub statistics_bytes: usize,
+    pub eigen_round_bytes: usize,
+    pub lloyd_round_bytes: usize,
+    /// The clustering sample, all instances together.
+    pub sample_bytes: usize,
+    pub seconds: f64,
+    /// Inertia over the one-instance solve's (1 when the segments are the same).
+    pub inertia_ratio: f64,
+}
+
+pub fn rounds(shape: Shape, instances: &[usize]) -> Vec<RoundsResult> {
+    use crate::engine::cluster::{self, ClusterParams};
+    use crate::engine::eigen::EigenParams;
+    use crate::engine::kmeans::ClusteringParams;
+    let data = generate(&shape.generator());
+    let params = EngineParams {
+        refresh_every_events: u64::MAX,
+        ..EngineParams::default()
+    };
+    let mut engine = Engine::new(params.clone());
+    engine.apply(&data.events);
+    let items = engine.items().len();
+    let users = engine.vectors().iter().filter(|x| x.nnz() > 0).count();
+    let ratings = engine.vectors().iter().map(|x| x.nnz()).sum();
+    let block = params.components + params.eigen_oversample;
+    let sample_users = crate::engine::model::clustering_sample_users(params.clusters);
+    let solve_params = ClusterParams {
+        eigen: EigenParams {
+            vectors: params.components,
+            values: params.components,
+            oversample: params.eigen_oversample,
+            tolerance: params.eigen_tolerance,
+            max_iterations: params.eigen_max_iterations,
+            seed: params.seed,
+        },
+        clustering: ClusteringParams {
+            k: params.clusters,
+            max_passes: params.snapshot_max_passes,
+            restarts: params.snapshot_kmeans_starts,
+            keep_current: false,
+            seed: params.seed,
+        },
+        sample_share: (sample_users as f64 / users.max(1) as f64).min(1.0),
+    };
+    let mut results = vec![];
+    let mut alone: Option<f64> = None;
+    for &n in instances {
+        let mut participants = cluster::split_by_user(
+            |u| engine.users().id(u as u32).to_string(),
+            engine.vectors(),
+            n,
+        );
+        let largest = participants
+            .iter()
+            .map(|p| p.labels_len())
+            .max()
+            .unwrap_or(0);
+        let started = Instant::now();
+        let Some(model) = cluster::solve(&mut participants, items, &solve_params) else {
+            continue;
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let reference = *alone.get_or_insert(model.inertia);
+        let sampled = (solve_params.sample_share * users as f64).round() as usize;
+        results.push(RoundsResult {
+            shape: format!("{shape:?}"),
+            users,
+            items,
+            ratings,
+            instances: n,
+            rounds: model.rounds,
+            rounds_total: model.rounds.total(),
+            largest_share: largest as f64 / users.max(1) as f64,
+            statistics_bytes: (2 * items + 1) * 8,
+            eigen_round_bytes: items * block * 8,
+            lloyd_round_bytes: (params.clusters * (params.components + 1) + 2) * 8,
+            sample_bytes: sampled * (params.components + 1) * 8,
+            seconds,
+            inertia_ratio: model.inertia / reference,
+        });
+    }
+    results
+}
+
+pub fn print_rounds(result: &RoundsResult) {
+    println!(
+        "{shape}: {users} users x {items} items, {ratings} ratings, {n} instance(s) \
+         (largest {share:.0}% of the users)\n  \
+         rounds: {total} ({stats} statistics, {eigen} eigensolver, {sample} sample, {lloyd} Lloyd); \
+         {seconds:.2} s in process\n  \
+         each instance sends per round: statistics {sb} B, eigensolver {eb} B, Lloyd {lb} B; \
+         sample {smp} B in all; inertia {ratio:.6}x one instance's",
+        shape = result.shape,
+        users = result.users,
+        items = result.items,
+        ratings = result.ratings,
+        n = result.instances,
+        share = 100.0 * result.largest_share,
+        total = result.rounds_total,
+        stats = result.rounds.statistics,
+        eigen = result.rounds.eigen,
+        sample = result.rounds.sample,
+        lloyd = result.rounds.lloyd,
+        seconds = result.seconds,
+        sb = result.statistics_bytes,
+        eb = result.eigen_round_bytes,
+        lb = result.lloyd_round_bytes,
+        smp = result.sample_bytes,
+        ratio = result.inertia_ratio,
+    );
+}

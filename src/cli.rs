@@ -234,6 +234,11 @@ pub struct BenchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the engine bench: a cold snapshot coordinated over this many instances
+    /// (comma-separated, e.g. 1,2,3; users split by a hash of their id), in process: the rounds
+    /// it takes and what each instance sends per round.
+    #[arg(long, value_delimiter = ',')]
+    pub instances: Vec<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -712,6 +717,18 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.shape
     };
+    if !args.instances.is_empty() {
+        for s in shapes {
+            for result in bench::rounds(s, &args.instances) {
+                if args.json {
+                    println!("{}", serde_json::to_string(&result)?);
+                } else {
+                    bench::print_rounds(&result);
+                }
+            }
+        }
+        return Ok(());
+    }
     for s in shapes {
         let result = bench::run(s, args.batch_size, args.refresh_every);
         if args.json {

@@ -57,6 +57,11 @@ impl LocalParticipant {
         }
     }
 
+    /// Users it holds with at least one rating.
+    pub fn labels_len(&self) -> usize {
+        self.rated().count()
+    }
+
     fn rated(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.vectors.len()).filter(|&u| self.vectors[u].nnz() > 0)
     }
@@ -132,6 +137,30 @@ impl Participant for LocalParticipant {
     }
 }
 
+/// `vectors` (rows of the users `ids` names) split over `instances` participants by a hash of
+/// the user id, as partitions by user key split them.
+pub fn split_by_user(
+    ids: impl Fn(usize) -> String,
+    vectors: &CowVec<SparseVec>,
+    instances: usize,
+) -> Vec<LocalParticipant> {
+    let instances = instances.max(1);
+    let mut parts: Vec<(Vec<String>, Vec<SparseVec>)> =
+        (0..instances).map(|_| (vec![], vec![])).collect();
+    for (u, x) in vectors.iter().enumerate() {
+        let id = ids(u);
+        let shard = (stable_hash(id.as_bytes(), SHARD_SEED) % instances as u64) as usize;
+        parts[shard].0.push(id);
+        parts[shard].1.push(x.clone());
+    }
+    parts
+        .into_iter()
+        .map(|(ids, rows)| LocalParticipant::new(ids, rows))
+        .collect()
+}
+
+const SHARD_SEED: u64 = 77;
+
 /// What the coordinator solved, and the rounds it took.
 #[derive(Debug, Clone)]
 pub struct ClusterModel {
@@ -147,7 +176,7 @@ pub struct ClusterModel {
 }
 
 /// Rounds of each kind one solve took: each is one broadcast and one partial per participant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Rounds {
     pub statistics: usize,
     pub eigen: usize,
@@ -319,21 +348,12 @@ mod tests {
         }
     }
 
-    /// The engine's users split over `instances` participants by the hash of their id (as
-    /// partitions by user key would).
-    fn shards(engine: &Engine, instances: u64) -> Vec<LocalParticipant> {
-        let mut parts: Vec<(Vec<String>, Vec<SparseVec>)> =
-            (0..instances).map(|_| (vec![], vec![])).collect();
-        for (u, x) in engine.vectors().iter().enumerate() {
-            let id = engine.users().id(u as u32).to_string();
-            let shard = stable_hash(id.as_bytes(), 77) % instances;
-            parts[shard as usize].0.push(id);
-            parts[shard as usize].1.push(x.clone());
-        }
-        parts
-            .into_iter()
-            .map(|(ids, rows)| LocalParticipant::new(ids, rows))
-            .collect()
+    fn shards(engine: &Engine, instances: usize) -> Vec<LocalParticipant> {
+        split_by_user(
+            |u| engine.users().id(u as u32).to_string(),
+            engine.vectors(),
+            instances,
+        )
     }
 
     #[test]
