@@ -591,3 +591,36 @@ fn replay_without_diagnostics_leaves_them_out_and_keeps_the_rest() {
     assert_eq!(with["kmeans"]["sizes"], without["kmeans"]["sizes"]);
     assert_eq!(with["validation"], without["validation"]);
 }
+
+#[test]
+fn bench_instances_reports_the_same_rounds_and_result_for_every_split() {
+    let out = segmenter(&[
+        "bench",
+        "--shape",
+        "realistic",
+        "--instances",
+        "1,3",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(results.len(), 2, "one result per instance count");
+    assert_eq!(results[0]["instances"], 1);
+    assert_eq!(results[1]["instances"], 3);
+    assert_eq!(results[0]["rounds"], results[1]["rounds"]);
+    assert!(results[1]["rounds"]["eigen"].as_u64() >= Some(2));
+    let ratio = results[1]["inertia_ratio"].as_f64().expect("a ratio");
+    assert!((ratio - 1.0).abs() <= 1e-9, "inertia ratio {ratio}");
+    let largest = results[1]["largest_share"].as_f64().expect("a share");
+    assert!(
+        largest < 0.5,
+        "3 instances share the users: largest {largest}"
+    );
+}
