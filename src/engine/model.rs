@@ -759,10 +759,14 @@ impl Model {
         version: u64,
         canonical_order: &[u32],
         online: &[u32],
+        between_steps: &dyn Fn(),
         params: &ClusteringParams,
-        margin: f64,
-        stickiness_budget: f64,
+        bounds: ChallengeBounds,
     ) -> Option<Challenge> {
+        let ChallengeBounds {
+            margin,
+            stickiness_budget,
+        } = bounds;
         let active: Vec<usize> = canonical_order
             .iter()
             .map(|&u| u as usize)
@@ -781,6 +785,7 @@ impl Model {
             .map(|&u| online.get(u).copied().unwrap_or(NO_CLUSTER))
             .collect();
         let fresh = best_challenger(&points, params, Some(online_labels));
+        between_steps();
         let smallest = fresh.sizes.iter().min().copied().unwrap_or(0);
         // The served segments the data left behind, re-seeded here rather than while the next
         // snapshot is built: each try is a Lloyd run over everyone.
@@ -1105,6 +1110,14 @@ pub struct Challenge {
     /// The served segments with their degenerate ones re-seeded (centroids, as `better`),
     /// when that left fewer degenerate segments within the stickiness budget.
     pub reseeded: Option<Vec<f64>>,
+}
+
+/// What a challenger must beat the served inertia by (`margin`, a share) to be kept, and what a
+/// re-seeding of the served segments may add to it (`stickiness_budget`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChallengeBounds {
+    pub margin: f64,
+    pub stickiness_budget: f64,
 }
 
 /// Segments under this many users are degenerate: under half of a fresh solve's smallest

@@ -3,7 +3,7 @@
 //! continued or solved cold).
 
 use super::kmeans::ClusteringParams;
-use super::model::{Challenge, Continuation, DataView};
+use super::model::{Challenge, ChallengeBounds, Continuation, DataView};
 use super::params::EigenSolve;
 use super::stats::CovarianceStats;
 use super::{
@@ -123,22 +123,32 @@ impl EngineView {
     /// [`Challenge`]): O(users · components · starts), meant to run after it is served.
     pub fn challenge(&self, served: &Model, version: u64) -> Option<Challenge> {
         let order = self.canonical_user_order();
-        Self::challenge_with(&self.params, served, version, &order, self.model.labels())
+        Self::challenge_with(
+            &self.params,
+            served,
+            version,
+            &order,
+            self.model.labels(),
+            &|| {},
+        )
     }
 
     /// [`EngineView::challenge`] from what it needs of a view: the parameters, the canonical
-    /// user order and the online clustering's labels.
+    /// user order and the online clustering's labels; `between_steps` runs between its steps
+    /// (the service waits there while a snapshot is built).
     pub fn challenge_with(
         params: &EngineParams,
         served: &Model,
         version: u64,
         canonical_order: &[u32],
         online: &[u32],
+        between_steps: &dyn Fn(),
     ) -> Option<Challenge> {
         served.challenge(
             version,
             canonical_order,
             online,
+            between_steps,
             &ClusteringParams {
                 k: params.clusters,
                 max_passes: params.snapshot_max_passes,
@@ -146,8 +156,10 @@ impl EngineView {
                 keep_current: true,
                 seed: params.seed ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             },
-            params.snapshot_stability_margin,
-            params.snapshot_stickiness_budget,
+            ChallengeBounds {
+                margin: params.snapshot_stability_margin,
+                stickiness_budget: params.snapshot_stickiness_budget,
+            },
         )
     }
 

@@ -543,7 +543,7 @@ fn timed_diagnostics(
     scale: f64,
 ) -> Option<Diagnostics> {
     let profiled = std::time::Instant::now();
-    let diagnostics = wanted.then(|| diagnostics(engine, model, params, scale));
+    let diagnostics = wanted.then(|| diagnostics(engine, model, params, scale, &|| {}));
     tracing::debug!(
         diagnostics_seconds = profiled.elapsed().as_secs_f64(),
         "snapshot diagnostics timing"
@@ -646,6 +646,7 @@ pub fn diagnostics(
     model: &Model,
     params: &SnapshotParams,
     scale: f64,
+    between_steps: &(dyn Fn() + Sync),
 ) -> Diagnostics {
     let total = model.total_variance();
     let curve = model
@@ -692,6 +693,7 @@ pub fn diagnostics(
     // full vectors started from that clustering (the projected optimum is close to the full
     // one, so a few passes replace as many fresh starts on the costly full data).
     let inertia_at = |k: usize| -> (f64, f64) {
+        between_steps();
         let settings = ClusteringParams {
             k,
             max_passes: 100,
