@@ -205,6 +205,16 @@ pub struct Shared {
     /// Held while a snapshot is built: challenges and diagnostics wait for it between their
     /// steps.
     building: Arc<BuildGate>,
+    /// The latest snapshot's version and the Lloyd optimum its build reached before holding
+    /// users: the next continued snapshot's Lloyd starts there.
+    lloyd_start: Arc<std::sync::Mutex<Option<LloydStart>>>,
+}
+
+/// Snapshot `version`'s Lloyd optimum before users were held (by user index).
+#[derive(Debug, Clone)]
+struct LloydStart {
+    version: u64,
+    labels: Vec<u32>,
 }
 
 /// Lets background work (challenges, diagnostics) step aside while a snapshot is built. They
@@ -304,6 +314,13 @@ impl Shared {
             .observe(started.elapsed().as_secs_f64());
         if let Ok(mut warm) = self.warm_start.lock() {
             *warm = Some(built.model.warm_start());
+        }
+        if let Ok(mut start) = self.lloyd_start.lock() {
+            let optimum = built.model.lloyd_optimum();
+            *start = (!optimum.is_empty()).then(|| LloydStart {
+                version,
+                labels: optimum.to_vec(),
+            });
         }
         let serving = Arc::new(Serving::new(engine, &built.model, built.snapshot, titles));
         let labels = built.model.labels().to_vec();
@@ -724,6 +741,12 @@ impl Pipeline {
         }
         if let Some(challenge) = self.shared.challenge.lock().ok().and_then(|c| c.clone()) {
             engine.set_challenge(challenge);
+        }
+        // Only for the segments it was reached from: the latest stored snapshot's.
+        if let Some(start) = self.shared.lloyd_start.lock().ok().and_then(|s| s.clone())
+            && self.snapshots.snapshot_versions()?.last() == Some(&start.version)
+        {
+            engine.set_lloyd_start(start.labels);
         }
         let positions = self.positions.clone();
         let shared = self.shared.clone();

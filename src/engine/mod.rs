@@ -883,6 +883,7 @@ impl Engine {
             sorted_users: self.canonical_user_order(),
             segments: self.segments.clone(),
             challenge: None,
+            lloyd_start: None,
         }
     }
 }

@@ -75,6 +75,11 @@ pub struct Model {
     initialised: bool,
     /// How the last recluster relates to the segments it was given to continue.
     segmentation: Segmentation,
+    /// The Lloyd optimum a continued clustering reached before users were held in place (by
+    /// user index, in the published ids; empty when the last clustering was not continued):
+    /// where the next continued snapshot's Lloyd starts, closer to its optimum than the held
+    /// segments are.
+    lloyd_optimum: Vec<u32>,
 }
 
 /// How a snapshot's clustering relates to the previous snapshot's segments.
@@ -134,6 +139,7 @@ impl Model {
             means: vec![0.0; clusters * components],
             initialised: false,
             segmentation: Segmentation::Fresh,
+            lloyd_optimum: vec![],
         }
     }
 
@@ -147,6 +153,11 @@ impl Model {
         self.basis.nrows() > 0
     }
     /// How the last recluster relates to the segments it was asked to continue.
+    /// See the field: the optimum a continued snapshot's Lloyd reached, before holding.
+    pub fn lloyd_optimum(&self) -> &[u32] {
+        &self.lloyd_optimum
+    }
+
     pub fn segmentation(&self) -> Segmentation {
         self.segmentation
     }
@@ -600,6 +611,7 @@ impl Model {
             p.margin
                 .map(|margin| (margin, p.stickiness, p.stickiness_budget))
         });
+        let mut optimum_labels: Option<Vec<u32>> = None;
         let (result, segmentation) = match (continuing, prior_labels.clone()) {
             (Some((margin, stickiness, stickiness_budget)), Some(labels)) => {
                 // The previous snapshot's segments followed by Lloyd to a local optimum of
@@ -608,13 +620,16 @@ impl Model {
                 // optimum is challenged by the online clustering and fresh starts (each run to
                 // convergence): a clearly better one replaces the segments, openly.
                 let t = std::time::Instant::now();
-                let followed = kmeans::lloyd_sticky(
-                    &points,
-                    self.clusters,
-                    labels.clone(),
-                    params.max_passes,
-                    0.0,
-                );
+                let start: Vec<u32> = match prior.as_ref().and_then(|p| p.start) {
+                    Some(start) => active
+                        .iter()
+                        .map(|&u| start.get(u).copied().unwrap_or(NO_CLUSTER))
+                        .collect(),
+                    None => labels.clone(),
+                };
+                let followed =
+                    kmeans::lloyd_sticky(&points, self.clusters, start, params.max_passes, 0.0);
+                optimum_labels = Some(followed.labels.clone());
                 let followed_seconds = t.elapsed().as_secs_f64();
                 let optimum = followed.inertia;
                 // Users near a boundary go back to their previous segment, cheapest first,
@@ -746,8 +761,15 @@ impl Model {
         };
         let reference =
             prior_labels.unwrap_or_else(|| active.iter().map(|&u| self.labels[u]).collect());
-        self.adopt_labels(&active, &result.labels, &reference);
+        let mapping = self.adopt_labels(&active, &result.labels, &reference);
         self.segmentation = segmentation;
+        self.lloyd_optimum.clear();
+        if let (Segmentation::Continued, Some(optimum)) = (segmentation, optimum_labels) {
+            self.lloyd_optimum = vec![NO_CLUSTER; self.labels.len()];
+            for (&u, &l) in active.iter().zip(&optimum) {
+                self.lloyd_optimum[u] = mapping.get(l as usize).copied().unwrap_or(NO_CLUSTER);
+            }
+        }
         result.passes
     }
 
@@ -877,7 +899,8 @@ impl Model {
 
     /// Makes `labels` (one per `active` user) the clustering, its cluster ids renumbered to
     /// overlap most with `reference` (the clustering it replaces) once the model is initialised.
-    fn adopt_labels(&mut self, active: &[usize], labels: &[u32], reference: &[u32]) {
+    /// Returns the renaming it applied (`mapping[label] = id`).
+    fn adopt_labels(&mut self, active: &[usize], labels: &[u32], reference: &[u32]) -> Vec<u32> {
         let mapping = if reference.iter().any(|&l| (l as usize) < self.clusters) {
             match_labels(labels, reference, self.clusters)
         } else {
@@ -889,6 +912,7 @@ impl Model {
         }
         self.initialised = true;
         self.rebuild_sums();
+        mapping
     }
 
     /// Restores a persisted model: basis and labels; projections and sums are recomputed.
@@ -1084,6 +1108,10 @@ pub(crate) struct Continuation<'a> {
     /// The sticky continuation is kept only while its inertia is within this share of the
     /// plain Lloyd optimum from the same segments.
     pub stickiness_budget: f64,
+    /// Where Lloyd starts (labels by user index, in the ids of `labels`): the Lloyd optimum of
+    /// the build that produced `labels`, before users were held; `labels` themselves when
+    /// `None`.
+    pub start: Option<&'a [u32]>,
     /// What the challenge of a previous snapshot found: with it, no fresh start runs while
     /// the snapshot is built; without it (the first snapshot a process continues), they run
     /// inline.

@@ -27,6 +27,8 @@ pub struct EngineView {
     pub(super) segments: Option<super::TrackedSegments>,
     /// What challenging the previous snapshot found (see [`Challenge`]).
     pub(super) challenge: Option<Challenge>,
+    /// Where the next continued clustering's Lloyd starts (see [`Continuation::start`]).
+    pub(super) lloyd_start: Option<Vec<u32>>,
 }
 
 impl EngineView {
@@ -117,6 +119,12 @@ impl EngineView {
     /// of running fresh starts while it is built.
     pub fn set_challenge(&mut self, challenge: Challenge) {
         self.challenge = Some(challenge);
+    }
+
+    /// The next snapshot continues segments whose build reached this Lloyd optimum (by user
+    /// index) before holding users: its Lloyd starts there.
+    pub fn set_lloyd_start(&mut self, labels: Vec<u32>) {
+        self.lloyd_start = Some(labels);
     }
 
     /// Challenges `served`, the snapshot model built from this view as `version` (see
@@ -238,6 +246,7 @@ impl EngineView {
                 stickiness: self.params.snapshot_stickiness,
                 stickiness_budget: self.params.snapshot_stickiness_budget,
                 challenge: self.challenge.as_ref(),
+                start: self.lloyd_start.as_deref(),
             }),
         );
         Some(model)
