@@ -4,24 +4,20 @@
 //! that adds up; a cluster of one is one participant, the same code path. Kafka topics will carry
 //! the rounds; here a participant is called directly.
 
-use std::cell::Cell;
-
 use ndarray::Array2;
 
-use super::eigen::{EigenParams, SymmetricOperator, top_eigenpairs};
+use super::eigen::{EigenParams, top_eigenpairs};
 use super::ids::stable_hash;
 use super::kmeans::{self, ClusteringParams, DensePoints, LloydPartial};
-use super::stats::{CovarianceStats, covariance_from_gram, partial_gram};
+use super::model::project_rows;
+use super::stats::{CovarianceStats, GramShare, partial_gram};
 use super::{CowVec, SparseVec};
 
-/// What one instance answers, each from the users it holds.
-pub trait Participant {
+/// What one instance answers, each from the users it holds (and, as a [`GramShare`], its
+/// ratings and its share of each eigensolver application).
+pub trait Participant: GramShare {
     /// The statistics round: its users' count, column sums and sums of squares over `items`.
     fn statistics(&self, items: usize) -> CovarianceStats;
-    /// Its users' ratings (the eigensolver picks its method by the operator's cost).
-    fn ratings(&self) -> usize;
-    /// An eigensolver round: `Xᵢᵀ(Xᵢ Qᵀ)` over its users, item-major (`d x b`).
-    fn gram(&self, block: &Array2<f64>) -> Vec<f64>;
     /// The basis (`components x items`) is broadcast: each user's projection, kept for the
     /// rounds that follow.
     fn project(&mut self, basis: &Array2<f64>);
@@ -67,34 +63,24 @@ impl LocalParticipant {
     }
 }
 
-impl Participant for LocalParticipant {
-    fn statistics(&self, items: usize) -> CovarianceStats {
-        CovarianceStats::from_vectors(self.vectors.iter(), items)
-    }
-
+impl GramShare for LocalParticipant {
     fn ratings(&self) -> usize {
-        self.vectors.iter().map(|x| x.nnz()).sum()
+        self.vectors.ratings()
     }
 
     fn gram(&self, block: &Array2<f64>) -> Vec<f64> {
         partial_gram(&self.vectors, block)
     }
+}
+
+impl Participant for LocalParticipant {
+    fn statistics(&self, items: usize) -> CovarianceStats {
+        CovarianceStats::from_vectors(self.vectors.iter(), items)
+    }
 
     fn project(&mut self, basis: &Array2<f64>) {
-        let (k, d) = basis.dim();
-        self.components = k;
-        self.projections = vec![0.0; self.vectors.len() * k];
-        for (u, x) in self.vectors.iter().enumerate() {
-            let z = &mut self.projections[u * k..(u + 1) * k];
-            for (&j, &v) in x.idx.iter().zip(&x.val) {
-                let j = j as usize;
-                if j < d {
-                    for (c, zc) in z.iter_mut().enumerate() {
-                        *zc += v * basis[[c, j]];
-                    }
-                }
-            }
-        }
+        self.components = basis.nrows();
+        self.projections = project_rows(&self.vectors, basis);
     }
 
     fn sample(&self, share: f64, seed: u64) -> Vec<(u64, Vec<f64>)> {
@@ -197,37 +183,6 @@ pub struct ClusterParams {
     pub sample_share: f64,
 }
 
-/// The covariance over every participant's users, one round per application.
-struct RoundsOperator<'a, P> {
-    participants: &'a [P],
-    mean: Vec<f64>,
-    users: u64,
-    ratings: usize,
-    rounds: Cell<usize>,
-}
-
-impl<P: Participant> SymmetricOperator for RoundsOperator<'_, P> {
-    fn dim(&self) -> usize {
-        self.mean.len()
-    }
-
-    fn row_work(&self) -> usize {
-        2 * self.ratings + 2 * self.mean.len()
-    }
-
-    fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
-        self.rounds.set(self.rounds.get() + 1);
-        let (b, d) = q.dim();
-        let mut gram = vec![0.0; d * b];
-        for participant in self.participants {
-            for (g, p) in gram.iter_mut().zip(participant.gram(q)) {
-                *g += p;
-            }
-        }
-        covariance_from_gram(&gram, q, &self.mean, self.users)
-    }
-}
-
 /// PCA and k-means over every participant's users, cold: the statistics round, one round per
 /// eigensolver application, the basis broadcast, one sample round for the k-means++ starts (run
 /// here on the sample, ordered by hash so the result does not depend on who holds whom), then
@@ -242,24 +197,17 @@ pub fn solve<P: Participant>(
         ..Rounds::default()
     };
     let mut stats = CovarianceStats::default();
-    let mut ratings = 0;
     for participant in participants.iter() {
         stats.merge(&participant.statistics(items));
-        ratings += participant.ratings();
     }
     let k = params.clustering.k;
     if stats.users() < k as u64 || items == 0 {
         return None;
     }
-    let operator = RoundsOperator {
-        participants: &*participants,
-        mean: stats.mean(items),
-        users: stats.users(),
-        ratings,
-        rounds: Cell::new(0),
-    };
-    let solved = top_eigenpairs(&operator, None, &params.eigen);
-    rounds.eigen = operator.rounds.get();
+    let shares: Vec<&P> = participants.iter().collect();
+    let solved = top_eigenpairs(&stats.sharded_operator(shares, items), None, &params.eigen);
+    // One round per operator application, which is what the solver counts.
+    rounds.eigen = solved.iterations;
     let basis = solved.eigenvectors;
     let components = basis.nrows();
     for participant in participants.iter_mut() {

@@ -723,19 +723,31 @@ pub fn reseed_degenerate<P: Points>(
         seat.iter_mut().for_each(|x| *x = 0.0);
         points.add_to(chosen, seat);
         let candidate = lloyd(points, centroids, max_passes);
-        // Kept only when it helps: fewer degenerate segments than before (or the smallest
-        // at least twice as large). A re-seeding that lands as small again would be repeated at
-        // every snapshot, each time a Lloyd run over everyone and a flagged re-segmentation.
-        let degenerate = |c: &Clustering| c.sizes.iter().filter(|&&s| s < min_size).count();
-        let smallest = |c: &Clustering| c.sizes.iter().copied().min().unwrap_or(0);
-        let helps = degenerate(&candidate) < degenerate(&clustering)
-            || smallest(&candidate) >= 2 * smallest(&clustering).max(1);
-        if helps && candidate.inertia <= bound.min(clustering.inertia * (1.0 + tolerance)) {
+        if candidate.inertia <= bound
+            && reseeding_helps(&clustering, &candidate, min_size, tolerance)
+        {
             clustering = candidate;
             reseeded = true;
         }
     }
     (clustering, reseeded)
+}
+
+/// Whether `after`, a re-seeding of `before`, is worth keeping: fewer segments under
+/// `min_size` (or the smallest at least twice as large), at most `tolerance` (a share) more
+/// inertia. A re-seeding that lands as small again would be repeated at every snapshot, each
+/// time a Lloyd run over everyone and a flagged re-segmentation.
+pub fn reseeding_helps(
+    before: &Clustering,
+    after: &Clustering,
+    min_size: u64,
+    tolerance: f64,
+) -> bool {
+    let degenerate = |c: &Clustering| c.sizes.iter().filter(|&&s| s < min_size).count();
+    let smallest = |c: &Clustering| c.sizes.iter().copied().min().unwrap_or(0);
+    let helps =
+        degenerate(after) < degenerate(before) || smallest(after) >= 2 * smallest(before).max(1);
+    helps && after.inertia <= before.inertia * (1.0 + tolerance)
 }
 
 /// Labels, sizes and inertia of `labels` with their exact member-mean centroids.
@@ -784,33 +796,8 @@ pub fn cluster<P: Points + Sync>(
         let seeds = kmeans_plus_plus(points, params.k, &mut rng);
         lloyd(points, seeds, params.max_passes)
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(starts)
-        .max(1);
-    let mut results: Vec<(usize, Clustering)> = if threads == 1 {
-        (0..starts).map(|i| (i, run_start(i))).collect()
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let run_start = &run_start;
-                    scope.spawn(move || {
-                        (t..starts)
-                            .step_by(threads)
-                            .map(|i| (i, run_start(i)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
-    };
-    results.sort_by_key(|(i, _)| *i);
-    for (_, candidate) in results {
+    let results = super::parallel::map_interleaved(starts, run_start);
+    for candidate in results {
         if best.as_ref().is_none_or(|b| candidate.inertia < b.inertia) {
             best = Some(candidate);
         }

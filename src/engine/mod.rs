@@ -13,6 +13,7 @@ mod ids;
 pub mod kmeans;
 pub mod matching;
 pub mod model;
+pub mod parallel;
 mod params;
 pub mod segment_sums;
 pub mod stats;

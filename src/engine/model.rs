@@ -152,12 +152,12 @@ impl Model {
     pub fn has_basis(&self) -> bool {
         self.basis.nrows() > 0
     }
-    /// How the last recluster relates to the segments it was asked to continue.
     /// See the field: the optimum a continued snapshot's Lloyd reached, before holding.
     pub fn lloyd_optimum(&self) -> &[u32] {
         &self.lloyd_optimum
     }
 
+    /// How the last recluster relates to the segments it was asked to continue.
     pub fn segmentation(&self) -> Segmentation {
         self.segmentation
     }
@@ -509,16 +509,8 @@ impl Model {
     }
 
     fn adopt_basis(&mut self, basis: Array2<f64>, result: &EigenResult, total_variance: f64) {
-        let k = self.components;
-        let d = basis.ncols();
-        let mut loadings = vec![0.0; d * k];
-        for (c, row) in basis.axis_iter(Axis(0)).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                loadings[j * k + c] = v;
-            }
-        }
+        self.loadings = loadings_of(&basis);
         self.basis = basis;
-        self.loadings = loadings;
         self.eigenvalues = result.eigenvalues.clone();
         self.total_variance = total_variance;
         self.eigen_iterations = result.iterations;
@@ -527,37 +519,7 @@ impl Model {
 
     /// Recomputes every projection from scratch with the current basis.
     pub(crate) fn reproject(&mut self, vectors: &CowVec<SparseVec>) {
-        let k = self.components;
-        let d = self.basis.ncols();
-        self.projections.clear();
-        self.projections.resize(vectors.len() * k, 0.0);
-        let loadings = &self.loadings;
-        let project = |first_user: usize, out: &mut [f64]| {
-            for (offset, z) in out.chunks_exact_mut(k.max(1)).enumerate() {
-                let x = &vectors[first_user + offset];
-                for (&j, &v) in x.idx.iter().zip(&x.val) {
-                    let j = j as usize;
-                    if j < d {
-                        for (zi, &l) in z.iter_mut().zip(&loadings[j * k..(j + 1) * k]) {
-                            *zi += v * l;
-                        }
-                    }
-                }
-            }
-        };
-        // Users are independent: one contiguous range per core (O(ratings x components)).
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = vectors.len().div_ceil(threads.max(1)).max(1);
-        if threads > 1 && vectors.len() >= PARALLEL_REPROJECT_USERS && k > 0 {
-            std::thread::scope(|scope| {
-                for (t, out) in self.projections.chunks_mut(per_thread * k).enumerate() {
-                    let project = &project;
-                    scope.spawn(move || project(t * per_thread, out));
-                }
-            });
-        } else if k > 0 {
-            project(0, &mut self.projections);
-        }
+        self.projections = project_with_loadings(vectors, &self.loadings, self.components);
         self.labels.resize(vectors.len(), NO_CLUSTER);
     }
 
@@ -678,13 +640,12 @@ impl Model {
                         Some(centroids) => {
                             let candidate =
                                 kmeans::lloyd(&points, centroids.clone(), params.max_passes);
-                            let degenerate = |c: &kmeans::Clustering| {
-                                c.sizes.iter().filter(|&&s| s < min_size).count()
-                            };
-                            if degenerate(&candidate) < degenerate(&continued)
-                                && candidate.inertia
-                                    <= continued.inertia * (1.0 + stickiness_budget)
-                            {
+                            if kmeans::reseeding_helps(
+                                &continued,
+                                &candidate,
+                                min_size,
+                                stickiness_budget,
+                            ) {
                                 (candidate, true)
                             } else {
                                 (continued, false)
@@ -1156,6 +1117,60 @@ fn degenerate_floor(smallest: u64, users: usize, clusters: usize) -> u64 {
         .div_ceil(2)
         .max((users as u64).div_ceil(8 * clusters.max(1) as u64))
         .max(2)
+}
+
+/// The basis (`components x items`) item-major (`items x components`): each rating then reads
+/// one contiguous row of loadings.
+fn loadings_of(basis: &Array2<f64>) -> Vec<f64> {
+    let (k, d) = basis.dim();
+    let mut loadings = vec![0.0; d * k];
+    for (c, row) in basis.axis_iter(Axis(0)).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            loadings[j * k + c] = v;
+        }
+    }
+    loadings
+}
+
+/// Every row of `vectors` projected on `basis` (`components x items`), row-major.
+pub(crate) fn project_rows(vectors: &CowVec<SparseVec>, basis: &Array2<f64>) -> Vec<f64> {
+    project_with_loadings(vectors, &loadings_of(basis), basis.nrows())
+}
+
+/// Every row projected through item-major `loadings` of `k` components: O(ratings x k), one
+/// contiguous range of users per core from [`PARALLEL_REPROJECT_USERS`] users up.
+fn project_with_loadings(vectors: &CowVec<SparseVec>, loadings: &[f64], k: usize) -> Vec<f64> {
+    let d = loadings.len() / k.max(1);
+    let mut projections = vec![0.0; vectors.len() * k];
+    if k == 0 {
+        return projections;
+    }
+    let project = |first_user: usize, out: &mut [f64]| {
+        for (offset, z) in out.chunks_exact_mut(k).enumerate() {
+            let x = &vectors[first_user + offset];
+            for (&j, &v) in x.idx.iter().zip(&x.val) {
+                let j = j as usize;
+                if j < d {
+                    for (zi, &l) in z.iter_mut().zip(&loadings[j * k..(j + 1) * k]) {
+                        *zi += v * l;
+                    }
+                }
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = vectors.len().div_ceil(threads.max(1)).max(1);
+    if threads > 1 && vectors.len() >= PARALLEL_REPROJECT_USERS {
+        std::thread::scope(|scope| {
+            for (t, out) in projections.chunks_mut(per_thread * k).enumerate() {
+                let project = &project;
+                scope.spawn(move || project(t * per_thread, out));
+            }
+        });
+    } else {
+        project(0, &mut projections);
+    }
+    projections
 }
 
 /// Picks between the online clustering (polished) and fresh starts at a refresh or a cold

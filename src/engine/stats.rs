@@ -111,11 +111,11 @@ impl CovarianceStats {
     /// disjoint; these statistics their merged ones) as one operator: each application sums
     /// the shards' [`partial_gram`] products, what a coordinator does with the partials every
     /// instance sends back for the block it broadcast.
-    pub fn sharded_operator<'a>(
+    pub fn sharded_operator<'a, S: GramShare + ?Sized>(
         &self,
-        shards: Vec<&'a CowVec<SparseVec>>,
+        shards: Vec<&'a S>,
         d: usize,
-    ) -> CovarianceOperator<'a> {
+    ) -> CovarianceOperator<'a, S> {
         CovarianceOperator {
             shards,
             mean: self.mean(d),
@@ -144,29 +144,43 @@ impl CovarianceStats {
 /// O(nnz·r) time and O(d·r) memory for a block of r vectors, whatever the catalogue size. The
 /// rows may be spread over several instances' shares (one share for a single instance): each
 /// application sums the shares' [`partial_gram`] products.
-pub struct CovarianceOperator<'a> {
-    shards: Vec<&'a CowVec<SparseVec>>,
+pub struct CovarianceOperator<'a, S: ?Sized = CowVec<SparseVec>> {
+    shards: Vec<&'a S>,
     mean: Vec<f64>,
     users: u64,
 }
 
-impl SymmetricOperator for CovarianceOperator<'_> {
+/// What one share of the users contributes to a covariance application: their ratings (the
+/// solver's cost estimate) and `Xᵢᵀ(Xᵢ Qᵀ)` over them ([`partial_gram`]). An instance's rows
+/// are one; an instance answering a coordinator's round is another (`engine::cluster`).
+pub trait GramShare {
+    fn ratings(&self) -> usize;
+    /// `Xᵢᵀ(Xᵢ Qᵀ)` over these users, item-major (`d x b`), for the block `q` (`b x d`).
+    fn gram(&self, q: &Array2<f64>) -> Vec<f64>;
+}
+
+impl GramShare for CowVec<SparseVec> {
+    fn ratings(&self) -> usize {
+        self.iter().map(|x| x.nnz()).sum()
+    }
+
+    fn gram(&self, q: &Array2<f64>) -> Vec<f64> {
+        partial_gram(self, q)
+    }
+}
+
+impl<S: GramShare + ?Sized> SymmetricOperator for CovarianceOperator<'_, S> {
     fn dim(&self) -> usize {
         self.mean.len()
     }
 
     fn row_work(&self) -> usize {
-        let ratings: usize = self
-            .shards
-            .iter()
-            .flat_map(|shard| shard.iter())
-            .map(|x| x.nnz())
-            .sum();
+        let ratings: usize = self.shards.iter().map(|shard| shard.ratings()).sum();
         2 * ratings + 2 * self.mean.len()
     }
 
     fn apply_rows(&self, q: &Array2<f64>) -> Array2<f64> {
-        let mut shares = self.shards.iter().map(|shard| partial_gram(shard, q));
+        let mut shares = self.shards.iter().map(|shard| shard.gram(q));
         let (b, d) = q.dim();
         let mut gram = shares.next().unwrap_or_else(|| vec![0.0; d * b]);
         for share in shares {
@@ -180,12 +194,7 @@ impl SymmetricOperator for CovarianceOperator<'_> {
 
 /// `C Qᵀ` (as `b x d` rows) from `Σ Xᵀ(X Qᵀ)` over every user (item-major `d x b`), the
 /// user count and the column means: `XᵀX Q/n − μ(μᵀQ)`.
-pub(crate) fn covariance_from_gram(
-    gram: &[f64],
-    q: &Array2<f64>,
-    mean: &[f64],
-    users: u64,
-) -> Array2<f64> {
+fn covariance_from_gram(gram: &[f64], q: &Array2<f64>, mean: &[f64], users: u64) -> Array2<f64> {
     let (b, d) = q.dim();
     let inv = 1.0 / users.max(1) as f64;
     let q_mean = q.dot(&ndarray::ArrayView1::from(mean));
@@ -210,36 +219,8 @@ pub fn partial_gram(vectors: &CowVec<SparseVec>, q: &Array2<f64>) -> Vec<f64> {
         .step_by(chunk)
         .map(|start| vectors.slices(start, start + chunk))
         .collect();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(ranges.len())
-        .max(1);
-    let partials: Vec<Vec<f64>> = if threads == 1 {
-        ranges
-            .iter()
-            .map(|r| gram_times_block(r, qt, b, d))
-            .collect()
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let ranges = &ranges;
-                    scope.spawn(move || {
-                        (t..ranges.len())
-                            .step_by(threads)
-                            .map(|i| (i, gram_times_block(&ranges[i], qt, b, d)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            let mut all: Vec<(usize, Vec<f64>)> = handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect();
-            all.sort_by_key(|(i, _)| *i);
-            all.into_iter().map(|(_, p)| p).collect()
-        })
-    };
+    let partials =
+        super::parallel::map_interleaved(ranges.len(), |i| gram_times_block(&ranges[i], qt, b, d));
     let mut parts = partials.into_iter();
     let mut yt = parts.next().unwrap_or_else(|| vec![0.0; d * b]);
     for part in parts {

@@ -706,38 +706,9 @@ pub fn diagnostics(
         let squared = scale * scale;
         (best.inertia * squared, full * squared)
     };
-    // The values of k are independent: spread over the cores, interleaved (larger k cost more).
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, ks.len().max(1));
-    let mut by_k: Vec<(usize, (f64, f64))> = if threads > 1 {
-        std::thread::scope(|scope| {
-            let inertia_at = &inertia_at;
-            let ks = &ks;
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    scope.spawn(move || {
-                        (t..ks.len())
-                            .step_by(threads)
-                            .map(|i| (i, inertia_at(ks[i])))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        })
-    } else {
-        ks.iter()
-            .enumerate()
-            .map(|(i, &k)| (i, inertia_at(k)))
-            .collect()
-    };
-    by_k.sort_by_key(|(i, _)| *i);
-    let (projected_inertia, full_inertia): (Vec<f64>, Vec<f64>) =
-        by_k.into_iter().map(|(_, pair)| pair).unzip();
+    // The values of k are independent: spread over the cores (larger k cost more).
+    let by_k = crate::engine::parallel::map_interleaved(ks.len(), |i| inertia_at(ks[i]));
+    let (projected_inertia, full_inertia): (Vec<f64>, Vec<f64>) = by_k.into_iter().unzip();
     Diagnostics {
         as_of_version: None,
         explained_variance_ratio_curve: curve,
