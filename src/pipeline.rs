@@ -270,6 +270,11 @@ impl SnapshotNotices {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.subscribe()
     }
+
+    /// The version served last (0 before any).
+    pub fn latest(&self) -> u64 {
+        *self.0.borrow()
+    }
 }
 
 impl Shared {
@@ -742,9 +747,10 @@ impl Pipeline {
         if let Some(challenge) = self.shared.challenge.lock().ok().and_then(|c| c.clone()) {
             engine.set_challenge(challenge);
         }
-        // Only for the segments it was reached from: the latest stored snapshot's.
+        // Only for the segments it was reached from: the snapshot served last, which the next
+        // one continues.
         if let Some(start) = self.shared.lloyd_start.lock().ok().and_then(|s| s.clone())
-            && self.snapshots.snapshot_versions()?.last() == Some(&start.version)
+            && self.shared.published.latest() == start.version
         {
             engine.set_lloyd_start(start.labels);
         }
