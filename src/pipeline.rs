@@ -199,6 +199,9 @@ pub struct Shared {
     /// The latest diagnostics computed after a snapshot was served, carried into the next ones.
     pub diagnostics: Arc<std::sync::Mutex<Option<Diagnostics>>>,
     challenging: Arc<std::sync::atomic::AtomicBool>,
+    /// The version whose challenge last asked for a snapshot to re-seed its degenerate
+    /// segments (0: none yet).
+    reseed_asked_by: Arc<AtomicU64>,
     /// Bumped when a challenge beat the served segments: a reason for a new snapshot (which
     /// re-segments) even when no event came.
     pub challenges_won: Arc<AtomicU64>,
@@ -450,16 +453,27 @@ impl Shared {
             else {
                 continue;
             };
+            // A better clustering, or a re-seeding that helps, asks for a snapshot even when no
+            // event comes (else a stream that stopped would keep its degenerate segments). A
+            // re-seeding asks once: if the snapshot it brought did not take it, the next
+            // challenge finding it again waits for events.
+            let reseed_asks = challenge.reseeded.is_some()
+                && self.reseed_asked_by.load(Ordering::Relaxed) + 1 != version;
+            if reseed_asks {
+                self.reseed_asked_by.store(version, Ordering::Relaxed);
+            }
+            let asks_snapshot = challenge.better.is_some() || reseed_asks;
             // Operators and tests read from this line whether the served segments held.
             tracing::info!(
                 version,
                 ratio = challenge.ratio,
                 better = challenge.better.is_some(),
                 reseeded = challenge.reseeded.is_some(),
+                asks_snapshot,
                 seconds = started.elapsed().as_secs_f64(),
                 "snapshot challenged"
             );
-            if challenge.better.is_some() {
+            if asks_snapshot {
                 self.challenges_won.fetch_add(1, Ordering::Relaxed);
             }
             if let Ok(mut slot) = self.challenge.lock() {

@@ -70,8 +70,8 @@ fn thirty_installments_with_kills_end_as_good_as_a_cold_solve() {
             service = Service::start(&env, &[]);
         }
     }
-    // Settled: the latest snapshot was challenged and its segments held (a challenge that
-    // wins brings a re-segmenting snapshot, challenged in turn).
+    // Settled: the latest snapshot was challenged and asked for no other (a challenge that
+    // wins, or finds a re-seeding that helps, brings a snapshot, challenged in turn).
     let mut latest = versions.last().copied().unwrap_or(0);
     loop {
         let line = service.wait_for(Duration::from_secs(120), |v| {
@@ -82,7 +82,7 @@ fn thirty_installments_with_kills_end_as_good_as_a_cold_solve() {
         let version = fields["version"].as_u64().unwrap_or(0);
         if fields["message"] == "snapshot built" {
             latest = latest.max(version);
-        } else if version == latest && fields["better"] == false {
+        } else if version == latest && fields["asks_snapshot"] == false {
             break;
         }
     }
