@@ -173,6 +173,10 @@ pub struct KafkaConfig {
     pub changes_topic: String,
     /// The assignments table: each changed user's current segment, compacted ("" = off).
     pub assignments_topic: String,
+    /// Each owned partition's user rows and next offset, compacted, so a partition that moves
+    /// to another instance is restored there ("" = off: a moved partition is rebuilt from the
+    /// ratings topic's history).
+    pub changelog_topic: String,
     /// Where the feed records, in the same transactions, which snapshot version it published
     /// last (compacted; "" = `<group_id>-publications`).
     pub publications_topic: String,
@@ -207,6 +211,7 @@ impl Default for KafkaConfig {
             snapshots_topic: String::new(),
             changes_topic: String::new(),
             assignments_topic: String::new(),
+            changelog_topic: String::new(),
             publications_topic: String::new(),
             transactional_id: String::new(),
             feed_resync: false,
@@ -423,6 +428,15 @@ impl Config {
         validate_snapshot(&self.snapshot)?;
         validate_kafka(&self.kafka)?;
         validate_http(&self.http)?;
+        invalid_if(
+            !self.kafka.changelog_topic.is_empty() && self.events.half_life.is_some(),
+            "[kafka] changelog_topic/[events] half_life",
+            "a changelog with a half-life is not supported yet: decayed values are stored \
+             against each instance's own event clock, so a row moved to another instance would \
+             not mean the same there",
+            "remove changelog_topic (a moved partition is then rebuilt from the ratings topic), \
+             or remove half_life",
+        )?;
         invalid_if(
             self.replay.batch_size == 0 || self.demo.batch_size == 0,
             "[replay]/[demo] batch_size",
@@ -724,7 +738,12 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         "use a separate topic, e.g. ratings-dead-letter",
     )?;
     let publications = k.publications_topic_name();
-    let outputs: [(&'static str, &str, &'static str); 4] = [
+    let outputs: [(&'static str, &str, &'static str); 5] = [
+        (
+            "[kafka] changelog_topic",
+            &k.changelog_topic,
+            "use a topic of its own, e.g. segmenter-changelog",
+        ),
         (
             "[kafka] snapshots_topic",
             &k.snapshots_topic,
@@ -1115,6 +1134,32 @@ mod tests {
                 Config::load_with_env(None, env(&[("SEGMENTER_EVENTS__HALF_LIFE", fine)])).unwrap();
             assert!(c.engine_params().half_life_seconds >= Some(300), "{fine}");
         }
+    }
+
+    #[test]
+    fn a_changelog_with_a_half_life_is_refused_naming_both_fields() {
+        let both = [
+            ("SEGMENTER_EVENTS__HALF_LIFE", "30d"),
+            ("SEGMENTER_KAFKA__CHANGELOG_TOPIC", "segmenter-changelog"),
+        ];
+        let text = Config::load_with_env(None, env(&both))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("[kafka] changelog_topic/[events] half_life")
+                && text.contains("remove changelog_topic"),
+            "{text}"
+        );
+        let c = Config::load_with_env(None, env(&both[1..])).expect("a changelog alone is fine");
+        assert_eq!(c.kafka.changelog_topic, "segmenter-changelog");
+        let same = [
+            ("SEGMENTER_KAFKA__CHANGELOG_TOPIC", "ratings"),
+            ("SEGMENTER_KAFKA__TOPIC", "ratings"),
+        ];
+        let text = Config::load_with_env(None, env(&same))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("[kafka] changelog_topic"), "{text}");
     }
 
     #[test]

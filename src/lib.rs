@@ -14,6 +14,7 @@ pub mod generator;
 pub mod http;
 pub mod kafka;
 pub mod nullable;
+pub mod ownership;
 pub mod pipeline;
 pub mod replay;
 pub mod report;

@@ -5,7 +5,7 @@
 //! snapshots on schedule and publishes them to readers (HTTP, metrics). It owns health too:
 //! whichever source runs, `/readyz` reads the same flags.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
@@ -21,6 +21,8 @@ use crate::engine::{
 };
 use crate::event::Rating;
 use crate::http::serving::Serving;
+use crate::kafka::changelog::{ChangelogBatch, Handover};
+use crate::ownership::Ownership;
 use crate::snapshot::{
     self, Assignments, BuildInput, Built, Diagnostics, Snapshot, SnapshotParams,
 };
@@ -51,6 +53,12 @@ pub struct Health {
     /// The change feed stopped for good and needs an operator: fenced by another producer
     /// with its transactional id, or Kafka's record of what it published went backwards.
     pub feed_stopped: AtomicBool,
+    /// Partitions were assigned whose state this instance is taking over from the changelog:
+    /// they are consumed once it is restored.
+    pub restoring: AtomicBool,
+    /// The changelog failed its last transaction and retries: a partition moved now would be
+    /// restored to an older offset (and consumed again from there).
+    pub changelog_behind: AtomicBool,
 }
 
 impl Health {
@@ -62,6 +70,29 @@ impl Health {
             && self.partitions_assigned().is_none_or(|n| n > 0)
             && !self.feed_behind.load(Ordering::Relaxed)
             && !self.feed_stopped.load(Ordering::Relaxed)
+            && !self.restoring.load(Ordering::Relaxed)
+            && !self.changelog_behind.load(Ordering::Relaxed)
+    }
+
+    /// One word for `/readyz`: `restoring` while partitions are being taken over from the
+    /// changelog, `serving` when ready, `not_ready` otherwise (the flags say why).
+    pub fn status(&self) -> &'static str {
+        if self.restoring.load(Ordering::Relaxed) {
+            "restoring"
+        } else if self.ready() {
+            "serving"
+        } else {
+            "not_ready"
+        }
+    }
+
+    pub fn set_changelog_behind(&self, behind: bool) {
+        let was = self.changelog_behind.swap(behind, Ordering::Relaxed);
+        if !was && behind {
+            tracing::warn!("the changelog is behind the state dir: not ready until it catches up");
+        } else if was && !behind {
+            tracing::info!("the changelog caught up");
+        }
     }
 
     pub fn partitions_assigned(&self) -> Option<usize> {
@@ -569,6 +600,9 @@ pub struct Pipeline {
     writer: Writer,
     schedule: Schedule,
     policy: SnapshotPolicy,
+    /// Whose partition each user is, when a changelog backs the state (see
+    /// [`Pipeline::track_partitions`]).
+    ownership: Option<Ownership>,
 }
 
 impl Pipeline {
@@ -620,7 +654,142 @@ impl Pipeline {
             shared,
             schedule,
             policy,
+            ownership: None,
         })
+    }
+
+    /// Keeps track of which partition of `topic` each user's events come from (persisted
+    /// with the state), for [`Pipeline::apply_partitioned`] and [`Pipeline::take_over`].
+    pub fn track_partitions(&mut self, topic: &str) -> anyhow::Result<()> {
+        let by_user = self.state.user_partitions()?;
+        anyhow::ensure!(
+            !by_user.is_empty() || self.engine.users().is_empty(),
+            "the state dir {} holds users applied without a changelog, whose partitions it \
+             did not record: start this instance on an empty state dir (it restores its \
+             partitions from the changelog, or the ratings topic), or remove [kafka] \
+             changelog_topic",
+            self.state.path().display()
+        );
+        self.ownership = Some(Ownership::new(topic, by_user));
+        Ok(())
+    }
+
+    /// The next offsets the state holds for `partitions` of the tracked topic.
+    pub fn local_offsets(&self, partitions: &BTreeSet<i32>) -> BTreeMap<i32, i64> {
+        let Some(ownership) = &self.ownership else {
+            return BTreeMap::new();
+        };
+        partitions
+            .iter()
+            .filter_map(|&p| Some((p, *self.positions.get(&ownership.key_of(p))?)))
+            .collect()
+    }
+
+    /// [`Pipeline::apply`] for events from partitions of the tracked topic (`partitions[i]`
+    /// is the `i`-th event's): also returns what changed per partition, for the changelog.
+    pub fn apply_partitioned(
+        &mut self,
+        events: &[impl Rating],
+        partitions: &[i32],
+        positions: Positions,
+    ) -> anyhow::Result<(ApplyOutcome, ChangelogBatch)> {
+        let mut ownership = self
+            .ownership
+            .take()
+            .context("partitions are not tracked: call track_partitions first")?;
+        let outcome = self.apply_events(events);
+        let (changes, new_owners) =
+            ownership.batch_changes(&self.engine, events, partitions, &positions);
+        self.ownership = Some(ownership);
+        self.positions.extend(positions);
+        self.commit(&new_owners)?;
+        Ok((outcome, changes))
+    }
+
+    /// The consumer group gave this instance `owned` (and only those) partitions: the users
+    /// of partitions it held and no longer owns leave the engine, and each partition in
+    /// `handovers` restored from the changelog replaces what the state held of it. Committed
+    /// like a batch; returns the next offset to consume each owned partition from (absent:
+    /// from the beginning).
+    pub fn take_over(
+        &mut self,
+        owned: &BTreeSet<i32>,
+        handovers: BTreeMap<i32, Handover>,
+    ) -> anyhow::Result<BTreeMap<i32, i64>> {
+        let mut ownership = self
+            .ownership
+            .take()
+            .context("partitions are not tracked: call track_partitions first")?;
+        let taken = self.take_over_with(&mut ownership, owned, handovers);
+        self.ownership = Some(ownership);
+        let new_owners = taken?;
+        self.commit(&new_owners)?;
+        Ok(self.local_offsets(owned))
+    }
+
+    fn take_over_with(
+        &mut self,
+        ownership: &mut Ownership,
+        owned: &BTreeSet<i32>,
+        handovers: BTreeMap<i32, Handover>,
+    ) -> anyhow::Result<Vec<(u32, i32)>> {
+        let held = ownership.held(&self.positions);
+        let restored: BTreeSet<i32> = handovers
+            .iter()
+            .filter(|(_, h)| matches!(h, Handover::Restored { .. }))
+            .map(|(&p, _)| p)
+            .collect();
+        let leaving = ownership.users_of(|p| !owned.contains(&p) || restored.contains(&p));
+        let changed = !leaving.is_empty() || !restored.is_empty();
+        let dropped: Vec<i32> = held.difference(owned).copied().collect();
+        if !dropped.is_empty() {
+            tracing::info!(partitions = ?dropped, "partitions moved to other instances: their users leave this one");
+        }
+        self.engine.clear_users(&leaving, &mut self.changes);
+        for p in &dropped {
+            self.positions.remove(&ownership.key_of(*p));
+        }
+        let mut new_owners = vec![];
+        for (partition, handover) in handovers {
+            let Handover::Restored { rows, next_offset } = handover else {
+                continue;
+            };
+            for row in &rows {
+                let cells: Vec<(&str, f64)> =
+                    row.cells.iter().map(|(i, v)| (i.as_str(), *v)).collect();
+                self.engine
+                    .set_stored_row(&row.user, &cells, &mut self.changes)
+                    .map_err(|reason| {
+                        anyhow::anyhow!(
+                            "cannot restore partition {partition} from the changelog: user {} \
+                             does not fit ({}): give this instance the same [model] max_users \
+                             and max_items as the others",
+                            row.user,
+                            reason.label()
+                        )
+                    })?;
+                if let Some(u) = self.engine.users().get(&row.user)
+                    && ownership.assign(u, partition)
+                {
+                    new_owners.push((u, partition));
+                }
+            }
+            let key = ownership.key_of(partition);
+            match next_offset {
+                Some(offset) => self.positions.insert(key, offset),
+                None => self.positions.remove(&key),
+            };
+        }
+        if changed {
+            self.shared
+                .metrics
+                .user_ids
+                .set(self.engine.users().len() as i64);
+            let now = Instant::now();
+            self.schedule.last_applied = Some(now);
+            self.schedule.first_uncovered.get_or_insert(now);
+        }
+        Ok(new_owners)
     }
 
     pub fn positions(&self) -> &Positions {
@@ -648,6 +817,14 @@ impl Pipeline {
         events: &[impl Rating],
         positions: Positions,
     ) -> anyhow::Result<ApplyOutcome> {
+        let outcome = self.apply_events(events);
+        self.positions.extend(positions);
+        self.commit(&[])?;
+        Ok(outcome)
+    }
+
+    /// Applies `events` to the engine and counts them; the caller commits.
+    fn apply_events(&mut self, events: &[impl Rating]) -> ApplyOutcome {
         let applied_at = Instant::now();
         let outcome =
             self.engine
@@ -670,21 +847,21 @@ impl Pipeline {
         for r in &outcome.refreshes {
             metrics.refresh_seconds.observe(r.seconds);
         }
-        self.positions.extend(positions);
-        self.commit()?;
-        let metrics = &self.shared.metrics;
         metrics.batch_size.observe(events.len() as f64);
         metrics
             .batch_apply_seconds
             .observe(applied_at.elapsed().as_secs_f64());
-        Ok(outcome)
+        outcome
     }
 
-    fn commit(&mut self) -> anyhow::Result<()> {
-        let commit = self
+    /// Hands the changes since the last commit, the positions and `user_partitions` (users
+    /// whose partition is new) to the writer.
+    fn commit(&mut self, user_partitions: &[(u32, i32)]) -> anyhow::Result<()> {
+        let mut commit = self
             .state
             .prepare_commit(&self.engine, &mut self.changes, Some(&self.positions))
             .context("cannot persist the batch: stopping without recording its positions")?;
+        commit.record_user_partitions(user_partitions);
         let committed = Committed {
             positions: self.positions.clone(),
             events_applied: self.engine.counters().events_applied,
@@ -705,7 +882,7 @@ impl Pipeline {
                     seconds = r.seconds,
                     "model refreshed on timer"
                 );
-                self.commit()?;
+                self.commit(&[])?;
             }
             self.schedule.last_refresh = Instant::now();
         }
@@ -814,7 +991,7 @@ impl Pipeline {
             return Ok(None);
         };
         self.engine.adopt_model(built.model, &mut self.changes);
-        self.commit()?;
+        self.commit(&[])?;
         Ok(Some((built.snapshot, built.assignments)))
     }
 

@@ -4,7 +4,7 @@
 //! changed state together with the offsets in one atomic write. Only then are offsets committed
 //! to Kafka (for progress and lag). Snapshots and time-based refreshes are the pipeline's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use crate::decode;
 use crate::engine::AdmissionGate;
 use crate::event::{RatingEvent, RejectReason, Rejection};
 use crate::http;
+use crate::kafka::changelog::Changelog;
 use crate::kafka::dead_letter::{DeadLetter, deliver_all};
 use crate::kafka::{ServiceContext, client_config, client_config_with_defaults, offset_key};
 use crate::pipeline::{Acks, Committed, Pipeline, Positions, Shared, SnapshotPolicy};
@@ -34,10 +35,24 @@ pub struct RunOptions {
 }
 
 /// A batch on its way from the poll loop to the engine thread.
+#[derive(Default)]
 struct Batch {
     events: Vec<RatingEvent>,
+    /// The partition each event came from.
+    partitions: Vec<i32>,
     /// Next offset per partition after this batch.
     offsets: Positions,
+}
+
+/// What the poll loop asks of the engine thread, in order.
+enum Work {
+    Batch(Batch),
+    /// With a changelog: own these partitions of the ratings topic (and no other), restoring
+    /// those whose state moved here; answers the next offset of each (absent: the beginning).
+    TakeOver {
+        partitions: BTreeSet<i32>,
+        reply: tokio::sync::oneshot::Sender<anyhow::Result<BTreeMap<i32, i64>>>,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -86,9 +101,21 @@ pub async fn run(
             ..RunSummary::default()
         });
     }
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
+    let (batch_tx, batch_rx) = mpsc::channel::<Work>(2);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
     let final_snapshot = Arc::new(AtomicBool::new(false));
+    let (changelog_errors_tx, changelog_errors) = mpsc::unbounded_channel();
+    let changelog = if config.kafka.changelog_topic.is_empty() {
+        None
+    } else {
+        ensure_changelog_topic(&config).await?;
+        Some(Changelog::start(
+            &config.kafka,
+            shared.health.clone(),
+            shared.metrics.clone(),
+            changelog_errors_tx,
+        )?)
+    };
     let mut source = Source::connect(
         &config,
         &stores.catalogue,
@@ -96,9 +123,9 @@ pub async fn run(
         stored_offsets,
         AdmissionGate::new(&loaded.engine),
         &shutdown,
-        (batch_tx, ack_rx),
+        (batch_tx, ack_rx, changelog_errors),
     )?;
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         &config,
         policy,
         stores,
@@ -106,7 +133,16 @@ pub async fn run(
         shared.clone(),
         Some(ack_tx.clone()),
     )?;
-    let worker = spawn_engine_thread(pipeline, batch_rx, ack_tx, final_snapshot.clone())?;
+    if changelog.is_some() {
+        pipeline.track_partitions(&config.kafka.topic)?;
+    }
+    let worker = spawn_engine_thread(
+        pipeline,
+        changelog,
+        batch_rx,
+        ack_tx,
+        final_snapshot.clone(),
+    )?;
     source.consume(shutdown, &options, &final_snapshot).await?;
     let mut summary = source.drain(worker).await?;
     readers.stop().await;
@@ -199,7 +235,8 @@ async fn open_state(config: &Config) -> anyhow::Result<(Stores, LoadedEngine)> {
 /// durable), and runs its timers when the poll loop's tick comes instead of a batch.
 fn spawn_engine_thread(
     mut pipeline: Pipeline,
-    mut batches: mpsc::Receiver<Batch>,
+    changelog: Option<Changelog>,
+    mut batches: mpsc::Receiver<Work>,
     errors: Acks,
     final_snapshot: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
@@ -208,11 +245,38 @@ fn spawn_engine_thread(
         .spawn(move || {
             let applied = (|| -> anyhow::Result<()> {
                 pipeline.publish_current()?;
-                while let Some(batch) = batches.blocking_recv() {
+                while let Some(work) = batches.blocking_recv() {
+                    let batch = match work {
+                        Work::Batch(batch) => batch,
+                        Work::TakeOver { partitions, reply } => {
+                            let changelog = changelog
+                                .as_ref()
+                                .context("partitions handed over without a changelog")?;
+                            let taken = take_over(&mut pipeline, changelog, partitions);
+                            let failed = taken.as_ref().err().map(|e| anyhow::anyhow!("{e:#}"));
+                            let _ = reply.send(taken);
+                            if let Some(e) = failed {
+                                return Err(e);
+                            }
+                            pipeline.tick()?;
+                            continue;
+                        }
+                    };
                     if !batch.events.is_empty() || !batch.offsets.is_empty() {
                         let _span =
                             tracing::debug_span!("batch", events = batch.events.len()).entered();
-                        let outcome = pipeline.apply(&batch.events, batch.offsets)?;
+                        let outcome = match &changelog {
+                            None => pipeline.apply(&batch.events, batch.offsets)?,
+                            Some(changelog) => {
+                                let (outcome, changes) = pipeline.apply_partitioned(
+                                    &batch.events,
+                                    &batch.partitions,
+                                    batch.offsets,
+                                )?;
+                                changelog.write(changes)?;
+                                outcome
+                            }
+                        };
                         if !outcome.rejected.is_empty() {
                             // The poll loop's gate and value checks run first: a bug.
                             tracing::error!(count = outcome.rejected.len(), first = ?outcome.rejected[0], "events refused by the engine after the poll loop admitted them");
@@ -230,8 +294,67 @@ fn spawn_engine_thread(
             // Finishing writes every commit and closes the acknowledgements, which ends the
             // drain: a final snapshot (exit_at_events) is not part of it.
             let finished = pipeline.finish(applied.is_ok() && final_snapshot.load(Ordering::Relaxed));
+            // Every committed batch's rows to the changelog too, so a restart keeps its state
+            // dir instead of restoring from the changelog.
+            if let Some(changelog) = changelog {
+                changelog.finish();
+            }
             applied.and(finished.map(|_| ()))
         })?)
+}
+
+/// Takes the partitions the group assigned over: the changelog fences their previous owners
+/// and reads what moved, the pipeline drops the users of partitions gone and restores those
+/// that came. The next offsets to consume from.
+fn take_over(
+    pipeline: &mut Pipeline,
+    changelog: &Changelog,
+    partitions: BTreeSet<i32>,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let local = pipeline.local_offsets(&partitions);
+    let handovers = changelog.own(partitions.clone(), local)?;
+    pipeline.take_over(&partitions, handovers)
+}
+
+/// The changelog topic: created compacted with the ratings topic's partition count, which
+/// it must have (a user's row lives in the partition of the user's events).
+async fn ensure_changelog_topic(config: &Config) -> anyhow::Result<()> {
+    let kafka = &config.kafka;
+    let partitions = crate::kafka::partition_count(kafka, &kafka.topic)
+        .await?
+        .with_context(|| {
+            format!(
+                "[kafka] changelog_topic is set but the ratings topic {} does not exist yet: \
+                 the changelog is partitioned like it; create it first (segmenter produce \
+                 creates it, or kafka-topics.sh --create)",
+                kafka.topic
+            )
+        })?;
+    crate::kafka::ensure_topic_with(
+        kafka,
+        &kafka.changelog_topic,
+        partitions,
+        &[("cleanup.policy", "compact")],
+    )
+    .await?;
+    let changelog = crate::kafka::partition_count(kafka, &kafka.changelog_topic).await?;
+    anyhow::ensure!(
+        changelog == Some(partitions),
+        "the changelog topic {} has {changelog:?} partitions, the ratings topic {} has \
+         {partitions}: they must be equal (give the changelog a new topic of its own after \
+         adding partitions to the ratings topic)",
+        kafka.changelog_topic,
+        kafka.topic
+    );
+    let policy =
+        crate::kafka::topic_config(kafka, &kafka.changelog_topic, "cleanup.policy").await?;
+    anyhow::ensure!(
+        policy.as_deref().is_some_and(|p| p.contains("compact")),
+        "the changelog topic {} has cleanup.policy {policy:?}: it must be compacted (or the \
+         broker deletes rows a restore needs); set cleanup.policy=compact",
+        kafka.changelog_topic
+    );
+    Ok(())
 }
 
 /// The poll loop's state: the consumer, the batch being filled, its dead letters, and the
@@ -252,7 +375,9 @@ struct Source {
     letters: Vec<DeadLetter>,
     partition_keys: rustc_hash::FxHashMap<i32, String>,
     batch_started: Option<tokio::time::Instant>,
-    batches: mpsc::Sender<Batch>,
+    batches: mpsc::Sender<Work>,
+    /// The changelog writer's failure, which stops the service.
+    changelog_errors: mpsc::UnboundedReceiver<anyhow::Error>,
     acks: mpsc::UnboundedReceiver<anyhow::Result<Committed>>,
     summary: RunSummary,
     stopping_for_target: bool,
@@ -268,9 +393,10 @@ impl Source {
         stored_offsets: Arc<Mutex<Positions>>,
         admission: AdmissionGate,
         shutdown: &watch::Receiver<bool>,
-        (batches, acks): (
-            mpsc::Sender<Batch>,
+        (batches, acks, changelog_errors): (
+            mpsc::Sender<Work>,
             mpsc::UnboundedReceiver<anyhow::Result<Committed>>,
+            mpsc::UnboundedReceiver<anyhow::Error>,
         ),
     ) -> anyhow::Result<Source> {
         let kafka = &config.kafka;
@@ -306,12 +432,14 @@ impl Source {
             policy: config.engine_params().policy().for_source(),
             pending: Batch {
                 events: Vec::with_capacity(kafka.batch_size),
+                partitions: Vec::with_capacity(kafka.batch_size),
                 offsets: Positions::new(),
             },
             letters: vec![],
             partition_keys: Default::default(),
             batch_started: None,
             batches,
+            changelog_errors,
             acks,
             summary: RunSummary::default(),
             stopping_for_target: false,
@@ -353,8 +481,9 @@ impl Source {
                 _ = sleep_until_opt(flush_at), if flush_at.is_some() => flush = true,
                 _ = engine_tick.tick() => {
                     // Best effort: a full channel means the engine thread is busy anyway.
-                    let _ = self.batches.try_send(Batch { events: vec![], offsets: Positions::new() });
+                    let _ = self.batches.try_send(Work::Batch(Batch::default()));
                 }
+                Some(e) = self.changelog_errors.recv() => return Err(e),
                 message = consumer.recv() => match message {
                     Err(e) => tracing::warn!(%e, "consume error"),
                     Ok(m) => flush = self.on_message(&m),
@@ -379,7 +508,69 @@ impl Source {
                 let shutdown = shutdown.clone();
                 self.flush(move || *shutdown.borrow()).await?;
             }
+            let assigned = consumer
+                .context()
+                .pending_assignment
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(partitions) = assigned {
+                let shutdown = shutdown.clone();
+                self.take_over(partitions, move || *shutdown.borrow())
+                    .await?;
+            }
         }
+    }
+
+    /// With a changelog: hands the assigned partitions to the engine thread (after the batch
+    /// in flight) to take over, then consumes them from the offsets that gives.
+    async fn take_over(
+        &mut self,
+        partitions: Vec<i32>,
+        give_up: impl Fn() -> bool,
+    ) -> anyhow::Result<()> {
+        if !self.pending.offsets.is_empty() {
+            self.flush(give_up).await?;
+        }
+        let started = Instant::now();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let owned: BTreeSet<i32> = partitions.iter().copied().collect();
+        self.batches
+            .send(Work::TakeOver {
+                partitions: owned.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))?;
+        let next = answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))??;
+        let topic = self.config.kafka.topic.clone();
+        let mut tpl = TopicPartitionList::new();
+        self.expected
+            .retain(|key, _| !key.starts_with(&format!("{topic}/")));
+        for &p in &owned {
+            let key = offset_key(&topic, p);
+            let offset = match next.get(&p) {
+                Some(&o) => {
+                    self.expected.insert(key, o);
+                    Offset::Offset(o)
+                }
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(&topic, p, offset)?;
+        }
+        self.consumer
+            .assign(&tpl)
+            .context("cannot assign the partitions taken over")?;
+        self.shared.health.restoring.store(false, Ordering::Relaxed);
+        tracing::info!(
+            partitions = ?owned,
+            next_offsets = ?next,
+            seconds = started.elapsed().as_secs_f64(),
+            "partitions taken over: consuming"
+        );
+        Ok(())
     }
 
     /// Decodes one message into the pending batch (or its dead letters). Returns whether the
@@ -408,7 +599,10 @@ impl Source {
         let decoded = decode_message(m.payload(), &self.config, &self.policy, default_ts)
             .and_then(|event| self.admission.admit_event(&event).map(|()| event));
         match decoded {
-            Ok(event) => self.pending.events.push(event),
+            Ok(event) => {
+                self.pending.events.push(event);
+                self.pending.partitions.push(m.partition());
+            }
             Err(rejection) => self.letters.push(DeadLetter {
                 key: m.key().map(<[u8]>::to_vec),
                 payload: m.payload().map(<[u8]>::to_vec),
@@ -459,10 +653,11 @@ impl Source {
         }
         let batch = Batch {
             events: std::mem::take(&mut self.pending.events),
+            partitions: std::mem::take(&mut self.pending.partitions),
             offsets: std::mem::take(&mut self.pending.offsets),
         };
         self.batches
-            .send(batch)
+            .send(Work::Batch(batch))
             .await
             .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))
     }
@@ -556,6 +751,8 @@ fn create_consumer(
         health: shared.health.clone(),
         revoked: AtomicBool::new(false),
         foreign_assignment: AtomicBool::new(false),
+        changelog: !kafka.changelog_topic.is_empty(),
+        pending_assignment: Mutex::new(None),
     };
     // A local prefetch deep enough that the poll loop rarely waits on a fetch, bounded in
     // messages as well as bytes: librdkafka's byte bound counts payloads only, so a backlog of

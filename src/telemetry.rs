@@ -56,6 +56,11 @@ pub struct Metrics {
     pub feed_stopped: IntGauge,
     /// State dirs found holding fewer snapshot versions than had left the process.
     pub state_rollbacks: IntCounter,
+    /// The changelog: records written (rows and offset records), users restored from it, and
+    /// how long taking a partition over took.
+    pub changelog_records: IntCounter,
+    pub changelog_restored_users: IntCounter,
+    pub changelog_restore_seconds: Histogram,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -338,6 +343,19 @@ impl Metrics {
                 "segmenter_feed_published_version",
                 "Last snapshot version whose segment changes the change feed published (0: none).",
             ),
+            changelog_records: counter(
+                "segmenter_changelog_records_total",
+                "Records written to the changelog: changed users' rows plus one offset record per partition and transaction.",
+            ),
+            changelog_restored_users: counter(
+                "segmenter_changelog_restored_users_total",
+                "Users restored from the changelog when a partition moved to this instance.",
+            ),
+            changelog_restore_seconds: histogram(
+                "segmenter_changelog_restore_duration_seconds",
+                "Time to take over a partition whose state this instance did not hold: fencing its previous owner and reading its changelog.",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
             feed_records: counter(
                 "segmenter_feed_records_total",
                 "Users' segment changes published by the change feed (one per changed user and version).",
@@ -404,6 +422,9 @@ impl Metrics {
             Box::new(self.feed_unpublished.clone()),
             Box::new(self.feed_stopped.clone()),
             Box::new(self.state_rollbacks.clone()),
+            Box::new(self.changelog_records.clone()),
+            Box::new(self.changelog_restored_users.clone()),
+            Box::new(self.changelog_restore_seconds.clone()),
         ];
         for c in collectors {
             self.names

@@ -398,6 +398,59 @@ impl Engine {
         self.users.len() < self.params.max_users || self.users.get(user).is_some()
     }
 
+    /// Sets user `id`'s stored row to `cells` (item id, stored value), as a restore from a
+    /// changelog does: items missing from `cells` are removed, new ids interned. The
+    /// statistics, tracked segments and online model follow as they follow events. Refused,
+    /// changing nothing, when a new user or item would not fit `max_users` / `max_items`.
+    pub fn set_stored_row(
+        &mut self,
+        id: &str,
+        cells: &[(&str, f64)],
+        changes: &mut impl ChangeSink,
+    ) -> Result<(), RejectReason> {
+        if !self.admits_user(id) {
+            return Err(RejectReason::PopulationFull);
+        }
+        let new_items = cells
+            .iter()
+            .filter(|(item, _)| self.items.get(item).is_none())
+            .count();
+        if self.items.len() + new_items > self.params.max_items {
+            return Err(RejectReason::CatalogueFull);
+        }
+        let u = self.intern_user(id);
+        let mut target: Vec<(u32, f64)> = cells
+            .iter()
+            .map(|&(item, value)| (self.items.intern(item).0, value))
+            .collect();
+        target.sort_unstable_by_key(|&(j, _)| j);
+        let current: Vec<u32> = self.stored_vector(u).idx.clone();
+        for j in current {
+            if target.binary_search_by_key(&j, |&(t, _)| t).is_err() {
+                self.store_cell(u, j, |_| 0.0, changes);
+            }
+        }
+        for (j, value) in target {
+            self.store_cell(u, j, |_| value, changes);
+        }
+        self.settle_rows(changes);
+        Ok(())
+    }
+
+    /// Removes every rating of `users` (they stay known, with no ratings, as a user whose
+    /// every cell was retracted): a partition that moved to another instance leaves this one.
+    pub fn clear_users(&mut self, users: &[u32], changes: &mut impl ChangeSink) {
+        for &u in users {
+            let Some(row) = self.stored_vectors().get(u as usize) else {
+                continue;
+            };
+            for j in row.idx.clone() {
+                self.store_cell(u, j, |_| 0.0, changes);
+            }
+        }
+        self.settle_rows(changes);
+    }
+
     /// Hints the CPU to load what applying an event for user `u` reads: the vector's ratings
     /// and the user's projection.
     #[inline]
@@ -943,6 +996,107 @@ mod tests {
                 .all(|v| v.is_normal()),
             "every stored value a normal float"
         );
+    }
+
+    /// A restored row (every cell of another engine's user set at once) leaves the engine as
+    /// if it had applied that user's events; clearing those users leaves it as if it never had.
+    #[test]
+    fn restored_rows_equal_applied_events_and_cleared_users_leave_no_trace() {
+        use crate::event::RatingEvent;
+        use rand::{Rng, SeedableRng};
+        use rand_chacha::ChaCha8Rng;
+        for transform in ["none", "log1p", "binary+l2"] {
+            let params = EngineParams {
+                mode: Mode::Implicit,
+                transform: ValueTransform::parse(transform).expect("transform"),
+                components: 2,
+                clusters: 3,
+                refresh_every_events: 50,
+                ..EngineParams::default()
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(17);
+            let events: Vec<RatingEvent> = (0..600)
+                .map(|_| RatingEvent {
+                    user: format!("u{}", rng.random_range(0..40)),
+                    item: format!("i{}", rng.random_range(0..25)),
+                    value: Some(f64::from(rng.random_range(1..4))),
+                    ts: 0,
+                })
+                .collect();
+            let moved = |id: &str| id.ends_with('3') || id.ends_with('7');
+            let (kept, leaving): (Vec<_>, Vec<_>) =
+                events.iter().cloned().partition(|e| !moved(&e.user));
+            let mut whole = Engine::new(params.clone());
+            whole.apply(&events);
+            let mut only_kept = Engine::new(params.clone());
+            only_kept.apply(&kept);
+            let mut restored = Engine::new(params.clone());
+            restored.apply(&kept);
+            let mut source = Engine::new(params.clone());
+            source.apply(&leaving);
+            for u in 0..source.users().len() as u32 {
+                let row = source.stored_vector(u);
+                let cells: Vec<(&str, f64)> =
+                    row.iter().map(|(j, v)| (source.items().id(j), v)).collect();
+                restored
+                    .set_stored_row(source.users().id(u), &cells, &mut ())
+                    .expect("fits");
+            }
+            let row_of = |e: &Engine, id: &str| -> Vec<(String, f64)> {
+                let u = e.users().get(id).expect("known");
+                let mut row: Vec<(String, f64)> = e
+                    .stored_vector(u)
+                    .iter()
+                    .map(|(j, v)| (e.items().id(j).to_string(), v))
+                    .collect();
+                row.sort_by(|a, b| a.0.cmp(&b.0));
+                row
+            };
+            for id in (0..40).map(|i| format!("u{i}")) {
+                if whole.users().get(&id).is_some() {
+                    assert_eq!(
+                        row_of(&restored, &id),
+                        row_of(&whole, &id),
+                        "{transform} {id}"
+                    );
+                }
+            }
+            assert_eq!(restored.active_users(), whole.active_users(), "{transform}");
+            assert_eq!(restored.ratings(), whole.ratings(), "{transform}");
+            let close = |a: &[f64], b: &[f64]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-9 * (1.0 + y.abs()))
+            };
+            // Item indices differ between the engines: compare by item id.
+            let by_item = |e: &Engine, v: &[f64]| -> Vec<f64> {
+                (0..25)
+                    .map(|i| {
+                        e.items()
+                            .get(&format!("i{i}"))
+                            .map_or(0.0, |j| v[j as usize])
+                    })
+                    .collect()
+            };
+            assert!(close(
+                &by_item(&restored, restored.stats().sums()),
+                &by_item(&whole, whole.stats().sums())
+            ));
+            assert!(close(
+                &by_item(&restored, restored.stats().squares()),
+                &by_item(&whole, whole.stats().squares())
+            ));
+            let leavers: Vec<u32> = (0..restored.users().len() as u32)
+                .filter(|&u| moved(restored.users().id(u)))
+                .collect();
+            restored.clear_users(&leavers, &mut ());
+            assert_eq!(restored.active_users(), only_kept.active_users());
+            assert_eq!(restored.ratings(), only_kept.ratings());
+            assert!(close(
+                &by_item(&restored, restored.stats().sums()),
+                &by_item(&only_kept, only_kept.stats().sums())
+            ));
+        }
     }
 
     /// The tracked segment sums after random ratings, re-ratings, retractions, decay rebases

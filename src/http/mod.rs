@@ -291,6 +291,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let ready = h.ready();
     let body = json!({
         "ready": ready,
+        "status": h.status(),
         "state_open": h.state_open.load(Relaxed),
         "consuming": h.consuming.load(Relaxed),
         "broker_reachable": h.broker_reachable.load(Relaxed),
@@ -298,6 +299,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "partitions_assigned": h.partitions_assigned(),
         "feed_behind": h.feed_behind.load(Relaxed),
         "feed_stopped": h.feed_stopped.load(Relaxed),
+        "restoring": h.restoring.load(Relaxed),
+        "changelog_behind": h.changelog_behind.load(Relaxed),
     });
     let status = if ready {
         StatusCode::OK

@@ -46,7 +46,7 @@ struct NeedsOperator(String);
 
 /// Whether `error` says another producer with this transactional id took over (it fenced
 /// this one off): retrying would fence that one in turn, so the two would take turns forever.
-fn is_fenced(error: &anyhow::Error) -> bool {
+pub(crate) fn is_fenced(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<KafkaError>()

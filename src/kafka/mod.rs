@@ -2,6 +2,7 @@
 //! topic creation, the consumer context that assigns partitions at the offsets stored in the
 //! state dir, and dead letters.
 
+pub mod changelog;
 pub mod changes;
 pub mod dead_letter;
 pub mod produce;
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -86,6 +88,24 @@ pub async fn ensure_topic_with(
     Ok(())
 }
 
+/// How many partitions `topic` has (`None`: the topic does not exist).
+pub async fn partition_count(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Option<i32>> {
+    let (kafka, topic) = (kafka.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Option<i32>> {
+        let consumer: BaseConsumer = client_config(&kafka).create()?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(30))
+            .with_context(|| format!("cannot read the metadata of topic {topic}"))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|&n| n > 0))
+    })
+    .await?
+}
+
 /// The value of one of `topic`'s configs as the broker reports it (`None`: not reported).
 pub async fn topic_config(
     kafka: &KafkaConfig,
@@ -122,6 +142,11 @@ pub struct ServiceContext {
     /// Partitions of another topic were handed to this member: the poll loop leaves the group
     /// and subscribes again, so the coordinator forgets the stale assignment.
     pub foreign_assignment: AtomicBool,
+    /// With a changelog, an assignment is not consumed at once: its partitions wait here for
+    /// the poll loop, which takes them over (restoring what moved) and then assigns them at
+    /// the offsets that gives.
+    pub changelog: bool,
+    pub pending_assignment: Mutex<Option<Vec<i32>>>,
 }
 
 impl ClientContext for ServiceContext {
@@ -175,6 +200,21 @@ impl ConsumerContext for ServiceContext {
                          the group to join it again"
                     );
                     self.foreign_assignment.store(true, Ordering::Relaxed);
+                }
+                if self.changelog {
+                    let partitions = assigned.iter().map(|(_, p, _)| *p).collect();
+                    self.health.set_partitions_assigned(assigned.len());
+                    self.health.restoring.store(true, Ordering::Relaxed);
+                    *self
+                        .pending_assignment
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(partitions);
+                    // Nothing is fetched until the poll loop assigns them at their offsets.
+                    if let Err(e) = base_consumer.assign(&TopicPartitionList::new()) {
+                        tracing::error!(%e, "partition assignment failed");
+                    }
+                    tracing::info!(partitions = ?assigned.iter().map(|(_, p, _)| p).collect::<Vec<_>>(), "partitions assigned: taking them over from the changelog");
+                    return;
                 }
                 let mut own = TopicPartitionList::new();
                 for (topic, partition, offset) in &assigned {

@@ -27,6 +27,19 @@ pub struct PreparedCommit {
     log_record: Option<LogRecord>,
 }
 
+impl PreparedCommit {
+    /// Records, in the same atomic batch, the partition each of `users` (index, partition)
+    /// came from: whom to drop or restore when a partition moves.
+    pub fn record_user_partitions(&mut self, users: &[(u32, i32)]) {
+        for &(u, partition) in users {
+            self.batch.insert(
+                key(b'q', &u.to_be_bytes()),
+                partition.to_be_bytes().to_vec(),
+            );
+        }
+    }
+}
+
 /// A cell-log record not yet encoded: its key and its cells (user, item, value).
 type LogRecord = (Vec<u8>, Vec<(u32, u32, f64)>);
 
@@ -359,6 +372,28 @@ impl StateStore {
             ));
         }
         Ok(decay)
+    }
+
+    /// The source partition of each user whose events came from Kafka with a changelog on
+    /// (user index → partition), as commits recorded them (see
+    /// [`PreparedCommit::record_user_partitions`]).
+    pub fn user_partitions(&self) -> Result<rustc_hash::FxHashMap<u32, i32>, StoreError> {
+        let mut partitions = rustc_hash::FxHashMap::default();
+        for entry in self.db.tree.scan_prefix(b"q/") {
+            let (k, v) = entry?;
+            let user = k
+                .get(2..6)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| corrupt(&k, "bad user-partition key"))?;
+            let partition = v
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map(i32::from_be_bytes)
+                .ok_or_else(|| corrupt(&k, "bad user-partition value"))?;
+            partitions.insert(user, partition);
+        }
+        Ok(partitions)
     }
 
     /// Source offsets (`topic/partition` → next offset) of the last commit.

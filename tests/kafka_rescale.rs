@@ -1,0 +1,256 @@
+//! Partitions that move between instances are restored from the changelog, exactly: 2
+//! instances consume a 6-partition topic of implicit plays (values add up, so an event applied
+//! twice would show in a user's row), a third joins (a rebalance: it restores the partitions
+//! it gets from the changelog instead of reading the ratings topic from the beginning), one of
+//! the first two is SIGKILLed mid-stream and never restarted (its partitions are restored by
+//! the survivors), and more events arrive. The state dirs of the instances left hold, between
+//! them, every user exactly once with exactly the row one `segmenter replay` of the same events
+//! gives, and offsets covering every message once.
+//!
+//! Needs the broker the test command starts (`SEGMENTER_TEST_BROKERS`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use segmenter::event::Mode;
+
+const PARTITIONS: i32 = 6;
+
+fn start_producing(topic: &str, ratings: &Path) -> Child {
+    Command::new(BIN)
+        .args(["produce", "--brokers", &brokers(), "--topic", topic])
+        .args(["--partitions", &PARTITIONS.to_string(), "--ratings"])
+        .arg(ratings)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start segmenter produce")
+}
+
+fn finish_producing(producer: Child) {
+    let out = producer.wait_with_output().expect("wait for produce");
+    assert!(
+        out.status.success(),
+        "produce failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The offsets the group committed to Kafka (the instances commit them once their state is
+/// durable), summed over the topic's partitions.
+fn group_progress(topic: &str, group: &str) -> u64 {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return 0;
+    };
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o.max(0) as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Every user with ratings in a state dir no process holds, with the user's stored row.
+fn rows(state: &Path, env: &[(String, String)]) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let config = config_for(env);
+    let engine = segmenter::store::open(state)
+        .expect("open state")
+        .state
+        .load_engine(config.engine_params())
+        .expect("load state")
+        .engine;
+    let mut out = BTreeMap::new();
+    for (u, id) in engine.users().ids().iter().enumerate() {
+        let row = engine.stored_vector(u as u32);
+        if row.nnz() > 0 {
+            let cells = row
+                .iter()
+                .map(|(j, v)| (engine.items().id(j).to_string(), v))
+                .collect();
+            out.insert(id.clone(), cells);
+        }
+    }
+    out
+}
+
+struct Instance {
+    service: Service,
+    state: PathBuf,
+}
+
+/// Starts an instance named `name` and waits for its first partitions to be taken over;
+/// returns it with that log line.
+fn start_instance(
+    base: &[(String, String)],
+    dir: &Path,
+    name: &str,
+) -> (Instance, serde_json::Value) {
+    let state = dir.join(format!("state-{name}"));
+    let mut env = base.to_vec();
+    env.retain(|(k, _)| k != "SEGMENTER_STATE__DIR" && k != "SEGMENTER_KAFKA__INSTANCE_ID");
+    env.push(("SEGMENTER_STATE__DIR".into(), state.display().to_string()));
+    env.push(("SEGMENTER_KAFKA__INSTANCE_ID".into(), name.into()));
+    let mut service = Service::start(&env, &[]);
+    let taken_over = service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "partitions taken over: consuming"
+    });
+    (Instance { service, state }, taken_over)
+}
+
+#[test]
+fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Implicit, 600, 60_000, 23);
+    let parts = split_ratings(&ratings, 3);
+    let topic = unique_topic("rescale");
+    let group = format!("g-{topic}");
+    let mut env = service_env(&topic, &dir.path().join("unused"), Mode::Implicit);
+    env.push((
+        "SEGMENTER_KAFKA__CHANGELOG_TOPIC".into(),
+        format!("{topic}-changelog"),
+    ));
+    // A SIGKILLed member sends no LeaveGroup: its partitions move after the session timeout,
+    // the broker's minimum here.
+    env.push((
+        "SEGMENTER_KAFKA__CLIENT__SESSION.TIMEOUT.MS".into(),
+        "6000".into(),
+    ));
+    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
+    // The ratings topic exists before the first instance (the changelog is made like it).
+    finish_producing(start_producing(&topic, &parts[0].0));
+    let mut produced = parts[0].1;
+
+    let (mut a, _) = start_instance(&env, dir.path(), "a");
+    let (mut b, _) = start_instance(&env, dir.path(), "b");
+    wait_until(
+        Duration::from_secs(120),
+        "the first installment consumed",
+        || group_progress(&topic, &group) >= produced,
+    );
+
+    // A third instance: the group moves partitions to it, and it restores them.
+    let (mut c, taken_over) = start_instance(&env, dir.path(), "c");
+    let next_offsets = taken_over["fields"]["next_offsets"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let users_restored: u64 = restores(&c.service.seen).iter().sum();
+    assert!(
+        users_restored > 0 && next_offsets.contains(':'),
+        "the new instance restored users and consumes on from recorded offsets \
+         ({users_restored} users, next offsets {next_offsets}):\n{}",
+        c.service.seen.join("\n")
+    );
+
+    // One of the first two dies while the next installment is produced and consumed.
+    let producer = start_producing(&topic, &parts[1].0);
+    wait_until(
+        Duration::from_secs(120),
+        "the second installment under way",
+        || group_progress(&topic, &group) > produced,
+    );
+    a.service.child.kill().expect("SIGKILL");
+    let _ = a.service.child.wait();
+    let restores_before_kill: usize = [&mut b, &mut c]
+        .into_iter()
+        .map(|i| {
+            i.service.seen.extend(i.service.lines.try_iter());
+            restores(&i.service.seen).len()
+        })
+        .sum();
+    finish_producing(producer);
+    produced += parts[1].1;
+    finish_producing(start_producing(&topic, &parts[2].0));
+    produced += parts[2].1;
+    wait_until(
+        Duration::from_secs(180),
+        "every installment consumed",
+        || group_progress(&topic, &group) >= produced,
+    );
+
+    b.service.signal("-TERM");
+    c.service.signal("-TERM");
+    let mut logs = vec![];
+    let mut states = vec![];
+    for instance in [b, c] {
+        let (code, log) = instance.service.wait_exit(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{}", log.join("\n"));
+        logs.push(log);
+        states.push(instance.state);
+    }
+    let after_kill: Vec<u64> = logs
+        .iter()
+        .flat_map(|log| restores(log))
+        .skip(restores_before_kill)
+        .collect();
+    assert!(
+        after_kill.iter().any(|&users| users > 0),
+        "the killed instance's partitions were restored by the survivors: {after_kill:?}"
+    );
+
+    // Between them, the survivors hold every user once, with the row one replay gives.
+    let replay_state = dir.path().join("replay");
+    replay_snapshot(&ratings, &replay_state, &env);
+    let expected = rows(&replay_state, &env);
+    let mut held: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for state in &states {
+        for (user, row) in rows(state, &env) {
+            assert!(
+                held.insert(user.clone(), row).is_none(),
+                "{user} is held by two instances"
+            );
+        }
+    }
+    assert_eq!(held.len(), expected.len(), "every user held");
+    for (user, row) in &expected {
+        assert_eq!(held.get(user), Some(row), "the row of {user}");
+    }
+    let consumed: u64 = states.iter().map(|s| persisted_position(s)).sum();
+    assert_eq!(consumed, produced, "offsets cover every message once");
+
+    // Scaling in to one: a restarted instance keeps the partitions its state dir holds at the
+    // offsets the changelog records, and restores the rest.
+    let (mut b, _) = start_instance(&env, dir.path(), "b");
+    b.service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "partitions taken over: consuming"
+            && v["fields"]["partitions"] == "{0, 1, 2, 3, 4, 5}"
+    });
+    b.service.signal("-TERM");
+    let state = b.state.clone();
+    let (code, log) = b.service.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    let kept = log
+        .iter()
+        .filter(|l| l.contains("partition owned: the state dir holds what the changelog records"))
+        .count();
+    assert!(kept > 0, "its own partitions kept:\n{}", log.join("\n"));
+    assert_eq!(rows(&state, &env), expected, "one instance holds everyone");
+    assert_eq!(persisted_position(&state), produced);
+}
+
+/// The users each "partition restored from the changelog" line of `log` reports, in order.
+fn restores(log: &[String]) -> Vec<u64> {
+    log.iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "partition restored from the changelog")
+        .map(|v| v["fields"]["users"].as_u64().unwrap_or(0))
+        .collect()
+}
