@@ -4,11 +4,11 @@
 
 use std::collections::BTreeSet;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use crate::engine::Engine;
 use crate::event::Rating;
-use crate::kafka::changelog::{ChangelogBatch, PartitionChanges, Row};
+use crate::kafka::changelog::{CellChange, ChangelogBatch, PartitionChanges};
 use crate::pipeline::Positions;
 
 /// The partition of every user this instance has applied events of (user index → partition),
@@ -65,13 +65,15 @@ impl Ownership {
     }
 
     /// What a batch of `events` (the `i`-th from partition `partitions[i]`) changed, by
-    /// partition, once `engine` applied them, with the batch's next offsets `positions`; and
-    /// the users whose partition is new to this instance, to persist with the batch.
+    /// partition, once `engine` applied them: `cells`, the cells it changed (user, item,
+    /// stored value), and the batch's next offsets `positions`. Also the users whose partition
+    /// is new to this instance, to persist with the batch.
     pub fn batch_changes(
         &mut self,
         engine: &Engine,
         events: &[impl Rating],
         partitions: &[i32],
+        cells: &[(u32, u32, f64)],
         positions: &Positions,
     ) -> (ChangelogBatch, Vec<(u32, i32)>) {
         let mut batch = ChangelogBatch::new();
@@ -80,30 +82,22 @@ impl Ownership {
                 batch.insert(
                     partition,
                     PartitionChanges {
-                        rows: vec![],
+                        cells: vec![],
                         next_offset,
                     },
                 );
             }
         }
-        let mut seen: FxHashSet<u32> = FxHashSet::default();
         let mut moved = vec![];
+        let mut last_user = None;
         for (event, &partition) in events.iter().zip(partitions) {
             let Some(u) = engine.users().get(event.user()) else {
                 continue;
             };
-            if !seen.insert(u) {
+            if last_user == Some(u) {
                 continue;
             }
-            let Some(changes) = batch.get_mut(&partition) else {
-                // Every event moves its partition's position: a source bug, and a row without
-                // its offset must never be written.
-                tracing::error!(
-                    partition,
-                    "an event of a partition the batch has no position for"
-                );
-                continue;
-            };
+            last_user = Some(u);
             match self.by_user.insert(u, partition) {
                 Some(p) if p == partition => {}
                 previous => {
@@ -119,15 +113,22 @@ impl Ownership {
                     moved.push((u, partition));
                 }
             }
-            let items = engine.items();
-            let cells = engine
-                .stored_vector(u)
-                .iter()
-                .map(|(j, v)| (items.id(j).to_string(), v))
-                .collect();
-            changes.rows.push(Row {
-                user: event.user().to_string(),
-                cells,
+        }
+        let (users, items) = (engine.users(), engine.items());
+        for &(u, j, value) in cells {
+            let Some(changes) = self.by_user.get(&u).and_then(|p| batch.get_mut(p)) else {
+                // Every changed user's partition moves in the batch: a source bug, and a cell
+                // without its offset must never be written.
+                tracing::error!(
+                    user = users.id(u),
+                    "a changed cell of a partition the batch has no position for"
+                );
+                continue;
+            };
+            changes.cells.push(CellChange {
+                user: users.id(u).to_string(),
+                item: items.id(j).to_string(),
+                value,
             });
         }
         (batch, moved)

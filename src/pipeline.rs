@@ -698,8 +698,9 @@ impl Pipeline {
             .take()
             .context("partitions are not tracked: call track_partitions first")?;
         let outcome = self.apply_events(events);
+        let cells = self.changes.changed_cells();
         let (changes, new_owners) =
-            ownership.batch_changes(&self.engine, events, partitions, &positions);
+            ownership.batch_changes(&self.engine, events, partitions, &cells, &positions);
         self.ownership = Some(ownership);
         self.positions.extend(positions);
         self.commit(&new_owners)?;

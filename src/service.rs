@@ -896,6 +896,8 @@ fn spawn_broker_probe(
                         .count(),
                 );
                 let offsets = read_offsets(&stored);
+                // Partitions moved to other instances leave the gauge.
+                shared.metrics.consumer_lag.reset();
                 for elem in assignment.elements() {
                     if let Ok((low, high)) = consumer.fetch_watermarks(
                         elem.topic(),

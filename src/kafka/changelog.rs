@@ -3,8 +3,11 @@
 //! another instance is restored there to exactly the state its offset says instead of being
 //! rebuilt from the ratings topic's history.
 //!
-//! Each batch's changed rows of partition `p` go out in one Kafka transaction together with
-//! the next offset of `p` they cover (a record under [`OFFSET_KEY`]), from a producer whose
+//! A record is one cell: key `user NUL item`, value the stored value (8 bytes, little-endian),
+//! a tombstone once the cell is gone, so compaction keeps each cell's latest value and a batch
+//! writes what it changed, not whole rows. Each batch's changed cells of partition `p` go out
+//! in one Kafka transaction together with the next offset of `p` they cover (a record under
+//! [`OFFSET_KEY`]), from a producer whose
 //! `transactional.id` is `<changelog_topic>-<p>`: whoever is assigned `p` initialises that id
 //! first, which fences off the previous owner and aborts whatever it left open. So the
 //! changelog of `p` is always the state of one owner at one offset, and a restore (read with
@@ -34,7 +37,8 @@ use crate::kafka::client_config;
 use crate::pipeline::Health;
 use crate::telemetry::Metrics;
 
-/// The key of a partition's next-offset record. User ids are never empty, so it cannot clash.
+/// The key of a partition's next-offset record. A cell's key holds a NUL, which ids never do
+/// (`event::check_id`), so it cannot clash.
 pub const OFFSET_KEY: &[u8] = b"";
 
 /// At shutdown, how long the writer may go on writing what is queued.
@@ -55,11 +59,19 @@ pub struct Row {
     pub cells: Vec<(String, f64)>,
 }
 
-/// What one batch changed in one partition: the rows (each user once) and the partition's
-/// next offset after the batch.
+/// One changed cell: its stored value, zero once removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellChange {
+    pub user: String,
+    pub item: String,
+    pub value: f64,
+}
+
+/// What one batch changed in one partition: the cells (each once) and the partition's next
+/// offset after the batch.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PartitionChanges {
-    pub rows: Vec<Row>,
+    pub cells: Vec<CellChange>,
     pub next_offset: i64,
 }
 
@@ -80,62 +92,32 @@ pub enum Handover {
     },
 }
 
-/// Encodes a row's cells: count (u32), then per cell the item id's length (u32), its bytes
-/// and the value (f64), little-endian. Exact: the bits of every value round-trip.
-pub fn encode_cells(cells: &[(String, f64)]) -> Vec<u8> {
-    let size = 4 + cells.iter().map(|(i, _)| 12 + i.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&(cells.len() as u32).to_le_bytes());
-    for (item, value) in cells {
-        out.extend_from_slice(&(item.len() as u32).to_le_bytes());
-        out.extend_from_slice(item.as_bytes());
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    out
+/// A cell's record key: `user NUL item`.
+pub fn cell_key(user: &str, item: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user.len() + 1 + item.len());
+    key.extend_from_slice(user.as_bytes());
+    key.push(0);
+    key.extend_from_slice(item.as_bytes());
+    key
 }
 
-/// The inverse of [`encode_cells`]; `None` for bytes it did not write.
-pub fn decode_cells(bytes: &[u8]) -> Option<Vec<(String, f64)>> {
-    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, tail) = bytes.split_at_checked(n)?;
-        *bytes = tail;
-        Some(head)
-    }
-    let mut rest = bytes;
-    let count = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
-    let mut cells = Vec::with_capacity(count.min(rest.len() / 12));
-    for _ in 0..count {
-        let len = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
-        let item = std::str::from_utf8(take(&mut rest, len)?).ok()?.to_string();
-        let value = f64::from_le_bytes(take(&mut rest, 8)?.try_into().ok()?);
-        cells.push((item, value));
-    }
-    rest.is_empty().then_some(cells)
+/// The (user, item) of a cell's record key; `None` for keys segmenter does not write.
+pub fn split_cell_key(key: &[u8]) -> Option<(&str, &str)> {
+    let nul = key.iter().position(|&b| b == 0)?;
+    let user = std::str::from_utf8(&key[..nul]).ok()?;
+    let item = std::str::from_utf8(&key[nul + 1..]).ok()?;
+    (!user.is_empty() && !item.is_empty()).then_some((user, item))
 }
 
-/// Merges `later` into `earlier`: a user's later row replaces the earlier one, the later
-/// offset wins.
+/// Appends `later` to `earlier`: a cell changed in both is written twice in one transaction,
+/// the later value last, which is the one a restore (reading in order) and compaction keep.
 fn merge(earlier: &mut ChangelogBatch, later: ChangelogBatch) {
     for (partition, changes) in later {
         let entry = earlier.entry(partition).or_default();
-        if entry.rows.is_empty() {
-            entry.rows = changes.rows;
+        if entry.cells.is_empty() {
+            entry.cells = changes.cells;
         } else {
-            let mut at: FxHashMap<String, usize> = entry
-                .rows
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.user.clone(), i))
-                .collect();
-            for row in changes.rows {
-                match at.get(&row.user) {
-                    Some(&i) => entry.rows[i] = row,
-                    None => {
-                        at.insert(row.user.clone(), entry.rows.len());
-                        entry.rows.push(row);
-                    }
-                }
-            }
+            entry.cells.extend(changes.cells);
         }
         entry.next_offset = changes.next_offset;
     }
@@ -295,22 +277,44 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes each partition's changes in one transaction, retrying with a backoff while the
-    /// broker fails; a partition whose producer was fenced off (another instance owns it now)
-    /// is given up: its new owner restores what the changelog holds and consumes on from there.
+    /// Writes each partition's changes in one transaction (the partitions' transactions side
+    /// by side), retrying with a backoff while the broker fails; a partition whose producer was
+    /// fenced off (another instance owns it now) is given up: its new owner restores what the
+    /// changelog holds and consumes on from there.
     fn write(&mut self, batch: ChangelogBatch) -> anyhow::Result<()> {
-        for (partition, changes) in batch {
-            let mut backoff = Duration::from_millis(self.kafka.retry_backoff_ms.max(1));
-            // A partition not ours (any more) is its owner's to write.
-            while let Some(producer) = self.producers.get(&partition) {
-                match self.transaction(producer, partition, &changes) {
-                    Ok(()) => {
-                        self.health.set_changelog_behind(false);
-                        self.metrics
-                            .changelog_records
-                            .inc_by(changes.rows.len() as u64 + 1);
-                        break;
-                    }
+        // A partition not ours (any more) is its owner's to write.
+        let mut pending: Vec<(i32, &PartitionChanges)> = batch
+            .iter()
+            .filter(|(p, _)| self.producers.contains_key(p))
+            .map(|(&p, c)| (p, c))
+            .collect();
+        let mut backoff = Duration::from_millis(self.kafka.retry_backoff_ms.max(1));
+        while !pending.is_empty() {
+            let outcomes: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+                let writes: Vec<_> = pending
+                    .iter()
+                    .map(|&(partition, changes)| {
+                        let producer = &self.producers[&partition];
+                        let this = &*self;
+                        scope.spawn(move || this.transaction(producer, partition, changes))
+                    })
+                    .collect();
+                writes
+                    .into_iter()
+                    .map(|w| {
+                        w.join().unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!("a changelog transaction panicked"))
+                        })
+                    })
+                    .collect()
+            });
+            let mut failed = vec![];
+            for (&(partition, changes), outcome) in pending.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => self
+                        .metrics
+                        .changelog_records
+                        .inc_by(changes.cells.len() as u64 + 1),
                     Err(e) if crate::kafka::changes::is_fenced(&e) => {
                         tracing::warn!(
                             partition,
@@ -318,11 +322,9 @@ impl Writer {
                              instance: giving it up"
                         );
                         self.producers.remove(&partition);
-                        break;
                     }
                     Err(e) if self.stopping.load(Ordering::Relaxed) => {
                         tracing::warn!(partition, error = %format!("{e:#}"), "stopping: the changelog is left behind the state dir (restored from at the next start)");
-                        return Ok(());
                     }
                     Err(e) => {
                         if is_fatal(&e) {
@@ -331,13 +333,17 @@ impl Writer {
                             let producer = self.open(partition)?;
                             self.producers.insert(partition, producer);
                         }
-                        self.health.set_changelog_behind(true);
                         tracing::warn!(partition, error = %format!("{e:#}"), retry_in = ?backoff, "changelog transaction failed; retrying");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        failed.push((partition, changes));
                     }
                 }
             }
+            self.health.set_changelog_behind(!failed.is_empty());
+            if !failed.is_empty() {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            pending = failed;
         }
         Ok(())
     }
@@ -350,9 +356,10 @@ impl Writer {
     ) -> anyhow::Result<()> {
         producer.begin_transaction()?;
         let sent = (|| -> anyhow::Result<()> {
-            for row in &changes.rows {
-                let value = (!row.cells.is_empty()).then(|| encode_cells(&row.cells));
-                self.send(producer, partition, row.user.as_bytes(), value.as_deref())?;
+            for cell in &changes.cells {
+                let value = (cell.value != 0.0).then(|| cell.value.to_le_bytes());
+                let key = cell_key(&cell.user, &cell.item);
+                self.send(producer, partition, &key, value.as_ref().map(|v| &v[..]))?;
             }
             let offset = changes.next_offset.to_le_bytes();
             self.send(producer, partition, OFFSET_KEY, Some(&offset))?;
@@ -404,46 +411,89 @@ impl Writer {
     ) -> anyhow::Result<BTreeMap<i32, Handover>> {
         self.producers.retain(|p, _| partitions.contains(p));
         let mut handovers = BTreeMap::new();
-        for &partition in partitions {
-            if self.producers.contains_key(&partition) {
-                handovers.insert(partition, Handover::Kept);
-                continue;
-            }
-            let started = Instant::now();
-            let producer = self.open(partition)?;
-            let recorded = self.last_recorded_offset(partition)?;
-            let handover = if recorded.is_some() && recorded == local.get(&partition).copied() {
-                Handover::Kept
-            } else {
-                self.read(partition)?
-            };
-            let seconds = started.elapsed().as_secs_f64();
-            match &handover {
-                Handover::Kept => tracing::info!(
-                    partition,
-                    next_offset = recorded,
-                    seconds,
-                    "partition owned: the state dir holds what the changelog records"
-                ),
-                Handover::Restored { rows, next_offset } => {
-                    self.metrics
-                        .changelog_restored_users
-                        .inc_by(rows.len() as u64);
-                    self.metrics.changelog_restore_seconds.observe(seconds);
-                    tracing::info!(
-                        partition,
-                        users = rows.len(),
-                        next_offset,
-                        local = local.get(&partition),
-                        seconds,
-                        "partition restored from the changelog"
-                    );
-                }
-            }
+        let new: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !self.producers.contains_key(p))
+            .collect();
+        for &partition in partitions.difference(&new.iter().copied().collect()) {
+            handovers.insert(partition, Handover::Kept);
+        }
+        // Each new partition's takeover (fence, then read) side by side: they are independent.
+        let taken: Vec<anyhow::Result<(TxProducer, Handover)>> = std::thread::scope(|scope| {
+            let this = &*self;
+            let takes: Vec<_> = new
+                .iter()
+                .map(|&p| scope.spawn(move || this.take(p, local.get(&p).copied())))
+                .collect();
+            takes
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a changelog restore panicked")))
+                })
+                .collect()
+        });
+        for (partition, taken) in new.into_iter().zip(taken) {
+            let (producer, handover) = taken?;
             self.producers.insert(partition, producer);
             handovers.insert(partition, handover);
         }
         Ok(handovers)
+    }
+
+    /// Takes `partition` over: fences its previous owner, then compares the offset the
+    /// changelog records with `local` (the state dir's) and reads the partition unless equal.
+    fn take(&self, partition: i32, local: Option<i64>) -> anyhow::Result<(TxProducer, Handover)> {
+        let started = Instant::now();
+        let producer = self.open(partition)?;
+        let opened = started.elapsed().as_secs_f64();
+        let (low, high) = self.watermarks(partition)?;
+        let recorded = if high > low {
+            self.last_recorded_offset(partition, low, high)?
+        } else {
+            None
+        };
+        tracing::debug!(
+            partition,
+            open_seconds = opened,
+            tail_seconds = started.elapsed().as_secs_f64() - opened,
+            "changelog partition opened"
+        );
+        let handover = if recorded.is_some() && recorded == local {
+            Handover::Kept
+        } else if high <= low {
+            Handover::Restored {
+                rows: vec![],
+                next_offset: None,
+            }
+        } else {
+            self.read(partition)?
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match &handover {
+            Handover::Kept => tracing::info!(
+                partition,
+                next_offset = recorded,
+                seconds,
+                "partition owned: the state dir holds what the changelog records"
+            ),
+            Handover::Restored { rows, next_offset } => {
+                self.metrics
+                    .changelog_restored_users
+                    .inc_by(rows.len() as u64);
+                self.metrics.changelog_restore_seconds.observe(seconds);
+                tracing::info!(
+                    partition,
+                    users = rows.len(),
+                    next_offset,
+                    local,
+                    seconds,
+                    "partition restored from the changelog"
+                );
+            }
+        }
+        Ok((producer, handover))
     }
 
     fn open(&self, partition: i32) -> anyhow::Result<TxProducer> {
@@ -469,6 +519,10 @@ impl Writer {
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
+            // The end of the partition is reported by an empty fetch: answered at once.
+            .set("fetch.wait.max.ms", "10")
+            .set("max.partition.fetch.bytes", "16777216")
+            .set("queued.min.messages", "1000000")
             .create()
             .context("cannot create the changelog reader")?;
         let mut tpl = TopicPartitionList::new();
@@ -505,18 +559,22 @@ impl Writer {
         }
     }
 
+    fn watermarks(&self, partition: i32) -> anyhow::Result<(i64, i64)> {
+        let consumer: BaseConsumer = client_config(&self.kafka)
+            .create()
+            .context("cannot create the changelog reader")?;
+        Ok(consumer.fetch_watermarks(&self.topic, partition, FETCH_TIMEOUT)?)
+    }
+
     /// The next offset the latest committed transaction of `partition` records, read from the
     /// partition's tail (a transaction ends with its offset record and a commit marker);
-    /// `None` when the tail holds none (an empty changelog, or an aborted last transaction).
-    fn last_recorded_offset(&self, partition: i32) -> anyhow::Result<Option<i64>> {
-        let (low, high) = self.reader(partition, Offset::End)?.fetch_watermarks(
-            &self.topic,
-            partition,
-            FETCH_TIMEOUT,
-        )?;
-        if high <= low {
-            return Ok(None);
-        }
+    /// `None` when the tail holds none (an aborted last transaction).
+    fn last_recorded_offset(
+        &self,
+        partition: i32,
+        low: i64,
+        high: i64,
+    ) -> anyhow::Result<Option<i64>> {
         let mut recorded = None;
         self.scan(
             partition,
@@ -531,36 +589,49 @@ impl Writer {
         Ok(recorded)
     }
 
-    /// The whole partition: each user's latest row, and the latest offset record.
+    /// The whole partition: each cell's latest value, by user, and the latest offset record.
     fn read(&self, partition: i32) -> anyhow::Result<Handover> {
-        let mut rows: FxHashMap<String, Vec<(String, f64)>> = FxHashMap::default();
+        let mut rows: FxHashMap<String, FxHashMap<String, f64>> = FxHashMap::default();
         let mut next_offset = None;
+        let foreign = |what: &str| {
+            anyhow::anyhow!(
+                "the changelog {} partition {partition} holds {what} segmenter did not write: \
+                 give the changelog a topic of its own",
+                self.topic
+            )
+        };
         self.scan(partition, Offset::Beginning, |key, value| {
             if key == OFFSET_KEY {
                 next_offset = Some(decode_offset(value)?);
                 return Ok(());
             }
-            let user = String::from_utf8_lossy(key).into_owned();
+            let (user, item) = split_cell_key(key).ok_or_else(|| foreign("a key"))?;
             match value {
                 None => {
-                    rows.insert(user, vec![]);
+                    if let Some(row) = rows.get_mut(user) {
+                        row.remove(item);
+                    }
                 }
                 Some(bytes) => {
-                    let cells = decode_cells(bytes).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "the changelog {} holds a row for {user} that segmenter did not \
-                             write: give the changelog a topic of its own",
-                            self.topic
-                        )
-                    })?;
-                    rows.insert(user, cells);
+                    let value = <[u8; 8]>::try_from(bytes)
+                        .map(f64::from_le_bytes)
+                        .map_err(|_| foreign("a value"))?;
+                    let row = match rows.get_mut(user) {
+                        Some(row) => row,
+                        None => rows.entry(user.to_string()).or_default(),
+                    };
+                    row.insert(item.to_string(), value);
                 }
             }
             Ok(())
         })?;
         let rows = rows
             .into_iter()
-            .map(|(user, cells)| Row { user, cells })
+            .filter(|(_, cells)| !cells.is_empty())
+            .map(|(user, cells)| Row {
+                user,
+                cells: cells.into_iter().collect(),
+            })
             .collect();
         Ok(Handover::Restored { rows, next_offset })
     }
@@ -586,36 +657,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cells_round_trip_bit_for_bit_and_foreign_bytes_are_refused() {
-        let cells = vec![
-            ("item-1".to_string(), 0.1 + 0.2),
-            ("é".to_string(), -3.5e-300),
-            (String::new(), f64::MAX),
-        ];
-        let decoded = decode_cells(&encode_cells(&cells)).expect("ours");
-        assert_eq!(decoded.len(), 3);
-        for ((a, x), (b, y)) in cells.iter().zip(&decoded) {
-            assert_eq!(a, b);
-            assert_eq!(x.to_bits(), y.to_bits());
-        }
-        assert_eq!(decode_cells(&encode_cells(&[])), Some(vec![]));
-        let mut long = encode_cells(&cells);
-        long.push(0);
-        assert_eq!(decode_cells(&long), None, "trailing bytes");
-        assert_eq!(decode_cells(br#"{"user":"u1"}"#), None, "json");
-        assert_eq!(decode_cells(&[1, 0, 0]), None, "truncated");
+    fn cell_keys_round_trip_and_foreign_keys_are_refused() {
+        let key = cell_key("user-1", "é item");
+        assert_eq!(split_cell_key(&key), Some(("user-1", "é item")));
+        assert_eq!(split_cell_key(b"no separator"), None);
+        assert_eq!(
+            split_cell_key(OFFSET_KEY),
+            None,
+            "the offset record is no cell"
+        );
+        assert_eq!(split_cell_key(b"\0item"), None, "empty user");
+        assert_eq!(split_cell_key(&[b'u', 0, 0xff]), None, "not utf-8");
     }
 
     #[test]
-    fn a_later_batch_replaces_a_users_row_and_moves_the_offset() {
-        let row = |user: &str, v: f64| Row {
+    fn a_later_batch_follows_the_earlier_and_moves_the_offset() {
+        let row = |user: &str, v: f64| CellChange {
             user: user.into(),
-            cells: vec![("i".into(), v)],
+            item: "i".into(),
+            value: v,
         };
         let mut earlier = ChangelogBatch::from([(
             0,
             PartitionChanges {
-                rows: vec![row("a", 1.0), row("b", 1.0)],
+                cells: vec![row("a", 1.0), row("b", 1.0)],
                 next_offset: 10,
             },
         )]);
@@ -623,22 +688,23 @@ mod tests {
             (
                 0,
                 PartitionChanges {
-                    rows: vec![row("b", 2.0), row("c", 2.0)],
+                    cells: vec![row("b", 2.0), row("c", 2.0)],
                     next_offset: 14,
                 },
             ),
             (
                 1,
                 PartitionChanges {
-                    rows: vec![],
+                    cells: vec![],
                     next_offset: 3,
                 },
             ),
         ]);
         merge(&mut earlier, later);
         assert_eq!(
-            earlier[&0].rows,
-            vec![row("a", 1.0), row("b", 2.0), row("c", 2.0)]
+            earlier[&0].cells,
+            vec![row("a", 1.0), row("b", 1.0), row("b", 2.0), row("c", 2.0)],
+            "in order: b's later value last"
         );
         assert_eq!(earlier[&0].next_offset, 14);
         assert_eq!(earlier[&1].next_offset, 3);

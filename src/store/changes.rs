@@ -74,16 +74,7 @@ impl ChangeTracker {
 
     /// What changed since the previous call; from then on, `engine`'s ids count as persisted.
     pub(super) fn take(&mut self, engine: &Engine) -> Changes {
-        let mut cells = std::mem::take(&mut self.cells);
-        // Stable, so a cell changed twice keeps the value it was given last.
-        cells.sort_by_key(|&(u, j, _)| (u, j));
-        cells.dedup_by(|later, kept| {
-            let same = (later.0, later.1) == (kept.0, kept.1);
-            if same {
-                kept.2 = later.2;
-            }
-            same
-        });
+        let cells = last_values(std::mem::take(&mut self.cells));
         let mut labels = std::mem::take(&mut self.labels);
         labels.sort_unstable();
         labels.dedup();
@@ -100,10 +91,30 @@ impl ChangeTracker {
         changes
     }
 
+    /// The cells changed since the last commit, each once with the value it was given last
+    /// (user, item, value; zero: removed), ascending: what a changelog writes for the commit.
+    pub fn changed_cells(&self) -> Vec<(u32, u32, f64)> {
+        last_values(self.cells.clone())
+    }
+
     /// Users changed since the previous call, ascending (the users a checkpoint rewrites).
     pub(super) fn take_checkpoint_users(&mut self) -> Vec<u32> {
         self.checkpoint_users.take()
     }
+}
+
+/// `cells` in (user, item) order, each cell once with the value it was given last.
+fn last_values(mut cells: Vec<(u32, u32, f64)>) -> Vec<(u32, u32, f64)> {
+    // Stable, so a cell changed twice keeps the value it was given last.
+    cells.sort_by_key(|&(u, j, _)| (u, j));
+    cells.dedup_by(|later, kept| {
+        let same = (later.0, later.1) == (kept.0, kept.1);
+        if same {
+            kept.2 = later.2;
+        }
+        same
+    });
+    cells
 }
 
 /// A set of user indices as a bitmap: an insert per event costs a bit, not a hash.
