@@ -221,8 +221,6 @@ pub struct RoundsResult {
 
 pub fn rounds(shape: Shape, instances: &[usize]) -> Vec<RoundsResult> {
     use crate::engine::cluster::{self, ClusterParams};
-    use crate::engine::eigen::EigenParams;
-    use crate::engine::kmeans::ClusteringParams;
     let data = generate(&shape.generator());
     let params = EngineParams {
         refresh_every_events: u64::MAX,
@@ -234,25 +232,7 @@ pub fn rounds(shape: Shape, instances: &[usize]) -> Vec<RoundsResult> {
     let users = engine.vectors().iter().filter(|x| x.nnz() > 0).count();
     let ratings = engine.vectors().iter().map(|x| x.nnz()).sum();
     let block = params.components + params.eigen_oversample;
-    let sample_users = crate::engine::model::clustering_sample_users(params.clusters);
-    let solve_params = ClusterParams {
-        eigen: EigenParams {
-            vectors: params.components,
-            values: params.components,
-            oversample: params.eigen_oversample,
-            tolerance: params.eigen_tolerance,
-            max_iterations: params.eigen_max_iterations,
-            seed: params.seed,
-        },
-        clustering: ClusteringParams {
-            k: params.clusters,
-            max_passes: params.snapshot_max_passes,
-            restarts: params.snapshot_kmeans_starts,
-            keep_current: false,
-            seed: params.seed,
-        },
-        sample_share: (sample_users as f64 / users.max(1) as f64).min(1.0),
-    };
+    let solve_params = ClusterParams::for_engine(&params, users as u64);
     let mut results = vec![];
     let mut alone: Option<f64> = None;
     for &n in instances {

@@ -183,6 +183,32 @@ pub struct ClusterParams {
     pub sample_share: f64,
 }
 
+impl ClusterParams {
+    /// The settings of the engine's own cold snapshot (`params`), for `users` users: the
+    /// same tolerance, starts and passes, and the same clustering sample size.
+    pub fn for_engine(params: &super::EngineParams, users: u64) -> ClusterParams {
+        let sample_users = super::model::clustering_sample_users(params.clusters);
+        ClusterParams {
+            eigen: EigenParams {
+                vectors: params.components,
+                values: params.components,
+                oversample: params.eigen_oversample,
+                tolerance: params.eigen_tolerance,
+                max_iterations: params.eigen_max_iterations,
+                seed: params.seed,
+            },
+            clustering: ClusteringParams {
+                k: params.clusters,
+                max_passes: params.snapshot_max_passes,
+                restarts: params.snapshot_kmeans_starts,
+                keep_current: false,
+                seed: params.seed,
+            },
+            sample_share: (sample_users as f64 / users.max(1) as f64).min(1.0),
+        }
+    }
+}
+
 /// PCA and k-means over every participant's users, cold: the statistics round, one round per
 /// eigensolver application, the basis broadcast, one sample round for the k-means++ starts (run
 /// here on the sample, ordered by hash so the result does not depend on who holds whom), then
