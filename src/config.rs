@@ -173,6 +173,9 @@ pub struct KafkaConfig {
     pub changes_topic: String,
     /// The assignments table: each changed user's current segment, compacted ("" = off).
     pub assignments_topic: String,
+    /// How often the instance owning partition 0 builds one model of the whole group from every
+    /// instance's partial sums (0 = never). Needs `changelog_topic`.
+    pub group_model_interval_ms: u64,
     /// Each owned partition's user rows and next offset, compacted, so a partition that moves
     /// to another instance is restored there ("" = off: a moved partition is rebuilt from the
     /// ratings topic's history).
@@ -212,6 +215,7 @@ impl Default for KafkaConfig {
             changes_topic: String::new(),
             assignments_topic: String::new(),
             changelog_topic: String::new(),
+            group_model_interval_ms: 0,
             publications_topic: String::new(),
             transactional_id: String::new(),
             feed_resync: false,
@@ -428,6 +432,13 @@ impl Config {
         validate_snapshot(&self.snapshot)?;
         validate_kafka(&self.kafka)?;
         validate_http(&self.http)?;
+        invalid_if(
+            self.kafka.group_model_interval_ms > 0 && self.kafka.changelog_topic.is_empty(),
+            "[kafka] group_model_interval_ms",
+            "a group model needs every partition held by exactly one instance, which only the \
+             changelog guarantees (without it an instance keeps the users of partitions it lost)",
+            "set [kafka] changelog_topic (e.g. segmenter-changelog), or group_model_interval_ms = 0",
+        )?;
         invalid_if(
             !self.kafka.changelog_topic.is_empty() && self.events.half_life.is_some(),
             "[kafka] changelog_topic/[events] half_life",

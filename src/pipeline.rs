@@ -213,6 +213,9 @@ impl SnapshotPolicy {
 #[derive(Clone, Default)]
 pub struct Shared {
     pub metrics: Arc<Metrics>,
+    /// The latest model of the whole consumer group, read from its models topic (Kafka
+    /// source with `[kafka] group_model_interval_ms`; empty otherwise).
+    pub group: crate::kafka::rounds::GroupSlot,
     pub health: Arc<Health>,
     pub serving: ServingSlot,
     /// Bumped whenever catalogue titles are stored: profiles show titles, so a changed
@@ -603,6 +606,8 @@ pub struct Pipeline {
     /// Whose partition each user is, when a changelog backs the state (see
     /// [`Pipeline::track_partitions`]).
     ownership: Option<Ownership>,
+    /// The partitions of the tracked topic this instance owns (the last [`Pipeline::take_over`]).
+    owned: BTreeSet<i32>,
 }
 
 impl Pipeline {
@@ -655,7 +660,27 @@ impl Pipeline {
             schedule,
             policy,
             ownership: None,
+            owned: BTreeSet::new(),
         })
+    }
+
+    /// This instance's users as they stand, with the next offset of each partition it owns:
+    /// what it answers a group model's rounds from (a copy-on-write view).
+    pub fn shard(&self) -> crate::kafka::rounds::Shard {
+        let offsets = self
+            .local_offsets(&self.owned)
+            .into_iter()
+            .chain(self.owned.iter().map(|&p| (p, 0)))
+            .fold(BTreeMap::new(), |mut all, (p, o)| {
+                all.entry(p).or_insert(o);
+                all
+            });
+        crate::kafka::rounds::Shard {
+            users: self.engine.users().ids().clone(),
+            items: self.engine.items().ids().clone(),
+            vectors: self.engine.vectors().clone(),
+            offsets,
+        }
     }
 
     /// Keeps track of which partition of `topic` each user's events come from (persisted
@@ -724,6 +749,7 @@ impl Pipeline {
         let taken = self.take_over_with(&mut ownership, owned, handovers);
         self.ownership = Some(ownership);
         let new_owners = taken?;
+        self.owned = owned.clone();
         self.commit(&new_owners)?;
         Ok(self.local_offsets(owned))
     }

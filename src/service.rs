@@ -47,6 +47,10 @@ struct Batch {
 /// What the poll loop asks of the engine thread, in order.
 enum Work {
     Batch(Batch),
+    /// This instance's users as they stand, for a group model's rounds.
+    Shard {
+        reply: std::sync::mpsc::SyncSender<crate::kafka::rounds::Shard>,
+    },
     /// With a changelog: own these partitions of the ratings topic (and no other), restoring
     /// those whose state moved here; answers the next offset of each (absent: the beginning).
     TakeOver {
@@ -105,10 +109,23 @@ pub async fn run(
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<anyhow::Result<Committed>>();
     let final_snapshot = Arc::new(AtomicBool::new(false));
     let (changelog_errors_tx, changelog_errors) = mpsc::unbounded_channel();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let owns_partition_zero = Arc::new(AtomicBool::new(false));
     let changelog = if config.kafka.changelog_topic.is_empty() {
         None
     } else {
-        ensure_changelog_topic(&config).await?;
+        let partitions = ensure_changelog_topic(&config).await?;
+        if config.kafka.group_model_interval_ms > 0 {
+            crate::kafka::rounds::ensure_topics(&config.kafka).await?;
+            spawn_group_threads(
+                &config,
+                &shared,
+                batch_tx.clone(),
+                partitions,
+                owns_partition_zero.clone(),
+                stopping.clone(),
+            )?;
+        }
         Some(Changelog::start(
             &config.kafka,
             shared.health.clone(),
@@ -143,7 +160,10 @@ pub async fn run(
         ack_tx,
         final_snapshot.clone(),
     )?;
-    source.consume(shutdown, &options, &final_snapshot).await?;
+    source.owns_partition_zero = owns_partition_zero;
+    let consumed = source.consume(shutdown, &options, &final_snapshot).await;
+    stopping.store(true, Ordering::Relaxed);
+    consumed?;
     let mut summary = source.drain(worker).await?;
     readers.stop().await;
     summary.applied = summary
@@ -248,6 +268,10 @@ fn spawn_engine_thread(
                 while let Some(work) = batches.blocking_recv() {
                     let batch = match work {
                         Work::Batch(batch) => batch,
+                        Work::Shard { reply } => {
+                            let _ = reply.send(pipeline.shard());
+                            continue;
+                        }
                         Work::TakeOver { partitions, reply } => {
                             let changelog = changelog
                                 .as_ref()
@@ -316,9 +340,132 @@ fn take_over(
     pipeline.take_over(&partitions, handovers)
 }
 
+/// The group model's threads: every instance answers the rounds from its users (through the
+/// engine thread, `work`) and reads the models topic into `shared.group`; the one owning
+/// partition 0 coordinates every `[kafka] group_model_interval_ms`.
+fn spawn_group_threads(
+    config: &Config,
+    shared: &Shared,
+    work: mpsc::Sender<Work>,
+    partitions: i32,
+    owns_partition_zero: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    use crate::kafka::rounds::{self, Coordinator, Responder, Shard};
+    let kafka = config.kafka.clone();
+    let instance = if kafka.instance_id.trim().is_empty() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("segmenter-{}-{nanos}", std::process::id())
+    } else {
+        kafka.instance_id.clone()
+    };
+    let mut responder = Responder::new(&kafka, &instance)?;
+    let stop = stopping.clone();
+    std::thread::Builder::new()
+        .name("segmenter-group-rounds".into())
+        .spawn(move || {
+            let mut shard = || -> anyhow::Result<Shard> {
+                let (reply, answer) = std::sync::mpsc::sync_channel(1);
+                work.blocking_send(Work::Shard { reply })
+                    .map_err(|_| anyhow::anyhow!("the engine worker stopped"))?;
+                answer
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("the engine worker stopped"))
+            };
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(e) = responder.step(Duration::from_millis(200), &mut shard) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot answer a group model round");
+                }
+            }
+        })?;
+    let (slot, metrics, stop) = (
+        shared.group.clone(),
+        shared.metrics.clone(),
+        stopping.clone(),
+    );
+    let reader_kafka = kafka.clone();
+    std::thread::Builder::new()
+        .name("segmenter-group-models".into())
+        .spawn(move || {
+            let read = rounds::read_models(
+                &reader_kafka,
+                &slot,
+                || stop.load(Ordering::Relaxed),
+                |model| metrics.group_model_version.set(model.version as i64),
+            );
+            if let Err(e) = read {
+                tracing::error!(error = %format!("{e:#}"), "cannot read the group models topic");
+            }
+        })?;
+    let (slot, metrics) = (shared.group.clone(), shared.metrics.clone());
+    let params = config.engine_params();
+    let interval = Duration::from_millis(config.kafka.group_model_interval_ms);
+    std::thread::Builder::new()
+        .name("segmenter-group-coordinator".into())
+        .spawn(move || {
+            let mut coordinator: Option<Coordinator> = None;
+            let mut next = Instant::now() + interval;
+            while !stopping.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if Instant::now() < next {
+                    continue;
+                }
+                next = Instant::now() + interval;
+                if !owns_partition_zero.load(Ordering::Relaxed) {
+                    coordinator = None;
+                    continue;
+                }
+                let c = match coordinator.as_mut() {
+                    Some(c) => c,
+                    None => match Coordinator::new(&kafka, &instance, partitions) {
+                        Ok(c) => coordinator.insert(c),
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot start coordinating the group model");
+                            continue;
+                        }
+                    },
+                };
+                let latest = slot
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let version = latest.as_ref().map_or(0, |m| m.version) + 1;
+                let unchanged = latest.as_ref().map(|m| m.offsets.clone());
+                match c.solve(&params, version, unchanged.as_ref()) {
+                    Ok(Some(model)) => {
+                        metrics.group_model_seconds.observe(model.seconds);
+                        metrics.group_rounds.inc_by(model.rounds.total() as u64 + 1);
+                        match rounds::publish(&kafka, &model) {
+                            Ok(()) => tracing::info!(
+                                version = model.version,
+                                users = model.users,
+                                ratings = model.ratings,
+                                messages_covered = model.messages_covered,
+                                instances = model.instances.len(),
+                                rounds = model.rounds.total() + 1,
+                                inertia = model.inertia,
+                                seconds = model.seconds,
+                                "group model published"
+                            ),
+                            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot publish the group model"),
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::info!(error = %format!("{e:#}"), "no group model this time; trying again");
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// The changelog topic: created compacted with the ratings topic's partition count, which
-/// it must have (a user's row lives in the partition of the user's events).
-async fn ensure_changelog_topic(config: &Config) -> anyhow::Result<()> {
+/// it must have (a user's row lives in the partition of the user's events). Returns that count.
+async fn ensure_changelog_topic(config: &Config) -> anyhow::Result<i32> {
     let kafka = &config.kafka;
     let partitions = crate::kafka::partition_count(kafka, &kafka.topic)
         .await?
@@ -354,7 +501,7 @@ async fn ensure_changelog_topic(config: &Config) -> anyhow::Result<()> {
          broker deletes rows a restore needs); set cleanup.policy=compact",
         kafka.changelog_topic
     );
-    Ok(())
+    Ok(partitions)
 }
 
 /// The poll loop's state: the consumer, the batch being filled, its dead letters, and the
@@ -378,6 +525,8 @@ struct Source {
     batches: mpsc::Sender<Work>,
     /// The changelog writer's failure, which stops the service.
     changelog_errors: mpsc::UnboundedReceiver<anyhow::Error>,
+    /// Set while this instance owns partition 0 (it coordinates the group model).
+    owns_partition_zero: Arc<AtomicBool>,
     acks: mpsc::UnboundedReceiver<anyhow::Result<Committed>>,
     summary: RunSummary,
     stopping_for_target: bool,
@@ -440,6 +589,7 @@ impl Source {
             batch_started: None,
             batches,
             changelog_errors,
+            owns_partition_zero: Arc::new(AtomicBool::new(false)),
             acks,
             summary: RunSummary::default(),
             stopping_for_target: false,
@@ -563,6 +713,8 @@ impl Source {
         self.consumer
             .assign(&tpl)
             .context("cannot assign the partitions taken over")?;
+        self.owns_partition_zero
+            .store(owned.contains(&0), Ordering::Relaxed);
         self.shared.health.restoring.store(false, Ordering::Relaxed);
         tracing::info!(
             partitions = ?owned,

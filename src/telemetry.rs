@@ -61,6 +61,11 @@ pub struct Metrics {
     pub changelog_records: IntCounter,
     pub changelog_restored_users: IntCounter,
     pub changelog_restore_seconds: Histogram,
+    /// The group model: the latest version read, and (on the coordinator) how long each took
+    /// and the rounds it ran.
+    pub group_model_version: IntGauge,
+    pub group_model_seconds: Histogram,
+    pub group_rounds: IntCounter,
     /// Creation time of the latest snapshot (unix seconds), for the age gauge at scrape time.
     snapshot_created_unix: AtomicU64,
     /// Every registered metric family name (labelled families export nothing until their
@@ -356,6 +361,19 @@ impl Metrics {
                 "Time to take over a partition whose state this instance did not hold: fencing its previous owner and reading its changelog.",
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
             ),
+            group_model_version: int_gauge(
+                "segmenter_group_model_version",
+                "Latest version of the whole group's model this instance has read (0: none).",
+            ),
+            group_model_seconds: histogram(
+                "segmenter_group_model_duration_seconds",
+                "On the coordinator: time to build one group model (the cut and every round).",
+                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            group_rounds: counter(
+                "segmenter_group_rounds_total",
+                "On the coordinator: rounds run for group models (statistics, eigensolver, sample, Lloyd).",
+            ),
             feed_records: counter(
                 "segmenter_feed_records_total",
                 "Users' segment changes published by the change feed (one per changed user and version).",
@@ -425,6 +443,9 @@ impl Metrics {
             Box::new(self.changelog_records.clone()),
             Box::new(self.changelog_restored_users.clone()),
             Box::new(self.changelog_restore_seconds.clone()),
+            Box::new(self.group_model_version.clone()),
+            Box::new(self.group_model_seconds.clone()),
+            Box::new(self.group_rounds.clone()),
         ];
         for c in collectors {
             self.names

@@ -162,7 +162,7 @@ pub struct ClusterModel {
 }
 
 /// Rounds of each kind one solve took: each is one broadcast and one partial per participant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rounds {
     pub statistics: usize,
     pub eigen: usize,

@@ -94,6 +94,12 @@ impl CovarianceStats {
         self.sharded_operator(vec![vectors], d)
     }
 
+    /// Statistics from their parts: `n` users with these column sums and sums of squares (an
+    /// instance's partial, or partials added up elsewhere).
+    pub fn from_parts(n: u64, sums: Vec<f64>, squares: Vec<f64>) -> CovarianceStats {
+        CovarianceStats { n, sums, squares }
+    }
+
     /// Adds `other`, the statistics of users disjoint from these (another instance's share):
     /// counts and sums add up, so partials merged in any grouping give the whole.
     pub fn merge(&mut self, other: &CovarianceStats) {

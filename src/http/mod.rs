@@ -54,6 +54,8 @@ pub struct AppState {
     pub stored_reads: Arc<tokio::sync::Semaphore>,
     /// `[http] stored_read_deadline_ms`: the longest a request holds its turn.
     pub stored_read_deadline: std::time::Duration,
+    /// The latest model of the whole consumer group (see `kafka::rounds`).
+    pub group: crate::kafka::rounds::GroupSlot,
 }
 
 impl AppState {
@@ -174,6 +176,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/group", get(group_model))
         .route("/metrics", get(metrics))
         .merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -216,6 +219,7 @@ pub async fn start(
         token: config.http.token(),
         stored_reads: AppState::stored_read_turns(),
         stored_read_deadline: config.http.stored_read_deadline(),
+        group: shared.group.clone(),
     });
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = serve(config.http.listen_addr()?, state, async move {
@@ -279,6 +283,24 @@ async fn require_token(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The latest model of the whole consumer group, as its coordinator published it.
+async fn group_model(State(state): State<Arc<AppState>>) -> Response {
+    let latest = state
+        .group
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    match latest {
+        Some(model) => axum::Json(model.as_ref().clone()).into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no group model yet (set [kafka] group_model_interval_ms; the instance owning \
+             partition 0 publishes one once every partition is held)",
+        )
+        .into_response(),
+    }
 }
 
 async fn healthz() -> Response {
@@ -918,6 +940,7 @@ mod tests {
             token: None,
             stored_reads: AppState::stored_read_turns(),
             stored_read_deadline: deadline,
+            group: Default::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

@@ -6,6 +6,7 @@ pub mod changelog;
 pub mod changes;
 pub mod dead_letter;
 pub mod produce;
+pub mod rounds;
 pub mod snapshots;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,929 @@
+//! One model for the whole consumer group, from partial sums exchanged over Kafka
+//! (docs/cluster.md): the instance that owns partition 0 of the ratings topic coordinates. It
+//! asks every instance, on `<group_id>-rounds`, for a cut (each takes a copy-on-write view of
+//! its users and answers with the offsets it covers and its statistics), then runs the engine's
+//! own [`cluster::solve`] over one [`Participant`] whose every call is a round: the broadcast
+//! goes out on `<group_id>-rounds`, each instance answers from its view on
+//! `<group_id>-partials`, and the partials are added up. The model (counts, PCA, centroids,
+//! sizes, inertia, the cut) goes to the compacted `<group_id>-models`, which every instance
+//! reads and serves at `GET /group`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ndarray::Array2;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use rustc_hash::FxHashMap;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::KafkaConfig;
+use crate::engine::cluster::{self, ClusterParams, LocalParticipant, Participant, Rounds};
+use crate::engine::kmeans::LloydPartial;
+use crate::engine::stats::{CovarianceStats, GramShare};
+use crate::engine::{CowVec, EngineParams, Ids, SparseVec};
+use crate::kafka::client_config;
+
+/// How long the coordinator waits for every instance's answer to one round.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest round message: an eigensolver block of 20 columns over 400,000 items.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The group's internal topics, named after `[kafka] group_id`.
+#[derive(Debug, Clone)]
+pub struct GroupTopics {
+    pub rounds: String,
+    pub partials: String,
+    pub models: String,
+}
+
+impl GroupTopics {
+    pub fn of(kafka: &KafkaConfig) -> GroupTopics {
+        GroupTopics {
+            rounds: format!("{}-rounds", kafka.group_id),
+            partials: format!("{}-partials", kafka.group_id),
+            models: format!("{}-models", kafka.group_id),
+        }
+    }
+}
+
+/// One instance's users as of a cut: rows by local user and item index, and the next offset of
+/// each partition it owns that they cover.
+pub struct Shard {
+    pub users: Ids,
+    pub items: Ids,
+    pub vectors: CowVec<SparseVec>,
+    pub offsets: BTreeMap<i32, i64>,
+}
+
+/// What the coordinator asks in a round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Ask {
+    /// Take a view; answer its offsets, item ids and statistics (sums, then squares).
+    Cut,
+    /// The group's items in order (the index every later round uses), and who takes part.
+    Items {
+        items: Vec<String>,
+        instances: Vec<String>,
+    },
+    /// `Xᵀ(X Qᵀ)` for the block `Q` in the floats (`rows x items`).
+    Gram { rows: usize },
+    /// Project onto the basis in the floats (`rows x items`).
+    Project { rows: usize },
+    /// The users whose id hashes below `share`, with their projections.
+    Sample { share: f64, seed: u64 },
+    /// A Lloyd pass for the centroids in the floats.
+    Lloyd,
+    /// The snapshot is over: drop the view.
+    Done,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AskHead {
+    snapshot: String,
+    round: u32,
+    ask: Ask,
+}
+
+/// An instance's answer to a round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    Cut {
+        offsets: BTreeMap<i32, i64>,
+        items: Vec<String>,
+        users: u64,
+        ratings: u64,
+    },
+    Ack,
+    Gram,
+    Sample {
+        hashes: Vec<u64>,
+    },
+    Lloyd {
+        counts: Vec<u64>,
+        inertia: f64,
+        moved: u64,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AnswerHead {
+    snapshot: String,
+    round: u32,
+    instance: String,
+    // Not flattened: serde cannot read the integer keys of a flattened map back.
+    answer: Answer,
+}
+
+/// A message: the header's JSON length (u32), the JSON, then the floats (f64, little-endian):
+/// blocks and partials travel bit for bit.
+fn encode<H: Serialize>(head: &H, floats: &[f64]) -> anyhow::Result<Vec<u8>> {
+    let json = serde_json::to_vec(head)?;
+    let mut out = Vec::with_capacity(4 + json.len() + 8 * floats.len());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    for x in floats {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    Ok(out)
+}
+
+fn decode<H: DeserializeOwned>(bytes: &[u8]) -> Option<(H, Vec<f64>)> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let head = serde_json::from_slice(bytes.get(4..4 + len)?).ok()?;
+    let rest = bytes.get(4 + len..)?;
+    if rest.len() % 8 != 0 {
+        return None;
+    }
+    let floats = rest
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    Some((head, floats))
+}
+
+/// The model of the whole group at one cut of the ratings topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupModel {
+    pub version: u64,
+    pub created_at: String,
+    /// Per partition, the next offset the model covers: every event below it, none above.
+    pub offsets: BTreeMap<i32, i64>,
+    /// Messages the cut covers (the offsets' sum).
+    pub messages_covered: u64,
+    pub instances: Vec<String>,
+    pub users: u64,
+    pub items: usize,
+    pub ratings: u64,
+    pub total_variance: f64,
+    pub eigenvalues: Vec<f64>,
+    pub explained_variance_ratio: Vec<f64>,
+    /// `clusters x components`, row-major.
+    pub centroids: Vec<f64>,
+    pub sizes: Vec<u64>,
+    pub inertia: f64,
+    pub rounds: Rounds,
+    pub seconds: f64,
+}
+
+/// The latest group model an instance has read.
+pub type GroupSlot = Arc<RwLock<Option<Arc<GroupModel>>>>;
+
+fn producer(kafka: &KafkaConfig) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    client_config(kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("compression.type", "lz4")
+        .create()
+        .context("cannot create the group rounds producer")
+}
+
+/// A consumer of `topic`'s partition 0 from its current end (`from_end`) or its beginning.
+fn reader(kafka: &KafkaConfig, topic: &str, from_end: bool) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.max.bytes", (2 * MAX_MESSAGE_BYTES).to_string())
+        .set("max.partition.fetch.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set(
+            "receive.message.max.bytes",
+            (2 * MAX_MESSAGE_BYTES + 1024).to_string(),
+        )
+        .create()
+        .context("cannot create a group rounds reader")?;
+    let start = if from_end {
+        // The end as it is now, not whenever the first fetch happens: nothing sent after this
+        // call is missed.
+        let (_, high) = consumer.fetch_watermarks(topic, 0, ROUND_TIMEOUT)?;
+        Offset::Offset(high)
+    } else {
+        Offset::Beginning
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, start)?;
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    producer
+        .send(BaseRecord::to(topic).key(key).payload(payload))
+        .map_err(|(e, _)| e)
+        .with_context(|| format!("cannot send to {topic}"))?;
+    producer.flush(ROUND_TIMEOUT)?;
+    Ok(())
+}
+
+/// Creates the group's topics: rounds and partials (one partition each, messages up to
+/// [`MAX_MESSAGE_BYTES`], kept an hour) and the compacted models topic.
+pub async fn ensure_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
+    let topics = GroupTopics::of(kafka);
+    let max = MAX_MESSAGE_BYTES.to_string();
+    for topic in [&topics.rounds, &topics.partials] {
+        crate::kafka::ensure_topic_with(
+            kafka,
+            topic,
+            1,
+            &[("max.message.bytes", &max), ("retention.ms", "3600000")],
+        )
+        .await?;
+    }
+    crate::kafka::ensure_topic_with(
+        kafka,
+        &topics.models,
+        1,
+        &[("cleanup.policy", "compact"), ("max.message.bytes", &max)],
+    )
+    .await
+}
+
+/// An instance's side: answers every round from the view it took at the cut.
+pub struct Responder {
+    instance: String,
+    topics: GroupTopics,
+    consumer: BaseConsumer,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    /// The snapshot being answered, its view, and (from the items round on) the participant.
+    current: Option<(String, Shard, Option<LocalParticipant>)>,
+}
+
+impl Responder {
+    pub fn new(kafka: &KafkaConfig, instance: &str) -> anyhow::Result<Responder> {
+        let topics = GroupTopics::of(kafka);
+        Ok(Responder {
+            instance: instance.to_string(),
+            consumer: reader(kafka, &topics.rounds, true)?,
+            producer: producer(kafka)?,
+            topics,
+            current: None,
+        })
+    }
+
+    /// Waits up to `wait` for the next round and answers it; `shard` takes the view at a cut.
+    pub fn step(
+        &mut self,
+        wait: Duration,
+        shard: &mut impl FnMut() -> anyhow::Result<Shard>,
+    ) -> anyhow::Result<()> {
+        let Some(message) = self.consumer.poll(wait) else {
+            return Ok(());
+        };
+        let message = message?;
+        let Some((head, floats)) = message.payload().and_then(decode::<AskHead>) else {
+            tracing::warn!("a message on the rounds topic segmenter did not write: skipped");
+            return Ok(());
+        };
+        let AskHead {
+            snapshot,
+            round,
+            ask,
+        } = head;
+        tracing::debug!(snapshot, round, ?ask, "group round asked");
+        let answer = match ask {
+            Ask::Cut => {
+                let view = shard()?;
+                let d = view.items.len();
+                let stats = CovarianceStats::from_vectors(view.vectors.iter(), d);
+                let mut floats = stats.sums().to_vec();
+                floats.extend_from_slice(stats.squares());
+                let answer = Answer::Cut {
+                    offsets: view.offsets.clone(),
+                    items: view.items.iter().cloned().collect(),
+                    users: stats.users(),
+                    ratings: view.vectors.ratings() as u64,
+                };
+                self.current = Some((snapshot.clone(), view, None));
+                Some((answer, floats))
+            }
+            Ask::Done => {
+                if self.current.as_ref().is_some_and(|c| c.0 == snapshot) {
+                    self.current = None;
+                }
+                None
+            }
+            ask => {
+                let Some((current, view, participant)) = self.current.as_mut() else {
+                    return Ok(());
+                };
+                if *current != snapshot {
+                    return Ok(());
+                }
+                answer_round(&self.instance, ask, &floats, view, participant)
+            }
+        };
+        if let Some((answer, floats)) = answer {
+            let head = AnswerHead {
+                snapshot,
+                round,
+                instance: self.instance.clone(),
+                answer,
+            };
+            let bytes = encode(&head, &floats)?;
+            send(
+                &self.producer,
+                &self.topics.partials,
+                &self.instance,
+                &bytes,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// An answer to a round after the cut, from `view` and its `participant` (made at the items
+/// round); `None` for a round this instance takes no part in.
+fn answer_round(
+    instance: &str,
+    ask: Ask,
+    floats: &[f64],
+    view: &Shard,
+    participant: &mut Option<LocalParticipant>,
+) -> Option<(Answer, Vec<f64>)> {
+    if let Ask::Items { items, instances } = &ask {
+        if !instances.iter().any(|i| i == instance) {
+            *participant = None;
+            return None;
+        }
+        *participant = Some(remapped(view, items));
+        return Some((Answer::Ack, vec![]));
+    }
+    let participant = participant.as_mut()?;
+    let items = participant_items(floats, &ask);
+    match ask {
+        Ask::Gram { rows } => {
+            let block = Array2::from_shape_vec((rows, items?), floats.to_vec()).ok()?;
+            Some((Answer::Gram, participant.gram(&block)))
+        }
+        Ask::Project { rows } => {
+            let basis = Array2::from_shape_vec((rows, items?), floats.to_vec()).ok()?;
+            participant.project(&basis);
+            Some((Answer::Ack, vec![]))
+        }
+        Ask::Sample { share, seed } => {
+            let sample = participant.sample(share, seed);
+            let hashes = sample.iter().map(|(h, _)| *h).collect();
+            let floats = sample.into_iter().flat_map(|(_, z)| z).collect();
+            Some((Answer::Sample { hashes }, floats))
+        }
+        Ask::Lloyd => {
+            let partial = participant.lloyd(floats);
+            Some((
+                Answer::Lloyd {
+                    counts: partial.counts,
+                    inertia: partial.inertia,
+                    moved: partial.moved,
+                },
+                partial.sums,
+            ))
+        }
+        Ask::Cut | Ask::Items { .. } | Ask::Done => None,
+    }
+}
+
+/// The item count a block or basis of `floats` spans (`rows x items`).
+fn participant_items(floats: &[f64], ask: &Ask) -> Option<usize> {
+    match ask {
+        Ask::Gram { rows } | Ask::Project { rows } if *rows > 0 => Some(floats.len() / rows),
+        _ => None,
+    }
+}
+
+/// `view`'s users over the group's `items` (their order is the index every round uses).
+fn remapped(view: &Shard, items: &[String]) -> LocalParticipant {
+    let global: FxHashMap<&str, u32> = items
+        .iter()
+        .enumerate()
+        .map(|(g, id)| (id.as_str(), g as u32))
+        .collect();
+    let local_to_global: Vec<u32> = view
+        .items
+        .iter()
+        .map(|id| global.get(id.as_str()).copied().unwrap_or(u32::MAX))
+        .collect();
+    let mut ids = Vec::with_capacity(view.users.len());
+    let mut rows = Vec::with_capacity(view.users.len());
+    for (u, x) in view.vectors.iter().enumerate() {
+        if x.nnz() == 0 {
+            continue;
+        }
+        let mut cells: Vec<(u32, f64)> = x
+            .iter()
+            .map(|(j, v)| (local_to_global[j as usize], v))
+            .filter(|&(g, _)| g != u32::MAX)
+            .collect();
+        cells.sort_unstable_by_key(|&(g, _)| g);
+        ids.push(view.users.id(u as u32).to_string());
+        rows.push(SparseVec {
+            idx: cells.iter().map(|&(g, _)| g).collect(),
+            val: cells.iter().map(|&(_, v)| v).collect(),
+        });
+    }
+    LocalParticipant::new(ids, rows)
+}
+
+/// The coordinator's side: the rounds of one group model.
+pub struct Coordinator {
+    instance: String,
+    topics: GroupTopics,
+    partitions: i32,
+    consumer: BaseConsumer,
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+/// What a cut gathered.
+struct Cut {
+    offsets: BTreeMap<i32, i64>,
+    instances: Vec<String>,
+    items: Vec<String>,
+    stats: CovarianceStats,
+    ratings: u64,
+}
+
+impl Coordinator {
+    /// A coordinator of a group whose ratings topic has `partitions` partitions.
+    pub fn new(kafka: &KafkaConfig, instance: &str, partitions: i32) -> anyhow::Result<Self> {
+        let topics = GroupTopics::of(kafka);
+        Ok(Coordinator {
+            instance: instance.to_string(),
+            consumer: reader(kafka, &topics.partials, true)?,
+            producer: producer(kafka)?,
+            topics,
+            partitions,
+        })
+    }
+
+    /// Sends `ask` as round `round` of `snapshot` and gathers the answers of `from` (any
+    /// instance's when `None`, until `enough` says they suffice).
+    fn round(
+        &self,
+        snapshot: &str,
+        round: u32,
+        ask: Ask,
+        floats: &[f64],
+        from: Option<&BTreeSet<String>>,
+        enough: impl Fn(&[(AnswerHead, Vec<f64>)]) -> bool,
+    ) -> anyhow::Result<Vec<(AnswerHead, Vec<f64>)>> {
+        let head = AskHead {
+            snapshot: snapshot.to_string(),
+            round,
+            ask,
+        };
+        send(
+            &self.producer,
+            &self.topics.rounds,
+            &self.instance,
+            &encode(&head, floats)?,
+        )?;
+        tracing::debug!(snapshot, round, "group round sent");
+        let deadline = Instant::now() + ROUND_TIMEOUT;
+        let mut answers: Vec<(AnswerHead, Vec<f64>)> = vec![];
+        loop {
+            let done = match from {
+                Some(from) => answers.len() == from.len(),
+                None => enough(&answers),
+            };
+            if done {
+                return Ok(answers);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            anyhow::ensure!(
+                !left.is_zero(),
+                "round {round} of {snapshot}: {} of {} answers within {ROUND_TIMEOUT:?}",
+                answers.len(),
+                from.map_or(0, BTreeSet::len)
+            );
+            let Some(message) = self.consumer.poll(left.min(Duration::from_millis(100))) else {
+                continue;
+            };
+            let message = message?;
+            let Some((answer, floats)) = message.payload().and_then(decode::<AnswerHead>) else {
+                continue;
+            };
+            let wanted = answer.snapshot == snapshot
+                && answer.round == round
+                && from.is_none_or(|f| f.contains(&answer.instance))
+                && !answers.iter().any(|(a, _)| a.instance == answer.instance);
+            if wanted {
+                answers.push((answer, floats));
+            }
+        }
+    }
+
+    /// The cut: every instance's view, until their partitions cover the topic exactly once.
+    fn cut(&self, snapshot: &str) -> anyhow::Result<Cut> {
+        let partitions = self.partitions;
+        let covered = |answers: &[(AnswerHead, Vec<f64>)]| {
+            let owned: Vec<i32> = answers
+                .iter()
+                .flat_map(|(a, _)| match &a.answer {
+                    Answer::Cut { offsets, .. } => offsets.keys().copied().collect(),
+                    _ => vec![],
+                })
+                .collect();
+            owned.len() as i32 >= partitions
+        };
+        let answers = self.round(snapshot, 0, Ask::Cut, &[], None, covered)?;
+        let mut offsets = BTreeMap::new();
+        let mut parts = vec![];
+        for (head, floats) in answers {
+            let Answer::Cut {
+                offsets: theirs,
+                items,
+                users,
+                ratings,
+            } = head.answer
+            else {
+                continue;
+            };
+            if theirs.is_empty() {
+                continue;
+            }
+            for (p, o) in theirs {
+                anyhow::ensure!(
+                    offsets.insert(p, o).is_none(),
+                    "partition {p} is held by two instances (a rebalance is under way)"
+                );
+            }
+            parts.push((head.instance, items, users, ratings, floats));
+        }
+        let missing: Vec<i32> = (0..partitions)
+            .filter(|p| !offsets.contains_key(p))
+            .collect();
+        anyhow::ensure!(
+            missing.is_empty(),
+            "partitions {missing:?} are held by no instance (a rebalance is under way)"
+        );
+        let mut items: Vec<String> = parts
+            .iter()
+            .flat_map(|(_, items, ..)| items.iter().cloned())
+            .collect::<BTreeSet<String>>()
+            .into_iter()
+            .collect();
+        items.shrink_to_fit();
+        let index: FxHashMap<&str, usize> = items
+            .iter()
+            .enumerate()
+            .map(|(g, id)| (id.as_str(), g))
+            .collect();
+        let d = items.len();
+        let (mut users, mut ratings) = (0, 0);
+        let (mut sums, mut squares) = (vec![0.0; d], vec![0.0; d]);
+        for (_, theirs, n, r, floats) in &parts {
+            users += n;
+            ratings += r;
+            let local = theirs.len();
+            anyhow::ensure!(floats.len() == 2 * local, "a cut answer of the wrong size");
+            for (l, id) in theirs.iter().enumerate() {
+                let g = index[id.as_str()];
+                sums[g] += floats[l];
+                squares[g] += floats[local + l];
+            }
+        }
+        let instances = parts.into_iter().map(|(i, ..)| i).collect();
+        Ok(Cut {
+            offsets,
+            instances,
+            stats: CovarianceStats::from_parts(users, sums, squares),
+            items,
+            ratings,
+        })
+    }
+
+    /// One group model: the cut, then the engine's cold solve with every call a round. `None`
+    /// when the cut covers exactly `unchanged` (nothing new since the last model).
+    pub fn solve(
+        &mut self,
+        params: &EngineParams,
+        version: u64,
+        unchanged: Option<&BTreeMap<i32, i64>>,
+    ) -> anyhow::Result<Option<GroupModel>> {
+        let started = Instant::now();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let snapshot = format!("{}-{version}-{nanos}", self.instance);
+        let cut = self.cut(&snapshot);
+        let cut = match cut {
+            Ok(cut) if unchanged != Some(&cut.offsets) => cut,
+            other => {
+                self.done(&snapshot);
+                return other.map(|_| None);
+            }
+        };
+        let group = RemoteGroup {
+            coordinator: self,
+            snapshot: snapshot.clone(),
+            instances: cut.instances.iter().cloned().collect(),
+            items: cut.items.len(),
+            stats: cut.stats.clone(),
+            ratings: cut.ratings as usize,
+            round: RefCell::new(1),
+            error: RefCell::new(None),
+        };
+        let solved = group.items_round(&cut.items).map(|()| {
+            let params = ClusterParams::for_engine(params, cut.stats.users());
+            let mut participants = [group];
+            let model = cluster::solve(&mut participants, cut.items.len(), &params);
+            let [group] = participants;
+            (model, group.error.into_inner())
+        });
+        self.done(&snapshot);
+        let (model, error) = solved?;
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let model = model.context("fewer users than segments: no group model yet")?;
+        // As scikit-learn reports them (and the snapshots do): sample variances, over n − 1.
+        let n = cut.stats.users() as f64;
+        let sample_scale = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let total = cut.stats.covariance_trace(cut.items.len()) * sample_scale;
+        Ok(Some(GroupModel {
+            version,
+            created_at: crate::snapshot::now_rfc3339(),
+            messages_covered: cut.offsets.values().map(|&o| o.max(0) as u64).sum(),
+            offsets: cut.offsets,
+            instances: cut.instances,
+            users: model.users,
+            items: cut.items.len(),
+            ratings: cut.ratings,
+            total_variance: total,
+            explained_variance_ratio: model
+                .eigenvalues
+                .iter()
+                .map(|l| {
+                    if total > 0.0 {
+                        l * sample_scale / total
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            eigenvalues: model.eigenvalues.iter().map(|l| l * sample_scale).collect(),
+            centroids: model.centroids,
+            sizes: model.sizes,
+            inertia: model.inertia,
+            rounds: model.rounds,
+            seconds: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    fn done(&self, snapshot: &str) {
+        let head = AskHead {
+            snapshot: snapshot.to_string(),
+            round: u32::MAX,
+            ask: Ask::Done,
+        };
+        if let Ok(bytes) = encode(&head, &[]) {
+            let _ = send(&self.producer, &self.topics.rounds, &self.instance, &bytes);
+        }
+    }
+}
+
+/// Every instance of a cut as one [`Participant`]: each call is a round, the answers added up.
+/// A failed round is kept in `error` (the trait's calls cannot fail) and the solve's result
+/// thrown away.
+struct RemoteGroup<'a> {
+    coordinator: &'a Coordinator,
+    snapshot: String,
+    instances: BTreeSet<String>,
+    items: usize,
+    stats: CovarianceStats,
+    ratings: usize,
+    round: RefCell<u32>,
+    error: RefCell<Option<anyhow::Error>>,
+}
+
+impl RemoteGroup<'_> {
+    fn ask(&self, ask: Ask, floats: &[f64]) -> Vec<(Answer, Vec<f64>)> {
+        if self.error.borrow().is_some() {
+            return vec![];
+        }
+        let round = {
+            let mut r = self.round.borrow_mut();
+            *r += 1;
+            *r
+        };
+        match self.coordinator.round(
+            &self.snapshot,
+            round,
+            ask,
+            floats,
+            Some(&self.instances),
+            |_| false,
+        ) {
+            Ok(answers) => answers.into_iter().map(|(h, f)| (h.answer, f)).collect(),
+            Err(e) => {
+                *self.error.borrow_mut() = Some(e);
+                vec![]
+            }
+        }
+    }
+
+    fn items_round(&self, items: &[String]) -> anyhow::Result<()> {
+        self.ask(
+            Ask::Items {
+                items: items.to_vec(),
+                instances: self.instances.iter().cloned().collect(),
+            },
+            &[],
+        );
+        match self.error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl GramShare for RemoteGroup<'_> {
+    fn ratings(&self) -> usize {
+        self.ratings
+    }
+
+    fn gram(&self, q: &Array2<f64>) -> Vec<f64> {
+        let floats: Vec<f64> = q.iter().copied().collect();
+        let mut total = vec![0.0; self.items * q.nrows()];
+        for (_, partial) in self.ask(Ask::Gram { rows: q.nrows() }, &floats) {
+            if partial.len() == total.len() {
+                total.iter_mut().zip(&partial).for_each(|(t, p)| *t += p);
+            } else {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert_with(|| anyhow::anyhow!("a Gram partial of the wrong size"));
+            }
+        }
+        total
+    }
+}
+
+impl Participant for RemoteGroup<'_> {
+    fn statistics(&self, _items: usize) -> CovarianceStats {
+        self.stats.clone()
+    }
+
+    fn project(&mut self, basis: &Array2<f64>) {
+        let floats: Vec<f64> = basis.iter().copied().collect();
+        self.ask(
+            Ask::Project {
+                rows: basis.nrows(),
+            },
+            &floats,
+        );
+    }
+
+    fn sample(&self, share: f64, seed: u64) -> Vec<(u64, Vec<f64>)> {
+        let mut sample = vec![];
+        for (answer, floats) in self.ask(Ask::Sample { share, seed }, &[]) {
+            let Answer::Sample { hashes } = answer else {
+                continue;
+            };
+            let dim = floats.len() / hashes.len().max(1);
+            for (i, h) in hashes.into_iter().enumerate() {
+                sample.push((h, floats[i * dim..(i + 1) * dim].to_vec()));
+            }
+        }
+        sample
+    }
+
+    fn lloyd(&mut self, centroids: &[f64]) -> LloydPartial {
+        let mut merged: Option<LloydPartial> = None;
+        for (answer, sums) in self.ask(Ask::Lloyd, centroids) {
+            let Answer::Lloyd {
+                counts,
+                inertia,
+                moved,
+            } = answer
+            else {
+                continue;
+            };
+            let part = LloydPartial {
+                sums,
+                counts,
+                inertia,
+                moved,
+            };
+            match merged.as_mut() {
+                Some(m) => m.merge(&part),
+                None => merged = Some(part),
+            }
+        }
+        // No answer: the round failed (its error is kept) and the solve is thrown away.
+        merged.unwrap_or(LloydPartial {
+            sums: vec![0.0; centroids.len()],
+            counts: vec![],
+            inertia: 0.0,
+            moved: 0,
+        })
+    }
+
+    fn labels(&self) -> Vec<(String, u32)> {
+        vec![]
+    }
+}
+
+/// Reads the models topic from its beginning and keeps the highest version in `slot`, until
+/// `stop` says so.
+pub fn read_models(
+    kafka: &KafkaConfig,
+    slot: &GroupSlot,
+    stop: impl Fn() -> bool,
+    on_model: impl Fn(&GroupModel),
+) -> anyhow::Result<()> {
+    let topics = GroupTopics::of(kafka);
+    let consumer = reader(kafka, &topics.models, false)?;
+    while !stop() {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let Ok(message) = message else {
+            continue;
+        };
+        let Some(model) = message
+            .payload()
+            .and_then(|p| serde_json::from_slice::<GroupModel>(p).ok())
+        else {
+            continue;
+        };
+        let mut latest = slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if latest.as_ref().is_none_or(|l| l.version < model.version) {
+            on_model(&model);
+            *latest = Some(Arc::new(model));
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `model` to the models topic.
+pub fn publish(kafka: &KafkaConfig, model: &GroupModel) -> anyhow::Result<()> {
+    let topics = GroupTopics::of(kafka);
+    let producer = producer(kafka)?;
+    send(
+        &producer,
+        &topics.models,
+        "model",
+        &serde_json::to_vec(model)?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_bit_for_bit_and_foreign_bytes_are_refused() {
+        let head = AnswerHead {
+            snapshot: "s".into(),
+            round: 3,
+            instance: "a".into(),
+            answer: Answer::Lloyd {
+                counts: vec![1, 2],
+                inertia: 0.1 + 0.2,
+                moved: 4,
+            },
+        };
+        let floats = [0.1 + 0.2, -0.0, f64::MIN_POSITIVE, 1e300];
+        let bytes = encode(&head, &floats).expect("encode");
+        let (back, got): (AnswerHead, Vec<f64>) = decode(&bytes).expect("decode");
+        assert_eq!(back.round, 3);
+        assert!(matches!(back.answer, Answer::Lloyd { moved: 4, .. }));
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            floats.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(decode::<AnswerHead>(&bytes[..bytes.len() - 1]).is_none());
+        let cut = AnswerHead {
+            snapshot: "s".into(),
+            round: 0,
+            instance: "b".into(),
+            answer: Answer::Cut {
+                offsets: BTreeMap::from([(0, 10), (5, 7)]),
+                items: vec!["i1".into()],
+                users: 3,
+                ratings: 9,
+            },
+        };
+        let (back, _): (AnswerHead, Vec<f64>) =
+            decode(&encode(&cut, &[1.0, 2.0]).expect("encode")).expect("a cut decodes");
+        assert!(
+            matches!(&back.answer, Answer::Cut { offsets, .. } if offsets[&5] == 7),
+            "{back:?}"
+        );
+        assert!(decode::<AnswerHead>(b"{}").is_none());
+    }
+}

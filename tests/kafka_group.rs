@@ -1,0 +1,218 @@
+//! One model for the whole consumer group: 3 instances on a 6-partition topic of implicit
+//! plays, one SIGKILLed mid-stream and never restarted, a new one added later (two
+//! rebalances, partitions restored from the changelog). After the stream ends, every live
+//! instance serves the same group model (`GET /group`), built by whichever instance owns
+//! partition 0 from every instance's partial sums: it covers every message, with the
+//! statistics of one `segmenter replay` of the same events (counts equal, explained variance
+//! within 1e-9) and a clustering as good as the replay's cold solve (inertia at most 1.02x).
+//!
+//! Needs the broker the test command starts (`SEGMENTER_TEST_BROKERS`).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use segmenter::event::Mode;
+
+const PARTITIONS: i32 = 6;
+
+fn start_producing(topic: &str, ratings: &Path) -> Child {
+    Command::new(BIN)
+        .args(["produce", "--brokers", &brokers(), "--topic", topic])
+        .args(["--partitions", &PARTITIONS.to_string(), "--ratings"])
+        .arg(ratings)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start segmenter produce")
+}
+
+fn finish_producing(producer: Child) {
+    let out = producer.wait_with_output().expect("wait for produce");
+    assert!(
+        out.status.success(),
+        "produce failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The offsets the group committed to Kafka, summed over the topic's partitions.
+fn group_progress(topic: &str, group: &str) -> u64 {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return 0;
+    };
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o.max(0) as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+struct Instance {
+    service: Service,
+    url: String,
+}
+
+fn start_instance(base: &[(String, String)], dir: &Path, name: &str) -> Instance {
+    let port = free_port();
+    let mut env = base.to_vec();
+    env.retain(|(k, _)| {
+        !matches!(
+            k.as_str(),
+            "SEGMENTER_STATE__DIR" | "SEGMENTER_KAFKA__INSTANCE_ID" | "SEGMENTER_HTTP__LISTEN"
+        )
+    });
+    env.push((
+        "SEGMENTER_STATE__DIR".into(),
+        dir.join(format!("state-{name}")).display().to_string(),
+    ));
+    env.push(("SEGMENTER_KAFKA__INSTANCE_ID".into(), name.into()));
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
+    let mut service = Service::start(&env, &[]);
+    service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "partitions taken over: consuming"
+    });
+    Instance {
+        service,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// The group model an instance serves, if any.
+fn group_model(url: &str) -> Option<serde_json::Value> {
+    let (status, body) = try_http_get(&format!("{url}/group"))?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+#[test]
+fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Implicit, 600, 60_000, 31);
+    let parts = split_ratings(&ratings, 3);
+    let topic = unique_topic("group");
+    let group = format!("g-{topic}");
+    let mut env = service_env(&topic, &dir.path().join("unused"), Mode::Implicit);
+    for (key, value) in [
+        (
+            "SEGMENTER_KAFKA__CHANGELOG_TOPIC",
+            format!("{topic}-changelog"),
+        ),
+        ("SEGMENTER_KAFKA__GROUP_MODEL_INTERVAL_MS", "500".into()),
+        // A SIGKILLed member sends no LeaveGroup: its partitions move after the session
+        // timeout, the broker's minimum here.
+        ("SEGMENTER_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".into()),
+        ("SEGMENTER_KAFKA__BATCH_SIZE", "500".into()),
+    ] {
+        env.push((key.into(), value));
+    }
+    finish_producing(start_producing(&topic, &parts[0].0));
+    let mut produced = parts[0].1;
+
+    let mut a = start_instance(&env, dir.path(), "a");
+    let b = start_instance(&env, dir.path(), "b");
+    let c = start_instance(&env, dir.path(), "c");
+    wait_until(
+        Duration::from_secs(120),
+        "the first installment consumed",
+        || group_progress(&topic, &group) >= produced,
+    );
+
+    // One dies while the next installment is produced and consumed; another joins later.
+    let producer = start_producing(&topic, &parts[1].0);
+    wait_until(
+        Duration::from_secs(120),
+        "the second installment under way",
+        || group_progress(&topic, &group) > produced,
+    );
+    a.service.child.kill().expect("SIGKILL");
+    let _ = a.service.child.wait();
+    finish_producing(producer);
+    produced += parts[1].1;
+    let d = start_instance(&env, dir.path(), "d");
+    finish_producing(start_producing(&topic, &parts[2].0));
+    produced += parts[2].1;
+    wait_until(
+        Duration::from_secs(180),
+        "every installment consumed",
+        || group_progress(&topic, &group) >= produced,
+    );
+
+    let live = [&b, &c, &d];
+    let mut models = vec![];
+    wait_until(
+        Duration::from_secs(120),
+        "every live instance serves the same group model covering every message",
+        || {
+            models = live.iter().map(|i| group_model(&i.url)).collect();
+            let first = &models[0];
+            first.as_ref().is_some_and(|m| {
+                m["messages_covered"].as_u64() == Some(produced)
+                    && models.iter().all(|other| other == &models[0])
+            })
+        },
+    );
+    let model = models[0].clone().expect("a model");
+
+    let replay = replay_snapshot(&ratings, &dir.path().join("replay"), &env);
+    assert_eq!(model["users"].as_u64(), Some(replay.counts.users));
+    assert_eq!(model["ratings"].as_u64(), Some(replay.counts.ratings));
+    let total = model["total_variance"].as_f64().expect("total");
+    assert!(
+        (total - replay.pca.total_variance).abs() <= 1e-9 * replay.pca.total_variance,
+        "total variance {total} vs {}",
+        replay.pca.total_variance
+    );
+    let ratios: Vec<f64> = model["explained_variance_ratio"]
+        .as_array()
+        .expect("ratios")
+        .iter()
+        .filter_map(|v| v.as_f64())
+        .collect();
+    assert_eq!(ratios.len(), replay.pca.explained_variance_ratio.len());
+    for (x, y) in ratios.iter().zip(&replay.pca.explained_variance_ratio) {
+        assert!((x - y).abs() <= 1e-9, "explained-variance ratio {x} vs {y}");
+    }
+    let inertia = model["inertia"].as_f64().expect("inertia");
+    assert!(
+        inertia <= 1.02 * replay.kmeans.inertia,
+        "inertia {inertia} vs the replay's cold {}",
+        replay.kmeans.inertia
+    );
+    let sizes: u64 = model["sizes"]
+        .as_array()
+        .expect("sizes")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(sizes, replay.counts.users, "every user in a segment");
+    eprintln!(
+        "group model v{}: {} users, inertia {inertia:.2} vs replay {:.2} ({:.4}x), rounds {}",
+        model["version"],
+        model["users"],
+        replay.kmeans.inertia,
+        inertia / replay.kmeans.inertia,
+        model["rounds"]
+    );
+    for instance in [b, c, d] {
+        instance.service.signal("-TERM");
+        let (code, log) = instance.service.wait_exit(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{}", log.join("\n"));
+    }
+}
