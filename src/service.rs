@@ -438,7 +438,7 @@ fn spawn_group_threads(
                     Ok(Some(model)) => {
                         metrics.group_model_seconds.observe(model.seconds);
                         metrics.group_rounds.inc_by(model.rounds.total() as u64 + 1);
-                        match rounds::publish(&kafka, &model) {
+                        match c.publish(&model) {
                             Ok(()) => tracing::info!(
                                 version = model.version,
                                 users = model.users,

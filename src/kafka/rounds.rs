@@ -223,9 +223,7 @@ fn send(
     producer
         .send(BaseRecord::to(topic).key(key).payload(payload))
         .map_err(|(e, _)| e)
-        .with_context(|| format!("cannot send to {topic}"))?;
-    producer.flush(ROUND_TIMEOUT)?;
-    Ok(())
+        .with_context(|| format!("cannot send to {topic}"))
 }
 
 /// Creates the group's topics: rounds and partials (one partition each, messages up to
@@ -292,7 +290,7 @@ impl Responder {
             round,
             ask,
         } = head;
-        tracing::debug!(snapshot, round, ?ask, "group round asked");
+        tracing::debug!(snapshot, round, "group round asked");
         let answer = match ask {
             Ask::Cut => {
                 let view = shard()?;
@@ -497,6 +495,13 @@ impl Coordinator {
                 None => enough(&answers),
             };
             if done {
+                tracing::debug!(
+                    snapshot,
+                    round,
+                    seconds = (ROUND_TIMEOUT - deadline.saturating_duration_since(Instant::now()))
+                        .as_secs_f64(),
+                    "group round answered"
+                );
                 return Ok(answers);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -680,6 +685,13 @@ impl Coordinator {
             rounds: model.rounds,
             seconds: started.elapsed().as_secs_f64(),
         }))
+    }
+
+    /// Publishes `model` to the models topic (waiting for the broker's acknowledgement).
+    pub fn publish(&self, model: &GroupModel) -> anyhow::Result<()> {
+        let json = serde_json::to_vec(model)?;
+        send(&self.producer, &self.topics.models, "model", &json)?;
+        Ok(self.producer.flush(ROUND_TIMEOUT)?)
     }
 
     fn done(&self, snapshot: &str) {
@@ -867,18 +879,6 @@ pub fn read_models(
         }
     }
     Ok(())
-}
-
-/// Publishes `model` to the models topic.
-pub fn publish(kafka: &KafkaConfig, model: &GroupModel) -> anyhow::Result<()> {
-    let topics = GroupTopics::of(kafka);
-    let producer = producer(kafka)?;
-    send(
-        &producer,
-        &topics.models,
-        "model",
-        &serde_json::to_vec(model)?,
-    )
 }
 
 #[cfg(test)]
