@@ -216,6 +216,8 @@ pub struct Shared {
     /// The latest model of the whole consumer group, read from its models topic (Kafka
     /// source with `[kafka] group_model_interval_ms`; empty otherwise).
     pub group: crate::kafka::rounds::GroupSlot,
+    /// Every user's segment in the group model, read from its assignments topic.
+    pub group_assignments: crate::kafka::rounds::GroupAssignments,
     pub health: Arc<Health>,
     pub serving: ServingSlot,
     /// Bumped whenever catalogue titles are stored: profiles show titles, so a changed
@@ -662,6 +664,11 @@ impl Pipeline {
             ownership: None,
             owned: BTreeSet::new(),
         })
+    }
+
+    /// The admission gate of the engine as it stands (after a take-over changed its users).
+    pub fn admission_gate(&self) -> crate::engine::AdmissionGate {
+        crate::engine::AdmissionGate::new(&self.engine)
     }
 
     /// This instance's users as they stand, with the next offset of each partition it owns:

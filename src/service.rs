@@ -55,7 +55,7 @@ enum Work {
     /// those whose state moved here; answers the next offset of each (absent: the beginning).
     TakeOver {
         partitions: BTreeSet<i32>,
-        reply: tokio::sync::oneshot::Sender<anyhow::Result<BTreeMap<i32, i64>>>,
+        reply: tokio::sync::oneshot::Sender<anyhow::Result<(BTreeMap<i32, i64>, AdmissionGate)>>,
     },
 }
 
@@ -276,7 +276,8 @@ fn spawn_engine_thread(
                             let changelog = changelog
                                 .as_ref()
                                 .context("partitions handed over without a changelog")?;
-                            let taken = take_over(&mut pipeline, changelog, partitions);
+                            let taken = take_over(&mut pipeline, changelog, partitions)
+                                .map(|next| (next, pipeline.admission_gate()));
                             let failed = taken.as_ref().err().map(|e| anyhow::anyhow!("{e:#}"));
                             let _ = reply.send(taken);
                             if let Some(e) = failed {
@@ -387,17 +388,35 @@ fn spawn_group_threads(
         stopping.clone(),
     );
     let reader_kafka = kafka.clone();
+    let models_read = Arc::new(AtomicBool::new(false));
+    let caught_up = models_read.clone();
     std::thread::Builder::new()
         .name("segmenter-group-models".into())
         .spawn(move || {
             let read = rounds::read_models(
                 &reader_kafka,
                 &slot,
+                &caught_up,
                 || stop.load(Ordering::Relaxed),
                 |model| metrics.group_model_version.set(model.version as i64),
             );
             if let Err(e) = read {
                 tracing::error!(error = %format!("{e:#}"), "cannot read the group models topic");
+            }
+        })?;
+    let (assignments, stop, assignments_kafka) = (
+        shared.group_assignments.clone(),
+        stopping.clone(),
+        kafka.clone(),
+    );
+    std::thread::Builder::new()
+        .name("segmenter-group-assignments".into())
+        .spawn(move || {
+            let read = rounds::read_assignments(&assignments_kafka, &assignments, || {
+                stop.load(Ordering::Relaxed)
+            });
+            if let Err(e) = read {
+                tracing::error!(error = %format!("{e:#}"), "cannot read the group assignments topic");
             }
         })?;
     let (slot, metrics) = (shared.group.clone(), shared.metrics.clone());
@@ -414,7 +433,10 @@ fn spawn_group_threads(
                     continue;
                 }
                 next = Instant::now() + interval;
-                if !owns_partition_zero.load(Ordering::Relaxed) {
+                if !owns_partition_zero.load(Ordering::Relaxed)
+                    || !models_read.load(Ordering::Relaxed)
+                {
+                    // Not the coordinator, or not yet sure of the latest version published.
                     coordinator = None;
                     continue;
                 }
@@ -445,6 +467,7 @@ fn spawn_group_threads(
                                 ratings = model.ratings,
                                 messages_covered = model.messages_covered,
                                 instances = model.instances.len(),
+                                assignments_changed = model.assignments_changed,
                                 rounds = model.rounds.total() + 1,
                                 inertia = model.inertia,
                                 seconds = model.seconds,
@@ -641,6 +664,8 @@ impl Source {
             }
             if consumer.context().revoked.swap(false, Ordering::Relaxed) {
                 flush = true;
+                // Whoever gets partition 0 next coordinates; until then, nobody here.
+                self.owns_partition_zero.store(false, Ordering::Relaxed);
             }
             if consumer
                 .context()
@@ -692,9 +717,11 @@ impl Source {
             })
             .await
             .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))?;
-        let next = answer
+        let (next, gate) = answer
             .await
             .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))??;
+        // Users and items restored (or gone) are the engine's now: the gate mirrors its caps.
+        self.admission = gate;
         let topic = self.config.kafka.topic.clone();
         let mut tpl = TopicPartitionList::new();
         self.expected

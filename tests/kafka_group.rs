@@ -4,7 +4,9 @@
 //! instance serves the same group model (`GET /group`), built by whichever instance owns
 //! partition 0 from every instance's partial sums: it covers every message, with the
 //! statistics of one `segmenter replay` of the same events (counts equal, explained variance
-//! within 1e-9) and a clustering as good as the replay's cold solve (inertia at most 1.02x).
+//! within 1e-9) and a clustering as good as the replay's cold solve (inertia at most 1.02x); and
+//! every instance answers every user's segment (`GET /group/users/{id}`) alike, as many per
+//! segment as the model counts.
 //!
 //! Needs the broker the test command starts (`SEGMENTER_TEST_BROKERS`).
 
@@ -209,6 +211,52 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
         replay.kmeans.inertia,
         inertia / replay.kmeans.inertia,
         model["rounds"]
+    );
+    // Every user's segment, the same whichever instance is asked, and as many per segment as
+    // the model counts.
+    let text = std::fs::read_to_string(&ratings).expect("ratings");
+    let users: std::collections::BTreeSet<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    assert_eq!(users.len() as u64, replay.counts.users);
+    let sizes: Vec<u64> = model["sizes"]
+        .as_array()
+        .expect("sizes")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    let mut counted = vec![];
+    wait_until(
+        Duration::from_secs(60),
+        "every instance answers every user's segment alike",
+        || {
+            let mut per_segment = vec![0u64; sizes.len()];
+            for user in &users {
+                let answers: Vec<Option<u64>> = live
+                    .iter()
+                    .map(|i| {
+                        let (status, body) =
+                            try_http_get(&format!("{}/group/users/{user}", i.url))?;
+                        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                        (status == 200).then(|| v["segment"].as_u64())?
+                    })
+                    .collect();
+                let Some(Some(segment)) = answers.first() else {
+                    return false;
+                };
+                if answers.iter().any(|a| a != &Some(*segment)) {
+                    return false;
+                }
+                let Some(slot) = per_segment.get_mut(*segment as usize) else {
+                    return false;
+                };
+                *slot += 1;
+            }
+            counted = per_segment;
+            counted == sizes
+        },
     );
     for instance in [b, c, d] {
         instance.service.signal("-TERM");

@@ -56,6 +56,8 @@ pub struct AppState {
     pub stored_read_deadline: std::time::Duration,
     /// The latest model of the whole consumer group (see `kafka::rounds`).
     pub group: crate::kafka::rounds::GroupSlot,
+    /// Every user's segment in it.
+    pub group_assignments: crate::kafka::rounds::GroupAssignments,
 }
 
 impl AppState {
@@ -177,6 +179,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/group", get(group_model))
+        .route("/group/users/{id}", get(group_user))
         .route("/metrics", get(metrics))
         .merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -220,6 +223,7 @@ pub async fn start(
         stored_reads: AppState::stored_read_turns(),
         stored_read_deadline: config.http.stored_read_deadline(),
         group: shared.group.clone(),
+        group_assignments: shared.group_assignments.clone(),
     });
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = serve(config.http.listen_addr()?, state, async move {
@@ -300,6 +304,27 @@ async fn group_model(State(state): State<Arc<AppState>>) -> Response {
              partition 0 publishes one once every partition is held)",
         )
         .into_response(),
+    }
+}
+
+/// A user's segment in the group model, whichever instance holds the user.
+async fn group_user(State(state): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> ApiResult {
+    check_user_id(&id)?;
+    let found = state
+        .group_assignments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&id)
+        .copied();
+    match found {
+        Some(a) => Ok(
+            axum::Json(json!({"user": id, "segment": a.segment, "version": a.version}))
+                .into_response(),
+        ),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("user {id} is in no group model segment"),
+        )),
     }
 }
 
@@ -941,6 +966,7 @@ mod tests {
             stored_reads: AppState::stored_read_turns(),
             stored_read_deadline: deadline,
             group: Default::default(),
+            group_assignments: Default::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

@@ -155,6 +155,7 @@ impl Changelog {
             kafka: kafka.clone(),
             topic: kafka.changelog_topic.clone(),
             producers: BTreeMap::new(),
+            lost: BTreeSet::new(),
             health,
             metrics,
             stopping: stopping.clone(),
@@ -232,6 +233,9 @@ struct Writer {
     topic: String,
     /// One transactional producer per partition this instance owns.
     producers: BTreeMap<i32, TxProducer>,
+    /// Partitions whose producer was fenced off or failed for good since they were owned: this
+    /// instance may no longer write them.
+    lost: BTreeSet<i32>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     /// Set when the service stops and the grace is over: failing writes are given up.
@@ -282,6 +286,20 @@ impl Writer {
     /// fenced off (another instance owns it now) is given up: its new owner restores what the
     /// changelog holds and consumes on from there.
     fn write(&mut self, batch: ChangelogBatch) -> anyhow::Result<()> {
+        // A partition this instance still consumes but may no longer write: its changelog
+        // would freeze while the state dir moves on. Stopping is safe: the next start finds the
+        // two apart and restores the partition from the changelog.
+        if let Some(p) = batch
+            .iter()
+            .find(|(p, c)| self.lost.contains(p) && !c.cells.is_empty())
+            .map(|(p, _)| *p)
+        {
+            anyhow::bail!(
+                "the changelog of partition {p} was taken over by another producer (or failed \
+                 for good) while this instance still consumes it: stopping; the next start \
+                 restores the partition from the changelog"
+            );
+        }
         // A partition not ours (any more) is its owner's to write.
         let mut pending: Vec<(i32, &PartitionChanges)> = batch
             .iter()
@@ -315,24 +333,22 @@ impl Writer {
                         .metrics
                         .changelog_records
                         .inc_by(changes.cells.len() as u64 + 1),
-                    Err(e) if crate::kafka::changes::is_fenced(&e) => {
+                    Err(e) if crate::kafka::changes::is_fenced(&e) || is_fatal(&e) => {
+                        // Never initialise the id again here: that would fence the partition's
+                        // new owner. Lost until the group assigns the partition here again.
                         tracing::warn!(
                             partition,
+                            error = %format!("{e:#}"),
                             "the changelog of this partition was taken over by another \
-                             instance: giving it up"
+                             instance (or failed for good): giving it up"
                         );
                         self.producers.remove(&partition);
+                        self.lost.insert(partition);
                     }
                     Err(e) if self.stopping.load(Ordering::Relaxed) => {
                         tracing::warn!(partition, error = %format!("{e:#}"), "stopping: the changelog is left behind the state dir (restored from at the next start)");
                     }
                     Err(e) => {
-                        if is_fatal(&e) {
-                            // A producer in a fatal state never recovers: a new one (the same
-                            // transactional id, so nothing of the old one's can commit).
-                            let producer = self.open(partition)?;
-                            self.producers.insert(partition, producer);
-                        }
                         tracing::warn!(partition, error = %format!("{e:#}"), retry_in = ?backoff, "changelog transaction failed; retrying");
                         failed.push((partition, changes));
                     }
@@ -395,6 +411,10 @@ impl Writer {
             match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    anyhow::ensure!(
+                        !self.stopping.load(Ordering::Relaxed),
+                        "stopping with the producer's queue full"
+                    );
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((e, _)) => return Err(e.into()),
@@ -410,6 +430,7 @@ impl Writer {
         local: &BTreeMap<i32, i64>,
     ) -> anyhow::Result<BTreeMap<i32, Handover>> {
         self.producers.retain(|p, _| partitions.contains(p));
+        self.lost.clear();
         let mut handovers = BTreeMap::new();
         let new: Vec<i32> = partitions
             .iter()

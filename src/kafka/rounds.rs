@@ -40,6 +40,7 @@ pub struct GroupTopics {
     pub rounds: String,
     pub partials: String,
     pub models: String,
+    pub assignments: String,
 }
 
 impl GroupTopics {
@@ -48,6 +49,7 @@ impl GroupTopics {
             rounds: format!("{}-rounds", kafka.group_id),
             partials: format!("{}-partials", kafka.group_id),
             models: format!("{}-models", kafka.group_id),
+            assignments: format!("{}-assignments", kafka.group_id),
         }
     }
 }
@@ -80,6 +82,8 @@ enum Ask {
     Sample { share: f64, seed: u64 },
     /// A Lloyd pass for the centroids in the floats.
     Lloyd,
+    /// The model is solved as `version`: publish the segments of your users that changed.
+    Assign { version: u64 },
     /// The snapshot is over: drop the view.
     Done,
 }
@@ -110,6 +114,10 @@ enum Answer {
         counts: Vec<u64>,
         inertia: f64,
         moved: u64,
+    },
+    Assigned {
+        users: u64,
+        published: u64,
     },
 }
 
@@ -170,8 +178,21 @@ pub struct GroupModel {
     pub sizes: Vec<u64>,
     pub inertia: f64,
     pub rounds: Rounds,
+    /// Users whose segment this version changed (published to the assignments topic).
+    pub assignments_changed: u64,
     pub seconds: f64,
 }
+
+/// A user's segment in the group model, as the assignments topic holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupAssignment {
+    pub segment: u32,
+    /// The group model version that gave it.
+    pub version: u64,
+}
+
+/// Every user's segment in the group model, read from the assignments topic.
+pub type GroupAssignments = Arc<RwLock<FxHashMap<String, GroupAssignment>>>;
 
 /// The latest group model an instance has read.
 pub type GroupSlot = Arc<RwLock<Option<Arc<GroupModel>>>>;
@@ -231,6 +252,13 @@ fn send(
 pub async fn ensure_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
     let topics = GroupTopics::of(kafka);
     let max = MAX_MESSAGE_BYTES.to_string();
+    crate::kafka::ensure_topic_with(
+        kafka,
+        &topics.assignments,
+        1,
+        &[("cleanup.policy", "compact")],
+    )
+    .await?;
     for topic in [&topics.rounds, &topics.partials] {
         crate::kafka::ensure_topic_with(
             kafka,
@@ -257,6 +285,8 @@ pub struct Responder {
     producer: ThreadedProducer<DefaultProducerContext>,
     /// The snapshot being answered, its view, and (from the items round on) the participant.
     current: Option<(String, Shard, Option<LocalParticipant>)>,
+    /// The segment this instance last published for each of its users.
+    published: FxHashMap<String, u32>,
 }
 
 impl Responder {
@@ -268,7 +298,50 @@ impl Responder {
             producer: producer(kafka)?,
             topics,
             current: None,
+            published: FxHashMap::default(),
         })
+    }
+
+    /// Publishes the segments of this snapshot's users that changed since this instance last
+    /// published them (key = user id, a [`GroupAssignment`]); waits for the broker. Returns
+    /// (users, published).
+    fn assign(&mut self, version: u64) -> anyhow::Result<Option<(u64, u64)>> {
+        let Some((_, _, Some(participant))) = self.current.as_ref() else {
+            return Ok(None);
+        };
+        let labels = participant.labels();
+        let mut published = 0;
+        for (user, segment) in &labels {
+            if self.published.get(user) == Some(segment) {
+                continue;
+            }
+            let value = serde_json::to_vec(&GroupAssignment {
+                segment: *segment,
+                version,
+            })?;
+            loop {
+                match self.producer.send(
+                    BaseRecord::to(&self.topics.assignments)
+                        .key(user.as_str())
+                        .payload(&value),
+                ) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        _,
+                    )) => std::thread::sleep(Duration::from_millis(1)),
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            published += 1;
+        }
+        self.producer.flush(ROUND_TIMEOUT)?;
+        // Only the users held now: one that moves away and back is published again.
+        let users = labels.len() as u64;
+        self.published = labels.into_iter().collect();
+        Ok(Some((users, published)))
     }
 
     /// Waits up to `wait` for the next round and answers it; `shard` takes the view at a cut.
@@ -312,6 +385,13 @@ impl Responder {
                     self.current = None;
                 }
                 None
+            }
+            Ask::Assign { version } => {
+                if self.current.as_ref().is_none_or(|c| c.0 != snapshot) {
+                    return Ok(());
+                }
+                self.assign(version)?
+                    .map(|(users, published)| (Answer::Assigned { users, published }, vec![]))
             }
             ask => {
                 let Some((current, view, participant)) = self.current.as_mut() else {
@@ -388,7 +468,7 @@ fn answer_round(
                 partial.sums,
             ))
         }
-        Ask::Cut | Ask::Items { .. } | Ask::Done => None,
+        Ask::Cut | Ask::Items { .. } | Ask::Assign { .. } | Ask::Done => None,
     }
 }
 
@@ -640,19 +720,28 @@ impl Coordinator {
             round: RefCell::new(1),
             error: RefCell::new(None),
         };
-        let solved = group.items_round(&cut.items).map(|()| {
+        let solved = group.items_round(&cut.items).and_then(|()| {
             let params = ClusterParams::for_engine(params, cut.stats.users());
             let mut participants = [group];
             let model = cluster::solve(&mut participants, cut.items.len(), &params);
             let [group] = participants;
-            (model, group.error.into_inner())
+            let model = model.context("fewer users than segments: no group model yet");
+            // Every user's segment goes out before the model names its version.
+            let changed: u64 = group
+                .ask(Ask::Assign { version }, &[])
+                .iter()
+                .map(|(answer, _)| match answer {
+                    Answer::Assigned { published, .. } => *published,
+                    _ => 0,
+                })
+                .sum();
+            match group.error.into_inner() {
+                Some(e) => Err(e),
+                None => model.map(|m| (m, changed)),
+            }
         });
         self.done(&snapshot);
-        let (model, error) = solved?;
-        if let Some(e) = error {
-            return Err(e);
-        }
-        let model = model.context("fewer users than segments: no group model yet")?;
+        let (model, assignments_changed) = solved?;
         // As scikit-learn reports them (and the snapshots do): sample variances, over n − 1.
         let n = cut.stats.users() as f64;
         let sample_scale = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
@@ -683,6 +772,7 @@ impl Coordinator {
             sizes: model.sizes,
             inertia: model.inertia,
             rounds: model.rounds,
+            assignments_changed,
             seconds: started.elapsed().as_secs_f64(),
         }))
     }
@@ -804,6 +894,12 @@ impl Participant for RemoteGroup<'_> {
                 continue;
             };
             let dim = floats.len() / hashes.len().max(1);
+            if dim * hashes.len() != floats.len() {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert_with(|| anyhow::anyhow!("a sample answer of the wrong size"));
+                continue;
+            }
             for (i, h) in hashes.into_iter().enumerate() {
                 sample.push((h, floats[i * dim..(i + 1) * dim].to_vec()));
             }
@@ -822,6 +918,13 @@ impl Participant for RemoteGroup<'_> {
             else {
                 continue;
             };
+            let k = counts.len();
+            if k == 0 || sums.len() != centroids.len() || !centroids.len().is_multiple_of(k) {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert_with(|| anyhow::anyhow!("a Lloyd answer of the wrong size"));
+                continue;
+            }
             let part = LloydPartial {
                 sums,
                 counts,
@@ -848,19 +951,39 @@ impl Participant for RemoteGroup<'_> {
 }
 
 /// Reads the models topic from its beginning and keeps the highest version in `slot`, until
-/// `stop` says so.
+/// `stop` says so; sets `caught_up` once it has read what the topic held when it started (a
+/// coordinator numbers its model only then, so versions never go back).
 pub fn read_models(
     kafka: &KafkaConfig,
     slot: &GroupSlot,
+    caught_up: &std::sync::atomic::AtomicBool,
     stop: impl Fn() -> bool,
     on_model: impl Fn(&GroupModel),
 ) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let topics = GroupTopics::of(kafka);
     let consumer = reader(kafka, &topics.models, false)?;
+    let (_, end) = consumer.fetch_watermarks(&topics.models, 0, ROUND_TIMEOUT)?;
+    let mut next = 0;
     while !stop() {
+        if next >= end {
+            caught_up.store(true, Relaxed);
+        }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            // An empty poll at the start of a compacted topic: whatever is left to read past
+            // removed records arrives in the next fetch; nothing at all means nothing left.
+            let at_end = consumer.position().ok().is_some_and(|tpl| {
+                tpl.find_partition(&topics.models, 0)
+                    .is_some_and(|e| matches!(e.offset(), Offset::Offset(o) if o >= end))
+            });
+            if at_end {
+                caught_up.store(true, Relaxed);
+            }
             continue;
         };
+        if let Ok(m) = &message {
+            next = m.offset() + 1;
+        }
         let Ok(message) = message else {
             continue;
         };
@@ -877,6 +1000,35 @@ pub fn read_models(
             on_model(&model);
             *latest = Some(Arc::new(model));
         }
+    }
+    Ok(())
+}
+
+/// Reads the assignments topic from its beginning into `assignments`, until `stop` says so.
+pub fn read_assignments(
+    kafka: &KafkaConfig,
+    assignments: &GroupAssignments,
+    stop: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let topics = GroupTopics::of(kafka);
+    let consumer = reader(kafka, &topics.assignments, false)?;
+    while !stop() {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let (Some(key), Some(value)) = (message.key(), message.payload()) else {
+            continue;
+        };
+        let (Ok(user), Ok(assignment)) = (
+            std::str::from_utf8(key),
+            serde_json::from_slice::<GroupAssignment>(value),
+        ) else {
+            continue;
+        };
+        assignments
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(user.to_string(), assignment);
     }
     Ok(())
 }
