@@ -10,10 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export KAFKA_PORT="${SEGMENTER_TEST_KAFKA_PORT:-39092}"
+export KAFKA_PORT="${SEGMENTER_TEST_KAFKA_PORT:-19092}"
 export SEGMENTER_TEST_KAFKA_PORT="$KAFKA_PORT"
 export SEGMENTER_TEST_BROKERS="127.0.0.1:$KAFKA_PORT"
-cluster_port="${SEGMENTER_TEST_CLUSTER_PORT:-39192}"
+cluster_port="${SEGMENTER_TEST_CLUSTER_PORT:-19192}"
 export SEGMENTER_TEST_CLUSTER_PORT="$cluster_port"
 export SEGMENTER_TEST_CLUSTER_BROKERS="127.0.0.1:$cluster_port,127.0.0.1:$((cluster_port + 2)),127.0.0.1:$((cluster_port + 4))"
 

@@ -114,7 +114,7 @@ pub async fn run(
     let changelog = if config.kafka.changelog_topic.is_empty() {
         None
     } else {
-        let partitions = ensure_changelog_topic(&config).await?;
+        let partitions = ensure_changelog_topic(&config, shutdown.clone()).await?;
         if config.kafka.group_model_interval_ms > 0 {
             crate::kafka::rounds::ensure_topics(&config.kafka).await?;
             spawn_group_threads(
@@ -488,18 +488,31 @@ fn spawn_group_threads(
 
 /// The changelog topic: created compacted with the ratings topic's partition count, which
 /// it must have (a user's row lives in the partition of the user's events). Returns that count.
-async fn ensure_changelog_topic(config: &Config) -> anyhow::Result<i32> {
+async fn ensure_changelog_topic(
+    config: &Config,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<i32> {
     let kafka = &config.kafka;
-    let partitions = crate::kafka::partition_count(kafka, &kafka.topic)
-        .await?
-        .with_context(|| {
-            format!(
-                "[kafka] changelog_topic is set but the ratings topic {} does not exist yet: \
-                 the changelog is partitioned like it; create it first (segmenter produce \
-                 creates it, or kafka-topics.sh --create)",
-                kafka.topic
-            )
-        })?;
+    // The changelog is partitioned like the ratings topic: wait for it to exist (not ready
+    // meanwhile), as the consumer would.
+    let mut warned = false;
+    let partitions = loop {
+        if let Some(n) = crate::kafka::partition_count(kafka, &kafka.topic).await? {
+            break n;
+        }
+        if !warned {
+            tracing::warn!(
+                topic = kafka.topic,
+                "[kafka] changelog_topic is set and the ratings topic does not exist yet: \
+                 waiting for it (the changelog is created with its partition count)"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => anyhow::bail!("stopped while waiting for the ratings topic {}", kafka.topic),
+            _ = tokio::time::sleep(Duration::from_millis(kafka.retry_backoff_ms.max(100))) => {}
+        }
+    };
     crate::kafka::ensure_topic_with(
         kafka,
         &kafka.changelog_topic,

@@ -2,7 +2,8 @@
 //! plays (values add up, so a replayed batch would show in every sum) are produced to a topic
 //! replicated on all three nodes while `segmenter run` consumes it; one node is SIGKILLed while
 //! events are being produced and consumed, later started again and rejoins. The service's final
-//! snapshot has exactly the statistics of one `segmenter replay` of the same events.
+//! snapshot has exactly the statistics of one `segmenter replay` of the same events; with the
+//! changelog and the group model on, so their transactions and rounds live through it too.
 //!
 //! Needs the cluster the test command starts (`KAFKA_NODES=3 scripts/kafka.sh start`):
 //! `SEGMENTER_TEST_CLUSTER_BROKERS` and `SEGMENTER_TEST_CLUSTER_PORT` (node 1's port).
@@ -19,9 +20,9 @@ use segmenter::event::Mode;
 fn cluster_brokers() -> String {
     std::env::var("SEGMENTER_TEST_CLUSTER_BROKERS").expect(
         "SEGMENTER_TEST_CLUSTER_BROKERS is not set: run the suite with scripts/test.sh, which \
-         starts a 3-node Kafka cluster (or KAFKA_NODES=3 KAFKA_PORT=39192 scripts/kafka.sh start \
-         and export SEGMENTER_TEST_CLUSTER_BROKERS=127.0.0.1:39192,127.0.0.1:39194,127.0.0.1:39196 \
-         SEGMENTER_TEST_CLUSTER_PORT=39192)",
+         starts a 3-node Kafka cluster (or KAFKA_NODES=3 KAFKA_PORT=19192 scripts/kafka.sh start \
+         and export SEGMENTER_TEST_CLUSTER_BROKERS=127.0.0.1:19192,127.0.0.1:19194,127.0.0.1:19196 \
+         SEGMENTER_TEST_CLUSTER_PORT=19192)",
     )
 }
 
@@ -69,6 +70,13 @@ fn a_broker_killed_mid_stream_loses_nothing_and_doubles_nothing() {
         ("SEGMENTER_KAFKA__BROKERS", cluster_brokers()),
         ("SEGMENTER_SNAPSHOT__INTERVAL_MS", "200".into()),
         ("SEGMENTER_SNAPSHOT__MAX_STALENESS_MS", "200".into()),
+        // The changelog's transactions and the group model's rounds go through the dying
+        // node too.
+        (
+            "SEGMENTER_KAFKA__CHANGELOG_TOPIC",
+            format!("{topic}-changelog"),
+        ),
+        ("SEGMENTER_KAFKA__GROUP_MODEL_INTERVAL_MS", "500".into()),
     ] {
         env.retain(|(k, _)| k != key);
         env.push((key.into(), value));
