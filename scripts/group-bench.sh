@@ -23,26 +23,9 @@ repeats=${REPEATS:-3}
 counts=${COUNTS:-1 2 3}
 port=${PORT:-9683}
 interval=${INTERVAL_MS:-2000}
-[ -s "$ratings" ] || { echo "no $ratings: run scripts/bench-vs-sklearn.sh realistic-large once" >&2; exit 1; }
-work=$(mktemp -d)
-pids=()
-stop_all() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
-trap 'stop_all; rm -rf "$work"' EXIT
+source scripts/lib-instances.sh group
 
-total=$(($(wc -l <"$ratings") - 1))
-topic="group-$$-$(date +%s)"
-"$bin" produce --brokers "$brokers" --topic "$topic" --partitions 6 --ratings "$ratings" >/dev/null 2>&1
-echo "produced $total events to $topic (6 partitions)"
-
-metric() { curl -s "127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
-applied() { local n; n=$(metric "$1" segmenter_events_applied_total); echo "${n:-0}"; }
 group_field() { curl -s "127.0.0.1:$1/group" | sed -n "s/.*\"$2\":\([0-9.e+-]*\).*/\1/p"; }
-now() { date +%s.%N; }
-hwm_mb() { awk '/VmHWM/{printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 
 printf 'instances\trun\tconsume s\tevents/s\tgroup model s\trounds\tusers\tRSS MB (each)\n'
 for r in $(seq 1 "$repeats"); do

@@ -23,27 +23,10 @@ ratings=${RATINGS:-target/bench-data/realistic-large/ratings.csv}
 repeats=${REPEATS:-3}
 modes=${MODES:-changelog rebuild}
 port=${PORT:-9583}
-[ -s "$ratings" ] || { echo "no $ratings: run scripts/bench-vs-sklearn.sh realistic-large once" >&2; exit 1; }
-work=$(mktemp -d)
-pids=()
-stop_all() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
-trap 'stop_all; rm -rf "$work"' EXIT
+source scripts/lib-instances.sh rescale
 
-total=$(($(wc -l <"$ratings") - 1))
-topic="rescale-$$-$(date +%s)"
-"$bin" produce --brokers "$brokers" --topic "$topic" --partitions 6 --ratings "$ratings" >/dev/null 2>&1
-echo "produced $total events to $topic (6 partitions)"
-
-metric() { curl -s "127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
-applied() { local n; n=$(metric "$1" segmenter_events_applied_total); echo "${n:-0}"; }
 lag() { curl -s "127.0.0.1:$1/metrics" | awk '/^segmenter_consumer_lag_messages\{/{s+=$2; n++} END{print (n ? s : -1)}'; }
 status() { curl -s "127.0.0.1:$1/readyz" | sed -n 's/.*"status":"\([a-z_]*\)".*/\1/p'; }
-now() { date +%s.%N; }
-hwm_mb() { awk '/VmHWM/{printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 
 start() { # name port mode group -> pid
   local name=$1 p=$2 mode=$3 group=$4

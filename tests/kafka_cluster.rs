@@ -10,8 +10,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -35,26 +34,6 @@ fn cluster_node(command: &str, node: u32) {
             .args([command, &node.to_string()])
             .env("KAFKA_NODES", "3")
             .env("KAFKA_PORT", port),
-    );
-}
-
-fn start_producing(topic: &str, ratings: &Path) -> Child {
-    Command::new(BIN)
-        .args(["produce", "--brokers", &cluster_brokers(), "--topic", topic])
-        .args(["--partitions", "3", "--ratings"])
-        .arg(ratings)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start segmenter produce")
-}
-
-fn finish_producing(producer: Child) {
-    let out = producer.wait_with_output().expect("wait for produce");
-    assert!(
-        out.status.success(),
-        "produce failed: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -84,24 +63,24 @@ fn a_broker_killed_mid_stream_loses_nothing_and_doubles_nothing() {
 
     let mut service = Service::start(&env, &[]);
     let mut produced = 0;
-    finish_producing(start_producing(&topic, &parts[0].0));
+    finish_producing(start_producing(&cluster_brokers(), &topic, 3, &parts[0].0));
     produced += parts[0].1;
     service.wait_for_applied(produced, Duration::from_secs(120));
 
     // Node 1 (the first bootstrap server; it leads a share of the partitions and maybe the
     // group's coordinator) dies while the next installment is produced and consumed.
-    let producer = start_producing(&topic, &parts[1].0);
+    let producer = start_producing(&cluster_brokers(), &topic, 3, &parts[1].0);
     service.wait_for_applied(produced + 1, Duration::from_secs(120));
     cluster_node("kill-node", 1);
     finish_producing(producer);
     produced += parts[1].1;
-    finish_producing(start_producing(&topic, &parts[2].0));
+    finish_producing(start_producing(&cluster_brokers(), &topic, 3, &parts[2].0));
     produced += parts[2].1;
     service.wait_for_applied(produced, Duration::from_secs(180));
 
     // It comes back and catches up while the last installment arrives.
     cluster_node("start-node", 1);
-    finish_producing(start_producing(&topic, &parts[3].0));
+    finish_producing(start_producing(&cluster_brokers(), &topic, 3, &parts[3].0));
     produced += parts[3].1;
     service.wait_for(Duration::from_secs(180), |v| {
         v["fields"]["message"] == "snapshot built"

@@ -13,59 +13,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use segmenter::event::Mode;
 
 const PARTITIONS: i32 = 6;
-
-fn start_producing(topic: &str, ratings: &Path) -> Child {
-    Command::new(BIN)
-        .args(["produce", "--brokers", &brokers(), "--topic", topic])
-        .args(["--partitions", &PARTITIONS.to_string(), "--ratings"])
-        .arg(ratings)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start segmenter produce")
-}
-
-fn finish_producing(producer: Child) {
-    let out = producer.wait_with_output().expect("wait for produce");
-    assert!(
-        out.status.success(),
-        "produce failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The offsets the group committed to Kafka, summed over the topic's partitions.
-fn group_progress(topic: &str, group: &str) -> u64 {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return 0;
-    };
-    committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o.max(0) as u64,
-            _ => 0,
-        })
-        .sum()
-}
 
 struct Instance {
     service: Service,
@@ -124,7 +77,7 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     ] {
         env.push((key.into(), value));
     }
-    finish_producing(start_producing(&topic, &parts[0].0));
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
     let mut a = start_instance(&env, dir.path(), "a");
@@ -133,27 +86,27 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     wait_until(
         Duration::from_secs(120),
         "the first installment consumed",
-        || group_progress(&topic, &group) >= produced,
+        || group_progress(&topic, &group, PARTITIONS) >= produced,
     );
 
     // One dies while the next installment is produced and consumed; another joins later.
-    let producer = start_producing(&topic, &parts[1].0);
+    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
     wait_until(
         Duration::from_secs(120),
         "the second installment under way",
-        || group_progress(&topic, &group) > produced,
+        || group_progress(&topic, &group, PARTITIONS) > produced,
     );
     a.service.child.kill().expect("SIGKILL");
     let _ = a.service.child.wait();
     finish_producing(producer);
     produced += parts[1].1;
     let d = start_instance(&env, dir.path(), "d");
-    finish_producing(start_producing(&topic, &parts[2].0));
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[2].0));
     produced += parts[2].1;
     wait_until(
         Duration::from_secs(180),
         "every installment consumed",
-        || group_progress(&topic, &group) >= produced,
+        || group_progress(&topic, &group, PARTITIONS) >= produced,
     );
 
     let live = [&b, &c, &d];

@@ -13,60 +13,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use segmenter::event::Mode;
 
 const PARTITIONS: i32 = 6;
-
-fn start_producing(topic: &str, ratings: &Path) -> Child {
-    Command::new(BIN)
-        .args(["produce", "--brokers", &brokers(), "--topic", topic])
-        .args(["--partitions", &PARTITIONS.to_string(), "--ratings"])
-        .arg(ratings)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start segmenter produce")
-}
-
-fn finish_producing(producer: Child) {
-    let out = producer.wait_with_output().expect("wait for produce");
-    assert!(
-        out.status.success(),
-        "produce failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The offsets the group committed to Kafka (the instances commit them once their state is
-/// durable), summed over the topic's partitions.
-fn group_progress(topic: &str, group: &str) -> u64 {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return 0;
-    };
-    committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o.max(0) as u64,
-            _ => 0,
-        })
-        .sum()
-}
 
 /// Every user with ratings in a state dir no process holds, with the user's stored row.
 fn rows(state: &Path, env: &[(String, String)]) -> BTreeMap<String, BTreeMap<String, f64>> {
@@ -135,7 +87,7 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     ));
     env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
     // The ratings topic exists before the first instance (the changelog is made like it).
-    finish_producing(start_producing(&topic, &parts[0].0));
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
     let (mut a, _) = start_instance(&env, dir.path(), "a");
@@ -143,7 +95,7 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     wait_until(
         Duration::from_secs(120),
         "the first installment consumed",
-        || group_progress(&topic, &group) >= produced,
+        || group_progress(&topic, &group, PARTITIONS) >= produced,
     );
 
     // A third instance: the group moves partitions to it, and it restores them.
@@ -161,11 +113,11 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     );
 
     // One of the first two dies while the next installment is produced and consumed.
-    let producer = start_producing(&topic, &parts[1].0);
+    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
     wait_until(
         Duration::from_secs(120),
         "the second installment under way",
-        || group_progress(&topic, &group) > produced,
+        || group_progress(&topic, &group, PARTITIONS) > produced,
     );
     a.service.child.kill().expect("SIGKILL");
     let _ = a.service.child.wait();
@@ -178,12 +130,12 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
         .sum();
     finish_producing(producer);
     produced += parts[1].1;
-    finish_producing(start_producing(&topic, &parts[2].0));
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[2].0));
     produced += parts[2].1;
     wait_until(
         Duration::from_secs(180),
         "every installment consumed",
-        || group_progress(&topic, &group) >= produced,
+        || group_progress(&topic, &group, PARTITIONS) >= produced,
     );
 
     b.service.signal("-TERM");

@@ -762,3 +762,52 @@ pub fn assert_statistics_equal(
     );
     cov
 }
+
+/// `segmenter produce` of `ratings` into `topic` (`partitions` of them) on `brokers`, running
+/// in the background; [`finish_producing`] waits for it.
+pub fn start_producing(brokers: &str, topic: &str, partitions: i32, ratings: &Path) -> Child {
+    Command::new(BIN)
+        .args(["produce", "--brokers", brokers, "--topic", topic])
+        .args(["--partitions", &partitions.to_string(), "--ratings"])
+        .arg(ratings)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start segmenter produce")
+}
+
+/// Waits for a [`start_producing`] to finish; panics with its stderr unless it succeeded.
+pub fn finish_producing(producer: Child) {
+    let out = producer.wait_with_output().expect("wait for produce");
+    assert!(
+        out.status.success(),
+        "produce failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The offsets consumer group `group` committed to Kafka (its instances commit them once
+/// their state is durable), summed over `topic`'s `partitions`.
+pub fn group_progress(topic: &str, group: &str, partitions: i32) -> u64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return 0;
+    };
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o.max(0) as u64,
+            _ => 0,
+        })
+        .sum()
+}
