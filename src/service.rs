@@ -2,7 +2,10 @@
 //! rating events from Kafka, decodes them, dead-letters the bad ones and hands batches with
 //! their next offsets to the pipeline on an engine thread, which applies them and commits the
 //! changed state together with the offsets in one atomic write. Only then are offsets committed
-//! to Kafka (for progress and lag). Snapshots and time-based refreshes are the pipeline's.
+//! to Kafka (for progress and lag). Snapshots and time-based refreshes are the pipeline's. With
+//! `[kafka] changelog_topic`, each batch's changed cells also go to the changelog, and assigned
+//! partitions are taken over (restored when they moved) before they are consumed; with
+//! `[kafka] group_model_interval_ms`, threads answer and coordinate the group model's rounds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

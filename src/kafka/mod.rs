@@ -1,6 +1,7 @@
 //! Kafka plumbing shared by the service and the `produce` command: client configuration,
 //! topic creation, the consumer context that assigns partitions at the offsets stored in the
-//! state dir, and dead letters.
+//! state dir (or, with a changelog, hands them to the poll loop to take over first), dead
+//! letters, the changelog and the group model's rounds.
 
 pub mod changelog;
 pub mod changes;
