@@ -12,43 +12,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use segmenter::event::Mode;
 
 const PARTITIONS: i32 = 6;
-
-struct Instance {
-    service: Service,
-    url: String,
-}
-
-fn start_instance(base: &[(String, String)], dir: &Path, name: &str) -> Instance {
-    let port = free_port();
-    let mut env = base.to_vec();
-    env.retain(|(k, _)| {
-        !matches!(
-            k.as_str(),
-            "SEGMENTER_STATE__DIR" | "SEGMENTER_KAFKA__INSTANCE_ID" | "SEGMENTER_HTTP__LISTEN"
-        )
-    });
-    env.push((
-        "SEGMENTER_STATE__DIR".into(),
-        dir.join(format!("state-{name}")).display().to_string(),
-    ));
-    env.push(("SEGMENTER_KAFKA__INSTANCE_ID".into(), name.into()));
-    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
-    let mut service = Service::start(&env, &[]);
-    service.wait_for(Duration::from_secs(60), |v| {
-        v["fields"]["message"] == "partitions taken over: consuming"
-    });
-    Instance {
-        service,
-        url: format!("http://127.0.0.1:{port}"),
-    }
-}
 
 /// The group model an instance serves, if any.
 fn group_model(url: &str) -> Option<serde_json::Value> {
@@ -63,26 +32,13 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     let parts = split_ratings(&ratings, 3);
     let topic = unique_topic("group");
     let group = format!("g-{topic}");
-    let mut env = service_env(&topic, &dir.path().join("unused"), Mode::Implicit);
-    for (key, value) in [
-        (
-            "SEGMENTER_KAFKA__CHANGELOG_TOPIC",
-            format!("{topic}-changelog"),
-        ),
-        ("SEGMENTER_KAFKA__GROUP_MODEL_INTERVAL_MS", "500".into()),
-        // A SIGKILLed member sends no LeaveGroup: its partitions move after the session
-        // timeout, the broker's minimum here.
-        ("SEGMENTER_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".into()),
-        ("SEGMENTER_KAFKA__BATCH_SIZE", "500".into()),
-    ] {
-        env.push((key.into(), value));
-    }
+    let env = group_env(&topic, dir.path(), Some(500));
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
-    let mut a = start_instance(&env, dir.path(), "a");
-    let b = start_instance(&env, dir.path(), "b");
-    let c = start_instance(&env, dir.path(), "c");
+    let mut a = start_group_instance(&env, dir.path(), "a").0;
+    let b = start_group_instance(&env, dir.path(), "b").0;
+    let c = start_group_instance(&env, dir.path(), "c").0;
     wait_until(
         Duration::from_secs(120),
         "the first installment consumed",
@@ -100,7 +56,7 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     let _ = a.service.child.wait();
     finish_producing(producer);
     produced += parts[1].1;
-    let d = start_instance(&env, dir.path(), "d");
+    let d = start_group_instance(&env, dir.path(), "d").0;
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[2].0));
     produced += parts[2].1;
     wait_until(

@@ -12,7 +12,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -43,30 +43,6 @@ fn rows(state: &Path, env: &[(String, String)]) -> BTreeMap<String, BTreeMap<Str
     out
 }
 
-struct Instance {
-    service: Service,
-    state: PathBuf,
-}
-
-/// Starts an instance named `name` and waits for its first partitions to be taken over;
-/// returns it with that log line.
-fn start_instance(
-    base: &[(String, String)],
-    dir: &Path,
-    name: &str,
-) -> (Instance, serde_json::Value) {
-    let state = dir.join(format!("state-{name}"));
-    let mut env = base.to_vec();
-    env.retain(|(k, _)| k != "SEGMENTER_STATE__DIR" && k != "SEGMENTER_KAFKA__INSTANCE_ID");
-    env.push(("SEGMENTER_STATE__DIR".into(), state.display().to_string()));
-    env.push(("SEGMENTER_KAFKA__INSTANCE_ID".into(), name.into()));
-    let mut service = Service::start(&env, &[]);
-    let taken_over = service.wait_for(Duration::from_secs(60), |v| {
-        v["fields"]["message"] == "partitions taken over: consuming"
-    });
-    (Instance { service, state }, taken_over)
-}
-
 #[test]
 fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubled() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,24 +50,13 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     let parts = split_ratings(&ratings, 3);
     let topic = unique_topic("rescale");
     let group = format!("g-{topic}");
-    let mut env = service_env(&topic, &dir.path().join("unused"), Mode::Implicit);
-    env.push((
-        "SEGMENTER_KAFKA__CHANGELOG_TOPIC".into(),
-        format!("{topic}-changelog"),
-    ));
-    // A SIGKILLed member sends no LeaveGroup: its partitions move after the session timeout,
-    // the broker's minimum here.
-    env.push((
-        "SEGMENTER_KAFKA__CLIENT__SESSION.TIMEOUT.MS".into(),
-        "6000".into(),
-    ));
-    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
+    let env = group_env(&topic, dir.path(), None);
     // The ratings topic exists before the first instance (the changelog is made like it).
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
-    let (mut a, _) = start_instance(&env, dir.path(), "a");
-    let (mut b, _) = start_instance(&env, dir.path(), "b");
+    let (mut a, _) = start_group_instance(&env, dir.path(), "a");
+    let (mut b, _) = start_group_instance(&env, dir.path(), "b");
     wait_until(
         Duration::from_secs(120),
         "the first installment consumed",
@@ -99,7 +64,7 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     );
 
     // A third instance: the group moves partitions to it, and it restores them.
-    let (mut c, taken_over) = start_instance(&env, dir.path(), "c");
+    let (mut c, taken_over) = start_group_instance(&env, dir.path(), "c");
     let next_offsets = taken_over["fields"]["next_offsets"]
         .as_str()
         .unwrap_or_default()
@@ -180,7 +145,7 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
 
     // Scaling in to one: a restarted instance keeps the partitions its state dir holds at the
     // offsets the changelog records, and restores the rest.
-    let (mut b, _) = start_instance(&env, dir.path(), "b");
+    let (mut b, _) = start_group_instance(&env, dir.path(), "b");
     b.service.wait_for(Duration::from_secs(60), |v| {
         v["fields"]["message"] == "partitions taken over: consuming"
             && v["fields"]["partitions"] == "{0, 1, 2, 3, 4, 5}"

@@ -811,3 +811,66 @@ pub fn group_progress(topic: &str, group: &str, partitions: i32) -> u64 {
         })
         .sum()
 }
+
+/// The environment of several instances in one group on `topic`, with the changelog on (and
+/// the group model every `group_model_ms`, when set): implicit plays, small batches, and a
+/// session timeout at the broker's minimum (a SIGKILLed member sends no LeaveGroup: its
+/// partitions move once its session expires).
+pub fn group_env(topic: &str, dir: &Path, group_model_ms: Option<u64>) -> Vec<(String, String)> {
+    let mut env = service_env(topic, &dir.join("unused"), Mode::Implicit);
+    env.push((
+        "SEGMENTER_KAFKA__CHANGELOG_TOPIC".into(),
+        format!("{topic}-changelog"),
+    ));
+    if let Some(ms) = group_model_ms {
+        env.push((
+            "SEGMENTER_KAFKA__GROUP_MODEL_INTERVAL_MS".into(),
+            ms.to_string(),
+        ));
+    }
+    env.push((
+        "SEGMENTER_KAFKA__CLIENT__SESSION.TIMEOUT.MS".into(),
+        "6000".into(),
+    ));
+    env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
+    env
+}
+
+/// One instance of a [`group_env`] group, named `name`: its state dir under `dir`, its own
+/// HTTP port.
+pub struct GroupInstance {
+    pub service: Service,
+    pub state: PathBuf,
+    pub url: String,
+}
+
+/// Starts instance `name` and waits for its first partitions to be taken over; returns it with
+/// that log line.
+pub fn start_group_instance(
+    base: &[(String, String)],
+    dir: &Path,
+    name: &str,
+) -> (GroupInstance, serde_json::Value) {
+    let port = free_port();
+    let state = dir.join(format!("state-{name}"));
+    let mut env = base.to_vec();
+    env.retain(|(k, _)| {
+        !matches!(
+            k.as_str(),
+            "SEGMENTER_STATE__DIR" | "SEGMENTER_KAFKA__INSTANCE_ID" | "SEGMENTER_HTTP__LISTEN"
+        )
+    });
+    env.push(("SEGMENTER_STATE__DIR".into(), state.display().to_string()));
+    env.push(("SEGMENTER_KAFKA__INSTANCE_ID".into(), name.into()));
+    env.push(("SEGMENTER_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
+    let mut service = Service::start(&env, &[]);
+    let taken_over = service.wait_for(Duration::from_secs(60), |v| {
+        v["fields"]["message"] == "partitions taken over: consuming"
+    });
+    let instance = GroupInstance {
+        service,
+        state,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    (instance, taken_over)
+}
