@@ -171,3 +171,73 @@ fn restores(log: &[String]) -> Vec<u64> {
         .map(|v| v["fields"]["users"].as_u64().unwrap_or(0))
         .collect()
 }
+
+/// An instance SIGKILLed again and again while it consumes, restarted each time on its state
+/// dir: wherever the kill falls (between its state commit and the changelog's transaction
+/// included, where the two disagree and the partition is restored from the changelog), it
+/// ends holding exactly the rows of one replay, its offsets covering every message once.
+#[test]
+fn an_instance_killed_mid_stream_and_restarted_on_its_state_dir_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Implicit, 400, 40_000, 29);
+    let topic = unique_topic("restart");
+    let group = format!("g-{topic}");
+    let env = group_env(&topic, dir.path(), None);
+    // The topic exists (the changelog is made like it); the rest arrives while the instance runs.
+    let parts = split_ratings(&ratings, 2);
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
+    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
+    let produced = parts[0].1 + parts[1].1;
+    let mut restores = vec![];
+    let mut state = None;
+    for kill in 0..4 {
+        let (mut instance, _) = start_group_instance(&env, dir.path(), "a");
+        let before = group_progress(&topic, &group, PARTITIONS);
+        wait_until(
+            Duration::from_secs(120),
+            "progress since the last kill",
+            || {
+                group_progress(&topic, &group, PARTITIONS) > before
+                    || group_progress(&topic, &group, PARTITIONS) >= produced
+            },
+        );
+        instance.service.child.kill().expect("SIGKILL");
+        let _ = instance.service.child.wait();
+        instance
+            .service
+            .seen
+            .extend(instance.service.lines.try_iter());
+        restores.extend(
+            instance
+                .service
+                .seen
+                .iter()
+                .filter(|l| l.contains("partition restored from the changelog"))
+                .cloned(),
+        );
+        state = Some(instance.state);
+        eprintln!(
+            "kill {kill}: {} of {produced} committed",
+            group_progress(&topic, &group, PARTITIONS)
+        );
+    }
+    finish_producing(producer);
+    let (last, _) = start_group_instance(&env, dir.path(), "a");
+    wait_until(Duration::from_secs(120), "every message consumed", || {
+        group_progress(&topic, &group, PARTITIONS) >= produced
+    });
+    last.service.signal("-TERM");
+    let (code, log) = last.service.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    let state = state.expect("a state dir");
+    assert_eq!(state, last.state);
+    let replay_state = dir.path().join("replay");
+    replay_snapshot(&ratings, &replay_state, &env);
+    assert_eq!(
+        rows(&state, &env),
+        rows(&replay_state, &env),
+        "every row as one replay"
+    );
+    assert_eq!(persisted_position(&state), produced, "every message once");
+    eprintln!("{} partition restores over the kills", restores.len());
+}
