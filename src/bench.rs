@@ -229,8 +229,8 @@ pub fn rounds(shape: Shape, instances: &[usize]) -> Vec<RoundsResult> {
     let mut engine = Engine::new(params.clone());
     engine.apply(&data.events);
     let items = engine.items().len();
-    let users = engine.vectors().iter().filter(|x| x.nnz() > 0).count();
-    let ratings = engine.vectors().iter().map(|x| x.nnz()).sum();
+    let users = engine.active_users() as usize;
+    let ratings = engine.ratings() as usize;
     let block = params.components + params.eigen_oversample;
     let solve_params = ClusterParams::for_engine(&params, users as u64);
     let mut results = vec![];

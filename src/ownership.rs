@@ -15,7 +15,9 @@ use crate::pipeline::Positions;
 /// as persisted with the state.
 #[derive(Debug, Default)]
 pub struct Ownership {
-    /// `topic/` of the ratings topic, the prefix of its positions.
+    /// The ratings topic, whose positions are keyed `topic/partition`.
+    topic: String,
+    /// `topic/`, the prefix of its positions.
     prefix: String,
     by_user: FxHashMap<u32, i32>,
 }
@@ -23,6 +25,7 @@ pub struct Ownership {
 impl Ownership {
     pub fn new(topic: &str, by_user: FxHashMap<u32, i32>) -> Ownership {
         Ownership {
+            topic: topic.to_string(),
             prefix: format!("{topic}/"),
             by_user,
         }
@@ -34,7 +37,7 @@ impl Ownership {
     }
 
     pub fn key_of(&self, partition: i32) -> String {
-        format!("{}{partition}", self.prefix)
+        crate::kafka::offset_key(&self.topic, partition)
     }
 
     /// Partitions this instance holds state of: those it has positions for, and those of

@@ -674,14 +674,12 @@ impl Pipeline {
     /// This instance's users as they stand, with the next offset of each partition it owns:
     /// what it answers a group model's rounds from (a copy-on-write view).
     pub fn shard(&self) -> crate::kafka::rounds::Shard {
+        let local = self.local_offsets(&self.owned);
         let offsets = self
-            .local_offsets(&self.owned)
-            .into_iter()
-            .chain(self.owned.iter().map(|&p| (p, 0)))
-            .fold(BTreeMap::new(), |mut all, (p, o)| {
-                all.entry(p).or_insert(o);
-                all
-            });
+            .owned
+            .iter()
+            .map(|&p| (p, local.get(&p).copied().unwrap_or(0)))
+            .collect();
         crate::kafka::rounds::Shard {
             users: self.engine.users().ids().clone(),
             items: self.engine.items().ids().clone(),
@@ -732,7 +730,7 @@ impl Pipeline {
         let outcome = self.apply_events(events);
         let cells = self.changes.changed_cells();
         let (changes, new_owners) =
-            ownership.batch_changes(&self.engine, events, partitions, &cells, &positions);
+            ownership.batch_changes(&self.engine, events, partitions, cells, &positions);
         self.ownership = Some(ownership);
         self.positions.extend(positions);
         self.commit(&new_owners)?;

@@ -457,27 +457,22 @@ fn spawn_group_threads(
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
-                let version = latest.as_ref().map_or(0, |m| m.version) + 1;
-                let unchanged = latest.as_ref().map(|m| m.offsets.clone());
-                match c.solve(&params, version, unchanged.as_ref()) {
+                match c.next_model(&params, latest.as_deref()) {
                     Ok(Some(model)) => {
                         metrics.group_model_seconds.observe(model.seconds);
                         metrics.group_rounds.inc_by(model.rounds.total() as u64 + 1);
-                        match c.publish(&model) {
-                            Ok(()) => tracing::info!(
-                                version = model.version,
-                                users = model.users,
-                                ratings = model.ratings,
-                                messages_covered = model.messages_covered,
-                                instances = model.instances.len(),
-                                assignments_changed = model.assignments_changed,
-                                rounds = model.rounds.total() + 1,
-                                inertia = model.inertia,
-                                seconds = model.seconds,
-                                "group model published"
-                            ),
-                            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot publish the group model"),
-                        }
+                        tracing::info!(
+                            version = model.version,
+                            users = model.users,
+                            ratings = model.ratings,
+                            messages_covered = model.messages_covered,
+                            instances = model.instances.len(),
+                            assignments_changed = model.assignments_changed,
+                            rounds = model.rounds.total() + 1,
+                            inertia = model.inertia,
+                            seconds = model.seconds,
+                            "group model published"
+                        );
                     }
                     Ok(None) => {}
                     Err(e) => {

@@ -38,6 +38,10 @@ pub struct LocalParticipant {
     components: usize,
     projections: Vec<f64>,
     labels: Vec<u32>,
+    /// The users with a rating and their projections side by side (`rated.len() x
+    /// components`), made once per basis for the Lloyd rounds.
+    rated: Vec<usize>,
+    rated_projections: Vec<f64>,
 }
 
 impl LocalParticipant {
@@ -50,6 +54,8 @@ impl LocalParticipant {
             components: 0,
             projections: vec![],
             labels: vec![u32::MAX; n],
+            rated: vec![],
+            rated_projections: vec![],
         }
     }
 
@@ -81,6 +87,13 @@ impl Participant for LocalParticipant {
     fn project(&mut self, basis: &Array2<f64>) {
         self.components = basis.nrows();
         self.projections = project_rows(&self.vectors, basis);
+        let k = self.components;
+        self.rated = self.rated().collect();
+        self.rated_projections = self
+            .rated
+            .iter()
+            .flat_map(|&u| self.projections[u * k..(u + 1) * k].iter().copied())
+            .collect();
     }
 
     fn sample(&self, share: f64, seed: u64) -> Vec<(u64, Vec<f64>)> {
@@ -94,23 +107,16 @@ impl Participant for LocalParticipant {
     }
 
     fn lloyd(&mut self, centroids: &[f64]) -> LloydPartial {
-        let k = self.components;
-        let rated: Vec<usize> = self.rated().collect();
-        let mut data = Vec::with_capacity(rated.len() * k);
-        let mut labels = Vec::with_capacity(rated.len());
-        for &u in &rated {
-            data.extend_from_slice(&self.projections[u * k..(u + 1) * k]);
-            labels.push(self.labels[u]);
-        }
+        let mut labels: Vec<u32> = self.rated.iter().map(|&u| self.labels[u]).collect();
         let partial = LloydPartial::assign(
             &DensePoints {
-                data: &data,
-                dim: k,
+                data: &self.rated_projections,
+                dim: self.components,
             },
             centroids,
             &mut labels,
         );
-        for (&u, &l) in rated.iter().zip(&labels) {
+        for (&u, &l) in self.rated.iter().zip(&labels) {
             self.labels[u] = l;
         }
         partial
@@ -189,14 +195,7 @@ impl ClusterParams {
     pub fn for_engine(params: &super::EngineParams, users: u64) -> ClusterParams {
         let sample_users = super::model::clustering_sample_users(params.clusters);
         ClusterParams {
-            eigen: EigenParams {
-                vectors: params.components,
-                values: params.components,
-                oversample: params.eigen_oversample,
-                tolerance: params.eigen_tolerance,
-                max_iterations: params.eigen_max_iterations,
-                seed: params.seed,
-            },
+            eigen: params.eigen(params.seed, super::params::EigenSolve::Cold, false),
             clustering: ClusteringParams {
                 k: params.clusters,
                 max_passes: params.snapshot_max_passes,

@@ -308,7 +308,7 @@ impl LloydPartial {
             moved: 0,
         };
         for (i, label) in labels.iter_mut().enumerate().take(points.len()) {
-            let (best, best_d, _) = nearest_two(points, i, centroids, &norms);
+            let (best, best_d) = nearest(points, i, centroids, &norms);
             if *label != best {
                 partial.moved += 1;
                 *label = best;

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 
@@ -402,24 +402,13 @@ impl Writer {
         key: &[u8],
         value: Option<&[u8]>,
     ) -> anyhow::Result<()> {
-        loop {
-            let mut record: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(&self.topic).partition(partition).key(key);
-            if let Some(v) = value {
-                record = record.payload(v);
-            }
-            match producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    anyhow::ensure!(
-                        !self.stopping.load(Ordering::Relaxed),
-                        "stopping with the producer's queue full"
-                    );
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        crate::kafka::send_queued(producer, (&self.topic, Some(partition)), key, value, || {
+            anyhow::ensure!(
+                !self.stopping.load(Ordering::Relaxed),
+                "stopping with the producer's queue full"
+            );
+            Ok(())
+        })
     }
 
     /// Closes the producers of partitions no longer owned; opens (fencing the previous owner)
@@ -469,9 +458,11 @@ impl Writer {
         let started = Instant::now();
         let producer = self.open(partition)?;
         let opened = started.elapsed().as_secs_f64();
-        let (low, high) = self.watermarks(partition)?;
+        // One reader for the watermarks, the tail and (when needed) the whole partition.
+        let reader = self.reader()?;
+        let (low, high) = reader.fetch_watermarks(&self.topic, partition, FETCH_TIMEOUT)?;
         let recorded = if high > low {
-            self.last_recorded_offset(partition, low, high)?
+            self.last_recorded_offset(&reader, partition, low, high)?
         } else {
             None
         };
@@ -489,7 +480,7 @@ impl Writer {
                 next_offset: None,
             }
         } else {
-            self.read(partition)?
+            self.read(&reader, partition)?
         };
         let seconds = started.elapsed().as_secs_f64();
         match &handover {
@@ -533,8 +524,8 @@ impl Writer {
         Ok(producer)
     }
 
-    fn reader(&self, partition: i32, from: Offset) -> anyhow::Result<BaseConsumer> {
-        let consumer: BaseConsumer = client_config(&self.kafka)
+    fn reader(&self) -> anyhow::Result<BaseConsumer> {
+        client_config(&self.kafka)
             .set("group.id", format!("{}-restore", self.topic))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
@@ -545,21 +536,21 @@ impl Writer {
             .set("max.partition.fetch.bytes", "16777216")
             .set("queued.min.messages", "1000000")
             .create()
-            .context("cannot create the changelog reader")?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, partition, from)?;
-        consumer.assign(&tpl)?;
-        Ok(consumer)
+            .context("cannot create the changelog reader")
     }
 
-    /// Reads `partition` from `from` to its end, handing each committed record to `each`.
+    /// Reads `partition` with `consumer` from `from` to its end, handing each committed record
+    /// to `each`.
     fn scan(
         &self,
+        consumer: &BaseConsumer,
         partition: i32,
         from: Offset,
         mut each: impl FnMut(&[u8], Option<&[u8]>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let consumer = self.reader(partition, from)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, from)?;
+        consumer.assign(&tpl)?;
         loop {
             match consumer.poll(FETCH_TIMEOUT) {
                 None => anyhow::bail!(
@@ -580,24 +571,19 @@ impl Writer {
         }
     }
 
-    fn watermarks(&self, partition: i32) -> anyhow::Result<(i64, i64)> {
-        let consumer: BaseConsumer = client_config(&self.kafka)
-            .create()
-            .context("cannot create the changelog reader")?;
-        Ok(consumer.fetch_watermarks(&self.topic, partition, FETCH_TIMEOUT)?)
-    }
-
     /// The next offset the latest committed transaction of `partition` records, read from the
     /// partition's tail (a transaction ends with its offset record and a commit marker);
     /// `None` when the tail holds none (an aborted last transaction).
     fn last_recorded_offset(
         &self,
+        consumer: &BaseConsumer,
         partition: i32,
         low: i64,
         high: i64,
     ) -> anyhow::Result<Option<i64>> {
         let mut recorded = None;
         self.scan(
+            consumer,
             partition,
             Offset::Offset((high - 2).max(low)),
             |key, value| {
@@ -611,7 +597,7 @@ impl Writer {
     }
 
     /// The whole partition: each cell's latest value, by user, and the latest offset record.
-    fn read(&self, partition: i32) -> anyhow::Result<Handover> {
+    fn read(&self, consumer: &BaseConsumer, partition: i32) -> anyhow::Result<Handover> {
         let mut rows: FxHashMap<String, FxHashMap<String, f64>> = FxHashMap::default();
         let mut next_offset = None;
         let foreign = |what: &str| {
@@ -621,7 +607,7 @@ impl Writer {
                 self.topic
             )
         };
-        self.scan(partition, Offset::Beginning, |key, value| {
+        self.scan(consumer, partition, Offset::Beginning, |key, value| {
             if key == OFFSET_KEY {
                 next_offset = Some(decode_offset(value)?);
                 return Ok(());

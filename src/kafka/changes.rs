@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -642,34 +642,22 @@ impl Feed {
     }
 }
 
-/// Queues one record (`None`: a tombstone) to `(topic, partition)` (`None`: by key), waiting
-/// while the producer's queue is full.
+/// Queues one record (`None`: a tombstone), waiting while the producer's queue is full until
+/// the stop's grace is over.
 fn send(
     producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
     stop_at: &StopAt,
-    (topic, partition): (&str, Option<i32>),
+    target: (&str, Option<i32>),
     key: &str,
     payload: Option<&[u8]>,
 ) -> anyhow::Result<()> {
-    loop {
-        let mut record = BaseRecord::<str, [u8]>::to(topic).key(key);
-        if let Some(payload) = payload {
-            record = record.payload(payload);
-        }
-        if let Some(partition) = partition {
-            record = record.partition(partition);
-        }
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                if stop_at.overdue() {
-                    anyhow::bail!("stopping: the version is left to the next start");
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e).with_context(|| format!("cannot produce to {topic}")),
-        }
-    }
+    crate::kafka::send_queued(producer, target, key.as_bytes(), payload, || {
+        anyhow::ensure!(
+            !stop_at.overdue(),
+            "stopping: the version is left to the next start"
+        );
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -90,6 +90,35 @@ pub async fn ensure_topic_with(
     Ok(())
 }
 
+/// Queues one record for `(topic, partition)` (`None`: by key) with `payload` (`None`: a
+/// tombstone), waiting while the producer's queue is full; `give_up`, asked while it waits,
+/// ends the wait with its error.
+pub fn send_queued<C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()> + 'static>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    (topic, partition): (&str, Option<i32>),
+    key: &[u8],
+    payload: Option<&[u8]>,
+    give_up: impl Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    loop {
+        let mut record = rdkafka::producer::BaseRecord::<[u8], [u8]>::to(topic).key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                give_up()?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e).with_context(|| format!("cannot produce to {topic}")),
+        }
+    }
+}
+
 /// How many partitions `topic` has (`None`: the topic does not exist).
 pub async fn partition_count(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Option<i32>> {
     let (kafka, topic) = (kafka.clone(), topic.to_string());

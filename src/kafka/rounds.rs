@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ndarray::Array2;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
@@ -241,10 +241,13 @@ fn send(
     key: &str,
     payload: &[u8],
 ) -> anyhow::Result<()> {
-    producer
-        .send(BaseRecord::to(topic).key(key).payload(payload))
-        .map_err(|(e, _)| e)
-        .with_context(|| format!("cannot send to {topic}"))
+    crate::kafka::send_queued(
+        producer,
+        (topic, None),
+        key.as_bytes(),
+        Some(payload),
+        || Ok(()),
+    )
 }
 
 /// Creates the group's topics: rounds and partials (one partition each, messages up to
@@ -319,22 +322,7 @@ impl Responder {
                 segment: *segment,
                 version,
             })?;
-            loop {
-                match self.producer.send(
-                    BaseRecord::to(&self.topics.assignments)
-                        .key(user.as_str())
-                        .payload(&value),
-                ) {
-                    Ok(()) => break,
-                    Err((
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull,
-                        ),
-                        _,
-                    )) => std::thread::sleep(Duration::from_millis(1)),
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            send(&self.producer, &self.topics.assignments, user, &value)?;
             published += 1;
         }
         self.producer.flush(ROUND_TIMEOUT)?;
@@ -566,8 +554,8 @@ impl Coordinator {
             &self.instance,
             &encode(&head, floats)?,
         )?;
-        tracing::debug!(snapshot, round, "group round sent");
-        let deadline = Instant::now() + ROUND_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + ROUND_TIMEOUT;
         let mut answers: Vec<(AnswerHead, Vec<f64>)> = vec![];
         loop {
             let done = match from {
@@ -578,8 +566,7 @@ impl Coordinator {
                 tracing::debug!(
                     snapshot,
                     round,
-                    seconds = (ROUND_TIMEOUT - deadline.saturating_duration_since(Instant::now()))
-                        .as_secs_f64(),
+                    seconds = started.elapsed().as_secs_f64(),
                     "group round answered"
                 );
                 return Ok(answers);
@@ -777,8 +764,24 @@ impl Coordinator {
         }))
     }
 
+    /// The model after `latest` (the last one published): solved and published as the next
+    /// version, unless the cut has not moved since (`None`).
+    pub fn next_model(
+        &mut self,
+        params: &EngineParams,
+        latest: Option<&GroupModel>,
+    ) -> anyhow::Result<Option<GroupModel>> {
+        let version = latest.map_or(0, |m| m.version) + 1;
+        let Some(model) = self.solve(params, version, latest.map(|m| &m.offsets))? else {
+            return Ok(None);
+        };
+        self.publish(&model)
+            .context("cannot publish the group model")?;
+        Ok(Some(model))
+    }
+
     /// Publishes `model` to the models topic (waiting for the broker's acknowledgement).
-    pub fn publish(&self, model: &GroupModel) -> anyhow::Result<()> {
+    fn publish(&self, model: &GroupModel) -> anyhow::Result<()> {
         let json = serde_json::to_vec(model)?;
         send(&self.producer, &self.topics.models, "model", &json)?;
         Ok(self.producer.flush(ROUND_TIMEOUT)?)

@@ -93,8 +93,10 @@ impl ChangeTracker {
 
     /// The cells changed since the last commit, each once with the value it was given last
     /// (user, item, value; zero: removed), ascending: what a changelog writes for the commit.
-    pub fn changed_cells(&self) -> Vec<(u32, u32, f64)> {
-        last_values(self.cells.clone())
+    /// Kept in that form, so the commit's [`ChangeTracker::take`] finds them sorted already.
+    pub fn changed_cells(&mut self) -> &[(u32, u32, f64)] {
+        self.cells = last_values(std::mem::take(&mut self.cells));
+        &self.cells
     }
 
     /// Users changed since the previous call, ascending (the users a checkpoint rewrites).

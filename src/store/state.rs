@@ -381,11 +381,7 @@ impl StateStore {
         let mut partitions = rustc_hash::FxHashMap::default();
         for entry in self.db.tree.scan_prefix(b"q/") {
             let (k, v) = entry?;
-            let user = k
-                .get(2..6)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_be_bytes)
-                .ok_or_else(|| corrupt(&k, "bad user-partition key"))?;
+            let user = index_u32(&k).ok_or_else(|| corrupt(&k, "bad user-partition key"))?;
             let partition = v
                 .get(..4)
                 .and_then(|b| b.try_into().ok())
