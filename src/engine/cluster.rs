@@ -42,6 +42,8 @@ pub struct LocalParticipant {
     /// components`), made once per basis for the Lloyd rounds.
     rated: Vec<usize>,
     rated_projections: Vec<f64>,
+    /// The centroids of the last Lloyd round (the model's, once the rounds settle).
+    centroids: Vec<f64>,
 }
 
 impl LocalParticipant {
@@ -56,7 +58,37 @@ impl LocalParticipant {
             labels: vec![u32::MAX; n],
             rated: vec![],
             rated_projections: vec![],
+            centroids: vec![],
         }
+    }
+
+    /// `(id, row, segment)` of each user it holds with a rating.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &SparseVec, u32)> + '_ {
+        self.rated()
+            .map(|u| (self.ids[u].as_str(), &self.vectors[u], self.labels[u]))
+    }
+
+    /// `(id, segment, distance to the segment's centroid)` of each user it holds with a
+    /// rating, the centroids being the last Lloyd round's.
+    pub fn assignments(&self) -> Vec<(String, u32, f64)> {
+        let k = self.components;
+        self.rated()
+            .map(|u| {
+                let label = self.labels[u];
+                let z = &self.projections[u * k..(u + 1) * k];
+                let distance = self
+                    .centroids
+                    .get(label as usize * k..(label as usize + 1) * k)
+                    .map_or(f64::NAN, |c| {
+                        z.iter()
+                            .zip(c)
+                            .map(|(a, b)| (a - b) * (a - b))
+                            .sum::<f64>()
+                            .sqrt()
+                    });
+                (self.ids[u].clone(), label, distance)
+            })
+            .collect()
     }
 
     /// Users it holds with at least one rating.
@@ -107,6 +139,7 @@ impl Participant for LocalParticipant {
     }
 
     fn lloyd(&mut self, centroids: &[f64]) -> LloydPartial {
+        self.centroids = centroids.to_vec();
         let mut labels: Vec<u32> = self.rated.iter().map(|&u| self.labels[u]).collect();
         let partial = LloydPartial::assign(
             &DensePoints {
@@ -165,6 +198,8 @@ pub struct ClusterModel {
     pub sizes: Vec<u64>,
     pub inertia: f64,
     pub rounds: Rounds,
+    /// The eigensolver met its tolerance.
+    pub converged: bool,
 }
 
 /// Rounds of each kind one solve took: each is one broadcast and one partial per participant.
@@ -289,6 +324,7 @@ pub fn solve<P: Participant>(
         sizes: merged.counts,
         inertia: merged.inertia,
         rounds,
+        converged: solved.converged,
     })
 }
 

@@ -89,19 +89,29 @@ fn comb2(x: f64) -> f64 {
 /// Adjusted Rand index of two labelings of the same points (Hubert & Arabie). 1 for identical
 /// partitions up to renaming, about 0 for independent ones. Two trivial partitions give 1.
 pub fn adjusted_rand_index(a: &[u32], b: &[u32]) -> f64 {
-    let n = a.len().min(b.len());
+    let mut table: FxHashMap<(u32, u32), u64> = FxHashMap::default();
+    for (&x, &y) in a.iter().zip(b) {
+        *table.entry((x, y)).or_default() += 1;
+    }
+    let mut cells: Vec<((u32, u32), u64)> = table.into_iter().collect();
+    cells.sort_unstable();
+    adjusted_rand_index_of_table(&cells)
+}
+
+/// [`adjusted_rand_index`] from the contingency table: the points in each `(a label, b label)`
+/// pair (what instances holding disjoint sets of points can count and add up).
+pub fn adjusted_rand_index_of_table(cells: &[((u32, u32), u64)]) -> f64 {
+    let n: u64 = cells.iter().map(|(_, c)| c).sum();
     if n < 2 {
         return 1.0;
     }
-    let mut table: FxHashMap<(u32, u32), f64> = FxHashMap::default();
     let mut rows: FxHashMap<u32, f64> = FxHashMap::default();
     let mut cols: FxHashMap<u32, f64> = FxHashMap::default();
-    for (&x, &y) in a.iter().zip(b) {
-        *table.entry((x, y)).or_default() += 1.0;
-        *rows.entry(x).or_default() += 1.0;
-        *cols.entry(y).or_default() += 1.0;
+    for &((x, y), c) in cells {
+        *rows.entry(x).or_default() += c as f64;
+        *cols.entry(y).or_default() += c as f64;
     }
-    let index: f64 = table.values().map(|&c| comb2(c)).sum();
+    let index: f64 = cells.iter().map(|&(_, c)| comb2(c as f64)).sum();
     let sum_rows: f64 = rows.values().map(|&c| comb2(c)).sum();
     let sum_cols: f64 = cols.values().map(|&c| comb2(c)).sum();
     let expected = sum_rows * sum_cols / comb2(n as f64);

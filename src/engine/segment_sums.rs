@@ -210,6 +210,40 @@ impl SegmentSums {
         }
     }
 
+    /// The sums as floats, to travel bit for bit to another instance: values, held values,
+    /// raters (each `items x k`), then sizes and held sizes (`k` each).
+    pub fn to_floats(&self) -> Vec<f64> {
+        let mut out = Vec::with_capacity(3 * self.values.len() + 2 * self.k);
+        out.extend_from_slice(&self.values);
+        out.extend_from_slice(&self.held_values);
+        out.extend(self.raters.iter().map(|&r| f64::from(r)));
+        out.extend(self.sizes.iter().map(|&s| s as f64));
+        out.extend(self.held_sizes.iter().map(|&s| s as f64));
+        out
+    }
+
+    /// What [`SegmentSums::to_floats`] wrote for `k` segments; `None` when the length does not
+    /// fit.
+    pub fn from_floats(k: usize, floats: &[f64]) -> Option<SegmentSums> {
+        let cells = floats.len().checked_sub(2 * k)?;
+        if k == 0 || !cells.is_multiple_of(3 * k) {
+            return None;
+        }
+        let n = cells / 3;
+        let count = |x: f64| x.max(0.0) as u64;
+        Some(SegmentSums {
+            k,
+            values: floats[..n].to_vec(),
+            held_values: floats[n..2 * n].to_vec(),
+            raters: floats[2 * n..3 * n]
+                .iter()
+                .map(|&r| count(r) as u32)
+                .collect(),
+            sizes: floats[3 * n..3 * n + k].iter().map(|&s| count(s)).collect(),
+            held_sizes: floats[3 * n + k..].iter().map(|&s| count(s)).collect(),
+        })
+    }
+
     /// `Σ x_uj` over the members of `c` (held-out ones too).
     pub fn value(&self, c: usize, j: usize) -> f64 {
         self.values.get(j * self.k + c).copied().unwrap_or(0.0)

@@ -3,6 +3,7 @@
 //! Naive Bayes validation, TF-IDF cluster profiles, diagnostics and drift, plus the seed-style
 //! text report.
 
+pub mod group;
 pub mod report;
 pub mod validation;
 
@@ -12,7 +13,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::kmeans::{self, ClusteringParams, DensePoints};
-use crate::engine::matching::adjusted_rand_index;
+use crate::engine::matching::adjusted_rand_index_of_table;
 use crate::engine::{
     Engine, EngineView, Model, NO_CLUSTER, PreviousSegments, Segmentation, SparseVec,
     ValueTransform, held_out,
@@ -510,23 +511,29 @@ fn user_assignments(engine: &EngineView, labels: &[u32]) -> Assignments {
 
 /// How the clustering moved since the `previous` snapshot, over the users clustered in both.
 pub(crate) fn drift_from(previous_version: u64, previous: &[u32], labels: &[u32]) -> Drift {
-    let (mut a, mut b) = (vec![], vec![]);
-    for (&old, &new) in previous.iter().zip(labels) {
-        if old != NO_CLUSTER && new != NO_CLUSTER {
-            a.push(old);
-            b.push(new);
+    let mut pairs: BTreeMap<(u32, u32), u64> = Default::default();
+    for (&from, &to) in previous.iter().zip(labels) {
+        if from != NO_CLUSTER && to != NO_CLUSTER {
+            *pairs.entry((from, to)).or_default() += 1;
         }
     }
-    let mut pairs: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
-    for (&from, &to) in a.iter().zip(&b) {
-        *pairs.entry((from, to)).or_default() += 1;
-    }
+    drift_of_flows(previous_version, pairs)
+}
+
+/// How the clustering moved since the previous snapshot, from the users counted by
+/// `(previous cluster, cluster)` (sums over disjoint sets of users add up).
+pub(crate) fn drift_of_flows(previous_version: u64, pairs: BTreeMap<(u32, u32), u64>) -> Drift {
+    let cells: Vec<((u32, u32), u64)> = pairs.into_iter().filter(|&(_, n)| n > 0).collect();
     Drift {
         previous_version,
-        users_compared: a.len() as u64,
-        users_moved: a.iter().zip(&b).filter(|(x, y)| x != y).count() as u64,
-        adjusted_rand_index: adjusted_rand_index(&a, &b),
-        flows: pairs
+        users_compared: cells.iter().map(|(_, n)| n).sum(),
+        users_moved: cells
+            .iter()
+            .filter(|((from, to), _)| from != to)
+            .map(|(_, n)| n)
+            .sum(),
+        adjusted_rand_index: adjusted_rand_index_of_table(&cells),
+        flows: cells
             .into_iter()
             .map(|((from, to), users)| Flow { from, to, users })
             .collect(),

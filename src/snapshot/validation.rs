@@ -64,15 +64,31 @@ pub fn tfidf_profiles_from_sums(
     sums: &SegmentSums,
     d: usize,
 ) -> Profiles {
-    let k = sums.k();
-    let df = sums.document_frequency(d);
+    let idf = smooth_idf(sums, d);
+    let scores = tfidf_score_sums(vectors.iter().zip(labels.iter().copied()), &idf, sums.k());
+    profiles_from_parts(sums, idf, scores)
+}
+
+/// scikit-learn's smooth idf of every item over the segments' members:
+/// `ln((1 + n) / (1 + df_j)) + 1`.
+pub fn smooth_idf(sums: &SegmentSums, d: usize) -> Vec<f64> {
     let n = sums.sizes().iter().sum::<u64>() as f64;
-    let idf: Vec<f64> = df
+    sums.document_frequency(d)
         .iter()
         .map(|&f| ((1.0 + n) / (1.0 + f as f64)).ln() + 1.0)
-        .collect();
+        .collect()
+}
+
+/// Per segment (`k x d`, row-major), the sum of its members' l2-normalised tf-idf rows under
+/// `idf`: what [`profiles_from_parts`] averages. Sums over disjoint sets of users add up.
+pub fn tfidf_score_sums<'a>(
+    rows: impl Iterator<Item = (&'a SparseVec, u32)>,
+    idf: &[f64],
+    k: usize,
+) -> Vec<f64> {
+    let d = idf.len();
     let mut scores = vec![0.0; k * d];
-    for (x, &label) in vectors.iter().zip(labels) {
+    for (x, label) in rows {
         if label == NO_CLUSTER || x.nnz() == 0 || label as usize >= k {
             continue;
         }
@@ -89,6 +105,14 @@ pub fn tfidf_profiles_from_sums(
             }
         }
     }
+    scores
+}
+
+/// The profiles from the segments' sums, their `idf` and their summed tf-idf rows
+/// ([`tfidf_score_sums`]).
+pub fn profiles_from_parts(sums: &SegmentSums, idf: Vec<f64>, mut scores: Vec<f64>) -> Profiles {
+    let k = sums.k();
+    let d = idf.len();
     let sizes = sums.sizes().to_vec();
     for c in 0..k {
         if sizes[c] > 0 {
@@ -106,6 +130,11 @@ pub fn tfidf_profiles_from_sums(
             raters[c * d + j] = sums.raters(c, j);
         }
     }
+    let rated_items = sums
+        .document_frequency(d)
+        .iter()
+        .filter(|&&f| f > 0)
+        .count() as u64;
     Profiles {
         k,
         d,
@@ -114,7 +143,7 @@ pub fn tfidf_profiles_from_sums(
         raters,
         sizes,
         idf,
-        rated_items: df.iter().filter(|&&f| f > 0).count() as u64,
+        rated_items,
     }
 }
 
@@ -202,6 +231,33 @@ impl NaiveBayes {
         }
     }
 
+    /// The classes (segments) it tells apart.
+    pub fn classes(&self) -> usize {
+        self.k
+    }
+
+    /// The fit as floats, to travel bit for bit: the log priors (`k`), then the log feature
+    /// probabilities (`d x k`).
+    pub fn to_floats(&self) -> Vec<f64> {
+        let mut out = self.log_prior.clone();
+        out.extend_from_slice(&self.log_prob);
+        out
+    }
+
+    /// What [`NaiveBayes::to_floats`] wrote for `k` classes; `None` when the length does not
+    /// fit.
+    pub fn from_floats(k: usize, floats: &[f64], value_scale: f64) -> Option<NaiveBayes> {
+        if k == 0 || floats.len() < k || !(floats.len() - k).is_multiple_of(k) {
+            return None;
+        }
+        Some(NaiveBayes {
+            k,
+            log_prior: floats[..k].to_vec(),
+            log_prob: floats[k..].to_vec(),
+            value_scale,
+        })
+    }
+
     /// The most likely class (the first on ties, like scikit-learn's argmax).
     pub fn predict(&self, x: &SparseVec) -> u32 {
         let k = self.k;
@@ -273,29 +329,10 @@ pub fn naive_bayes_from_sums(
             .is_some_and(|&l| l != NO_CLUSTER && (l as usize) < k)
             && vectors[u].nnz() > 0
     };
-    #[derive(Default)]
-    struct Tally {
-        confusion: Vec<Vec<u64>>,
-        agree: u64,
-        total: u64,
-        held: u64,
-        held_agree: u64,
-    }
     let tally = |users: std::ops::Range<usize>| {
-        let mut t = Tally {
-            confusion: vec![vec![0u64; k]; k],
-            ..Tally::default()
-        };
+        let mut t = NaiveBayesTally::new(k);
         for u in users.filter(|&u| labelled(u)) {
-            let label = labels[u];
-            let p = full.predict(&vectors[u]);
-            t.confusion[label as usize][p as usize] += 1;
-            t.total += 1;
-            t.agree += u64::from(p == label);
-            if holdout(u) {
-                t.held += 1;
-                t.held_agree += u64::from(partial.predict(&vectors[u]) == label);
-            }
+            t.add(&vectors[u], labels[u], holdout(u), &full, &partial);
         }
         t
     };
@@ -304,7 +341,7 @@ pub fn naive_bayes_from_sums(
         .map_or(1, |t| t.get())
         .clamp(1, 8);
     let chunk = n.div_ceil(threads).max(1);
-    let parts: Vec<Tally> = if threads == 1 || n < 20_000 {
+    let parts: Vec<NaiveBayesTally> = if threads == 1 || n < 20_000 {
         vec![tally(0..n)]
     } else {
         std::thread::scope(|scope| {
@@ -317,32 +354,94 @@ pub fn naive_bayes_from_sums(
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_default())
+                .map(|h| h.join().unwrap_or_else(|_| NaiveBayesTally::new(k)))
                 .collect()
         })
     };
-    let mut confusion = vec![vec![0u64; k]; k];
-    let (mut agree, mut total, mut held, mut held_agree) = (0, 0, 0, 0);
-    for part in parts {
-        for (row, part_row) in confusion.iter_mut().zip(&part.confusion) {
-            for (a, b) in row.iter_mut().zip(part_row) {
-                *a += b;
-            }
-        }
-        agree += part.agree;
-        total += part.total;
-        held += part.held;
-        held_agree += part.held_agree;
+    let mut total = NaiveBayesTally::new(k);
+    for part in &parts {
+        total.merge(part);
     }
-    NaiveBayesReport {
-        train_agreement: if total > 0 {
-            agree as f64 / total as f64
-        } else {
-            0.0
-        },
-        holdout_agreement: (held > 0).then(|| held_agree as f64 / held as f64),
-        holdout_users: held,
-        confusion_matrix: confusion,
+    total.report()
+}
+
+/// The counts behind a [`NaiveBayesReport`], over some of the users: they add up over
+/// disjoint sets of users (threads, or instances of a group).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NaiveBayesTally {
+    /// `k x k`, row-major: `[cluster * k + predicted]`, by the fit on everyone.
+    pub confusion: Vec<u64>,
+    pub agree: u64,
+    pub total: u64,
+    pub held: u64,
+    pub held_agree: u64,
+}
+
+impl NaiveBayesTally {
+    pub fn new(k: usize) -> Self {
+        NaiveBayesTally {
+            confusion: vec![0; k * k],
+            agree: 0,
+            total: 0,
+            held: 0,
+            held_agree: 0,
+        }
+    }
+
+    fn k(&self) -> usize {
+        self.confusion.len().isqrt()
+    }
+
+    /// Counts user `x` of segment `label` (`held`: held out of the `partial` fit).
+    pub fn add(
+        &mut self,
+        x: &SparseVec,
+        label: u32,
+        held: bool,
+        full: &NaiveBayes,
+        partial: &NaiveBayes,
+    ) {
+        let k = self.k();
+        if label == NO_CLUSTER || label as usize >= k || x.nnz() == 0 {
+            return;
+        }
+        let p = full.predict(x);
+        self.confusion[label as usize * k + p as usize] += 1;
+        self.total += 1;
+        self.agree += u64::from(p == label);
+        if held {
+            self.held += 1;
+            self.held_agree += u64::from(partial.predict(x) == label);
+        }
+    }
+
+    /// Adds the counts over another, disjoint set of users.
+    pub fn merge(&mut self, other: &NaiveBayesTally) {
+        for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
+            *a += b;
+        }
+        self.agree += other.agree;
+        self.total += other.total;
+        self.held += other.held;
+        self.held_agree += other.held_agree;
+    }
+
+    pub fn report(&self) -> NaiveBayesReport {
+        let k = self.k();
+        NaiveBayesReport {
+            train_agreement: if self.total > 0 {
+                self.agree as f64 / self.total as f64
+            } else {
+                0.0
+            },
+            holdout_agreement: (self.held > 0).then(|| self.held_agree as f64 / self.held as f64),
+            holdout_users: self.held,
+            confusion_matrix: self
+                .confusion
+                .chunks(k.max(1))
+                .map(<[u64]>::to_vec)
+                .collect(),
+        }
     }
 }
 
