@@ -232,6 +232,11 @@ impl Default for KafkaConfig {
 
 impl KafkaConfig {
     /// Whether the change feed runs (either of its topics is set).
+    /// One model and snapshot for the whole consumer group (see `kafka::rounds`).
+    pub fn group_model_on(&self) -> bool {
+        self.group_model_interval_ms > 0
+    }
+
     pub fn change_feed_on(&self) -> bool {
         !self.changes_topic.is_empty() || !self.assignments_topic.is_empty()
     }

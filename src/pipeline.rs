@@ -180,19 +180,27 @@ pub enum Cadence {
     },
     /// Only when the source asks ([`Pipeline::final_snapshot`], [`Pipeline::finish`]).
     AtEnd,
+    /// Never: the consumer group's coordinator builds every snapshot of the whole group
+    /// (`[kafka] group_model_interval_ms`), which this instance stores and serves.
+    Never,
 }
 
 impl SnapshotPolicy {
     pub fn service(config: &Config) -> Self {
+        let cadence = if config.kafka.group_model_on() {
+            Cadence::Never
+        } else {
+            Cadence::Staleness {
+                max_staleness: Duration::from_millis(config.snapshot.max_staleness_ms.max(1)),
+                min_interval: Duration::from_millis(config.snapshot.interval_ms.max(1)),
+            }
+        };
         SnapshotPolicy {
             online_model: true,
             segments: SegmentPolicy::Continue,
             diagnostics_every: config.snapshot.diagnostics_every.max(1),
             background_diagnostics: true,
-            cadence: Cadence::Staleness {
-                max_staleness: Duration::from_millis(config.snapshot.max_staleness_ms.max(1)),
-                min_interval: Duration::from_millis(config.snapshot.interval_ms.max(1)),
-            },
+            cadence,
         }
     }
 
@@ -948,7 +956,7 @@ impl Pipeline {
     /// Publishes the state as it is, on a background thread (a restarted service has data
     /// before any batch comes).
     pub fn publish_current(&mut self) -> anyhow::Result<()> {
-        if self.engine.active_users() > 0 {
+        if self.engine.active_users() > 0 && self.policy.cadence != Cadence::Never {
             self.spawn_snapshot()?;
         }
         Ok(())
@@ -1044,7 +1052,7 @@ impl Pipeline {
         } = self;
         writer.finish()?;
         schedule.join_snapshot()?;
-        if final_snapshot {
+        if final_snapshot && policy.cadence != Cadence::Never {
             let taken = shared.snapshot(
                 &config,
                 &policy,
@@ -1137,7 +1145,7 @@ impl Schedule {
                 max_staleness,
                 min_interval,
             } => (Some(max_staleness), min_interval),
-            Cadence::AtEnd => (None, Duration::MAX),
+            Cadence::AtEnd | Cadence::Never => (None, Duration::MAX),
         };
         Schedule {
             snapshot_every,

@@ -118,15 +118,19 @@ pub async fn run(
         None
     } else {
         let partitions = ensure_changelog_topic(&config, shutdown.clone()).await?;
-        if config.kafka.group_model_interval_ms > 0 {
+        if config.kafka.group_model_on() {
             crate::kafka::rounds::ensure_topics(&config.kafka).await?;
             spawn_group_threads(
                 &config,
                 &shared,
-                batch_tx.clone(),
-                partitions,
-                owns_partition_zero.clone(),
-                stopping.clone(),
+                GroupHandles {
+                    work: batch_tx.clone(),
+                    snapshots: stores.snapshots.clone(),
+                    catalogue: stores.catalogue.clone(),
+                    partitions,
+                    owns_partition_zero: owns_partition_zero.clone(),
+                    stopping: stopping.clone(),
+                },
             )?;
         }
         Some(Changelog::start(
@@ -215,7 +219,10 @@ async fn start_readers(
         let _ = stop_http.wait_for(|v| *v).await;
     })
     .await?;
-    if !config.kafka.snapshots_topic.is_empty() {
+    // With a group model the coordinator publishes the group's snapshots and changes, once
+    // for the whole group (`kafka::rounds`).
+    let group = config.kafka.group_model_on();
+    if !config.kafka.snapshots_topic.is_empty() && !group {
         crate::kafka::snapshots::spawn_publisher(
             config,
             shared,
@@ -223,7 +230,7 @@ async fn start_readers(
             shutdown.clone(),
         )?;
     }
-    let feed = if config.kafka.change_feed_on() {
+    let feed = if config.kafka.change_feed_on() && !group {
         Some(crate::kafka::changes::spawn_feed(
             config,
             shared,
@@ -344,18 +351,40 @@ fn take_over(
     pipeline.take_over(&partitions, handovers)
 }
 
+/// What the group model's threads work with.
+struct GroupHandles {
+    /// The engine thread's queue (a cut's view of the users is taken there).
+    work: mpsc::Sender<Work>,
+    /// Where the group's snapshots are stored as they are read.
+    snapshots: crate::store::SnapshotStore,
+    /// The titles of the snapshot's profiles.
+    catalogue: crate::store::Catalogue,
+    /// The ratings topic's partition count.
+    partitions: i32,
+    /// Set while this instance owns partition 0 (it coordinates then).
+    owns_partition_zero: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
+}
+
 /// The group model's threads: every instance answers the rounds from its users (through the
-/// engine thread, `work`) and reads the models topic into `shared.group`; the one owning
-/// partition 0 coordinates every `[kafka] group_model_interval_ms`.
+/// engine thread) and reads the models topic into `shared.group`, storing and serving each
+/// version's snapshot; the one owning partition 0 coordinates every
+/// `[kafka] group_model_interval_ms`.
 fn spawn_group_threads(
     config: &Config,
     shared: &Shared,
-    work: mpsc::Sender<Work>,
-    partitions: i32,
-    owns_partition_zero: Arc<AtomicBool>,
-    stopping: Arc<AtomicBool>,
+    handles: GroupHandles,
 ) -> anyhow::Result<()> {
-    use crate::kafka::rounds::{self, Coordinator, Responder, Shard};
+    use crate::kafka::rounds::{self, Coordinator, GroupProgress, Responder, Shard};
+    let GroupHandles {
+        work,
+        snapshots,
+        catalogue,
+        partitions,
+        owns_partition_zero,
+        stopping,
+    } = handles;
+    let progress = Arc::new(GroupProgress::default());
     let kafka = config.kafka.clone();
     let instance = if kafka.instance_id.trim().is_empty() {
         let nanos = std::time::SystemTime::now()
@@ -366,7 +395,12 @@ fn spawn_group_threads(
     } else {
         kafka.instance_id.clone()
     };
-    let mut responder = Responder::new(&kafka, &instance)?;
+    let mut responder = Responder::new(
+        &kafka,
+        &instance,
+        shared.group_assignments.clone(),
+        progress.clone(),
+    )?;
     let stop = stopping.clone();
     std::thread::Builder::new()
         .name("segmenter-group-rounds".into())
@@ -385,11 +419,14 @@ fn spawn_group_threads(
                 }
             }
         })?;
-    let (slot, metrics, stop) = (
+    let (slot, metrics, stop, serving, reader_progress) = (
         shared.group.clone(),
         shared.metrics.clone(),
         stopping.clone(),
+        shared.serving.clone(),
+        progress.clone(),
     );
+    let retention = config.snapshot.retention;
     let reader_kafka = kafka.clone();
     let models_read = Arc::new(AtomicBool::new(false));
     let caught_up = models_read.clone();
@@ -399,31 +436,50 @@ fn spawn_group_threads(
             let read = rounds::read_models(
                 &reader_kafka,
                 &slot,
+                &reader_progress,
                 &caught_up,
                 || stop.load(Ordering::Relaxed),
-                |model| metrics.group_model_version.set(model.version as i64),
+                |model| {
+                    metrics.group_model_version.set(model.version as i64);
+                    metrics.on_snapshot(&model.snapshot);
+                    // Every instance keeps the group's versions: `/snapshots` lists them and
+                    // reads them back like its own.
+                    if let Err(e) = snapshots.put_snapshot(&model.snapshot, &[], retention) {
+                        tracing::error!(error = %e, version = model.version, "cannot store the group snapshot");
+                    }
+                    if let Ok(mut slot) = serving.write() {
+                        *slot = Some(Arc::new(crate::http::serving::Serving::of_group(
+                            model.snapshot.clone(),
+                        )));
+                    }
+                },
             );
             if let Err(e) = read {
                 tracing::error!(error = %format!("{e:#}"), "cannot read the group models topic");
             }
         })?;
-    let (assignments, stop, assignments_kafka) = (
+    let (assignments, stop, assignments_kafka, assignments_progress) = (
         shared.group_assignments.clone(),
         stopping.clone(),
         kafka.clone(),
+        progress.clone(),
     );
     std::thread::Builder::new()
         .name("segmenter-group-assignments".into())
         .spawn(move || {
-            let read = rounds::read_assignments(&assignments_kafka, &assignments, || {
-                stop.load(Ordering::Relaxed)
-            });
+            let read = rounds::read_assignments(
+                &assignments_kafka,
+                &assignments,
+                &assignments_progress,
+                || stop.load(Ordering::Relaxed),
+            );
             if let Err(e) = read {
                 tracing::error!(error = %format!("{e:#}"), "cannot read the group assignments topic");
             }
         })?;
     let (slot, metrics) = (shared.group.clone(), shared.metrics.clone());
     let params = config.engine_params();
+    let snapshot_params = config.snapshot_params();
     let interval = Duration::from_millis(config.kafka.group_model_interval_ms);
     std::thread::Builder::new()
         .name("segmenter-group-coordinator".into())
@@ -445,7 +501,13 @@ fn spawn_group_threads(
                 }
                 let c = match coordinator.as_mut() {
                     Some(c) => c,
-                    None => match Coordinator::new(&kafka, &instance, partitions) {
+                    None => match Coordinator::new(
+                        &kafka,
+                        &instance,
+                        partitions,
+                        snapshot_params.clone(),
+                        progress.clone(),
+                    ) {
                         Ok(c) => coordinator.insert(c),
                         Err(e) => {
                             tracing::warn!(error = %format!("{e:#}"), "cannot start coordinating the group model");
@@ -457,7 +519,11 @@ fn spawn_group_threads(
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
-                match c.next_model(&params, latest.as_deref()) {
+                let titles = catalogue.titles().unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the catalogue: profiles without titles");
+                    Default::default()
+                });
+                match c.next_model(&params, latest.as_deref(), &titles) {
                     Ok(Some(model)) => {
                         metrics.group_model_seconds.observe(model.seconds);
                         metrics.group_rounds.inc_by(model.rounds.total() as u64 + 1);

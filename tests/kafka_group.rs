@@ -8,6 +8,13 @@
 //! every instance answers every user's segment (`GET /group/users/{id}`) alike, as many per
 //! segment as the model counts.
 //!
+//! The model's snapshot is the group's: every instance serves it as its latest
+//! (`GET /snapshots/latest`, byte for byte), with the Naive Bayes report and cluster profiles
+//! that one engine holding every user computes under the same segments. The change feed and
+//! the snapshots topic carry each version once for the whole group: no user's change twice in a
+//! version, each change starting from the segment the previous one left, and every user's last
+//! change the segment the group serves.
+//!
 //! Needs the broker the test command starts (`SEGMENTER_TEST_BROKERS`).
 
 mod common;
@@ -32,7 +39,16 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     let parts = split_ratings(&ratings, 3);
     let topic = unique_topic("group");
     let group = format!("g-{topic}");
-    let env = group_env(&topic, dir.path(), Some(500));
+    let mut env = group_env(&topic, dir.path(), Some(500));
+    let (changes_topic, snapshots_topic) = (format!("{topic}-changes"), format!("{topic}-snaps"));
+    env.push((
+        "SEGMENTER_KAFKA__CHANGES_TOPIC".into(),
+        changes_topic.clone(),
+    ));
+    env.push((
+        "SEGMENTER_KAFKA__SNAPSHOTS_TOPIC".into(),
+        snapshots_topic.clone(),
+    ));
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
@@ -137,6 +153,7 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
         .filter_map(|v| v.as_u64())
         .collect();
     let mut counted = vec![];
+    let mut segments: std::collections::BTreeMap<String, u64> = Default::default();
     wait_until(
         Duration::from_secs(60),
         "every instance answers every user's segment alike",
@@ -162,14 +179,162 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
                     return false;
                 };
                 *slot += 1;
+                segments.insert(user.to_string(), *segment);
             }
             counted = per_segment;
             counted == sizes
         },
     );
+
+    let snapshot = &model["snapshot"];
+    assert_eq!(snapshot["version"], model["version"]);
+    for instance in live {
+        let (status, body) = http_get(&format!("{}/snapshots/latest", instance.url), None);
+        assert_eq!(status, 200, "{body}");
+        let served: serde_json::Value = serde_json::from_str(&body).expect("snapshot JSON");
+        assert_eq!(
+            &served, snapshot,
+            "{} serves the group's snapshot",
+            instance.url
+        );
+        let user = users.iter().next().expect("a user");
+        let (status, body) = http_get(&format!("{}/users/{user}", instance.url), None);
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(answer["cluster"].as_u64(), segments.get(*user).copied());
+    }
+    assert_group_snapshot_describes_the_segments(
+        snapshot,
+        &segments,
+        &dir.path().join("replay"),
+        &env,
+    );
+    assert_one_feed(&changes_topic, &snapshots_topic, &segments, snapshot);
+
     for instance in [b, c, d] {
         instance.service.signal("-TERM");
         let (code, log) = instance.service.wait_exit(Duration::from_secs(60));
         assert_eq!(code, Some(0), "{}", log.join("\n"));
     }
+}
+
+/// The snapshot's Naive Bayes report and cluster profiles are the ones one engine holding every
+/// user (the replay's state dir) computes under the group's segments.
+fn assert_group_snapshot_describes_the_segments(
+    snapshot: &serde_json::Value,
+    segments: &std::collections::BTreeMap<String, u64>,
+    replay_state: &std::path::Path,
+    env: &[(String, String)],
+) {
+    use segmenter::snapshot::validation::{NaiveBayesReport, naive_bayes_report, tfidf_profiles};
+    let config = config_for(env);
+    let engine = segmenter::store::open(replay_state)
+        .expect("open the replay's state")
+        .state
+        .load_engine(config.engine_params())
+        .expect("load it")
+        .engine;
+    let k = snapshot["kmeans"]["k"].as_u64().expect("k") as usize;
+    let d = engine.items().len();
+    let labels: Vec<u32> = (0..engine.users().len())
+        .map(|u| {
+            segments
+                .get(engine.users().id(u as u32))
+                .map_or(segmenter::engine::NO_CLUSTER, |&s| s as u32)
+        })
+        .collect();
+    let seed = config.engine_params().seed;
+    let percent = config.snapshot.holdout_percent;
+    let expected = naive_bayes_report(engine.vectors(), &labels, k, d, 1.0, |u| {
+        segmenter::engine::held_out(engine.users().id(u as u32), seed, percent)
+    });
+    let got: NaiveBayesReport =
+        serde_json::from_value(snapshot["validation"]["naive_bayes"].clone()).expect("report");
+    assert_eq!(got, expected, "the group's Naive Bayes report");
+    assert!(expected.holdout_users > 0);
+
+    let profiles = tfidf_profiles(engine.vectors(), &labels, k, d);
+    let clusters = snapshot["clusters"].as_array().expect("clusters");
+    assert_eq!(clusters.len(), k);
+    for (c, cluster) in clusters.iter().enumerate() {
+        let ranked = profiles.ranked(c);
+        assert_eq!(cluster["n_items"].as_u64(), Some(ranked.len() as u64));
+        assert_eq!(cluster["size"].as_u64(), Some(profiles.sizes[c]));
+        let top = cluster["top_items"].as_array().expect("top items");
+        assert_eq!(top.len(), ranked.len().min(50), "cluster {c}");
+        let scale = profiles.score(c, ranked[0]);
+        for item in top {
+            let id = item["item"].as_str().expect("item id");
+            let j = engine.items().get(id).expect("a known item") as usize;
+            let score = item["score"].as_f64().expect("score");
+            assert!(
+                (score - profiles.score(c, j)).abs() <= 1e-12 * scale,
+                "cluster {c} item {id}: {score} vs {}",
+                profiles.score(c, j)
+            );
+        }
+        let last = top.last().and_then(|t| t["score"].as_f64()).unwrap_or(0.0);
+        let kth = profiles.score(c, ranked[top.len() - 1]);
+        assert!(
+            (last - kth).abs() <= 1e-12 * scale,
+            "cluster {c}: the top {} items",
+            top.len()
+        );
+    }
+}
+
+/// The change feed and the snapshots topic carry each version once for the whole group.
+fn assert_one_feed(
+    changes_topic: &str,
+    snapshots_topic: &str,
+    segments: &std::collections::BTreeMap<String, u64>,
+    snapshot: &serde_json::Value,
+) {
+    let mut last: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut changes = 0;
+    for (user, record) in read_to_end(changes_topic, "read_committed") {
+        let record = record.expect("a change record");
+        let version = record["version"].as_u64().expect("version");
+        let to = record["to"].as_u64().expect("to");
+        let from = record["from"].as_u64();
+        match last.get(&user) {
+            Some(&(v, segment)) => {
+                assert!(v < version, "{user}: version {version} after {v}");
+                assert_eq!(
+                    from,
+                    Some(segment),
+                    "{user}: a change from where the last one left"
+                );
+            }
+            None => assert_eq!(from, None, "{user}: the first change comes from nowhere"),
+        }
+        last.insert(user, (version, to));
+        changes += 1;
+    }
+    assert_eq!(last.len(), segments.len(), "every user in the feed");
+    for (user, segment) in segments {
+        assert_eq!(
+            last.get(user).map(|l| l.1),
+            Some(*segment),
+            "{user}'s last change"
+        );
+    }
+    let published = read_to_end(snapshots_topic, "read_committed");
+    let mut versions: Vec<u64> = published
+        .iter()
+        .map(|(key, _)| key.parse().expect("a version key"))
+        .collect();
+    let total = versions.len();
+    versions.dedup();
+    assert_eq!(versions.len(), total, "each version published once");
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    assert_eq!(
+        published.last().and_then(|(_, s)| s.as_ref()),
+        Some(snapshot)
+    );
+    eprintln!(
+        "one feed: {changes} changes over {} versions for {} users",
+        versions.len(),
+        segments.len()
+    );
 }

@@ -44,12 +44,20 @@ pub struct LocalParticipant {
     rated_projections: Vec<f64>,
     /// The centroids of the last Lloyd round (the model's, once the rounds settle).
     centroids: Vec<f64>,
+    /// The items its rows index (the group's, when it is one instance of a group).
+    items: usize,
 }
 
 impl LocalParticipant {
     /// `ids[i]` holds row `vectors[i]`.
     pub fn new(ids: Vec<String>, vectors: Vec<SparseVec>) -> Self {
         let n = vectors.len();
+        let items = vectors
+            .iter()
+            .filter_map(|x| x.idx.last())
+            .map(|&j| j as usize + 1)
+            .max()
+            .unwrap_or(0);
         LocalParticipant {
             ids,
             vectors: vectors.into(),
@@ -59,7 +67,19 @@ impl LocalParticipant {
             rated: vec![],
             rated_projections: vec![],
             centroids: vec![],
+            items,
         }
+    }
+
+    /// Its rows index `items` items (at least as many as they reach).
+    pub fn with_items(mut self, items: usize) -> Self {
+        self.items = self.items.max(items);
+        self
+    }
+
+    /// The items its rows index.
+    pub fn items(&self) -> usize {
+        self.items
     }
 
     /// `(id, row, segment)` of each user it holds with a rating.

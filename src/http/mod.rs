@@ -58,6 +58,9 @@ pub struct AppState {
     pub group: crate::kafka::rounds::GroupSlot,
     /// Every user's segment in it.
     pub group_assignments: crate::kafka::rounds::GroupAssignments,
+    /// `[kafka] group_model_interval_ms` is set: the snapshots are the group's, whose users
+    /// this instance does not all hold.
+    pub group_mode: bool,
 }
 
 impl AppState {
@@ -80,6 +83,27 @@ impl AppState {
 
     fn latest(&self) -> Option<Arc<Serving>> {
         self.serving.read().ok().and_then(|s| s.clone())
+    }
+
+    /// The documented 404 of a per-user listing of a group's snapshot.
+    fn refuse_group_listing(&self) -> Result<(), ApiError> {
+        if self.group_mode {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "the snapshots are the consumer group's, and no instance holds every user: read \
+                 a user's segment at /users/{id}, or every user's from the group's assignments \
+                 topic (<group_id>-assignments)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn group_assignment(&self, id: &str) -> Option<crate::kafka::rounds::GroupAssignment> {
+        self.group_assignments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .copied()
     }
 
     /// The latest snapshot, or the documented 404 before the first one.
@@ -224,6 +248,7 @@ pub async fn start(
         stored_read_deadline: config.http.stored_read_deadline(),
         group: shared.group.clone(),
         group_assignments: shared.group_assignments.clone(),
+        group_mode: config.kafka.group_model_on(),
     });
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = serve(config.http.listen_addr()?, state, async move {
@@ -310,20 +335,40 @@ async fn group_model(State(state): State<Arc<AppState>>) -> Response {
 /// A user's segment in the group model, whichever instance holds the user.
 async fn group_user(State(state): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> ApiResult {
     check_user_id(&id)?;
-    let found = state
-        .group_assignments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&id)
-        .copied();
-    match found {
-        Some(a) => Ok(
-            axum::Json(json!({"user": id, "segment": a.segment, "version": a.version}))
-                .into_response(),
-        ),
+    match state.group_assignment(&id) {
+        Some(a) => Ok(axum::Json(json!({
+            "user": id,
+            "segment": a.segment,
+            "version": a.version,
+            "distance": a.distance,
+        }))
+        .into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("user {id} is in no group model segment"),
+            format!("user {} is in no group model segment", truncate(&id)),
+        )),
+    }
+}
+
+/// `/users/{id}` of a group's snapshot `version`: the segment its assignments topic holds for
+/// the user (published by the instance holding the user at that version or an earlier one,
+/// when the user's segment last changed).
+fn group_user_segment(state: &AppState, id: &str, version: u64) -> ApiResult {
+    match state.group_assignment(id) {
+        Some(a) => Ok(axum::Json(json!({
+            "user": id,
+            "snapshot_version": version,
+            "cluster": a.segment,
+            "distance": a.distance,
+            "assigned_in_version": a.version,
+        }))
+        .into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown user `{}` (not in snapshot {version} of the group)",
+                truncate(id)
+            ),
         )),
     }
 }
@@ -510,6 +555,7 @@ async fn snapshot_assignments(
     ApiPath(version): ApiPath<String>,
     ApiQuery(query): ApiQuery<AssignmentsQuery>,
 ) -> ApiResult {
+    state.refuse_group_listing()?;
     let csv = match query.format.as_deref() {
         None | Some("ndjson") => false,
         Some("csv") => true,
@@ -710,6 +756,7 @@ async fn cluster_members(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<MembersQuery>,
 ) -> ApiResult {
+    state.refuse_group_listing()?;
     let limit = parse_limit(query.limit.as_deref(), 100)?;
     let id = parse_cluster_id(&id)?;
     let latest = state.require_latest()?;
@@ -806,6 +853,7 @@ async fn user_history(
     ApiQuery(query): ApiQuery<LimitQuery>,
 ) -> ApiResult {
     check_user_id(&id)?;
+    state.refuse_group_listing()?;
     let limit = match query.limit.as_deref() {
         None => HISTORY_DEFAULT,
         Some(raw) => match raw.parse::<usize>() {
@@ -859,6 +907,9 @@ async fn user(
     check_user_id(&id)?;
     let items = parse_limit(query.items.as_deref(), 10)?;
     let latest = state.require_latest()?;
+    if state.group_mode {
+        return group_user_segment(&state, &id, latest.snapshot.version);
+    }
     match latest.user(&id, items) {
         Some(segment) => Ok(axum::Json(segment).into_response()),
         None => Err(ApiError::new(
@@ -967,6 +1018,7 @@ mod tests {
             stored_read_deadline: deadline,
             group: Default::default(),
             group_assignments: Default::default(),
+            group_mode: false,
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

@@ -122,6 +122,28 @@ impl Serving {
         }
     }
 
+    /// A snapshot of the whole consumer group: served as it is; its users are looked up in the
+    /// group's assignments instead (no instance holds them all).
+    pub fn of_group(snapshot: Snapshot) -> Serving {
+        let snapshot_json = serde_json::to_vec(&snapshot).unwrap_or_default();
+        Serving {
+            snapshot,
+            snapshot_json,
+            user_index: FxHashMap::default(),
+            labels: vec![],
+            projections: vec![],
+            vectors: CowVec::default(),
+            rows: vec![],
+            centroids: vec![],
+            loadings: vec![],
+            item_ids: vec![],
+            titles: FxHashMap::default(),
+            components: 0,
+            value_scale: 1.0,
+            members: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn user(&self, id: &str, items: usize) -> Option<UserSegment> {
         let i = *self.user_index.get(id)? as usize;
         let k = self.components;

@@ -7,6 +7,14 @@
 //! `<group_id>-partials`, and the partials are added up. The model (counts, PCA, centroids,
 //! sizes, inertia, the cut) goes to the compacted `<group_id>-models`, which every instance
 //! reads and serves at `GET /group`.
+//!
+//! The model carries the group's snapshot ([`crate::snapshot::group`]): two more rounds sum
+//! the segments (Naive Bayes, profiles) and score the users under the broadcast idf and fits.
+//! Each instance publishes its own users' changed segments (the internal assignments topic, and
+//! `[kafka] changes_topic` / `assignments_topic` when set) once per version, against the
+//! segments the assignments topic holds; the coordinator claims every version on the models
+//! topic before its rounds, so no version number is ever given twice, even when a coordinator
+//! dies half-way.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,8 +34,12 @@ use crate::config::KafkaConfig;
 use crate::engine::cluster::{self, ClusterParams, LocalParticipant, Participant, Rounds};
 use crate::engine::kmeans::LloydPartial;
 use crate::engine::stats::{CovarianceStats, GramShare};
-use crate::engine::{CowVec, EngineParams, Ids, SparseVec};
+use crate::engine::{CowVec, EngineParams, Ids, SegmentSums, SparseVec};
+use crate::kafka::changes::{AssignmentRecord, ChangeRecord};
 use crate::kafka::client_config;
+use crate::snapshot::group::{self as group_snapshot, Describe, GroupSnapshotInput, Holdout};
+use crate::snapshot::validation::{NaiveBayes, NaiveBayesTally};
+use crate::snapshot::{Snapshot, SnapshotParams, drift_of_flows};
 
 /// How long the coordinator waits for every instance's answer to one round.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,6 +53,11 @@ pub struct GroupTopics {
     pub partials: String,
     pub models: String,
     pub assignments: String,
+    /// `[kafka] changes_topic` and `assignments_topic`, when set: the user-facing feed.
+    pub changes_feed: Option<String>,
+    pub assignments_feed: Option<String>,
+    /// `[kafka] snapshots_topic`, when set.
+    pub snapshots: Option<String>,
 }
 
 impl GroupTopics {
@@ -50,8 +67,15 @@ impl GroupTopics {
             partials: format!("{}-partials", kafka.group_id),
             models: format!("{}-models", kafka.group_id),
             assignments: format!("{}-assignments", kafka.group_id),
+            changes_feed: named(&kafka.changes_topic),
+            assignments_feed: named(&kafka.assignments_topic),
+            snapshots: named(&kafka.snapshots_topic),
         }
     }
+}
+
+fn named(topic: &str) -> Option<String> {
+    (!topic.is_empty()).then(|| topic.to_string())
 }
 
 /// One instance's users as of a cut: rows by local user and item index, and the next offset of
@@ -82,8 +106,14 @@ enum Ask {
     Sample { share: f64, seed: u64 },
     /// A Lloyd pass for the centroids in the floats.
     Lloyd,
-    /// The model is solved as `version`: publish the segments of your users that changed.
-    Assign { version: u64 },
+    /// The segments' sums of your users (over the group's items).
+    Sums { k: usize, holdout: Holdout },
+    /// Your users' summed tf-idf rows and Naive Bayes counts under the idf (`items`) and the
+    /// two fits (each `k + items x k`) in the floats.
+    Describe { k: usize, holdout: Holdout },
+    /// The model is solved as `version`: publish the segments of your users that changed, and
+    /// count them by (previous segment, segment).
+    Assign { version: u64, created_at: String },
     /// The snapshot is over: drop the view.
     Done,
 }
@@ -115,9 +145,15 @@ enum Answer {
         inertia: f64,
         moved: u64,
     },
+    Sums,
+    Described {
+        tally: NaiveBayesTally,
+    },
     Assigned {
         users: u64,
         published: u64,
+        /// `(previous segment, segment, users)` over the users that had a segment.
+        flows: Vec<(u32, u32, u64)>,
     },
 }
 
@@ -181,14 +217,35 @@ pub struct GroupModel {
     /// Users whose segment this version changed (published to the assignments topic).
     pub assignments_changed: u64,
     pub seconds: f64,
+    /// The group's snapshot of this version: what every instance serves at `/snapshots`.
+    pub snapshot: Snapshot,
+}
+
+/// The models topic's record of the last version a coordinator started (key `claim`): the next
+/// coordinator numbers above it, so a version whose rounds failed half-way is never reused.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Claim {
+    claimed_version: u64,
 }
 
 /// A user's segment in the group model, as the assignments topic holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GroupAssignment {
     pub segment: u32,
     /// The group model version that gave it.
     pub version: u64,
+    /// Distance to the segment's centroid in the PCA space, at that version.
+    #[serde(default)]
+    pub distance: Option<f64>,
+}
+
+/// How far an instance has read the assignments topic (its next offset), and the highest
+/// version claimed on the models topic: what instances wait on before they compare segments
+/// and number versions.
+#[derive(Debug, Default)]
+pub struct GroupProgress {
+    pub assignments_read: std::sync::atomic::AtomicI64,
+    pub claimed: std::sync::atomic::AtomicU64,
 }
 
 /// Every user's segment in the group model, read from the assignments topic.
@@ -271,6 +328,15 @@ pub async fn ensure_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
         )
         .await?;
     }
+    if let Some(topic) = &topics.changes_feed {
+        crate::kafka::ensure_topic_with(kafka, topic, 1, &[]).await?;
+    }
+    if let Some(topic) = &topics.assignments_feed {
+        crate::kafka::ensure_topic_with(kafka, topic, 1, &[("cleanup.policy", "compact")]).await?;
+    }
+    if let Some(topic) = &topics.snapshots {
+        crate::kafka::ensure_topic_with(kafka, topic, 1, &[("max.message.bytes", &max)]).await?;
+    }
     crate::kafka::ensure_topic_with(
         kafka,
         &topics.models,
@@ -278,6 +344,27 @@ pub async fn ensure_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
         &[("cleanup.policy", "compact"), ("max.message.bytes", &max)],
     )
     .await
+}
+
+/// Waits until this instance's reader of the assignments topic has read everything the topic
+/// held when called (`consumer` only asks the broker for the end).
+fn catch_up(
+    consumer: &BaseConsumer,
+    topics: &GroupTopics,
+    progress: &GroupProgress,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_, end) = consumer.fetch_watermarks(&topics.assignments, 0, ROUND_TIMEOUT)?;
+    let deadline = Instant::now() + ROUND_TIMEOUT / 2;
+    while progress.assignments_read.load(Relaxed) < end {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the assignments topic is not read up to {end} within {:?}",
+            ROUND_TIMEOUT / 2
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 /// An instance's side: answers every round from the view it took at the cut.
@@ -288,12 +375,18 @@ pub struct Responder {
     producer: ThreadedProducer<DefaultProducerContext>,
     /// The snapshot being answered, its view, and (from the items round on) the participant.
     current: Option<(String, Shard, Option<LocalParticipant>)>,
-    /// The segment this instance last published for each of its users.
-    published: FxHashMap<String, u32>,
+    /// Every user's segment, as this instance read it from the assignments topic.
+    assignments: GroupAssignments,
+    progress: Arc<GroupProgress>,
 }
 
 impl Responder {
-    pub fn new(kafka: &KafkaConfig, instance: &str) -> anyhow::Result<Responder> {
+    pub fn new(
+        kafka: &KafkaConfig,
+        instance: &str,
+        assignments: GroupAssignments,
+        progress: Arc<GroupProgress>,
+    ) -> anyhow::Result<Responder> {
         let topics = GroupTopics::of(kafka);
         Ok(Responder {
             instance: instance.to_string(),
@@ -301,35 +394,73 @@ impl Responder {
             producer: producer(kafka)?,
             topics,
             current: None,
-            published: FxHashMap::default(),
+            assignments,
+            progress,
         })
     }
 
-    /// Publishes the segments of this snapshot's users that changed since this instance last
-    /// published them (key = user id, a [`GroupAssignment`]); waits for the broker. Returns
-    /// (users, published).
-    fn assign(&mut self, version: u64) -> anyhow::Result<Option<(u64, u64)>> {
+    /// Publishes the segments of this snapshot's users that differ from the ones the
+    /// assignments topic holds (read up to its end first): to that topic (key = user id, a
+    /// [`GroupAssignment`]) and to the user-facing feed topics when set; waits for the broker.
+    /// Returns the answer: users, published, and the users by (previous segment, segment).
+    fn assign(&mut self, version: u64, created_at: &str) -> anyhow::Result<Option<Answer>> {
         let Some((_, _, Some(participant))) = self.current.as_ref() else {
             return Ok(None);
         };
-        let labels = participant.labels();
-        let mut published = 0;
-        for (user, segment) in &labels {
-            if self.published.get(user) == Some(segment) {
-                continue;
+        catch_up(&self.consumer, &self.topics, &self.progress)?;
+        let assignments = participant.assignments();
+        let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        let mut changed = vec![];
+        {
+            let previous = self
+                .assignments
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (user, segment, distance) in &assignments {
+                let before = previous.get(user).map(|a| a.segment);
+                if let Some(from) = before {
+                    *flows.entry((from, *segment)).or_default() += 1;
+                }
+                if before != Some(*segment) {
+                    changed.push((user, before, *segment, *distance));
+                }
             }
+        }
+        for &(user, from, segment, distance) in &changed {
+            let distance = distance.is_finite().then_some(distance);
             let value = serde_json::to_vec(&GroupAssignment {
-                segment: *segment,
+                segment,
                 version,
+                distance,
             })?;
             send(&self.producer, &self.topics.assignments, user, &value)?;
-            published += 1;
+            if let Some(topic) = &self.topics.changes_feed {
+                let record = ChangeRecord {
+                    user: user.clone(),
+                    from,
+                    to: Some(segment),
+                    version,
+                    created_at: created_at.to_string(),
+                    distance,
+                    resegmented: false,
+                };
+                send(&self.producer, topic, user, &serde_json::to_vec(&record)?)?;
+            }
+            if let Some(topic) = &self.topics.assignments_feed {
+                let record = AssignmentRecord {
+                    user,
+                    segment,
+                    version,
+                };
+                send(&self.producer, topic, user, &serde_json::to_vec(&record)?)?;
+            }
         }
         self.producer.flush(ROUND_TIMEOUT)?;
-        // Only the users held now: one that moves away and back is published again.
-        let users = labels.len() as u64;
-        self.published = labels.into_iter().collect();
-        Ok(Some((users, published)))
+        Ok(Some(Answer::Assigned {
+            users: assignments.len() as u64,
+            published: changed.len() as u64,
+            flows: flows.into_iter().map(|((a, b), n)| (a, b, n)).collect(),
+        }))
     }
 
     /// Waits up to `wait` for the next round and answers it; `shard` takes the view at a cut.
@@ -374,12 +505,14 @@ impl Responder {
                 }
                 None
             }
-            Ask::Assign { version } => {
+            Ask::Assign {
+                version,
+                created_at,
+            } => {
                 if self.current.as_ref().is_none_or(|c| c.0 != snapshot) {
                     return Ok(());
                 }
-                self.assign(version)?
-                    .map(|(users, published)| (Answer::Assigned { users, published }, vec![]))
+                self.assign(version, &created_at)?.map(|a| (a, vec![]))
             }
             ask => {
                 let Some((current, view, participant)) = self.current.as_mut() else {
@@ -456,8 +589,41 @@ fn answer_round(
                 partial.sums,
             ))
         }
+        Ask::Sums { k, holdout } => {
+            let d = view_items(participant)?;
+            Some((
+                Answer::Sums,
+                participant.segment_sums(k, d, holdout).to_floats(),
+            ))
+        }
+        Ask::Describe { k, holdout } => {
+            let (idf, full, partial) = fits(floats, k)?;
+            let (scores, tally) = participant.describe(&idf, &full, &partial, holdout);
+            Some((Answer::Described { tally }, scores))
+        }
         Ask::Cut | Ask::Items { .. } | Ask::Assign { .. } | Ask::Done => None,
     }
+}
+
+/// The group's item count, as the items round gave it to `participant`.
+fn view_items(participant: &LocalParticipant) -> Option<usize> {
+    Some(participant.items())
+}
+
+/// The idf and the two Naive Bayes fits of a describe round's floats: `items`, then
+/// `k + items x k` twice.
+fn fits(floats: &[f64], k: usize) -> Option<(Vec<f64>, NaiveBayes, NaiveBayes)> {
+    let d = floats.len().checked_sub(2 * k)? / (2 * k + 1);
+    if d + 2 * (k + d * k) != floats.len() {
+        return None;
+    }
+    let (idf, fits) = floats.split_at(d);
+    let (full, partial) = fits.split_at(k + d * k);
+    Some((
+        idf.to_vec(),
+        NaiveBayes::from_floats(k, full, 1.0)?,
+        NaiveBayes::from_floats(k, partial, 1.0)?,
+    ))
 }
 
 /// The item count a block or basis of `floats` spans (`rows x items`).
@@ -498,7 +664,7 @@ fn remapped(view: &Shard, items: &[String]) -> LocalParticipant {
             val: cells.iter().map(|&(_, v)| v).collect(),
         });
     }
-    LocalParticipant::new(ids, rows)
+    LocalParticipant::new(ids, rows).with_items(items.len())
 }
 
 /// The coordinator's side: the rounds of one group model.
@@ -508,6 +674,12 @@ pub struct Coordinator {
     partitions: i32,
     consumer: BaseConsumer,
     producer: ThreadedProducer<DefaultProducerContext>,
+    /// The ratings topic (the snapshot's offsets are keyed `topic/partition`).
+    ratings_topic: String,
+    snapshot: SnapshotParams,
+    progress: Arc<GroupProgress>,
+    /// The last version this coordinator claimed.
+    claimed: u64,
 }
 
 /// What a cut gathered.
@@ -521,7 +693,13 @@ struct Cut {
 
 impl Coordinator {
     /// A coordinator of a group whose ratings topic has `partitions` partitions.
-    pub fn new(kafka: &KafkaConfig, instance: &str, partitions: i32) -> anyhow::Result<Self> {
+    pub fn new(
+        kafka: &KafkaConfig,
+        instance: &str,
+        partitions: i32,
+        snapshot: SnapshotParams,
+        progress: Arc<GroupProgress>,
+    ) -> anyhow::Result<Self> {
         let topics = GroupTopics::of(kafka);
         Ok(Coordinator {
             instance: instance.to_string(),
@@ -529,6 +707,10 @@ impl Coordinator {
             producer: producer(kafka)?,
             topics,
             partitions,
+            ratings_topic: kafka.topic.clone(),
+            snapshot,
+            progress,
+            claimed: 0,
         })
     }
 
@@ -675,28 +857,41 @@ impl Coordinator {
         })
     }
 
-    /// One group model: the cut, then the engine's cold solve with every call a round. `None`
-    /// when the cut covers exactly `unchanged` (nothing new since the last model).
+    /// One group model and its snapshot: the cut, the engine's cold solve with every call a
+    /// round, the segments described, every user's segment published. `None` when the cut
+    /// covers exactly what `previous` did (nothing new since). The version is the next one
+    /// above `previous` and every claim, claimed before the rounds that publish anything.
     pub fn solve(
         &mut self,
         params: &EngineParams,
-        version: u64,
-        unchanged: Option<&BTreeMap<i32, i64>>,
+        previous: Option<&GroupModel>,
+        titles: &FxHashMap<String, String>,
     ) -> anyhow::Result<Option<GroupModel>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let started = Instant::now();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let snapshot = format!("{}-{version}-{nanos}", self.instance);
+        let snapshot = format!("{}-{nanos}", self.instance);
         let cut = self.cut(&snapshot);
         let cut = match cut {
-            Ok(cut) if unchanged != Some(&cut.offsets) => cut,
+            Ok(cut) if previous.map(|p| &p.offsets) != Some(&cut.offsets) => cut,
             other => {
                 self.done(&snapshot);
                 return other.map(|_| None);
             }
         };
+        let version = previous
+            .map_or(0, |m| m.version)
+            .max(self.progress.claimed.load(Relaxed))
+            .max(self.claimed)
+            + 1;
+        if let Err(e) = self.claim(version) {
+            self.done(&snapshot);
+            return Err(e);
+        }
+        let created_at = crate::snapshot::now_rfc3339();
         let group = RemoteGroup {
             coordinator: self,
             snapshot: snapshot.clone(),
@@ -707,72 +902,114 @@ impl Coordinator {
             round: RefCell::new(1),
             error: RefCell::new(None),
         };
+        let holdout = Holdout {
+            percent: self.snapshot.holdout_percent,
+            seed: params.seed,
+        };
         let solved = group.items_round(&cut.items).and_then(|()| {
-            let params = ClusterParams::for_engine(params, cut.stats.users());
+            let cluster_params = ClusterParams::for_engine(params, cut.stats.users());
             let mut participants = [group];
-            let model = cluster::solve(&mut participants, cut.items.len(), &params);
+            let model = cluster::solve(&mut participants, cut.items.len(), &cluster_params);
             let [group] = participants;
-            let model = model.context("fewer users than segments: no group model yet");
+            let model = model.context("fewer users than segments: no group model yet")?;
+            let k = model.sizes.len();
+            let description =
+                group_snapshot::describe(std::slice::from_ref(&group), k, cut.items.len(), holdout);
             // Every user's segment goes out before the model names its version.
-            let changed: u64 = group
-                .ask(Ask::Assign { version }, &[])
-                .iter()
-                .map(|(answer, _)| match answer {
-                    Answer::Assigned { published, .. } => *published,
-                    _ => 0,
-                })
-                .sum();
+            let mut changed = 0;
+            let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+            for (answer, _) in group.ask(
+                Ask::Assign {
+                    version,
+                    created_at: created_at.clone(),
+                },
+                &[],
+            ) {
+                if let Answer::Assigned {
+                    published,
+                    flows: theirs,
+                    ..
+                } = answer
+                {
+                    changed += published;
+                    for (from, to, n) in theirs {
+                        *flows.entry((from, to)).or_default() += n;
+                    }
+                }
+            }
             match group.error.into_inner() {
                 Some(e) => Err(e),
-                None => model.map(|m| (m, changed)),
+                None => Ok((model, description, changed, flows)),
             }
         });
         self.done(&snapshot);
-        let (model, assignments_changed) = solved?;
-        // As scikit-learn reports them (and the snapshots do): sample variances, over n − 1.
-        let n = cut.stats.users() as f64;
-        let sample_scale = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-        let total = cut.stats.covariance_trace(cut.items.len()) * sample_scale;
+        let (model, description, assignments_changed, flows) = solved?;
+        let messages_covered = cut.offsets.values().map(|&o| o.max(0) as u64).sum();
+        let group_snapshot = group_snapshot::group_snapshot(
+            &model,
+            &cut.stats,
+            &description,
+            GroupSnapshotInput {
+                version,
+                created_at: created_at.clone(),
+                offsets: cut
+                    .offsets
+                    .iter()
+                    .map(|(&p, &o)| (crate::kafka::offset_key(&self.ratings_topic, p), o))
+                    .collect(),
+                items: &cut.items,
+                titles,
+                params: &self.snapshot,
+                mode: params.mode,
+                transform: params.transform,
+                ratings: cut.ratings,
+                events_applied: messages_covered,
+                drift: previous.map(|p| drift_of_flows(p.version, flows)),
+            },
+        );
+        let pca = &group_snapshot.pca;
         Ok(Some(GroupModel {
             version,
-            created_at: crate::snapshot::now_rfc3339(),
-            messages_covered: cut.offsets.values().map(|&o| o.max(0) as u64).sum(),
+            created_at,
+            messages_covered,
             offsets: cut.offsets,
             instances: cut.instances,
             users: model.users,
             items: cut.items.len(),
             ratings: cut.ratings,
-            total_variance: total,
-            explained_variance_ratio: model
-                .eigenvalues
-                .iter()
-                .map(|l| {
-                    if total > 0.0 {
-                        l * sample_scale / total
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
-            eigenvalues: model.eigenvalues.iter().map(|l| l * sample_scale).collect(),
+            total_variance: pca.total_variance,
+            explained_variance_ratio: pca.explained_variance_ratio.clone(),
+            eigenvalues: pca.explained_variance.clone(),
             centroids: model.centroids,
             sizes: model.sizes,
             inertia: model.inertia,
             rounds: model.rounds,
             assignments_changed,
             seconds: started.elapsed().as_secs_f64(),
+            snapshot: group_snapshot,
         }))
     }
 
-    /// The model after `latest` (the last one published): solved and published as the next
-    /// version, unless the cut has not moved since (`None`).
+    /// Records on the models topic that `version` is taken (waiting for the broker).
+    fn claim(&mut self, version: u64) -> anyhow::Result<()> {
+        let json = serde_json::to_vec(&Claim {
+            claimed_version: version,
+        })?;
+        send(&self.producer, &self.topics.models, "claim", &json)?;
+        self.producer.flush(ROUND_TIMEOUT)?;
+        self.claimed = version;
+        Ok(())
+    }
+
+    /// The model after `latest` (the last one published): solved and published, unless the
+    /// cut has not moved since (`None`).
     pub fn next_model(
         &mut self,
         params: &EngineParams,
         latest: Option<&GroupModel>,
+        titles: &FxHashMap<String, String>,
     ) -> anyhow::Result<Option<GroupModel>> {
-        let version = latest.map_or(0, |m| m.version) + 1;
-        let Some(model) = self.solve(params, version, latest.map(|m| &m.offsets))? else {
+        let Some(model) = self.solve(params, latest, titles)? else {
             return Ok(None);
         };
         self.publish(&model)
@@ -780,10 +1017,16 @@ impl Coordinator {
         Ok(Some(model))
     }
 
-    /// Publishes `model` to the models topic (waiting for the broker's acknowledgement).
+    /// Publishes `model` to the models topic, and its snapshot to `[kafka] snapshots_topic`
+    /// when set (keyed by version, as a single instance publishes them), waiting for the
+    /// broker's acknowledgements.
     fn publish(&self, model: &GroupModel) -> anyhow::Result<()> {
         let json = serde_json::to_vec(model)?;
         send(&self.producer, &self.topics.models, "model", &json)?;
+        if let Some(topic) = &self.topics.snapshots {
+            let json = serde_json::to_vec(&model.snapshot)?;
+            send(&self.producer, topic, &model.version.to_string(), &json)?;
+        }
         Ok(self.producer.flush(ROUND_TIMEOUT)?)
     }
 
@@ -953,12 +1196,62 @@ impl Participant for RemoteGroup<'_> {
     }
 }
 
+impl Describe for RemoteGroup<'_> {
+    fn segment_sums(&self, k: usize, items: usize, holdout: Holdout) -> SegmentSums {
+        let mut sums = SegmentSums::new(k);
+        sums.ensure_items(items);
+        for (_, floats) in self.ask(Ask::Sums { k, holdout }, &[]) {
+            match SegmentSums::from_floats(k, &floats).filter(|s| s.items() == items) {
+                Some(theirs) => sums.merge(&theirs),
+                None => {
+                    self.error
+                        .borrow_mut()
+                        .get_or_insert_with(|| anyhow::anyhow!("a sums answer of the wrong size"));
+                }
+            }
+        }
+        sums
+    }
+
+    fn describe(
+        &self,
+        idf: &[f64],
+        full: &NaiveBayes,
+        partial: &NaiveBayes,
+        holdout: Holdout,
+    ) -> (Vec<f64>, NaiveBayesTally) {
+        let k = full.classes();
+        let mut floats = idf.to_vec();
+        floats.extend(full.to_floats());
+        floats.extend(partial.to_floats());
+        let mut scores = vec![0.0; k * idf.len()];
+        let mut tally = NaiveBayesTally::new(k);
+        for (answer, theirs) in self.ask(Ask::Describe { k, holdout }, &floats) {
+            match answer {
+                Answer::Described { tally: counts }
+                    if theirs.len() == scores.len() && counts.confusion.len() == k * k =>
+                {
+                    scores.iter_mut().zip(&theirs).for_each(|(a, b)| *a += b);
+                    tally.merge(&counts);
+                }
+                _ => {
+                    self.error.borrow_mut().get_or_insert_with(|| {
+                        anyhow::anyhow!("a describe answer of the wrong size")
+                    });
+                }
+            }
+        }
+        (scores, tally)
+    }
+}
+
 /// Reads the models topic from its beginning and keeps the highest version in `slot`, until
 /// `stop` says so; sets `caught_up` once it has read what the topic held when it started (a
 /// coordinator numbers its model only then, so versions never go back).
 pub fn read_models(
     kafka: &KafkaConfig,
     slot: &GroupSlot,
+    progress: &GroupProgress,
     caught_up: &std::sync::atomic::AtomicBool,
     stop: impl Fn() -> bool,
     on_model: impl Fn(&GroupModel),
@@ -990,6 +1283,15 @@ pub fn read_models(
         let Ok(message) = message else {
             continue;
         };
+        if message.key() == Some(b"claim".as_slice()) {
+            if let Some(claim) = message
+                .payload()
+                .and_then(|p| serde_json::from_slice::<Claim>(p).ok())
+            {
+                progress.claimed.fetch_max(claim.claimed_version, Relaxed);
+            }
+            continue;
+        }
         let Some(model) = message
             .payload()
             .and_then(|p| serde_json::from_slice::<GroupModel>(p).ok())
@@ -1011,12 +1313,28 @@ pub fn read_models(
 pub fn read_assignments(
     kafka: &KafkaConfig,
     assignments: &GroupAssignments,
+    progress: &GroupProgress,
     stop: impl Fn() -> bool,
 ) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let topics = GroupTopics::of(kafka);
     let consumer = reader(kafka, &topics.assignments, false)?;
     while !stop() {
-        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
+        let polled = consumer.poll(Duration::from_millis(200));
+        // After the message is in the map: the position says what is read.
+        let read_up_to = || {
+            consumer.position().ok().and_then(|tpl| {
+                tpl.find_partition(&topics.assignments, 0)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+            })
+        };
+        let Some(Ok(message)) = polled else {
+            if let Some(o) = read_up_to() {
+                progress.assignments_read.fetch_max(o, Relaxed);
+            }
             continue;
         };
         let (Some(key), Some(value)) = (message.key(), message.payload()) else {
@@ -1032,6 +1350,9 @@ pub fn read_assignments(
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(user.to_string(), assignment);
+        progress
+            .assignments_read
+            .fetch_max(message.offset() + 1, Relaxed);
     }
     Ok(())
 }
