@@ -25,7 +25,9 @@ port=${PORT:-9683}
 interval=${INTERVAL_MS:-2000}
 source scripts/lib-instances.sh group
 
-group_field() { curl -s "127.0.0.1:$1/group" | sed -n "s/.*\"$2\":\([0-9.e+-]*\).*/\1/p"; }
+# A top-level field of the group model (it carries the group's snapshot, whose fields share
+# some names).
+group_field() { curl -s "127.0.0.1:$1/group" | jq -r ".$2 // 0" 2>/dev/null || echo 0; }
 
 printf 'instances\trun\tconsume s\tevents/s\tgroup model s\trounds\tusers\tRSS MB (each)\n'
 for r in $(seq 1 "$repeats"); do
@@ -58,9 +60,9 @@ for r in $(seq 1 "$repeats"); do
       sleep 0.1
     done
     body=$(curl -s "127.0.0.1:$((port + 1))/group")
-    seconds=$(echo "$body" | sed -n 's/.*"seconds":\([0-9.e+-]*\).*/\1/p')
-    users=$(echo "$body" | sed -n 's/.*"users":\([0-9]*\).*/\1/p')
-    rounds=$(echo "$body" | sed -n 's/.*"rounds":{\([^}]*\)}.*/\1/p' | tr -d '"')
+    seconds=$(echo "$body" | jq -r .seconds)
+    users=$(echo "$body" | jq -r .users)
+    rounds=$(echo "$body" | jq -c .rounds | tr -d '"{}')
     rss=""
     for p in "${pids[@]}"; do rss="$rss$(hwm_mb "$p") "; done
     printf '%d\t%d\t%.1f\t%.0f\t%.2f\t%s\t%s\t%s\n' "$n" "$r" "$consumed" \

@@ -1,9 +1,10 @@
 //! A broker of a 3-node cluster dies mid-stream and nothing is lost or counted twice: implicit
 //! plays (values add up, so a replayed batch would show in every sum) are produced to a topic
 //! replicated on all three nodes while `segmenter run` consumes it; one node is SIGKILLed while
-//! events are being produced and consumed, later started again and rejoins. The service's final
-//! snapshot has exactly the statistics of one `segmenter replay` of the same events; with the
-//! changelog and the group model on, so their transactions and rounds live through it too.
+//! events are being produced and consumed, later started again and rejoins. The service's last
+//! snapshot (the group's, the changelog and the group model being on, so their transactions and
+//! rounds live through it too) has exactly the statistics of one `segmenter replay` of the same
+//! events.
 //!
 //! Needs the cluster the test command starts (`KAFKA_NODES=3 scripts/kafka.sh start`):
 //! `SEGMENTER_TEST_CLUSTER_BROKERS` and `SEGMENTER_TEST_CLUSTER_PORT` (node 1's port).
@@ -82,9 +83,10 @@ fn a_broker_killed_mid_stream_loses_nothing_and_doubles_nothing() {
     cluster_node("start-node", 1);
     finish_producing(start_producing(&cluster_brokers(), &topic, 3, &parts[3].0));
     produced += parts[3].1;
+    // With the group model on, the snapshots are the group's (this instance coordinates).
     service.wait_for(Duration::from_secs(180), |v| {
-        v["fields"]["message"] == "snapshot built"
-            && v["fields"]["events_applied"].as_u64() >= Some(produced)
+        v["fields"]["message"] == "group model published"
+            && v["fields"]["messages_covered"].as_u64() >= Some(produced)
     });
     service.signal("-TERM");
     let (code, log) = service.wait_exit(Duration::from_secs(60));
