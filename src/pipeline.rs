@@ -59,6 +59,11 @@ pub struct Health {
     /// The changelog failed its last transaction and retries: a partition moved now would be
     /// restored to an older offset (and consumed again from there).
     pub changelog_behind: AtomicBool,
+    /// With a changelog: the partitions this instance has taken over and consumes, emptied at a
+    /// revoke. Batches applied before a revoke may still be on their way to the changelog when
+    /// the partition's new owner fences this instance off; only a partition still consumed
+    /// makes that fatal.
+    pub consumed_partitions: std::sync::Mutex<std::collections::BTreeSet<i32>>,
 }
 
 impl Health {
@@ -100,6 +105,20 @@ impl Health {
             .partitions_assigned
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set_consumed_partitions(&self, partitions: std::collections::BTreeSet<i32>) {
+        *self
+            .consumed_partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = partitions;
+    }
+
+    pub fn consumes_partition(&self, partition: i32) -> bool {
+        self.consumed_partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&partition)
     }
 
     pub fn set_partitions_assigned(&self, partitions: usize) {

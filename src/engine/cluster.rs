@@ -88,6 +88,31 @@ impl LocalParticipant {
             .map(|u| (self.ids[u].as_str(), &self.vectors[u], self.labels[u]))
     }
 
+    /// Renames its users' segments: `mapping[segment]` is the new id (a permutation of the
+    /// `k` segments), the last Lloyd round's centroids renamed with them.
+    pub fn relabel(&mut self, mapping: &[u32]) {
+        for label in &mut self.labels {
+            if let Some(&to) = mapping.get(*label as usize) {
+                *label = to;
+            }
+        }
+        self.centroids = relabelled_rows(&self.centroids, mapping);
+    }
+
+    /// Its users counted by (segment, previous segment) for the `k` segments, `previous`
+    /// giving a user's previous segment (`overlap[segment * k + previous]`).
+    pub fn overlap(&self, k: usize, previous: impl Fn(&str) -> Option<u32>) -> Vec<f64> {
+        let mut overlap = vec![0.0; k * k];
+        for (id, _, label) in self.members() {
+            if let Some(before) = previous(id).filter(|&b| (b as usize) < k)
+                && (label as usize) < k
+            {
+                overlap[label as usize * k + before as usize] += 1.0;
+            }
+        }
+        overlap
+    }
+
     /// `(id, segment, distance to the segment's centroid)` of each user it holds with a
     /// rating, the centroids being the last Lloyd round's.
     pub fn assignments(&self) -> Vec<(String, u32, f64)> {
@@ -222,6 +247,36 @@ pub struct ClusterModel {
     pub converged: bool,
 }
 
+impl ClusterModel {
+    /// Renames the segments: `mapping[segment]` is the new id (a permutation).
+    pub fn relabel(&mut self, mapping: &[u32]) {
+        self.centroids = relabelled_rows(&self.centroids, mapping);
+        let mut sizes = self.sizes.clone();
+        for (c, &size) in self.sizes.iter().enumerate() {
+            if let Some(slot) = mapping.get(c).and_then(|&to| sizes.get_mut(to as usize)) {
+                *slot = size;
+            }
+        }
+        self.sizes = sizes;
+    }
+}
+
+/// `rows` (one per segment, row-major) with row `c` moved to `mapping[c]`; unchanged when the
+/// mapping does not fit.
+fn relabelled_rows(rows: &[f64], mapping: &[u32]) -> Vec<f64> {
+    let k = mapping.len();
+    if k == 0 || !rows.len().is_multiple_of(k) || mapping.iter().any(|&m| m as usize >= k) {
+        return rows.to_vec();
+    }
+    let dim = rows.len() / k;
+    let mut out = rows.to_vec();
+    for (c, &to) in mapping.iter().enumerate() {
+        out[to as usize * dim..(to as usize + 1) * dim]
+            .copy_from_slice(&rows[c * dim..(c + 1) * dim]);
+    }
+    out
+}
+
 /// Rounds of each kind one solve took: each is one broadcast and one partial per participant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rounds {
@@ -229,11 +284,15 @@ pub struct Rounds {
     pub eigen: usize,
     pub sample: usize,
     pub lloyd: usize,
+    /// A group snapshot's rounds after the model: renaming the segments after the previous
+    /// model's, their sums, the scores and predictions, publishing every user's segment.
+    #[serde(default)]
+    pub snapshot: usize,
 }
 
 impl Rounds {
     pub fn total(&self) -> usize {
-        self.statistics + self.eigen + self.sample + self.lloyd
+        self.statistics + self.eigen + self.sample + self.lloyd + self.snapshot
     }
 }
 
@@ -383,6 +442,53 @@ mod tests {
             engine.vectors(),
             instances,
         )
+    }
+
+    #[test]
+    fn a_renaming_is_found_from_the_overlap_and_undone_everywhere() {
+        let data = generate(&GeneratorParams {
+            events: 20_000,
+            seed: 22,
+            ..GeneratorParams::default()
+        });
+        let mut engine = Engine::new(EngineParams::default());
+        engine.apply(&data.events);
+        let items = engine.items().len();
+        let mut parts = shards(&engine, 3);
+        let mut model = solve(&mut parts, items, &params(engine.params())).expect("a model");
+        let k = model.sizes.len();
+        let before: std::collections::BTreeMap<String, u32> =
+            parts.iter().flat_map(|p| p.labels()).collect();
+        let (sizes, centroids) = (model.sizes.clone(), model.centroids.clone());
+
+        // Rename every segment (a rotation), as a new cold solve may.
+        let rotation: Vec<u32> = (0..k as u32).map(|c| (c + 1) % k as u32).collect();
+        parts.iter_mut().for_each(|p| p.relabel(&rotation));
+        model.relabel(&rotation);
+        assert_ne!(
+            model.sizes, sizes,
+            "the rotation renames segments of different sizes"
+        );
+
+        let mut overlap = vec![0.0; k * k];
+        for part in &parts {
+            let theirs = part.overlap(k, |id| before.get(id).copied());
+            overlap.iter_mut().zip(&theirs).for_each(|(a, b)| *a += b);
+        }
+        let back = crate::engine::matching::match_overlap(&overlap, k);
+        parts.iter_mut().for_each(|p| p.relabel(&back));
+        model.relabel(&back);
+        let after: std::collections::BTreeMap<String, u32> =
+            parts.iter().flat_map(|p| p.labels()).collect();
+        assert_eq!(after, before);
+        assert_eq!(model.sizes, sizes);
+        assert_eq!(model.centroids, centroids);
+        // Distances follow the renamed centroids.
+        for part in &parts {
+            for (_, _, distance) in part.assignments() {
+                assert!(distance.is_finite());
+            }
+        }
     }
 
     #[test]

@@ -75,6 +75,12 @@ pub fn match_labels(new: &[u32], previous: &[u32], k: usize) -> Vec<u32> {
             overlap[a as usize * k + b as usize] += 1.0;
         }
     }
+    match_overlap(&overlap, k)
+}
+
+/// [`match_labels`] from the overlap counts: `overlap[new * k + previous]` users (sums over
+/// disjoint sets of users add up). Returns `mapping[new_label] = id`.
+pub fn match_overlap(overlap: &[f64], k: usize) -> Vec<u32> {
     let cost: Vec<f64> = overlap.iter().map(|o| -o).collect();
     hungarian_min_cost(&cost, k)
         .into_iter()

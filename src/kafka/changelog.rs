@@ -288,10 +288,13 @@ impl Writer {
     fn write(&mut self, batch: ChangelogBatch) -> anyhow::Result<()> {
         // A partition this instance still consumes but may no longer write: its changelog
         // would freeze while the state dir moves on. Stopping is safe: the next start finds the
-        // two apart and restores the partition from the changelog.
+        // two apart and restores the partition from the changelog. (One revoked meanwhile is
+        // its new owner's: what this instance applied of it is consumed again there.)
         if let Some(p) = batch
             .iter()
-            .find(|(p, c)| self.lost.contains(p) && !c.cells.is_empty())
+            .find(|(p, c)| {
+                self.lost.contains(p) && !c.cells.is_empty() && self.health.consumes_partition(**p)
+            })
             .map(|(p, _)| *p)
         {
             anyhow::bail!(
@@ -449,6 +452,7 @@ impl Writer {
             self.producers.insert(partition, producer);
             handovers.insert(partition, handover);
         }
+        self.health.set_consumed_partitions(partitions.clone());
         Ok(handovers)
     }
 

@@ -262,6 +262,7 @@ impl ConsumerContext for ServiceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.revoked.store(true, Ordering::Relaxed);
                 self.health.set_partitions_assigned(0);
+                self.health.set_consumed_partitions(Default::default());
                 let _ = base_consumer.unassign();
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
             }

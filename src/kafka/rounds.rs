@@ -106,6 +106,10 @@ enum Ask {
     Sample { share: f64, seed: u64 },
     /// A Lloyd pass for the centroids in the floats.
     Lloyd,
+    /// Your users counted by (segment, previous segment in the assignments topic): `k x k`.
+    Overlap { k: usize },
+    /// Rename your users' segments: `mapping[segment]` is the new id.
+    Relabel { mapping: Vec<u32> },
     /// The segments' sums of your users (over the group's items).
     Sums { k: usize, holdout: Holdout },
     /// Your users' summed tf-idf rows and Naive Bayes counts under the idf (`items`) and the
@@ -145,6 +149,7 @@ enum Answer {
         inertia: f64,
         moved: u64,
     },
+    Overlap,
     Sums,
     Described {
         tally: NaiveBayesTally,
@@ -463,6 +468,22 @@ impl Responder {
         }))
     }
 
+    /// This snapshot's users counted by (segment, segment the assignments topic holds), the
+    /// topic read to its end first.
+    fn overlap(&self, k: usize) -> anyhow::Result<Option<Vec<f64>>> {
+        let Some((_, _, Some(participant))) = self.current.as_ref() else {
+            return Ok(None);
+        };
+        catch_up(&self.consumer, &self.topics, &self.progress)?;
+        let previous = self
+            .assignments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(Some(
+            participant.overlap(k, |id| previous.get(id).map(|a| a.segment)),
+        ))
+    }
+
     /// Waits up to `wait` for the next round and answers it; `shard` takes the view at a cut.
     pub fn step(
         &mut self,
@@ -504,6 +525,12 @@ impl Responder {
                     self.current = None;
                 }
                 None
+            }
+            Ask::Overlap { k } => {
+                if self.current.as_ref().is_none_or(|c| c.0 != snapshot) {
+                    return Ok(());
+                }
+                self.overlap(k)?.map(|floats| (Answer::Overlap, floats))
             }
             Ask::Assign {
                 version,
@@ -589,25 +616,21 @@ fn answer_round(
                 partial.sums,
             ))
         }
+        Ask::Relabel { mapping } => {
+            participant.relabel(&mapping);
+            Some((Answer::Ack, vec![]))
+        }
         Ask::Sums { k, holdout } => {
-            let d = view_items(participant)?;
-            Some((
-                Answer::Sums,
-                participant.segment_sums(k, d, holdout).to_floats(),
-            ))
+            let sums = participant.segment_sums(k, participant.items(), holdout);
+            Some((Answer::Sums, sums.to_floats()))
         }
         Ask::Describe { k, holdout } => {
             let (idf, full, partial) = fits(floats, k)?;
             let (scores, tally) = participant.describe(&idf, &full, &partial, holdout);
             Some((Answer::Described { tally }, scores))
         }
-        Ask::Cut | Ask::Items { .. } | Ask::Assign { .. } | Ask::Done => None,
+        Ask::Cut | Ask::Items { .. } | Ask::Overlap { .. } | Ask::Assign { .. } | Ask::Done => None,
     }
-}
-
-/// The group's item count, as the items round gave it to `participant`.
-fn view_items(participant: &LocalParticipant) -> Option<usize> {
-    Some(participant.items())
 }
 
 /// The idf and the two Naive Bayes fits of a describe round's floats: `items`, then
@@ -911,8 +934,16 @@ impl Coordinator {
             let mut participants = [group];
             let model = cluster::solve(&mut participants, cut.items.len(), &cluster_params);
             let [group] = participants;
-            let model = model.context("fewer users than segments: no group model yet")?;
+            let mut model = model.context("fewer users than segments: no group model yet")?;
             let k = model.sizes.len();
+            let solved_at = *group.round.borrow();
+            // A cold solve names its segments anew: keep the previous model's names for the
+            // users that stay together, so the feed carries moves, not renamings.
+            if previous.is_some()
+                && let Some(mapping) = group.match_previous(k)
+            {
+                model.relabel(&mapping);
+            }
             let description =
                 group_snapshot::describe(std::slice::from_ref(&group), k, cut.items.len(), holdout);
             // Every user's segment goes out before the model names its version.
@@ -937,6 +968,7 @@ impl Coordinator {
                     }
                 }
             }
+            model.rounds.snapshot = (*group.round.borrow() - solved_at) as usize;
             match group.error.into_inner() {
                 Some(e) => Err(e),
                 None => Ok((model, description, changed, flows)),
@@ -1080,6 +1112,32 @@ impl RemoteGroup<'_> {
                 vec![]
             }
         }
+    }
+
+    /// The renaming of the `k` new segments that keeps most users under their previous
+    /// segment's id, applied at every instance; `None` when it renames nothing.
+    fn match_previous(&self, k: usize) -> Option<Vec<u32>> {
+        let mut overlap = vec![0.0; k * k];
+        for (_, theirs) in self.ask(Ask::Overlap { k }, &[]) {
+            if theirs.len() != overlap.len() {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert_with(|| anyhow::anyhow!("an overlap answer of the wrong size"));
+                return None;
+            }
+            overlap.iter_mut().zip(&theirs).for_each(|(a, b)| *a += b);
+        }
+        let mapping = crate::engine::matching::match_overlap(&overlap, k);
+        if mapping.iter().enumerate().all(|(c, &m)| c as u32 == m) {
+            return None;
+        }
+        self.ask(
+            Ask::Relabel {
+                mapping: mapping.clone(),
+            },
+            &[],
+        );
+        Some(mapping)
     }
 
     fn items_round(&self, items: &[String]) -> anyhow::Result<()> {
