@@ -214,7 +214,15 @@ pub struct RoundsResult {
     pub lloyd_round_bytes: usize,
     /// The clustering sample, all instances together.
     pub sample_bytes: usize,
+    /// The snapshot's rounds after the model: one instance's segment sums (values, held-out
+    /// values, raters), the idf and two Naive Bayes fits broadcast, one instance's summed
+    /// tf-idf rows.
+    pub sums_bytes: usize,
+    pub describe_broadcast_bytes: usize,
+    pub describe_bytes: usize,
     pub seconds: f64,
+    /// Describing the segments (sums, profiles, Naive Bayes) over the participants.
+    pub snapshot_seconds: f64,
     /// Inertia over the one-instance solve's (1 when the segments are the same).
     pub inertia_ratio: f64,
 }
@@ -251,6 +259,15 @@ pub fn rounds(shape: Shape, instances: &[usize]) -> Vec<RoundsResult> {
             continue;
         };
         let seconds = started.elapsed().as_secs_f64();
+        let k = model.sizes.len();
+        let described = Instant::now();
+        let holdout = crate::snapshot::group::Holdout {
+            percent: crate::snapshot::SnapshotParams::default().holdout_percent,
+            seed: params.seed,
+        };
+        let description = crate::snapshot::group::describe(&participants, k, items, holdout);
+        let snapshot_seconds = described.elapsed().as_secs_f64();
+        std::hint::black_box(&description.naive_bayes);
         let reference = *alone.get_or_insert(model.inertia);
         let sampled = (solve_params.sample_share * users as f64).round() as usize;
         results.push(RoundsResult {
@@ -266,7 +283,11 @@ pub fn rounds(shape: Shape, instances: &[usize]) -> Vec<RoundsResult> {
             eigen_round_bytes: items * block * 8,
             lloyd_round_bytes: (params.clusters * (params.components + 1) + 2) * 8,
             sample_bytes: sampled * (params.components + 1) * 8,
+            sums_bytes: (3 * items * k + 2 * k) * 8,
+            describe_broadcast_bytes: (items + 2 * (k + items * k)) * 8,
+            describe_bytes: k * items * 8,
             seconds,
+            snapshot_seconds,
             inertia_ratio: model.inertia / reference,
         });
     }
@@ -280,7 +301,9 @@ pub fn print_rounds(result: &RoundsResult) {
          rounds: {total} ({stats} statistics, {eigen} eigensolver, {sample} sample, {lloyd} Lloyd); \
          {seconds:.2} s in process\n  \
          each instance sends per round: statistics {sb} B, eigensolver {eb} B, Lloyd {lb} B; \
-         sample {smp} B in all; inertia {ratio:.6}x one instance's",
+         sample {smp} B in all; inertia {ratio:.6}x one instance's\n  \
+         the snapshot (segment sums, profiles, Naive Bayes): {snap:.2} s in process; each \
+         instance sends sums {sums} B and tf-idf rows {desc} B, after a broadcast of {bcast} B",
         shape = result.shape,
         users = result.users,
         items = result.items,
@@ -298,5 +321,9 @@ pub fn print_rounds(result: &RoundsResult) {
         lb = result.lloyd_round_bytes,
         smp = result.sample_bytes,
         ratio = result.inertia_ratio,
+        snap = result.snapshot_seconds,
+        sums = result.sums_bytes,
+        desc = result.describe_bytes,
+        bcast = result.describe_broadcast_bytes,
     );
 }

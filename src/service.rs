@@ -794,11 +794,33 @@ impl Source {
             })
             .await
             .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))?;
-        let (next, gate) = answer
-            .await
-            .map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))??;
+        // Polling on while the engine thread restores: a restore longer than
+        // `max.poll.interval.ms` would otherwise get this member dropped from the group. Nothing
+        // is assigned meanwhile, so nothing is fetched; a rebalance is taken in the callback.
+        let mut answer = answer;
+        let restored = loop {
+            tokio::select! {
+                restored = &mut answer => break restored,
+                polled = self.consumer.recv() => {
+                    if let Ok(message) = polled {
+                        // Not ours to keep: its offset is fetched again once assigned.
+                        tracing::debug!(partition = message.partition(), offset = message.offset(), "a message while taking partitions over: left to be fetched again");
+                    }
+                }
+            }
+        };
+        let (next, gate) =
+            restored.map_err(|_| anyhow::anyhow!("the engine worker stopped unexpectedly"))??;
         // Users and items restored (or gone) are the engine's now: the gate mirrors its caps.
         self.admission = gate;
+        if self.consumer.context().revoked.load(Ordering::Relaxed) {
+            // Revoked while restoring: the poll loop flushes and takes the new assignment over.
+            tracing::info!(partitions = ?owned, "partitions revoked while being taken over: not consuming them");
+            self.shared
+                .health
+                .set_consumed_partitions(Default::default());
+            return Ok(());
+        }
         let topic = self.config.kafka.topic.clone();
         let mut tpl = TopicPartitionList::new();
         self.expected

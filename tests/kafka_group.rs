@@ -188,6 +188,31 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
 
     let snapshot = &model["snapshot"];
     assert_eq!(snapshot["version"], model["version"]);
+    // The group's snapshot has one replay's statistics too, and covers every message.
+    let typed: segmenter::snapshot::Snapshot =
+        serde_json::from_value(snapshot.clone()).expect("a snapshot");
+    assert_eq!(typed.counts.users, replay.counts.users);
+    assert_eq!(typed.counts.items, replay.counts.items);
+    assert_eq!(typed.counts.ratings, replay.counts.ratings);
+    assert_eq!(typed.counts.events_applied, produced);
+    assert_eq!(
+        typed.offsets.values().map(|&o| o as u64).sum::<u64>(),
+        produced
+    );
+    assert!(
+        (typed.pca.total_variance - replay.pca.total_variance).abs()
+            <= 1e-9 * replay.pca.total_variance
+    );
+    for (x, y) in typed
+        .pca
+        .explained_variance
+        .iter()
+        .zip(&replay.pca.explained_variance)
+    {
+        assert!((x - y).abs() <= 1e-9 * y, "explained variance {x} vs {y}");
+    }
+    assert_eq!(typed.kmeans.sizes.iter().sum::<u64>(), replay.counts.users);
+    assert!(typed.kmeans.inertia <= 1.02 * replay.kmeans.inertia);
     for instance in live {
         let (status, body) = http_get(&format!("{}/snapshots/latest", instance.url), None);
         assert_eq!(status, 200, "{body}");
