@@ -962,10 +962,13 @@ impl Pipeline {
             .building
             .and_then(|(_, covered)| covered)
             .or(self.schedule.first_uncovered);
+        // With a group model this instance builds no snapshots: the group's come every
+        // `group_model_interval_ms`, whose age `segmenter_snapshot_age_seconds` shows.
+        let uncovered = oldest.filter(|_| self.policy.cadence != Cadence::Never);
         self.shared
             .metrics
             .snapshot_staleness_seconds
-            .set(oldest.map_or(0.0, |t| now.duration_since(t).as_secs_f64()));
+            .set(uncovered.map_or(0.0, |t| now.duration_since(t).as_secs_f64()));
         if self.schedule.snapshot_due(now) {
             self.spawn_snapshot()?;
         }

@@ -53,8 +53,8 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     let mut produced = parts[0].1;
 
     let mut a = start_group_instance(&env, dir.path(), "a").0;
-    let b = start_group_instance(&env, dir.path(), "b").0;
-    let c = start_group_instance(&env, dir.path(), "c").0;
+    let mut b = start_group_instance(&env, dir.path(), "b").0;
+    let mut c = start_group_instance(&env, dir.path(), "c").0;
     wait_until(
         Duration::from_secs(120),
         "the first installment consumed",
@@ -72,7 +72,7 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     let _ = a.service.child.wait();
     finish_producing(producer);
     produced += parts[1].1;
-    let d = start_group_instance(&env, dir.path(), "d").0;
+    let mut d = start_group_instance(&env, dir.path(), "d").0;
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[2].0));
     produced += parts[2].1;
     wait_until(
@@ -235,6 +235,13 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
         &env,
     );
     assert_one_feed(&changes_topic, &snapshots_topic, &segments, snapshot);
+
+    // Idle now: every instance answers the next cuts without a pass over its ratings.
+    for instance in [&mut b, &mut c, &mut d] {
+        instance.service.wait_for(Duration::from_secs(30), |v| {
+            v["fields"]["message"] == "group cut unchanged: answered from the last one"
+        });
+    }
 
     for instance in [b, c, d] {
         instance.service.signal("-TERM");
