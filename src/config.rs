@@ -180,6 +180,11 @@ pub struct KafkaConfig {
     /// to another instance is restored there ("" = off: a moved partition is rebuilt from the
     /// ratings topic's history).
     pub changelog_topic: String,
+    /// Keep a warm copy of every changelog partition this instance does not own (in memory,
+    /// following the changelog as it is written), so taking one over reads only what came
+    /// after the copy instead of the whole partition. Needs `changelog_topic`. Every instance
+    /// then holds the whole group's rows: for small groups.
+    pub standby: bool,
     /// Where the feed records, in the same transactions, which snapshot version it published
     /// last (compacted; "" = `<group_id>-publications`).
     pub publications_topic: String,
@@ -215,6 +220,7 @@ impl Default for KafkaConfig {
             changes_topic: String::new(),
             assignments_topic: String::new(),
             changelog_topic: String::new(),
+            standby: false,
             group_model_interval_ms: 0,
             publications_topic: String::new(),
             transactional_id: String::new(),
@@ -443,6 +449,12 @@ impl Config {
             "a group model needs every partition held by exactly one instance, which only the \
              changelog guarantees (without it an instance keeps the users of partitions it lost)",
             "set [kafka] changelog_topic (e.g. segmenter-changelog), or group_model_interval_ms = 0",
+        )?;
+        invalid_if(
+            self.kafka.standby && self.kafka.changelog_topic.is_empty(),
+            "[kafka] standby",
+            "a standby copies the changelog, and there is none",
+            "set [kafka] changelog_topic (e.g. segmenter-changelog), or standby = false",
         )?;
         invalid_if(
             !self.kafka.changelog_topic.is_empty() && self.events.half_life.is_some(),
@@ -1176,6 +1188,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.contains("[kafka] changelog_topic"), "{text}");
+        let text = Config::load_with_env(None, env(&[("SEGMENTER_KAFKA__STANDBY", "true")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("[kafka] standby") && text.contains("set [kafka] changelog_topic"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct Health {
     /// the partition's new owner fences this instance off; only a partition still consumed
     /// makes that fatal.
     pub consumed_partitions: std::sync::Mutex<std::collections::BTreeSet<i32>>,
+    /// `[kafka] standby`: this instance keeps warm copies of the partitions it does not own.
+    pub standby: AtomicBool,
 }
 
 impl Health {
@@ -80,12 +82,16 @@ impl Health {
     }
 
     /// One word for `/readyz`: `restoring` while partitions are being taken over from the
-    /// changelog, `serving` when ready, `not_ready` otherwise (the flags say why).
+    /// changelog, `serving` when ready, `standing_by` for a standby with no partition to
+    /// consume, `not_ready` otherwise (the flags say why).
     pub fn status(&self) -> &'static str {
         if self.restoring.load(Ordering::Relaxed) {
             "restoring"
         } else if self.ready() {
             "serving"
+        } else if self.standby.load(Ordering::Relaxed) && self.partitions_assigned() == Some(0) {
+            // No partition to consume: a spare, ready to take some over without a full read.
+            "standing_by"
         } else {
             "not_ready"
         }

@@ -133,11 +133,23 @@ pub async fn run(
                 },
             )?;
         }
+        let standby = if config.kafka.standby {
+            shared.health.standby.store(true, Ordering::Relaxed);
+            Some(crate::kafka::standby::Standby::start(
+                &config.kafka,
+                partitions,
+                shared.metrics.clone(),
+                stopping.clone(),
+            )?)
+        } else {
+            None
+        };
         Some(Changelog::start(
             &config.kafka,
             shared.health.clone(),
             shared.metrics.clone(),
             changelog_errors_tx,
+            standby,
         )?)
     };
     let mut source = Source::connect(

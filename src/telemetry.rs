@@ -61,6 +61,8 @@ pub struct Metrics {
     pub changelog_records: IntCounter,
     pub changelog_restored_users: IntCounter,
     pub changelog_restore_seconds: Histogram,
+    pub changelog_standby_cells: IntGauge,
+    pub changelog_standby_takeovers: IntCounter,
     /// The group model: the latest version read, and (on the coordinator) how long each took
     /// and the rounds it ran.
     pub group_model_version: IntGauge,
@@ -361,6 +363,14 @@ impl Metrics {
                 "Time to take over a partition whose state this instance did not hold: fencing its previous owner and reading its changelog.",
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
             ),
+            changelog_standby_cells: int_gauge(
+                "segmenter_changelog_standby_cells",
+                "Cells held in standby copies of the changelog partitions this instance does not own ([kafka] standby).",
+            ),
+            changelog_standby_takeovers: counter(
+                "segmenter_changelog_standby_takeovers_total",
+                "Partitions taken over from a standby copy, reading only the changelog written after it.",
+            ),
             group_model_version: int_gauge(
                 "segmenter_group_model_version",
                 "Latest version of the whole group's model this instance has read (0: none).",
@@ -443,6 +453,8 @@ impl Metrics {
             Box::new(self.changelog_records.clone()),
             Box::new(self.changelog_restored_users.clone()),
             Box::new(self.changelog_restore_seconds.clone()),
+            Box::new(self.changelog_standby_cells.clone()),
+            Box::new(self.changelog_standby_takeovers.clone()),
             Box::new(self.group_model_version.clone()),
             Box::new(self.group_model_seconds.clone()),
             Box::new(self.group_rounds.clone()),

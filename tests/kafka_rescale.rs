@@ -241,3 +241,101 @@ fn an_instance_killed_mid_stream_and_restarted_on_its_state_dir_doubles_nothing(
     assert_eq!(persisted_position(&state), produced, "every message once");
     eprintln!("{} partition restores over the kills", restores.len());
 }
+
+/// With `[kafka] standby`, a survivor takes a dead instance's partitions over from its warm
+/// copies (reading only the changelog written after them): 2 instances on 6 partitions, each
+/// following the other's changelog; one is SIGKILLed while events flow and never restarted.
+/// The survivor's take-overs start from standby copies, and it ends holding exactly the rows of
+/// one replay, its offsets covering every message once.
+#[test]
+fn a_standby_takes_a_dead_instances_partitions_over_from_its_copies_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Implicit, 500, 50_000, 37);
+    let parts = split_ratings(&ratings, 3);
+    let topic = unique_topic("standby");
+    let group = format!("g-{topic}");
+    let mut env = group_env(&topic, dir.path(), None);
+    env.push(("SEGMENTER_KAFKA__STANDBY".into(), "true".into()));
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
+    let mut produced = parts[0].1;
+
+    let (mut a, _) = start_group_instance(&env, dir.path(), "a");
+    let (mut b, _) = start_group_instance(&env, dir.path(), "b");
+    wait_until(
+        Duration::from_secs(120),
+        "the first installment consumed",
+        || group_progress(&topic, &group, PARTITIONS) >= produced,
+    );
+    // Both hold copies of the other's partitions.
+    wait_until(Duration::from_secs(60), "standby copies on both", || {
+        [&a, &b].iter().all(|i| {
+            metric(&i.url, "segmenter_changelog_standby_cells").is_some_and(|cells| cells > 0.0)
+        })
+    });
+    let (_, ready) = readyz(&a.url);
+    assert_eq!(ready["standby"], true, "{ready}");
+
+    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
+    wait_until(
+        Duration::from_secs(120),
+        "the second installment under way",
+        || group_progress(&topic, &group, PARTITIONS) > produced,
+    );
+    b.service.child.kill().expect("SIGKILL");
+    let _ = b.service.child.wait();
+    finish_producing(producer);
+    produced += parts[1].1;
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[2].0));
+    produced += parts[2].1;
+    a.service.wait_for(Duration::from_secs(120), |v| {
+        v["fields"]["message"] == "partitions taken over: consuming"
+            && v["fields"]["partitions"] == "{0, 1, 2, 3, 4, 5}"
+    });
+    wait_until(
+        Duration::from_secs(180),
+        "every installment consumed",
+        || group_progress(&topic, &group, PARTITIONS) >= produced,
+    );
+    let from_copies = metric(&a.url, "segmenter_changelog_standby_takeovers_total").unwrap_or(0.0);
+    a.service.signal("-TERM");
+    let state = a.state.clone();
+    let (code, log) = a.service.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", log.join("\n"));
+    let standby_restores: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"] == "partition restored from the changelog"
+                && v["fields"]["standby_cells"].as_u64() > Some(0)
+        })
+        .collect();
+    assert!(
+        from_copies >= 1.0 && !standby_restores.is_empty(),
+        "the dead instance's partitions were taken over from standby copies \
+         ({from_copies} by the metric):\n{}",
+        log.join("\n")
+    );
+    eprintln!(
+        "take-overs from standby copies: {}",
+        standby_restores
+            .iter()
+            .map(|v| format!(
+                "partition {} ({} cells copied, read on from changelog offset {}, {:.3} s)",
+                v["fields"]["partition"],
+                v["fields"]["standby_cells"],
+                v["fields"]["standby_position"],
+                v["fields"]["seconds"]
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+
+    let replay_state = dir.path().join("replay");
+    replay_snapshot(&ratings, &replay_state, &env);
+    assert_eq!(
+        rows(&state, &env),
+        rows(&replay_state, &env),
+        "every row as one replay"
+    );
+    assert_eq!(persisted_position(&state), produced, "every message once");
+}

@@ -393,6 +393,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "feed_stopped": h.feed_stopped.load(Relaxed),
         "restoring": h.restoring.load(Relaxed),
         "changelog_behind": h.changelog_behind.load(Relaxed),
+        "standby": h.standby.load(Relaxed),
     });
     let status = if ready {
         StatusCode::OK

@@ -92,6 +92,75 @@ pub enum Handover {
     },
 }
 
+/// A changelog partition's state as read so far, record by record in offset order: every
+/// user's cells and the last next-offset record. Records set a cell or remove it, so reading
+/// some of them twice changes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionState {
+    rows: FxHashMap<String, FxHashMap<String, f64>>,
+    next_offset: Option<i64>,
+}
+
+impl PartitionState {
+    /// Applies one record; `Err` names what segmenter does not write.
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), &'static str> {
+        if key == OFFSET_KEY {
+            self.next_offset = Some(decode_offset(value).map_err(|_| "an offset record")?);
+            return Ok(());
+        }
+        let (user, item) = split_cell_key(key).ok_or("a key")?;
+        match value {
+            None => {
+                if let Some(row) = self.rows.get_mut(user) {
+                    row.remove(item);
+                    if row.is_empty() {
+                        self.rows.remove(user);
+                    }
+                }
+            }
+            Some(bytes) => {
+                let value = <[u8; 8]>::try_from(bytes)
+                    .map(f64::from_le_bytes)
+                    .map_err(|_| "a value")?;
+                let row = match self.rows.get_mut(user) {
+                    Some(row) => row,
+                    None => self.rows.entry(user.to_string()).or_default(),
+                };
+                row.insert(item.to_string(), value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cells held.
+    pub fn cells(&self) -> usize {
+        self.rows.values().map(FxHashMap::len).sum()
+    }
+
+    fn into_handover(self) -> Handover {
+        let rows = self
+            .rows
+            .into_iter()
+            .map(|(user, cells)| Row {
+                user,
+                cells: cells.into_iter().collect(),
+            })
+            .collect();
+        Handover::Restored {
+            rows,
+            next_offset: self.next_offset,
+        }
+    }
+}
+
+/// A standby's copy of one changelog partition: its state up to `position` (the next
+/// changelog offset to read).
+#[derive(Debug, Clone)]
+pub struct PartitionCopy {
+    pub state: PartitionState,
+    pub position: i64,
+}
+
 /// A cell's record key: `user NUL item`.
 pub fn cell_key(user: &str, item: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(user.len() + 1 + item.len());
@@ -148,6 +217,7 @@ impl Changelog {
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         errors: tokio::sync::mpsc::UnboundedSender<anyhow::Error>,
+        standby: Option<crate::kafka::standby::Standby>,
     ) -> anyhow::Result<Changelog> {
         let (commands, received) = std::sync::mpsc::sync_channel(QUEUE_DEPTH);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -159,6 +229,7 @@ impl Changelog {
             health,
             metrics,
             stopping: stopping.clone(),
+            standby,
         };
         let writer = std::thread::Builder::new()
             .name("segmenter-changelog".into())
@@ -240,6 +311,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Set when the service stops and the grace is over: failing writes are given up.
     stopping: Arc<AtomicBool>,
+    /// `[kafka] standby`: warm copies of the partitions not owned.
+    standby: Option<crate::kafka::standby::Standby>,
 }
 
 impl Writer {
@@ -423,6 +496,9 @@ impl Writer {
     ) -> anyhow::Result<BTreeMap<i32, Handover>> {
         self.producers.retain(|p, _| partitions.contains(p));
         self.lost.clear();
+        if let Some(standby) = &self.standby {
+            standby.set_owned(partitions);
+        }
         let mut handovers = BTreeMap::new();
         let new: Vec<i32> = partitions
             .iter()
@@ -462,6 +538,9 @@ impl Writer {
         let started = Instant::now();
         let producer = self.open(partition)?;
         let opened = started.elapsed().as_secs_f64();
+        // Owned from now on: a standby copy of it is this take-over's to use, or nobody's.
+        let copy = self.standby.as_ref().and_then(|s| s.take(partition));
+        let standby = copy.as_ref().map(|c| (c.position, c.state.cells()));
         // One reader for the watermarks, the tail and (when needed) the whole partition.
         let reader = self.reader()?;
         let (low, high) = reader.fetch_watermarks(&self.topic, partition, FETCH_TIMEOUT)?;
@@ -484,7 +563,10 @@ impl Writer {
                 next_offset: None,
             }
         } else {
-            self.read(&reader, partition)?
+            if standby.is_some() {
+                self.metrics.changelog_standby_takeovers.inc();
+            }
+            self.read(&reader, partition, copy)?
         };
         let seconds = started.elapsed().as_secs_f64();
         match &handover {
@@ -505,6 +587,8 @@ impl Writer {
                     next_offset,
                     local,
                     seconds,
+                    standby_position = standby.map(|s| s.0),
+                    standby_cells = standby.map(|s| s.1),
                     "partition restored from the changelog"
                 );
             }
@@ -601,50 +685,28 @@ impl Writer {
     }
 
     /// The whole partition: each cell's latest value, by user, and the latest offset record.
-    fn read(&self, consumer: &BaseConsumer, partition: i32) -> anyhow::Result<Handover> {
-        let mut rows: FxHashMap<String, FxHashMap<String, f64>> = FxHashMap::default();
-        let mut next_offset = None;
-        let foreign = |what: &str| {
-            anyhow::anyhow!(
-                "the changelog {} partition {partition} holds {what} segmenter did not write: \
-                 give the changelog a topic of its own",
-                self.topic
-            )
+    /// The partition's state read on from `from` (a standby copy) to the partition's end, or
+    /// from its beginning.
+    fn read(
+        &self,
+        consumer: &BaseConsumer,
+        partition: i32,
+        from: Option<PartitionCopy>,
+    ) -> anyhow::Result<Handover> {
+        let (mut state, start) = match from {
+            Some(copy) => (copy.state, Offset::Offset(copy.position)),
+            None => (PartitionState::default(), Offset::Beginning),
         };
-        self.scan(consumer, partition, Offset::Beginning, |key, value| {
-            if key == OFFSET_KEY {
-                next_offset = Some(decode_offset(value)?);
-                return Ok(());
-            }
-            let (user, item) = split_cell_key(key).ok_or_else(|| foreign("a key"))?;
-            match value {
-                None => {
-                    if let Some(row) = rows.get_mut(user) {
-                        row.remove(item);
-                    }
-                }
-                Some(bytes) => {
-                    let value = <[u8; 8]>::try_from(bytes)
-                        .map(f64::from_le_bytes)
-                        .map_err(|_| foreign("a value"))?;
-                    let row = match rows.get_mut(user) {
-                        Some(row) => row,
-                        None => rows.entry(user.to_string()).or_default(),
-                    };
-                    row.insert(item.to_string(), value);
-                }
-            }
-            Ok(())
-        })?;
-        let rows = rows
-            .into_iter()
-            .filter(|(_, cells)| !cells.is_empty())
-            .map(|(user, cells)| Row {
-                user,
-                cells: cells.into_iter().collect(),
+        self.scan(consumer, partition, start, |key, value| {
+            state.apply(key, value).map_err(|what| {
+                anyhow::anyhow!(
+                    "the changelog {} partition {partition} holds {what} segmenter did not \
+                     write: give the changelog a topic of its own",
+                    self.topic
+                )
             })
-            .collect();
-        Ok(Handover::Restored { rows, next_offset })
+        })?;
+        Ok(state.into_handover())
     }
 }
 
@@ -666,6 +728,76 @@ fn decode_offset(value: Option<&[u8]>) -> anyhow::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type SortedRows = Vec<(String, Vec<(String, f64)>)>;
+
+    /// Rows sorted by user and item, to compare handovers.
+    fn sorted(handover: Handover) -> (SortedRows, Option<i64>) {
+        let Handover::Restored { rows, next_offset } = handover else {
+            panic!("a restore");
+        };
+        let mut rows: Vec<_> = rows
+            .into_iter()
+            .map(|mut r| {
+                r.cells.sort_by(|a, b| a.0.cmp(&b.0));
+                (r.user, r.cells)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        (rows, next_offset)
+    }
+
+    #[test]
+    fn a_copy_read_on_from_any_earlier_position_gives_the_whole_read() {
+        let value = |v: f64| Some(v.to_le_bytes().to_vec());
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![];
+        for round in 0..5i64 {
+            for u in 0..20 {
+                for j in 0..4 {
+                    let key = cell_key(&format!("u{u}"), &format!("i{j}"));
+                    // Cells come and go: every third a tombstone.
+                    let v = if (u + j + round) % 3 == 0 {
+                        None
+                    } else {
+                        value((u * 10 + j) as f64 + round as f64)
+                    };
+                    records.push((key, v));
+                }
+            }
+            records.push((
+                OFFSET_KEY.to_vec(),
+                Some((100 * (round + 1)).to_le_bytes().to_vec()),
+            ));
+        }
+        let mut whole = PartitionState::default();
+        for (k, v) in &records {
+            whole.apply(k, v.as_deref()).expect("segmenter's records");
+        }
+        let expected = sorted(whole.clone().into_handover());
+        assert_eq!(expected.1, Some(500));
+        assert!(whole.cells() > 0 && whole.cells() < 80);
+        for position in [0, 1, 77, 200, records.len()] {
+            let mut copy = PartitionState::default();
+            for (k, v) in &records[..position] {
+                copy.apply(k, v.as_deref()).expect("segmenter's records");
+            }
+            // The tail, from a little before the copy's position: records read twice change
+            // nothing.
+            for (k, v) in &records[position.saturating_sub(30)..] {
+                copy.apply(k, v.as_deref()).expect("segmenter's records");
+            }
+            assert_eq!(sorted(copy.into_handover()), expected, "from {position}");
+        }
+        let mut foreign = PartitionState::default();
+        assert_eq!(
+            foreign.apply(b"no-nul", value(1.0).as_deref()),
+            Err("a key")
+        );
+        assert_eq!(
+            foreign.apply(&cell_key("u", "i"), Some(b"short")),
+            Err("a value")
+        );
+    }
 
     #[test]
     fn cell_keys_round_trip_and_foreign_keys_are_refused() {

@@ -9,6 +9,7 @@ pub mod dead_letter;
 pub mod produce;
 pub mod rounds;
 pub mod snapshots;
+pub mod standby;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
