@@ -17,13 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=${1:-target/release/segmenter}
-brokers=${BROKERS:-127.0.0.1:9092}
-ratings=${RATINGS:-target/bench-data/realistic-large/ratings.csv}
-repeats=${REPEATS:-3}
 modes=${MODES:-changelog standby}
 port=${PORT:-9783}
-source scripts/lib-instances.sh failover
+source scripts/lib-instances.sh failover "$@"
 
 printf 'mode\trun\ttake-over s (6 partitions)\tusers restored\tstandby cells before the kill\tA peak RSS MB\n'
 for r in $(seq 1 "$repeats"); do

@@ -16,14 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=${1:-target/release/segmenter}
-brokers=${BROKERS:-127.0.0.1:9092}
-ratings=${RATINGS:-target/bench-data/realistic-large/ratings.csv}
-repeats=${REPEATS:-3}
 counts=${COUNTS:-1 2 3}
 port=${PORT:-9683}
 interval=${INTERVAL_MS:-2000}
-source scripts/lib-instances.sh group
+source scripts/lib-instances.sh group "$@"
 
 # A top-level field of the group model (it carries the group's snapshot, whose fields share
 # some names).

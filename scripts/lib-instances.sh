@@ -1,8 +1,15 @@
 # scripts/lib-instances.sh - shared by the benchmarks that run several `segmenter run` instances
-# (rescale-bench.sh, group-bench.sh): sourced after `bin`, `brokers` and `ratings` are set. Makes
-# a work dir, stops every started instance on exit, produces the ratings file once to a fresh
-# 6-partition topic, and reads an instance's figures by its HTTP port.
-# Sets: work, pids, total, topic (prefix $1).
+# (rescale-bench.sh, group-bench.sh, failover-bench.sh), sourced as
+# `source scripts/lib-instances.sh PREFIX "$@"`. Reads the settings they share (the binary as the
+# script's first argument, BROKERS, RATINGS, REPEATS), makes a work dir, stops every started
+# instance on exit, produces the ratings file once to a fresh 6-partition topic, and reads an
+# instance's figures by its HTTP port.
+# Sets: bin, brokers, ratings, repeats, work, pids, total, topic (prefix PREFIX).
+
+bin=${2:-target/release/segmenter}
+brokers=${BROKERS:-127.0.0.1:9092}
+ratings=${RATINGS:-target/bench-data/realistic-large/ratings.csv}
+repeats=${REPEATS:-3}
 
 [ -s "$ratings" ] || { echo "no $ratings: run scripts/bench-vs-sklearn.sh realistic-large once" >&2; exit 1; }
 work=$(mktemp -d)

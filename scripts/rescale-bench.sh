@@ -17,13 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=${1:-target/release/segmenter}
-brokers=${BROKERS:-127.0.0.1:9092}
-ratings=${RATINGS:-target/bench-data/realistic-large/ratings.csv}
-repeats=${REPEATS:-3}
 modes=${MODES:-changelog rebuild}
 port=${PORT:-9583}
-source scripts/lib-instances.sh rescale
+source scripts/lib-instances.sh rescale "$@"
 
 lag() { curl -s "127.0.0.1:$1/metrics" | awk '/^segmenter_consumer_lag_messages\{/{s+=$2; n++} END{print (n ? s : -1)}'; }
 status() { curl -s "127.0.0.1:$1/readyz" | sed -n 's/.*"status":"\([a-z_]*\)".*/\1/p'; }

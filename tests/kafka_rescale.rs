@@ -55,13 +55,7 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
-    let (mut a, _) = start_group_instance(&env, dir.path(), "a");
-    let (mut b, _) = start_group_instance(&env, dir.path(), "b");
-    wait_until(
-        Duration::from_secs(120),
-        "the first installment consumed",
-        || group_progress(&topic, &group, PARTITIONS) >= produced,
-    );
+    let (mut a, mut b) = two_instances(&env, dir.path(), (&topic, &group), produced);
 
     // A third instance: the group moves partitions to it, and it restores them.
     let (mut c, taken_over) = start_group_instance(&env, dir.path(), "c");
@@ -163,6 +157,24 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     assert_eq!(persisted_position(&state), produced);
 }
 
+/// Instances "a" and "b" of `env`'s group on `topic`, once the group has consumed the first
+/// `produced` messages.
+fn two_instances(
+    env: &[(String, String)],
+    dir: &Path,
+    (topic, group): (&str, &str),
+    produced: u64,
+) -> (GroupInstance, GroupInstance) {
+    let (a, _) = start_group_instance(env, dir, "a");
+    let (b, _) = start_group_instance(env, dir, "b");
+    wait_until(
+        Duration::from_secs(120),
+        "the first installment consumed",
+        || group_progress(topic, group, PARTITIONS) >= produced,
+    );
+    (a, b)
+}
+
 /// The users each "partition restored from the changelog" line of `log` reports, in order.
 fn restores(log: &[String]) -> Vec<u64> {
     log.iter()
@@ -259,13 +271,7 @@ fn a_standby_takes_a_dead_instances_partitions_over_from_its_copies_exactly() {
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 
-    let (mut a, _) = start_group_instance(&env, dir.path(), "a");
-    let (mut b, _) = start_group_instance(&env, dir.path(), "b");
-    wait_until(
-        Duration::from_secs(120),
-        "the first installment consumed",
-        || group_progress(&topic, &group, PARTITIONS) >= produced,
-    );
+    let (mut a, mut b) = two_instances(&env, dir.path(), (&topic, &group), produced);
     // Both hold copies of the other's partitions.
     wait_until(Duration::from_secs(60), "standby copies on both", || {
         [&a, &b].iter().all(|i| {
