@@ -176,6 +176,10 @@ pub struct KafkaConfig {
     /// How often the instance owning partition 0 builds one model of the whole group from every
     /// instance's partial sums (0 = never). Needs `changelog_topic`.
     pub group_model_interval_ms: u64,
+    /// Largest share of floats one message of the group model's rounds carries: a larger
+    /// broadcast or partial (an eigensolver block, the segments' sums over many items) goes out
+    /// in parts of at most this many bytes, put together on arrival.
+    pub group_part_bytes: usize,
     /// Each owned partition's user rows and next offset, compacted, so a partition that moves
     /// to another instance is restored there ("" = off: a moved partition is rebuilt from the
     /// ratings topic's history).
@@ -222,6 +226,7 @@ impl Default for KafkaConfig {
             changelog_topic: String::new(),
             standby: false,
             group_model_interval_ms: 0,
+            group_part_bytes: 8 << 20,
             publications_topic: String::new(),
             transactional_id: String::new(),
             feed_resync: false,
@@ -764,6 +769,12 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         "[kafka] dead_letter_topic",
         "equals [kafka] topic",
         "use a separate topic, e.g. ratings-dead-letter",
+    )?;
+    invalid_if(
+        !(1024..=(48 << 20)).contains(&k.group_part_bytes),
+        "[kafka] group_part_bytes",
+        "must be between 1024 and 50331648 (48 MiB; the group's topics take messages of 64 MiB)",
+        "use the default 8388608",
     )?;
     let publications = k.publications_topic_name();
     let outputs: [(&'static str, &str, &'static str); 5] = [

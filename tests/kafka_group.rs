@@ -15,6 +15,9 @@
 //! version, each change starting from the segment the previous one left, and every user's last
 //! change the segment the group serves.
 //!
+//! The rounds run with `[kafka] group_part_bytes` at its minimum, so every large message goes
+//! out in parts and the figures above hold after they are put together.
+//!
 //! Needs the broker the test command starts (`SEGMENTER_TEST_BROKERS`).
 
 mod common;
@@ -49,6 +52,9 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
         "SEGMENTER_KAFKA__SNAPSHOTS_TOPIC".into(),
         snapshots_topic.clone(),
     ));
+    // Small parts: every block, partial and broadcast of the rounds travels in several
+    // messages, put together on arrival.
+    env.push(("SEGMENTER_KAFKA__GROUP_PART_BYTES".into(), "4096".into()));
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
 

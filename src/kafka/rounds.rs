@@ -127,6 +127,26 @@ struct AskHead {
     snapshot: String,
     round: u32,
     ask: Ask,
+    #[serde(default)]
+    part: Part,
+}
+
+/// Which part of a message this is: floats larger than `[kafka] group_part_bytes` go out in
+/// parts, each with the whole header and a slice of the floats, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Part {
+    part: u32,
+    parts: u32,
+}
+
+impl Part {
+    const WHOLE: Part = Part { part: 0, parts: 1 };
+}
+
+impl Default for Part {
+    fn default() -> Self {
+        Part::WHOLE
+    }
 }
 
 /// An instance's answer to a round.
@@ -169,6 +189,8 @@ struct AnswerHead {
     instance: String,
     // Not flattened: serde cannot read the integer keys of a flattened map back.
     answer: Answer,
+    #[serde(default)]
+    part: Part,
 }
 
 /// A message: the header's JSON length (u32), the JSON, then the floats (f64, little-endian):
@@ -182,6 +204,54 @@ fn encode<H: Serialize>(head: &H, floats: &[f64]) -> anyhow::Result<Vec<u8>> {
         out.extend_from_slice(&x.to_le_bytes());
     }
     Ok(out)
+}
+
+/// The messages carrying `floats` at most `per_part` to a message, each under the header
+/// `head` gives for its part.
+fn encode_parts<H: Serialize>(
+    floats: &[f64],
+    per_part: usize,
+    head: impl Fn(Part) -> H,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let per_part = per_part.max(1);
+    let parts = floats.len().div_ceil(per_part).max(1);
+    (0..parts)
+        .map(|p| {
+            let slice =
+                &floats[(p * per_part).min(floats.len())..((p + 1) * per_part).min(floats.len())];
+            let part = Part {
+                part: p as u32,
+                parts: parts as u32,
+            };
+            encode(&head(part), slice)
+        })
+        .collect()
+}
+
+/// One message's parts as they arrive (in order, from one sender).
+#[derive(Debug, Default)]
+struct Assembly {
+    floats: Vec<f64>,
+    next: u32,
+}
+
+impl Assembly {
+    /// Adds part `part`; the whole floats once it was the last. A part out of order starts
+    /// over (a sender that restarted its message).
+    fn add(&mut self, part: Part, floats: Vec<f64>) -> Option<Vec<f64>> {
+        if part.part == 0 {
+            self.floats.clear();
+            self.next = 0;
+        }
+        if part.part != self.next {
+            self.floats.clear();
+            self.next = 0;
+            return None;
+        }
+        self.floats.extend(floats);
+        self.next += 1;
+        (self.next >= part.parts).then(|| std::mem::take(&mut self.floats))
+    }
 }
 
 fn decode<H: DeserializeOwned>(bytes: &[u8]) -> Option<(H, Vec<f64>)> {
@@ -387,6 +457,10 @@ pub struct Responder {
     /// (state is a function of the events below them), so an idle group's cuts cost no pass
     /// over the ratings.
     last_cut: Option<(BTreeMap<i32, i64>, Answer, Vec<f64>)>,
+    /// `[kafka] group_part_bytes` in floats.
+    part_floats: usize,
+    /// The parts of the ask being received: its snapshot and round, and the floats so far.
+    ask_parts: Option<((String, u32), Assembly)>,
 }
 
 impl Responder {
@@ -406,6 +480,8 @@ impl Responder {
             assignments,
             progress,
             last_cut: None,
+            part_floats: kafka.group_part_bytes / 8,
+            ask_parts: None,
         })
     }
 
@@ -507,7 +583,24 @@ impl Responder {
             snapshot,
             round,
             ask,
+            part,
         } = head;
+        let floats = if part == Part::WHOLE {
+            floats
+        } else {
+            let key = (snapshot.clone(), round);
+            let assembly = match &mut self.ask_parts {
+                Some((k, a)) if *k == key => a,
+                slot => &mut slot.insert((key, Assembly::default())).1,
+            };
+            match assembly.add(part, floats) {
+                Some(whole) => {
+                    self.ask_parts = None;
+                    whole
+                }
+                None => return Ok(()),
+            }
+        };
         tracing::debug!(snapshot, round, "group round asked");
         let answer = match ask {
             Ask::Cut => {
@@ -571,19 +664,21 @@ impl Responder {
             }
         };
         if let Some((answer, floats)) = answer {
-            let head = AnswerHead {
-                snapshot,
+            let messages = encode_parts(&floats, self.part_floats, |part| AnswerHead {
+                snapshot: snapshot.clone(),
                 round,
                 instance: self.instance.clone(),
-                answer,
-            };
-            let bytes = encode(&head, &floats)?;
-            send(
-                &self.producer,
-                &self.topics.partials,
-                &self.instance,
-                &bytes,
-            )?;
+                answer: answer.clone(),
+                part,
+            })?;
+            for bytes in messages {
+                send(
+                    &self.producer,
+                    &self.topics.partials,
+                    &self.instance,
+                    &bytes,
+                )?;
+            }
         }
         Ok(())
     }
@@ -722,6 +817,8 @@ pub struct Coordinator {
     progress: Arc<GroupProgress>,
     /// The last version this coordinator claimed.
     claimed: u64,
+    /// `[kafka] group_part_bytes` in floats.
+    part_floats: usize,
 }
 
 /// What a cut gathered.
@@ -753,6 +850,7 @@ impl Coordinator {
             snapshot,
             progress,
             claimed: 0,
+            part_floats: kafka.group_part_bytes / 8,
         })
     }
 
@@ -767,20 +865,19 @@ impl Coordinator {
         from: Option<&BTreeSet<String>>,
         enough: impl Fn(&[(AnswerHead, Vec<f64>)]) -> bool,
     ) -> anyhow::Result<Vec<(AnswerHead, Vec<f64>)>> {
-        let head = AskHead {
+        let messages = encode_parts(floats, self.part_floats, |part| AskHead {
             snapshot: snapshot.to_string(),
             round,
-            ask,
-        };
-        send(
-            &self.producer,
-            &self.topics.rounds,
-            &self.instance,
-            &encode(&head, floats)?,
-        )?;
+            ask: ask.clone(),
+            part,
+        })?;
+        for bytes in messages {
+            send(&self.producer, &self.topics.rounds, &self.instance, &bytes)?;
+        }
         let started = Instant::now();
         let deadline = started + ROUND_TIMEOUT;
         let mut answers: Vec<(AnswerHead, Vec<f64>)> = vec![];
+        let mut assemblies: BTreeMap<String, Assembly> = BTreeMap::new();
         loop {
             let done = match from {
                 Some(from) => answers.len() == from.len(),
@@ -813,8 +910,17 @@ impl Coordinator {
                 && answer.round == round
                 && from.is_none_or(|f| f.contains(&answer.instance))
                 && !answers.iter().any(|(a, _)| a.instance == answer.instance);
-            if wanted {
+            if !wanted {
+                continue;
+            }
+            if answer.part == Part::WHOLE {
                 answers.push((answer, floats));
+            } else if let Some(whole) = assemblies
+                .entry(answer.instance.clone())
+                .or_default()
+                .add(answer.part, floats)
+            {
+                answers.push((answer, whole));
             }
         }
     }
@@ -1086,6 +1192,7 @@ impl Coordinator {
             snapshot: snapshot.to_string(),
             round: u32::MAX,
             ask: Ask::Done,
+            part: Part::WHOLE,
         };
         if let Ok(bytes) = encode(&head, &[]) {
             let _ = send(&self.producer, &self.topics.rounds, &self.instance, &bytes);
@@ -1449,6 +1556,7 @@ mod tests {
                 inertia: 0.1 + 0.2,
                 moved: 4,
             },
+            part: Part::WHOLE,
         };
         let floats = [0.1 + 0.2, -0.0, f64::MIN_POSITIVE, 1e300];
         let bytes = encode(&head, &floats).expect("encode");
@@ -1470,6 +1578,7 @@ mod tests {
                 users: 3,
                 ratings: 9,
             },
+            part: Part { part: 1, parts: 3 },
         };
         let (back, _): (AnswerHead, Vec<f64>) =
             decode(&encode(&cut, &[1.0, 2.0]).expect("encode")).expect("a cut decodes");
@@ -1478,5 +1587,67 @@ mod tests {
             "{back:?}"
         );
         assert!(decode::<AnswerHead>(b"{}").is_none());
+        let (back, _): (AnswerHead, Vec<f64>) =
+            decode(&encode(&cut, &[]).expect("encode")).expect("decodes");
+        assert_eq!(back.part, Part { part: 1, parts: 3 });
+        // A header of a build without parts reads as a whole message.
+        let json = br#"{"snapshot":"s","round":2,"instance":"i","answer":"ack"}"#;
+        let mut old = (json.len() as u32).to_le_bytes().to_vec();
+        old.extend_from_slice(json);
+        let (back, _): (AnswerHead, Vec<f64>) = decode(&old).expect("decodes");
+        assert_eq!(back.part, Part::WHOLE);
+    }
+
+    #[test]
+    fn large_floats_travel_in_parts_and_are_put_together_bit_for_bit() {
+        let floats: Vec<f64> = (0..100).map(|i| (i as f64).sqrt() * 1e-3 - 0.05).collect();
+        let head = |part| AskHead {
+            snapshot: "s".into(),
+            round: 7,
+            ask: Ask::Gram { rows: 4 },
+            part,
+        };
+        let messages = encode_parts(&floats, 7, head).expect("encode");
+        assert_eq!(messages.len(), 15, "100 floats, 7 a part");
+        let decoded: Vec<(AskHead, Vec<f64>)> = messages
+            .iter()
+            .map(|m| decode(m).expect("a part decodes"))
+            .collect();
+        let mut assembly = Assembly::default();
+        let mut whole = None;
+        for (i, (head, part)) in decoded.iter().enumerate() {
+            assert_eq!(head.part.parts, 15);
+            let got = assembly.add(head.part, part.clone());
+            assert_eq!(got.is_some(), i == 14, "complete only at the last part");
+            whole = whole.or(got);
+        }
+        let whole = whole.expect("put together");
+        assert_eq!(
+            whole.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            floats.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        // A part missing: nothing comes out, and the next message starts over cleanly.
+        let mut assembly = Assembly::default();
+        assert!(
+            assembly
+                .add(decoded[0].0.part, decoded[0].1.clone())
+                .is_none()
+        );
+        assert!(
+            assembly
+                .add(decoded[2].0.part, decoded[2].1.clone())
+                .is_none()
+        );
+        let again: Option<Vec<f64>> = decoded
+            .iter()
+            .map(|(h, f)| assembly.add(h.part, f.clone()))
+            .last()
+            .flatten();
+        assert_eq!(again.map(|w| w.len()), Some(100));
+        // Small floats: one whole message.
+        let one = encode_parts(&floats[..3], 7, head).expect("encode");
+        assert_eq!(one.len(), 1);
+        let (h, f): (AskHead, Vec<f64>) = decode(&one[0]).expect("decodes");
+        assert_eq!((h.part, f.len()), (Part::WHOLE, 3));
     }
 }
