@@ -713,11 +713,22 @@ impl Pipeline {
             .iter()
             .map(|&p| (p, local.get(&p).copied().unwrap_or(0)))
             .collect();
+        let vectors = self.engine.vectors();
+        // Held users (of owned partitions) whose every rating is gone: they left the segments.
+        let emptied = self.ownership.as_ref().map_or_else(Vec::new, |ownership| {
+            ownership
+                .users_of(|p| self.owned.contains(&p))
+                .into_iter()
+                .filter(|&u| vectors.get(u as usize).is_some_and(|x| x.nnz() == 0))
+                .map(|u| self.engine.users().id(u).to_string())
+                .collect()
+        });
         crate::kafka::rounds::Shard {
             users: self.engine.users().ids().clone(),
             items: self.engine.items().ids().clone(),
-            vectors: self.engine.vectors().clone(),
+            vectors: vectors.clone(),
             offsets,
+            emptied,
         }
     }
 

@@ -376,3 +376,143 @@ fn assert_one_feed(
         segments.len()
     );
 }
+
+/// Users whose every rating is retracted leave the group's segments: the instance holding each
+/// publishes a change to no segment and tombstones, so `/users/{id}` stops answering them on
+/// every instance, the change feed ends their chain with `"to": null`, the assignments table
+/// forgets them, and the snapshot counts the users a replay of the same events counts.
+#[test]
+fn users_whose_ratings_are_all_retracted_leave_the_group_snapshot_and_its_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratings = generate(dir.path(), Mode::Explicit, 300, 20_000, 43);
+    let topic = unique_topic("leavers");
+    let mut env = group_env(&topic, dir.path(), Some(300));
+    env.retain(|(k, _)| k != "SEGMENTER_EVENTS__MODE" && k != "SEGMENTER_EVENTS__MAX_VALUE");
+    let (changes_topic, table_topic) = (format!("{topic}-changes"), format!("{topic}-table"));
+    env.push((
+        "SEGMENTER_KAFKA__CHANGES_TOPIC".into(),
+        changes_topic.clone(),
+    ));
+    env.push((
+        "SEGMENTER_KAFKA__ASSIGNMENTS_TOPIC".into(),
+        table_topic.clone(),
+    ));
+    finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &ratings));
+    let text = std::fs::read_to_string(&ratings).expect("ratings");
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    let mut produced = rows.len() as u64;
+
+    let a = start_group_instance(&env, dir.path(), "a").0;
+    let b = start_group_instance(&env, dir.path(), "b").0;
+    let covering = |n: u64| {
+        move |url: &str| group_model(url).is_some_and(|m| m["messages_covered"].as_u64() == Some(n))
+    };
+    wait_until(Duration::from_secs(120), "a model of every rating", || {
+        covering(produced)(&a.url)
+    });
+
+    // Every rating of 5 users retracted (an empty rating), after it in their partitions.
+    let leavers: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|l| l.split(',').next())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .take(5)
+        .collect();
+    // After every rating in time too: a replay orders events by their timestamps.
+    let after_all = rows
+        .iter()
+        .filter_map(|l| l.split(',').nth(3)?.parse::<i64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut cells = std::collections::BTreeSet::new();
+    let mut retractions = String::from("user,item,rating,ts\n");
+    for row in &rows {
+        let f: Vec<&str> = row.split(',').collect();
+        if leavers.contains(f[0]) && cells.insert((f[0], f[1])) {
+            retractions.push_str(&format!("{},{},,{after_all}\n", f[0], f[1]));
+        }
+    }
+    let retractions_file = dir.path().join("retractions.csv");
+    std::fs::write(&retractions_file, &retractions).expect("write");
+    finish_producing(start_producing(
+        &brokers(),
+        &topic,
+        PARTITIONS,
+        &retractions_file,
+    ));
+    produced += cells.len() as u64;
+    wait_until(
+        Duration::from_secs(120),
+        "a model after the retractions",
+        || covering(produced)(&a.url) && covering(produced)(&b.url),
+    );
+    let model = group_model(&a.url).expect("a model");
+
+    // Each leaver: gone from every instance's answers, its feed ended, its table row forgotten.
+    let changes = read_to_end(&changes_topic, "read_committed");
+    let table = read_to_end(&table_topic, "read_committed");
+    let segment_before = |user: &str| -> Option<u64> {
+        changes
+            .iter()
+            .filter(|(key, _)| key == user)
+            .filter_map(|(_, r)| r.as_ref().and_then(|r| r["to"].as_u64()))
+            .next_back()
+    };
+    for user in &leavers {
+        for instance in [&a, &b] {
+            let (status, body) = http_get(&format!("{}/users/{user}", instance.url), None);
+            assert_eq!(status, 404, "{user} on {}: {body}", instance.url);
+            let (status, _) = http_get(&format!("{}/group/users/{user}", instance.url), None);
+            assert_eq!(status, 404);
+        }
+        let last = changes
+            .iter()
+            .filter(|(key, _)| key == user)
+            .filter_map(|(_, r)| r.as_ref())
+            .next_back()
+            .expect("a leaver's changes");
+        assert!(last["to"].is_null(), "{user} leaves: {last}");
+        assert_eq!(
+            last["from"].as_u64(),
+            segment_before(user),
+            "{user} leaves from where it was"
+        );
+        let row = table
+            .iter()
+            .rfind(|(key, _)| key == user)
+            .expect("a table row");
+        assert!(row.1.is_none(), "{user}'s table row is a tombstone");
+    }
+
+    // Everyone else is still served, and the snapshot counts what a replay of the same events
+    // counts.
+    let mut all = text.clone();
+    all.push_str(retractions.trim_start_matches("user,item,rating,ts\n"));
+    let everything = dir.path().join("everything.csv");
+    std::fs::write(&everything, all).expect("write");
+    let replay = replay_snapshot(&everything, &dir.path().join("replay"), &env);
+    assert_eq!(
+        model["snapshot"]["counts"]["users"].as_u64(),
+        Some(replay.counts.users)
+    );
+    assert_eq!(model["users"].as_u64(), Some(replay.counts.users));
+    let stayer = rows
+        .iter()
+        .filter_map(|l| l.split(',').next())
+        .find(|u| !leavers.contains(u))
+        .expect("a user who stays");
+    assert_eq!(http_get(&format!("{}/users/{stayer}", b.url), None).0, 200);
+    eprintln!(
+        "{} users left (v{}); {} remain",
+        leavers.len(),
+        model["version"],
+        replay.counts.users
+    );
+    for instance in [a, b] {
+        instance.service.signal("-TERM");
+        let (code, log) = instance.service.wait_exit(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "{}", log.join("\n"));
+    }
+}

@@ -85,6 +85,8 @@ pub struct Shard {
     pub items: Ids,
     pub vectors: CowVec<SparseVec>,
     pub offsets: BTreeMap<i32, i64>,
+    /// Users of those partitions whose every rating is gone (they leave the segments).
+    pub emptied: Vec<String>,
 }
 
 /// What the coordinator asks in a round.
@@ -382,6 +384,15 @@ fn send(
     )
 }
 
+/// A tombstone for `key` on `topic`: the compacted topics forget it.
+fn tombstone(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    crate::kafka::send_queued(producer, (topic, None), key.as_bytes(), None, || Ok(()))
+}
+
 /// Creates the group's topics: rounds and partials (one partition each, messages up to
 /// [`MAX_MESSAGE_BYTES`], kept an hour) and the compacted models topic.
 pub async fn ensure_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
@@ -487,16 +498,19 @@ impl Responder {
 
     /// Publishes the segments of this snapshot's users that differ from the ones the
     /// assignments topic holds (read up to its end first): to that topic (key = user id, a
-    /// [`GroupAssignment`]) and to the user-facing feed topics when set; waits for the broker.
-    /// Returns the answer: users, published, and the users by (previous segment, segment).
+    /// [`GroupAssignment`]) and to the user-facing feed topics when set, and a tombstone (a
+    /// change to no segment) for each of its users who had a segment and no rating is left of;
+    /// waits for the broker. Returns the answer: users, published, and the users by (previous
+    /// segment, segment).
     fn assign(&mut self, version: u64, created_at: &str) -> anyhow::Result<Option<Answer>> {
-        let Some((_, _, Some(participant))) = self.current.as_ref() else {
+        let Some((_, view, Some(participant))) = self.current.as_ref() else {
             return Ok(None);
         };
         catch_up(&self.consumer, &self.topics, &self.progress)?;
         let assignments = participant.assignments();
         let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         let mut changed = vec![];
+        let mut left = vec![];
         {
             let previous = self
                 .assignments
@@ -510,6 +524,29 @@ impl Responder {
                 if before != Some(*segment) {
                     changed.push((user, before, *segment, *distance));
                 }
+            }
+            for user in &view.emptied {
+                if let Some(before) = previous.get(user) {
+                    left.push((user, before.segment));
+                }
+            }
+        }
+        for &(user, from) in &left {
+            tombstone(&self.producer, &self.topics.assignments, user)?;
+            if let Some(topic) = &self.topics.changes_feed {
+                let record = ChangeRecord {
+                    user: user.clone(),
+                    from: Some(from),
+                    to: None,
+                    version,
+                    created_at: created_at.to_string(),
+                    distance: None,
+                    resegmented: false,
+                };
+                send(&self.producer, topic, user, &serde_json::to_vec(&record)?)?;
+            }
+            if let Some(topic) = &self.topics.assignments_feed {
+                tombstone(&self.producer, topic, user)?;
             }
         }
         for &(user, from, segment, distance) in &changed {
@@ -544,7 +581,7 @@ impl Responder {
         self.producer.flush(ROUND_TIMEOUT)?;
         Ok(Some(Answer::Assigned {
             users: assignments.len() as u64,
-            published: changed.len() as u64,
+            published: (changed.len() + left.len()) as u64,
             flows: flows.into_iter().map(|((a, b), n)| (a, b, n)).collect(),
         }))
     }
@@ -1521,19 +1558,27 @@ pub fn read_assignments(
             }
             continue;
         };
-        let (Some(key), Some(value)) = (message.key(), message.payload()) else {
+        let Some(Ok(user)) = message.key().map(std::str::from_utf8) else {
             continue;
         };
-        let (Ok(user), Ok(assignment)) = (
-            std::str::from_utf8(key),
-            serde_json::from_slice::<GroupAssignment>(value),
-        ) else {
-            continue;
-        };
-        assignments
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(user.to_string(), assignment);
+        match message.payload() {
+            // A user who left every segment.
+            None => {
+                assignments
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(user);
+            }
+            Some(value) => {
+                let Ok(assignment) = serde_json::from_slice::<GroupAssignment>(value) else {
+                    continue;
+                };
+                assignments
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(user.to_string(), assignment);
+            }
+        }
         progress
             .assignments_read
             .fetch_max(message.offset() + 1, Relaxed);
