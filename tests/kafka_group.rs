@@ -234,6 +234,60 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
         let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(answer["cluster"].as_u64(), segments.get(*user).copied());
     }
+    // The listings every user in one place would give, from any instance: the latest
+    // version's assignments, and a cluster's members page by page.
+    for instance in live {
+        let (status, body) = http_get(
+            &format!("{}/snapshots/latest/assignments", instance.url),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let listed: std::collections::BTreeMap<String, u64> = body
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("an NDJSON line");
+                (
+                    v["user"].as_str().expect("user").to_string(),
+                    v["cluster"].as_u64().expect("cluster"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed, segments,
+            "{} lists every user's segment",
+            instance.url
+        );
+        let mut members = vec![];
+        let mut cursor = String::new();
+        loop {
+            let (status, body) = http_get(
+                &format!(
+                    "{}/clusters/0/members?limit=37&cursor={cursor}",
+                    instance.url
+                ),
+                None,
+            );
+            assert_eq!(status, 200, "{body}");
+            let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            members.extend(
+                page["members"]
+                    .as_array()
+                    .expect("members")
+                    .iter()
+                    .filter_map(|m| m.as_str().map(String::from)),
+            );
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = next.to_string(),
+                None => break,
+            }
+        }
+        let expected: Vec<String> = segments
+            .iter()
+            .filter(|(_, s)| **s == 0)
+            .map(|(u, _)| u.clone())
+            .collect();
+        assert_eq!(members, expected, "cluster 0's members, page by page");
+    }
     assert_group_snapshot_describes_the_segments(
         snapshot,
         &segments,

@@ -85,14 +85,14 @@ impl AppState {
         self.serving.read().ok().and_then(|s| s.clone())
     }
 
-    /// The documented 404 of a per-user listing of a group's snapshot.
-    fn refuse_group_listing(&self) -> Result<(), ApiError> {
+    /// The documented 404 of a user's history with a group's snapshots.
+    fn refuse_group_history(&self) -> Result<(), ApiError> {
         if self.group_mode {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                "the snapshots are the consumer group's, and no instance holds every user: read \
-                 a user's segment at /users/{id}, or every user's from the group's assignments \
-                 topic (<group_id>-assignments)",
+                "the snapshots are the consumer group's, and no instance keeps a user's history: \
+                 read a user's segment at /users/{id}, and its changes from the change feed \
+                 ([kafka] changes_topic)",
             ));
         }
         Ok(())
@@ -350,6 +350,95 @@ async fn group_user(State(state): State<Arc<AppState>>, ApiPath(id): ApiPath<Str
     }
 }
 
+/// Every user's segment in the group's latest snapshot, from the assignments this instance has
+/// read (the latest version's once its assignments are read, moments after it is served),
+/// sorted by user id: the group's answer to `/snapshots/{version}/assignments`, for the latest
+/// version only (no instance keeps older versions' assignments).
+async fn group_assignments_body(
+    state: &AppState,
+    version: u64,
+    csv: bool,
+) -> Result<Vec<u8>, ApiError> {
+    let latest = state.require_latest()?.snapshot.version;
+    if version != latest {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the group's assignments are served for its latest snapshot ({latest}) only: \
+                 older versions' are on the assignments topic (<group_id>-assignments) and the \
+                 change feed"
+            ),
+        ));
+    }
+    let assignments = state.group_assignments.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut rows: Vec<(String, u32)> = assignments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(user, a)| (user.clone(), a.segment))
+            .collect();
+        rows.sort_unstable();
+        let mut body = if csv {
+            b"user,cluster\n".to_vec()
+        } else {
+            vec![]
+        };
+        body.extend(encode_assignments(&rows, csv));
+        body
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "assignments listing failed",
+        )
+    })
+}
+
+/// A page of a cluster's members in the group's latest snapshot, from the assignments this
+/// instance has read, in id order (each page filters and sorts every user: O(users)).
+async fn group_members(
+    state: &AppState,
+    snapshot: &crate::snapshot::Snapshot,
+    id: u32,
+    cursor: Option<String>,
+    limit: usize,
+) -> ApiResult {
+    let (version, k) = (snapshot.version, snapshot.kmeans.k);
+    if id as usize >= k {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no cluster {id} (k = {k})"),
+        ));
+    }
+    let assignments = state.group_assignments.clone();
+    let (members, next) = tokio::task::spawn_blocking(move || {
+        let mut members: Vec<String> = assignments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(user, a)| {
+                a.segment == id && cursor.as_deref().is_none_or(|c| user.as_str() > c)
+            })
+            .map(|(user, _)| user.clone())
+            .collect();
+        members.sort_unstable();
+        let next = (members.len() > limit).then(|| members[limit - 1].clone());
+        members.truncate(limit);
+        (members, next)
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "member listing failed"))?;
+    Ok(axum::Json(json!({
+        "snapshot_version": version,
+        "id": id,
+        "members": members,
+        "next_cursor": next,
+    }))
+    .into_response())
+}
+
 /// `/users/{id}` of a group's snapshot `version`: the segment its assignments topic holds for
 /// the user (published by the instance holding the user at that version or an earlier one,
 /// when the user's segment last changed).
@@ -556,7 +645,6 @@ async fn snapshot_assignments(
     ApiPath(version): ApiPath<String>,
     ApiQuery(query): ApiQuery<AssignmentsQuery>,
 ) -> ApiResult {
-    state.refuse_group_listing()?;
     let csv = match query.format.as_deref() {
         None | Some("ndjson") => false,
         Some("csv") => true,
@@ -571,6 +659,19 @@ async fn snapshot_assignments(
         "latest" => state.require_latest()?.snapshot.version,
         v => parse_version(v)?,
     };
+    let content_type = if csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    if state.group_mode {
+        let body = group_assignments_body(&state, version, csv).await?;
+        return Ok((
+            [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+            body,
+        )
+            .into_response());
+    }
     let turn = state.stored_read_turn().await?;
     let deadline = tokio::time::Instant::now() + state.stored_read_deadline;
     let snapshots = state.snapshots.clone();
@@ -584,11 +685,6 @@ async fn snapshot_assignments(
             format!("no snapshot {version} (it may have been removed by [snapshot] retention)"),
         )
     })?;
-    let content_type = if csv {
-        "text/csv; charset=utf-8"
-    } else {
-        "application/x-ndjson"
-    };
     Ok((
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
         assignments_body(chunks, csv, turn, deadline),
@@ -757,10 +853,12 @@ async fn cluster_members(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<MembersQuery>,
 ) -> ApiResult {
-    state.refuse_group_listing()?;
     let limit = parse_limit(query.limit.as_deref(), 100)?;
     let id = parse_cluster_id(&id)?;
     let latest = state.require_latest()?;
+    if state.group_mode {
+        return group_members(&state, &latest.snapshot, id, query.cursor, limit).await;
+    }
     // The first listing of a snapshot sorts every member id: not on an async worker.
     let version = latest.snapshot.version;
     let k = latest.snapshot.kmeans.k;
@@ -854,7 +952,7 @@ async fn user_history(
     ApiQuery(query): ApiQuery<LimitQuery>,
 ) -> ApiResult {
     check_user_id(&id)?;
-    state.refuse_group_listing()?;
+    state.refuse_group_history()?;
     let limit = match query.limit.as_deref() {
         None => HISTORY_DEFAULT,
         Some(raw) => match raw.parse::<usize>() {
