@@ -242,12 +242,12 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// Whether the change feed runs (either of its topics is set).
     /// One model and snapshot for the whole consumer group (see `kafka::rounds`).
     pub fn group_model_on(&self) -> bool {
         self.group_model_interval_ms > 0
     }
 
+    /// Whether the change feed runs (either of its topics is set).
     pub fn change_feed_on(&self) -> bool {
         !self.changes_topic.is_empty() || !self.assignments_topic.is_empty()
     }
@@ -448,19 +448,6 @@ impl Config {
         validate_snapshot(&self.snapshot)?;
         validate_kafka(&self.kafka)?;
         validate_http(&self.http)?;
-        invalid_if(
-            self.kafka.group_model_interval_ms > 0 && self.kafka.changelog_topic.is_empty(),
-            "[kafka] group_model_interval_ms",
-            "a group model needs every partition held by exactly one instance, which only the \
-             changelog guarantees (without it an instance keeps the users of partitions it lost)",
-            "set [kafka] changelog_topic (e.g. segmenter-changelog), or group_model_interval_ms = 0",
-        )?;
-        invalid_if(
-            self.kafka.standby && self.kafka.changelog_topic.is_empty(),
-            "[kafka] standby",
-            "a standby copies the changelog, and there is none",
-            "set [kafka] changelog_topic (e.g. segmenter-changelog), or standby = false",
-        )?;
         invalid_if(
             !self.kafka.changelog_topic.is_empty() && self.events.half_life.is_some(),
             "[kafka] changelog_topic/[events] half_life",
@@ -847,6 +834,19 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
         format!("{} is not a replication factor", k.topic_replication_factor),
         "use -1 (the brokers' default.replication.factor, the default) or the number of \
          brokers that keep a copy of each partition, e.g. 3",
+    )?;
+    invalid_if(
+        k.group_model_on() && k.changelog_topic.is_empty(),
+        "[kafka] group_model_interval_ms",
+        "a group model needs every partition held by exactly one instance, which only the \
+         changelog guarantees (without it an instance keeps the users of partitions it lost)",
+        "set [kafka] changelog_topic (e.g. segmenter-changelog), or group_model_interval_ms = 0",
+    )?;
+    invalid_if(
+        k.standby && k.changelog_topic.is_empty(),
+        "[kafka] standby",
+        "a standby copies the changelog, and there is none",
+        "set [kafka] changelog_topic (e.g. segmenter-changelog), or standby = false",
     )
 }
 

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::Config;
@@ -815,7 +815,24 @@ impl Pipeline {
             .filter(|(_, h)| matches!(h, Handover::Restored { .. }))
             .map(|(&p, _)| p)
             .collect();
-        let leaving = ownership.users_of(|p| !owned.contains(&p) || restored.contains(&p));
+        // Users of partitions no longer owned leave; of a restored partition, only those the
+        // changelog no longer holds (the others' rows are set to the changelog's below).
+        let restored_users: FxHashSet<u32> = handovers
+            .values()
+            .flat_map(|h| match h {
+                Handover::Restored { rows, .. } => rows.as_slice(),
+                Handover::Kept => &[],
+            })
+            .filter_map(|row| self.engine.users().get(&row.user))
+            .collect();
+        let mut leaving = ownership.users_of(|p| !owned.contains(&p));
+        leaving.extend(
+            ownership
+                .users_of(|p| restored.contains(&p))
+                .into_iter()
+                .filter(|u| !restored_users.contains(u)),
+        );
+        leaving.sort_unstable();
         let changed = !leaving.is_empty() || !restored.is_empty();
         let dropped: Vec<i32> = held.difference(owned).copied().collect();
         if !dropped.is_empty() {
@@ -831,10 +848,8 @@ impl Pipeline {
                 continue;
             };
             for row in &rows {
-                let cells: Vec<(&str, f64)> =
-                    row.cells.iter().map(|(i, v)| (i.as_str(), *v)).collect();
                 self.engine
-                    .set_stored_row(&row.user, &cells, &mut self.changes)
+                    .set_stored_row(&row.user, &row.cells, &mut self.changes)
                     .map_err(|reason| {
                         anyhow::anyhow!(
                             "cannot restore partition {partition} from the changelog: user {} \

@@ -48,6 +48,8 @@ fn every_route_answers_as_documented() {
         "/users/u1",
         "/users/u1/history",
         "/openapi.json",
+        "/group",
+        "/group/users/u1",
     ] {
         let (missing, body) = http_get(&format!("{base}{path}"), None);
         assert_eq!(missing, 401, "{path} without token: {body}");

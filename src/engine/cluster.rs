@@ -27,8 +27,6 @@ pub trait Participant: GramShare {
     fn sample(&self, share: f64, seed: u64) -> Vec<(u64, Vec<f64>)>;
     /// A Lloyd round: its users assigned to the broadcast centroids (the labels kept).
     fn lloyd(&mut self, centroids: &[f64]) -> LloydPartial;
-    /// `(user id, segment)` for each of its users with a rating.
-    fn labels(&self) -> Vec<(String, u32)>;
 }
 
 /// A participant over rows it holds in memory (a test's shard, or the one instance there is).
@@ -44,42 +42,42 @@ pub struct LocalParticipant {
     rated_projections: Vec<f64>,
     /// The centroids of the last Lloyd round (the model's, once the rounds settle).
     centroids: Vec<f64>,
-    /// The items its rows index (the group's, when it is one instance of a group).
-    items: usize,
 }
 
 impl LocalParticipant {
     /// `ids[i]` holds row `vectors[i]`.
     pub fn new(ids: Vec<String>, vectors: Vec<SparseVec>) -> Self {
         let n = vectors.len();
-        let items = vectors
-            .iter()
-            .filter_map(|x| x.idx.last())
-            .map(|&j| j as usize + 1)
-            .max()
-            .unwrap_or(0);
         LocalParticipant {
             ids,
             vectors: vectors.into(),
             components: 0,
             projections: vec![],
-            labels: vec![u32::MAX; n],
+            labels: vec![super::NO_CLUSTER; n],
             rated: vec![],
             rated_projections: vec![],
             centroids: vec![],
-            items,
         }
     }
 
-    /// Its rows index `items` items (at least as many as they reach).
-    pub fn with_items(mut self, items: usize) -> Self {
-        self.items = self.items.max(items);
-        self
+    /// Its rows and their segments, by local user index ([`NO_CLUSTER`] for users without a
+    /// rating or before the Lloyd rounds).
+    ///
+    /// [`NO_CLUSTER`]: super::NO_CLUSTER
+    pub fn rows(&self) -> (&CowVec<SparseVec>, &[u32]) {
+        (&self.vectors, &self.labels)
     }
 
-    /// The items its rows index.
-    pub fn items(&self) -> usize {
-        self.items
+    /// The id of local user `u`.
+    pub fn id(&self, u: usize) -> &str {
+        &self.ids[u]
+    }
+
+    /// `(user id, segment)` for each of its users with a rating.
+    pub fn labels(&self) -> Vec<(String, u32)> {
+        self.rated()
+            .map(|u| (self.ids[u].clone(), self.labels[u]))
+            .collect()
     }
 
     /// `(id, row, segment)` of each user it holds with a rating.
@@ -198,12 +196,6 @@ impl Participant for LocalParticipant {
             self.labels[u] = l;
         }
         partial
-    }
-
-    fn labels(&self) -> Vec<(String, u32)> {
-        self.rated()
-            .map(|u| (self.ids[u].clone(), self.labels[u]))
-            .collect()
     }
 }
 

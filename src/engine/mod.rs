@@ -402,10 +402,10 @@ impl Engine {
     /// changelog does: items missing from `cells` are removed, new ids interned. The
     /// statistics, tracked segments and online model follow as they follow events. Refused,
     /// changing nothing, when a new user or item would not fit `max_users` / `max_items`.
-    pub fn set_stored_row(
+    pub fn set_stored_row<S: AsRef<str>>(
         &mut self,
         id: &str,
-        cells: &[(&str, f64)],
+        cells: &[(S, f64)],
         changes: &mut impl ChangeSink,
     ) -> Result<(), RejectReason> {
         if !self.admits_user(id) {
@@ -413,7 +413,7 @@ impl Engine {
         }
         let new_items = cells
             .iter()
-            .filter(|(item, _)| self.items.get(item).is_none())
+            .filter(|(item, _)| self.items.get(item.as_ref()).is_none())
             .count();
         if self.items.len() + new_items > self.params.max_items {
             return Err(RejectReason::CatalogueFull);
@@ -421,7 +421,7 @@ impl Engine {
         let u = self.intern_user(id);
         let mut target: Vec<(u32, f64)> = cells
             .iter()
-            .map(|&(item, value)| (self.items.intern(item).0, value))
+            .map(|(item, value)| (self.items.intern(item.as_ref()).0, *value))
             .collect();
         target.sort_unstable_by_key(|&(j, _)| j);
         let current: Vec<u32> = self.stored_vector(u).idx.clone();

@@ -98,12 +98,18 @@ impl AppState {
         Ok(())
     }
 
-    fn group_assignment(&self, id: &str) -> Option<crate::kafka::rounds::GroupAssignment> {
+    /// User `id`'s segment in the group model, or a 404 saying `missing`.
+    fn require_group_assignment(
+        &self,
+        id: &str,
+        missing: impl FnOnce() -> String,
+    ) -> Result<crate::kafka::rounds::GroupAssignment, ApiError> {
         self.group_assignments
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(id)
             .copied()
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, missing()))
     }
 
     /// The latest snapshot, or the documented 404 before the first one.
@@ -197,13 +203,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/users/{id}/history", get(user_history))
         .route("/openapi.json", get(openapi))
         .route("/charts/{file}", get(chart))
+        .route("/group", get(group_model))
+        .route("/group/users/{id}", get(group_user))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/group", get(group_model))
-        .route("/group/users/{id}", get(group_user))
         .route("/metrics", get(metrics))
         .merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
@@ -322,7 +328,7 @@ async fn group_model(State(state): State<Arc<AppState>>) -> Response {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     match latest {
-        Some(model) => axum::Json(model.as_ref().clone()).into_response(),
+        Some(model) => axum::Json(&*model).into_response(),
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             "no group model yet (set [kafka] group_model_interval_ms; the instance owning \
@@ -335,19 +341,16 @@ async fn group_model(State(state): State<Arc<AppState>>) -> Response {
 /// A user's segment in the group model, whichever instance holds the user.
 async fn group_user(State(state): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> ApiResult {
     check_user_id(&id)?;
-    match state.group_assignment(&id) {
-        Some(a) => Ok(axum::Json(json!({
-            "user": id,
-            "segment": a.segment,
-            "version": a.version,
-            "distance": a.distance,
-        }))
-        .into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("user {} is in no group model segment", truncate(&id)),
-        )),
-    }
+    let a = state.require_group_assignment(&id, || {
+        format!("user {} is in no group model segment", truncate(&id))
+    })?;
+    Ok(axum::Json(json!({
+        "user": id,
+        "segment": a.segment,
+        "version": a.version,
+        "distance": a.distance,
+    }))
+    .into_response())
 }
 
 /// Every user's segment in the group's latest snapshot, from the assignments this instance has
@@ -443,23 +446,20 @@ async fn group_members(
 /// the user (published by the instance holding the user at that version or an earlier one,
 /// when the user's segment last changed).
 fn group_user_segment(state: &AppState, id: &str, version: u64) -> ApiResult {
-    match state.group_assignment(id) {
-        Some(a) => Ok(axum::Json(json!({
-            "user": id,
-            "snapshot_version": version,
-            "cluster": a.segment,
-            "distance": a.distance,
-            "assigned_in_version": a.version,
-        }))
-        .into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "unknown user `{}` (not in snapshot {version} of the group)",
-                truncate(id)
-            ),
-        )),
-    }
+    let a = state.require_group_assignment(id, || {
+        format!(
+            "unknown user `{}` (not in snapshot {version} of the group)",
+            truncate(id)
+        )
+    })?;
+    Ok(axum::Json(json!({
+        "user": id,
+        "snapshot_version": version,
+        "cluster": a.segment,
+        "distance": a.distance,
+        "assigned_in_version": a.version,
+    }))
+    .into_response())
 }
 
 async fn healthz() -> Response {

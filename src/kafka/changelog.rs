@@ -99,6 +99,8 @@ pub enum Handover {
 pub struct PartitionState {
     rows: FxHashMap<String, FxHashMap<String, f64>>,
     next_offset: Option<i64>,
+    /// Cells in `rows`, kept as records come (a standby reports it after every read).
+    cells: usize,
 }
 
 impl PartitionState {
@@ -112,7 +114,9 @@ impl PartitionState {
         match value {
             None => {
                 if let Some(row) = self.rows.get_mut(user) {
-                    row.remove(item);
+                    if row.remove(item).is_some() {
+                        self.cells -= 1;
+                    }
                     if row.is_empty() {
                         self.rows.remove(user);
                     }
@@ -126,7 +130,9 @@ impl PartitionState {
                     Some(row) => row,
                     None => self.rows.entry(user.to_string()).or_default(),
                 };
-                row.insert(item.to_string(), value);
+                if row.insert(item.to_string(), value).is_none() {
+                    self.cells += 1;
+                }
             }
         }
         Ok(())
@@ -134,7 +140,7 @@ impl PartitionState {
 
     /// Cells held.
     pub fn cells(&self) -> usize {
-        self.rows.values().map(FxHashMap::len).sum()
+        self.cells
     }
 
     fn into_handover(self) -> Handover {
@@ -776,6 +782,11 @@ mod tests {
         let expected = sorted(whole.clone().into_handover());
         assert_eq!(expected.1, Some(500));
         assert!(whole.cells() > 0 && whole.cells() < 80);
+        assert_eq!(
+            whole.cells(),
+            whole.rows.values().map(FxHashMap::len).sum::<usize>(),
+            "the running count of cells"
+        );
         for position in [0, 1, 77, 200, records.len()] {
             let mut copy = PartitionState::default();
             for (k, v) in &records[..position] {

@@ -103,6 +103,30 @@ pub struct PublicationRecord {
     pub origin: Option<String>,
 }
 
+/// Writes `change` to the change feed and to the assignments table (a tombstone there for a
+/// user who left), for those of the two topics that are set, through `send(topic, value)`
+/// (keyed by the user).
+pub(crate) fn publish_change(
+    change: &ChangeRecord,
+    changes_topic: Option<&str>,
+    assignments_topic: Option<&str>,
+    mut send: impl FnMut(&str, Option<&[u8]>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if let Some(topic) = changes_topic {
+        send(topic, Some(&serde_json::to_vec(change)?))?;
+    }
+    if let Some(topic) = assignments_topic {
+        let value = change.to.map(|segment| AssignmentRecord {
+            user: &change.user,
+            segment,
+            version: change.version,
+        });
+        let json = value.as_ref().map(serde_json::to_vec).transpose()?;
+        send(topic, json.as_deref())?;
+    }
+    Ok(())
+}
+
 /// A user whose segment differs between two stored snapshots.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SegmentChange {
@@ -610,19 +634,12 @@ impl Feed {
             if n % 1024 == 0 && self.stop_at.overdue() {
                 anyhow::bail!("stopping: the version is left to the next start");
             }
-            if let Some(topic) = &self.changes_topic {
-                let json = serde_json::to_vec(change)?;
-                send(producer, &self.stop_at, (topic, None), id, Some(&json))?;
-            }
-            if let Some(topic) = &self.assignments_topic {
-                let value = change.to.map(|segment| AssignmentRecord {
-                    user: id,
-                    segment,
-                    version,
-                });
-                let json = value.as_ref().map(serde_json::to_vec).transpose()?;
-                send(producer, &self.stop_at, (topic, None), id, json.as_deref())?;
-            }
+            publish_change(
+                change,
+                self.changes_topic.as_deref(),
+                self.assignments_topic.as_deref(),
+                |topic, value| send(producer, &self.stop_at, (topic, None), id, value),
+            )?;
         }
         let publication = PublicationRecord {
             version,

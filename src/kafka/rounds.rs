@@ -31,11 +31,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::KafkaConfig;
-use crate::engine::cluster::{self, ClusterParams, LocalParticipant, Participant, Rounds};
+use crate::engine::cluster::{
+    self, ClusterModel, ClusterParams, LocalParticipant, Participant, Rounds,
+};
 use crate::engine::kmeans::LloydPartial;
 use crate::engine::stats::{CovarianceStats, GramShare};
 use crate::engine::{CowVec, EngineParams, Ids, SegmentSums, SparseVec};
-use crate::kafka::changes::{AssignmentRecord, ChangeRecord};
+use crate::kafka::changes::ChangeRecord;
 use crate::kafka::client_config;
 use crate::snapshot::group::{self as group_snapshot, Describe, GroupSnapshotInput, Holdout};
 use crate::snapshot::validation::{NaiveBayes, NaiveBayesTally};
@@ -112,8 +114,12 @@ enum Ask {
     Overlap { k: usize },
     /// Rename your users' segments: `mapping[segment]` is the new id.
     Relabel { mapping: Vec<u32> },
-    /// The segments' sums of your users (over the group's items).
-    Sums { k: usize, holdout: Holdout },
+    /// The segments' sums of your users over the group's `items` items.
+    Sums {
+        k: usize,
+        items: usize,
+        holdout: Holdout,
+    },
     /// Your users' summed tf-idf rows and Naive Bayes counts under the idf (`items`) and the
     /// two fits (each `k + items x k`) in the floats.
     Describe { k: usize, holdout: Holdout },
@@ -177,10 +183,7 @@ enum Answer {
         tally: NaiveBayesTally,
     },
     Assigned {
-        users: u64,
         published: u64,
-        /// `(previous segment, segment, users)` over the users that had a segment.
-        flows: Vec<(u32, u32, u64)>,
     },
 }
 
@@ -375,22 +378,17 @@ fn send(
     key: &str,
     payload: &[u8],
 ) -> anyhow::Result<()> {
-    crate::kafka::send_queued(
-        producer,
-        (topic, None),
-        key.as_bytes(),
-        Some(payload),
-        || Ok(()),
-    )
+    send_or_tombstone(producer, topic, key, Some(payload))
 }
 
-/// A tombstone for `key` on `topic`: the compacted topics forget it.
-fn tombstone(
+/// `payload` under `key` on `topic`, or a tombstone (the compacted topics forget the key).
+fn send_or_tombstone(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     key: &str,
+    payload: Option<&[u8]>,
 ) -> anyhow::Result<()> {
-    crate::kafka::send_queued(producer, (topic, None), key.as_bytes(), None, || Ok(()))
+    crate::kafka::send_queued(producer, (topic, None), key.as_bytes(), payload, || Ok(()))
 }
 
 /// Creates the group's topics: rounds and partials (one partition each, messages up to
@@ -500,89 +498,70 @@ impl Responder {
     /// assignments topic holds (read up to its end first): to that topic (key = user id, a
     /// [`GroupAssignment`]) and to the user-facing feed topics when set, and a tombstone (a
     /// change to no segment) for each of its users who had a segment and no rating is left of;
-    /// waits for the broker. Returns the answer: users, published, and the users by (previous
-    /// segment, segment).
+    /// waits for the broker. Answers how many it published.
     fn assign(&mut self, version: u64, created_at: &str) -> anyhow::Result<Option<Answer>> {
         let Some((_, view, Some(participant))) = self.current.as_ref() else {
             return Ok(None);
         };
         catch_up(&self.consumer, &self.topics, &self.progress)?;
         let assignments = participant.assignments();
-        let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-        let mut changed = vec![];
-        let mut left = vec![];
+        // Each user whose segment differs: a change, to no segment for one who left.
+        let mut changes = vec![];
         {
             let previous = self
                 .assignments
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let change = |user: &str, from, to, distance: Option<f64>| ChangeRecord {
+                user: user.to_string(),
+                from,
+                to,
+                version,
+                created_at: created_at.to_string(),
+                distance,
+                resegmented: false,
+            };
             for (user, segment, distance) in &assignments {
                 let before = previous.get(user).map(|a| a.segment);
-                if let Some(from) = before {
-                    *flows.entry((from, *segment)).or_default() += 1;
-                }
                 if before != Some(*segment) {
-                    changed.push((user, before, *segment, *distance));
+                    let distance = distance.is_finite().then_some(*distance);
+                    changes.push(change(user, before, Some(*segment), distance));
                 }
             }
             for user in &view.emptied {
                 if let Some(before) = previous.get(user) {
-                    left.push((user, before.segment));
+                    changes.push(change(user, Some(before.segment), None, None));
                 }
             }
         }
-        for &(user, from) in &left {
-            tombstone(&self.producer, &self.topics.assignments, user)?;
-            if let Some(topic) = &self.topics.changes_feed {
-                let record = ChangeRecord {
-                    user: user.clone(),
-                    from: Some(from),
-                    to: None,
-                    version,
-                    created_at: created_at.to_string(),
-                    distance: None,
-                    resegmented: false,
-                };
-                send(&self.producer, topic, user, &serde_json::to_vec(&record)?)?;
-            }
-            if let Some(topic) = &self.topics.assignments_feed {
-                tombstone(&self.producer, topic, user)?;
-            }
-        }
-        for &(user, from, segment, distance) in &changed {
-            let distance = distance.is_finite().then_some(distance);
-            let value = serde_json::to_vec(&GroupAssignment {
-                segment,
-                version,
-                distance,
-            })?;
-            send(&self.producer, &self.topics.assignments, user, &value)?;
-            if let Some(topic) = &self.topics.changes_feed {
-                let record = ChangeRecord {
-                    user: user.clone(),
-                    from,
-                    to: Some(segment),
-                    version,
-                    created_at: created_at.to_string(),
-                    distance,
-                    resegmented: false,
-                };
-                send(&self.producer, topic, user, &serde_json::to_vec(&record)?)?;
-            }
-            if let Some(topic) = &self.topics.assignments_feed {
-                let record = AssignmentRecord {
-                    user,
-                    segment,
-                    version,
-                };
-                send(&self.producer, topic, user, &serde_json::to_vec(&record)?)?;
-            }
+        for change in &changes {
+            let internal = change
+                .to
+                .map(|segment| {
+                    serde_json::to_vec(&GroupAssignment {
+                        segment,
+                        version,
+                        distance: change.distance,
+                    })
+                })
+                .transpose()?;
+            let user = change.user.as_str();
+            send_or_tombstone(
+                &self.producer,
+                &self.topics.assignments,
+                user,
+                internal.as_deref(),
+            )?;
+            crate::kafka::changes::publish_change(
+                change,
+                self.topics.changes_feed.as_deref(),
+                self.topics.assignments_feed.as_deref(),
+                |topic, value| send_or_tombstone(&self.producer, topic, user, value),
+            )?;
         }
         self.producer.flush(ROUND_TIMEOUT)?;
         Ok(Some(Answer::Assigned {
-            users: assignments.len() as u64,
-            published: (changed.len() + left.len()) as u64,
-            flows: flows.into_iter().map(|((a, b), n)| (a, b, n)).collect(),
+            published: changes.len() as u64,
         }))
     }
 
@@ -771,8 +750,8 @@ fn answer_round(
             participant.relabel(&mapping);
             Some((Answer::Ack, vec![]))
         }
-        Ask::Sums { k, holdout } => {
-            let sums = participant.segment_sums(k, participant.items(), holdout);
+        Ask::Sums { k, items, holdout } => {
+            let sums = participant.segment_sums(k, items, holdout);
             Some((Answer::Sums, sums.to_floats()))
         }
         Ask::Describe { k, holdout } => {
@@ -838,7 +817,7 @@ fn remapped(view: &Shard, items: &[String]) -> LocalParticipant {
             val: cells.iter().map(|&(_, v)| v).collect(),
         });
     }
-    LocalParticipant::new(ids, rows).with_items(items.len())
+    LocalParticipant::new(ids, rows)
 }
 
 /// The coordinator's side: the rounds of one group model.
@@ -1101,35 +1080,28 @@ impl Coordinator {
             let solved_at = *group.round.borrow();
             // A cold solve names its segments anew: keep the previous model's names for the
             // users that stay together, so the feed carries moves, not renamings.
-            if previous.is_some()
-                && let Some(mapping) = group.match_previous(k)
-            {
-                model.relabel(&mapping);
-            }
+            let flows = if previous.is_some() {
+                group.rename_after_previous(&mut model)
+            } else {
+                BTreeMap::new()
+            };
             let description =
                 group_snapshot::describe(std::slice::from_ref(&group), k, cut.items.len(), holdout);
             // Every user's segment goes out before the model names its version.
-            let mut changed = 0;
-            let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-            for (answer, _) in group.ask(
-                Ask::Assign {
-                    version,
-                    created_at: created_at.clone(),
-                },
-                &[],
-            ) {
-                if let Answer::Assigned {
-                    published,
-                    flows: theirs,
-                    ..
-                } = answer
-                {
-                    changed += published;
-                    for (from, to, n) in theirs {
-                        *flows.entry((from, to)).or_default() += n;
-                    }
-                }
-            }
+            let changed: u64 = group
+                .ask(
+                    Ask::Assign {
+                        version,
+                        created_at: created_at.clone(),
+                    },
+                    &[],
+                )
+                .iter()
+                .map(|(answer, _)| match answer {
+                    Answer::Assigned { published } => *published,
+                    _ => 0,
+                })
+                .sum();
             model.rounds.snapshot = (*group.round.borrow() - solved_at) as usize;
             match group.error.into_inner() {
                 Some(e) => Err(e),
@@ -1279,28 +1251,41 @@ impl RemoteGroup<'_> {
 
     /// The renaming of the `k` new segments that keeps most users under their previous
     /// segment's id, applied at every instance; `None` when it renames nothing.
-    fn match_previous(&self, k: usize) -> Option<Vec<u32>> {
+    /// Renames `model`'s segments (and every instance's) by the match that keeps most users
+    /// under their previous segment's id. Returns the users by (previous segment, segment), the
+    /// drift's flows.
+    fn rename_after_previous(&self, model: &mut ClusterModel) -> BTreeMap<(u32, u32), u64> {
+        let k = model.sizes.len();
         let mut overlap = vec![0.0; k * k];
         for (_, theirs) in self.ask(Ask::Overlap { k }, &[]) {
             if theirs.len() != overlap.len() {
                 self.error
                     .borrow_mut()
                     .get_or_insert_with(|| anyhow::anyhow!("an overlap answer of the wrong size"));
-                return None;
+                return BTreeMap::new();
             }
             overlap.iter_mut().zip(&theirs).for_each(|(a, b)| *a += b);
         }
         let mapping = crate::engine::matching::match_overlap(&overlap, k);
-        if mapping.iter().enumerate().all(|(c, &m)| c as u32 == m) {
-            return None;
+        if mapping.iter().enumerate().any(|(c, &m)| c as u32 != m) {
+            self.ask(
+                Ask::Relabel {
+                    mapping: mapping.clone(),
+                },
+                &[],
+            );
+            model.relabel(&mapping);
         }
-        self.ask(
-            Ask::Relabel {
-                mapping: mapping.clone(),
-            },
-            &[],
-        );
-        Some(mapping)
+        let mut flows = BTreeMap::new();
+        for (c, &renamed) in mapping.iter().enumerate() {
+            for previous in 0..k {
+                let users = overlap[c * k + previous] as u64;
+                if users > 0 {
+                    flows.insert((previous as u32, renamed), users);
+                }
+            }
+        }
+        flows
     }
 
     fn items_round(&self, items: &[String]) -> anyhow::Result<()> {
@@ -1411,17 +1396,13 @@ impl Participant for RemoteGroup<'_> {
             moved: 0,
         })
     }
-
-    fn labels(&self) -> Vec<(String, u32)> {
-        vec![]
-    }
 }
 
 impl Describe for RemoteGroup<'_> {
     fn segment_sums(&self, k: usize, items: usize, holdout: Holdout) -> SegmentSums {
         let mut sums = SegmentSums::new(k);
         sums.ensure_items(items);
-        for (_, floats) in self.ask(Ask::Sums { k, holdout }, &[]) {
+        for (_, floats) in self.ask(Ask::Sums { k, items, holdout }, &[]) {
             match SegmentSums::from_floats(k, &floats).filter(|s| s.items() == items) {
                 Some(theirs) => sums.merge(&theirs),
                 None => {

@@ -62,7 +62,7 @@ impl Standby {
             topic: kafka.changelog_topic.clone(),
             partitions,
             consumer,
-            copies: standby.copies.clone(),
+            standby: standby.clone(),
             followed: BTreeSet::new(),
             metrics,
         };
@@ -96,7 +96,7 @@ struct Follower {
     topic: String,
     partitions: i32,
     consumer: BaseConsumer,
-    copies: Arc<Mutex<Copies>>,
+    standby: Standby,
     /// The partitions the consumer is assigned.
     followed: BTreeSet<i32>,
     metrics: Arc<Metrics>,
@@ -129,10 +129,7 @@ impl Follower {
                 }
                 wait = Duration::ZERO;
             }
-            let mut copies = self
-                .copies
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut copies = self.standby.lock();
             for (partition, offset, key, value) in records {
                 // Taken over since it was fetched: the take-over read it from the changelog.
                 if copies.owned.contains(&partition) {
@@ -164,33 +161,25 @@ impl Follower {
 
     /// Assigns the consumer every partition not owned, each at its copy's position.
     fn follow_the_unowned(&mut self) -> anyhow::Result<()> {
-        let (wanted, positions) = {
-            let copies = self
-                .copies
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (wanted, tpl) = {
+            let copies = self.standby.lock();
             // Copies of owned partitions stay until their take-over takes them.
-            let owned = copies.owned.clone();
             let wanted: BTreeSet<i32> = (0..self.partitions)
-                .filter(|p| !owned.contains(p))
+                .filter(|p| !copies.owned.contains(p))
                 .collect();
-            let positions: BTreeMap<i32, i64> = copies
-                .partitions
-                .iter()
-                .map(|(&p, c)| (p, c.position))
-                .collect();
-            (wanted, positions)
+            if wanted == self.followed {
+                return Ok(());
+            }
+            let mut tpl = TopicPartitionList::new();
+            for &p in &wanted {
+                let offset = copies
+                    .partitions
+                    .get(&p)
+                    .map_or(Offset::Beginning, |c| Offset::Offset(c.position));
+                tpl.add_partition_offset(&self.topic, p, offset)?;
+            }
+            (wanted, tpl)
         };
-        if wanted == self.followed {
-            return Ok(());
-        }
-        let mut tpl = TopicPartitionList::new();
-        for &p in &wanted {
-            let offset = positions
-                .get(&p)
-                .map_or(Offset::Beginning, |&o| Offset::Offset(o));
-            tpl.add_partition_offset(&self.topic, p, offset)?;
-        }
         self.consumer.assign(&tpl)?;
         tracing::info!(partitions = ?wanted, "standby: following the changelog of the partitions not owned");
         self.followed = wanted;

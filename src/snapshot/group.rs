@@ -11,12 +11,12 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::validation::{
-    NaiveBayes, NaiveBayesReport, NaiveBayesTally, Profiles, Training, profiles_from_parts,
-    smooth_idf, tfidf_score_sums,
+    NaiveBayes, NaiveBayesReport, NaiveBayesTally, Profiles, Training, naive_bayes_tally,
+    profiles_from_parts, smooth_idf, tfidf_score_sums,
 };
 use super::{
-    ClusterProfile, Counts, Drift, KmeansSummary, PcaSummary, SNAPSHOT_FORMAT, Snapshot,
-    SnapshotParams, TopItem, Validation,
+    Counts, Drift, KmeansSummary, SNAPSHOT_FORMAT, Segments, Snapshot, SnapshotParams, Validation,
+    cluster_profiles_of, pca_summary_of,
 };
 use crate::engine::cluster::{ClusterModel, LocalParticipant};
 use crate::engine::stats::CovarianceStats;
@@ -55,12 +55,8 @@ pub trait Describe {
 
 impl Describe for LocalParticipant {
     fn segment_sums(&self, k: usize, items: usize, holdout: Holdout) -> SegmentSums {
-        let mut sums = SegmentSums::new(k);
-        sums.ensure_items(items);
-        for (id, x, label) in self.members() {
-            sums.add(label, x, holdout.holds_out(id));
-        }
-        sums
+        let (vectors, labels) = self.rows();
+        SegmentSums::from_scratch(vectors, labels, k, items, |u| holdout.holds_out(self.id(u)))
     }
 
     fn describe(
@@ -70,12 +66,15 @@ impl Describe for LocalParticipant {
         partial: &NaiveBayes,
         holdout: Holdout,
     ) -> (Vec<f64>, NaiveBayesTally) {
-        let k = full.classes();
-        let scores = tfidf_score_sums(self.members().map(|(_, x, l)| (x, l)), idf, k);
-        let mut tally = NaiveBayesTally::new(k);
-        for (id, x, label) in self.members() {
-            tally.add(x, label, holdout.holds_out(id), full, partial);
-        }
+        let (vectors, labels) = self.rows();
+        let scores = tfidf_score_sums(
+            vectors.iter().zip(labels.iter().copied()),
+            idf,
+            full.classes(),
+        );
+        let tally = naive_bayes_tally(vectors, labels, full, partial, |u| {
+            holdout.holds_out(self.id(u))
+        });
         (scores, tally)
     }
 }
@@ -141,61 +140,27 @@ pub fn group_snapshot(
     let d = input.items.len();
     let n = stats.users();
     let kept = model.basis.nrows();
-    let sample_scale = if n > 1 {
-        n as f64 / (n as f64 - 1.0)
-    } else {
-        1.0
-    };
-    let total = stats.covariance_trace(d);
-    let eigen = &model.eigenvalues[..kept.min(model.eigenvalues.len())];
-    let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
-    let pca = PcaSummary {
-        n_components: kept,
-        explained_variance: eigen.iter().map(|v| v * sample_scale).collect(),
-        explained_variance_ratio: eigen.iter().map(|&v| ratio(v)).collect(),
-        singular_values: eigen
-            .iter()
-            .map(|v| (v.max(0.0) * n as f64).sqrt())
-            .collect(),
-        total_variance: total * sample_scale,
-        eigen_iterations: model.rounds.eigen,
-        converged: model.converged,
-    };
+    let pca = pca_summary_of(
+        &model.eigenvalues[..kept.min(model.eigenvalues.len())],
+        stats.covariance_trace(d),
+        n,
+        1.0,
+        (model.rounds.eigen, model.converged),
+    );
     // The projections are of the uncentred rows: centre the centroids as scikit-learn's
     // `transform` does.
-    let mean = stats.mean(d);
-    let offset: Vec<f64> = (0..kept)
-        .map(|i| (0..d).map(|j| model.basis[[i, j]] * mean[j]).sum())
-        .collect();
+    let projected_mean = model.basis.dot(&ndarray::Array1::from(stats.mean(d)));
     let profiles = &description.profiles;
     let k = model.sizes.len();
-    let clusters = (0..k)
-        .map(|c| {
-            let ranked = profiles.ranked(c);
-            ClusterProfile {
-                id: c as u32,
-                size: model.sizes[c],
-                centroid: (0..kept)
-                    .map(|i| model.centroids[c * kept + i] - offset[i])
-                    .collect(),
-                n_items: ranked.len() as u64,
-                top_items: ranked
-                    .iter()
-                    .take(input.params.profile_items)
-                    .map(|&j| {
-                        let item = input.items[j].clone();
-                        TopItem {
-                            title: input.titles.get(&item).cloned(),
-                            item,
-                            score: profiles.score(c, j),
-                            mean_rating: profiles.mean_rating(c, j),
-                            raters: profiles.raters[c * profiles.d + j],
-                        }
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
+    let segments = Segments {
+        uncentred_centroids: &model.centroids,
+        projected_mean: projected_mean.as_slice().unwrap_or_default(),
+        sizes: &model.sizes,
+        components: kept,
+    };
+    let clusters = cluster_profiles_of(&segments, profiles, input.params, input.titles, 1.0, |j| {
+        input.items[j].clone()
+    });
     Snapshot {
         format: SNAPSHOT_FORMAT,
         version: input.version,

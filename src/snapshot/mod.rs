@@ -420,30 +420,43 @@ fn decay_summary(engine: &EngineView) -> Option<DecaySummary> {
 /// The kept components of the model's PCA over `n` users, in scikit-learn's terms (sample
 /// variances, singular values of the centred data), for the model's values times `scale`.
 fn pca_summary(model: &Model, n: u64, scale: f64) -> PcaSummary {
-    let squared = scale * scale;
-    let total = model.total_variance();
     let kept = model.components();
+    pca_summary_of(
+        &model.eigenvalues()[..kept],
+        model.total_variance(),
+        n,
+        scale,
+        (model.eigen_iterations(), model.eigen_converged()),
+    )
+}
+
+/// [`pca_summary`] from the kept eigenvalues and the total variance (population, over `n`
+/// users) and the eigensolver's `(iterations, converged)`.
+pub(crate) fn pca_summary_of(
+    eigen: &[f64],
+    total: f64,
+    n: u64,
+    scale: f64,
+    (eigen_iterations, converged): (usize, bool),
+) -> PcaSummary {
+    let squared = scale * scale;
     let sample_scale = if n > 1 {
         n as f64 / (n as f64 - 1.0)
     } else {
         1.0
     };
-    let eigen = model.eigenvalues();
     let ratio = |v: f64| if total > 0.0 { v / total } else { 0.0 };
     PcaSummary {
-        n_components: kept,
-        explained_variance: eigen[..kept]
-            .iter()
-            .map(|v| v * sample_scale * squared)
-            .collect(),
-        explained_variance_ratio: eigen[..kept].iter().map(|&v| ratio(v)).collect(),
-        singular_values: eigen[..kept]
+        n_components: eigen.len(),
+        explained_variance: eigen.iter().map(|v| v * sample_scale * squared).collect(),
+        explained_variance_ratio: eigen.iter().map(|&v| ratio(v)).collect(),
+        singular_values: eigen
             .iter()
             .map(|v| (v.max(0.0) * n as f64).sqrt() * scale)
             .collect(),
         total_variance: total * sample_scale * squared,
-        eigen_iterations: model.eigen_iterations(),
-        converged: model.eigen_converged(),
+        eigen_iterations,
+        converged,
     }
 }
 
@@ -456,46 +469,66 @@ fn cluster_profiles(
     titles: &FxHashMap<String, String>,
     scale: f64,
 ) -> Vec<ClusterProfile> {
-    let kept = model.components();
-    let offset = model.projected_mean();
-    let centroids = model.uncentred_centroids();
-    (0..model.clusters())
+    let segments = Segments {
+        uncentred_centroids: model.uncentred_centroids(),
+        projected_mean: &model.projected_mean(),
+        sizes: model.sizes(),
+        components: model.components(),
+    };
+    cluster_profiles_of(&segments, profiles, params, titles, scale, |j| {
+        engine.items().id(j as u32).to_string()
+    })
+}
+
+/// What a clustering says of its segments, for their profiles: centroids in the projection of
+/// the uncentred rows (`clusters x components`), the projected mean, the sizes.
+pub(crate) struct Segments<'a> {
+    pub uncentred_centroids: &'a [f64],
+    pub projected_mean: &'a [f64],
+    pub sizes: &'a [u64],
+    pub components: usize,
+}
+
+/// [`cluster_profiles`] of `segments`, `item(j)` naming item `j`.
+pub(crate) fn cluster_profiles_of(
+    segments: &Segments<'_>,
+    profiles: &Profiles,
+    params: &SnapshotParams,
+    titles: &FxHashMap<String, String>,
+    scale: f64,
+    item: impl Fn(usize) -> String,
+) -> Vec<ClusterProfile> {
+    let kept = segments.components;
+    (0..segments.sizes.len())
         .map(|c| {
             let ranked = profiles.ranked(c);
             ClusterProfile {
                 id: c as u32,
-                size: model.sizes()[c],
+                size: segments.sizes[c],
                 centroid: (0..kept)
-                    .map(|i| (centroids[c * kept + i] - offset[i]) * scale)
+                    .map(|i| {
+                        (segments.uncentred_centroids[c * kept + i] - segments.projected_mean[i])
+                            * scale
+                    })
                     .collect(),
                 n_items: ranked.len() as u64,
                 top_items: ranked
                     .iter()
                     .take(params.profile_items)
-                    .map(|&j| top_item(engine, profiles, titles, c, j, scale))
+                    .map(|&j| {
+                        let item = item(j);
+                        TopItem {
+                            title: titles.get(&item).cloned(),
+                            item,
+                            score: profiles.score(c, j),
+                            mean_rating: profiles.mean_rating(c, j).map(|m| m * scale),
+                            raters: profiles.raters[c * profiles.d + j],
+                        }
+                    })
                     .collect(),
             }
         })
         .collect()
-}
-
-/// Item `j` as one of cluster `c`'s top items.
-fn top_item(
-    engine: &EngineView,
-    profiles: &Profiles,
-    titles: &FxHashMap<String, String>,
-    c: usize,
-    j: usize,
-    scale: f64,
-) -> TopItem {
-    let item = engine.items().id(j as u32).to_string();
-    TopItem {
-        title: titles.get(&item).cloned(),
-        item,
-        score: profiles.score(c, j),
-        mean_rating: profiles.mean_rating(c, j).map(|m| m * scale),
-        raters: profiles.raters[c * profiles.d + j],
-    }
 }
 
 /// `user id → cluster id` of every clustered user, in user order.

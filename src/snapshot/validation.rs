@@ -124,17 +124,17 @@ pub fn profiles_from_parts(sums: &SegmentSums, idf: Vec<f64>, mut scores: Vec<f6
     }
     let mut rating_sums = vec![0.0; k * d];
     let mut raters = vec![0u32; k * d];
-    for c in 0..k {
-        for j in 0..d {
+    // An item with a rater in some segment has a non-zero document frequency.
+    let mut rated_items = 0;
+    for j in 0..d {
+        let mut rated = false;
+        for c in 0..k {
             rating_sums[c * d + j] = sums.value(c, j);
             raters[c * d + j] = sums.raters(c, j);
+            rated |= raters[c * d + j] > 0;
         }
+        rated_items += u64::from(rated);
     }
-    let rated_items = sums
-        .document_frequency(d)
-        .iter()
-        .filter(|&&f| f > 0)
-        .count() as u64;
     Profiles {
         k,
         d,
@@ -320,9 +320,22 @@ pub fn naive_bayes_from_sums(
     value_scale: f64,
     holdout: impl Fn(usize) -> bool + Sync,
 ) -> NaiveBayesReport {
-    let k = sums.k();
     let full = NaiveBayes::fit_sums(sums, d, value_scale, Training::Everyone);
     let partial = NaiveBayes::fit_sums(sums, d, value_scale, Training::NotHeldOut);
+    naive_bayes_tally(vectors, labels, &full, &partial, holdout).report()
+}
+
+/// The Naive Bayes counts of the users of `vectors` under `labels` (those with a segment and
+/// a rating): `full`'s prediction for everyone, `partial`'s for the held-out ones (`holdout`),
+/// on all cores.
+pub fn naive_bayes_tally(
+    vectors: &CowVec<SparseVec>,
+    labels: &[u32],
+    full: &NaiveBayes,
+    partial: &NaiveBayes,
+    holdout: impl Fn(usize) -> bool + Sync,
+) -> NaiveBayesTally {
+    let k = full.classes();
     let labelled = |u: usize| {
         labels
             .get(u)
@@ -332,7 +345,7 @@ pub fn naive_bayes_from_sums(
     let tally = |users: std::ops::Range<usize>| {
         let mut t = NaiveBayesTally::new(k);
         for u in users.filter(|&u| labelled(u)) {
-            t.add(&vectors[u], labels[u], holdout(u), &full, &partial);
+            t.add(&vectors[u], labels[u], holdout(u), full, partial);
         }
         t
     };
@@ -362,7 +375,7 @@ pub fn naive_bayes_from_sums(
     for part in &parts {
         total.merge(part);
     }
-    total.report()
+    total
 }
 
 /// The counts behind a [`NaiveBayesReport`], over some of the users: they add up over
