@@ -605,10 +605,9 @@ async fn ensure_changelog_topic(
         kafka.changelog_topic,
         kafka.topic
     );
-    let policy =
-        crate::kafka::topic_config(kafka, &kafka.changelog_topic, "cleanup.policy").await?;
+    let (compacted, policy) = crate::kafka::is_compacted(kafka, &kafka.changelog_topic).await?;
     anyhow::ensure!(
-        policy.as_deref().is_some_and(|p| p.contains("compact")),
+        compacted,
         "the changelog topic {} has cleanup.policy {policy:?}: it must be compacted (or the \
          broker deletes rows a restore needs); set cleanup.policy=compact",
         kafka.changelog_topic

@@ -42,7 +42,7 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     let parts = split_ratings(&ratings, 3);
     let topic = unique_topic("group");
     let group = format!("g-{topic}");
-    let mut env = group_env(&topic, dir.path(), Some(500));
+    let mut env = group_env(&topic, dir.path(), Mode::Implicit, Some(500));
     let (changes_topic, snapshots_topic) = (format!("{topic}-changes"), format!("{topic}-snaps"));
     env.push((
         "SEGMENTER_KAFKA__CHANGES_TOPIC".into(),
@@ -68,14 +68,12 @@ fn every_instance_serves_one_group_model_equal_to_a_replay_through_a_kill_and_a_
     );
 
     // One dies while the next installment is produced and consumed; another joins later.
-    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
-    wait_until(
-        Duration::from_secs(120),
-        "the second installment under way",
-        || group_progress(&topic, &group, PARTITIONS) > produced,
+    let producer = kill_mid_installment(
+        (&topic, &group, PARTITIONS),
+        &parts[1].0,
+        produced,
+        &mut a.service,
     );
-    a.service.child.kill().expect("SIGKILL");
-    let _ = a.service.child.wait();
     finish_producing(producer);
     produced += parts[1].1;
     let mut d = start_group_instance(&env, dir.path(), "d").0;
@@ -440,8 +438,7 @@ fn users_whose_ratings_are_all_retracted_leave_the_group_snapshot_and_its_feed()
     let dir = tempfile::tempdir().unwrap();
     let ratings = generate(dir.path(), Mode::Explicit, 300, 20_000, 43);
     let topic = unique_topic("leavers");
-    let mut env = group_env(&topic, dir.path(), Some(300));
-    env.retain(|(k, _)| k != "SEGMENTER_EVENTS__MODE" && k != "SEGMENTER_EVENTS__MAX_VALUE");
+    let mut env = group_env(&topic, dir.path(), Mode::Explicit, Some(300));
     let (changes_topic, table_topic) = (format!("{topic}-changes"), format!("{topic}-table"));
     env.push((
         "SEGMENTER_KAFKA__CHANGES_TOPIC".into(),

@@ -50,7 +50,7 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     let parts = split_ratings(&ratings, 3);
     let topic = unique_topic("rescale");
     let group = format!("g-{topic}");
-    let env = group_env(&topic, dir.path(), None);
+    let env = group_env(&topic, dir.path(), Mode::Implicit, None);
     // The ratings topic exists before the first instance (the changelog is made like it).
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
@@ -72,14 +72,12 @@ fn moved_partitions_are_restored_from_the_changelog_and_nothing_is_lost_or_doubl
     );
 
     // One of the first two dies while the next installment is produced and consumed.
-    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
-    wait_until(
-        Duration::from_secs(120),
-        "the second installment under way",
-        || group_progress(&topic, &group, PARTITIONS) > produced,
+    let producer = kill_mid_installment(
+        (&topic, &group, PARTITIONS),
+        &parts[1].0,
+        produced,
+        &mut a.service,
     );
-    a.service.child.kill().expect("SIGKILL");
-    let _ = a.service.child.wait();
     let restores_before_kill: usize = [&mut b, &mut c]
         .into_iter()
         .map(|i| {
@@ -194,7 +192,7 @@ fn an_instance_killed_mid_stream_and_restarted_on_its_state_dir_doubles_nothing(
     let ratings = generate(dir.path(), Mode::Implicit, 400, 40_000, 29);
     let topic = unique_topic("restart");
     let group = format!("g-{topic}");
-    let env = group_env(&topic, dir.path(), None);
+    let env = group_env(&topic, dir.path(), Mode::Implicit, None);
     // The topic exists (the changelog is made like it); the rest arrives while the instance runs.
     let parts = split_ratings(&ratings, 2);
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
@@ -266,7 +264,7 @@ fn a_standby_takes_a_dead_instances_partitions_over_from_its_copies_exactly() {
     let parts = split_ratings(&ratings, 3);
     let topic = unique_topic("standby");
     let group = format!("g-{topic}");
-    let mut env = group_env(&topic, dir.path(), None);
+    let mut env = group_env(&topic, dir.path(), Mode::Implicit, None);
     env.push(("SEGMENTER_KAFKA__STANDBY".into(), "true".into()));
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[0].0));
     let mut produced = parts[0].1;
@@ -281,14 +279,12 @@ fn a_standby_takes_a_dead_instances_partitions_over_from_its_copies_exactly() {
     let (_, ready) = readyz(&a.url);
     assert_eq!(ready["standby"], true, "{ready}");
 
-    let producer = start_producing(&brokers(), &topic, PARTITIONS, &parts[1].0);
-    wait_until(
-        Duration::from_secs(120),
-        "the second installment under way",
-        || group_progress(&topic, &group, PARTITIONS) > produced,
+    let producer = kill_mid_installment(
+        (&topic, &group, PARTITIONS),
+        &parts[1].0,
+        produced,
+        &mut b.service,
     );
-    b.service.child.kill().expect("SIGKILL");
-    let _ = b.service.child.wait();
     finish_producing(producer);
     produced += parts[1].1;
     finish_producing(start_producing(&brokers(), &topic, PARTITIONS, &parts[2].0));

@@ -18,7 +18,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::config::{Config, KafkaConfig};
-use crate::kafka::{client_config, ensure_topic_with, topic_config};
+use crate::kafka::{client_config, ensure_topic_with};
 use crate::pipeline::{Health, Shared};
 use crate::store::{FeedRow, SnapshotStore};
 use crate::telemetry::Metrics;
@@ -470,10 +470,10 @@ impl Feed {
         ensure_topic_with(&self.kafka, &self.publications_topic, 1, &compacted).await?;
         // An existing topic keeps its own policy: under `delete`, retention would one day drop
         // the record of the last version published, and the feed would start from nothing.
-        let policy = topic_config(&self.kafka, &self.publications_topic, "cleanup.policy")
-            .await?
-            .unwrap_or_default();
-        if !policy.split(',').any(|p| p.trim() == "compact") {
+        let (compacted, policy) =
+            crate::kafka::is_compacted(&self.kafka, &self.publications_topic).await?;
+        let policy = policy.unwrap_or_default();
+        if !compacted {
             anyhow::bail!(
                 "the publications topic {} has cleanup.policy={policy:?}: retention would delete \
                  the feed's record of what it published; make it compacted (kafka-configs.sh \

@@ -138,6 +138,19 @@ pub async fn partition_count(kafka: &KafkaConfig, topic: &str) -> anyhow::Result
     .await?
 }
 
+/// Whether `topic`'s `cleanup.policy` includes `compact` (`None` when the broker does not
+/// report it).
+pub async fn is_compacted(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> anyhow::Result<(bool, Option<String>)> {
+    let policy = topic_config(kafka, topic, "cleanup.policy").await?;
+    let compacted = policy
+        .as_deref()
+        .is_some_and(|p| p.split(',').any(|p| p.trim() == "compact"));
+    Ok((compacted, policy))
+}
+
 /// The value of one of `topic`'s configs as the broker reports it (`None`: not reported).
 pub async fn topic_config(
     kafka: &KafkaConfig,

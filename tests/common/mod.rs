@@ -816,8 +816,13 @@ pub fn group_progress(topic: &str, group: &str, partitions: i32) -> u64 {
 /// the group model every `group_model_ms`, when set): implicit plays, small batches, and a
 /// session timeout at the broker's minimum (a SIGKILLed member sends no LeaveGroup: its
 /// partitions move once its session expires).
-pub fn group_env(topic: &str, dir: &Path, group_model_ms: Option<u64>) -> Vec<(String, String)> {
-    let mut env = service_env(topic, &dir.join("unused"), Mode::Implicit);
+pub fn group_env(
+    topic: &str,
+    dir: &Path,
+    mode: Mode,
+    group_model_ms: Option<u64>,
+) -> Vec<(String, String)> {
+    let mut env = service_env(topic, &dir.join("unused"), mode);
     env.push((
         "SEGMENTER_KAFKA__CHANGELOG_TOPIC".into(),
         format!("{topic}-changelog"),
@@ -834,6 +839,26 @@ pub fn group_env(topic: &str, dir: &Path, group_model_ms: Option<u64>) -> Vec<(S
     ));
     env.push(("SEGMENTER_KAFKA__BATCH_SIZE".into(), "500".into()));
     env
+}
+
+/// Produces `ratings` to `topic` and SIGKILLs `victim` once the consumer group `group` has
+/// committed past `committed` (the installment is being consumed). Returns the producer, still
+/// running.
+pub fn kill_mid_installment(
+    (topic, group, partitions): (&str, &str, i32),
+    ratings: &Path,
+    committed: u64,
+    victim: &mut Service,
+) -> Child {
+    let producer = start_producing(&brokers(), topic, partitions, ratings);
+    wait_until(
+        Duration::from_secs(120),
+        "the installment under way",
+        || group_progress(topic, group, partitions) > committed,
+    );
+    victim.child.kill().expect("SIGKILL");
+    let _ = victim.child.wait();
+    producer
 }
 
 /// One instance of a [`group_env`] group, named `name`: its state dir under `dir`, its own
